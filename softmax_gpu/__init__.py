@@ -1,0 +1,26 @@
+"""softmax-gpu: Triton kernels for softmax, log-softmax and cross-entropy.
+
+CUDA tensors run the compiled Triton kernels. CPU tensors run a torch
+reference implementation, or the same Triton kernels in Triton's interpreter
+when ``TRITON_INTERPRET=1`` is set before import. :func:`backend_for` says
+which path a tensor takes.
+"""
+
+from . import heuristics, ops
+from ._dispatch import backend_for, poison_outputs, record_launches
+from .functional import log_softmax, softmax
+from .modules import LogSoftmax, Softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "Softmax",
+    "LogSoftmax",
+    "backend_for",
+    "record_launches",
+    "poison_outputs",
+    "heuristics",
+    "ops",
+]

@@ -1,0 +1,37 @@
+"""Argument checks shared by the public functions: clear errors that name the
+argument, raised before any kernel sees the tensor."""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import check_device
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_device(t, name)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got {t.dtype}; pass dtype= to cast it first"
+        )
+
+
+def wrap_dim(dim, ndim: int, name: str = "dim") -> int:
+    """``dim`` wrapped into [0, max(ndim, 1)), as torch does (a 0-d tensor accepts 0 and -1)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise IndexError(
+            f"{name} out of range: got {dim} for a tensor of {ndim} dims "
+            f"(expected to be in range [{-rank}, {rank - 1}])"
+        )
+    return dim % rank

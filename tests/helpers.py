@@ -1,0 +1,86 @@
+"""Helpers shared by the test modules: the device, fresh random inputs,
+float64 references and per-dtype tolerances, and path forcing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+import softmax_gpu
+from softmax_gpu import heuristics
+
+DEVICE = (
+    "cuda"
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    else "cpu"
+)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# (atol, rtol) against a float64 reference. bf16 allows a full ulp (2^-7)
+# because Triton's interpreter truncates fp32 -> bf16 instead of rounding to
+# nearest (the GPU rounds); fp16 likewise gets one ulp (2^-10).
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-6, 2e-5),
+    torch.float16: (2e-4, 2e-3),
+    torch.bfloat16: (2e-3, 1.6e-2),
+}
+
+
+def rand(*shape, dtype=torch.float32, scale=3.0, device=DEVICE, generator=None):
+    """Fresh normal inputs (never zeros), scaled so the softmax is not flat."""
+    return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(
+        device=device, dtype=dtype
+    )
+
+
+def assert_close(out, ref, dtype=None, scale=None):
+    """``out`` against the float64 ``ref`` with ``dtype``'s tolerance.
+
+    ``scale`` multiplies the absolute tolerance (for values whose size is not
+    O(1), such as gradients).
+    """
+    dtype = dtype or out.dtype
+    atol, rtol = TOL[dtype]
+    if scale is None:
+        scale = max(1.0, float(ref.abs().nan_to_num(0.0).max())) if ref.numel() else 1.0
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    torch.testing.assert_close(
+        out.double().cpu(), ref.double().cpu(), atol=atol * scale, rtol=rtol, equal_nan=True
+    )
+
+
+# Forced launch parameters so every path runs at interpreter-sized shapes.
+# max_single=64: rows longer than 64 leave the on-chip path; tile=16: the
+# looped and split paths take several tiles; sm_count=2: 8 programs fill the
+# "GPU", so M < 8 splits rows and M >= 8 loops.
+PATHS = {
+    "single": dict(),
+    "looped": dict(max_single=64, tile=16, sm_count=2),
+    "split": dict(max_single=64, tile=16, sm_count=2),
+}
+
+
+def path_rows(path: str) -> int:
+    """A row count that makes ``path`` the heuristics' choice under PATHS[path]."""
+    return {"single": 5, "looped": 9, "split": 3}[path]
+
+
+@contextlib.contextmanager
+def forced(path: str):
+    with heuristics.override(**PATHS[path]):
+        yield
+
+
+@contextlib.contextmanager
+def expect_launches(*prefixes: str):
+    """Fail unless the block launched Triton kernels whose names start with
+    each of ``prefixes`` in order (so a silent fallback to torch fails)."""
+    with softmax_gpu.record_launches() as names:
+        yield names
+    assert len(names) == len(prefixes), names
+    for name, prefix in zip(names, prefixes):
+        assert name.startswith(prefix), (names, prefixes)
