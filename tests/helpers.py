@@ -84,3 +84,24 @@ def expect_launches(*prefixes: str):
     assert len(names) == len(prefixes), names
     for name, prefix in zip(names, prefixes):
         assert name.startswith(prefix), (names, prefixes)
+
+
+def run_python(code: str, timeout: float = 600.0) -> str:
+    """Run ``code`` in a fresh interpreter with this test run's environment
+    (TRITON_INTERPRET included) and return its stdout; fail with its output if
+    it exits non-zero or dies by a signal (a 32-bit offset overflow shows as a
+    segfault in Triton's interpreter)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(__file__)] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, (
+        f"subprocess exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
+    return proc.stdout
