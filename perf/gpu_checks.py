@@ -1,0 +1,233 @@
+"""Checks only a GPU can make: ``python -m perf.gpu_checks`` (from the repo root).
+
+1. **CUDA graphs.** softmax forward+backward and, when
+   ``softmax_gpu.cross_entropy`` exists, cross_entropy forward+backward are
+   captured in a ``torch.cuda.CUDAGraph`` (after a warm-up on a side stream,
+   which also JIT-compiles the kernels), then replayed on fresh random data
+   copied into the static inputs. The outputs are poisoned with NaN before
+   each replay, and each replay is compared with an eager call of the same
+   function and with torch in float32. Shapes cover the on-chip, looped and
+   split-row paths.
+2. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
+   + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy -> backward ->
+   SGD update) runs under ``torch.cuda.set_sync_debug_mode("error")``, so any
+   op that synchronises the host raises. A deliberate ``.item()`` first
+   proves the detector is armed.
+
+Exit status 0 when every check passes, 1 otherwise. ``--device cpu`` runs the
+same comparisons eagerly on CPU (no capture, no sync check) to test the
+script itself without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+
+import torch
+
+from perf import env
+
+__all__ = ["main"]
+
+# [M, N] per check: on-chip rows, looped rows (N past the on-chip limit), and
+# a few very long rows (split across programs). CPU sizes for --device cpu.
+GPU_SHAPES = [(torch.bfloat16, 2048, 4096), (torch.bfloat16, 512, 65536),
+              (torch.bfloat16, 4, 262144), (torch.float32, 1024, 8192)]
+CPU_SHAPES = [(torch.float32, 8, 256), (torch.bfloat16, 4, 1024)]
+
+
+class Results:
+    """PASS/FAIL lines, printed as they come and as a table at the end."""
+
+    def __init__(self):
+        self.items: list[tuple[str, bool, str]] = []
+
+    @staticmethod
+    def _word(ok: bool | None) -> str:
+        return "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+
+    def add(self, name: str, ok: bool | None, detail: str = "") -> None:
+        """ok: True (pass), False (fail) or None (skipped, with the reason in detail)."""
+        self.items.append((name, ok, detail))
+        print(f"{self._word(ok)}  {name}  {detail}", flush=True)
+
+    def table(self) -> str:
+        lines = ["| check | result | detail |", "|---|---|---|"]
+        lines += [f"| {n} | {self._word(ok) if ok is not False else '**FAIL**'} | {d} |"
+                  for n, ok, d in self.items]
+        return "\n".join(lines)
+
+    @property
+    def ok(self) -> bool:
+        return any(ok for _, ok, _ in self.items) and all(ok is not False for _, ok, _ in self.items)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    denom = float(b.norm())
+    return float((a - b).norm()) / (denom if denom > 0 else 1.0)
+
+
+def _graph_check(res: Results, family: str, device: str, shapes) -> None:
+    """Capture forward+backward of ``family`` once per shape, replay twice."""
+    import softmax_gpu
+
+    from perf.ops import TOLERANCE, OPS, dtype_name
+
+    op = OPS["softmax_fwd_bwd" if family == "softmax" else "ce_fwd_bwd"]
+    fn = softmax_gpu.softmax if family == "softmax" else softmax_gpu.cross_entropy
+    key = "y" if family == "softmax" else "loss"
+
+    def step(inp):
+        out = op.call(fn, inp)
+        if family == "softmax":
+            out.backward(inp.dy)
+        else:
+            out.backward()
+        return out
+
+    for dtype, M, N in shapes:
+        how = "cuda graph" if device == "cuda" else "eager dry run (cpu)"
+        name = f"{how} {family} fwd+bwd {dtype_name(dtype)} {M}x{N}"
+        try:
+            static = op.make_inputs(M, N, dtype, device, seed=1)
+            static.x.requires_grad_(True)
+            graph = None
+            if device == "cuda":
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # JIT compile and allocator warm-up, off the capture
+                        static.x.grad = None
+                        step(static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                static.x.grad = None
+                with torch.cuda.graph(graph):
+                    out = step(static)
+                grad = static.x.grad
+            worst_ref, worst_eager = 0.0, 0.0
+            for trial in range(2):
+                fresh = op.make_inputs(M, N, dtype, device, seed=100 + trial)
+                with torch.no_grad():
+                    static.x.copy_(fresh.x)
+                    for attr in ("dy", "target"):
+                        if getattr(fresh, attr) is not None:
+                            getattr(static, attr).copy_(getattr(fresh, attr))
+                if graph is not None:
+                    out.detach().fill_(math.nan)  # poison: replay must write every element
+                    grad.fill_(math.nan)
+                    graph.replay()
+                    torch.cuda.synchronize()
+                else:  # --device cpu: no capture, exercise the comparisons only
+                    static.x.grad = None
+                    out = step(static)
+                    grad = static.x.grad
+                eager = op.run_once(fn, op.make_inputs(M, N, dtype, device, seed=100 + trial))
+                worst_eager = max(worst_eager, _rel(out, eager[key]), _rel(grad, eager["dx"]))
+                worst_ref = max(worst_ref, op.error({key: out.detach(), "dx": grad}, fresh))
+            tol = TOLERANCE[dtype]
+            ok = worst_ref <= tol and worst_eager <= tol / 5
+            res.add(name, ok, f"rel err vs torch {worst_ref:.2e} (limit {tol:g}), "
+                              f"vs eager {worst_eager:.2e} (limit {tol / 5:g})")
+            del graph, static
+        except Exception as exc:
+            traceback.print_exc()
+            res.add(name, False, f"{type(exc).__name__}: {exc}")
+
+
+def _sync_check(res: Results) -> None:
+    """A training step under set_sync_debug_mode("error") for each loss."""
+    import softmax_gpu
+
+    # The detector must be armed: a deliberate .item() has to raise.
+    probe = torch.ones(4, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probe.sum().item()
+        armed = False
+    except RuntimeError:
+        armed = True
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    res.add("sync debug detector armed (.item() raises)", armed)
+    if not armed:
+        return
+
+    M, K, N = 2048, 1024, 32000
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, N, (M,), device="cuda")
+    w = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    losses = {
+        "log_softmax + gather": lambda z: -softmax_gpu.log_softmax(z, -1).gather(1, t[:, None]).float().mean(),
+        "softmax + weighted sum": lambda z: (softmax_gpu.softmax(z, -1) * w).float().sum(),
+    }
+    if hasattr(softmax_gpu, "cross_entropy"):
+        losses["cross_entropy"] = lambda z: softmax_gpu.cross_entropy(z, t)
+    else:
+        res.add("no-sync training step: cross_entropy", None,
+                "skipped: softmax_gpu.cross_entropy does not exist (yet)")
+
+    def train_step(loss_fn):
+        loss = loss_fn(lin(h))
+        loss.backward()
+        with torch.no_grad():
+            lin.weight.add_(lin.weight.grad, alpha=-1e-3)
+        lin.weight.grad = None
+        h.grad = None
+        return loss
+
+    for name, loss_fn in losses.items():
+        label = f"no-sync training step: {name}"
+        try:
+            train_step(loss_fn)  # warm-up: compile outside the check
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss = train_step(loss_fn)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            value = float(loss)
+            res.add(label, math.isfinite(value), f"loss {value:.4f}")
+        except Exception as exc:
+            traceback.print_exc()
+            res.add(label, False, f"{type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.gpu_checks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    args = p.parse_args(argv)
+    device = env.choose_device(args.device)
+    env.enable_interpreter_for_cpu(device)
+    import softmax_gpu
+
+    res = Results()
+    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    print(f"gpu_checks on {device}: torch {torch.__version__}, "
+          f"cross_entropy {'present' if hasattr(softmax_gpu, 'cross_entropy') else 'absent'}", flush=True)
+    _graph_check(res, "softmax", device, shapes)
+    if hasattr(softmax_gpu, "cross_entropy"):
+        _graph_check(res, "cross_entropy", device, shapes)
+    else:
+        res.add("cuda graph cross_entropy", None, "skipped: softmax_gpu.cross_entropy does not exist (yet)")
+    if device == "cuda":
+        _sync_check(res)
+    else:
+        print("(--device cpu: no CUDA graph capture and no sync check; comparisons only)")
+    print()
+    print(res.table())
+    return 0 if res.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

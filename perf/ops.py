@@ -1,0 +1,309 @@
+"""The benchmarked ops: one registry, one :class:`OpSpec` per op.
+
+An op is a *family* (the function a provider implements: ``softmax``,
+``log_softmax`` or ``cross_entropy``) run either forward only or forward then
+backward, with a minimal-bytes model used for GB/s.
+
+Provider functions follow one calling convention per family:
+
+- ``softmax`` / ``log_softmax``: ``f(x) -> y`` over the last dim of an
+  [M, N] tensor, differentiable;
+- ``cross_entropy``: ``f(x, target) -> loss``, the mean over rows, like
+  ``F.cross_entropy(x, target)`` on [M, N] logits and int64 class targets,
+  differentiable.
+
+Extra ops (issue 6's ``vocab_parallel`` say) register with
+:func:`register_op`. One that fits an existing family only needs a new
+:class:`OpSpec`; one with other inputs or semantics subclasses
+:class:`OpSpec` under a new family name and overrides ``make_inputs``,
+``call``, ``run_once`` and ``error`` (the sweep uses nothing else). A
+provider that does not know the new family reports "not implemented" for it
+instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OpSpec",
+    "Inputs",
+    "OPS",
+    "register_op",
+    "get_ops",
+    "softmax_fwd_bytes",
+    "softmax_fwd_bwd_bytes",
+    "ce_fwd_bytes",
+    "ce_fwd_bwd_bytes",
+    "TARGET_BYTES",
+    "ROW_OUT_BYTES",
+    "TOLERANCE",
+    "DTYPES",
+    "dtype_name",
+]
+
+# Bytes per class target (int64) and per per-row output (one fp32: the row's
+# loss in the forward, its logsumexp saved for the backward).
+TARGET_BYTES = 8
+ROW_OUT_BYTES = 4
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+}
+
+# Largest accepted ||out - ref|| / ||ref|| against a float32 torch reference
+# computed from the same inputs. It is there to catch wrong results (unwritten
+# rows, wrong indexing: errors of order 1), not to grade rounding: torch's own
+# bf16 cross-entropy backward, which goes through a bf16 log-softmax, is off
+# by about 1-2% at large vocabularies.
+TOLERANCE: dict[torch.dtype, float] = {
+    torch.bfloat16: 5e-2,
+    torch.float16: 1e-2,
+    torch.float32: 1e-4,
+    torch.float64: 1e-9,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``."""
+    for k, v in DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+# --- minimal bytes per op (each input read once, each output written once) ---
+
+
+def softmax_fwd_bytes(M: int, N: int, elem: int) -> int:
+    """Read x, write y."""
+    return 2 * M * N * elem
+
+
+def softmax_fwd_bwd_bytes(M: int, N: int, elem: int) -> int:
+    """Forward (read x, write y) plus backward (read y and dy, write dx)."""
+    return 5 * M * N * elem
+
+
+def ce_fwd_bytes(M: int, N: int, elem: int) -> int:
+    """Read the logits once, plus the targets and one fp32 per row."""
+    return M * N * elem + M * TARGET_BYTES + M * ROW_OUT_BYTES
+
+
+def ce_fwd_bwd_bytes(M: int, N: int, elem: int) -> int:
+    """Read the logits and write their gradient (a fused kernel), plus the
+    targets and one fp32 per row."""
+    return 2 * M * N * elem + M * TARGET_BYTES + M * ROW_OUT_BYTES
+
+
+# --- inputs ---
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Fresh random inputs of one case (never zeros)."""
+
+    x: Tensor  # [M, N] logits / scores
+    dy: Tensor | None = None  # [M, N] output gradient (softmax families, backward)
+    target: Tensor | None = None  # [M] int64 classes (cross_entropy)
+
+
+LOGIT_SCALE = 2.0  # x = 2 * randn: rows far from uniform, no overflow in fp16
+
+
+def make_inputs(
+    family: str, backward: bool, M: int, N: int, dtype: torch.dtype, device: str, seed: int
+) -> Inputs:
+    """Seeded inputs: the same seed gives every provider the same data."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    x = torch.randn((M, N), generator=g, device=device, dtype=dtype).mul_(LOGIT_SCALE)
+    inp = Inputs(x=x)
+    if family == "cross_entropy":
+        inp.target = torch.randint(0, N, (M,), generator=g, device=device, dtype=torch.int64)
+    elif backward:
+        inp.dy = torch.randn((M, N), generator=g, device=device, dtype=dtype)
+    return inp
+
+
+# --- references (float32 torch, row chunk by row chunk to bound memory) ---
+
+_CHUNK_ELEMS = 1 << 26  # 64 Mi elements: 256 MiB per fp32 temporary
+
+
+def _row_chunks(M: int, N: int):
+    step = max(1, _CHUNK_ELEMS // max(N, 1))
+    for r in range(0, M, step):
+        yield slice(r, min(M, r + step))
+
+
+def _reference_chunk(family: str, backward: bool, inp: Inputs, rows: slice) -> dict[str, Tensor]:
+    """Reference outputs for ``rows`` (fp32; fp64 inputs stay fp64).
+
+    ``loss`` is returned as the per-row losses; the caller averages them.
+    """
+    x = inp.x[rows]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(acc)
+    out: dict[str, Tensor] = {}
+    if family == "softmax":
+        y = torch.softmax(x, -1)
+        out["y"] = y
+        if backward:
+            dy = inp.dy[rows].to(acc)
+            out["dx"] = y * (dy - (dy * y).sum(-1, keepdim=True))
+    elif family == "log_softmax":
+        y = torch.log_softmax(x, -1)
+        out["y"] = y
+        if backward:
+            dy = inp.dy[rows].to(acc)
+            out["dx"] = dy - torch.exp(y) * dy.sum(-1, keepdim=True)
+    elif family == "cross_entropy":
+        t = inp.target[rows]
+        lse = torch.logsumexp(x, -1)
+        out["loss"] = lse - x.gather(1, t[:, None]).squeeze(1)
+        if backward:
+            M = inp.x.shape[0]
+            dx = torch.softmax(x, -1)
+            dx.scatter_add_(1, t[:, None], torch.full_like(dx[:, :1], -1.0))
+            out["dx"] = dx / M
+    else:
+        raise ValueError(f"no reference for family {family!r}")
+    return out
+
+
+def relative_error(family: str, backward: bool, outputs: dict[str, Tensor], inp: Inputs) -> float:
+    """Largest ``||out - ref|| / ||ref||`` over the outputs; inf if any
+    output is not finite or has the wrong shape."""
+    M, N = inp.x.shape
+    sq_diff: dict[str, float] = {}
+    sq_ref: dict[str, float] = {}
+    loss_ref = 0.0
+    for rows in _row_chunks(M, N):
+        ref = _reference_chunk(family, backward, inp, rows)
+        for name, r in ref.items():
+            if name == "loss":
+                loss_ref += float(r.sum())
+                continue
+            o = outputs.get(name)
+            if o is None or tuple(o.shape) != tuple(inp.x.shape):
+                return math.inf  # missing (no gradient came back) or misshapen
+            o = o[rows].to(r.dtype)
+            if not bool(torch.isfinite(o).all()):
+                return math.inf
+            sq_diff[name] = sq_diff.get(name, 0.0) + float(((o - r) ** 2).sum())
+            sq_ref[name] = sq_ref.get(name, 0.0) + float((r**2).sum())
+    errors = [math.sqrt(sq_diff[k] / sq_ref[k]) if sq_ref[k] > 0 else math.sqrt(sq_diff[k])
+              for k in sq_diff]
+    if "loss" in outputs:
+        got = float(outputs["loss"].detach().double().reshape(()))
+        want = loss_ref / M
+        if not math.isfinite(got):
+            return math.inf
+        errors.append(abs(got - want) / max(abs(want), 1e-30))
+    return max(errors) if errors else math.inf
+
+
+# --- the op table ---
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One benchmarked op.
+
+    Attributes:
+        name: CSV ``op`` column.
+        family: which provider function runs it (see module docstring).
+        backward: time forward+backward (``grad_to_none`` resets x.grad).
+        bytes_fn: minimal bytes moved, ``(M, N, elem_size) -> bytes``.
+        description: one line for ``--help`` and the summary.
+    """
+
+    name: str
+    family: str
+    backward: bool
+    bytes_fn: Callable[[int, int, int], int]
+    description: str
+
+    def min_bytes(self, M: int, N: int, elem_size: int) -> int:
+        return self.bytes_fn(M, N, elem_size)
+
+    def make_inputs(self, M: int, N: int, dtype: torch.dtype, device: str, seed: int) -> Inputs:
+        return make_inputs(self.family, self.backward, M, N, dtype, device, seed)
+
+    def call(self, fn: Callable, inp: Inputs) -> Tensor:
+        """The forward alone: ``fn(x)`` or ``fn(x, target)``."""
+        if self.family == "cross_entropy":
+            return fn(inp.x, inp.target)
+        return fn(inp.x)
+
+    def closure(self, fn: Callable, inp: Inputs) -> tuple[Callable[[], object], list[Tensor] | None]:
+        """The timed callable and the tensors whose ``.grad`` is reset between runs."""
+        if not self.backward:
+            return (lambda: self.call(fn, inp)), None
+        inp.x.requires_grad_(True)
+        if self.family == "cross_entropy":
+            return (lambda: self.call(fn, inp).backward()), [inp.x]
+        return (lambda: self.call(fn, inp).backward(inp.dy)), [inp.x]
+
+    def run_once(self, fn: Callable, inp: Inputs) -> dict[str, Tensor]:
+        """One call, returning the outputs that :meth:`error` checks."""
+        key = "loss" if self.family == "cross_entropy" else "y"
+        if not self.backward:
+            return {key: self.call(fn, inp).detach()}
+        inp.x.requires_grad_(True)
+        inp.x.grad = None
+        out = self.call(fn, inp)
+        if self.family == "cross_entropy":
+            out.backward()
+        else:
+            out.backward(inp.dy)
+        result = {key: out.detach(), "dx": inp.x.grad}
+        inp.x.grad = None
+        inp.x.requires_grad_(False)
+        return result
+
+    def error(self, outputs: dict[str, Tensor], inp: Inputs) -> float:
+        """Relative error of ``outputs`` against torch in float32 on ``inp``."""
+        return relative_error(self.family, self.backward, outputs, inp)
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def register_op(spec: OpSpec) -> OpSpec:
+    """Add an op to the sweep (name must be new)."""
+    if spec.name in OPS:
+        raise ValueError(f"op {spec.name!r} is already registered")
+    OPS[spec.name] = spec
+    return spec
+
+
+def get_ops(names: list[str] | None = None) -> list[OpSpec]:
+    """The registered ops in registration order, or the named ones."""
+    if names is None:
+        return list(OPS.values())
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise KeyError(f"unknown op(s) {unknown}; known: {list(OPS)}")
+    return [OPS[n] for n in names]
+
+
+register_op(OpSpec("softmax_fwd", "softmax", False, softmax_fwd_bytes,
+                   "softmax over the last dim, forward"))
+register_op(OpSpec("softmax_fwd_bwd", "softmax", True, softmax_fwd_bwd_bytes,
+                   "softmax forward then backward (y, dy -> dx)"))
+register_op(OpSpec("log_softmax_fwd", "log_softmax", False, softmax_fwd_bytes,
+                   "log-softmax over the last dim, forward"))
+register_op(OpSpec("ce_fwd", "cross_entropy", False, ce_fwd_bytes,
+                   "cross-entropy (mean over rows), forward"))
+register_op(OpSpec("ce_fwd_bwd", "cross_entropy", True, ce_fwd_bwd_bytes,
+                   "cross-entropy forward then backward (dlogits)"))

@@ -1,0 +1,280 @@
+"""Outputs of a run: the long-format CSV, one PNG per op and dtype, and the
+markdown summary. One run is one device, so a file never mixes devices.
+
+File names share one stem, ``<device-slug>_<YYYY-MM-DD>`` (``_run2``,
+``_run3``... when an earlier run of the same day is already in the folder):
+
+- ``<stem>.csv``
+- ``<stem>_<op>_<dtype>.png``
+- ``<stem>_summary.md``
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+
+from perf.env import RunInfo
+from perf.ops import TOLERANCE, DTYPES
+from perf.sizes import size_label
+from perf.sweep import BASELINE, COLUMNS, INTERRUPTED
+
+__all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "summary_markdown", "CPU_WARNING"]
+
+CPU_WARNING = ("NO GPU: these timings are MEANINGLESS. Our kernels ran in Triton's interpreter on "
+               "CPU and torch ran on CPU, at toy sizes; this run only proves the harness works.")
+
+
+def output_stem(out_dir: str, info: RunInfo) -> str:
+    """``<slug>_<date>``, or ``..._runK`` if that CSV already exists in ``out_dir``."""
+    stem = f"{info.device_slug}_{info.date}"
+    k = 1
+    candidate = stem
+    while os.path.exists(os.path.join(out_dir, candidate + ".csv")):
+        k += 1
+        candidate = f"{stem}_run{k}"
+    return candidate
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """Long format, one row per (op, provider, dtype, M, N), columns :data:`COLUMNS`."""
+    devices = {r["device"] for r in rows}
+    if len(devices) > 1:
+        raise ValueError(f"refusing to mix devices in one file: {sorted(devices)}")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k, "")) for k in COLUMNS})
+
+
+def read_csv(path: str) -> list[dict]:
+    """Rows back as strings (for tests and later reports)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _provider_order(rows: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        if r["op"] != "copy" and r["provider"] not in seen:
+            seen.append(r["provider"])
+    return seen
+
+
+def _cases(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(op, dtype) -> rows, in first-seen order."""
+    out: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["op"] != "copy":
+            out[(r["op"], r["dtype"])].append(r)
+    return out
+
+
+def _copy_gbps(rows: list[dict]) -> float:
+    for r in rows:
+        if r["op"] == "copy":
+            return float(r["gbps"])
+    return math.nan
+
+
+def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[str]:
+    """One PNG per (op, dtype): GB/s against N per provider, log-x, with the
+    copy bandwidth as a horizontal line. Returns the paths written ([] without
+    matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install -e '.[perf]')")
+        return []
+    copy = _copy_gbps(rows)
+    providers = _provider_order(rows)
+    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
+    paths = []
+    for (op, dtype), case_rows in _cases(rows).items():
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        ns: set[int] = set()
+        for p in providers:
+            mine = [r for r in case_rows if r["provider"] == p]
+            ok = sorted((r for r in mine if r["status"] == "ok" and math.isfinite(r["gbps"])),
+                        key=lambda r: r["N"])
+            if not ok:
+                statuses = sorted({r["status"] for r in mine}) or ["not run"]
+                ax.plot([], [], " ", label=f"{p}: {', '.join(statuses)}")
+                continue
+            ns.update(r["N"] for r in ok)
+            line = [r for r in ok if r["shape_kind"] != "llm"]
+            llm = [r for r in ok if r["shape_kind"] == "llm"]
+            if line:
+                ax.plot([r["N"] for r in line], [r["gbps"] for r in line], marker="o", color=colors[p],
+                        label=p)
+            if llm:
+                ax.scatter([r["N"] for r in llm], [r["gbps"] for r in llm], marker="D",
+                           facecolors="none", edgecolors=[colors[p]], s=60,
+                           label=f"{p} (LLM shapes, M={llm[0]['M']})" if not line else None)
+            wrong = [r for r in ok if r["correct"] is False]
+            if wrong:
+                ax.scatter([r["N"] for r in wrong], [r["gbps"] for r in wrong], marker="x", color="red",
+                           s=120, zorder=5, label=f"{p}: WRONG result")
+        if math.isfinite(copy):
+            ax.axhline(copy, color="black", linestyle="--", linewidth=1.2,
+                       label=f"device copy {copy:.0f} GB/s")
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        llm_ns = sorted({r["N"] for r in case_rows if r["shape_kind"] == "llm"} & ns)
+        grid_ns = sorted(ns - set(llm_ns))
+        bottom = grid_ns or llm_ns
+        if bottom:
+            ax.set_xticks(bottom)
+            ax.set_xticklabels([size_label(n) for n in bottom], rotation=45)
+        if grid_ns and llm_ns:  # LLM vocabularies on the top axis: no clash with the grid labels
+            top = ax.secondary_xaxis("top")
+            top.set_xticks(llm_ns)
+            top.set_xticklabels([str(n) for n in llm_ns], rotation=45, fontsize=7, ha="left")
+            top.set_xlabel("LLM shapes (hollow diamonds): vocabulary, 16k tokens", fontsize=8)
+        ax.set_xlabel("N (row length)")
+        ax.set_ylabel("GB/s (minimal bytes / median time)")
+        ax.set_ylim(bottom=0)
+        title = f"{op}  {dtype}  on {info.device_name}\ntorch {info.torch}, triton {info.triton}, {info.date}"
+        if info.meaningless_timings:
+            title += "\nNO GPU: TIMINGS MEANINGLESS"
+        fig.suptitle(title, fontsize=10, color="red" if info.meaningless_timings else "black")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{stem}_{op}_{dtype}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _gb(value: float) -> str:
+    """GB/s for a table: whole numbers on a GPU, three digits for CPU toys."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    s = r["status"]
+    if s == "skipped":
+        return "skip"
+    if s == "not_implemented":
+        return "n/i"
+    if s == "error":
+        return "ERROR"
+    text = f"{_gb(r['gbps'])} ({100 * r['frac_copy_bw']:.0f}%)"
+    if r["correct"] is False:
+        text = f"**WRONG** {text}"
+    return text
+
+
+def _short_reason(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu") -> str:
+    """The run as markdown: one table per op (GB/s and % of copy per provider)."""
+    lines: list[str] = [f"# softmax-gpu perf: {info.device_name}, {info.date}", ""]
+    if info.meaningless_timings:
+        lines += [f"> **{CPU_WARNING}**", ""]
+    copy = _copy_gbps(rows)
+    cut = [r["note"] for r in rows if r["op"] == "copy" and INTERRUPTED in r["note"]]
+    if cut:
+        lines += [f"> **{cut[0].split('; ')[-1]}: the tables below are partial.**", ""]
+    lines += [
+        f"- device: {info.device_name}; torch {info.torch}; triton {info.triton}; "
+        f"CUDA {info.cuda}; run {info.timestamp}",
+        f"- roofline: device-to-device copy, **{_gb(copy)} GB/s** (bytes read + written)",
+        "- cells: GB/s of the minimal bytes (% of copy bandwidth); `n/i` not implemented, "
+        "`skip` provider unavailable, `ERROR` see notes, **WRONG** failed the check against torch",
+        "",
+    ]
+    providers = _provider_order(rows)
+    by_op: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["op"] != "copy":
+            by_op[r["op"]].append(r)
+    for op, op_rows in by_op.items():
+        lines += [f"## {op}", ""]
+        header = ["dtype", "M", "N"] + providers + [f"{ours} vs {BASELINE}"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        keys: list[tuple] = []
+        for r in op_rows:
+            k = (r["dtype"], r["M"], r["N"])
+            if k not in keys:
+                keys.append(k)
+        for k in keys:
+            cells = {r["provider"]: r for r in op_rows if (r["dtype"], r["M"], r["N"]) == k}
+            mine = cells.get(ours)
+            sp = mine["speedup_vs_torch"] if mine and mine["status"] == "ok" else math.nan
+            row = [k[0], str(k[1]), str(k[2])] + [_cell(cells.get(p)) for p in providers]
+            row.append("—" if not math.isfinite(sp) else f"{sp:.2f}x")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += _goal_section(rows, info, ours)
+    lines += _notes_section(rows)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _goal_section(rows: list[dict], info: RunInfo, ours: str) -> list[str]:
+    """Issue 4's goal, read off the rows: our bf16 softmax_fwd at N >= 4096
+    at >= 90% of copy and ahead of every other provider."""
+    if info.meaningless_timings:
+        return []
+    mine = [r for r in rows if r["op"] == "softmax_fwd" and r["dtype"] == "bf16" and r["N"] >= 4096
+            and r["provider"] == ours and r["status"] == "ok"]
+    if not mine:
+        return []
+    out = ["## Goal: bf16 softmax_fwd, N >= 4096: >= 90% of copy and ahead of every provider", ""]
+    for r in sorted(mine, key=lambda r: r["N"]):
+        others = [o for o in rows if o["op"] == r["op"] and o["dtype"] == r["dtype"] and o["M"] == r["M"]
+                  and o["N"] == r["N"] and o["provider"] != ours and o["status"] == "ok"
+                  and o["correct"] is not False]
+        best = min(others, key=lambda o: o["ms"], default=None)
+        ahead = best is None or r["ms"] < best["ms"]
+        frac_ok = r["frac_copy_bw"] >= 0.9
+        verdict = "met" if (frac_ok and ahead and r["correct"] is not False) else "MISSED"
+        vs = (f"{best['ms'] / r['ms']:.2f}x the speed of the best other ({best['provider']})"
+              if best else "no other provider")
+        out.append(f"- N={r['N']} (M={r['M']}): {100 * r['frac_copy_bw']:.1f}% of copy, {vs}: **{verdict}**")
+    return out + [""]
+
+
+def _notes_section(rows: list[dict]) -> list[str]:
+    """Skip reasons once per provider, then every other note once."""
+    out: list[str] = []
+    skipped: dict[str, str] = {}
+    other: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in rows:
+        if r["op"] == "copy" or not r["note"]:
+            continue
+        if r["status"] == "skipped":
+            skipped.setdefault(r["provider"], r["note"])
+        else:
+            other[(r["provider"], f"{r['status']}: {_short_reason(r['note'])}")].append(
+                f"{r['op']}/{r['dtype']}/{size_label(r['N'])}")
+    if skipped or other:
+        out += ["## Notes", ""]
+    for p, reason in skipped.items():
+        out.append(f"- `{p}` skipped: {_short_reason(reason)}")
+    for (p, text), where in other.items():
+        where_text = ", ".join(where[:6]) + (f" and {len(where) - 6} more" if len(where) > 6 else "")
+        out.append(f"- `{p}` {text} ({where_text})")
+    tol = ", ".join(f"{k} {TOLERANCE[v]:g}" for k, v in DTYPES.items())
+    out += ["", f"Correctness: ||out - ref|| / ||ref|| against torch in float32 on the same inputs, "
+            f"once per case and provider; limits {tol}.", ""]
+    return out

@@ -1,0 +1,102 @@
+"""Problem sizes: the N grid, the named LLM shapes, and the ``--quick`` subsets.
+
+Grid rows: M is chosen so that one input is at least ``target_bytes``
+(1 GiB by default, several times any L2), so timings measure DRAM, not cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = [
+    "GRID_N",
+    "LLM_TOKENS",
+    "LLM_VOCABS",
+    "TARGET_INPUT_BYTES",
+    "Shape",
+    "grid_rows",
+    "shapes_for",
+    "parse_size",
+    "size_label",
+]
+
+GRID_N = (256, 1024, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+LLM_TOKENS = 16384
+LLM_VOCABS = (32000, 50257, 128256, 151936, 256000)
+TARGET_INPUT_BYTES = 1 << 30
+
+# --quick on a GPU: two grid points and one LLM vocabulary (under 3 minutes).
+QUICK_GPU_GRID_N = (4096, 32768)
+QUICK_GPU_LLM_VOCABS = (128256,)
+# --quick on CPU: interpreter-sized problems.
+QUICK_CPU_M = 64
+QUICK_CPU_N = (256, 1024)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Shape:
+    """One [M, N] problem: M rows of length N (softmax over N)."""
+
+    M: int
+    N: int
+    kind: str = "grid"  # "grid", "llm" or "custom"
+
+
+def grid_rows(N: int, elem_size: int, target_bytes: int = TARGET_INPUT_BYTES) -> int:
+    """Rows so that an [M, N] input of ``elem_size``-byte elements is >= target
+    (and less than one row more)."""
+    if N <= 0 or elem_size <= 0:
+        raise ValueError("N and elem_size must be positive")
+    return max(1, math.ceil(target_bytes / (N * elem_size)))
+
+
+def shapes_for(
+    elem_size: int,
+    *,
+    device: str,
+    quick: bool,
+    which: str = "all",
+    ns: tuple[int, ...] | None = None,
+    m: int | None = None,
+    target_bytes: int = TARGET_INPUT_BYTES,
+) -> list[Shape]:
+    """The shapes to run for one dtype.
+
+    ``which``: ``all``, ``grid`` or ``llm``. ``ns`` replaces the N grid (and
+    drops the LLM shapes); ``m`` fixes M for every grid shape.
+    """
+    if which not in ("all", "grid", "llm"):
+        raise ValueError(f"unknown shape set {which!r}")
+    if ns is not None:
+        rows = [Shape(m or grid_rows(n, elem_size, target_bytes), n, "custom") for n in ns]
+        return rows
+    if quick and device != "cuda":
+        return [Shape(m or QUICK_CPU_M, n, "grid") for n in QUICK_CPU_N]
+    grid_n = QUICK_GPU_GRID_N if quick else GRID_N
+    vocabs = QUICK_GPU_LLM_VOCABS if quick else LLM_VOCABS
+    out: list[Shape] = []
+    if which in ("all", "grid"):
+        out += [Shape(m or grid_rows(n, elem_size, target_bytes), n, "grid") for n in grid_n]
+    if which in ("all", "llm"):
+        out += [Shape(m or LLM_TOKENS, v, "llm") for v in vocabs]
+    return out
+
+
+def parse_size(text: str) -> int:
+    """``"4096"``, ``"4k"`` (4096) or ``"1m"`` (1048576) -> int."""
+    t = text.strip().lower()
+    mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    value = int(t) * mult
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
+
+
+def size_label(n: int) -> str:
+    """``4096`` -> ``"4k"``; other numbers as they are."""
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}k"
+    return str(n)

@@ -1,0 +1,482 @@
+"""Tests of the benchmark harness in perf/ (run from the repo root, not installed).
+
+- the arithmetic: minimal bytes per op, GB/s, fraction of copy, speedups;
+- sizes, cuDNN row splitting and library lookup (with a fake library);
+- the sweep in-process with fake providers: a wrong provider is flagged, one
+  that raises gives an error row, an unavailable one is skipped;
+- the CPU quick run end to end in a subprocess (Triton interpreter): CSV
+  columns, CSV / PNG / summary files, rows for softmax_gpu and torch, and
+  missing providers recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import datetime
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_perf() -> None:
+    """Import the repo's perf/ package (it is not installed) without putting the
+    repo root on sys.path, which would also expose ``kernels`` as a top-level name."""
+    import importlib.util
+
+    loaded = sys.modules.get("perf")
+    if loaded is not None and Path(loaded.__file__).resolve().parent == ROOT / "perf":
+        return
+    spec = importlib.util.spec_from_file_location(
+        "perf", ROOT / "perf" / "__init__.py", submodule_search_locations=[str(ROOT / "perf")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["perf"] = module
+    spec.loader.exec_module(module)
+
+
+_load_perf()
+
+from perf import cudnn as pcudnn  # noqa: E402
+from perf import env, ops, report, sizes, sweep, timing  # noqa: E402
+from perf.providers import NotImplementedForOp, Provider, make_providers  # noqa: E402
+
+REQUIRED_COLUMNS = [
+    "op", "provider", "dtype", "M", "N", "ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw",
+    "speedup_vs_torch", "peak_mem_bytes", "device", "torch", "triton", "cuda", "timestamp",
+]
+
+
+# --- arithmetic -------------------------------------------------------------
+
+
+def test_minimal_bytes_model():
+    M, N, e = 3, 5, 2
+    assert ops.softmax_fwd_bytes(M, N, e) == 2 * 15 * 2 == 60
+    assert ops.softmax_fwd_bwd_bytes(M, N, e) == 5 * 15 * 2 == 150
+    # CE: logits once (+ grad once for fwd+bwd), plus 8-byte targets and a 4-byte value per row
+    assert ops.ce_fwd_bytes(M, N, e) == 30 + 3 * 8 + 3 * 4 == 66
+    assert ops.ce_fwd_bwd_bytes(M, N, e) == 60 + 3 * 8 + 3 * 4 == 96
+    table = {name: spec.min_bytes(M, N, e) for name, spec in ops.OPS.items()}
+    assert table == {"softmax_fwd": 60, "softmax_fwd_bwd": 150, "log_softmax_fwd": 60,
+                     "ce_fwd": 66, "ce_fwd_bwd": 96}
+
+
+def test_bandwidth_fraction_and_speedup_arithmetic():
+    assert timing.gbps(2e9, 1.0) == pytest.approx(2000.0)  # 2 GB in 1 ms
+    assert timing.gbps(3e6, 0.5) == pytest.approx(6.0)
+    assert math.isnan(timing.gbps(1e9, 0.0))
+    assert math.isnan(timing.gbps(1e9, math.nan))
+    assert timing.fraction(1500.0, 3000.0) == pytest.approx(0.5)
+    assert math.isnan(timing.fraction(1.0, 0.0))
+    assert timing.speedup(2.0, 0.5) == pytest.approx(4.0)  # baseline 2 ms, ours 0.5 ms
+    assert math.isnan(timing.speedup(math.nan, 1.0))
+
+
+def _row(op, provider, ms, status="ok", dtype="bf16", M=4, N=8):
+    return {"op": op, "provider": provider, "dtype": dtype, "M": M, "N": N, "ms": ms,
+            "status": status, "speedup_vs_torch": math.nan}
+
+
+def test_fill_speedups_matches_rows_by_case():
+    rows = [
+        _row("softmax_fwd", "torch", 2.0),
+        _row("softmax_fwd", "softmax_gpu", 0.5),
+        _row("softmax_fwd", "cudnn", 4.0),
+        _row("softmax_fwd", "softmax_gpu", 1.0, dtype="fp32"),  # no torch row for fp32
+        _row("ce_fwd", "torch", 3.0),
+        _row("ce_fwd", "softmax_gpu", math.nan, status="error"),
+    ]
+    sweep.fill_speedups(rows)
+    assert rows[0]["speedup_vs_torch"] == pytest.approx(1.0)
+    assert rows[1]["speedup_vs_torch"] == pytest.approx(4.0)
+    assert rows[2]["speedup_vs_torch"] == pytest.approx(0.5)
+    assert math.isnan(rows[3]["speedup_vs_torch"])
+    assert math.isnan(rows[5]["speedup_vs_torch"])
+
+
+def test_wall_clock_quantiles_are_ordered():
+    calls = []
+    p50, p20, p80 = timing.bench(lambda: calls.append(1), "cpu", rep_ms=1)
+    assert 0 <= p20 <= p50 <= p80
+    assert len(calls) >= 4  # a warm-up and at least three timed calls
+
+
+# --- sizes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("elem", [2, 4])
+def test_grid_rows_give_about_one_gib(elem):
+    for n in sizes.GRID_N:
+        m = sizes.grid_rows(n, elem)
+        nbytes = m * n * elem
+        assert sizes.TARGET_INPUT_BYTES <= nbytes < sizes.TARGET_INPUT_BYTES + n * elem
+        assert nbytes <= 2 << 30
+
+
+def test_shape_sets():
+    cpu = sizes.shapes_for(4, device="cpu", quick=True)
+    assert [(s.M, s.N) for s in cpu] == [(64, 256), (64, 1024)]
+    full = sizes.shapes_for(2, device="cuda", quick=False)
+    assert [s.N for s in full if s.kind == "grid"] == list(sizes.GRID_N)
+    assert [(s.M, s.N) for s in full if s.kind == "llm"] == [(16384, v) for v in sizes.LLM_VOCABS]
+    quick = sizes.shapes_for(2, device="cuda", quick=True)
+    assert len(quick) < len(full) and any(s.kind == "llm" for s in quick)
+    assert [s.N for s in sizes.shapes_for(2, device="cuda", quick=False, which="llm")] == list(sizes.LLM_VOCABS)
+    custom = sizes.shapes_for(2, device="cuda", quick=False, ns=(4096,), m=7)
+    assert [(s.M, s.N, s.kind) for s in custom] == [(7, 4096, "custom")]
+    assert sizes.parse_size("4k") == 4096 and sizes.parse_size("50257") == 50257
+    assert sizes.size_label(131072) == "128k" and sizes.size_label(50257) == "50257"
+
+
+# --- cuDNN binding (no GPU needed: a fake library) ----------------------------
+
+
+def test_cudnn_row_chunks_stay_under_descriptor_limit():
+    assert pcudnn.row_chunks(3, 5, max_elements=8) == [(0, 1), (1, 1), (2, 1)]
+    assert pcudnn.row_chunks(10, 4) == [(0, 10)]
+    M, N = 16384, 256000  # the 256k-vocabulary LLM shape: 4.2e9 elements
+    pieces = pcudnn.row_chunks(M, N)
+    assert len(pieces) == 2
+    assert all(n * N < 2**31 for _, n in pieces)
+    assert sum(n for _, n in pieces) == M
+    assert [r for r, _ in pieces] == [0, pieces[0][1]]
+
+
+def test_cudnn_path_from_maps():
+    maps = "\n".join([
+        "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/libc.so.6",
+        "7f02-7f03 r-xp 00000000 08:01 2 /site/nvidia/cudnn/lib/libcudnn_ops.so.9",
+        "7f04-7f05 r-xp 00000000 08:01 3 /site/nvidia/cudnn/lib/libcudnn.so.9",
+        "7f06-7f07 rw-p 00000000 00:00 0 ",
+    ])
+    assert pcudnn.cudnn_path_from_maps(maps) == "/site/nvidia/cudnn/lib/libcudnn.so.9"
+    assert pcudnn.cudnn_path_from_maps("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libc.so.6") is None
+
+
+class FakeCudnn:
+    """Records calls; every function returns ``status`` (softmax calls only)."""
+
+    def __init__(self, softmax_status=0):
+        self.calls = []
+        self.softmax_status = softmax_status
+
+    def __getattr__(self, name):
+        if not name.startswith("cudnn"):
+            raise AttributeError(name)
+
+        def fn(*args):
+            self.calls.append((name, args))
+            if name == "cudnnGetErrorString":
+                return b"CUDNN_STATUS_NOT_SUPPORTED"
+            return self.softmax_status if name.startswith("cudnnSoftmax") else 0
+
+        return fn
+
+
+def test_cudnn_splits_rows_and_sets_stream_before_each_call():
+    fake = FakeCudnn()
+    lib = pcudnn.Cudnn(fake, stream_fn=lambda: 1234, max_elements=8)
+    x = torch.randn(3, 5)
+    y = torch.empty_like(x)
+    assert lib.softmax_forward(x, y, pcudnn.ALGO_LOG) == 3
+    names = [n for n, _ in fake.calls]
+    softmax_at = [i for i, n in enumerate(names) if n == "cudnnSoftmaxForward"]
+    assert len(softmax_at) == 3
+    for i in softmax_at:
+        assert "cudnnSetStream" in names[max(0, i - 3):i]
+    streams = [a[1].value for n, a in fake.calls if n == "cudnnSetStream"]
+    assert streams == [1234] * 3
+    descs = [a[1:] for n, a in fake.calls if n == "cudnnSetTensor4dDescriptor"]
+    assert descs == [(pcudnn.TENSOR_NCHW, 0, 1, 5, 1, 1)]  # fp32 code 0, n=1 row, c=5, h=w=1
+    fwd = [a for n, a in fake.calls if n == "cudnnSoftmaxForward"]
+    assert [a[1:3] for a in fwd] == [(pcudnn.ALGO_LOG, pcudnn.MODE_CHANNEL)] * 3
+    x_ptrs = [a[5].value for a in fwd]
+    assert x_ptrs == [x.data_ptr() + r * 5 * 4 for r in range(3)]  # one row further each call
+    alpha = ctypes.cast(fwd[0][3], ctypes.POINTER(ctypes.c_float)).contents.value
+    assert alpha == 1.0
+
+
+def test_cudnn_bad_status_raises_with_code():
+    lib = pcudnn.Cudnn(FakeCudnn(softmax_status=3000), stream_fn=lambda: 0)
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    with pytest.raises(pcudnn.CudnnError, match="3000") as info:
+        lib.softmax_backward(x, x.clone(), torch.empty_like(x))
+    assert info.value.status == 3000 and info.value.func == "cudnnSoftmaxBackward"
+    sets = [a for n, a in lib.lib.calls if n == "cudnnSetTensor4dDescriptor"]
+    assert sets[0][2] == 9  # bf16's cuDNN code
+
+
+FAKE_CUDNN_C = r"""
+#include <stddef.h>
+static int handle_obj;
+static int descs[64];
+static int n_descs;
+int fake_softmax_status, fake_n_set_stream, fake_dtype, fake_n, fake_c, fake_h, fake_w, fake_fmt;
+int fake_algo, fake_mode, fake_handle_ok;
+double fake_alpha, fake_beta;
+void *fake_stream, *fake_src, *fake_dst, *fake_dy, *fake_desc_in, *fake_desc_out;
+static double scalar(const void *p) {
+    return fake_dtype == 1 ? *(const double *)p : (double)*(const float *)p;
+}
+int cudnnCreate(void **h) { *h = &handle_obj; return 0; }
+int cudnnDestroy(void *h) { return h == &handle_obj ? 0 : 2000; }
+int cudnnSetStream(void *h, void *s) { fake_stream = s; fake_n_set_stream++; return h == &handle_obj ? 0 : 2000; }
+int cudnnCreateTensorDescriptor(void **d) { *d = &descs[n_descs++ % 64]; return 0; }
+int cudnnDestroyTensorDescriptor(void *d) { return 0; }
+int cudnnSetTensor4dDescriptor(void *d, int fmt, int dt, int n, int c, int h, int w) {
+    fake_fmt = fmt; fake_dtype = dt; fake_n = n; fake_c = c; fake_h = h; fake_w = w; return 0;
+}
+int cudnnSoftmaxForward(void *h, int algo, int mode, const void *alpha, void *xd, const void *x,
+                        const void *beta, void *yd, void *y) {
+    fake_handle_ok = h == &handle_obj; fake_algo = algo; fake_mode = mode;
+    fake_alpha = scalar(alpha); fake_beta = scalar(beta);
+    fake_src = (void *)x; fake_dst = y; fake_desc_in = xd; fake_desc_out = yd;
+    return fake_softmax_status;
+}
+int cudnnSoftmaxBackward(void *h, int algo, int mode, const void *alpha, void *yd, const void *y,
+                         void *dyd, const void *dy, const void *beta, void *dxd, void *dx) {
+    fake_handle_ok = h == &handle_obj; fake_algo = algo; fake_mode = mode;
+    fake_alpha = scalar(alpha); fake_beta = scalar(beta);
+    fake_src = (void *)y; fake_dy = (void *)dy; fake_dst = dx; fake_desc_in = yd; fake_desc_out = dxd;
+    return fake_softmax_status;
+}
+const char *cudnnGetErrorString(int s) { return "FAKE_CUDNN_STATUS"; }
+size_t cudnnGetVersion(void) { return 90100; }
+"""
+
+
+def test_cudnn_ctypes_marshalling_against_a_compiled_fake(tmp_path):
+    """The real ctypes path (CDLL, prototypes, byref scalars, pointers) against a
+    C library with cuDNN's signatures that records what it receives."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "fake_cudnn.c"
+    so = tmp_path / "libfakecudnn.so"
+    src.write_text(FAKE_CUDNN_C)
+    subprocess.run([cc, "-shared", "-fPIC", "-O0", "-o", str(so), str(src)], check=True)
+    lib = pcudnn.Cudnn(path=str(so), stream_fn=lambda: 0xABC000)
+    raw = lib.lib
+
+    def get(name, ctype=ctypes.c_int):
+        return ctype.in_dll(raw, name).value
+
+    assert lib.version() == 90100
+    x = torch.randn(6, 10, dtype=torch.float64)
+    y = torch.empty_like(x)
+    assert lib.softmax_forward(x, y, pcudnn.ALGO_ACCURATE) == 1
+    assert get("fake_handle_ok") == 1 and get("fake_stream", ctypes.c_void_p) == 0xABC000
+    assert (get("fake_fmt"), get("fake_dtype"), get("fake_n"), get("fake_c"), get("fake_h"), get("fake_w")) \
+        == (0, 1, 6, 10, 1, 1)
+    assert (get("fake_algo"), get("fake_mode")) == (pcudnn.ALGO_ACCURATE, pcudnn.MODE_CHANNEL)
+    assert get("fake_alpha", ctypes.c_double) == 1.0 and get("fake_beta", ctypes.c_double) == 0.0
+    assert get("fake_src", ctypes.c_void_p) == x.data_ptr() and get("fake_dst", ctypes.c_void_p) == y.data_ptr()
+
+    lib.max_elements = 25  # 2 rows of 10 per call: the last call covers rows 4-5
+    h = torch.randn(6, 10, dtype=torch.float16)
+    dh = torch.randn_like(h)
+    dx = torch.empty_like(h)
+    assert lib.softmax_backward(h, dh, dx, pcudnn.ALGO_LOG) == 3
+    assert get("fake_n_set_stream") == 4
+    assert (get("fake_dtype"), get("fake_n"), get("fake_algo")) == (2, 2, pcudnn.ALGO_LOG)
+    assert get("fake_alpha", ctypes.c_double) == 1.0  # read back as a float for half
+    offset = 4 * 10 * 2
+    assert get("fake_src", ctypes.c_void_p) == h.data_ptr() + offset
+    assert get("fake_dy", ctypes.c_void_p) == dh.data_ptr() + offset
+    assert get("fake_dst", ctypes.c_void_p) == dx.data_ptr() + offset
+
+    ctypes.c_int.in_dll(raw, "fake_softmax_status").value = 3000
+    with pytest.raises(pcudnn.CudnnError, match=r"status 3000 \(FAKE_CUDNN_STATUS\)"):
+        lib.softmax_forward(x, y)
+    lib.close()
+
+
+# --- correctness check ----------------------------------------------------------
+
+
+def test_relative_error_catches_wrong_and_unwritten_outputs():
+    spec = ops.OPS["softmax_fwd_bwd"]
+    inp = spec.make_inputs(8, 64, torch.float32, "cpu", seed=3)
+    good = spec.run_once(lambda x: torch.softmax(x, -1), inp)
+    inp = spec.make_inputs(8, 64, torch.float32, "cpu", seed=3)
+    assert spec.error(good, inp) < 1e-6
+    nan = dict(good, dx=torch.full_like(good["dx"], math.nan))
+    assert spec.error(nan, inp) == math.inf
+    zeros = dict(good, y=torch.zeros_like(good["y"]))
+    assert spec.error(zeros, inp) == pytest.approx(1.0)
+    ce = ops.OPS["ce_fwd"]
+    cin = ce.make_inputs(8, 64, torch.float32, "cpu", seed=4)
+    loss = torch.nn.functional.cross_entropy(cin.x, cin.target)
+    assert ce.error({"loss": loss}, cin) < 1e-6
+    assert ce.error({"loss": loss * 1.1}, cin) == pytest.approx(0.1, rel=1e-3)
+    assert not bool((cin.x == 0).all())  # inputs are random, never zeros
+
+
+# --- the sweep in-process, with fake providers ------------------------------------
+
+
+class WrongSoftmax(Provider):
+    name = "wrong"
+
+    def function(self, family):
+        if family == "softmax":
+            return lambda x: torch.softmax(x, -1).flip(0)  # rows swapped
+        raise NotImplementedForOp("wrong has only softmax")
+
+
+class RaisingSoftmax(Provider):
+    name = "raising"
+
+    def function(self, family):
+        def boom(*args):
+            raise RuntimeError("kernel exploded")
+
+        return boom
+
+
+class Missing(Provider):
+    name = "missing"
+
+    def availability(self, ctx):
+        return "not importable: No module named 'missing'"
+
+
+def _info():
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    return env.run_info("cpu", now=now)
+
+
+def _run(providers, op_names=("softmax_fwd", "ce_fwd")):
+    cfg = sweep.SweepConfig(device="cpu", ops=ops.get_ops(list(op_names)), providers=providers,
+                            dtypes=[torch.float32], ns=(64,), m=8, rep_ms=1, copy_bytes=1 << 16)
+    return sweep.run_sweep(cfg, _info(), progress=False, log=lambda s: None)
+
+
+def test_sweep_flags_wrong_errors_and_skips_without_crashing():
+    rows = _run(make_providers(["torch"]) + [WrongSoftmax(), RaisingSoftmax(), Missing()])
+    by = {(r["op"], r["provider"]): r for r in rows}
+    assert by[("copy", "torch")]["gbps"] > 0
+    t = by[("softmax_fwd", "torch")]
+    assert t["status"] == "ok" and t["correct"] is True and t["gbps"] > 0
+    assert t["frac_copy_bw"] == pytest.approx(t["gbps"] / t["copy_gbps"])
+    assert t["gbps"] == pytest.approx(t["bytes"] / (t["ms"] * 1e-3) / 1e9)
+    w = by[("softmax_fwd", "wrong")]
+    assert w["status"] == "ok" and w["correct"] is False and "WRONG" in w["note"]
+    assert by[("ce_fwd", "wrong")]["status"] == "not_implemented"
+    r = by[("softmax_fwd", "raising")]
+    assert r["status"] == "error" and "kernel exploded" in r["note"]
+    m = by[("softmax_fwd", "missing")]
+    assert m["status"] == "skipped" and "not importable" in m["note"]
+    md = report.summary_markdown(rows, _info())
+    assert "**WRONG**" in md and "ERROR" in md and "`missing` skipped" in md
+
+
+def test_softmax_gpu_cross_entropy_detected_at_run_time(monkeypatch):
+    import softmax_gpu
+
+    provider = make_providers(["softmax_gpu"])[0]
+    monkeypatch.delattr(softmax_gpu, "cross_entropy", raising=False)
+    with pytest.raises(NotImplementedForOp):
+        provider.function("cross_entropy")
+    rows = _run(make_providers(["softmax_gpu", "torch"]), op_names=("ce_fwd",))
+    assert {r["status"] for r in rows if r["provider"] == "softmax_gpu"} == {"not_implemented"}
+
+    calls = []
+
+    def fake_ce(x, t):
+        calls.append(x.shape)
+        return torch.nn.functional.cross_entropy(x, t)
+
+    monkeypatch.setattr(softmax_gpu, "cross_entropy", fake_ce, raising=False)
+    rows = _run(make_providers(["softmax_gpu"]), op_names=("ce_fwd", "ce_fwd_bwd"))
+    ours = [r for r in rows if r["provider"] == "softmax_gpu"]
+    assert [r["status"] for r in ours] == ["ok", "ok"] and all(r["correct"] for r in ours)
+    assert calls and calls[0] == (8, 64)
+
+
+def test_csv_refuses_mixed_devices_and_stems_do_not_collide(tmp_path):
+    info = _info()
+    rows = _run(make_providers(["torch"]), op_names=("softmax_fwd",))
+    stem = report.output_stem(str(tmp_path), info)
+    assert stem == "cpu_2026-01-02"
+    report.write_csv(rows, str(tmp_path / f"{stem}.csv"))
+    assert report.output_stem(str(tmp_path), info) == "cpu_2026-01-02_run2"
+    rows[-1] = dict(rows[-1], device="other gpu")
+    with pytest.raises(ValueError, match="mix devices"):
+        report.write_csv(rows, str(tmp_path / "mixed.csv"))
+
+
+def test_help_explains_the_flags():
+    from perf.cli import build_parser
+
+    text = build_parser().format_help()
+    for flag in ("--quick", "--ops", "--providers", "--dtypes", "--out", "--unavailable", "--device"):
+        assert flag in text
+    assert "copy bandwidth" in text and "meaningless" in text
+
+
+# --- the CPU quick run end to end -------------------------------------------------
+
+
+def test_quick_run_on_cpu_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    envv = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "perf", "--quick", "--device", "cpu", "--out", str(out), "--no-progress",
+           "--providers", "softmax_gpu,torch,torch_compile,cudnn,liger,quack", "--unavailable", "quack"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=envv, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MEANINGLESS" in proc.stdout
+
+    csvs = list(out.glob("*.csv"))
+    assert len(csvs) == 1 and csvs[0].name.startswith("cpu_")
+    with open(csvs[0], newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames
+        rows = list(reader)
+    assert set(REQUIRED_COLUMNS) <= set(columns)
+    assert {"status", "note", "correct"} <= set(columns)
+    assert len({r["device"] for r in rows}) == 1
+
+    def rows_of(provider, op=None):
+        return [r for r in rows if r["provider"] == provider and (op is None or r["op"] == op)]
+
+    for provider in ("softmax_gpu", "torch"):
+        for op in ("softmax_fwd", "softmax_fwd_bwd", "log_softmax_fwd"):
+            got = rows_of(provider, op)
+            assert {(r["dtype"], r["M"], r["N"]) for r in got} == {
+                (d, "64", n) for d in ("fp32", "bf16") for n in ("256", "1024")}
+            for r in got:
+                assert r["status"] == "ok" and r["correct"] == "True", r
+                assert float(r["ms"]) > 0 and float(r["gbps"]) > 0 and float(r["frac_copy_bw"]) > 0
+                assert float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"])
+    for r in rows_of("torch", "ce_fwd_bwd"):
+        assert r["status"] == "ok" and r["correct"] == "True"
+    ce_status = {r["status"] for r in rows_of("softmax_gpu") if r["op"].startswith("ce_")}
+    import softmax_gpu
+
+    assert ce_status == ({"ok"} if hasattr(softmax_gpu, "cross_entropy") else {"not_implemented"})
+    for provider, why in (("quack", "forced unavailable"), ("cudnn", "needs CUDA"),
+                          ("torch_compile", "--quick"), ("liger", "")):
+        got = rows_of(provider)
+        assert got and {r["status"] for r in got} == {"skipped"}, provider
+        assert all(why in r["note"] for r in got)
+    copy = [r for r in rows if r["op"] == "copy"]
+    assert len(copy) == 1 and float(copy[0]["gbps"]) > 0
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == len(ops.OPS) * 2  # one per op and dtype
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
+    summaries = list(out.glob("*_summary.md"))
+    assert len(summaries) == 1
+    text = summaries[0].read_text()
+    assert "MEANINGLESS" in text and "## softmax_fwd" in text and "skip" in text
