@@ -116,6 +116,9 @@ class Inputs:
     target: Tensor | None = None  # [M] int64 classes (cross_entropy)
 
 
+# Families called as f(logits, target) -> mean loss.
+TARGET_FAMILIES = ("cross_entropy", "vocab_parallel_ce")
+
 LOGIT_SCALE = 2.0  # x = 2 * randn: rows far from uniform, no overflow in fp16
 
 
@@ -127,7 +130,7 @@ def make_inputs(
     g.manual_seed(seed)
     x = torch.randn((M, N), generator=g, device=device, dtype=dtype).mul_(LOGIT_SCALE)
     inp = Inputs(x=x)
-    if family == "cross_entropy":
+    if family in TARGET_FAMILIES:
         inp.target = torch.randint(0, N, (M,), generator=g, device=device, dtype=torch.int64)
     elif backward:
         inp.dy = torch.randn((M, N), generator=g, device=device, dtype=dtype)
@@ -166,7 +169,7 @@ def _reference_chunk(family: str, backward: bool, inp: Inputs, rows: slice) -> d
         if backward:
             dy = inp.dy[rows].to(acc)
             out["dx"] = dy - torch.exp(y) * dy.sum(-1, keepdim=True)
-    elif family == "cross_entropy":
+    elif family in TARGET_FAMILIES:
         t = inp.target[rows]
         lse = torch.logsumexp(x, -1)
         out["loss"] = lse - x.gather(1, t[:, None]).squeeze(1)
@@ -241,7 +244,7 @@ class OpSpec:
 
     def call(self, fn: Callable, inp: Inputs) -> Tensor:
         """The forward alone: ``fn(x)`` or ``fn(x, target)``."""
-        if self.family == "cross_entropy":
+        if self.family in TARGET_FAMILIES:
             return fn(inp.x, inp.target)
         return fn(inp.x)
 
@@ -250,19 +253,19 @@ class OpSpec:
         if not self.backward:
             return (lambda: self.call(fn, inp)), None
         inp.x.requires_grad_(True)
-        if self.family == "cross_entropy":
+        if self.family in TARGET_FAMILIES:
             return (lambda: self.call(fn, inp).backward()), [inp.x]
         return (lambda: self.call(fn, inp).backward(inp.dy)), [inp.x]
 
     def run_once(self, fn: Callable, inp: Inputs) -> dict[str, Tensor]:
         """One call, returning the outputs that :meth:`error` checks."""
-        key = "loss" if self.family == "cross_entropy" else "y"
+        key = "loss" if self.family in TARGET_FAMILIES else "y"
         if not self.backward:
             return {key: self.call(fn, inp).detach()}
         inp.x.requires_grad_(True)
         inp.x.grad = None
         out = self.call(fn, inp)
-        if self.family == "cross_entropy":
+        if self.family in TARGET_FAMILIES:
             out.backward()
         else:
             out.backward(inp.dy)
@@ -307,3 +310,7 @@ register_op(OpSpec("ce_fwd", "cross_entropy", False, ce_fwd_bytes,
                    "cross-entropy (mean over rows), forward"))
 register_op(OpSpec("ce_fwd_bwd", "cross_entropy", True, ce_fwd_bwd_bytes,
                    "cross-entropy forward then backward (dlogits)"))
+register_op(OpSpec("vocab_parallel", "vocab_parallel_ce", True, ce_fwd_bwd_bytes,
+                   "vocab-parallel cross-entropy forward+backward (softmax_gpu.distributed) in "
+                   "the current process group, world size 1 unless launched with torchrun; "
+                   "the note gives the bytes communicated per step vs gathering the logits"))

@@ -103,6 +103,8 @@ TORCH_FUNCTIONS: dict[str, Callable] = {
     "softmax": lambda x: torch.softmax(x, -1),
     "log_softmax": lambda x: torch.log_softmax(x, -1),
     "cross_entropy": lambda x, t: F.cross_entropy(x, t),
+    # the single-GPU loss on the whole logits: what vocab parallelism replaces
+    "vocab_parallel_ce": lambda x, t: F.cross_entropy(x, t),
 }
 
 
@@ -128,11 +130,28 @@ class SoftmaxGpuProvider(Provider):
             if not hasattr(softmax_gpu, "cross_entropy"):
                 raise NotImplementedForOp("softmax_gpu.cross_entropy does not exist (yet)")
             return lambda x, t: softmax_gpu.cross_entropy(x, t)
+        if family == "vocab_parallel_ce":
+            from perf.vocab_parallel import ensure_group
+
+            ensure_group(self._device)
+            return lambda x, t: softmax_gpu.distributed.vocab_parallel_cross_entropy(x, t)
         raise NotImplementedForOp(f"softmax_gpu has no {family}")
+
+    _device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def case_note(self, family, M, N, device):
         import softmax_gpu
 
+        self._device = device
+        if family == "vocab_parallel_ce":
+            import torch.distributed as dist
+
+            from perf.vocab_parallel import comm_bytes
+
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            c = comm_bytes(M, N, 8, torch.bfloat16)
+            return (f"world size {world}; at 8 ranks (bf16) a step sends {c['ours_sent_bytes_per_rank']:.0f} B "
+                    f"per rank vs {c['gather_logits_sent_bytes_per_rank']:.0f} B to all-gather the logits")
         backend = softmax_gpu.backend_for(torch.empty(0, device=device))
         if device == "cuda":
             return ""

@@ -57,39 +57,40 @@ def softmax_variants() -> list[Variant]:
     from softmax_gpu import heuristics
 
     out = []
-    for path, block_n, rows, warps, elem in heuristics.all_softmax_configs():
+    for path, block_n, rows, warps, elem, live in heuristics.all_softmax_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
-        for log in (False, True):
-            if path == "single":
-                kernels = [
-                    ("softmax_fwd_single_kernel", ("X", "Y"), dict(ROWS=rows)),
-                    ("softmax_bwd_single_kernel", ("Y", "DY", "DX"), dict(ROWS=rows)),
-                ]
-            elif path == "looped":
-                kernels = [
-                    ("softmax_fwd_looped_kernel", ("X", "Y"), {}),
-                    ("softmax_bwd_looped_kernel", ("Y", "DY", "DX"), {}),
-                ]
+        bs = heuristics.limits().max_splits  # BLOCK_S at its largest: the worst case
+        # live_rows 1: softmax forward; 2: log-softmax forward and both backwards
+        if path == "single":
+            kernels = [("softmax_fwd_single_kernel", ("X", "Y"), dict(ROWS=rows), live == 2)]
+            if live == 2:
+                kernels += [("softmax_bwd_single_kernel", ("Y", "DY", "DX"), dict(ROWS=rows), log)
+                            for log in (False, True)]
+        elif path == "looped":
+            kernels = [("softmax_fwd_looped_kernel", ("X", "Y"), {}, live == 2)]
+            if live == 2:
+                kernels += [("softmax_bwd_looped_kernel", ("Y", "DY", "DX"), {}, log)
+                            for log in (False, True)]
+        else:
+            kernels = [("softmax_fwd_split_norm_kernel", ("X", "Y"), dict(BLOCK_S=bs), live == 2)]
+            if live == 1:
+                kernels += [("softmax_fwd_split_stats_kernel", ("X",), {}, None)]
             else:
-                bs = heuristics.limits().max_splits
-                kernels = [
-                    ("softmax_fwd_split_stats_kernel", ("X",), {}),
-                    ("softmax_fwd_split_norm_kernel", ("X", "Y"), dict(BLOCK_S=bs)),
-                    ("softmax_bwd_split_sum_kernel", ("Y", "DY"), {}),
-                    ("softmax_bwd_split_apply_kernel", ("Y", "DY", "DX"), dict(BLOCK_S=bs)),
-                ]
-            for name, data_ptrs, extra in kernels:
-                if log and name == "softmax_fwd_split_stats_kernel":
-                    continue  # has no LOG parameter
-                ws = tuple((p, acc) for p in ("PM", "PD", "PS"))
-                cx = dict(ACC=acc, BLOCK_N=block_n, **extra)
-                if name != "softmax_fwd_split_stats_kernel":
-                    cx["LOG"] = log
-                out.append(Variant(
-                    "softmax", name, dt, tuple((p, dt) for p in data_ptrs) + ws,
-                    tuple(sorted(cx.items())), warps, path,
-                ))
+                kernels += [(k, ptrs, extra, log)
+                            for k, ptrs, extra in (
+                                ("softmax_bwd_split_sum_kernel", ("Y", "DY"), {}),
+                                ("softmax_bwd_split_apply_kernel", ("Y", "DY", "DX"), dict(BLOCK_S=bs)))
+                            for log in (False, True)]
+        for name, data_ptrs, extra, log in kernels:
+            ws = tuple((p, acc) for p in ("PM", "PD", "PS"))
+            cx = dict(ACC=acc, BLOCK_N=block_n, **extra)
+            if log is not None:
+                cx["LOG"] = log
+            out.append(Variant(
+                "softmax", name, dt, tuple((p, dt) for p in data_ptrs) + ws,
+                tuple(sorted(cx.items())), warps, path,
+            ))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label()))
 
 
@@ -103,6 +104,44 @@ def all_variants() -> list[Variant]:
 
 # Other kernel modules (cross-entropy, ...) append their enumerators here.
 _EXTRA_ENUMERATORS: list = []
+
+
+def vocab_parallel_variants() -> list[Variant]:
+    """Issue 6's shard kernels (softmax_gpu.kernels.vocab_parallel), for every
+    configuration ``softmax_gpu.distributed.shard_config`` can pick: the stats
+    kernel with and without the smoothing sum, and the gradient kernel."""
+    import torch
+
+    from softmax_gpu import heuristics
+    from softmax_gpu.distributed import shard_config
+
+    out = []
+    dev = torch.device("cpu")
+    with heuristics.override(sm_count=132):
+        for elem in (2, 4, 8):
+            dt = DTYPE_STR[elem]
+            acc = "fp64" if elem == 8 else "fp32"
+            ptrs = (("X", dt), ("DX", dt), ("T", "i64")) + tuple(
+                (p, acc) for p in ("MX", "ST", "LSE", "G", "COEF"))
+            for logn in range(0, 21):
+                for M in (1, 64, 1 << 20):
+                    c = shard_config(M, 1 << logn, elem, dev)
+                    single = c.path == heuristics.SINGLE
+                    stats = "vp_stats_single_kernel" if single else "vp_stats_looped_kernel"
+                    for smooth in (False, True):
+                        cx = dict(ACC=acc, BLOCK_N=c.block_n, SMOOTH=smooth)
+                        if single:
+                            cx["ROWS"] = c.rows_per_program
+                        out.append(Variant("vocab_parallel", stats, dt, ptrs,
+                                           tuple(sorted(cx.items())), c.num_warps, c.path))
+                    grad = "vp_grad_single_kernel" if single else "vp_grad_looped_kernel"
+                    cx = dict(ACC=acc, BLOCK_N=c.block_n, **({"ROWS": c.rows_per_program} if single else {}))
+                    out.append(Variant("vocab_parallel", grad, dt, ptrs,
+                                       tuple(sorted(cx.items())), c.num_warps, c.path))
+    return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
+
+
+_EXTRA_ENUMERATORS.append(vocab_parallel_variants)
 
 
 def _cuobjdump() -> str:
@@ -215,6 +254,64 @@ def main(argv=None) -> int:
         print(f"  SPILL {v.label()}: stack {u['stack']} local {u['local']}")
     print(f"table: {path}")
     return 1 if spills else 0
+
+
+# ----------------------------------------------------------------------------
+# Cross-entropy (kernels/cross_entropy.py)
+# ----------------------------------------------------------------------------
+
+# Feature flags compiled per configuration. A configuration chosen without
+# extras runs only the plain flags (with and without the gradient); one chosen
+# with extras may run any subset of them, of which all-on is the heaviest.
+_CE_FLAGS = {
+    ("class", False): (
+        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=True),
+        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=False),
+    ),
+    ("class", True): (
+        dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=True),
+        dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=False),
+    ),
+    ("prob", True): (
+        dict(HAS_WEIGHT=False, SOFTCAP=False, WRITE_GRAD=True),
+        dict(HAS_WEIGHT=True, SOFTCAP=True, WRITE_GRAD=True),
+        dict(HAS_WEIGHT=True, SOFTCAP=True, WRITE_GRAD=False),
+    ),
+}
+
+
+def cross_entropy_variants() -> list[Variant]:
+    """Every cross-entropy kernel configuration the heuristics can pick
+    (``heuristics.all_cross_entropy_configs``), with the flag sets above."""
+    from softmax_gpu import heuristics
+
+    out = []
+    for fam, extras, path, block_n, rows, warps, elem in heuristics.all_cross_entropy_configs():
+        dt = DTYPE_STR[elem]
+        acc = "fp64" if elem == 8 else "fp32"
+        extra = dict(ROWS=rows) if path == "single" else {}
+        if fam == "scale":
+            for in_place in (True, False):
+                out.append(Variant(
+                    "cross_entropy", "ce_grad_scale_kernel", dt,
+                    (("G", dt), ("OUT", dt), ("STATE", acc), ("GO", acc)),
+                    tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
+                                      IN_PLACE=in_place).items())), warps, path))
+            continue
+        if fam == "class":
+            ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("SW", acc), ("DL", acc), ("DZ", acc),
+                    ("G", dt), ("LOSS", acc), ("LSE", "fp32"), ("STATE", acc))
+        else:
+            ptrs = (("X", dt), ("Y", dt), ("W", acc), ("G", dt), ("LOSS", acc), ("LSE", "fp32"),
+                    ("STATE", acc))
+        for flags in _CE_FLAGS[(fam, extras)]:
+            cx = dict(ACC=acc, BLOCK_N=block_n, **extra, **flags)
+            out.append(Variant("cross_entropy", f"ce_{fam}_{path}_kernel", dt, ptrs,
+                               tuple(sorted(cx.items())), warps, path))
+    return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
+
+
+_EXTRA_ENUMERATORS.append(cross_entropy_variants)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,33 @@ def run_python(code: str, timeout: float = 600.0) -> str:
         f"subprocess exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     )
     return proc.stdout
+
+
+# --- process groups (tests/test_distributed.py) --------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for ``init_method``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_group(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, port, interpret, *args)`` in ``world_size`` fresh
+    processes (torch.multiprocessing, spawn start method).
+
+    ``interpret`` says whether this process runs the kernels in Triton's
+    interpreter: the child must then set ``TRITON_INTERPRET=1`` before it
+    imports softmax_gpu, so ``fn`` must live in a module that does not import
+    softmax_gpu (or this module) at import time. A failure in any rank raises
+    here with that rank's traceback, after the other ranks are terminated.
+    """
+    import torch.multiprocessing as mp
+
+    from softmax_gpu._dispatch import interpreted
+
+    mp.spawn(fn, args=(world_size, free_port(), interpreted(), *args), nprocs=world_size,
+             join=True)

@@ -1,0 +1,674 @@
+"""softmax_gpu.cross_entropy (issue 3) against float64 torch, on both paths.
+
+Paths: "single" (the row in registers, several rows per program) at the
+default limits, "looped" (online pass + gradient pass) forced with
+helpers.forced("looped") on rows longer than 64. Every output buffer starts
+as NaN (conftest), so an unwritten element fails.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_gpu
+from softmax_gpu import ops, reference
+from helpers import DEVICE, FLOAT_DTYPES, assert_close, expect_launches, forced, rand, run_python
+
+PATHS = ["single", "looped"]
+C_FOR = {"single": 37, "looped": 100}  # looped: rows longer than PATHS' max_single=64
+FWD = {("single", False): "ce_class_single", ("looped", False): "ce_class_looped",
+       ("single", True): "ce_prob_single", ("looped", True): "ce_prob_looped"}
+BWD = "ce_grad_scale"
+
+
+def torch_ref(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              z_loss=0.0, softcap=None):
+    """float64 torch: F.cross_entropy on the (softcapped) logits, plus the
+    z-loss (z_loss * lse^2 per kept row; mean over kept rows, no weights)."""
+    z = x.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    prob = target.is_floating_point()
+    t = target.double() if prob else target.long()
+    w = weight.double() if weight is not None else None
+    loss = F.cross_entropy(z, t, w, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        lse = torch.logsumexp(z, 1 if z.dim() > 1 else 0)
+        kept = torch.ones_like(lse) if prob else (t != ignore_index).double()
+        zl = z_loss * lse * lse * kept
+        loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / kept.sum()}[reduction]
+    return loss
+
+
+def check(x, target, path="single", dtype=None, grad_output=None, grad_scale_tol=4.0, **kw):
+    """Loss and input gradient of softmax_gpu.cross_entropy against torch_ref
+    (float64 autograd), with the forward and backward kernels of ``path``."""
+    dtype = dtype or x.dtype
+    xs = x.detach().to(dtype).requires_grad_()
+    prob = target.is_floating_point()
+    with forced(path):
+        with expect_launches(FWD[(path, prob)]):
+            out = softmax_gpu.cross_entropy(xs, target, **kw)
+        g = torch.ones_like(out) if grad_output is None else grad_output.to(out.dtype)
+        with expect_launches(BWD):
+            (dx,) = torch.autograd.grad(out, xs, g)
+    x64 = xs.detach().double().requires_grad_()
+    ref = torch_ref(x64, target, **kw)
+    (dx_ref,) = torch.autograd.grad(ref, x64, g.double())
+    ref = ref.detach()
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert dx.dtype == dtype and dx.shape == xs.shape
+    assert_close(out, ref, dtype)
+    assert_close(dx, dx_ref, dtype, scale=grad_scale_tol * max(1.0, float(g.abs().max())))
+    return out, dx
+
+
+def targets(n, C, ignore=(), ignore_index=-100, generator=None, shape=None):
+    t = torch.randint(0, C, shape or (n,), generator=generator)
+    flat = t.view(-1)
+    for i in ignore:
+        flat[i] = ignore_index
+    return t.to(DEVICE)
+
+
+# --- torch semantics ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore", ["none", "default", "in-range"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_every_argument_combination(weighted, ignore, reduction, label_smoothing):
+    """weights x ignore_index x reduction x label smoothing, torch's exact formulas
+    (the smoothing term weighted by w_c; the mean over the kept rows' weight)."""
+    C = 37
+    ignore_index = {"none": -100, "default": -100, "in-range": 5}[ignore]
+    t = targets(9, C, ignore=() if ignore == "none" else (1, 4, 8), ignore_index=ignore_index)
+    w = (torch.rand(C, dtype=torch.float64) + 0.2).to(DEVICE) if weighted else None
+    check(rand(9, C), t, weight=w, ignore_index=ignore_index, reduction=reduction,
+          label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_dtypes_and_paths(path, dtype):
+    """fp16/bf16/fp32/fp64 logits (fp32 arithmetic, fp64 for fp64); output dtype = input dtype."""
+    C = C_FOR[path]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    t = targets(9, C, ignore=(3,))
+    check(rand(9, C), t, path, dtype, weight=w, label_smoothing=0.05)
+    check(rand(9, C), t, path, dtype, reduction="none")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_k_dim_inputs(path):
+    """(N, C, d1, ..., dK): classes in dim 1, read in place with an inner stride."""
+    C = C_FOR[path]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    x = rand(2, C, 3, 2)
+    t = targets(0, C, shape=(2, 3, 2), ignore=(0, 7))
+    for reduction in ("mean", "sum", "none"):
+        check(x, t, path, weight=w, reduction=reduction, label_smoothing=0.2)
+    check(rand(3, C, 4), targets(0, C, shape=(3, 4)), path, reduction="none")
+
+
+def test_one_dim_input():
+    """(C,) logits with a 0-d target (and (C,) probabilities): one row, 0-d results."""
+    x = rand(11)
+    t = torch.tensor(4, device=DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        out, _ = check(x, t, reduction=reduction, label_smoothing=0.1)
+        assert out.shape == ()
+    p = torch.softmax(rand(11), 0)
+    out, _ = check(x, p, reduction="none")
+    assert out.shape == ()
+    assert torch.isnan(softmax_gpu.cross_entropy(x, torch.tensor(-100, device=DEVICE)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probability_targets(path, weighted):
+    """Probability targets of the input's shape; the general sigma * sum(y) - y
+    (targets that do not sum to 1 too); the mean divides by the number of rows."""
+    C = C_FOR[path]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE) if weighted else None
+    p = torch.softmax(rand(7, C), -1)
+    unnormalised = torch.rand(7, C, dtype=torch.float64).to(DEVICE) * 0.3
+    for reduction in ("mean", "sum", "none"):
+        check(rand(7, C), p, path, weight=w, reduction=reduction, label_smoothing=0.1)
+        check(rand(7, C), unnormalised, path, weight=w, reduction=reduction)
+    # K-dim probabilities read with their own (non-contiguous) strides
+    x = rand(2, C, 3)
+    pk = torch.softmax(rand(2, 3, C), -1).permute(0, 2, 1)
+    check(x, pk, path, weight=w, reduction="none")
+
+
+def test_probability_targets_requiring_grad_fall_back_to_torch():
+    """Soft targets that require grad are differentiated too (torch composite)."""
+    x = rand(5, 13).requires_grad_()
+    p = torch.softmax(rand(5, 13), -1).requires_grad_()
+    out = softmax_gpu.cross_entropy(x, p, label_smoothing=0.1)
+    dx, dp = torch.autograd.grad(out, (x, p))
+    x64, p64 = x.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64, p64, label_smoothing=0.1)
+    dx_ref, dp_ref = torch.autograd.grad(ref, (x64, p64))
+    assert_close(out, ref)
+    assert_close(dx, dx_ref)
+    assert_close(dp, dp_ref)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_all_ignored_batch(path):
+    """Every target ignored: mean is NaN (0/0), sum 0, none zeros; zero gradient."""
+    C = C_FOR[path]
+    x = rand(4, C)
+    t = torch.full((4,), -100, device=DEVICE)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    for kw in (dict(), dict(weight=w, label_smoothing=0.1), dict(z_loss=1e-3)):
+        for reduction in ("mean", "sum", "none"):
+            xs = x.clone().requires_grad_()
+            with forced(path):
+                out = softmax_gpu.cross_entropy(xs, t, reduction=reduction, **kw)
+                out.sum().backward()
+            ref = torch_ref(x, t, reduction=reduction, **kw)
+            assert torch.equal(out.isnan().cpu(), ref.isnan().cpu()), (reduction, kw)
+            assert bool(out.isnan().all()) == (reduction == "mean")
+            assert torch.equal(xs.grad, torch.zeros_like(x))
+
+
+def test_empty_batch():
+    x = torch.empty(0, 7, device=DEVICE, requires_grad=True)
+    t = torch.empty(0, dtype=torch.long, device=DEVICE)
+    assert torch.isnan(softmax_gpu.cross_entropy(x, t))
+    assert softmax_gpu.cross_entropy(x, t, reduction="sum").item() == 0
+    out = softmax_gpu.cross_entropy(x, t, reduction="none")
+    assert out.shape == (0,)
+    softmax_gpu.cross_entropy(x, t, reduction="sum").backward()
+    assert x.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_logits(path):
+    """Row-strided (padded-vocabulary) and transposed logits, read in place."""
+    C = C_FOR[path]
+    base = rand(6, C + 9)
+    padded = base[:, :C]
+    t = targets(6, C, ignore=(2,))
+    check(padded, t, path, label_smoothing=0.1)
+    check(rand(C, 6).t(), t, path, reduction="sum")
+    with forced(path), expect_launches(FWD[(path, False)]):
+        softmax_gpu.cross_entropy(padded, t)  # one launch, no copy kernel before it
+
+
+def test_integer_target_dtypes():
+    x = rand(6, 10)
+    t = targets(6, 10)
+    ref = torch_ref(x, t)
+    for dt in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        assert_close(softmax_gpu.cross_entropy(x, t.to(dt)), ref)
+
+
+# --- gradient precision and the backward ---------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_true_class_gradient_at_p_0999_bf16(path):
+    """sigma_t - 1 is formed in fp32 before the cast: at p(target) = 0.999 the
+    bf16 gradient is about -0.001 * scale, not 0 (sigma_t rounds to 1 in bf16)."""
+    C = C_FOR[path]
+    a = math.log(0.999 * (C - 1) / 0.001)
+    x = torch.zeros(4, C, dtype=torch.float64)
+    t = torch.tensor([0, 5, 17, C - 1])
+    x[torch.arange(4), t] = a
+    x = x.to(DEVICE, torch.bfloat16)
+    t = t.to(DEVICE)
+    p = torch.softmax(x.double(), -1)[torch.arange(4), t.cpu()]
+    assert torch.allclose(p, torch.full_like(p, 0.999), atol=2e-4)  # bf16-rounded logits
+    assert torch.equal(p.to(torch.bfloat16), torch.ones(4, dtype=torch.bfloat16))
+    for reduction, scale in (("sum", 1.0), ("mean", 0.25)):
+        xs = x.clone().requires_grad_()
+        with forced(path):
+            (dx,) = torch.autograd.grad(softmax_gpu.cross_entropy(xs, t, reduction=reduction), xs)
+        gt = dx[torch.arange(4), t].double().cpu()
+        expect = (p - 1) * scale
+        assert (gt != 0).all() and (gt < 0).all()
+        torch.testing.assert_close(gt, expect, rtol=1.6e-2, atol=0)
+        torch.testing.assert_close(gt, torch.full_like(gt, -0.001 * scale), rtol=0.25, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_retain_graph_twice(path):
+    """A retained graph backpropagated twice gives the same gradient each time,
+    for grad_output 1, for another one, and for a different one the second time."""
+    C = C_FOR[path]
+    t = targets(5, C, ignore=(1,))
+    for inplace in (False, True):
+        x = rand(5, C).requires_grad_()
+        h = x * 1.0  # non-leaf logits (their buffer may take the gradient in place)
+        with forced(path):
+            loss = softmax_gpu.cross_entropy(h, t, label_smoothing=0.1, inplace_backward=inplace)
+            (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+            (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+            (g3,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+            (g4,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+            (g5,) = torch.autograd.grad(loss * -0.5, x, retain_graph=True)
+            x.grad = None
+            loss.backward(retain_graph=True)
+            loss.backward()
+        x64 = x.detach().double().requires_grad_()
+        (ref,) = torch.autograd.grad(torch_ref(x64, t, label_smoothing=0.1), x64)
+        assert torch.equal(g1, g2)
+        assert torch.equal(g3, g4)
+        assert_close(g1, ref, scale=4)
+        assert_close(g3, 3 * ref, scale=12)
+        assert_close(g5, -0.5 * ref, scale=4)
+        assert_close(x.grad, 2 * ref, scale=8)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_uniform_grad_output_reduction_none(path):
+    """reduction="none": every row's gradient scaled by its own grad_output,
+    including negative, zero and expanded (stride-0) ones."""
+    C = C_FOR[path]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    t = targets(6, C, ignore=(2,))
+    g = rand(6, scale=2.0)
+    g[4] = 0.0
+    check(rand(6, C), t, path, reduction="none", grad_output=g, weight=w, label_smoothing=0.1,
+          z_loss=1e-2)
+    check(rand(6, C), t, path, reduction="none", grad_output=torch.tensor(2.5, device=DEVICE).expand(6))
+    tk = targets(0, C, shape=(2, 3))
+    check(rand(2, C, 3), tk, path, reduction="none", grad_output=rand(2, 3))
+    check(rand(6, C), torch.softmax(rand(6, C), -1), path, reduction="none", grad_output=g)
+
+
+def test_backward_skips_rows_whose_factor_is_right():
+    """The rescale reads grad_output and the factor already applied and does
+    nothing where they agree: rows with state == grad_output are not touched
+    (0/0 would make them NaN if they were), the others are rescaled."""
+    g = rand(6, 50)
+    state = torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 4.0], device=DEVICE)
+    go = torch.tensor([0.0, 1.0, 3.0, 0.0, 1.0, 2.0], device=DEVICE)
+    buf = g.clone()
+    with expect_launches(BWD):
+        ops.cross_entropy_scale_grad_(buf, state, go)
+    assert torch.equal(buf[[0, 1, 3, 4]], g[[0, 1, 3, 4]])
+    assert_close(buf[2], g[2].double() * 1.5)
+    assert_close(buf[5], g[5].double() * 0.5)
+    assert torch.equal(state, go)
+    # looped rows (tile 16), and the out-of-place twin writes every row
+    with forced("looped"):
+        buf = g.clone()
+        ops.cross_entropy_scale_grad_(buf, torch.ones(6, device=DEVICE), torch.ones(6, device=DEVICE))
+        assert torch.equal(buf, g)
+        out = ops.cross_entropy_scaled_grad(g, torch.full((6,), 2.0, device=DEVICE), go)
+    assert_close(out, g.double() * (go.double() / 2)[:, None])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_inplace_backward(path):
+    """The gradient is written over the logits in the forward: no extra buffer;
+    the backward returns that buffer (rescaled when grad_output is not 1)."""
+    C = C_FOR[path]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    t = targets(6, C, ignore=(0,))
+    x = rand(6, C, dtype=torch.bfloat16).requires_grad_()
+    logits = x * 1  # a non-leaf activation, as in a model
+    ptr = logits.data_ptr()
+    with forced(path):
+        with expect_launches(FWD[(path, False)]):
+            loss = softmax_gpu.cross_entropy(logits, t, weight=w, label_smoothing=0.1,
+                                             inplace_backward=True)
+        (dlogits,) = torch.autograd.grad(loss * 2.0, logits)
+    assert dlogits.data_ptr() == ptr  # the gradient lives in the logits' storage
+    x64 = x.detach().double().requires_grad_()
+    ref = torch_ref(x64, t, weight=w, label_smoothing=0.1)
+    (dref,) = torch.autograd.grad(ref * 2.0, x64)
+    assert_close(loss, ref)
+    assert_close(dlogits, dref, scale=8)
+    assert_close(logits.detach(), dref, scale=8)  # the logits are gone: they hold the gradient
+    # a leaf works too; without a gradient to write, the logits are untouched
+    leaf = rand(6, C).requires_grad_()
+    leaf64 = leaf.detach().double().requires_grad_()
+    (dleaf,) = torch.autograd.grad(torch_ref(leaf64, t), leaf64)
+    kept = rand(6, C)
+    before = kept.clone()
+    with forced(path):
+        softmax_gpu.cross_entropy(leaf, t, inplace_backward=True).backward()
+        softmax_gpu.cross_entropy(kept, t, inplace_backward=True)
+    assert_close(leaf.grad, dleaf, scale=4)
+    assert_close(leaf.detach(), dleaf, scale=4)
+    assert torch.equal(kept, before)
+    with pytest.raises(ValueError, match="input cannot take the gradient in place"):
+        softmax_gpu.cross_entropy(rand(C).expand(4, C).requires_grad_(), t[:4], inplace_backward=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cross_entropy_with_grad(path):
+    """One launch, loss and grad_scale * dloss/dinput; in place into the logits."""
+    C = C_FOR[path]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    t = targets(6, C, ignore=(3,))
+    x = rand(6, C)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)
+    for reduction in ("mean", "sum", "none"):
+        x64 = x.double().requires_grad_()
+        ref = torch_ref(x64, t, reduction=reduction, **kw)
+        (dref,) = torch.autograd.grad(ref.sum(), x64)
+        with forced(path), expect_launches(FWD[(path, False)]):
+            loss, grad = softmax_gpu.cross_entropy_with_grad(x, t, reduction=reduction,
+                                                             grad_scale=0.5, **kw)
+        assert loss.dtype == x.dtype and grad.shape == x.shape and grad.grad_fn is None
+        assert_close(loss, ref)
+        assert_close(grad, 0.5 * dref, scale=4)
+    xi = x.clone()
+    with forced(path), expect_launches(FWD[(path, False)]):
+        loss, grad, lse = softmax_gpu.cross_entropy_with_grad(xi, t, inplace=True, grad_scale=3.0,
+                                                              return_lse=True)
+    x64 = x.double().requires_grad_()
+    ref = torch_ref(x64, t)
+    (dref,) = torch.autograd.grad(ref, x64)
+    assert grad.data_ptr() == xi.data_ptr()
+    assert_close(loss, ref)
+    assert_close(grad, 3 * dref, scale=12)
+    assert_close(lse, torch.logsumexp(x.double(), -1))
+    # probability targets and a (C,) input
+    p = torch.softmax(rand(6, C), -1)
+    with forced(path):
+        loss, grad = softmax_gpu.cross_entropy_with_grad(x, p, reduction="sum")
+    x64 = x.double().requires_grad_()
+    (dref,) = torch.autograd.grad(torch_ref(x64, p, reduction="sum"), x64)
+    assert_close(grad, dref, scale=4)
+    loss, grad = softmax_gpu.cross_entropy_with_grad(x[0], t[0])
+    assert loss.shape == () and grad.shape == (C,)
+
+
+# --- extras ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_z_loss_and_softcap(path):
+    """z_loss * lse^2 per kept row (mean over kept rows, no weights) and
+    z = cap * tanh(z / cap) first, against the float64 torch formula."""
+    C = C_FOR[path]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    t = targets(7, C, ignore=(2, 5))
+    x = rand(7, C, scale=8.0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for reduction in ("mean", "sum", "none"):
+            check(x, t, path, dtype, weight=w, reduction=reduction, label_smoothing=0.1,
+                  z_loss=1e-2, softcap=6.0)
+        check(x, t, path, dtype, z_loss=0.3)
+        check(x, t, path, dtype, softcap=2.5, reduction="sum")
+        check(x, torch.softmax(rand(7, C), -1), path, dtype, weight=w, z_loss=1e-2, softcap=6.0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_return_lse(path):
+    """Per-row lse (of the softcapped logits), fp32, shaped like the target's batch dims."""
+    C = C_FOR[path]
+    x = rand(2, C, 3, dtype=torch.bfloat16)
+    t = targets(0, C, shape=(2, 3), ignore=(1,))
+    with forced(path):
+        loss, lse = softmax_gpu.cross_entropy(x, t, return_lse=True)
+        loss_c, lse_c = softmax_gpu.cross_entropy(x, t, softcap=3.0, return_lse=True)
+        _, lse_1 = softmax_gpu.cross_entropy(x[0, :, 0], t[0, 0], return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3) and lse_1.shape == ()
+    assert_close(lse, torch.logsumexp(x.double(), 1), torch.float32)
+    assert_close(lse_c, torch.logsumexp(3.0 * torch.tanh(x.double() / 3.0), 1), torch.float32)
+    assert_close(lse_1, torch.logsumexp(x[0, :, 0].double(), 0), torch.float32)
+    assert_close(loss, torch_ref(x, t))
+    assert not lse.requires_grad
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck_float64(path):
+    C = 6 if path == "single" else 70
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    t = targets(3, C, ignore=(1,))
+    x = rand(3, C, dtype=torch.float64, scale=1.0).requires_grad_()
+    p = torch.softmax(rand(3, C, dtype=torch.float64), -1)
+    with forced(path):
+        assert torch.autograd.gradcheck(
+            lambda z: softmax_gpu.cross_entropy(z, t, weight=w, label_smoothing=0.2, z_loss=0.1,
+                                                softcap=3.0, reduction="none"), (x,), fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda z: softmax_gpu.cross_entropy(z, p, weight=w, label_smoothing=0.2, z_loss=0.1),
+            (x,), fast_mode=True)
+
+
+# --- robustness --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_out_of_range_target(path):
+    """A class index outside [0, C) that is not ignore_index is never used as an
+    address: its row's loss and gradient are NaN, the other rows are right. The
+    torch reference path raises IndexError, as torch does."""
+    C = C_FOR[path]
+    x = rand(5, C)
+    t = targets(5, C, ignore=(4,))
+    bad = t.clone()
+    bad[1] = C
+    bad[3] = -7
+    xs = x.clone().requires_grad_()
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    with forced(path):
+        out = softmax_gpu.cross_entropy(xs, bad, weight=w, reduction="none", label_smoothing=0.1)
+        out.sum().backward()
+        assert torch.isnan(softmax_gpu.cross_entropy(x, bad))
+    good = [0, 2, 4]
+    ref = torch_ref(x[good], t[good], weight=w, reduction="none", label_smoothing=0.1)
+    assert out[[1, 3]].isnan().all() and xs.grad[[1, 3]].isnan().all()
+    assert_close(out[good], ref)
+    x64 = x[good].double().requires_grad_()
+    (dref,) = torch.autograd.grad(torch_ref(x64, t[good], weight=w, reduction="none",
+                                            label_smoothing=0.1).sum(), x64)
+    assert_close(xs.grad[good], dref, scale=4)
+    for target in (bad, torch.tensor([1, 2, -3], device=DEVICE)):
+        with pytest.raises(IndexError, match="out of bounds"):
+            reference.cross_entropy_forward(x[: len(target)], target, None, -100, "mean", 0.0, 0.0,
+                                            0.0, 1.0, False)
+        with pytest.raises(IndexError, match="out of bounds"):
+            F.cross_entropy(x[: len(target)], target)
+
+
+def test_bad_arguments():
+    x = rand(4, 6)
+    t = targets(4, 6)
+    ce = softmax_gpu.cross_entropy
+    with pytest.raises(ValueError, match="target shape .* does not match input shape"):
+        ce(x, targets(5, 6))
+    with pytest.raises(ValueError, match="target shape"):
+        ce(rand(4, 6, 3), targets(4, 6))
+    with pytest.raises(ValueError, match="weight must be 1-D with one value per class"):
+        ce(x, t, weight=torch.ones(5, device=DEVICE))
+    with pytest.raises(TypeError, match="weight must be a floating tensor"):
+        ce(x, t, weight=torch.ones(6, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ce(x, t, reduction="avg")
+    for ls in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0"):
+            ce(x, t, label_smoothing=ls)
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
+        ce(x, t.float())
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
+        ce(x, t.bool())
+    with pytest.raises(TypeError, match="target has the input's shape .* must be floating"):
+        ce(x, torch.zeros(4, 6, dtype=torch.long, device=DEVICE))
+    for cap in (0.0, -1.0):
+        with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+            ce(x, t, softcap=cap)
+    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+        ce(x, t, z_loss=-1.0)
+    with pytest.raises(ValueError, match="ignore_index is not supported with probability targets"):
+        ce(x, torch.softmax(x, -1), ignore_index=0)
+    with pytest.raises(TypeError, match="input must be a floating tensor"):
+        ce(t, t)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        ce([1.0, 2.0], t)
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        ce(x, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="input must have the classes in dim 1"):
+        ce(torch.tensor(1.0, device=DEVICE), torch.tensor(0, device=DEVICE))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ce(x, t, ignore_index=1.5)
+    with pytest.raises(TypeError, match="grad_scale must be a number"):
+        softmax_gpu.cross_entropy_with_grad(x, t, grad_scale="2")
+
+
+def test_int64_offsets_in_a_subprocess():
+    """Rows that start beyond element 2**31 of a row-strided view (a padded
+    vocabulary), read, and written in place (inplace + a rescale), on both
+    paths; and targets near +-2**40, which would fault if a load used them."""
+    code = r"""
+import torch, torch.nn.functional as F
+import softmax_gpu
+from helpers import DEVICE, forced
+S = 2**30 + 64                      # row stride: row 2 starts at 2**31 + 128
+for path, C in (("single", 40), ("looped", 100)):
+    base = torch.empty(3, S, dtype=torch.bfloat16, device=DEVICE)   # untouched pages cost nothing
+    vals = (torch.randn(3, C, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    logits = base[:, :C]
+    logits.copy_(vals.to(DEVICE))
+    t = torch.tensor([1, C - 1, 7], device=DEVICE)
+    x64 = vals.double().requires_grad_()
+    ref = F.cross_entropy(x64, t.cpu(), reduction="none", label_smoothing=0.1)
+    (dref,) = torch.autograd.grad(ref, x64, torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64))
+    with forced(path):
+        loss, grad = softmax_gpu.cross_entropy_with_grad(logits, t, reduction="none", label_smoothing=0.1)
+        assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=2e-2, atol=2e-2), (loss, ref)
+        leaf = logits.requires_grad_()
+        h = leaf * 1
+        assert h.is_contiguous()
+        view = base[:, :C].detach()
+        out = softmax_gpu.cross_entropy(view.requires_grad_(), t, reduction="none", label_smoothing=0.1,
+                                        inplace_backward=True)
+        (g,) = torch.autograd.grad(out, view, torch.tensor([1.0, 2.0, -3.0], device=DEVICE))
+    assert g.data_ptr() == base.data_ptr()
+    assert torch.allclose(g.double().cpu(), dref, rtol=2e-2, atol=2e-3), (g, dref)
+    assert torch.equal(base[2, :C].cpu(), g[2].cpu())
+    del base, logits, leaf, h, view, g
+    # targets far outside [0, C): an unmasked load at X + t or W + t would fault
+    w = torch.rand(C, device=DEVICE) + 0.5
+    x = (torch.randn(3, C) * 3).to(DEVICE)
+    far = torch.tensor([2**40, -2**40, 3], device=DEVICE)
+    with forced(path):
+        loss, grad = softmax_gpu.cross_entropy_with_grad(x, far, w, reduction="none", label_smoothing=0.1)
+        loss2, grad2 = softmax_gpu.cross_entropy_with_grad(x, far, reduction="none")
+    for l, g in ((loss, grad), (loss2, grad2)):
+        assert l[:2].isnan().all() and g[:2].isnan().all() and l[2].isfinite() and g[2].isfinite().all()
+print("ok")
+"""
+    assert run_python(code).strip().endswith("ok")
+
+
+# --- module, compile, custom ops ---------------------------------------------------
+
+
+def test_module_matches_torch():
+    w = (torch.rand(9, dtype=torch.float64) + 0.5).to(DEVICE)
+    x = rand(6, 9)
+    t = targets(6, 9, ignore=(2,), ignore_index=3)
+    mod = softmax_gpu.CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum", label_smoothing=0.2)
+    ref = torch.nn.CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum", label_smoothing=0.2)
+    assert_close(mod(x, t), ref(x.double(), t))
+    assert "weight" in dict(mod.named_buffers())
+    legacy = softmax_gpu.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    mod = softmax_gpu.CrossEntropyLoss(z_loss=1e-2, softcap=4.0, return_lse=True)
+    loss, lse = mod(x, t)
+    assert_close(loss, torch_ref(x, t, z_loss=1e-2, softcap=4.0))
+    assert lse.shape == (6,)
+    assert "softcap=4.0" in repr(mod)
+
+
+def test_meta_tensors_give_shapes():
+    x = torch.empty(4, 10, 3, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(4, 3, device="meta", dtype=torch.long)
+    out = softmax_gpu.cross_entropy(x, t, reduction="none")
+    assert out.shape == (4, 3) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+    loss, grad = softmax_gpu.cross_entropy_with_grad(x, t)
+    assert loss.shape == () and grad.shape == x.shape
+
+
+def test_torch_compile_training_step():
+    """torch.compile(fullgraph=True) of Linear -> cross_entropy (weights, label
+    smoothing, ignored rows, z-loss), backward through the compiled graph,
+    against eager torch; also with inplace_backward and a loss scale."""
+    torch.manual_seed(0)
+    C = 40
+    lin = torch.nn.Linear(8, C).to(DEVICE)
+    ref = torch.nn.Linear(8, C).to(DEVICE)
+    ref.load_state_dict(lin.state_dict())
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).float().to(DEVICE)
+    x = rand(6, 8)
+    t = targets(6, C, ignore=(1,))
+
+    def step(model, x, t, inplace):
+        loss = softmax_gpu.cross_entropy(model(x), t, w, label_smoothing=0.1, z_loss=1e-3,
+                                         inplace_backward=inplace)
+        return loss * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    for inplace in (False, True):
+        lin.zero_grad()
+        ref.zero_grad()
+        loss = compiled(lin, x, t, inplace)
+        loss.backward()
+        loss_ref = torch_ref(ref(x), t, w, label_smoothing=0.1, z_loss=1e-3) * 2.0
+        loss_ref.backward()
+        assert_close(loss, loss_ref.detach())
+        torch.testing.assert_close(lin.weight.grad, ref.weight.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lin.bias.grad, ref.bias.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_opcheck():
+    x = rand(5, 12)
+    t = targets(5, 12, ignore=(2,))
+    w = torch.rand(12, device=DEVICE) + 0.5
+    p = torch.softmax(rand(5, 12), -1)
+    xg = x.clone().requires_grad_()
+    cases = [
+        (ops.cross_entropy_forward, (xg, t, w, -100, "mean", 0.1, 1e-2, 0.0, 1.0, True)),
+        (ops.cross_entropy_forward, (xg, p, None, -100, "none", 0.0, 0.0, 4.0, 2.0, True)),
+        (ops.cross_entropy_forward, (x, t, None, -100, "sum", 0.0, 0.0, 0.0, 1.0, False)),
+        (ops.cross_entropy_scale_grad_, (rand(5, 12), torch.ones(5, device=DEVICE), rand(5))),
+        (ops.cross_entropy_scaled_grad, (rand(5, 12), torch.ones(5, device=DEVICE), rand(5))),
+        (ops.cross_entropy_forward_, (x.clone(), t, w, -100, "mean", 0.1, 0.0, 0.0, 1.0)),
+        (ops.cross_entropy_attach_grad, (x.clone().requires_grad_(), rand(5),
+                                         torch.ones(5, device=DEVICE))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_no_host_reads_of_device_values(monkeypatch):
+    """The mean's denominator stays on the device: forward and backward never
+    read a tensor's value on the host (.item(), bool(), .tolist(), nonzero...),
+    the CPU-side proxy for "no host-device sync" (and CUDA-graph capturable)."""
+    x = rand(6, 20)
+    t = targets(6, 20, ignore=(1,))
+    w = torch.rand(20, device=DEVICE) + 0.5
+    p = torch.softmax(rand(6, 20), -1)
+
+    def refuse(name):
+        def f(self, *a, **k):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+        return f
+
+    for name in ("item", "__bool__", "tolist", "nonzero", "__int__", "__float__", "masked_select"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    for path in PATHS:
+        with forced(path):
+            for target, kw in ((t, dict(weight=w, label_smoothing=0.1, z_loss=1e-3)), (p, {})):
+                xs = x.clone().requires_grad_()
+                (softmax_gpu.cross_entropy(xs, target, **kw) * 2.0).backward()
+                h = x.clone().requires_grad_() * 1
+                softmax_gpu.cross_entropy(h, target, inplace_backward=True, **kw).backward()
+                softmax_gpu.cross_entropy_with_grad(x, target, grad_scale=2.0, **kw)
+    monkeypatch.undo()
+    assert xs.grad.isfinite().all()
