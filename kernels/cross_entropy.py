@@ -60,7 +60,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .softmax import acc_dtype, online_stats, row_base
+from .softmax import acc_dtype, online_stats, online_update, row_base
 
 # ----------------------------------------------------------------------------
 # Shared jit helpers
@@ -98,10 +98,7 @@ def capped_stats(X, base, s_n, C, cap, ACC: tl.constexpr, BLOCK_N: tl.constexpr)
     for off in range(0, C, BLOCK_N):
         cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
         z = load_logits(X, base + cols * s_n, cols < C, cap, True, ACC)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - m_safe) + tl.exp(z - m_safe)
-        m = m_new
+        m, d = online_update(m, d, z)
     return m, tl.sum(d, 0)
 
 

@@ -44,6 +44,15 @@ def row_base(rows, INNER, s_outer, s_inner):
 
 
 @triton.jit
+def online_update(m, d, x):
+    """Fold tile ``x`` into the running state (scalar max ``m``, per-lane sums
+    ``d`` of e^(x - m)): one tile max and one exp per element."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep d = 0
+    return m_new, d * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+
+
+@triton.jit
 def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
     """(max, sum e^(x-max)) over X[base + c*s_n] for c in [start, end).
 
@@ -55,10 +64,7 @@ def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.conste
     for off in range(start, end, BLOCK_N):
         cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
         x = tl.load(X + base + cols * s_n, mask=cols < end, other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-        m = m_new
+        m, d = online_update(m, d, x)
     return m, tl.sum(d, 0)
 
 

@@ -129,15 +129,15 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def _by_elem(elem_bytes: int, two: int, four: int, eight: int) -> int:
+    """The limit for an element size: 2-byte, 4-byte or 8-byte dtypes."""
+    return two if elem_bytes <= 2 else four if elem_bytes <= 4 else eight
+
+
 def max_single(elem_bytes: int, live_rows: int = 1) -> int:
     """Longest on-chip row for a kernel holding ``live_rows`` row-sized arrays."""
     lim = _active
-    if elem_bytes <= 2:
-        cap = lim.max_single_2byte
-    elif elem_bytes <= 4:
-        cap = lim.max_single_4byte
-    else:
-        cap = lim.max_single_8byte
+    cap = _by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte, lim.max_single_8byte)
     return max(1, cap // live_rows)
 
 
@@ -229,12 +229,8 @@ def ce_max_single(elem_bytes: int, extras: bool = False) -> int:
     ``extras`` (probability targets, class weights, label smoothing or a
     softcap: more tiles live at once) halves it."""
     lim = _active
-    if elem_bytes <= 2:
-        n = lim.ce_max_single_2byte
-    elif elem_bytes <= 4:
-        n = lim.ce_max_single_4byte
-    else:
-        n = lim.ce_max_single_8byte
+    n = _by_elem(elem_bytes, lim.ce_max_single_2byte, lim.ce_max_single_4byte,
+                 lim.ce_max_single_8byte)
     if extras:
         n //= 2
     return max(1, min(n, max_single(elem_bytes)))

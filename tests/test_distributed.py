@@ -274,7 +274,11 @@ def _worker(rank, world, port, interpret, cases, extras):
             globals()[name](rank)
     # Only on success: a rank that fails leaves the group as it is, so that the
     # parent sees its traceback before gloo aborts the others (which it does
-    # when a peer closes its connections mid-collective).
+    # when a peer closes its connections mid-collective). The barrier keeps a
+    # rank from tearing gloo down while a peer still uses its connections (a
+    # teardown race seen once as "terminate called without an active
+    # exception" / SIGABRT on a loaded machine).
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -65,7 +65,7 @@ def test_minimal_bytes_model():
     assert ops.ce_fwd_bwd_bytes(M, N, e) == 60 + 3 * 8 + 3 * 4 == 96
     table = {name: spec.min_bytes(M, N, e) for name, spec in ops.OPS.items()}
     assert table == {"softmax_fwd": 60, "softmax_fwd_bwd": 150, "log_softmax_fwd": 60,
-                     "ce_fwd": 66, "ce_fwd_bwd": 96}
+                     "ce_fwd": 66, "ce_fwd_bwd": 96, "vocab_parallel": 96}
 
 
 def test_bandwidth_fraction_and_speedup_arithmetic():
