@@ -12,7 +12,7 @@
 #   2. the project installed offline (pip --no-deps --no-build-isolation -e .);
 #   3. wheels carried in .whl/ (e.g. liger-kernel), if that folder exists,
 #      installed into /tmp/site and put on PYTHONPATH;
-#   4. the test suite on CUDA (python -m pytest -x -q);
+#   4. the test suite on CUDA (python -m pytest -q, over 8 xdist workers if present);
 #   5. the GPU-only checks (python -m perf.gpu_checks: CUDA graphs, no syncs);
 #   6. the quick sweep (python -m perf --quick --out OUT_DIR);
 # then a short table. Everything is logged to OUT_DIR/device_check.log; the
@@ -36,7 +36,7 @@ DEVICE="${DEVICE:-cuda}"  # the checks fail loudly without a GPU; DEVICE=auto fo
 T_INFO=${T_INFO:-20}
 T_INSTALL=${T_INSTALL:-60}
 T_WHEELS=${T_WHEELS:-30}
-T_TESTS=${T_TESTS:-150}
+T_TESTS=${T_TESTS:-200}
 T_CHECKS=${T_CHECKS:-60}
 T_PERF=${T_PERF:-240}   # the most the sweep gets; it also never runs past BUDGET
 BUDGET=${BUDGET:-470}   # seconds for the whole script (under 8 minutes with the kill grace)
@@ -113,7 +113,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   echo "no .whl/ folder: liger / quack run only if the image has them" | tee -a "$LOG"
 fi
-run_step tests "$T_TESTS" "$PY" -m pytest -x -q -p no:cacheprovider
+# On a GPU each distinct kernel specialisation is JIT-compiled on first use, so
+# the suite is compile-bound: spread the test files over CPU workers with
+# pytest-xdist when the image has it (it does: KINDS.md's package list).
+XDIST=""
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 8 --dist loadfile"; fi
+# shellcheck disable=SC2086
+run_step tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider $XDIST
 run_step gpu_checks "$T_CHECKS" "$PY" -m perf.gpu_checks --device "$DEVICE"
 # The sweep takes what is left of the budget (at least 60 s, at most T_PERF); when
 # `timeout` stops it, it still writes the CSV and summary of what it measured.
