@@ -108,6 +108,14 @@ TORCH_FUNCTIONS: dict[str, Callable] = {
 }
 
 
+def _cuda_import_reason(module: str, ctx) -> str | None:
+    """Why a CUDA-only third-party provider cannot run here, or None."""
+    reason = _import_reason(module)
+    if reason is None and ctx.device != "cuda":
+        reason = "needs CUDA (this run is on CPU)"
+    return reason
+
+
 @register_provider
 class SoftmaxGpuProvider(Provider):
     """Ours: ``softmax_gpu.softmax`` / ``log_softmax`` / ``cross_entropy``."""
@@ -252,10 +260,7 @@ class LigerProvider(Provider):
     description = "Liger-Kernel"
 
     def availability(self, ctx):
-        reason = _import_reason("liger_kernel")
-        if reason is None and ctx.device != "cuda":
-            reason = "needs CUDA (this run is on CPU)"
-        return reason
+        return _cuda_import_reason("liger_kernel", ctx)
 
     def function(self, family):
         if family == "softmax":
@@ -284,10 +289,7 @@ class QuackProvider(Provider):
     description = "QuACK"
 
     def availability(self, ctx):
-        reason = _import_reason("quack")
-        if reason is None and ctx.device != "cuda":
-            reason = "needs CUDA (this run is on CPU)"
-        return reason
+        return _cuda_import_reason("quack", ctx)
 
     def function(self, family):
         import quack

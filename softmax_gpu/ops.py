@@ -240,6 +240,15 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return loss, lse, input.new_empty(0), input.new_empty(0, dtype=acc)
 
 
+def _launch_grad_scale(grad, rows, out, out_strides, state, go, M):
+    """out <- grad rows times go / state (the in-place op passes out = grad)."""
+    cfg = heuristics.cross_entropy_scale_config(M, rows.n, grad.element_size(), grad.device)
+    with device_guard(grad):
+        record(CEK.launch_cross_entropy_grad_scale(
+            grad, out, state, go, M, rows.n, rows.inner, rows.strides, out_strides,
+            go.stride(0), cfg))
+
+
 @torch.library.custom_op("softmax_gpu::cross_entropy_scale_grad_", mutates_args=("grad", "state"))
 def cross_entropy_scale_grad_(grad: Tensor, state: Tensor, grad_output: Tensor) -> None:
     """Per row r of ``grad`` ((N, C, *), rows over dim 1): where grad_output[r]
@@ -259,12 +268,7 @@ def cross_entropy_scale_grad_(grad: Tensor, state: Tensor, grad_output: Tensor) 
             cross_entropy_scale_grad_(tmp, state, grad_output)
             grad.copy_(tmp)
             return
-        cfg = heuristics.cross_entropy_scale_config(M, rows.n, grad.element_size(),
-                                                     grad.device)
-        with device_guard(grad):
-            record(CEK.launch_cross_entropy_grad_scale(
-                grad, grad, state, go, M, rows.n, rows.inner, rows.strides, rows.strides,
-                go.stride(0), cfg))
+        _launch_grad_scale(grad, rows, grad, rows.strides, state, go, M)
         return
     reference.cross_entropy_scale_grad_(grad, state, go)
 
@@ -287,13 +291,7 @@ def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor) 
         return out
     if backend_for(grad) == "triton":
         g, rows = as_rows(grad, 1)
-        orows = rows_view(out, 1)
-        cfg = heuristics.cross_entropy_scale_config(M, rows.n, grad.element_size(),
-                                                     grad.device)
-        with device_guard(grad):
-            record(CEK.launch_cross_entropy_grad_scale(
-                g, out, state, go, M, rows.n, rows.inner, rows.strides, orows.strides,
-                go.stride(0), cfg))
+        _launch_grad_scale(g, rows, out, rows_view(out, 1).strides, state, go, M)
         return out
     out.copy_(grad)
     reference.cross_entropy_scale_grad_(out, state.clone(), go)
