@@ -23,7 +23,8 @@ Math, per row (z: the logits after the optional softcap z = cap * tanh(x / cap))
 
 Each row's loss is written already divided by the reduction's denominator
 (class targets, mean: sum of w_t over kept rows for the loss, the number of
-kept rows for the z-loss, both read from device tensors DL / DZ; probability
+kept rows for the z-loss, both read from the device tensor DEN that
+``ce_denominators_kernel`` fills before the main launch; probability
 targets, mean: the number of rows), so ``LOSS.sum()`` is the reduced loss,
 and the gradient is written already scaled the same way (times grad_scale).
 An all-ignored batch divides 0 by 0 and gives NaN, as torch does. Ignored
@@ -31,7 +32,7 @@ rows get a zero loss and a zero gradient row. A class index outside [0, C)
 that is not ignore_index is never used as an address (the loads are masked):
 that row's loss and gradient are NaN.
 
-Paths (chosen by ``softmax_gpu.heuristics.cross_entropy_config``):
+Paths (chosen by ``softmax_gpu.cross_entropy.cross_entropy_config``):
 - single: the row is one tile in registers, ROWS rows per program;
   1 read of the logits (+ 1 write of the gradient).
 - looped: one program per row; an online (max, sum) pass (``online_stats``)
@@ -140,11 +141,11 @@ def class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr,
 
 
 @triton.jit
-def class_denominators(DL, DZ, use_den, ACC: tl.constexpr):
-    """(loss denominator, z-loss denominator): DL[0], DZ[0] for the mean, else 1."""
+def class_denominators(DEN, use_den, ACC: tl.constexpr):
+    """(loss denominator, z-loss denominator): DEN[0], DEN[1] for the mean, else 1."""
     on = use_den != 0
-    dl = tl.load(DL, mask=on, other=1.0).to(ACC)
-    dz = tl.load(DZ, mask=on, other=1.0).to(ACC)
+    dl = tl.load(DEN, mask=on, other=1.0).to(ACC)
+    dz = tl.load(DEN + 1, mask=on, other=1.0).to(ACC)
     return dl, dz
 
 
@@ -206,9 +207,7 @@ def ce_class_single_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    SW,  # [1] sum of the class weights, ACC (read when HAS_WEIGHT and SMOOTH)
-    DL,  # [1] mean's loss denominator: sum of w_t over kept rows (read when use_den)
-    DZ,  # [1] mean's z-loss denominator: number of kept rows (read when use_den)
+    DEN,  # [3] ACC: sum of w_t over kept rows, kept rows (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] fp32: row log-sum-exp
@@ -219,7 +218,7 @@ def ce_class_single_kernel(
     sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
     sg_o, sg_n, sg_i,  # gradient strides
     ignore_index,  # target value whose row is skipped
-    use_den,  # 1: divide by DL / DZ (mean); 0: by 1
+    use_den,  # 1: divide by DEN[0] / DEN[1] (mean); 0: by 1
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient
     cap_hi, cap_lo,  # softcap (used when SOFTCAP)
@@ -256,13 +255,13 @@ def ce_class_single_kernel(
     if SMOOTH:
         smooth_sum = tl.sum(tl.where(mask, w * (lse[:, None] - z), 0.0), 1)
         if HAS_WEIGHT:
-            sw = tl.load(SW).to(ACC)
+            sw = tl.load(DEN + 2).to(ACC)
         else:
             sw = tl.zeros((), ACC) + C
     else:
         smooth_sum = lse * 0.0
         sw = tl.zeros((), ACC)
-    dl, dz = class_denominators(DL, DZ, use_den, ACC)
+    dl, dz = class_denominators(DEN, use_den, ACC)
     loss = class_row_loss(lse, zt, wt, smooth_sum, kept, inside, eps, C, z_loss, dl, dz, SMOOTH)
     tl.store(LOSS + rows, loss, mask=rmask)
     tl.store(LSE + rows, lse.to(tl.float32), mask=rmask)
@@ -282,9 +281,7 @@ def ce_class_looped_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    SW,  # [1] sum of the class weights, ACC (read when HAS_WEIGHT and SMOOTH)
-    DL,  # [1] mean's loss denominator (read when use_den)
-    DZ,  # [1] mean's z-loss denominator (read when use_den)
+    DEN,  # [3] ACC: sum of w_t over kept rows, kept rows (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] fp32: row log-sum-exp
@@ -295,7 +292,7 @@ def ce_class_looped_kernel(
     sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
     sg_o, sg_n, sg_i,  # gradient strides
     ignore_index,  # target value whose row is skipped
-    use_den,  # 1: divide by DL / DZ (mean); 0: by 1
+    use_den,  # 1: divide by DEN[0] / DEN[1] (mean); 0: by 1
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient
     cap_hi, cap_lo,  # softcap (used when SOFTCAP)
@@ -316,9 +313,9 @@ def ce_class_looped_kernel(
     # the target logit, read before any gradient tile can overwrite it (in place)
     zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
     lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
-    dl, dz = class_denominators(DL, DZ, use_den, ACC)
+    dl, dz = class_denominators(DEN, use_den, ACC)
     if HAS_WEIGHT and SMOOTH:
-        sw = tl.load(SW).to(ACC)
+        sw = tl.load(DEN + 2).to(ACC)
     else:
         sw = tl.zeros((), ACC) + C
     gs = scalar_arg(gs_hi, gs_lo, ACC)
@@ -530,7 +527,91 @@ def ce_grad_scale_kernel(
 
 
 # ----------------------------------------------------------------------------
-# Launchers: validated tensors in, kernel names out.
+# The mean's denominators, on the device (no host sync, no torch ops)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def ce_denominators_kernel(
+    T,  # [M] class-index targets (any integer dtype)
+    W,  # [C] class weights in ACC (read when HAS_WEIGHT)
+    DEN,  # [3] ACC out: sum of w_t over kept rows, kept rows, sum of all w (HAS_WEIGHT and SMOOTH)
+    M,  # number of rows
+    C,  # number of classes
+    ignore_index,  # target value whose row is not counted
+    HAS_WEIGHT: tl.constexpr,  # class weights given (else w_t = 1 on kept rows)
+    SMOOTH: tl.constexpr,  # also write the sum of the class weights
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK: tl.constexpr,  # rows (and classes) per step
+):
+    # One program: a fixed summation order, so the loss is the same run to run.
+    count = tl.zeros((BLOCK,), ACC)
+    wsum = tl.zeros((BLOCK,), ACC)
+    for off in range(0, M, BLOCK):
+        rows = off + tl.arange(0, BLOCK).to(tl.int64)
+        inb = rows < M
+        t = tl.load(T + rows, mask=inb, other=0).to(tl.int64)
+        kept = inb & (t != ignore_index)
+        count += kept.to(ACC)
+        if HAS_WEIGHT:
+            use = kept & (t >= 0) & (t < C)
+            wsum += tl.load(W + t, mask=use, other=0.0).to(ACC)
+    n = tl.sum(count, 0)
+    if HAS_WEIGHT:
+        tl.store(DEN, tl.sum(wsum, 0))
+    else:
+        tl.store(DEN, n)
+    tl.store(DEN + 1, n)
+    if HAS_WEIGHT and SMOOTH:
+        sw = tl.zeros((BLOCK,), ACC)
+        for off in range(0, C, BLOCK):
+            cols = off + tl.arange(0, BLOCK).to(tl.int64)
+            sw += tl.load(W + cols, mask=cols < C, other=0.0).to(ACC)
+        tl.store(DEN + 2, tl.sum(sw, 0))
+
+
+# ----------------------------------------------------------------------------
+# Gradient of the returned lse: d lse / d x_c = sigma_c (times the softcap's derivative)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
+def ce_lse_grad_kernel(
+    X,  # logits base pointer
+    LSE,  # [M] fp32 row log-sum-exp from the forward
+    DLSE,  # [M] gradient of the lse (any float dtype; stride s_dlse)
+    OUT,  # gradient wrt the logits, written
+    M,  # number of rows
+    C,  # row length
+    INNER,  # rows sharing one outer index
+    sx_o, sx_n, sx_i,  # logits strides
+    so_o, so_n, so_i,  # OUT strides
+    s_dlse,  # DLSE stride (0 when expanded)
+    cap_hi, cap_lo,  # softcap (used when SOFTCAP)
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap)
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # tile width (>= C when ROWS > 1)
+    ROWS: tl.constexpr,  # rows per program
+):
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rmask = rows < M
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC)
+    dl = tl.load(DLSE + rows * s_dlse, mask=rmask, other=0.0).to(ACC)
+    xb = row_base(rows, INNER, sx_o, sx_i)
+    ob = row_base(rows, INNER, so_o, so_i)
+    for off in range(0, C, BLOCK_N):
+        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
+        g = softcap_grad(tl.exp(z - lse[:, None]) * dl[:, None], z, cap, SOFTCAP)
+        tl.store(OUT + ob[:, None] + cols[None, :] * so_n, g.to(OUT.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# Launchers. The host plans a launch once per call signature and keeps the
+# callable these return; a call then only passes tensors. Each callable
+# returns the names of the kernels it launched.
 # ----------------------------------------------------------------------------
 
 
@@ -545,48 +626,97 @@ def _scalars(eps, z_loss, cap, grad_scale):
     return (*f64_parts(eps), *f64_parts(z_loss), *f64_parts(cap), *f64_parts(grad_scale))
 
 
-def launch_cross_entropy_class(x, t, w, sw, dl, dz, g, loss, lse, state, M, C, inner,
-                               x_strides, g_strides, ignore_index, use_den, eps, z_loss, cap,
-                               grad_scale, has_weight, write_grad, cfg):
-    """Class-index targets ``t`` ([M], contiguous). Unused tensors (``w`` and
-    ``sw`` without weights, ``dl``/``dz`` unless ``use_den``, ``g``/``state``
-    unless ``write_grad``) may be any placeholder of the ACC dtype."""
-    common = (x, t, w, sw, dl, dz, g, loss, lse, state, M, C, inner, *x_strides, *g_strides,
-              ignore_index, int(use_den), *_scalars(eps, z_loss, cap, grad_scale))
-    flags = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
-                 ACC=acc_dtype(x.dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps, z_loss, cap,
+                   grad_scale, has_weight, write_grad, dtype, cfg):
+    """``launch(x, t, w, den, g, loss, lse, state)`` for class-index targets
+    ``t`` ([M], contiguous). Unused tensors (``w`` without weights, ``den``
+    unless ``use_den`` or weights with smoothing, ``g``/``state`` unless
+    ``write_grad``) may be any placeholder of the ACC dtype."""
+    args = (M, C, inner, *x_strides, *g_strides, ignore_index, int(use_den),
+            *_scalars(eps, z_loss, cap, grad_scale))
+    meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
+                ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     if cfg.path == "single":
-        ce_class_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)](
-            *common, ROWS=cfg.rows_per_program, **flags)
-        return ("ce_class_single_kernel",)
-    ce_class_looped_kernel[(M,)](*common, **flags)
-    return ("ce_class_looped_kernel",)
+        kernel = ce_class_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+        meta["ROWS"] = cfg.rows_per_program
+        names = ("ce_class_single_kernel",)
+    else:
+        kernel = ce_class_looped_kernel[(M,)]
+        names = ("ce_class_looped_kernel",)
+
+    def launch(x, t, w, den, g, loss, lse, state):
+        kernel(x, t, w, den, g, loss, lse, state, *args, **meta)
+        return names
+    return launch
 
 
-def launch_cross_entropy_prob(x, y, w, g, loss, lse, state, M, C, inner, x_strides, y_strides,
-                              g_strides, den_rows, eps, z_loss, cap, grad_scale, has_weight,
-                              write_grad, cfg):
-    """Probability targets ``y`` (the logits' shape, its own strides)."""
-    flags = dict(HAS_WEIGHT=has_weight, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
-                 ACC=acc_dtype(x.dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z_loss, cap,
+                  grad_scale, has_weight, write_grad, dtype, cfg):
+    """``launch(x, y, w, g, loss, lse, state)`` for probability targets ``y``
+    (the logits' shape, its own strides)."""
     tail = (*x_strides, *y_strides, *g_strides, den_rows, *_scalars(eps, z_loss, cap, grad_scale))
+    meta = dict(HAS_WEIGHT=has_weight, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
+                ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     if cfg.path == "single":
-        ce_prob_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)](
-            x, y, w, g, loss, lse, state, M, C, inner, *tail,
-            ROWS=cfg.rows_per_program, **flags)
-        return ("ce_prob_single_kernel",)
-    ce_prob_looped_kernel[(M,)](x, y, w, g, loss, lse, state, C, inner, *tail, **flags)
-    return ("ce_prob_looped_kernel",)
+        kernel = ce_prob_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+        args = (M, C, inner, *tail)
+        meta["ROWS"] = cfg.rows_per_program
+        names = ("ce_prob_single_kernel",)
+    else:
+        kernel = ce_prob_looped_kernel[(M,)]
+        args = (C, inner, *tail)
+        names = ("ce_prob_looped_kernel",)
+
+    def launch(x, y, w, g, loss, lse, state):
+        kernel(x, y, w, g, loss, lse, state, *args, **meta)
+        return names
+    return launch
 
 
-def launch_cross_entropy_grad_scale(g, out, state, go, M, C, inner, g_strides, o_strides, s_go,
-                                    cfg):
-    """out[row] = g[row] * go[row] / state[row]. ``out is g``: in place, rows
-    whose factor is already right untouched, state <- go; else every row is
-    written to ``out`` and state is left alone."""
-    in_place = out is g
-    ce_grad_scale_kernel[(triton.cdiv(M, cfg.rows_per_program),)](
-        g, out, state, go, M, C, inner, *g_strides, *o_strides, s_go,
-        IN_PLACE=in_place, ACC=acc_dtype(g.dtype), BLOCK_N=cfg.block_n,
-        ROWS=cfg.rows_per_program, num_warps=cfg.num_warps)
-    return ("ce_grad_scale_kernel",)
+def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype):
+    """``launch(t, w, den)``: den[0] <- sum of w_t over kept rows (the kept
+    count without weights), den[1] <- the kept count, den[2] <- sum of w
+    (with weights and smoothing)."""
+    kernel = ce_denominators_kernel[(1,)]
+    args = (M, C, ignore_index)
+    meta = dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, ACC=acc_dtype(dtype), BLOCK=1024,
+                num_warps=4)
+    names = ("ce_denominators_kernel",)
+
+    def launch(t, w, den):
+        kernel(t, w, den, *args, **meta)
+        return names
+    return launch
+
+
+def grad_scale_launcher(M, C, inner, g_strides, o_strides, in_place, dtype, cfg):
+    """``launch(g, out, state, go, s_go)``: out[row] = g[row] * go[row] / state[row].
+    ``in_place`` (out is g): rows whose factor is already right are untouched
+    and state <- go; else every row of ``out`` is written and state is left
+    alone. ``s_go``: grad_output's stride (0 for one value for every row)."""
+    kernel = ce_grad_scale_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+    args = (M, C, inner, *g_strides, *o_strides)
+    meta = dict(IN_PLACE=in_place, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
+                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps)
+    names = ("ce_grad_scale_kernel",)
+
+    def launch(g, out, state, go, s_go):
+        kernel(g, out, state, go, *args, s_go, **meta)
+        return names
+    return launch
+
+
+def lse_grad_launcher(M, C, inner, x_strides, o_strides, cap, dtype, cfg):
+    """``launch(x, lse, dlse, out, s_dlse)``: out <- sigma(x) * dlse per row
+    (through the softcap when ``cap`` > 0)."""
+    kernel = ce_lse_grad_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+    args = (M, C, inner, *x_strides, *o_strides)
+    meta = dict(SOFTCAP=cap > 0, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
+                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps)
+    scal = f64_parts(cap)
+    names = ("ce_lse_grad_kernel",)
+
+    def launch(x, lse, dlse, out, s_dlse):
+        kernel(x, lse, dlse, out, *args, s_dlse, *scal, **meta)
+        return names
+    return launch

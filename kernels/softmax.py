@@ -7,7 +7,7 @@ its N elements are stride_n apart. A reduction over the last dim is INNER = 1
 inner dim of a contiguous tensor is read in place with stride_n = INNER.
 All offsets are int64.
 
-Paths (chosen by ``softmax_gpu.heuristics.softmax_config``):
+Paths (chosen by ``softmax_gpu.softmax.softmax_config``):
 - single: the row fits in one tile; ROWS rows per program; 1 read + 1 write.
 - looped: one program per row; an online (max, sum) pass, then a normalise
   pass; 2 reads + 1 write (the second read is served from L2 when it can be).
@@ -342,8 +342,9 @@ def softmax_bwd_split_apply_kernel(
 
 
 # ----------------------------------------------------------------------------
-# Launchers: take validated tensors, their [OUTER, N, INNER] strides and a
-# SoftmaxConfig; return the names of the kernels launched.
+# Launchers. The host plans a launch once per call signature (shapes, strides,
+# dtype, device) and keeps the callable these return; a call then only passes
+# the tensors. Each callable returns the names of the kernels it launched.
 # ----------------------------------------------------------------------------
 
 
@@ -352,69 +353,92 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def launch_softmax_forward(x, y, M, N, inner, x_strides, y_strides, cfg, log):
-    """y <- softmax(x) (or log-softmax) over rows of length N.
+def _workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    x_strides / y_strides: (outer, along-row, inner) element strides.
+
+def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype):
+    """``launch(x, y)``: y <- softmax(x) (or log-softmax) over M rows of length N.
+
+    x_strides / y_strides: (outer, along-row, inner) element strides; ``cfg``:
+    a ``SoftmaxConfig``; ``dtype``: the element dtype of x and y.
     """
-    acc = acc_dtype(x.dtype)
+    meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     if cfg.path == "single":
-        grid = (triton.cdiv(M, cfg.rows_per_program),)
-        softmax_fwd_single_kernel[grid](
-            x, y, M, N, inner, *x_strides, *y_strides,
-            LOG=log, ACC=acc, BLOCK_N=cfg.block_n, ROWS=cfg.rows_per_program,
-            num_warps=cfg.num_warps,
-        )
-        return ("softmax_fwd_single_kernel",)
+        kernel = softmax_fwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+        args = (M, N, inner, *x_strides, *y_strides)
+        meta["ROWS"] = cfg.rows_per_program
+        names = ("softmax_fwd_single_kernel",)
+
+        def launch(x, y):
+            kernel(x, y, *args, **meta)
+            return names
+        return launch
     if cfg.path == "looped":
-        softmax_fwd_looped_kernel[(M,)](
-            x, y, N, inner, *x_strides, *y_strides,
-            LOG=log, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        )
-        return ("softmax_fwd_looped_kernel",)
-    ws_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pm = torch.empty((M, cfg.splits), dtype=ws_dtype, device=x.device)
-    pd = torch.empty((M, cfg.splits), dtype=ws_dtype, device=x.device)
+        kernel = softmax_fwd_looped_kernel[(M,)]
+        args = (N, inner, *x_strides, *y_strides)
+        names = ("softmax_fwd_looped_kernel",)
+
+        def launch(x, y):
+            kernel(x, y, *args, **meta)
+            return names
+        return launch
     grid = (M * cfg.splits,)
-    softmax_fwd_split_stats_kernel[grid](
-        x, pm, pd, N, inner, *x_strides, cfg.splits, cfg.chunk,
-        ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-    )
-    softmax_fwd_split_norm_kernel[grid](
-        x, y, pm, pd, N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk,
-        LOG=log, ACC=acc, BLOCK_N=cfg.block_n, BLOCK_S=triton.next_power_of_2(cfg.splits),
-        num_warps=cfg.num_warps,
-    )
-    return ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
+    stats = softmax_fwd_split_stats_kernel[grid]
+    norm = softmax_fwd_split_norm_kernel[grid]
+    ws = dict(size=(M, cfg.splits), dtype=_workspace_dtype(dtype))
+    stats_args = (N, inner, *x_strides, cfg.splits, cfg.chunk)
+    stats_meta = dict(ACC=meta["ACC"], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    norm_args = (N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk)
+    meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
+    names = ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
+
+    def launch(x, y):
+        pm = torch.empty(**ws, device=x.device)
+        pd = torch.empty(**ws, device=x.device)
+        stats(x, pm, pd, *stats_args, **stats_meta)
+        norm(x, y, pm, pd, *norm_args, **meta)
+        return names
+    return launch
 
 
-def launch_softmax_backward(y, dy, dx, M, N, inner, y_strides, g_strides, x_strides, cfg, log):
-    """dx <- vector-Jacobian product of softmax (or log-softmax) at output y with dy."""
-    acc = acc_dtype(y.dtype)
+def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg, log, dtype):
+    """``launch(y, dy, dx)``: dx <- vector-Jacobian product of softmax (or
+    log-softmax) at output y with dy; strides as in :func:`softmax_forward_launcher`."""
+    meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    strides = (*y_strides, *g_strides, *x_strides)
     if cfg.path == "single":
-        grid = (triton.cdiv(M, cfg.rows_per_program),)
-        softmax_bwd_single_kernel[grid](
-            y, dy, dx, M, N, inner, *y_strides, *g_strides, *x_strides,
-            LOG=log, ACC=acc, BLOCK_N=cfg.block_n, ROWS=cfg.rows_per_program,
-            num_warps=cfg.num_warps,
-        )
-        return ("softmax_bwd_single_kernel",)
+        kernel = softmax_bwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+        args = (M, N, inner, *strides)
+        meta["ROWS"] = cfg.rows_per_program
+        names = ("softmax_bwd_single_kernel",)
+
+        def launch(y, dy, dx):
+            kernel(y, dy, dx, *args, **meta)
+            return names
+        return launch
     if cfg.path == "looped":
-        softmax_bwd_looped_kernel[(M,)](
-            y, dy, dx, N, inner, *y_strides, *g_strides, *x_strides,
-            LOG=log, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        )
-        return ("softmax_bwd_looped_kernel",)
-    ws_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    ps = torch.empty((M, cfg.splits), dtype=ws_dtype, device=y.device)
+        kernel = softmax_bwd_looped_kernel[(M,)]
+        args = (N, inner, *strides)
+        names = ("softmax_bwd_looped_kernel",)
+
+        def launch(y, dy, dx):
+            kernel(y, dy, dx, *args, **meta)
+            return names
+        return launch
     grid = (M * cfg.splits,)
-    softmax_bwd_split_sum_kernel[grid](
-        y, dy, ps, N, inner, *y_strides, *g_strides, cfg.splits, cfg.chunk,
-        LOG=log, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-    )
-    softmax_bwd_split_apply_kernel[grid](
-        y, dy, dx, ps, N, inner, *y_strides, *g_strides, *x_strides, cfg.splits, cfg.chunk,
-        LOG=log, ACC=acc, BLOCK_N=cfg.block_n, BLOCK_S=triton.next_power_of_2(cfg.splits),
-        num_warps=cfg.num_warps,
-    )
-    return ("softmax_bwd_split_sum_kernel", "softmax_bwd_split_apply_kernel")
+    partial = softmax_bwd_split_sum_kernel[grid]
+    apply = softmax_bwd_split_apply_kernel[grid]
+    ws = dict(size=(M, cfg.splits), dtype=_workspace_dtype(dtype))
+    sum_args = (N, inner, *y_strides, *g_strides, cfg.splits, cfg.chunk)
+    apply_args = (N, inner, *strides, cfg.splits, cfg.chunk)
+    sum_meta = dict(meta)
+    meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
+    names = ("softmax_bwd_split_sum_kernel", "softmax_bwd_split_apply_kernel")
+
+    def launch(y, dy, dx):
+        ps = torch.empty(**ws, device=y.device)
+        partial(y, dy, ps, *sum_args, **sum_meta)
+        apply(y, dy, dx, ps, *apply_args, **meta)
+        return names
+    return launch

@@ -1,4 +1,4 @@
-"""Vocab-parallel cross-entropy: the per-shard kernels (issue 6).
+"""Vocab-parallel cross-entropy: the per-shard kernels.
 
 Each tensor-parallel rank holds the columns [OFF, OFF + W) of the logits, a
 shard of the global vocabulary of V classes. Rows follow the [OUTER, N, INNER]
@@ -8,7 +8,7 @@ outside [0, V) is invalid: its row's outputs are NaN (every rank knows V, so
 every rank poisons the row without a collective).
 
 Two kernels (each in a single and a looped variant), launched around the
-host's collectives (:mod:`softmax_gpu.distributed`):
+host's collectives (:mod:`softmax_gpu.vocab_parallel`):
 
 - stats: per row, this shard's online-softmax state (max m, sum d of
   e^(x - m)), the target logit where this rank owns the target (0 elsewhere,
@@ -20,7 +20,7 @@ host's collectives (:mod:`softmax_gpu.distributed`):
       dx = g * (e^(x - lse) * (1 + 2 z lse) - (1 - eps) [col == target] - eps / V)
   and 0 on ignored rows.
 
-Paths (from ``softmax_gpu.heuristics.softmax_config``; its split path is run
+Paths (from ``softmax_gpu.vocab_parallel.shard_config``; its split path is run
 as looped, since a vocab shard has as many rows as there are tokens):
 - single: the shard row fits in one tile; ROWS rows per program; no loop
   (a column loop around a [ROWS, BLOCK_N] tile doubled the registers).

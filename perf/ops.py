@@ -12,7 +12,7 @@ Provider functions follow one calling convention per family:
   ``F.cross_entropy(x, target)`` on [M, N] logits and int64 class targets,
   differentiable.
 
-Extra ops (issue 6's ``vocab_parallel`` say) register with
+Extra ops (``vocab_parallel``, say) register with
 :func:`register_op`. One that fits an existing family only needs a new
 :class:`OpSpec`; one with other inputs or semantics subclasses
 :class:`OpSpec` under a new family name and overrides ``make_inputs``,

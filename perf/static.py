@@ -55,9 +55,10 @@ ONE_SPECIALISED = ("INNER", "sx_n", "sy_n", "sg_n")
 
 def softmax_variants() -> list[Variant]:
     from softmax_gpu import heuristics
+    from softmax_gpu.softmax import all_softmax_configs
 
     out = []
-    for path, block_n, rows, warps, elem, live in heuristics.all_softmax_configs():
+    for path, block_n, rows, warps, elem, live in all_softmax_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         bs = heuristics.limits().max_splits  # BLOCK_S at its largest: the worst case
@@ -107,13 +108,13 @@ _EXTRA_ENUMERATORS: list = []
 
 
 def vocab_parallel_variants() -> list[Variant]:
-    """Issue 6's shard kernels (softmax_gpu.kernels.vocab_parallel), for every
-    configuration ``softmax_gpu.distributed.shard_config`` can pick: the stats
+    """The shard kernels (softmax_gpu.kernels.vocab_parallel), for every
+    configuration ``softmax_gpu.vocab_parallel.shard_config`` can pick: the stats
     kernel with and without the smoothing sum, and the gradient kernel."""
     import torch
 
     from softmax_gpu import heuristics
-    from softmax_gpu.distributed import shard_config
+    from softmax_gpu.vocab_parallel import shard_config
 
     out = []
     dev = torch.device("cpu")
@@ -282,11 +283,21 @@ _CE_FLAGS = {
 
 def cross_entropy_variants() -> list[Variant]:
     """Every cross-entropy kernel configuration the heuristics can pick
-    (``heuristics.all_cross_entropy_configs``), with the flag sets above."""
-    from softmax_gpu import heuristics
+    (``softmax_gpu.cross_entropy.all_cross_entropy_configs``), with the flag
+    sets above; the row-wise backward kernels (rescale, lse gradient) on the
+    "scale" configurations; the one-program denominators kernel."""
+    from softmax_gpu.cross_entropy import all_cross_entropy_configs
 
     out = []
-    for fam, extras, path, block_n, rows, warps, elem in heuristics.all_cross_entropy_configs():
+    for elem in (2, 4, 8):
+        acc = "fp64" if elem == 8 else "fp32"
+        for has_w, smooth in ((False, False), (True, False), (True, True)):
+            out.append(Variant(
+                "cross_entropy", "ce_denominators_kernel", DTYPE_STR[elem],
+                (("T", "i64"), ("W", acc), ("DEN", acc)),
+                tuple(sorted(dict(ACC=acc, BLOCK=1024, HAS_WEIGHT=has_w,
+                                  SMOOTH=smooth).items())), 4, "single"))
+    for fam, extras, path, block_n, rows, warps, elem in all_cross_entropy_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         extra = dict(ROWS=rows) if path == "single" else {}
@@ -297,9 +308,15 @@ def cross_entropy_variants() -> list[Variant]:
                     (("G", dt), ("OUT", dt), ("STATE", acc), ("GO", acc)),
                     tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
                                       IN_PLACE=in_place).items())), warps, path))
+            for softcap in (False, True):
+                out.append(Variant(
+                    "cross_entropy", "ce_lse_grad_kernel", dt,
+                    (("X", dt), ("LSE", "fp32"), ("DLSE", acc), ("OUT", dt)),
+                    tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
+                                      SOFTCAP=softcap).items())), warps, path))
             continue
         if fam == "class":
-            ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("SW", acc), ("DL", acc), ("DZ", acc),
+            ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc),
                     ("G", dt), ("LOSS", acc), ("LSE", "fp32"), ("STATE", acc))
         else:
             ptrs = (("X", dt), ("Y", dt), ("W", acc), ("G", dt), ("LOSS", acc), ("LSE", "fp32"),

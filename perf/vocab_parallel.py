@@ -1,4 +1,4 @@
-"""Vocab-parallel cross-entropy (issue 6): bytes communicated per step, and timings.
+"""Vocab-parallel cross-entropy: bytes communicated per step, and timings.
 
     python -m perf.vocab_parallel                      # single rank: world size 1
     torchrun --nproc-per-node 8 -m perf.vocab_parallel # real tensor parallelism

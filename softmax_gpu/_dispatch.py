@@ -1,4 +1,6 @@
-"""Which path a call takes, and a recorder of the kernels it launched.
+"""Which path a call takes (compiled kernels, interpreted kernels, the torch
+reference, or the ``torch.library`` ops while a graph is traced), the CUDA
+device guard, output allocation, and a recorder of the kernels launched.
 
 CUDA tensors run the compiled Triton kernels. CPU tensors run the same kernels
 in Triton's interpreter when the kernels were defined with
@@ -16,15 +18,20 @@ import torch
 
 from .kernels import softmax as _softmax_kernels
 
-__all__ = ["backend_for", "interpreted", "record_launches", "poison_outputs", "new_output", "device_guard"]
+__all__ = ["backend_for", "interpreted", "traced", "record_launches", "poison_outputs",
+           "new_output", "empty_like", "device_guard", "launch_device", "launch_on"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
 
+# Whether the kernels were defined for Triton's interpreter (TRITON_INTERPRET=1
+# when softmax_gpu.kernels was imported): fixed for the life of the process.
+_INTERPRETED = type(_softmax_kernels.softmax_fwd_single_kernel).__name__ == "InterpretedFunction"
+
+
 def interpreted() -> bool:
     """True when the kernels were built for Triton's interpreter."""
-    fn = _softmax_kernels.softmax_fwd_single_kernel
-    return type(fn).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def backend_for(tensor: torch.Tensor) -> str:
@@ -41,12 +48,27 @@ def backend_for(tensor: torch.Tensor) -> str:
     if dev == "cuda":
         return "triton"
     if dev == "cpu":
-        return "triton" if interpreted() else "torch"
+        return "triton" if _INTERPRETED else "torch"
     if dev == "meta":
         return "torch"
     raise ValueError(
         f"unsupported device {tensor.device}: softmax_gpu runs on CUDA or CPU tensors"
     )
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_is_functional = torch._is_functional_tensor
+
+
+def traced(t: torch.Tensor) -> bool:
+    """True when a call on ``t`` must go through the ``torch.library`` ops
+    rather than launch kernels eagerly: while torch.compile traces, under a
+    dispatch mode (FakeTensorMode, make_fx, functionalization), or for a
+    tensor subclass (fake, functional, DTensor, ...)."""
+    return (_is_compiling() or _dispatch_modes() > 0 or type(t) not in _PLAIN_TENSORS
+            or _is_functional(t))
 
 
 def check_device(t: torch.Tensor, name: str) -> None:
@@ -90,6 +112,27 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def launch_device(device: torch.device) -> int | None:
+    """The CUDA device index a launch on ``device`` must make current, or None
+    (CPU). Used by the memoised plans: see :func:`on_device`."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def launch_on(index: int | None, launch, *tensors) -> None:
+    """Run a planned ``launch(*tensors)`` with CUDA device ``index`` current
+    (from :func:`launch_device`; None on CPU), and record the kernel names it
+    returns. The device is switched only when it is not already current."""
+    if index is None or index == torch.cuda.current_device():
+        names = launch(*tensors)
+    else:
+        with torch.cuda.device(index):
+            names = launch(*tensors)
+    if _recorder is not None:
+        _recorder.extend(names)
+
+
 _poison = False
 
 
@@ -108,6 +151,15 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a kernel output (poisoned inside :func:`poison_outputs`)."""
     t = torch.empty(shape, dtype=dtype, device=device)
+    if _poison:
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    return t
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous kernel output of ``x``'s shape, dtype and device (poisoned
+    inside :func:`poison_outputs`)."""
+    t = torch.empty_like(x, memory_format=torch.contiguous_format)
     if _poison:
         t.fill_(float("nan") if t.is_floating_point() else -1)
     return t

@@ -480,3 +480,28 @@ def test_quick_run_on_cpu_end_to_end(tmp_path):
     assert len(summaries) == 1
     text = summaries[0].read_text()
     assert "MEANINGLESS" in text and "## softmax_fwd" in text and "skip" in text
+
+
+def test_host_cost_table(tmp_path):
+    """python -m perf.host: every public call timed beside torch's, with our
+    kernels stubbed out (restored afterwards), written to a long-format CSV."""
+    from perf import host
+    from perf.report import read_csv
+
+    import softmax_gpu
+    from softmax_gpu.kernels import cross_entropy as kce
+
+    real = kce.ce_class_single_kernel
+    assert host.main(["--device", "cpu", "--out", str(tmp_path), "--quick"]) == 0
+    assert kce.ce_class_single_kernel is real
+    (path,) = tmp_path.glob("*_host.csv")
+    rows = read_csv(str(path))
+    calls = {r["op"] for r in rows}
+    for call in ("softmax fwd", "log_softmax fwd+bwd", "cross_entropy fwd+grad",
+                 "cross_entropy_with_grad", "CrossEntropyLoss module fwd+grad"):
+        assert f"host:{call}" in calls
+    assert {r["provider"] for r in rows} == {"softmax_gpu", "torch"}
+    assert all(float(r["ms"]) > 0 for r in rows)
+    # the kernels are back: a real call still computes
+    x = torch.randn(3, 5)
+    assert torch.allclose(softmax_gpu.softmax(x, -1), torch.softmax(x, -1), atol=1e-6)

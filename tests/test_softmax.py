@@ -1,6 +1,11 @@
-"""softmax_gpu.softmax / log_softmax against float64 torch, on every path."""
+"""softmax_gpu.softmax / log_softmax against float64 torch, on every path;
+the torch.library ops, torch.compile, the modules, torch's call binding and
+int64 offsets."""
 
+import inspect
 import math
+import sys
+import warnings
 
 import pytest
 import torch
@@ -17,7 +22,10 @@ from helpers import (
     forced,
     path_rows,
     rand,
+    run_python,
 )
+
+SM = sys.modules["softmax_gpu.softmax"]  # the module (its name is shadowed by the function)
 
 FNS = {False: softmax_gpu.softmax, True: softmax_gpu.log_softmax}
 REFS = {False: torch.softmax, True: torch.log_softmax}
@@ -46,7 +54,7 @@ def ref(x, dim, log):
 def test_forward_on_chip(n, dtype, log):
     x = rand(3, n, dtype=dtype)
     with expect_launches(*FWD["single"]):
-        y = FNS[log](x)
+        y = FNS[log](x, -1)
     assert y.dtype == dtype and y.shape == x.shape
     assert_close(y, ref(x, -1, log))
 
@@ -59,7 +67,7 @@ def test_forward_long_rows(path, n, dtype, log):
     """Rows past the on-chip limit: online (max, sum) tiles, and rows split across programs."""
     x = rand(path_rows(path), n, dtype=dtype)
     with forced(path), expect_launches(*FWD[path]):
-        y = FNS[log](x)
+        y = FNS[log](x, -1)
     assert_close(y, ref(x, -1, log))
 
 
@@ -70,8 +78,8 @@ def test_split_merges_partials_with_large_offsets(path):
     x[:, 250:] += 80.0
     x[0, :40] -= 200.0
     with forced(path):
-        assert_close(softmax_gpu.softmax(x), ref(x, -1, False))
-        assert_close(softmax_gpu.log_softmax(x), ref(x, -1, True))
+        assert_close(softmax_gpu.softmax(x, -1), ref(x, -1, False))
+        assert_close(softmax_gpu.log_softmax(x, -1), ref(x, -1, True))
 
 
 @pytest.mark.parametrize("path", ["single", "looped", "split"])
@@ -83,7 +91,7 @@ def test_inf_rows_match_torch(path):
     x[2, 7] = math.inf
     with forced(path):
         for log in (False, True):
-            y = FNS[log](x)
+            y = FNS[log](x, -1)
             expect = REFS[log](x.double(), -1)
             assert torch.equal(y.isnan(), expect.isnan()), log
             assert_close(y, expect)
@@ -171,14 +179,14 @@ def test_property_rows_sum_to_one_and_shift_invariance(m, n, shift, path, seed):
     g = torch.Generator().manual_seed(seed)
     x = rand(m, n, generator=g)
     with forced(path):
-        y = softmax_gpu.softmax(x)
+        y = softmax_gpu.softmax(x, -1)
         torch.testing.assert_close(
             y.sum(-1).double().cpu(), torch.ones(m, dtype=torch.float64), atol=1e-5, rtol=0
         )
         # a per-row shift leaves the softmax unchanged
         row_shift = torch.linspace(-1, 1, m, device=DEVICE)[:, None] * shift
         xs = (x.double() + row_shift.double()).float()
-        ys = softmax_gpu.softmax(xs)
+        ys = softmax_gpu.softmax(xs, -1)
         torch.testing.assert_close(ys, torch.softmax(xs.double(), -1).float(), atol=2e-6, rtol=1e-4)
         torch.testing.assert_close(ys, y, atol=1e-4 * max(1.0, abs(shift)) * 1e-2 + 2e-6, rtol=1e-3)
 
@@ -194,7 +202,7 @@ def test_backward_matches_reference(path, dtype, log):
     x = rand(path_rows(path), n, dtype=dtype).requires_grad_()
     dy = rand(path_rows(path), n, dtype=dtype, scale=1.0)
     with forced(path):
-        y = FNS[log](x)
+        y = FNS[log](x, -1)
         with expect_launches(*BWD[path]):
             (dx,) = torch.autograd.grad(y, x, dy)
     x64 = x.detach().double().requires_grad_()
@@ -256,11 +264,11 @@ def test_jacobian_is_diag_sigma_minus_outer(path):
 
 def test_bad_input_errors():
     with pytest.raises(TypeError, match="input must be a floating tensor.*torch.int64"):
-        softmax_gpu.softmax(torch.arange(4, device=DEVICE))
+        softmax_gpu.softmax(torch.arange(4, device=DEVICE), 0)
     with pytest.raises(TypeError, match="input must be a floating tensor.*torch.bool"):
-        softmax_gpu.log_softmax(torch.ones(4, dtype=torch.bool, device=DEVICE))
+        softmax_gpu.log_softmax(torch.ones(4, dtype=torch.bool, device=DEVICE), 0)
     with pytest.raises(TypeError, match="input must be a floating tensor.*complex"):
-        softmax_gpu.softmax(torch.ones(4, dtype=torch.complex64, device=DEVICE))
+        softmax_gpu.softmax(torch.ones(4, dtype=torch.complex64, device=DEVICE), 0)
     with pytest.raises(IndexError, match="dim out of range: got 2"):
         softmax_gpu.softmax(rand(3, 4), dim=2)
     with pytest.raises(IndexError, match="dim out of range: got -3"):
@@ -268,7 +276,7 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="dim must be an int"):
         softmax_gpu.softmax(rand(3, 4), dim=1.0)
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
-        softmax_gpu.softmax([1.0, 2.0])
+        softmax_gpu.softmax([1.0, 2.0], 0)
 
 
 def test_unsupported_device_is_refused(monkeypatch):
@@ -276,11 +284,11 @@ def test_unsupported_device_is_refused(monkeypatch):
 
     monkeypatch.setattr(_dispatch, "_SUPPORTED_DEVICES", ("cuda", "cpu"))
     with pytest.raises(ValueError, match="input is on unsupported device meta"):
-        softmax_gpu.softmax(torch.empty(3, 4, device="meta"))
+        softmax_gpu.softmax(torch.empty(3, 4, device="meta"), -1)
 
 
 def test_meta_tensors_give_shapes():
-    y = softmax_gpu.softmax(torch.empty(3, 4, device="meta", dtype=torch.bfloat16))
+    y = softmax_gpu.softmax(torch.empty(3, 4, device="meta", dtype=torch.bfloat16), -1)
     assert y.device.type == "meta" and y.shape == (3, 4) and y.dtype == torch.bfloat16
 
 
@@ -288,3 +296,144 @@ def test_backend_for():
     assert softmax_gpu.backend_for(torch.empty(1, device=DEVICE)) == "triton"
     with pytest.raises(TypeError):
         softmax_gpu.backend_for("cpu")
+
+
+# --- torch.library ops, compile, modules ---------------------------------------
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_opcheck_forward_and_backward(path):
+    n = 13 if path == "single" else 100
+    with forced(path):
+        for log in (False, True):
+            x = rand(path_rows(path), n, dtype=torch.float64).requires_grad_()
+            torch.library.opcheck(SM.softmax_forward, (x, 1, log))
+            y = SM.softmax_forward(x.detach(), 1, log)
+            torch.library.opcheck(SM.softmax_backward, (y, rand(*y.shape, dtype=torch.float64), 1, log))
+
+
+def test_compile_fullgraph_training_step():
+    """A small step compiled with fullgraph=True: no graph breaks, same values and grads."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(16, 24).to(DEVICE)
+    x = rand(6, 16)
+
+    def step(inp):
+        h = softmax_gpu.log_softmax(lin(inp), dim=-1)
+        p = softmax_gpu.softmax(h * 0.5, dim=0)
+        return (h * p).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss_c = compiled(x)
+    loss_c.backward()
+    grads_c = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    loss_e = step(x)
+    loss_e.backward()
+    assert_close(loss_c.detach(), loss_e.detach().double())
+    for gc, p in zip(grads_c, lin.parameters()):
+        assert_close(gc, p.grad.double(), scale=4)
+
+
+def test_module_forward_and_repr():
+    m, lm = softmax_gpu.Softmax(dim=0), softmax_gpu.LogSoftmax(dim=-1)
+    x = rand(5, 7)
+    assert_close(m(x), torch.softmax(x.double(), 0))
+    assert_close(lm(x), torch.log_softmax(x.double(), -1))
+    assert repr(m) == "Softmax(dim=0)" and repr(lm) == "LogSoftmax(dim=-1)"
+    assert isinstance(m, torch.nn.Module)
+    # torch's default dim=None: the legacy implicit dim, with torch's warning
+    for ours, theirs in ((softmax_gpu.Softmax(), torch.nn.Softmax()),
+                         (softmax_gpu.LogSoftmax(), torch.nn.LogSoftmax())):
+        assert repr(ours) == repr(theirs)
+        for shape in ((5,), (5, 7), (2, 5, 7), (2, 3, 5, 7)):
+            x = rand(*shape)
+            with pytest.warns(UserWarning, match="Implicit dimension choice"):
+                y = ours(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert_close(y, theirs(x.double()))
+
+
+def test_public_api_names():
+    for name in ("softmax", "log_softmax", "Softmax", "LogSoftmax", "backend_for"):
+        assert name in softmax_gpu.__all__ and hasattr(softmax_gpu, name)
+    assert softmax_gpu.kernels.softmax.__name__ == "softmax_gpu.kernels.softmax"
+
+
+# --- torch's call binding -------------------------------------------------------
+
+
+def test_binding_matches_torch():
+    """Every valid way of calling torch.softmax / torch.log_softmax /
+    F.softmax / F.log_softmax binds the same way here: positional dtype
+    (torch's), positional _stacklevel then dtype (functional's), keywords,
+    and dim=None (the legacy implicit dim, with its warning)."""
+    import torch.nn.functional as F
+
+    for ours, torch_fn, f_fn in ((softmax_gpu.softmax, torch.softmax, F.softmax),
+                                 (softmax_gpu.log_softmax, torch.log_softmax, F.log_softmax)):
+        assert list(inspect.signature(ours).parameters) == list(inspect.signature(f_fn).parameters)
+        x = rand(3, 4, 5)
+        calls = [
+            ((x, 1), {}),
+            ((x,), dict(dim=-1)),
+            ((x, 0, torch.float64), {}),  # torch.softmax(input, dim, dtype)
+            ((x, 2, 3, torch.float64), {}),  # F.softmax(input, dim, _stacklevel, dtype)
+            ((x, 1), dict(dtype=torch.float64)),
+            ((x,), dict(dim=2, _stacklevel=5, dtype=torch.float64)),
+        ]
+        for args, kw in calls:
+            ref_fn = torch_fn if len(args) < 4 and "_stacklevel" not in kw else f_fn
+            y = ours(*args, **kw)
+            r = ref_fn(*[a.double() if isinstance(a, torch.Tensor) else a for a in args], **kw)
+            assert y.dtype == ref_fn(*args, **kw).dtype, (args, kw)
+            assert_close(y, r, y.dtype)
+        with pytest.warns(UserWarning, match="Implicit dimension choice"):
+            y = ours(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert_close(y, f_fn(x.double()))
+        with pytest.raises(TypeError, match="multiple values for argument 'dtype'"):
+            ours(x, 1, torch.float64, torch.float32)
+
+
+# --- int64 offsets ----------------------------------------------------------------
+
+CODE = r"""
+import os, torch, softmax_gpu
+from softmax_gpu import heuristics
+from helpers import DEVICE
+
+N = 200
+ROW_STRIDE = 2**30 + 64          # fits in int32, so Triton passes it as i32
+M = 4                            # rows 2 and 3 start past element 2**31: row * stride overflows int32
+base = torch.empty(ROW_STRIDE * (M - 1) + N, dtype=torch.bfloat16, device=DEVICE)
+x = base.as_strided((M, N), (ROW_STRIDE, 1))
+x.copy_(torch.randn(M, N) * 3)
+g = torch.empty_like(base).as_strided((M, N), (ROW_STRIDE, 1))
+g.copy_(torch.randn(M, N))
+ref_x, ref_g = x.double().cpu(), g.double().cpu()
+ok = []
+for path, lim in [("single", {}), ("looped", dict(max_single=64, tile=32, split_programs_per_sm=0)),
+                  ("split", dict(max_single=64, tile=32, sm_count=8))]:
+    with heuristics.override(**lim), softmax_gpu.record_launches() as names:
+        for log in (False, True):
+            xr = x.detach().requires_grad_()
+            y = (softmax_gpu.log_softmax if log else softmax_gpu.softmax)(xr, -1)
+            (dx,) = torch.autograd.grad(y, xr, g)
+            r = ref_x.clone().requires_grad_()
+            yr = (torch.log_softmax if log else torch.softmax)(r, -1)
+            (dr,) = torch.autograd.grad(yr, r, ref_g)
+            # bf16: one ulp (2^-7) relative, as helpers.TOL
+            assert ((y.double().cpu() - yr).abs() / (yr.abs() + 1)).max() < 2e-2, (path, log)
+            assert ((dx.double().cpu() - dr).abs() / (dr.abs().max() + 1e-3)).max() < 2e-2, (path, log)
+    assert any(path in n for n in names), (path, names)
+    ok.append(path)
+print("OK", ok)
+"""
+
+
+def test_rows_beyond_2_pow_31_every_path():
+    out = run_python(CODE)
+    assert "OK ['single', 'looped', 'split']" in out

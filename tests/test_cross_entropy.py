@@ -1,4 +1,6 @@
-"""softmax_gpu.cross_entropy (issue 3) against float64 torch, on both paths.
+"""softmax_gpu.cross_entropy against float64 torch, on both paths; gradients
+that never change once returned, torch's call binding, the differentiable
+lse, the torch.library ops and torch.compile.
 
 Paths: "single" (the row in registers, several rows per program) at the
 default limits, "looped" (online pass + gradient pass) forced with
@@ -6,21 +8,35 @@ helpers.forced("looped") on rows longer than 64. Every output buffer starts
 as NaN (conftest), so an unwritten element fails.
 """
 
+import inspect
 import math
+import sys
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import softmax_gpu
-from softmax_gpu import ops, reference
 from helpers import DEVICE, FLOAT_DTYPES, assert_close, expect_launches, forced, rand, run_python
+
+CE = sys.modules["softmax_gpu.cross_entropy"]  # the module (its name is shadowed by the function)
 
 PATHS = ["single", "looped"]
 C_FOR = {"single": 37, "looped": 100}  # looped: rows longer than PATHS' max_single=64
 FWD = {("single", False): "ce_class_single", ("looped", False): "ce_class_looped",
        ("single", True): "ce_prob_single", ("looped", True): "ce_prob_looped"}
 BWD = "ce_grad_scale"
+DEN = "ce_denominators"
+
+
+def fwd_launches(path, prob, reduction="mean", weight=None, label_smoothing=0.0, **_):
+    """The kernels one forward launches: the denominators first when the
+    class-index mean (or class weights with smoothing) needs them."""
+    main = FWD[(path, prob)]
+    if not prob and (reduction == "mean" or (weight is not None and label_smoothing > 0)):
+        return (DEN, main)
+    return (main,)
 
 
 def torch_ref(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -50,7 +66,7 @@ def check(x, target, path="single", dtype=None, grad_output=None, grad_scale_tol
     xs = x.detach().to(dtype).requires_grad_()
     prob = target.is_floating_point()
     with forced(path):
-        with expect_launches(FWD[(path, prob)]):
+        with expect_launches(*fwd_launches(path, prob, **kw)):
             out = softmax_gpu.cross_entropy(xs, target, **kw)
         g = torch.ones_like(out) if grad_output is None else grad_output.to(out.dtype)
         with expect_launches(BWD):
@@ -199,8 +215,8 @@ def test_non_contiguous_logits(path):
     t = targets(6, C, ignore=(2,))
     check(padded, t, path, label_smoothing=0.1)
     check(rand(C, 6).t(), t, path, reduction="sum")
-    with forced(path), expect_launches(FWD[(path, False)]):
-        softmax_gpu.cross_entropy(padded, t)  # one launch, no copy kernel before it
+    with forced(path), expect_launches(DEN, FWD[(path, False)]):
+        softmax_gpu.cross_entropy(padded, t)  # no copy kernel before the loss kernel
 
 
 def test_integer_target_dtypes():
@@ -294,7 +310,7 @@ def test_backward_skips_rows_whose_factor_is_right():
     go = torch.tensor([0.0, 1.0, 3.0, 0.0, 1.0, 2.0], device=DEVICE)
     buf = g.clone()
     with expect_launches(BWD):
-        ops.cross_entropy_scale_grad_(buf, state, go)
+        CE._scale_(buf, state, go)
     assert torch.equal(buf[[0, 1, 3, 4]], g[[0, 1, 3, 4]])
     assert_close(buf[2], g[2].double() * 1.5)
     assert_close(buf[5], g[5].double() * 0.5)
@@ -302,9 +318,9 @@ def test_backward_skips_rows_whose_factor_is_right():
     # looped rows (tile 16), and the out-of-place twin writes every row
     with forced("looped"):
         buf = g.clone()
-        ops.cross_entropy_scale_grad_(buf, torch.ones(6, device=DEVICE), torch.ones(6, device=DEVICE))
+        CE._scale_(buf, torch.ones(6, device=DEVICE), torch.ones(6, device=DEVICE))
         assert torch.equal(buf, g)
-        out = ops.cross_entropy_scaled_grad(g, torch.full((6,), 2.0, device=DEVICE), go)
+        out = CE.cross_entropy_scaled_grad(g, torch.full((6,), 2.0, device=DEVICE), go)
     assert_close(out, g.double() * (go.double() / 2)[:, None])
 
 
@@ -319,7 +335,7 @@ def test_inplace_backward(path):
     logits = x * 1  # a non-leaf activation, as in a model
     ptr = logits.data_ptr()
     with forced(path):
-        with expect_launches(FWD[(path, False)]):
+        with expect_launches(DEN, FWD[(path, False)]):
             loss = softmax_gpu.cross_entropy(logits, t, weight=w, label_smoothing=0.1,
                                              inplace_backward=True)
         (dlogits,) = torch.autograd.grad(loss * 2.0, logits)
@@ -358,14 +374,14 @@ def test_cross_entropy_with_grad(path):
         x64 = x.double().requires_grad_()
         ref = torch_ref(x64, t, reduction=reduction, **kw)
         (dref,) = torch.autograd.grad(ref.sum(), x64)
-        with forced(path), expect_launches(FWD[(path, False)]):
+        with forced(path), expect_launches(DEN, FWD[(path, False)]):
             loss, grad = softmax_gpu.cross_entropy_with_grad(x, t, reduction=reduction,
                                                              grad_scale=0.5, **kw)
         assert loss.dtype == x.dtype and grad.shape == x.shape and grad.grad_fn is None
         assert_close(loss, ref)
         assert_close(grad, 0.5 * dref, scale=4)
     xi = x.clone()
-    with forced(path), expect_launches(FWD[(path, False)]):
+    with forced(path), expect_launches(DEN, FWD[(path, False)]):
         loss, grad, lse = softmax_gpu.cross_entropy_with_grad(xi, t, inplace=True, grad_scale=3.0,
                                                               return_lse=True)
     x64 = x.double().requires_grad_()
@@ -470,8 +486,8 @@ def test_out_of_range_target(path):
     assert_close(xs.grad[good], dref, scale=4)
     for target in (bad, torch.tensor([1, 2, -3], device=DEVICE)):
         with pytest.raises(IndexError, match="out of bounds"):
-            reference.cross_entropy_forward(x[: len(target)], target, None, -100, "mean", 0.0, 0.0,
-                                            0.0, 1.0, False)
+            CE.reference_forward(x[: len(target)], target, None, -100, "mean", 0.0, 0.0,
+                                 0.0, 1.0, False)
         with pytest.raises(IndexError, match="out of bounds"):
             F.cross_entropy(x[: len(target)], target)
 
@@ -633,14 +649,15 @@ def test_opcheck():
     p = torch.softmax(rand(5, 12), -1)
     xg = x.clone().requires_grad_()
     cases = [
-        (ops.cross_entropy_forward, (xg, t, w, -100, "mean", 0.1, 1e-2, 0.0, 1.0, True)),
-        (ops.cross_entropy_forward, (xg, p, None, -100, "none", 0.0, 0.0, 4.0, 2.0, True)),
-        (ops.cross_entropy_forward, (x, t, None, -100, "sum", 0.0, 0.0, 0.0, 1.0, False)),
-        (ops.cross_entropy_scale_grad_, (rand(5, 12), torch.ones(5, device=DEVICE), rand(5))),
-        (ops.cross_entropy_scaled_grad, (rand(5, 12), torch.ones(5, device=DEVICE), rand(5))),
-        (ops.cross_entropy_forward_, (x.clone(), t, w, -100, "mean", 0.1, 0.0, 0.0, 1.0)),
-        (ops.cross_entropy_attach_grad, (x.clone().requires_grad_(), rand(5),
-                                         torch.ones(5, device=DEVICE))),
+        (CE.cross_entropy_forward, (xg, t, w, -100, "mean", 0.1, 1e-2, 0.0, 1.0, True)),
+        (CE.cross_entropy_forward, (xg, p, None, -100, "none", 0.0, 0.0, 4.0, 2.0, True)),
+        (CE.cross_entropy_forward, (x, t, None, -100, "sum", 0.0, 0.0, 0.0, 1.0, False)),
+        (CE.cross_entropy_scaled_grad, (rand(5, 12), torch.ones(5, device=DEVICE), rand(5))),
+        (CE.cross_entropy_forward_, (x.clone(), t, w, -100, "mean", 0.1, 0.0, 0.0, 1.0)),
+        (CE.cross_entropy_attach_grad, (x.clone().requires_grad_(), rand(5),
+                                        torch.ones(5, device=DEVICE))),
+        (CE.cross_entropy_lse, (x.clone().requires_grad_(), rand(5), 3.0)),
+        (CE.cross_entropy_lse_backward, (x, rand(5), rand(5), 0.0)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -672,3 +689,170 @@ def test_no_host_reads_of_device_values(monkeypatch):
                 softmax_gpu.cross_entropy_with_grad(x, target, grad_scale=2.0, **kw)
     monkeypatch.undo()
     assert xs.grad.isfinite().all()
+
+
+# --- gradients never change once returned -------------------------------------------
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("path", PATHS)
+def test_returned_gradient_is_never_changed(path, inplace):
+    """torch.autograd.grad with retain_graph=True, then more grad/backward calls
+    with other grad_outputs: every gradient handed out earlier keeps its values
+    (the first backward hands out the saved buffer; later ones write new
+    tensors from it)."""
+    C = C_FOR[path]
+    x = rand(4, C).requires_grad_()
+    t = targets(4, C)
+    with forced(path):
+        h = x * 1.0
+        loss = softmax_gpu.cross_entropy(h, t, inplace_backward=inplace)
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        keep = g1.clone()
+        (g3,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+        (g4,) = torch.autograd.grad(loss * -1.3, x, retain_graph=True)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert torch.equal(g1, keep)
+    assert g3.data_ptr() != g1.data_ptr() and g4.data_ptr() != g3.data_ptr()
+    assert torch.equal(g3, keep * 3.0)
+    assert_close(g4, keep.double() * -1.3)
+    assert torch.equal(x.grad, 2 * keep)  # two backwards accumulate exactly
+
+
+def test_issue_example_gradients_do_not_alias():
+    """The user report: g1 from a retained graph must survive a later grad call."""
+    x = torch.randn(4, 7, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 7, (4,), device=DEVICE)
+    loss = softmax_gpu.cross_entropy(x, t)
+    g1 = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    keep = g1.clone()
+    g3 = torch.autograd.grad(loss * 3.0, x, retain_graph=True)[0]
+    assert torch.equal(g1, keep)
+    assert torch.equal(g3, 3.0 * keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", PATHS)
+def test_scaled_grad_output_is_exact(path, dtype):
+    """A power-of-two grad_output (1/k of gradient accumulation, a 65536 loss
+    scale) gives exactly the scaled gradient, on the first backward and on a
+    retained graph's later ones, and matches float64 torch."""
+    C = C_FOR[path]
+    x = rand(6, C, dtype=dtype)
+    t = targets(6, C, ignore=(2,))
+    x64 = x.double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch_ref(x64, t), x64)
+    with forced(path):
+        xs = x.clone().requires_grad_()
+        (g_one,) = torch.autograd.grad(softmax_gpu.cross_entropy(xs, t), xs)
+        for scale in (1.0 / 8, 65536.0):
+            loss = softmax_gpu.cross_entropy(xs, t)
+            (first,) = torch.autograd.grad(loss * scale, xs, retain_graph=True)
+            (again,) = torch.autograd.grad(loss * scale, xs)
+            assert torch.equal(first, g_one * scale)
+            assert torch.equal(again, g_one * scale)
+            assert_close(first, ref * scale, dtype, scale=4 * scale)
+
+
+# --- the differentiable lse --------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_lse_is_differentiable(path):
+    """return_lse's lse carries d lse / d z = sigma (through the softcap), so a
+    z-loss or distillation term built from it backpropagates; with
+    inplace_backward it is detached (the logits are overwritten)."""
+    C = C_FOR[path]
+    t = targets(5, C, ignore=(1,))
+    for softcap in (None, 4.0):
+        x = rand(5, C, dtype=torch.float64).requires_grad_()
+        with forced(path):
+            loss, lse = softmax_gpu.cross_entropy(x, t, softcap=softcap, return_lse=True)
+            total = loss + 1e-2 * (lse * lse).mean() + 0.3 * lse[0]
+            (dx,) = torch.autograd.grad(total, x)
+        x64 = x.detach().clone().requires_grad_()
+        z = x64 if softcap is None else softcap * torch.tanh(x64 / softcap)
+        lse64 = torch.logsumexp(z, 1)
+        ref = torch_ref(x64, t, softcap=softcap) + 1e-2 * (lse64 * lse64).mean() + 0.3 * lse64[0]
+        (dref,) = torch.autograd.grad(ref, x64)
+        assert lse.requires_grad and lse.dtype == torch.float32
+        assert_close(total, ref.detach(), torch.float32)
+        assert_close(dx, dref, torch.float32, scale=4)
+        # only the lse is used
+        with forced(path):
+            _, lse = softmax_gpu.cross_entropy(x, t, softcap=softcap, return_lse=True)
+            with expect_launches("ce_lse_grad"):
+                (dx,) = torch.autograd.grad(lse.sum(), x)
+        z = x64 if softcap is None else softcap * torch.tanh(x64 / softcap)
+        (dref,) = torch.autograd.grad(torch.logsumexp(z, 1).sum(), x64)
+        assert_close(dx, dref, torch.float32, scale=4)
+    h = rand(5, C).requires_grad_() * 1
+    _, lse = softmax_gpu.cross_entropy(h, t, return_lse=True, inplace_backward=True)
+    assert not lse.requires_grad
+
+
+# --- torch's call binding, loss_dtype ------------------------------------------------
+
+
+def test_binding_matches_torch():
+    """Every positional slot binds as in F.cross_entropy / nn.CrossEntropyLoss;
+    size_average / reduce map to reduction with torch's deprecation warning."""
+    ours = list(inspect.signature(softmax_gpu.cross_entropy).parameters.values())
+    theirs = list(inspect.signature(F.cross_entropy).parameters.values())
+    assert [p.name for p in ours[:len(theirs)]] == [p.name for p in theirs]
+    assert [p.default for p in ours[:len(theirs)]] == [p.default for p in theirs]
+    assert all(p.kind == p.KEYWORD_ONLY for p in ours[len(theirs):])
+    mo = list(inspect.signature(softmax_gpu.CrossEntropyLoss.__init__).parameters)
+    mt = list(inspect.signature(torch.nn.CrossEntropyLoss.__init__).parameters)
+    assert mo[:len(mt)] == mt
+
+    C = 9
+    x = rand(6, C, dtype=torch.float64)
+    t = targets(6, C, ignore=(1,), ignore_index=3)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    calls = [
+        ((x, t), {}),
+        ((x, t, w), {}),
+        ((x, t, None, None, 3), {}),  # ignore_index in torch's 5th slot
+        ((x, t, w, None, 3, None, "sum"), {}),
+        ((x, t, w, None, 3, None, "none", 0.2), {}),
+        ((x, t, None, False), {}),  # size_average=False: sum
+        ((x, t, None, None, -100, False), {}),  # reduce=False: none
+        ((x, t), dict(size_average=True, reduce=True)),
+    ]
+    for args, kw in calls:
+        with warnings.catch_warnings(record=True) as ours_w:
+            warnings.simplefilter("always")
+            out = softmax_gpu.cross_entropy(*args, **kw)
+        with warnings.catch_warnings(record=True) as theirs_w:
+            warnings.simplefilter("always")
+            ref = F.cross_entropy(*args, **kw)
+        assert_close(out, ref)
+        legacy = [[str(w.message) for w in ws if "size_average" in str(w.message)]
+                  for ws in (ours_w, theirs_w)]
+        assert legacy[0] == legacy[1], (args, kw)
+        margs = [a for a in args[2:]]
+        mod = softmax_gpu.CrossEntropyLoss(*margs, **kw) if margs or kw else \
+            softmax_gpu.CrossEntropyLoss()
+        tmod = torch.nn.CrossEntropyLoss(*margs, **kw) if margs or kw else \
+            torch.nn.CrossEntropyLoss()
+        assert mod.reduction == tmod.reduction and mod.ignore_index == tmod.ignore_index
+        assert_close(mod(x, t), tmod(x, t))
+        assert mod.state_dict().keys() == tmod.state_dict().keys()
+
+
+def test_loss_dtype():
+    """loss_dtype=torch.float32 returns the fp32 result of bf16 logits (the
+    reduced loss and reduction="none" rows), differentiable."""
+    x = rand(64, 40, dtype=torch.bfloat16).requires_grad_()
+    t = targets(64, 40, ignore=(3,))
+    ref = torch_ref(x.detach(), t)
+    loss = softmax_gpu.cross_entropy(x, t, loss_dtype=torch.float32)
+    assert loss.dtype == torch.float32
+    assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, abs(float(ref)))
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.isfinite().all()
+    rows = softmax_gpu.cross_entropy(x.detach(), t, reduction="none", loss_dtype=torch.float32)
+    assert rows.dtype == torch.float32
+    assert_close(rows, torch_ref(x.detach(), t, reduction="none"), torch.float32, scale=4)

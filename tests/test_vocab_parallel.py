@@ -1,4 +1,4 @@
-"""softmax_gpu.distributed.vocab_parallel_cross_entropy (issue 6).
+"""softmax_gpu.distributed.vocab_parallel_cross_entropy.
 
 Multi-rank tests spawn 2 and 3 processes (torch.multiprocessing, gloo on
 127.0.0.1, CPU tensors). Each world size is one spawned group that runs every
@@ -139,7 +139,7 @@ def _run_case(rank: int, c: dict, interpret: bool) -> None:
 
     from helpers import assert_close, expect_launches
     from softmax_gpu import heuristics
-    from softmax_gpu.distributed import shard_config, vocab_parallel_cross_entropy
+    from softmax_gpu.vocab_parallel import shard_config, vocab_parallel_cross_entropy
 
     full, target, shard, off = _make_case(c, rank)
     W = shard.shape[-1]
@@ -179,7 +179,7 @@ def _run_case(rank: int, c: dict, interpret: bool) -> None:
 
 def _bad_inputs(rank: int) -> None:
     """Clear errors on every rank (so no rank is left waiting in a collective)."""
-    import softmax_gpu.distributed as D
+    import softmax_gpu.vocab_parallel as D
 
     widths = (7, 19, 12)
     W, off = widths[rank], sum(widths[:rank])
@@ -211,7 +211,7 @@ def _width_cache(rank: int) -> None:
     """The widths are gathered once per layout."""
     import torch.distributed as dist
 
-    import softmax_gpu.distributed as D
+    import softmax_gpu.vocab_parallel as D
 
     calls = []
     gather = D.dist.all_gather
@@ -235,7 +235,7 @@ def _width_cache(rank: int) -> None:
 
 def _torch_path(rank: int) -> None:
     """The torch reference path (CPU without TRITON_INTERPRET), through the collectives."""
-    import softmax_gpu.distributed as D
+    import softmax_gpu.vocab_parallel as D
 
     backend = D.backend_for
     D.backend_for = lambda t: "torch"
@@ -376,7 +376,7 @@ def test_shard_kernels_match_torch_reference(path, dtype, smooth):
     here, elsewhere, ignored and out of range; a strided shard; -inf entries."""
     from helpers import DEVICE, TOL, expect_launches, rand
     from softmax_gpu import heuristics
-    import softmax_gpu.distributed as D
+    import softmax_gpu.vocab_parallel as D
 
     M, W, off, V, ignore = 9, 40, 30, 100, -100
     buf = rand(M, W + 8, dtype=dtype)
@@ -410,7 +410,7 @@ def test_shard_kernels_match_torch_reference(path, dtype, smooth):
 
 def test_empty_shard_and_no_rows():
     from helpers import DEVICE, expect_launches
-    import softmax_gpu.distributed as D
+    import softmax_gpu.vocab_parallel as D
 
     x = torch.empty(4, 0, device=DEVICE)
     t = torch.tensor([0, 3, -100, 9], device=DEVICE)

@@ -1,0 +1,1084 @@
+"""Fused cross-entropy: the host side (the kernels are in
+``softmax_gpu/kernels/cross_entropy.py``).
+
+One launch reads the logits once and writes each row's loss (already divided
+by the mean's denominators, which a one-program kernel computes on the device
+beforehand), its log-sum-exp and, when autograd needs it, the gradient
+sigma * sum(y) - y. The backward then only rescales that gradient by
+grad_output, and does nothing at all when grad_output is 1.
+
+- Launch planning: :func:`cross_entropy_config` (path, tile, rows per
+  program, warps) and :func:`cross_entropy_scale_config` (the backward's
+  rescale); a plan per call signature is memoised, so a repeated call only
+  allocates its outputs and launches.
+- Checks: :func:`check_cross_entropy`, :func:`check_inplace_rows`.
+- The torch reference (:func:`reference_forward`, :func:`reference_loss`):
+  the CPU path when the kernels are not interpreted.
+- Autograd: eagerly ``torch.autograd.Function`` s that call the launchers
+  directly; while a graph is traced or compiled, the ``torch.library`` ops
+  ``softmax_gpu::cross_entropy_*``.
+- Public: :func:`cross_entropy`, :func:`cross_entropy_with_grad`,
+  :class:`CrossEntropyLoss`.
+
+Gradients handed out are never changed afterwards: the first backward of a
+graph rescales the saved gradient in place and returns it; any later
+backward over a retained graph writes a new tensor from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn import _reduction
+
+from . import heuristics
+from ._checks import FLOAT_DTYPES, check_float, check_tensor
+from ._dispatch import (backend_for, empty_like, launch_device, launch_on, new_output,
+                        traced)
+from ._layout import Rows, rows_view
+from .heuristics import LOOPED, SINGLE, by_elem, max_single, next_pow2, warps_for
+from .kernels import cross_entropy as K
+
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "CrossEntropyLoss",
+    "CrossEntropyConfig",
+    "cross_entropy_config",
+    "cross_entropy_scale_config",
+    "all_cross_entropy_configs",
+    "check_cross_entropy",
+    "check_inplace_rows",
+    "reference_forward",
+    "reference_loss",
+]
+
+
+# ----------------------------------------------------------------------------
+# Launch planning
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyConfig:
+    path: str  # SINGLE (row in registers) or LOOPED (online pass + gradient pass)
+    block_n: int  # tile width in elements (a power of two; >= C on the single path)
+    rows_per_program: int  # rows one program owns (SINGLE; else 1)
+    num_warps: int
+
+
+def ce_max_single(elem_bytes: int, extras: bool = False) -> int:
+    """Longest (power-of-two) row the cross-entropy on-chip path takes.
+    ``extras`` (probability targets, class weights, label smoothing or a
+    softcap: more tiles live at once) halves it."""
+    lim = heuristics.limits()
+    n = by_elem(elem_bytes, lim.ce_max_single_2byte, lim.ce_max_single_4byte,
+                lim.ce_max_single_8byte)
+    if extras:
+        n //= 2
+    return max(1, min(n, max_single(elem_bytes)))
+
+
+def _rows_per_program(M: int, block: int, device: torch.device, target: int) -> int:
+    """Rows per program for short rows: about ``target`` elements a program,
+    keeping at least ~2 programs per multiprocessor when M allows."""
+    rows = max(1, target // block)
+    programs_wanted = 2 * heuristics.sm_count(device)
+    while rows > 1 and -(-M // rows) < programs_wanted:
+        rows //= 2
+    return min(rows, next_pow2(M))
+
+
+def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device) -> CrossEntropyConfig:
+    """Whole rows per program: at most 8 elements (4 for fp64) of a short row
+    per thread, so that the per-row values a thread holds stay few; rows
+    longer than 16 warps' worth take 16 warps."""
+    ept = min(block, 8 if elem_bytes <= 4 else 4)
+    target = min(heuristics.limits().target_program_elems, max(block, 512 * ept))
+    rows = _rows_per_program(M, block, device, target)
+    warps = max(1, min(16, block * rows // (32 * ept)))
+    return CrossEntropyConfig(SINGLE, block, rows, warps)
+
+
+def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
+                         extras: bool = False) -> CrossEntropyConfig:
+    """Path and launch parameters of the fused cross-entropy over [M, C] logits.
+
+    ``extras``: probability targets, class weights, label smoothing or a
+    softcap (more live tiles: a shorter on-chip limit and looped tile).
+
+    - single: a program owns ``rows`` whole rows (``_ce_single``).
+    - looped: one program per row, 16 elements per thread per tile (8 with
+      extras or fp64, on a halved tile).
+    There is no split path: a few very long rows run one program each.
+    All choices compile without spills at sm_90 (``python -m perf.static``).
+    """
+    lim = heuristics.limits()
+    block = next_pow2(C)
+    if block <= ce_max_single(elem_bytes, extras):
+        return _ce_single(M, block, elem_bytes, device)
+    heavy = extras or elem_bytes > 4
+    tile = min(max(1, lim.tile // 2) if heavy else lim.tile, block)
+    warps = max(1, min(16, tile // (32 * (8 if heavy else 16))))
+    return CrossEntropyConfig(LOOPED, tile, 1, warps)
+
+
+def cross_entropy_scale_config(M: int, C: int, elem_bytes: int,
+                               device: torch.device) -> CrossEntropyConfig:
+    """Launch parameters of the row-wise backward kernels (the rescale of the
+    saved gradient, the lse's gradient): rows up to one tile are whole
+    (several per program, as the on-chip path), longer rows are looped one
+    per program."""
+    lim = heuristics.limits()
+    block = next_pow2(C)
+    if block <= lim.tile:
+        return _ce_single(M, block, elem_bytes, device)
+    return CrossEntropyConfig(LOOPED, lim.tile, 1, warps_for(lim.tile))
+
+
+def all_cross_entropy_configs() -> list[tuple[str, bool, str, int, int, int, int]]:
+    """Every (kernel family, extras, path, block_n, rows_per_program,
+    num_warps, elem bytes) the defaults can pick, for the static compile
+    check; enumerated from the config functions themselves. Families:
+    "class" and "prob" (forward kernels; probability targets always count as
+    extras) and "scale" (the row-wise backward kernels)."""
+    seen = set()
+    dev = torch.device("cpu")
+    with heuristics.override(sm_count=132):
+        for elem in (2, 4, 8):
+            for logn in range(0, 21):
+                for M in (1, 64, 1 << 20):
+                    for fam, extras in (("class", False), ("class", True), ("prob", True)):
+                        c = cross_entropy_config(M, 1 << logn, elem, dev, extras)
+                        seen.add((fam, extras, c.path, c.block_n, c.rows_per_program,
+                                  c.num_warps, elem))
+                    c = cross_entropy_scale_config(M, 1 << logn, elem, dev)
+                    seen.add(("scale", False, c.path, c.block_n, c.rows_per_program,
+                              c.num_warps, elem))
+    return sorted(seen)
+
+
+# ----------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _number(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    return float(v)
+
+
+def _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The scalar arguments checked: (eps, z_loss, cap) as floats (cap 0: none)."""
+    if ignore_index.__class__ is not int:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    eps = _number(label_smoothing, "label_smoothing")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    zl = _number(z_loss, "z_loss")
+    if not (zl >= 0.0 and zl != math.inf):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is None:
+        return eps, zl, 0.0
+    cap = _number(softcap, "softcap")
+    if not (cap > 0.0 and cap != math.inf):
+        raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap}")
+    return eps, zl, cap
+
+
+def check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                        z_loss, softcap) -> bool:
+    """Validate :func:`cross_entropy`'s arguments as torch does (plus the
+    extras); return True for probability targets, False for class indices."""
+    check_tensor(input, "input")
+    check_float(input, "input")
+    if input.dim() < 1:
+        raise ValueError("input must have the classes in dim 1: shape (C,), (N, C) or "
+                         "(N, C, d1, ..., dK); got a 0-d tensor")
+    C = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if C == 0:
+        raise ValueError(f"input has no classes (shape {tuple(input.shape)})")
+    check_tensor(target, "target")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    prob = target.shape == input.shape
+    if prob:
+        if not target.is_floating_point():
+            raise TypeError(
+                f"target has the input's shape {tuple(input.shape)}, so it is read as class "
+                f"probabilities and must be floating, got {target.dtype}")
+    else:
+        batch = (input.shape[0], *input.shape[2:]) if input.dim() >= 2 else ()
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                f"target must hold integer class indices of shape {tuple(batch)}, or "
+                f"floating class probabilities of the input's shape {tuple(input.shape)}; "
+                f"got {target.dtype} of shape {tuple(target.shape)}")
+        if tuple(target.shape) != tuple(batch):
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match input shape "
+                f"{tuple(input.shape)}: class indices need shape {tuple(batch)} "
+                "(the input's shape without the class dim 1)")
+    if weight is not None:
+        check_tensor(weight, "weight")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+        if weight.dim() != 1 or weight.shape[0] != C:
+            raise ValueError(f"weight must be 1-D with one value per class (C={C}), "
+                             f"got shape {tuple(weight.shape)}")
+        if weight.device != input.device:
+            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if prob and ignore_index >= 0:
+        raise ValueError("ignore_index is not supported with probability targets "
+                         f"(got ignore_index={ignore_index}), as in torch")
+    return prob
+
+
+def check_inplace_rows(input, name: str = "input") -> None:
+    """The gradient can be written over ``input``: every row has an in-place
+    view and no two logits share memory (no expanded, stride-0 dims)."""
+    x = input if input.dim() >= 2 else input.unsqueeze(0)
+    overlapping = any(st == 0 and s > 1 for s, st in zip(x.shape, x.stride()))
+    if overlapping or rows_view(x, 1) is None:
+        raise ValueError(
+            f"{name} cannot take the gradient in place: its layout (shape {tuple(input.shape)}, "
+            f"strides {tuple(input.stride())}) has expanded or non-collapsible dims; pass a "
+            "contiguous tensor, or use inplace_backward=False / inplace=False")
+
+
+# ----------------------------------------------------------------------------
+# Torch reference: the CPU path, with the kernels' semantics
+# ----------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_last(t: Tensor) -> Tensor:
+    """(N, C, *) -> (M, C) with rows ordered like the flattened (N, *) target."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _num_rows(x: Tensor) -> int:
+    """Rows of (N, C, *) logits: N * prod(*)."""
+    m = x.shape[0]
+    for s in x.shape[2:]:
+        m = m * s
+    return m
+
+
+def reference_forward(x, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                      softcap, grad_scale, with_grad):
+    """The fused op's outputs in torch, for (N, C, *) logits ``x``:
+    ``(loss rows already divided by the mean's denominators, lse fp32,
+    grad or empty, state or empty)``, as the kernels compute them.
+
+    Class indices outside [0, C) that are not ignore_index raise IndexError,
+    as torch does (the Triton kernels give NaN rows instead)."""
+    acc = _acc(x.dtype)
+    C = x.shape[1]
+    eps = label_smoothing
+    z = _rows_last(x.to(acc))
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    M = z.shape[0]
+    lse = torch.logsumexp(z, -1) if M else z.new_zeros(0)
+    logp = z - lse[:, None]
+    w = weight.to(acc) if weight is not None else None
+    if target.is_floating_point():
+        y = (1 - eps) * _rows_last(target.to(acc)) + eps / C
+        if w is not None:
+            y = y * w
+        den = float(M) if reduction == "mean" else 1.0
+        loss = (-(y * logp).sum(-1) + z_loss * lse * lse) / den
+        kept = torch.ones(M, dtype=torch.bool, device=x.device)
+        sig_coef = (y.sum(-1) + 2 * z_loss * lse) / den
+        y = y / den
+    else:
+        t = target.reshape(-1).long()
+        kept = t != ignore_index
+        bad = kept & ((t < 0) | (t >= C))
+        if x.device.type != "meta" and bool(bad.any()):
+            raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+        tc = torch.where(kept, t, 0).clamp(0, max(C - 1, 0))
+        wc = w if w is not None else z.new_ones(C)
+        wt = torch.where(kept, wc[tc], 0)
+        zt = z.gather(1, tc[:, None])[:, 0]
+        loss = wt * (lse - zt)
+        if eps > 0:
+            loss = (1 - eps) * loss + (eps / C) * (wc * (lse[:, None] - z)).sum(-1)
+        zl = z_loss * lse * lse
+        if reduction == "mean":
+            dl, dz = (wt.sum(), kept.sum(dtype=acc)) if w is not None else (kept.sum(dtype=acc),) * 2
+        else:
+            dl = dz = torch.ones((), dtype=acc, device=x.device)
+        loss = torch.where(kept, loss / dl + zl / dz, 0 / dl + 0 / dz)
+        y = (1 - eps) * wt[:, None] * torch.nn.functional.one_hot(tc, C).to(acc) \
+            + (eps / C) * wc * kept[:, None]
+        sig_coef = y.sum(-1) / dl + 2 * z_loss * lse / dz
+        y = y / dl
+    lse32 = lse.to(torch.float32)
+    if not with_grad:
+        return loss, lse32, x.new_empty(0), loss.new_empty(0)
+    g = torch.exp(logp) * sig_coef[:, None] - y
+    if softcap > 0:
+        g = g * (1 - (z / softcap) ** 2)
+    g = torch.where(kept[:, None], g * grad_scale, 0)
+    shape = (x.shape[0], *x.shape[2:], C)
+    g = g.reshape(shape).movedim(-1, 1).to(x.dtype).contiguous()
+    return loss, lse32, g, torch.ones(M, dtype=acc, device=x.device)
+
+
+def reference_loss(x, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """Differentiable torch composite of the whole op on (N, C, *) logits:
+    ``(loss in fp32/fp64, lse [batch] fp32/fp64)``, both differentiable (the
+    CPU path, and probability targets that require grad)."""
+    acc = _acc(x.dtype)
+    z = x.to(acc)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    w = weight.to(acc) if weight is not None else None
+    loss = torch.nn.functional.cross_entropy(
+        z, target.to(acc) if target.is_floating_point() else target.long(), w,
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z, 1)
+    if z_loss:
+        zl = z_loss * lse * lse
+        if not target.is_floating_point():
+            kept = target != ignore_index
+            zl = torch.where(kept, zl, 0)
+            n = kept.sum()
+        else:
+            n = zl.numel()
+        loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / n}[reduction]
+    return loss, lse
+
+
+def reference_lse_grad(x: Tensor, lse: Tensor, dlse: Tensor, softcap: float) -> Tensor:
+    """d(sum(lse * dlse)) / dx for (N, C, *) logits: sigma * dlse per row,
+    through the softcap; in x's dtype, contiguous."""
+    acc = _acc(x.dtype)
+    z = x.to(acc)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    shape = (x.shape[0], 1, *x.shape[2:])
+    g = torch.exp(z - lse.to(acc).reshape(shape)) * dlse.to(acc).reshape(shape)
+    if softcap > 0:
+        g = g * (1 - (z / softcap) ** 2)
+    return g.to(x.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------
+# Eager launches, planned once per call signature
+# ----------------------------------------------------------------------------
+
+NO_GRAD, NEW_GRAD, INPLACE_GRAD = 0, 1, 2
+
+
+def _contiguous_rows(shape) -> Rows:
+    """The [OUTER, C, INNER] view of a contiguous (N, C, *) tensor of ``shape``."""
+    inner = 1
+    for s in shape[2:]:
+        inner *= s
+    C = shape[1]
+    return Rows(shape[0], C, inner, (C * inner, inner, 1))
+
+
+class _Plan:
+    """Everything about a call that depends only on its signature."""
+
+    __slots__ = ("M", "C", "acc", "dev", "reduction", "batch", "prob", "copy_x", "copy_y",
+                 "flat_t", "den", "main")
+
+    def __init__(self, x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale,
+                 mode):
+        self.M, self.C = _num_rows(x), x.shape[1]
+        self.acc = _acc(x.dtype)
+        self.dev = launch_device(x.device)
+        self.reduction = reduction
+        self.batch = tuple(target.shape) if not target.is_floating_point() else \
+            (x.shape[0], *x.shape[2:])
+        self.prob = target.is_floating_point()
+        self.copy_x = rows_view(x, 1) is None
+        r = rows_view(x.contiguous() if self.copy_x else x, 1)
+        g_rows = r if mode == INPLACE_GRAD else _contiguous_rows(x.shape)
+        self.den = None
+        write = mode != NO_GRAD
+        has_w = weight is not None
+        extras = self.prob or has_w or eps > 0 or cap > 0
+        cfg = cross_entropy_config(self.M, self.C, x.element_size(), x.device, extras)
+        if self.prob:
+            self.copy_y = rows_view(target, 1) is None
+            y_rows = _contiguous_rows(target.shape) if self.copy_y else rows_view(target, 1)
+            self.main = K.prob_launcher(
+                self.M, self.C, r.inner, r.strides, y_rows.strides, g_rows.strides,
+                self.M if reduction == "mean" else 1, eps, zl, cap, grad_scale, has_w, write,
+                x.dtype, cfg)
+            self.flat_t = True
+            return
+        self.copy_y = False
+        self.flat_t = target.dim() == 1 and target.stride(0) == 1
+        use_den = reduction == "mean"
+        if use_den or (has_w and eps > 0):
+            self.den = K.denominators_launcher(self.M, self.C, ignore_index, has_w, eps > 0,
+                                               x.dtype)
+        self.main = K.class_launcher(
+            self.M, self.C, r.inner, r.strides, g_rows.strides, ignore_index, use_den, eps,
+            zl, cap, grad_scale, has_w, write, x.dtype, cfg)
+
+    # -- forward --------------------------------------------------------------
+
+    def run(self, x: Tensor, target: Tensor, w: Optional[Tensor], g: Optional[Tensor]):
+        """Launch the forward: ``(loss rows, lse, state)``; the gradient goes to
+        ``g`` (None: no gradient; x itself: in place)."""
+        M, acc = self.M, self.acc
+        loss = new_output((M,), acc, x.device)
+        lse = new_output((M,), torch.float32, x.device)
+        state = new_output((M,), acc, x.device) if g is not None else loss
+        if M == 0:
+            return loss, lse, state
+        xin = x.contiguous() if self.copy_x else x
+        if g is None:
+            g = xin
+        if self.prob:
+            y = target.contiguous() if self.copy_y else target
+            launch_on(self.dev, self.main, xin, y, loss if w is None else w, g, loss, lse, state)
+            return loss, lse, state
+        t = target if self.flat_t else target.reshape(-1).contiguous()
+        if w is None:
+            w = loss
+        den = loss
+        if self.den is not None:
+            den = new_output((3,), acc, x.device)
+            launch_on(self.dev, self.den, t, w, den)
+        launch_on(self.dev, self.main, xin, t, w, den, g, loss, lse, state)
+        return loss, lse, state
+
+    def reduce(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        """The row losses (already divided by the mean's denominators), reduced."""
+        if self.reduction == "none":
+            return rows.reshape(self.batch).to(dtype)
+        total = rows.sum()
+        if self.M == 0 and self.reduction == "mean":
+            total = total * math.nan  # the mean of no rows, as torch
+        return total.to(dtype)
+
+
+# Row-wise backward launchers over a (N, C, *) layout, memoised:
+# key -> (CUDA device index or None, copy first, rows, launch)
+_AUX: dict = {}
+
+
+def _aux(kind: str, t: Tensor, cap: float = 0.0):
+    key = (kind, t.shape, t.stride(), t.dtype, t.device, cap, heuristics.generation())
+    hit = _AUX.get(key)
+    if hit is None:
+        copy = rows_view(t, 1) is None
+        r = rows_view(t.contiguous() if copy else t, 1)
+        cfg = cross_entropy_scale_config(r.m, r.n, t.element_size(), t.device)
+        out = _contiguous_rows(t.shape).strides
+        if kind == "lse":
+            launch = K.lse_grad_launcher(r.m, r.n, r.inner, r.strides, out, cap, t.dtype, cfg)
+        else:
+            in_place = kind == "scale_"
+            launch = K.grad_scale_launcher(r.m, r.n, r.inner, r.strides,
+                                           r.strides if in_place else out, in_place, t.dtype, cfg)
+        if len(_AUX) >= _MAX_PLANS:
+            _AUX.clear()
+        hit = _AUX[key] = (launch_device(t.device), copy, r.m, launch)
+    return hit
+
+
+def _flat(v: Tensor):
+    """A per-row vector (or one value) as a flat pointer and its stride (0: one value)."""
+    if v.dim() == 0:
+        return v, 0
+    v = v.reshape(-1)
+    return v, (v.stride(0) if v.numel() > 1 else 0)
+
+
+def _scale_(g: Tensor, state: Tensor, go: Tensor) -> None:
+    """g's rows *= go / state where they differ; state <- go (in place; g must
+    have an in-place row view). A launch that touches two scalars per row
+    when every factor is already right."""
+    dev, _, M, launch = _aux("scale_", g)
+    if M:
+        launch_on(dev, launch, g, g, state, *_flat(go))
+
+
+def _scaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
+    """A new contiguous tensor: g's rows times go / state (g, state untouched)."""
+    dev, copy, M, launch = _aux("scaled", g)
+    out = empty_like(g)
+    if M:
+        launch_on(dev, launch, g.contiguous() if copy else g, out, state, *_flat(go))
+    return out
+
+
+def _lse_grad(x: Tensor, lse: Tensor, dlse: Tensor, cap: float) -> Tensor:
+    """sigma(x) * dlse per row, through the softcap: a new contiguous tensor."""
+    dev, copy, M, launch = _aux("lse", x, cap)
+    out = empty_like(x)
+    if M:
+        dlse, s_dlse = _flat(dlse)
+        launch_on(dev, launch, x.contiguous() if copy else x, lse, dlse, out, s_dlse)
+    return out
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def _plan(x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale, mode,
+          on_miss=None) -> _Plan:
+    """The memoised plan of a call on (N, C, *) logits ``x``; ``on_miss`` (the
+    argument checks) runs before a new plan is made."""
+    key = (x.shape, x.stride(), x.dtype, x.device, target.shape, target.stride(), target.dtype,
+           None if weight is None else (weight.shape, weight.dtype, weight.device),
+           ignore_index, reduction, eps, zl, cap, grad_scale, mode, heuristics.generation())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if on_miss is not None:
+            on_miss()
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(x, target, weight, ignore_index, reduction, eps, zl, cap,
+                                   grad_scale, mode)
+    return plan
+
+
+def _weight(weight: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
+    if weight is None:
+        return None
+    if weight.dtype != acc:
+        weight = weight.to(acc)
+    return weight.contiguous()
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Eager autograd of the fused op: the forward writes the gradient (into a
+    new buffer, or over the logits); the backward rescales it by grad_output."""
+
+    @staticmethod
+    def forward(ctx, x, target, w, plan, inplace, loss_dtype):
+        g = x.detach() if inplace else empty_like(x)
+        rows, lse, state = plan.run(x, target, w, g)
+        if inplace:
+            torch.autograd.graph.increment_version(x)  # its values are now the gradient
+        ctx.save_for_backward(g, state)
+        ctx.handed_out = False
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        return plan.reduce(rows, loss_dtype), lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_loss, d_lse):
+        if d_loss is None:
+            return None, None, None, None, None, None
+        g, state = ctx.saved_tensors
+        if ctx.handed_out:
+            # a later backward over a retained graph: the gradient handed out
+            # earlier stays as it is
+            return _scaled(g, state, d_loss), None, None, None, None, None
+        ctx.handed_out = True
+        _scale_(g, state, d_loss)  # a no-op launch when grad_output is 1
+        return g, None, None, None, None, None
+
+
+class _LseFunction(torch.autograd.Function):
+    """Makes the returned lse differentiable: d lse / d x = sigma (per row)."""
+
+    @staticmethod
+    def forward(ctx, x, lse, cap):
+        ctx.save_for_backward(x, lse)
+        ctx.cap = cap
+        return lse.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dlse):
+        x, lse = ctx.saved_tensors
+        return _lse_grad(x, lse, dlse, ctx.cap), None, None
+
+
+# ----------------------------------------------------------------------------
+# torch.library ops: what a traced graph (torch.compile, make_fx, opcheck) holds
+#
+# cross_entropy_forward      functional; one fused launch: row losses (already
+#                            divided by the mean's denominators), lse and, when
+#                            with_grad, the gradient and the per-row factor state.
+# cross_entropy_forward_     mutates input: the gradient is written over the logits.
+# cross_entropy_scaled_grad  the backward: a new tensor, every row times
+#                            grad_output / state.
+# cross_entropy_attach_grad  a copy of the row losses whose backward scales the
+#                            gradient held in ``input`` (the inplace link).
+# cross_entropy_lse          a copy of the lse whose backward is
+# cross_entropy_lse_backward   sigma * dlse.
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("softmax_gpu::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, softcap: float, grad_scale: float, with_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused cross-entropy of (N, C, *) logits over dim 1.
+
+    Returns ``(loss, lse, grad, state)``: ``loss`` [M] (fp32; fp64 for fp64)
+    per row, already divided by the reduction's denominators so that its sum
+    is the reduced loss; ``lse`` [M] fp32; when ``with_grad``, ``grad`` of the
+    input's shape and dtype holding grad_scale * d(loss.sum())/d(input), and
+    ``state`` [M] (ones, the factor applied so far); else both are empty.
+    ``softcap`` 0 means none.
+    """
+    if backend_for(input) == "triton":
+        mode = NEW_GRAD if with_grad else NO_GRAD
+        plan = _plan(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                        softcap, grad_scale, mode)
+        grad = empty_like(input) if with_grad else None
+        loss, lse, state = plan.run(input, target, _weight(weight, plan.acc), grad)
+        if not with_grad:
+            return loss, lse, input.new_empty(0), loss.new_empty(0)
+        return loss, lse, grad, state
+    return reference_forward(input, target, weight, ignore_index, reduction, label_smoothing,
+                             z_loss, softcap, grad_scale, with_grad)
+
+
+@cross_entropy_forward.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      grad_scale, with_grad):
+    M = _num_rows(input)
+    acc = _acc(input.dtype)
+    loss = input.new_empty((M,), dtype=acc)
+    lse = input.new_empty((M,), dtype=torch.float32)
+    if with_grad:
+        return loss, lse, torch.empty(input.shape, dtype=input.dtype, device=input.device), \
+            input.new_empty((M,), dtype=acc)
+    return loss, lse, input.new_empty(0), input.new_empty(0, dtype=acc)
+
+
+@torch.library.custom_op("softmax_gpu::cross_entropy_scaled_grad", mutates_args=())
+def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor) -> Tensor:
+    """A new contiguous tensor holding each row of ``grad`` ((N, C, *), rows
+    over dim 1) times grad_output[r] / state[r] (``grad_output`` [M], any
+    stride, or one value)."""
+    if backend_for(grad) == "triton":
+        return _scaled(grad, state, grad_output)
+    acc = state.dtype
+    shape = (grad.shape[0], 1, *grad.shape[2:])
+    f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() > 1 else \
+        grad_output.to(acc).reshape(()) / state
+    return (grad.to(acc) * f.reshape(shape)).to(grad.dtype).contiguous()
+
+
+@cross_entropy_scaled_grad.register_fake
+def _(grad, state, grad_output):
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def _op_setup_context(ctx, inputs, output):
+    _, lse, grad, state = output
+    ctx.with_grad = inputs[-1]
+    ctx.mark_non_differentiable(lse, grad, state)
+    ctx.save_for_backward(grad, state)
+
+
+def _op_backward(ctx, d_loss, d_lse, d_grad, d_state):
+    if d_loss is None:
+        return (None,) * 10
+    if not ctx.with_grad:
+        raise RuntimeError(
+            "softmax_gpu.cross_entropy: the forward ran without a gradient (grad mode off or "
+            "input.requires_grad False at the call), so there is none to backpropagate")
+    grad, state = ctx.saved_tensors
+    return (cross_entropy_scaled_grad(grad, state, d_loss),) + (None,) * 9
+
+
+cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+@torch.library.custom_op("softmax_gpu::cross_entropy_forward_", mutates_args=("input",))
+def cross_entropy_forward_(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, softcap: float, grad_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`cross_entropy_forward` with the gradient written over ``input``
+    (whose rows must have an in-place view). Returns ``(loss, lse, state)``."""
+    if backend_for(input) == "triton":
+        plan = _plan(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                        softcap, grad_scale, INPLACE_GRAD)
+        return plan.run(input, target, _weight(weight, plan.acc), input)
+    loss, lse, grad, state = reference_forward(
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        grad_scale, True)
+    input.copy_(grad)
+    return loss, lse, state
+
+
+@cross_entropy_forward_.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      grad_scale):
+    M = _num_rows(input)
+    acc = _acc(input.dtype)
+    return (input.new_empty((M,), dtype=acc), input.new_empty((M,), dtype=torch.float32),
+            input.new_empty((M,), dtype=acc))
+
+
+@torch.library.custom_op("softmax_gpu::cross_entropy_attach_grad", mutates_args=())
+def cross_entropy_attach_grad(input: Tensor, loss: Tensor, state: Tensor) -> Tensor:
+    """A copy of ``loss`` (the row losses of :func:`cross_entropy_forward_`)
+    whose backward returns ``input`` (which holds the gradient) times
+    grad_output / state as the input's gradient: the autograd link of
+    ``inplace_backward``."""
+    return loss.clone()
+
+
+@cross_entropy_attach_grad.register_fake
+def _(input, loss, state):
+    return torch.empty_like(loss)
+
+
+def _attach_setup_context(ctx, inputs, output):
+    input, _, state = inputs
+    ctx.save_for_backward(input, state)
+
+
+def _attach_backward(ctx, d_loss):
+    grad, state = ctx.saved_tensors
+    return cross_entropy_scaled_grad(grad, state, d_loss), None, None
+
+
+cross_entropy_attach_grad.register_autograd(_attach_backward, setup_context=_attach_setup_context)
+
+
+@torch.library.custom_op("softmax_gpu::cross_entropy_lse_backward", mutates_args=())
+def cross_entropy_lse_backward(input: Tensor, lse: Tensor, grad_lse: Tensor,
+                               softcap: float) -> Tensor:
+    """d(sum(lse * grad_lse)) / d input for (N, C, *) logits: sigma * grad_lse
+    per row (through the softcap; 0 means none). A new contiguous tensor."""
+    if backend_for(input) == "triton":
+        return _lse_grad(input, lse, grad_lse, softcap)
+    return reference_lse_grad(input, lse, grad_lse, softcap)
+
+
+@cross_entropy_lse_backward.register_fake
+def _(input, lse, grad_lse, softcap):
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+
+
+@torch.library.custom_op("softmax_gpu::cross_entropy_lse", mutates_args=())
+def cross_entropy_lse(input: Tensor, lse: Tensor, softcap: float) -> Tensor:
+    """A copy of ``lse`` ([M] fp32, of the (N, C, *) logits ``input``) whose
+    backward is :func:`cross_entropy_lse_backward`."""
+    return lse.clone()
+
+
+@cross_entropy_lse.register_fake
+def _(input, lse, softcap):
+    return torch.empty_like(lse)
+
+
+def _lse_setup_context(ctx, inputs, output):
+    input, lse, softcap = inputs
+    ctx.save_for_backward(input, lse)
+    ctx.softcap = softcap
+
+
+def _lse_backward(ctx, d_lse):
+    input, lse = ctx.saved_tensors
+    return cross_entropy_lse_backward(input, lse, d_lse, ctx.softcap), None, None
+
+
+cross_entropy_lse.register_autograd(_lse_backward, setup_context=_lse_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# Public functions and module
+# ----------------------------------------------------------------------------
+
+
+def _as_rows_input(input: Tensor, target: Tensor):
+    """(C,) input / () target seen as one row."""
+    if input.dim() >= 2:
+        return input, target
+    return input.unsqueeze(0), target.unsqueeze(0)
+
+
+def _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, cap,
+                          return_lse, inplace_backward, loss_dtype, need_grad):
+    """The op graph a tracer records (torch.compile, make_fx)."""
+    prob = check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
+                               cap or None)
+    x, t = _as_rows_input(input, target)
+    batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])
+    if need_grad and inplace_backward:
+        check_inplace_rows(input)
+        rows, lse, state = cross_entropy_forward_(x.detach(), t, weight, ignore_index, reduction,
+                                                  eps, zl, cap, 1.0)
+        rows = cross_entropy_attach_grad(x, rows, state)
+    else:
+        rows, lse, _, _ = cross_entropy_forward(x, t, weight, ignore_index, reduction, eps, zl,
+                                                cap, 1.0, need_grad)
+        if return_lse and need_grad:
+            lse = cross_entropy_lse(x, lse, cap)
+    if reduction == "none":
+        loss = rows.reshape(batch).to(loss_dtype)
+    else:
+        loss = rows.sum()
+        if rows.numel() == 0 and reduction == "mean":
+            loss = loss * math.nan
+        loss = loss.to(loss_dtype)
+    return (loss, lse.reshape(batch)) if return_lse else loss
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    loss_dtype: torch.dtype | None = None,
+):
+    """Fused cross-entropy: a drop-in for :func:`torch.nn.functional.cross_entropy`.
+
+    Bound like torch (``cross_entropy(input, target, weight, size_average,
+    ignore_index, reduce, reduction, label_smoothing)``; the deprecated
+    ``size_average`` / ``reduce`` map to ``reduction`` with torch's warning)
+    and with torch's semantics for every case it accepts: input (C,), (N, C)
+    or (N, C, d1..dK) with the classes in dim 1; integer class-index targets
+    of the input's shape without dim 1 (any integer dtype), or floating class
+    probabilities of the input's shape; ``weight``, ``ignore_index``,
+    ``reduction`` ("none" | "mean" | "sum"), ``label_smoothing`` (torch's
+    formula, weights included); the mean divides by the kept rows' total
+    weight (NaN when every target is ignored; probability targets: by the
+    number of rows). Arithmetic is fp32 (fp64 for fp64 logits).
+
+    One Triton launch reads the logits once and writes each row's loss and
+    log-sum-exp; when autograd will need the input's gradient (grad mode on
+    and ``input.requires_grad`` at the call) the same launch also writes
+    sigma * sum(y) - y, scaled for the reduction, so the backward only
+    rescales it by grad_output, and does nothing at all when grad_output is 1.
+    Peak extra memory is one logits-sized gradient buffer (none with
+    ``inplace_backward``). No host-device sync; capturable in a CUDA graph and
+    traceable by ``torch.compile(fullgraph=True)``. A gradient, once returned
+    by a backward, is never changed by a later backward over a retained graph.
+
+    Extras (keyword-only):
+        z_loss: adds ``z_loss * lse**2`` per non-ignored row, reduced like the
+            loss but, for the mean, over the number of non-ignored rows
+            (no class weights).
+        softcap: ``z = softcap * tanh(z / softcap)`` before everything, its
+            derivative applied in the gradient. Must be > 0.
+        return_lse: also return the per-row log-sum-exp (of the softcapped
+            logits), fp32, shaped like the target's batch dims. It is
+            differentiable (d lse / d z = sigma): z-loss or distillation terms
+            built from it backpropagate into the logits. While it (or a graph
+            that uses it) lives it keeps the logits alive; with
+            ``inplace_backward`` it is detached (the logits are overwritten).
+        inplace_backward: the gradient is written over the logits in the
+            forward (when a gradient is needed), so there is no extra
+            logits-sized memory. The logits' values are then gone: nothing
+            else may use them afterwards (autograd raises if another op saved
+            them for its backward), and they must be writable in place (no
+            expanded dims).
+        loss_dtype: the dtype of the returned loss (default: the input's, as
+            torch). ``torch.float32`` returns the fp32 result unrounded, as
+            trainers want their loss, without an fp32 copy of the logits.
+
+    Probability targets that require grad (distillation through both
+    sides) take a differentiable torch composite instead of the fused op.
+    The gradient is not itself differentiable (no double backward), and
+    ``weight`` gets no gradient.
+
+    Class indices outside [0, C) that are not ``ignore_index`` are never used
+    as addresses: with the Triton kernels that row's loss and gradient are
+    NaN (so a mean becomes NaN); the torch reference path raises IndexError as
+    torch does. Rows whose target is ``ignore_index`` have zero loss and zero
+    gradient.
+
+    With fp16 logits the gradient is stored in fp16 at forward time, before
+    grad_output is known: a mean over many rows can underflow fp16 there
+    (torch keeps it in fp32 until grad_output is applied). Prefer bf16/fp32
+    logits, or :func:`cross_entropy_with_grad` with the loss scale as
+    ``grad_scale``. A retained graph whose first backward had grad_output 0
+    gives NaN gradients on a later backward.
+
+    Returns:
+        the loss, or ``(loss, lse)`` when ``return_lse``.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+    if loss_dtype is None:
+        loss_dtype = input.dtype
+    need_grad = input.requires_grad and torch.is_grad_enabled()
+    if traced(input):
+        return _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
+                                     cap, return_lse, inplace_backward, loss_dtype, need_grad)
+    if backend_for(input) == "torch" or (
+            target.requires_grad and torch.is_grad_enabled() and target.is_floating_point()):
+        # the CPU reference, and probability targets that require grad: a
+        # differentiable torch composite
+        check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+        x, t = _as_rows_input(input, target)
+        loss, lse = reference_loss(x, t, weight, ignore_index, reduction, eps, zl, cap)
+        loss = loss.to(loss_dtype)
+        if not return_lse:
+            return loss
+        lse = lse.to(torch.float32)
+        return loss, (lse if input.dim() >= 2 else lse.reshape(()))
+    x, t = _as_rows_input(input, target)
+    mode = (INPLACE_GRAD if inplace_backward else NEW_GRAD) if need_grad else NO_GRAD
+
+    def checks():
+        check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+        if mode == INPLACE_GRAD:
+            check_inplace_rows(input)
+
+    plan = _plan(x, t, weight, ignore_index, reduction, eps, zl, cap, 1.0, mode, checks)
+    w = _weight(weight, plan.acc)
+    if mode == NO_GRAD:
+        rows, lse, _ = plan.run(x, t, w, None)
+        loss = plan.reduce(rows, loss_dtype)
+    else:
+        loss, lse = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD, loss_dtype)
+    one_row = input.dim() < 2  # (C,) input: the row dims are ()
+    if one_row and reduction == "none":
+        loss = loss.reshape(())
+    if not return_lse:
+        return loss
+    if mode == NEW_GRAD:
+        lse = _LseFunction.apply(x, lse, cap)
+    return loss, lse.reshape(() if one_row else plan.batch)
+
+
+def cross_entropy_with_grad(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    grad_scale: float = 1.0,
+    inplace: bool = False,
+    loss_dtype: torch.dtype | None = None,
+):
+    """The loss and its gradient in one launch, for training code that runs
+    its own backward.
+
+    Arguments as :func:`cross_entropy` (without the deprecated
+    ``size_average`` / ``reduce``). Returns ``(loss, grad_input)`` (or
+    ``(loss, grad_input, lse)`` with ``return_lse``): ``grad_input`` has the
+    input's shape and dtype and holds ``grad_scale * d(loss)/d(input)`` (for
+    ``reduction="none"``, the derivative of the sum of the row losses). The
+    logits are read once where the row fits on chip. Nothing is recorded for
+    autograd.
+
+    ``inplace=True`` writes the gradient over ``input`` (no extra memory) and
+    returns it as ``grad_input`` (a detached alias of ``input``); the logits
+    are gone afterwards and must be writable in place.
+    """
+    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    prob = check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
+        raise TypeError(f"grad_scale must be a number, got {type(grad_scale).__name__}")
+    gs = float(grad_scale)
+    if inplace:
+        check_inplace_rows(input)
+    if loss_dtype is None:
+        loss_dtype = input.dtype
+    x, t = _as_rows_input(input.detach(), target.detach())
+    w = weight.detach() if weight is not None else None
+    batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])
+    if inplace:
+        rows, lse, _ = cross_entropy_forward_(x, t, w, ignore_index, reduction, eps, zl, cap, gs)
+        grad = input.detach()
+    else:
+        rows, lse, grad, _ = cross_entropy_forward(x, t, w, ignore_index, reduction, eps, zl,
+                                                   cap, gs, True)
+        grad = grad.reshape(input.shape)
+    if reduction == "none":
+        loss = rows.reshape(batch).to(loss_dtype)
+    else:
+        loss = rows.sum()
+        if rows.numel() == 0 and reduction == "mean":
+            loss = loss * math.nan
+        loss = loss.to(loss_dtype)
+    if return_lse:
+        return loss, grad, lse.reshape(batch)
+    return loss, grad
+
+
+class CrossEntropyLoss(nn.Module):
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss` running
+    :func:`cross_entropy`, with torch's constructor (the deprecated
+    ``size_average``/``reduce`` are mapped to ``reduction`` as torch does) plus
+    the keyword-only extras ``z_loss``, ``softcap``, ``return_lse``,
+    ``inplace_backward`` and ``loss_dtype``. ``weight`` is a buffer, as in
+    torch, so a state_dict loads across."""
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
+                 inplace_backward: bool = False, loss_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_lse = return_lse
+        self.inplace_backward = inplace_backward
+        self.loss_dtype = loss_dtype
+
+    def forward(self, input: Tensor, target: Tensor):
+        return cross_entropy(
+            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            return_lse=self.return_lse, inplace_backward=self.inplace_backward,
+            loss_dtype=self.loss_dtype)
+
+    def extra_repr(self) -> str:
+        parts = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        if self.inplace_backward:
+            parts.append("inplace_backward=True")
+        if self.loss_dtype is not None:
+            parts.append(f"loss_dtype={self.loss_dtype}")
+        return ", ".join(parts)

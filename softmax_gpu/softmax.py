@@ -1,0 +1,393 @@
+"""Softmax and log-softmax: the host side (the kernels are in
+``softmax_gpu/kernels/softmax.py``).
+
+- Launch planning: :func:`softmax_config` picks the path (single / looped /
+  split), tile, rows per program and warps; a plan per call signature
+  (shape, strides, dtype, device, dim) is memoised, so a repeated call only
+  allocates its output and launches.
+- The torch reference (:func:`reference_forward`, :func:`reference_backward`):
+  the CPU path when the kernels are not interpreted.
+- Autograd: eagerly a ``torch.autograd.Function`` that calls the launchers
+  directly; while a graph is traced or compiled, the ``torch.library`` ops
+  ``softmax_gpu::softmax_forward`` / ``softmax_gpu::softmax_backward``.
+- Public: :func:`softmax`, :func:`log_softmax`, :class:`Softmax`,
+  :class:`LogSoftmax`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import heuristics
+from ._checks import FLOAT_DTYPES, check_float, check_tensor, wrap_dim
+from ._dispatch import (backend_for, check_device, empty_like, interpreted, launch_device,
+                        launch_on, traced)
+from ._layout import as_rows, rows_view
+from .heuristics import LOOPED, MIN_BLOCK, SINGLE, SPLIT, max_single, next_pow2, warps_for
+from .kernels import softmax as K
+
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "Softmax",
+    "LogSoftmax",
+    "SoftmaxConfig",
+    "softmax_config",
+    "all_softmax_configs",
+    "reference_forward",
+    "reference_backward",
+]
+
+
+# ----------------------------------------------------------------------------
+# Launch planning
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxConfig:
+    path: str  # SINGLE, LOOPED or SPLIT
+    block_n: int  # tile width in elements (a power of two)
+    rows_per_program: int  # rows one program owns (SINGLE only; else 1)
+    num_warps: int
+    splits: int  # programs per row (SPLIT only; else 1)
+    chunk: int  # columns per split program, a multiple of block_n (SPLIT only)
+
+
+def softmax_config(
+    M: int, N: int, elem_bytes: int, device: torch.device, live_rows: int = 1
+) -> SoftmaxConfig:
+    """Pick the path and launch parameters for an [M, N] row-wise reduction.
+
+    Used for the softmax / log-softmax forward and backward alike (each reads
+    the row for a reduction, then writes it once). ``live_rows``: row-sized
+    arrays the on-chip kernel keeps in registers (softmax forward 1;
+    log-softmax forward and both backwards 2).
+    """
+    lim = heuristics.limits()
+    block = next_pow2(N)
+    if block <= max_single(elem_bytes, live_rows):
+        block = max(block, MIN_BLOCK)
+        # Short rows: several rows per program, unless that would leave fewer
+        # than ~2 programs per multiprocessor. Two choices only (1 or the
+        # full count), which keeps the set of compiled variants small.
+        rows = max(1, lim.target_program_elems // block)
+        if rows > 1 and -(-M // rows) < 2 * heuristics.sm_count(device):
+            rows = 1
+        return SoftmaxConfig(SINGLE, block, rows, warps_for(block * rows), 1, block)
+    tile = min(lim.tile if elem_bytes <= 4 else max(1, lim.tile // 2), block)
+    warps = warps_for(tile)
+    programs = lim.split_programs_per_sm * heuristics.sm_count(device)
+    if M < programs:
+        tiles = -(-N // tile)
+        splits = min(tiles, -(-programs // M), lim.max_splits)
+        if splits > 1:
+            chunk = -(-tiles // splits) * tile
+            splits = -(-N // chunk)
+            return SoftmaxConfig(SPLIT, tile, 1, warps, splits, chunk)
+    return SoftmaxConfig(LOOPED, tile, 1, warps, 1, N)
+
+
+def all_softmax_configs() -> list[tuple[str, int, int, int, int, int]]:
+    """Every (path, block_n, rows_per_program, num_warps, elem_bytes, live_rows)
+    the defaults can pick, for the static compile check. Enumerated from
+    :func:`softmax_config` itself over all power-of-two row lengths and row
+    counts, element sizes and live-row counts, so the check cannot drift from
+    the heuristics."""
+    seen = set()
+    dev = torch.device("cpu")
+    with heuristics.override(sm_count=132):
+        for elem in (2, 4, 8):
+            for live in (1, 2):
+                for logn in range(0, 21):
+                    for logm in range(0, 25):
+                        c = softmax_config(1 << logm, 1 << logn, elem, dev, live)
+                        seen.add((c.path, c.block_n, c.rows_per_program, c.num_warps, elem, live))
+    return sorted(seen)
+
+
+# ----------------------------------------------------------------------------
+# Torch reference: the CPU path, with the kernels' semantics (fp32 arithmetic,
+# fp64 for fp64; result in the input's dtype, contiguous)
+# ----------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax (or log-softmax) of ``x`` over ``dim``."""
+    xa = x.to(_acc(x.dtype))
+    y = torch.log_softmax(xa, dim) if log else torch.softmax(xa, dim)
+    return y.to(x.dtype).contiguous()
+
+
+def reference_backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
+    """Vector-Jacobian product at forward output ``y``:
+    softmax dx = y * (dy - sum(dy * y)); log-softmax dx = dy - exp(y) * sum(dy)."""
+    acc = _acc(y.dtype)
+    ya, ga = y.to(acc), dy.to(acc)
+    if log:
+        dx = ga - torch.exp(ya) * ga.sum(dim, keepdim=True)
+    else:
+        dx = ya * (ga - (ga * ya).sum(dim, keepdim=True))
+    return dx.to(y.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------
+# Eager launches, planned once per call signature
+# ----------------------------------------------------------------------------
+
+# key -> (copy the input first, CUDA device index or None, launch or None)
+_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def _remember(key, plan):
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _plan_forward(x: Tensor, dim: int, log: bool):
+    if x.numel() == 0:
+        return False, None, None
+    copy = rows_view(x, dim) is None
+    xv, rows = as_rows(x.contiguous() if copy else x, dim)
+    y_strides = rows_view(_contiguous_probe(x.shape), dim).strides
+    cfg = softmax_config(rows.m, rows.n, x.element_size(), x.device, 2 if log else 1)
+    launch = K.softmax_forward_launcher(rows.m, rows.n, rows.inner, rows.strides, y_strides,
+                                        cfg, log, x.dtype)
+    return copy, launch_device(x.device), launch
+
+
+def _contiguous_probe(shape) -> Tensor:
+    """A storage-free tensor with the strides of a contiguous tensor of ``shape``."""
+    return torch.empty(shape, device="meta")
+
+
+def _forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """Launch the forward: a new contiguous tensor of x's shape and dtype."""
+    key = (x.shape, x.stride(), x.dtype, x.device, dim, log, heuristics.generation())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember(key, _plan_forward(x, dim, log))
+    copy, dev, launch = plan
+    y = empty_like(x)
+    if launch is not None:
+        launch_on(dev, launch, x.contiguous() if copy else x, y)
+    return y
+
+
+def _plan_backward(y: Tensor, dy: Tensor, dim: int, log: bool):
+    if y.numel() == 0:
+        return False, False, None, None
+    copy_y = rows_view(y, dim) is None
+    copy_g = rows_view(dy, dim) is None
+    _, yrows = as_rows(y.contiguous() if copy_y else y, dim)
+    _, grows = as_rows(dy.contiguous() if copy_g else dy, dim)
+    x_strides = rows_view(_contiguous_probe(y.shape), dim).strides
+    cfg = softmax_config(yrows.m, yrows.n, y.element_size(), y.device, 2)
+    launch = K.softmax_backward_launcher(yrows.m, yrows.n, yrows.inner, yrows.strides,
+                                         grows.strides, x_strides, cfg, log, y.dtype)
+    return copy_y, copy_g, launch_device(y.device), launch
+
+
+def _backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
+    """Launch the backward: a new contiguous tensor, the gradient wrt the input."""
+    if dy.dtype != y.dtype:
+        dy = dy.to(y.dtype)
+    key = (y.shape, y.stride(), dy.stride(), y.dtype, y.device, dim, log,
+           heuristics.generation())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember(key, _plan_backward(y, dy, dim, log))
+    copy_y, copy_g, dev, launch = plan
+    dx = empty_like(y)
+    if launch is not None:
+        launch_on(dev, launch, y.contiguous() if copy_y else y,
+                  dy.contiguous() if copy_g else dy, dx)
+    return dx
+
+
+class _SoftmaxFunction(torch.autograd.Function):
+    """Eager autograd around the launchers (no dispatcher round trip)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, log):
+        y = _forward(x, dim, log)
+        ctx.save_for_backward(y)
+        ctx.dim, ctx.log = dim, log
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return _backward(y, dy, ctx.dim, ctx.log), None, None
+
+
+# ----------------------------------------------------------------------------
+# torch.library ops: what a traced graph (torch.compile, make_fx, opcheck) holds
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("softmax_gpu::softmax_forward", mutates_args=())
+def softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax (log=False) or log-softmax (log=True) of ``x`` over ``dim``.
+
+    x: floating tensor of at least one dim; dim in [0, x.dim()). Returns a
+    contiguous tensor of x's shape and dtype.
+    """
+    if backend_for(x) == "triton":
+        return _forward(x, dim, log)
+    return reference_forward(x, dim, log)
+
+
+@softmax_forward.register_fake
+def _(x: Tensor, dim: int, log: bool) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("softmax_gpu::softmax_backward", mutates_args=())
+def softmax_backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
+    """Gradient wrt the input of softmax (or log-softmax) whose output is ``y``,
+    given the output gradient ``dy`` (same shape; any strides)."""
+    if backend_for(y) == "triton":
+        return _backward(y, dy, dim, log)
+    return reference_backward(y, dy, dim, log)
+
+
+@softmax_backward.register_fake
+def _(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+def _op_setup_context(ctx, inputs, output):
+    _, dim, log = inputs
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.log = dim, log
+
+
+def _op_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return softmax_backward(y, grad, ctx.dim, ctx.log), None, None
+
+
+softmax_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# Public functions and modules
+# ----------------------------------------------------------------------------
+
+
+def _implicit_dim(name: str, ndim: int, stacklevel: int) -> int:
+    """torch.nn.functional's choice when ``dim`` is None, with its warning."""
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. "
+        "Change the call to include dim=X as an argument.",
+        stacklevel=stacklevel,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
+    if not isinstance(input, Tensor):
+        check_tensor(input, "input")
+    if stacklevel.__class__ is torch.dtype:
+        # torch.softmax(input, dim, dtype): the third position is the dtype
+        if dtype is not None:
+            raise TypeError("softmax() got multiple values for argument 'dtype'")
+        dtype, stacklevel = stacklevel, 3
+    if dim is None:
+        dim = _implicit_dim("log_softmax" if log else "softmax", input.dim(), stacklevel + 1)
+    if dtype is not None:
+        input = input.to(dtype)
+    ndim = input.dim()
+    d = wrap_dim(dim, ndim)
+    if input.dtype not in FLOAT_DTYPES:
+        check_float(input, "input")
+    if traced(input):
+        if ndim == 0:
+            return softmax_forward(input.reshape(1), 0, log).reshape(())
+        return softmax_forward(input, d, log)
+    dev = input.device.type
+    if dev != "cuda" and (dev != "cpu" or not interpreted()):
+        check_device(input, "input")
+        return reference_forward(input, d, log)
+    if ndim == 0:
+        return _softmax(input.reshape(1), 0, 3, None, log).reshape(())
+    if input.requires_grad and torch.is_grad_enabled():
+        return _SoftmaxFunction.apply(input, d, log)
+    return _forward(input, d, log)
+
+
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
+            dtype: torch.dtype | None = None) -> Tensor:
+    """Softmax over ``dim``: ``exp(x) / exp(x).sum(dim, keepdim=True)``.
+
+    A drop-in for :func:`torch.softmax` and :func:`torch.nn.functional.softmax`,
+    bound the same way: ``softmax(x, dim, dtype)`` (torch's position of
+    ``dtype``) and ``softmax(x, dim, _stacklevel, dtype)`` (functional's) both
+    work, and ``dim=None`` picks torch's legacy implicit dim with its warning.
+
+    Args:
+        input: tensor of any shape (0-d and empty included), float16,
+            bfloat16, float32 or float64, on CUDA or CPU.
+        dim: the dim to normalise over; negative counts from the end.
+        dtype: if given, ``input`` is cast to it before the op (integer
+            inputs need it).
+
+    Returns:
+        A contiguous tensor of ``input``'s shape and (cast) dtype. Arithmetic
+        is fp32 (fp64 for fp64). Rows that are entirely -inf give NaN, as in
+        torch. Differentiable; the backward is ``y * (dy - sum(dy * y))``.
+    """
+    return _softmax(input, dim, _stacklevel, dtype, False)
+
+
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
+                dtype: torch.dtype | None = None) -> Tensor:
+    """Log-softmax over ``dim``: ``x - logsumexp(x, dim)``.
+
+    A drop-in for :func:`torch.log_softmax` and
+    :func:`torch.nn.functional.log_softmax`; arguments, binding and result as
+    in :func:`softmax`. The backward is ``dy - exp(y) * sum(dy)``.
+    """
+    return _softmax(input, dim, _stacklevel, dtype, True)
+
+
+class Softmax(nn.Module):
+    """Drop-in for :class:`torch.nn.Softmax`: :func:`softmax` over ``dim``."""
+
+    def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _softmax(input, self.dim, 5, None, False)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(nn.Module):
+    """Drop-in for :class:`torch.nn.LogSoftmax`: :func:`log_softmax` over ``dim``."""
+
+    def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _softmax(input, self.dim, 5, None, True)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
