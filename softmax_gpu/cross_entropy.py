@@ -397,6 +397,16 @@ def _contiguous_rows(shape) -> Rows:
     return Rows(shape[0], C, inner, (C * inner, inner, 1))
 
 
+def _reduce(rows: Tensor, reduction: str, batch, dtype: torch.dtype) -> Tensor:
+    """Row losses (already divided by the mean's denominators) reduced, in ``dtype``."""
+    if reduction == "none":
+        return rows.reshape(batch).to(dtype)
+    total = rows.sum()
+    if rows.numel() == 0 and reduction == "mean":
+        total = total * math.nan  # the mean of no rows, as torch
+    return total.to(dtype)
+
+
 class _Plan:
     """Everything about a call that depends only on its signature."""
 
@@ -469,12 +479,7 @@ class _Plan:
 
     def reduce(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
         """The row losses (already divided by the mean's denominators), reduced."""
-        if self.reduction == "none":
-            return rows.reshape(self.batch).to(dtype)
-        total = rows.sum()
-        if self.M == 0 and self.reduction == "mean":
-            total = total * math.nan  # the mean of no rows, as torch
-        return total.to(dtype)
+        return _reduce(rows, self.reduction, self.batch, dtype)
 
 
 # Row-wise backward launchers over a (N, C, *) layout, memoised:
@@ -835,13 +840,7 @@ def _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, z
                                                 cap, 1.0, need_grad)
         if return_lse and need_grad:
             lse = cross_entropy_lse(x, lse, cap)
-    if reduction == "none":
-        loss = rows.reshape(batch).to(loss_dtype)
-    else:
-        loss = rows.sum()
-        if rows.numel() == 0 and reduction == "mean":
-            loss = loss * math.nan
-        loss = loss.to(loss_dtype)
+    loss = _reduce(rows, reduction, batch, loss_dtype)
     return (loss, lse.reshape(batch)) if return_lse else loss
 
 
@@ -1025,13 +1024,7 @@ def cross_entropy_with_grad(
         rows, lse, grad, _ = cross_entropy_forward(x, t, w, ignore_index, reduction, eps, zl,
                                                    cap, gs, True)
         grad = grad.reshape(input.shape)
-    if reduction == "none":
-        loss = rows.reshape(batch).to(loss_dtype)
-    else:
-        loss = rows.sum()
-        if rows.numel() == 0 and reduction == "mean":
-            loss = loss * math.nan
-        loss = loss.to(loss_dtype)
+    loss = _reduce(rows, reduction, batch, loss_dtype)
     if return_lse:
         return loss, grad, lse.reshape(batch)
     return loss, grad
