@@ -1,0 +1,97 @@
+"""Megatron-core's ``vocab_parallel_cross_entropy`` on softmax_gpu's kernels.
+
+A drop-in for ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``:
+the same signature, shapes and per-token fp32 result, built on
+:func:`softmax_gpu.distributed.vocab_parallel_cross_entropy` (the shards are
+read once by a kernel; two all-reduces of O(tokens) values instead of
+Megatron's three plus an fp32 copy and an exp of the logits shard).
+Megatron itself is not needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..distributed import vocab_parallel_cross_entropy as _vocab_parallel
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+
+def _megatron_tp_group():
+    """Megatron's tensor-parallel group when Megatron is importable and
+    initialised, else None (the default group)."""
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return None
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+# ----------------------------------------------------------------------------
+# TEMPORARY: softmax_gpu.distributed.vocab_parallel_cross_entropy returns the
+# logits' dtype; Megatron's contract is a per-token fp32 loss. Until it takes
+# ``loss_dtype=torch.float32`` (rows kept in fp32, never cast to the logits'
+# dtype), half-precision shards are cast to fp32 here, which costs an fp32
+# copy of the shard (Megatron makes the same copy). Re-point at merge.
+# ----------------------------------------------------------------------------
+def _per_token_fp32(logits: Tensor, target: Tensor, group, eps: float, vocab: int) -> Tensor:
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    loss = _vocab_parallel(logits, target, group=group, reduction="none", label_smoothing=eps,
+                           vocab_size=vocab)
+    return loss.to(torch.float32)
+
+
+def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
+                                 label_smoothing: float = 0.0, tp_group=None) -> Tensor:
+    """Cross-entropy of logits split evenly over the vocabulary across ``tp_group``.
+
+    Args:
+        vocab_parallel_logits: [s, b, V/tp] (any leading dims): this rank's
+            contiguous slice ``[rank * V/tp, (rank + 1) * V/tp)`` of the
+            vocabulary, fp16/bf16/fp32/fp64. Every rank's slice has the same width.
+        target: [s, b] global token ids in [0, V), the same on every rank.
+            A target of -100 gives a 0 loss and a zero gradient (Megatron
+            masks such positions with its loss mask afterwards; its loss there
+            is the lse, which the mask zeroes). Any other id outside [0, V) is
+            an error (CPU tensors) or a NaN loss (CUDA tensors), never a
+            silently wrong value.
+        label_smoothing: alpha in [0, 1). Megatron's formula, with
+            K = V / (V - 1) * alpha:
+            ``loss = (1 - K) * nll - K * mean_j log p_j`` (mass alpha / (V - 1)
+            on every wrong class), with the mean over the GLOBAL vocabulary.
+            Megatron-core's own code takes that mean (and V) over each rank's
+            shard only, so its ranks disagree whenever tp > 1; with tp = 1 the
+            two agree. Needs K <= 1, i.e. alpha <= (V - 1) / V.
+        tp_group: the tensor-parallel group; None: Megatron's
+            tensor-model-parallel group when Megatron is initialised, else the
+            default group.
+
+    Returns:
+        [s, b] fp32 per-token losses, the same on every rank, differentiable
+        with respect to ``vocab_parallel_logits`` (the gradient has the
+        logits' dtype). The backward runs no collective.
+    """
+    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) or \
+            not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    group = tp_group if tp_group is not None else _megatron_tp_group()
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_cross_entropy needs an initialised process group")
+    if vocab_parallel_logits.dim() < 1:
+        raise ValueError("vocab_parallel_logits must have the vocabulary shard as its last dim")
+    vocab = vocab_parallel_logits.shape[-1] * dist.get_world_size(group)
+    eps = 0.0
+    if label_smoothing > 0.0:
+        if vocab < 2:
+            raise ValueError("label_smoothing needs a vocabulary of at least 2 classes")
+        eps = label_smoothing * vocab / (vocab - 1)
+        if eps > 1.0:
+            raise ValueError(
+                f"label_smoothing={label_smoothing} gives Megatron's K = alpha * V / (V - 1) = "
+                f"{eps} > 1 for V={vocab}; use alpha <= {(vocab - 1) / vocab}")
+    return _per_token_fp32(vocab_parallel_logits, target, group, eps, vocab)

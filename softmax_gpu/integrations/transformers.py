@@ -1,0 +1,529 @@
+"""Hugging Face transformers: the causal-LM loss on softmax_gpu's kernels.
+
+Install with ``pip install softmax-gpu[transformers]``.
+
+- :func:`causal_lm_loss` has the contract of transformers'
+  ``ForCausalLMLoss`` (shift, ``num_items_in_batch``, ``shift_labels``,
+  ``ignore_index``, an fp32 loss) without its fp32 copy of the logits.
+- :func:`apply` patches ONE loaded ``*ForCausalLM`` instance (PEFT-wrapped or
+  not); :func:`revert` undoes it. No class, nothing in ``torch.nn.functional``
+  and no module-level state is touched: everything lives on the instance.
+
+How :func:`apply` hooks in, and what it relies on in transformers:
+
+1. The loss hook. The model's forward calls ``self.loss_function(logits,
+   labels, vocab_size, **kwargs)`` whenever ``labels`` is given; transformers
+   lets an instance override that property (``model.loss_function = f``
+   stores ``model._loss_function``). The hook is :func:`causal_lm_loss`.
+   :func:`apply` refuses to replace anything but transformers'
+   ``ForCausalLMLoss`` itself, and only while that function's parameters are
+   exactly the ones implemented here: a transformers release that adds a
+   loss parameter makes :func:`apply` raise instead of silently ignoring it.
+2. The fused path (``fused_linear=True``; training forwards with labels,
+   i.e. ``model.training`` and grad mode on). The model's own forward still
+   runs, so every argument it has (``logits_to_keep``, caches, attention
+   kwargs, ...) keeps its meaning. For the duration of that call only,
+   ``self.lm_head`` records its input (the final hidden states, already
+   sliced by ``logits_to_keep``) and returns a tiny CPU "probe" tensor in
+   place of the logits; the loss hook then checks that the probe arrives
+   transformed exactly as expected (unchanged, or Gemma's
+   ``final_logit_softcapping``: any other logit transform a new release adds
+   is detected and raises) and computes the loss with the fused linear
+   cross-entropy from the hidden states and ``lm_head``'s weight (tied
+   embeddings included: it is the same parameter). ``output.logits`` is None.
+3. Checks. At :func:`apply` time the forward's source must call
+   ``self.lm_head(...)`` once, then ``self.loss_function(...)``, and take
+   ``labels``, ``logits_to_keep`` and ``**kwargs``; otherwise the fused path
+   is not used (warning) and, without a ``self.loss_function`` call at all,
+   :func:`apply` raises. At run time every forward with labels must have
+   called the hook (and, fused, ``lm_head`` exactly once): otherwise a
+   RuntimeError, never a silently unpatched loss.
+
+Evaluation forwards (``model.eval()`` or ``torch.no_grad()``) and forwards
+without labels run the unpatched forward: same logits, bit for bit; their
+loss (when labels are given) comes from :func:`causal_lm_loss`.
+
+Token accuracy (as TRL's SFT trainer requests it): pass
+``return_token_accuracy=True`` to the forward and the output gains
+``output.token_accuracy``, a 0-d fp32 tensor: the fraction of kept tokens
+(target != ignore_index) whose argmax is the target (0 when none is kept).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import softmax_gpu
+
+__all__ = ["causal_lm_loss", "apply", "revert", "applied", "FUSED_MODEL_TYPES"]
+
+# config.model_type of the architectures whose forward is tested with the fused
+# path (tests/test_integrations_transformers.py). Others get the loss hook only.
+FUSED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"})
+
+# The parameters of transformers' ForCausalLMLoss that causal_lm_loss implements.
+_LOSS_PARAMS = ("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index",
+                "shift_labels")
+
+_STATE = "_softmax_gpu_patch"
+
+# What the lm_head returns during a fused forward: exactly representable in
+# bf16/fp16, spread over the range a softcap bends (0 and +-small stay put).
+_PROBE = (-3.0, -0.5, 0.0, 0.75, 2.0, 40.0)
+
+
+# ----------------------------------------------------------------------------
+# TEMPORARY: the fused linear cross-entropy is being built as
+# softmax_gpu.linear_cross_entropy; until it lands this composite (F.linear +
+# softmax_gpu.cross_entropy, same signature) stands in for it. Remove at merge.
+# The real function must also provide ``return_token_accuracy`` (argmax ==
+# target over kept rows, tracked in its single pass over the logits tiles).
+# ----------------------------------------------------------------------------
+def _temporary_composite(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, return_lse=False, chunk_size=None,
+                         options=None, loss_dtype=None, return_token_accuracy=False):
+    """TEMPORARY stand-in for ``softmax_gpu.linear_cross_entropy``: materialises the logits."""
+    logits = F.linear(input, linear_weight, linear_bias)
+    out = softmax_gpu.cross_entropy(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        return_lse=return_lse, loss_dtype=loss_dtype)
+    if not return_token_accuracy:
+        return out
+    with torch.no_grad():
+        acc = _token_accuracy(logits.argmax(-1), target, ignore_index)
+    return (*out, acc) if return_lse else (out, acc)
+
+
+_linear_cross_entropy = getattr(softmax_gpu, "linear_cross_entropy", None) or _temporary_composite
+
+
+# --- the loss ------------------------------------------------------------------
+
+
+def _shifted_targets(labels: Tensor, shift_labels: Tensor | None, ignore_index: int) -> Tensor:
+    """The flat next-token targets: ``shift_labels`` as given, else ``labels``
+    shifted left by one with ``ignore_index`` appended (transformers' rule)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def _per_item(loss: Tensor, num_items_in_batch) -> Tensor:
+    """``loss`` (a sum) divided by ``num_items_in_batch``, or ``loss`` (a mean)."""
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def _token_accuracy(predicted: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Fraction (0-d fp32) of kept targets equal to ``predicted``; 0 when none is kept."""
+    kept = target != ignore_index
+    hits = (predicted == target) & kept
+    return hits.sum().to(torch.float32) / kept.sum().clamp_min(1).to(torch.float32)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int,
+                   num_items_in_batch: Tensor | int | None = None, ignore_index: int = -100,
+                   shift_labels: Tensor | None = None, **kwargs) -> Tensor:
+    """transformers' ``ForCausalLMLoss`` on softmax_gpu's fused cross-entropy.
+
+    Args:
+        logits: [..., T, vocab_size] (any float dtype; bf16 stays bf16: no
+            fp32 copy is made, the arithmetic is fp32 inside the kernel).
+        labels: [..., T] integer token ids; position t is the target of
+            position t - 1 (the shift), ``ignore_index`` is skipped. Unused
+            when ``shift_labels`` is given.
+        vocab_size: the classes per position (``logits.reshape(-1, vocab_size)``).
+        num_items_in_batch: when given (a tensor, on any device, or an int),
+            the loss is the sum over kept tokens divided by it (gradient
+            accumulation over several micro-batches); no host sync. Else the
+            mean over kept tokens (NaN when none is kept, as torch).
+        ignore_index: the target value that is skipped.
+        shift_labels: [..., T] targets already aligned with the logits (e.g.
+            sequence/context parallelism): used as given, no shift.
+        **kwargs: accepted and ignored, as transformers does.
+
+    Returns:
+        A 0-d fp32 loss, differentiable with respect to ``logits``.
+    """
+    target = _shifted_targets(labels, shift_labels, ignore_index).to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = softmax_gpu.cross_entropy(logits.reshape(-1, vocab_size), target,
+                                     ignore_index=ignore_index, reduction=reduction,
+                                     loss_dtype=torch.float32)
+    return _per_item(loss, num_items_in_batch)
+
+
+# --- apply / revert ----------------------------------------------------------------
+
+
+class _Patch:
+    """What :func:`apply` changed on one model, and the state of the call in flight.
+
+    Reached only through the model (``model._softmax_gpu_patch``), so a
+    ``copy.deepcopy`` of a patched model is patched on its own copy."""
+
+    def __init__(self, forward, saved_forward, saved_loss, fused: bool, reason, labels_pos):
+        self.forward = forward              # the forward that ran before apply (bound)
+        self.saved_forward = saved_forward  # model.__dict__["forward"] before apply, or None
+        self.saved_loss = saved_loss        # model.__dict__["_loss_function"] before, or None
+        self.fused = fused
+        self.reason = reason                # why the fused path is off, or None
+        self.labels_pos = labels_pos        # position of `labels` in the forward's args
+        self.hook_calls = 0
+        self.call = None                    # the _FusedCall in flight
+        self.warned = False
+
+
+class _FusedCall:
+    """One fused training forward: lm_head's input, and the loss computed from it."""
+
+    def __init__(self, model, lm_head: nn.Linear, want_accuracy: bool):
+        self.model = model
+        self.lm_head = lm_head
+        self.want_accuracy = want_accuracy
+        self.hidden = None
+        self.head_calls = 0
+        self.probe = None
+        self.logits = None      # the object the forward passed to the loss as `logits`
+        self.accuracy = None
+
+    def head(self, hidden, *args, **kwargs):
+        """Stands in for ``lm_head.forward``: keeps the hidden states, returns the probe."""
+        self.head_calls += 1
+        if self.head_calls > 1 or args or kwargs or not torch.is_tensor(hidden) or \
+                hidden.shape[-1] != self.lm_head.in_features:
+            raise RuntimeError(
+                f"softmax_gpu.integrations.transformers: {type(self.model).__name__}.forward "
+                "called lm_head differently from what the fused path expects (once, on the "
+                "final hidden states); use apply(model, fused_linear=False)")
+        self.hidden = hidden
+        self.probe = torch.tensor(_PROBE, dtype=hidden.dtype).reshape(1, 1, -1)
+        return self.probe
+
+    def loss(self, logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels):
+        name = type(self.model).__name__
+        if self.hidden is None:
+            raise RuntimeError(f"softmax_gpu.integrations.transformers: {name}.forward computed "
+                               "its loss without calling lm_head first")
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        _check_probe(logits, self.probe, cap, name)
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        if vocab_size != weight.shape[0]:
+            raise ValueError(f"vocab_size={vocab_size} but lm_head has {weight.shape[0]} outputs")
+        self.logits = logits
+        h = self.hidden.reshape(-1, self.hidden.shape[-1])
+        target = _shifted_targets(labels, shift_labels, ignore_index).to(h.device)
+        if h.shape[0] != target.numel():
+            raise ValueError(
+                f"{name}: {h.shape[0]} positions have logits (after logits_to_keep) but the "
+                f"labels give {target.numel()} targets (after the shift)")
+        out = _linear_cross_entropy(
+            h, weight, target, linear_bias=bias, ignore_index=ignore_index,
+            reduction="mean" if num_items_in_batch is None else "sum", softcap=cap,
+            loss_dtype=torch.float32,
+            **({"return_token_accuracy": True} if self.want_accuracy else {}))
+        if self.want_accuracy:
+            out, self.accuracy = out
+        return _per_item(out, num_items_in_batch)
+
+
+def _check_probe(logits, probe: Tensor, cap, name: str) -> None:
+    """Raise unless ``logits`` is ``probe`` passed through exactly the logit
+    transform the fused loss applies itself (none, or the softcap). On the
+    CPU: no device sync."""
+    expected = probe if cap is None else torch.tanh(probe / cap) * cap
+    ok = torch.is_tensor(logits) and logits.device.type == "cpu" and \
+        logits.shape == probe.shape
+    if ok:
+        tol = 2e-2 if probe.element_size() < 4 else 1e-5
+        ok = torch.allclose(logits.float(), expected.float(), rtol=tol, atol=tol)
+    if not ok:
+        raise RuntimeError(
+            f"softmax_gpu.integrations.transformers: {name}.forward transforms the logits "
+            "between lm_head and the loss in a way the fused path does not reproduce "
+            f"(expected {'no transform' if cap is None else f'softcap {cap}'}); this "
+            "transformers version is not supported by the fused path: use "
+            "apply(model, fused_linear=False)")
+
+
+def _forward(self, *args, **kwargs):
+    """The patched forward (bound to the model; its signature is set per model)."""
+    state: _Patch = self.__dict__[_STATE]
+    want_accuracy = bool(kwargs.pop("return_token_accuracy", False))
+    if "labels" in kwargs:
+        labels = kwargs["labels"]
+    else:
+        labels = args[state.labels_pos] if len(args) > state.labels_pos else None
+    fused = state.fused and labels is not None and self.training and torch.is_grad_enabled()
+    head = getattr(self, "lm_head", None)
+    if fused:
+        reason = _fused_blocker(head)
+        if reason is not None:
+            fused = False
+            if not state.warned:
+                state.warned = True
+                warnings.warn(f"softmax_gpu: fused linear cross-entropy skipped: {reason}; "
+                              "the loss hook is used (logits are computed)", stacklevel=2)
+    state.hook_calls = 0
+    if not fused:
+        out = state.forward(*args, **kwargs)
+        _check_hook_ran(self, state, labels)
+        if want_accuracy:
+            _attach(out, _accuracy_from_logits(out, labels, kwargs))
+        return out
+    call = _FusedCall(self, head, want_accuracy)
+    head.forward = call.head
+    state.call = call
+    try:
+        out = state.forward(*args, **kwargs)
+    finally:
+        state.call = None
+        del head.forward
+    _check_hook_ran(self, state, labels)
+    if call.logits is None:
+        raise RuntimeError(f"softmax_gpu.integrations.transformers: {type(self).__name__}.forward "
+                           "did not pass lm_head's output to its loss")
+    out = _without(out, call.logits)
+    if want_accuracy:
+        _attach(out, call.accuracy)
+    return out
+
+
+def _loss_hook(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+               shift_labels=None, **kwargs):
+    """The model's ``loss_function`` while patched (bound to the model)."""
+    state: _Patch = self.__dict__[_STATE]
+    state.hook_calls += 1
+    if state.call is not None:
+        return state.call.loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+                               shift_labels)
+    return causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+                          shift_labels, **kwargs)
+
+
+def _check_hook_ran(model, state: _Patch, labels) -> None:
+    if labels is not None and state.hook_calls != 1:
+        raise RuntimeError(
+            f"softmax_gpu.integrations.transformers: {type(model).__name__}.forward called "
+            f"self.loss_function {state.hook_calls} times for one forward with labels (expected "
+            "once): the patch does not apply to this transformers version; revert(model)")
+
+
+def _without(out, logits):
+    """The forward's output without the probe logits (``logits`` field None)."""
+    if isinstance(out, tuple):  # return_dict=False: to_tuple() dropped the None fields
+        return tuple(v for v in out if v is not logits)
+    return type(out)(**{k: v for k, v in out.items() if v is not logits})
+
+
+def _attach(out, accuracy) -> None:
+    if isinstance(out, tuple):
+        raise ValueError("return_token_accuracy=True needs a dict output (return_dict=True)")
+    out.token_accuracy = accuracy
+
+
+def _accuracy_from_logits(out, labels, kwargs):
+    if labels is None or isinstance(out, tuple):
+        return None
+    ignore_index = kwargs.get("ignore_index", -100)
+    with torch.no_grad():
+        logits = out.logits
+        target = _shifted_targets(labels, kwargs.get("shift_labels"), ignore_index)
+        predicted = logits.reshape(-1, logits.shape[-1]).argmax(-1)
+        return _token_accuracy(predicted, target.to(predicted.device), ignore_index)
+
+
+def _fused_blocker(head) -> str | None:
+    """Why the fused path cannot use ``head`` as the output projection now, or None."""
+    if head is None:
+        return "the model has no lm_head attribute"
+    if type(head) is not nn.Linear:
+        return (f"lm_head is a {type(head).__module__}.{type(head).__name__}, not a plain "
+                "torch.nn.Linear (a PEFT/LoRA adapter, a quantised or wrapped layer)")
+    if "forward" in head.__dict__ or hasattr(head, "_hf_hook"):
+        return "lm_head's forward is hooked (accelerate offloading or another patch)"
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(head, FSDPModule):
+            return "lm_head is its own FSDP unit"
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    if type(head.weight) is not nn.Parameter and type(head.weight) is not Tensor:
+        return f"lm_head.weight is a {type(head.weight).__name__}"
+    return None
+
+
+def _forward_structure(model) -> tuple[str | None, str | None]:
+    """(fatal, reason): ``fatal`` when the forward never calls
+    ``self.loss_function`` (no hook can apply), ``reason`` when the fused
+    path's assumptions about the forward do not hold. Read from the class's
+    forward source."""
+    fn = inspect.unwrap(type(model).forward)
+    params = inspect.signature(fn).parameters
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError) as exc:
+        return None, f"the source of {type(model).__name__}.forward is not readable ({exc})"
+    calls: dict[str, list[int]] = {"lm_head": [], "loss_function": []}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                isinstance(node.func.value, ast.Name) and node.func.value.id == "self" and \
+                node.func.attr in calls:
+            calls[node.func.attr].append(node.lineno)
+    name = type(model).__name__
+    if len(calls["loss_function"]) != 1:
+        return (f"{name}.forward calls self.loss_function {len(calls['loss_function'])} times "
+                "(expected once): no loss hook can apply to it"), None
+    if "labels" not in params or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return f"{name}.forward does not take labels and **kwargs", None
+    if len(calls["lm_head"]) != 1:
+        return None, f"{name}.forward calls self.lm_head {len(calls['lm_head'])} times"
+    if calls["lm_head"][0] > calls["loss_function"][0]:
+        return None, f"{name}.forward computes the loss before calling self.lm_head"
+    if "logits_to_keep" not in params:
+        return None, f"{name}.forward has no logits_to_keep argument"
+    return None, None
+
+
+def _causal_lm(model):
+    """The transformers ``PreTrainedModel`` inside ``model`` (a PEFT wrapper or itself)."""
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - exercised without the extra
+        raise ImportError("softmax_gpu.integrations.transformers needs transformers: "
+                          "pip install softmax-gpu[transformers]") from exc
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(inner, transformers.PreTrainedModel):
+        raise TypeError(f"apply() needs a loaded transformers model (or a PEFT wrapper of one), "
+                        f"got {type(model).__name__}")
+    return inner
+
+
+def _loss_contract(model) -> None:
+    """Raise unless the model's loss is transformers' ForCausalLMLoss with the
+    parameters that causal_lm_loss implements."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    current = model.loss_function
+    if current is not ForCausalLMLoss:
+        raise ValueError(
+            f"{type(model).__name__}.loss_function is {getattr(current, '__name__', current)!r}, "
+            "not transformers' ForCausalLMLoss: apply() only replaces the causal-LM loss")
+    params = inspect.signature(ForCausalLMLoss).parameters
+    named = tuple(n for n, p in params.items() if p.kind is not p.VAR_KEYWORD)
+    if named != _LOSS_PARAMS or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise RuntimeError(
+            f"transformers' ForCausalLMLoss takes {list(params)}; softmax_gpu implements "
+            f"{list(_LOSS_PARAMS) + ['**kwargs']}: this transformers version is not supported")
+
+
+def apply(model, *, fused_linear: bool = True):
+    """Run the causal-LM loss of one loaded model on softmax_gpu's kernels.
+
+    Args:
+        model: a loaded transformers ``*ForCausalLM`` instance, or a PEFT
+            model wrapping one (the inner model is patched).
+        fused_linear: training forwards with labels compute the loss with the
+            fused linear cross-entropy from the final hidden states and
+            ``lm_head``'s weight; their ``output.logits`` is None. Used only
+            for the architectures in :data:`FUSED_MODEL_TYPES` whose forward
+            passes the structure checks and whose ``lm_head`` is a plain
+            ``nn.Linear`` (not a LoRA-adapted, quantised or hooked layer);
+            otherwise a warning says why and only the loss hook is installed.
+
+    Returns:
+        ``model`` itself. Applying again replaces the previous patch.
+
+    Raises:
+        TypeError: ``model`` is not a transformers model.
+        ValueError: the model's loss is not transformers' ``ForCausalLMLoss``.
+        RuntimeError: the installed transformers' ``ForCausalLMLoss`` or the
+            model's forward is not the structure this patch relies on.
+    """
+    lm = _causal_lm(model)
+    if _STATE in lm.__dict__:
+        revert(model)
+    _loss_contract(lm)
+    fatal, reason = _forward_structure(lm)
+    if fatal is not None:
+        raise RuntimeError(f"softmax_gpu.integrations.transformers.apply: {fatal}")
+    model_type = getattr(lm.config, "model_type", None)
+    if reason is None and model_type not in FUSED_MODEL_TYPES:
+        reason = f"architecture {model_type!r} is not one the fused path is tested on"
+    head = getattr(lm, "lm_head", None)
+    if reason is None:
+        reason = _fused_blocker(head)
+    if reason is None and head is not lm.get_output_embeddings():
+        reason = "lm_head is not the model's output embeddings"
+    if reason is None and head.out_features != lm.config.vocab_size:
+        reason = f"lm_head has {head.out_features} outputs, vocab_size is {lm.config.vocab_size}"
+    fused = bool(fused_linear) and reason is None
+    if fused_linear and reason is not None:
+        warnings.warn(f"softmax_gpu: {type(lm).__name__} gets the loss-level hook only (the "
+                      f"logits are computed), not the fused linear cross-entropy: {reason}",
+                      stacklevel=2)
+    forward = lm.forward
+    sig = inspect.signature(forward)
+    names = [n for n, p in sig.parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    labels_pos = names.index("labels") if "labels" in names else len(names)
+    state = _Patch(forward, lm.__dict__.get("forward"), lm.__dict__.get("_loss_function"),
+                   fused, reason, labels_pos)
+    # A function object per model carries that model's signature (generate()
+    # and Trainer inspect it); it holds no reference to the model.
+    fn = types.FunctionType(_forward.__code__, _forward.__globals__, _forward.__name__)
+    fn.__signature__ = sig.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *sig.parameters.values()])
+    fn.__doc__ = getattr(forward, "__doc__", None)
+    lm.__dict__[_STATE] = state
+    lm.loss_function = types.MethodType(_loss_hook, lm)
+    lm.forward = types.MethodType(fn, lm)
+    return model
+
+
+def revert(model):
+    """Undo :func:`apply` on ``model`` (a no-op when it is not patched).
+
+    Raises RuntimeError when ``model.forward`` was replaced again after
+    :func:`apply` (reverting would drop that wrapper too): undo that first."""
+    lm = _causal_lm(model)
+    state = lm.__dict__.get(_STATE)
+    if state is None:
+        return model
+    current = lm.__dict__.get("forward")
+    if getattr(current, "__func__", None) is None or \
+            current.__func__.__code__ is not _forward.__code__:
+        raise RuntimeError("model.forward was replaced after softmax_gpu's apply(); undo that "
+                           "first, then revert(model)")
+    del lm.__dict__["forward"]
+    if state.saved_forward is not None:
+        lm.__dict__["forward"] = state.saved_forward
+    del lm.__dict__["_loss_function"]
+    if state.saved_loss is not None:
+        lm.__dict__["_loss_function"] = state.saved_loss
+    del lm.__dict__[_STATE]
+    return model
+
+
+def applied(model) -> dict | None:
+    """None if ``model`` is not patched, else ``{"fused_linear": bool, "reason":
+    str | None}`` (``reason``: why the fused path is off, when it is)."""
+    state = _causal_lm(model).__dict__.get(_STATE)
+    if state is None:
+        return None
+    return {"fused_linear": state.fused, "reason": state.reason}

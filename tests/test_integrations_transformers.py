@@ -1,0 +1,453 @@
+"""softmax_gpu.integrations.transformers against the real transformers package.
+
+Every model is a tiny random fp32 config (vocabulary 96, one layer) on the CPU,
+with the kernels in Triton's interpreter. The reference is the same model
+instance unpatched (transformers' own ForCausalLMLoss on its logits), run
+before apply() and again after revert().
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from softmax_gpu.integrations import transformers as st  # noqa: E402
+
+V, B, T = 96, 2, 8
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    # tied embeddings (Gemma's default) and the final logit softcap
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 5.0}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    {"head_dim": 8, "final_logit_softcapping": 4.0}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 1,
+                                               "bos_token_id": 1}),
+}
+LOSS_TOL = dict(rtol=2e-5, atol=2e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=2e-6)
+
+
+def tiny(arch="llama", cls=None, seed=0, **over):
+    cfg_name, model_name, extra = ARCHS[arch]
+    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra, **over})
+    torch.manual_seed(seed)
+    model = (cls or getattr(transformers, model_name))(cfg)
+    with torch.no_grad():  # small init makes every logit nearly equal: spread them
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model.train()
+
+
+def batch(seed=1, t=T):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, t), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100            # a prompt
+    labels[1, -2:] = -100           # padding
+    return ids, labels
+
+
+def run(model, **kw):
+    """(output, {name: grad}) of one forward (+ backward when there is a loss)."""
+    model.zero_grad(set_to_none=True)
+    out = model(**kw)
+    grads = {}
+    if out.loss is not None and torch.is_grad_enabled() and model.training:
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same(a, b):
+    (oa, ga), (ob, gb) = a, b
+    assert oa.loss.dtype == torch.float32 and ob.loss.dtype == torch.float32
+    torch.testing.assert_close(oa.loss, ob.loss, **LOSS_TOL)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], **GRAD_TOL, msg=name)
+
+
+def train_cases(ids, labels):
+    n = (labels[:, 1:] != -100).sum() + 3  # as Trainer counts, over several micro-batches
+    shift = F.pad(labels, (0, 1), value=-100)[:, 1:].clone()
+    shift[1, 0] = -100
+    return {
+        "mean": dict(input_ids=ids, labels=labels),
+        "num_items_tensor": dict(input_ids=ids, labels=labels, num_items_in_batch=n),
+        "num_items_int": dict(input_ids=ids, labels=labels, num_items_in_batch=int(n)),
+        # pre-shifted labels (sequence parallelism): `labels` must not be used
+        "shift_labels": dict(input_ids=ids, labels=torch.full_like(labels, 7), shift_labels=shift),
+    }
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_architecture(arch):
+    model = tiny(arch)
+    ids, labels = batch()
+    cases = train_cases(ids, labels)
+    ref = {k: run(model, **kw) for k, kw in cases.items()}
+    model.eval()
+    ref_eval = run(model, input_ids=ids, labels=labels)
+    ref_nolabels = run(model, input_ids=ids)
+    model.train()
+    if arch.startswith("gemma"):
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+
+    for fused in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a known architecture: no fallback warning
+            st.apply(model, fused_linear=fused)
+        assert st.applied(model) == {"fused_linear": fused, "reason": None}
+        for name, kw in cases.items():
+            got = run(model, **kw)
+            assert_same(got, ref[name])
+            assert (got[0].logits is None) == fused, name
+        # torch.no_grad in train mode and eval mode: the unpatched logits, bit for bit
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+        assert torch.equal(out.logits, ref_eval[0].logits)
+        torch.testing.assert_close(out.loss, ref_eval[0].loss, **LOSS_TOL)
+        model.eval()
+        out = model(input_ids=ids, labels=labels)
+        assert torch.equal(out.logits, ref_eval[0].logits)
+        torch.testing.assert_close(out.loss, ref_eval[0].loss, **LOSS_TOL)
+        assert out.loss.dtype == torch.float32
+        model.train()
+        out = model(input_ids=ids)  # no labels, training mode
+        assert out.loss is None and torch.equal(out.logits, ref_nolabels[0].logits)
+
+    st.revert(model)
+    assert st.applied(model) is None
+    assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
+    again = run(model, **cases["mean"])
+    assert torch.equal(again[0].loss, ref["mean"][0].loss)
+
+
+def test_logits_to_keep_and_tuple_output():
+    model = tiny("llama")
+    ids, labels = batch()
+    k = 5
+    kw = dict(input_ids=ids, labels=labels[:, -k:], logits_to_keep=k)
+    idx = torch.tensor([0, 2, 3, 7])
+    kw_idx = dict(input_ids=ids, labels=labels[:, idx], logits_to_keep=idx)
+    ref, ref_idx = run(model, **kw), run(model, **kw_idx)
+    st.apply(model)
+    assert_same(run(model, **kw), ref)
+    assert_same(run(model, **kw_idx), ref_idx)
+    # return_dict=False: the tuple holds no logits
+    out = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+    assert all(o is None or o.dim() == 0 or o.shape[-1] != V for o in out[1:] if torch.is_tensor(o))
+    # mismatched labels are an error, as without the patch
+    with pytest.raises(ValueError, match="positions have logits"):
+        model(input_ids=ids, labels=labels, logits_to_keep=k)
+
+
+def test_token_accuracy():
+    model = tiny("qwen2")
+    ids, labels = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    labels[:, 2::2] = logits.argmax(-1)[:, 1:-1:2]  # some targets are the model's argmax
+    target = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    kept = target != -100
+    expected = ((logits.argmax(-1) == target) & kept).sum() / kept.sum()
+    assert 0.3 < expected < 1
+    st.apply(model)
+    out = model(input_ids=ids, labels=labels, return_token_accuracy=True)
+    assert out.logits is None
+    torch.testing.assert_close(out.token_accuracy, expected.float())
+    model.eval()
+    out = model(input_ids=ids, labels=labels, return_token_accuracy=True)
+    torch.testing.assert_close(out.token_accuracy, expected.float())
+    model.train()
+    assert not hasattr(model(input_ids=ids, labels=labels), "token_accuracy")
+
+
+def test_peft_lora():
+    peft = pytest.importorskip("peft")
+    # LoRA on the attention: the fused path; every trainable (LoRA) gradient matches
+    base = tiny("llama")
+    ids, labels = batch()
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     lora_dropout=0.0, init_lora_weights=False))
+    ref = run(lora, input_ids=ids, labels=labels)
+    assert st.apply(lora) is lora
+    assert st.applied(lora)["fused_linear"]
+    got = run(lora, input_ids=ids, labels=labels)
+    assert got[0].logits is None
+    assert_same(got, ref)
+    st.revert(lora)
+
+    # LoRA on lm_head: never silently ignored; the loss hook with a warning
+    base = tiny("llama")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                     lora_dropout=0.0, init_lora_weights=False))
+    ref = run(lora, input_ids=ids, labels=labels)
+    with pytest.warns(UserWarning, match="loss-level hook only.*not a plain torch.nn.Linear"):
+        st.apply(lora)
+    assert st.applied(lora)["fused_linear"] is False
+    got = run(lora, input_ids=ids, labels=labels)
+    assert got[0].logits is not None
+    assert_same(got, ref)
+    assert any("lm_head.lora" in n for n in got[1])
+
+
+def test_unknown_architecture_gets_the_loss_hook():
+    cfg = transformers.OlmoConfig(**COMMON)
+    torch.manual_seed(0)
+    model = transformers.OlmoForCausalLM(cfg).train()
+    ids, labels = batch()
+    ref = run(model, input_ids=ids, labels=labels)
+    with pytest.warns(UserWarning, match="loss-level hook only.*'olmo' is not one the fused"):
+        st.apply(model)
+    got = run(model, input_ids=ids, labels=labels)
+    assert got[0].logits is not None
+    assert_same(got, ref)
+
+
+def test_trainer_gradient_accumulation(tmp_path):
+    """A real Trainer, gradient_accumulation_steps=2, uneven kept tokens per
+    micro-batch (so num_items_in_batch matters): the same logged losses and
+    final parameters with and without apply()."""
+    pytest.importorskip("accelerate")
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for i in range(8):
+        ids = torch.randint(0, V, (T,), generator=g)
+        labels = ids.clone()
+        labels[: (i * 3) % 7] = -100
+        data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(T, dtype=torch.long)})
+
+    def train(patch):
+        model = tiny("llama", seed=5)
+        if patch:
+            st.apply(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2, logging_steps=1,
+            report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
+            dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant",
+            optim="adamw_torch")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch reaches the loss
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    ref_losses, ref_params = train(False)
+    losses, params = train(True)
+    assert len(losses) == 2
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    for name in ref_params:
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5, msg=name)
+    init = dict(tiny("llama", seed=5).named_parameters())
+    assert all(not torch.equal(ref_params[n], init[n]) for n in ("lm_head.weight",
+                                                                 "model.norm.weight"))
+
+
+# --- a transformers release that changes the forward -----------------------------
+
+
+def _subclass(forward_body: str):
+    """A LlamaForCausalLM subclass whose forward is ``forward_body`` (source
+    readable by inspect, as transformers' own)."""
+    import importlib.util
+    import sys
+    import tempfile
+    import textwrap
+
+    src = textwrap.dedent("""
+        import torch
+        from transformers import LlamaForCausalLM
+        from transformers.modeling_utils import slice_logits_to_keep
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        class Changed(LlamaForCausalLM):
+            skip_loss = False
+
+            def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+                hidden_states = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        """) + textwrap.indent(textwrap.dedent(forward_body), " " * 8)
+    path = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
+    path.write(src)
+    path.close()
+    spec = importlib.util.spec_from_file_location(f"changed_{abs(hash(src))}", path.name)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.Changed
+
+
+def test_forward_with_an_unknown_logit_transform_raises():
+    cls = _subclass("""
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        logits = logits * 0.5
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+    """)
+    model = tiny("llama", cls=cls)
+    ids, labels = batch()
+    ref = run(model, input_ids=ids, labels=labels)
+    st.apply(model)
+    with pytest.raises(RuntimeError, match="transforms the logits"):
+        model(input_ids=ids, labels=labels)
+    st.apply(model, fused_linear=False)  # the loss hook still gives the right loss
+    assert_same(run(model, input_ids=ids, labels=labels), ref)
+
+
+def test_forward_without_loss_function_refuses():
+    cls = _subclass("""
+        logits = self.lm_head(hidden_states)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+    """)
+    with pytest.raises(RuntimeError, match="calls self.loss_function 0 times"):
+        st.apply(tiny("llama", cls=cls))
+
+
+def test_forward_with_another_structure_falls_back():
+    cls = _subclass("""
+        logits = self.lm_head(hidden_states)
+        extra = self.lm_head(hidden_states[:, :1])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+    """)
+    model = tiny("llama", cls=cls)
+    ids, labels = batch()
+    ref = run(model, input_ids=ids, labels=labels)
+    with pytest.warns(UserWarning, match="calls self.lm_head 2 times"):
+        st.apply(model)
+    assert st.applied(model) == {"fused_linear": False,
+                                 "reason": "Changed.forward calls self.lm_head 2 times"}
+    assert_same(run(model, input_ids=ids, labels=labels), ref)
+
+
+def test_forward_that_stops_calling_the_loss_raises_at_run_time():
+    cls = _subclass("""
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None and not self.skip_loss:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+    """)
+    model = tiny("llama", cls=cls)
+    ids, labels = batch()
+    for fused in (True, False):
+        st.apply(model, fused_linear=fused)
+        model.skip_loss = True
+        with pytest.raises(RuntimeError, match="self.loss_function 0 times"):
+            model(input_ids=ids, labels=labels)
+        model.skip_loss = False
+        model(input_ids=ids, labels=labels)
+
+
+def test_loss_contract_checks(monkeypatch):
+    from transformers.loss import loss_utils
+
+    model = tiny("llama")
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum()
+    with pytest.raises(ValueError, match="not transformers' ForCausalLMLoss"):
+        st.apply(model)
+    del model.__dict__["_loss_function"]
+
+    # a release whose ForCausalLMLoss grows a parameter we would silently ignore
+    def ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                        shift_labels=None, label_smoothing=0.0, **kwargs):
+        raise AssertionError
+
+    monkeypatch.setattr(loss_utils, "ForCausalLMLoss", ForCausalLMLoss)
+    monkeypatch.setitem(loss_utils.LOSS_MAPPING, "ForCausalLM", ForCausalLMLoss)
+    with pytest.raises(RuntimeError, match="label_smoothing.*not supported"):
+        st.apply(model)
+    assert st.applied(model) is None
+
+
+def test_instance_only_and_deepcopy():
+    a, b = tiny("llama"), tiny("llama")
+    st.apply(a)
+    assert st.applied(b) is None and "forward" not in b.__dict__
+    assert type(a).forward is transformers.LlamaForCausalLM.forward  # no class patched
+    assert F.cross_entropy is torch.nn.functional.cross_entropy
+    import inspect
+    assert "logits_to_keep" in inspect.signature(a.forward).parameters  # generate() sees it
+    c = copy.deepcopy(a)
+    assert st.applied(c) == st.applied(a)
+    with torch.no_grad():
+        c.lm_head.weight.mul_(2)
+    ids, labels = batch()
+    la, lc = a(input_ids=ids, labels=labels).loss, c(input_ids=ids, labels=labels).loss
+    assert not torch.allclose(la, lc)  # the copy runs on its own weights
+    assert a.lm_head.forward.__func__ is torch.nn.Linear.forward  # restored after the call
+
+
+# --- causal_lm_loss against ForCausalLMLoss ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_lm_loss_contract(dtype):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+    _, labels = batch()
+    shift = F.pad(labels, (0, 1), value=-100)[:, 1:].clone()
+    shift[0, -1] = 5
+    n = torch.tensor(11)
+    cases = [dict(), dict(num_items_in_batch=n), dict(num_items_in_batch=11),
+             dict(shift_labels=shift), dict(ignore_index=3), dict(unknown_kwarg=1.0)]
+    for kw in cases:
+        lab = labels.masked_fill(labels == -100, 3) if "ignore_index" in kw else labels
+        x = logits.clone().requires_grad_(True)
+        r = logits.clone().requires_grad_(True)
+        loss = st.causal_lm_loss(x, lab, V, **kw)
+        ref = ForCausalLMLoss(r, lab, V, **kw)
+        assert loss.dtype == torch.float32 and loss.shape == ()
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(loss, ref, **tol)
+        loss.backward()
+        ref.backward()
+        assert x.grad.dtype == dtype
+        torch.testing.assert_close(x.grad.float(), r.grad.float(), **tol)
+    # every token ignored: NaN, as transformers (the mean of nothing)
+    none = torch.full_like(labels, -100)
+    assert st.causal_lm_loss(logits, none, V).isnan() and ForCausalLMLoss(logits, none, V).isnan()
+
+
+def test_causal_lm_loss_makes_no_fp32_copy_of_the_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    logits = torch.randn(B, T, V, dtype=torch.bfloat16)
+    _, labels = batch()
+    big = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if torch.is_tensor(o) and o.dtype == torch.float32 and o.numel() >= logits.numel():
+                    big.append(func)
+            return out
+
+    with Record():
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        ForCausalLMLoss(logits, labels, V)
+    assert big, "the probe sees transformers' fp32 copy"
+    big.clear()
+    with Record():
+        st.causal_lm_loss(logits, labels, V)
+    assert not big, big
