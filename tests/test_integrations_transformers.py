@@ -62,7 +62,7 @@ def run(model, **kw):
     model.zero_grad(set_to_none=True)
     out = model(**kw)
     grads = {}
-    if out.loss is not None and torch.is_grad_enabled() and model.training:
+    if out.loss is not None and out.loss.requires_grad:
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -78,15 +78,15 @@ def assert_same(a, b):
 
 
 def train_cases(ids, labels):
-    n = (labels[:, 1:] != -100).sum() + 3  # as Trainer counts, over several micro-batches
+    """The mean, and (in one forward) num_items_in_batch with pre-shifted
+    labels, as sequence parallelism passes them: `labels` must then be unused."""
     shift = F.pad(labels, (0, 1), value=-100)[:, 1:].clone()
     shift[1, 0] = -100
+    n = (shift != -100).sum() + 3  # as Trainer counts, over several micro-batches
     return {
         "mean": dict(input_ids=ids, labels=labels),
-        "num_items_tensor": dict(input_ids=ids, labels=labels, num_items_in_batch=n),
-        "num_items_int": dict(input_ids=ids, labels=labels, num_items_in_batch=int(n)),
-        # pre-shifted labels (sequence parallelism): `labels` must not be used
-        "shift_labels": dict(input_ids=ids, labels=torch.full_like(labels, 7), shift_labels=shift),
+        "num_items_shift": dict(input_ids=ids, labels=torch.full_like(labels, 7),
+                                shift_labels=shift, num_items_in_batch=n),
     }
 
 
@@ -96,8 +96,8 @@ def test_architecture(arch):
     ids, labels = batch()
     cases = train_cases(ids, labels)
     ref = {k: run(model, **kw) for k, kw in cases.items()}
-    model.eval()
-    ref_eval = run(model, input_ids=ids, labels=labels)
+    model.eval()  # eval mode with grad mode on: loss and gradients too
+    ref_eval = {k: run(model, **kw) for k, kw in cases.items()}
     ref_nolabels = run(model, input_ids=ids)
     model.train()
     if arch.startswith("gemma"):
@@ -112,19 +112,21 @@ def test_architecture(arch):
             got = run(model, **kw)
             assert_same(got, ref[name])
             assert (got[0].logits is None) == fused, name
-        # torch.no_grad in train mode and eval mode: the unpatched logits, bit for bit
+        # torch.no_grad in train mode: the unpatched logits, bit for bit
         with torch.no_grad():
-            out = model(input_ids=ids, labels=labels)
-        assert torch.equal(out.logits, ref_eval[0].logits)
-        torch.testing.assert_close(out.loss, ref_eval[0].loss, **LOSS_TOL)
-        model.eval()
-        out = model(input_ids=ids, labels=labels)
-        assert torch.equal(out.logits, ref_eval[0].logits)
-        torch.testing.assert_close(out.loss, ref_eval[0].loss, **LOSS_TOL)
-        assert out.loss.dtype == torch.float32
-        model.train()
+            out = model(**cases["mean"])
+        assert torch.equal(out.logits, ref_eval["mean"][0].logits)
+        torch.testing.assert_close(out.loss, ref_eval["mean"][0].loss, **LOSS_TOL)
         out = model(input_ids=ids)  # no labels, training mode
         assert out.loss is None and torch.equal(out.logits, ref_nolabels[0].logits)
+    # eval mode (the same path whatever fused_linear says): logits bit for bit,
+    # loss and gradients as transformers'
+    model.eval()
+    for name, kw in cases.items():
+        got = run(model, **kw)
+        assert torch.equal(got[0].logits, ref_eval[name][0].logits), name
+        assert_same(got, ref_eval[name])
+    model.train()
 
     st.revert(model)
     assert st.applied(model) is None
@@ -133,17 +135,22 @@ def test_architecture(arch):
     assert torch.equal(again[0].loss, ref["mean"][0].loss)
 
 
-def test_logits_to_keep_and_tuple_output():
+def test_logits_to_keep_num_items_and_tuple_output():
     model = tiny("llama")
     ids, labels = batch()
     k = 5
-    kw = dict(input_ids=ids, labels=labels[:, -k:], logits_to_keep=k)
     idx = torch.tensor([0, 2, 3, 7])
-    kw_idx = dict(input_ids=ids, labels=labels[:, idx], logits_to_keep=idx)
-    ref, ref_idx = run(model, **kw), run(model, **kw_idx)
+    n = (labels[:, 1:] != -100).sum()
+    cases = [
+        dict(input_ids=ids, labels=labels[:, -k:], logits_to_keep=k),
+        dict(input_ids=ids, labels=labels[:, idx], logits_to_keep=idx),
+        dict(input_ids=ids, labels=labels, num_items_in_batch=int(n) + 2),  # an int
+        dict(input_ids=ids, labels=labels, num_items_in_batch=n),           # alone
+    ]
+    refs = [run(model, **kw) for kw in cases]
     st.apply(model)
-    assert_same(run(model, **kw), ref)
-    assert_same(run(model, **kw_idx), ref_idx)
+    for kw, ref in zip(cases, refs):
+        assert_same(run(model, **kw), ref)
     # return_dict=False: the tuple holds no logits
     out = model(input_ids=ids, labels=labels, return_dict=False)
     assert isinstance(out, tuple) and out[0].dim() == 0
@@ -270,7 +277,6 @@ def _subclass(forward_body: str):
     src = textwrap.dedent("""
         import torch
         from transformers import LlamaForCausalLM
-        from transformers.modeling_utils import slice_logits_to_keep
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         class Changed(LlamaForCausalLM):
@@ -291,7 +297,7 @@ def _subclass(forward_body: str):
 
 def test_forward_with_an_unknown_logit_transform_raises():
     cls = _subclass("""
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        logits = self.lm_head(hidden_states[:, -logits_to_keep:])
         logits = logits * 0.5
         loss = None
         if labels is not None:
