@@ -9,6 +9,7 @@ before apply() and again after revert().
 from __future__ import annotations
 
 import copy
+import textwrap
 import warnings
 
 import pytest
@@ -266,13 +267,24 @@ def test_trainer_gradient_accumulation(tmp_path):
 # --- a transformers release that changes the forward -----------------------------
 
 
-def _subclass(forward_body: str):
-    """A LlamaForCausalLM subclass whose forward is ``forward_body`` (source
-    readable by inspect, as transformers' own)."""
+# transformers' own end of a causal-LM forward; `{condition}` adds to its if.
+HF_TAIL = """
+loss = None
+if labels is not None{condition}:
+    loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+return CausalLMOutputWithPast(loss=loss, logits=logits)
+"""
+
+
+def _subclass(head: str, tail: str | None = None, condition: str = ""):
+    """A LlamaForCausalLM subclass whose forward runs the decoder, then
+    ``head`` (which sets ``logits``), then ``tail`` (default: HF_TAIL); its
+    source is readable by inspect, as transformers' own."""
+    forward_body = textwrap.dedent(head) + (
+        HF_TAIL.format(condition=condition) if tail is None else textwrap.dedent(tail))
     import importlib.util
     import sys
     import tempfile
-    import textwrap
 
     src = textwrap.dedent("""
         import torch
@@ -284,7 +296,7 @@ def _subclass(forward_body: str):
 
             def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
                 hidden_states = self.model(input_ids=input_ids, **kwargs).last_hidden_state
-        """) + textwrap.indent(textwrap.dedent(forward_body), " " * 8)
+        """) + textwrap.indent(forward_body, " " * 8)
     path = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
     path.write(src)
     path.close()
@@ -299,10 +311,6 @@ def test_forward_with_an_unknown_logit_transform_raises():
     cls = _subclass("""
         logits = self.lm_head(hidden_states[:, -logits_to_keep:])
         logits = logits * 0.5
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
     """)
     model = tiny("llama", cls=cls)
     ids, labels = batch()
@@ -315,8 +323,7 @@ def test_forward_with_an_unknown_logit_transform_raises():
 
 
 def test_forward_without_loss_function_refuses():
-    cls = _subclass("""
-        logits = self.lm_head(hidden_states)
+    cls = _subclass("logits = self.lm_head(hidden_states)", tail="""
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         return CausalLMOutputWithPast(loss=loss, logits=logits)
     """)
@@ -328,10 +335,6 @@ def test_forward_with_another_structure_falls_back():
     cls = _subclass("""
         logits = self.lm_head(hidden_states)
         extra = self.lm_head(hidden_states[:, :1])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
     """)
     model = tiny("llama", cls=cls)
     ids, labels = batch()
@@ -344,13 +347,7 @@ def test_forward_with_another_structure_falls_back():
 
 
 def test_forward_that_stops_calling_the_loss_raises_at_run_time():
-    cls = _subclass("""
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None and not self.skip_loss:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-    """)
+    cls = _subclass("logits = self.lm_head(hidden_states)", condition=" and not self.skip_loss")
     model = tiny("llama", cls=cls)
     ids, labels = batch()
     for fused in (True, False):
