@@ -68,7 +68,7 @@ def _worker(rank, world, port, interpret):
             x = shard.detach().requires_grad_(True)
             group = explicit if c.get("group") else None
             loss = vocab_parallel_cross_entropy(x, target, c["eps"], tp_group=group)
-            assert loss.shape == (S, BATCH) and loss.dtype == torch.float32, (loss.shape, loss.dtype)
+            assert loss.shape == (S, BATCH) and loss.dtype == torch.float32, loss
             # per-token weights, exact in fp32 (the loss's dtype)
             gout = (torch.arange(S * BATCH, dtype=torch.float64) % 4 + 1).reshape(S, BATCH) / 4
             loss.backward(gout.float())
