@@ -260,7 +260,7 @@ def _scalars(values, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, t, pg, off, vocab, ignore, reduction, eps, z):
+    def forward(ctx, x, t, pg, off, vocab, ignore, reduction, eps, z, loss_dtype):
         acc = _acc(x.dtype)
         smooth = eps > 0.0
         mx, st = _shard_stats(x, t, off, vocab, ignore, smooth)
@@ -286,7 +286,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = rows.sum() / count
         ctx.save_for_backward(x, t, lse, count)
         ctx.args = (off, vocab, ignore, reduction, eps, z)
-        return loss.to(x.dtype)
+        return loss.to(loss_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -303,7 +303,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             g = (grad / count).reshape(1)
         coef = _scalars((1.0 - eps, eps / vocab, 2.0 * z), acc, x.device)
         dx = _shard_grad(x, t, lse, g, coef, off, vocab, ignore)
-        return dx, None, None, None, None, None, None, None, None
+        return dx, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -316,6 +316,7 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     vocab_size: int | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Cross-entropy of logits sharded over the vocabulary across ``group``.
 
@@ -342,9 +343,12 @@ def vocab_parallel_cross_entropy(
             non-ignored row's loss (reduced like the rest).
         vocab_size: optional global vocabulary; when given it is checked
             against the sum of the gathered shard widths.
+        loss_dtype: the returned loss's dtype (default: local_logits'); the
+            arithmetic is fp32 (fp64 for fp64), so ``torch.float32`` returns
+            per-token fp32 losses of bf16 shards without an fp32 copy of them.
 
     Returns:
-        The loss in local_logits' dtype (computed in fp32, fp64 for fp64): a
+        The loss in ``loss_dtype`` (computed in fp32, fp64 for fp64): a
         0-d tensor, or [...] for ``reduction="none"``. Differentiable wrt
         ``local_logits``: the gradient of the shard is (sigma - y) restricted to
         it (with the smoothing and z-loss terms) times the reduction scale,
@@ -374,7 +378,7 @@ def vocab_parallel_cross_entropy(
     _check_targets(t, vocab, ignore_index)
     loss = _VocabParallelCrossEntropy.apply(
         local_logits, t, pg, off, vocab, ignore_index, reduction, float(label_smoothing),
-        float(z_loss),
+        float(z_loss), local_logits.dtype if loss_dtype is None else loss_dtype,
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)

@@ -31,21 +31,6 @@ def _megatron_tp_group():
     return None
 
 
-# ----------------------------------------------------------------------------
-# TEMPORARY: softmax_gpu.distributed.vocab_parallel_cross_entropy returns the
-# logits' dtype; Megatron's contract is a per-token fp32 loss. Until it takes
-# ``loss_dtype=torch.float32`` (rows kept in fp32, never cast to the logits'
-# dtype), half-precision shards are cast to fp32 here, which costs an fp32
-# copy of the shard (Megatron makes the same copy). Re-point at merge.
-# ----------------------------------------------------------------------------
-def _per_token_fp32(logits: Tensor, target: Tensor, group, eps: float, vocab: int) -> Tensor:
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    loss = _vocab_parallel(logits, target, group=group, reduction="none", label_smoothing=eps,
-                           vocab_size=vocab)
-    return loss.to(torch.float32)
-
-
 def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
                                  label_smoothing: float = 0.0, tp_group=None) -> Tensor:
     """Cross-entropy of logits split evenly over the vocabulary across ``tp_group``.
@@ -94,4 +79,6 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
             raise ValueError(
                 f"label_smoothing={label_smoothing} gives Megatron's K = alpha * V / (V - 1) = "
                 f"{eps} > 1 for V={vocab}; use alpha <= {(vocab - 1) / vocab}")
-    return _per_token_fp32(vocab_parallel_logits, target, group, eps, vocab)
+    # per-token fp32 rows, straight from the kernels' fp32 arithmetic (no fp32 copy of the shard)
+    return _vocab_parallel(vocab_parallel_logits, target, group=group, reduction="none",
+                           label_smoothing=eps, vocab_size=vocab, loss_dtype=torch.float32)
