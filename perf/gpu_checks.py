@@ -8,8 +8,12 @@
    each replay, and each replay is compared with an eager call of the same
    function and with torch in float32. Shapes cover the on-chip, looped and
    split-row paths.
+   ``softmax_gpu.linear_cross_entropy`` (several chunks; reductions "mean"
+   and "none", whose backward recomputes the logits) is captured the same
+   way, its input and head gradients compared.
 2. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
-   + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy -> backward ->
+   + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy, and
+   softmax_gpu.linear_cross_entropy on the hidden states -> backward ->
    SGD update) runs under ``torch.cuda.set_sync_debug_mode("error")``, so any
    op that synchronises the host raises. A deliberate ``.item()`` first
    proves the detector is armed.
@@ -37,6 +41,9 @@ __all__ = ["main"]
 GPU_SHAPES = [(torch.bfloat16, 2048, 4096), (torch.bfloat16, 512, 65536),
               (torch.bfloat16, 4, 262144), (torch.float32, 1024, 8192)]
 CPU_SHAPES = [(torch.float32, 8, 256), (torch.bfloat16, 4, 1024)]
+# linear_cross_entropy: (dtype, tokens, hidden, vocabulary, chunk_size)
+GPU_LINEAR_SHAPES = [(torch.bfloat16, 4096, 1024, 32000, 1024)]
+CPU_LINEAR_SHAPES = [(torch.float32, 40, 16, 96, 16)]
 
 
 class Results:
@@ -142,6 +149,80 @@ def _graph_check(res: Results, family: str, device: str, shapes) -> None:
             res.add(name, False, f"{type(exc).__name__}: {exc}")
 
 
+def _linear_graph_check(res: Results, device: str, shapes) -> None:
+    """Capture linear_cross_entropy forward+backward (input and head
+    gradients) once per shape and reduction, replay twice on fresh data."""
+    import softmax_gpu
+
+    from perf.ops import OPS, TOLERANCE, dtype_name
+    from perf.sizes import Shape
+
+    op = OPS["linear_ce_fwd_bwd"]
+    for dtype, M, D, V, chunk in shapes:
+        for reduction in ("mean", "none"):
+            def fn(x, w, t, reduction=reduction):
+                loss = softmax_gpu.linear_cross_entropy(x, w, t, reduction=reduction,
+                                                        chunk_size=chunk)
+                return loss if reduction == "mean" else loss.float().mean()
+
+            how = "cuda graph" if device == "cuda" else "eager dry run (cpu)"
+            name = (f"{how} linear_cross_entropy ({reduction}) fwd+bwd {dtype_name(dtype)} "
+                    f"{M}x{D}x{V}, chunks of {chunk}")
+            shape = Shape(M, V, "custom", D)
+            try:
+                static = op.shape_inputs(shape, dtype, device, seed=1)
+                params = (static.x, static.w)
+                for p in params:
+                    p.requires_grad_(True)
+
+                def step():
+                    out = op.call(fn, static)
+                    out.backward()
+                    return out
+
+                graph = None
+                if device == "cuda":
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(3):  # JIT compile and allocator warm-up
+                            static.x.grad = static.w.grad = None
+                            step()
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    static.x.grad = static.w.grad = None
+                    with torch.cuda.graph(graph):
+                        out = step()
+                    gx, gw = static.x.grad, static.w.grad
+                worst_ref, worst_eager = 0.0, 0.0
+                for trial in range(2):
+                    fresh = op.shape_inputs(shape, dtype, device, seed=100 + trial)
+                    with torch.no_grad():
+                        for attr in ("x", "w", "target"):
+                            getattr(static, attr).copy_(getattr(fresh, attr))
+                    if graph is not None:
+                        for buf in (out.detach(), gx, gw):
+                            buf.fill_(math.nan)  # replay must write every element
+                        graph.replay()
+                        torch.cuda.synchronize()
+                    else:
+                        static.x.grad = static.w.grad = None
+                        out = step()
+                        gx, gw = static.x.grad, static.w.grad
+                    got = {"loss": out.detach(), "dx": gx, "dw": gw}
+                    eager = op.run_once(fn, op.shape_inputs(shape, dtype, device, seed=100 + trial))
+                    worst_eager = max(worst_eager, *(_rel(got[k], eager[k]) for k in got))
+                    worst_ref = max(worst_ref, op.error(got, fresh))  # "none": its mean is checked
+                tol = TOLERANCE[dtype]
+                ok = worst_ref <= tol and worst_eager <= tol / 5
+                res.add(name, ok, f"rel err vs torch {worst_ref:.2e} (limit {tol:g}), "
+                                  f"vs eager {worst_eager:.2e} (limit {tol / 5:g})")
+                del graph, static
+            except Exception as exc:
+                traceback.print_exc()
+                res.add(name, False, f"{type(exc).__name__}: {exc}")
+
+
 def _sync_check(res: Results) -> None:
     """A training step under set_sync_debug_mode("error") for each loss."""
     import softmax_gpu
@@ -176,8 +257,16 @@ def _sync_check(res: Results) -> None:
         res.add("no-sync training step: cross_entropy", None,
                 "skipped: softmax_gpu.cross_entropy does not exist (yet)")
 
+    # every loss as a function of the hidden states h (the logits are lin(h))
+    steps = {name: (lambda f: lambda hidden: f(lin(hidden)))(f) for name, f in losses.items()}
+    if hasattr(softmax_gpu, "linear_cross_entropy"):
+        for red in ("mean", "none"):
+            steps[f"linear_cross_entropy ({red})"] = (
+                lambda hidden, red=red: softmax_gpu.linear_cross_entropy(
+                    hidden, lin.weight, t, reduction=red, chunk_size=512).float().mean())
+
     def train_step(loss_fn):
-        loss = loss_fn(lin(h))
+        loss = loss_fn(h)
         loss.backward()
         with torch.no_grad():
             lin.weight.add_(lin.weight.grad, alpha=-1e-3)
@@ -185,7 +274,7 @@ def _sync_check(res: Results) -> None:
         h.grad = None
         return loss
 
-    for name, loss_fn in losses.items():
+    for name, loss_fn in steps.items():
         label = f"no-sync training step: {name}"
         try:
             train_step(loss_fn)  # warm-up: compile outside the check
@@ -221,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         _graph_check(res, "cross_entropy", device, shapes)
     else:
         res.add("cuda graph cross_entropy", None, "skipped: softmax_gpu.cross_entropy does not exist (yet)")
+    if hasattr(softmax_gpu, "linear_cross_entropy"):
+        _linear_graph_check(res, device, GPU_LINEAR_SHAPES if device == "cuda" else CPU_LINEAR_SHAPES)
+    else:
+        res.add("cuda graph linear_cross_entropy", None,
+                "skipped: softmax_gpu.linear_cross_entropy does not exist (yet)")
     if device == "cuda":
         _sync_check(res)
     else:

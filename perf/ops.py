@@ -10,15 +10,21 @@ Provider functions follow one calling convention per family:
   [M, N] tensor, differentiable;
 - ``cross_entropy``: ``f(x, target) -> loss``, the mean over rows, like
   ``F.cross_entropy(x, target)`` on [M, N] logits and int64 class targets,
-  differentiable.
+  differentiable;
+- ``linear_ce``: ``f(x, w, target) -> loss``, the mean over rows of
+  ``F.cross_entropy(F.linear(x, w), target)`` for x [M, D] and w [N, D],
+  differentiable in x and w (:class:`LinearCEOpSpec`). A provider may instead
+  return a function marked ``unchecked = True`` that does its whole timed
+  work in one call (the three-GEMM floor): it is timed, never checked.
 
 Extra ops (``vocab_parallel``, say) register with
 :func:`register_op`. One that fits an existing family only needs a new
 :class:`OpSpec`; one with other inputs or semantics subclasses
 :class:`OpSpec` under a new family name and overrides ``make_inputs``,
-``call``, ``run_once`` and ``error`` (the sweep uses nothing else). A
-provider that does not know the new family reports "not implemented" for it
-instead of failing.
+``call``, ``run_once`` and ``error``, and, when its problems are not
+[M, N] rows, ``shapes``, ``shape_bytes`` and ``shape_inputs`` (the sweep uses
+nothing else). A provider that does not know the new family reports "not
+implemented" for it instead of failing.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from perf.sizes import LCE_HIDDEN, Shape, linear_shapes, shapes_for
+
 __all__ = [
     "OpSpec",
     "Inputs",
@@ -40,6 +48,8 @@ __all__ = [
     "softmax_fwd_bwd_bytes",
     "ce_fwd_bytes",
     "ce_fwd_bwd_bytes",
+    "linear_ce_fwd_bwd_bytes",
+    "LinearCEOpSpec",
     "TARGET_BYTES",
     "ROW_OUT_BYTES",
     "TOLERANCE",
@@ -104,6 +114,14 @@ def ce_fwd_bwd_bytes(M: int, N: int, elem: int) -> int:
     return 2 * M * N * elem + M * TARGET_BYTES + M * ROW_OUT_BYTES
 
 
+def linear_ce_fwd_bwd_bytes(M: int, N: int, D: int, elem: int) -> int:
+    """Fused linear + cross-entropy: read x [M, D] and w [N, D], write their
+    gradients, plus the targets and one fp32 per row (the logits need never
+    reach memory). The op is GEMM-bound: its rows are judged by the time
+    against the three-GEMM floor (``vs_floor``), not by GB/s."""
+    return 2 * (M + N) * D * elem + M * TARGET_BYTES + M * ROW_OUT_BYTES
+
+
 # --- inputs ---
 
 
@@ -111,9 +129,10 @@ def ce_fwd_bwd_bytes(M: int, N: int, elem: int) -> int:
 class Inputs:
     """Fresh random inputs of one case (never zeros)."""
 
-    x: Tensor  # [M, N] logits / scores
+    x: Tensor  # [M, N] logits / scores; [M, D] hidden states (linear_ce)
     dy: Tensor | None = None  # [M, N] output gradient (softmax families, backward)
-    target: Tensor | None = None  # [M] int64 classes (cross_entropy)
+    target: Tensor | None = None  # [M] int64 classes (cross_entropy, linear_ce)
+    w: Tensor | None = None  # [N, D] projection (linear_ce)
 
 
 # Families called as f(logits, target) -> mean loss.
@@ -242,6 +261,16 @@ class OpSpec:
     def make_inputs(self, M: int, N: int, dtype: torch.dtype, device: str, seed: int) -> Inputs:
         return make_inputs(self.family, self.backward, M, N, dtype, device, seed)
 
+    def shapes(self, elem_size: int, **kwargs) -> list[Shape]:
+        """The problems to run (``kwargs`` as :func:`perf.sizes.shapes_for`)."""
+        return shapes_for(elem_size, **kwargs)
+
+    def shape_bytes(self, shape: Shape, elem_size: int) -> int:
+        return self.min_bytes(shape.M, shape.N, elem_size)
+
+    def shape_inputs(self, shape: Shape, dtype: torch.dtype, device: str, seed: int) -> Inputs:
+        return self.make_inputs(shape.M, shape.N, dtype, device, seed)
+
     def call(self, fn: Callable, inp: Inputs) -> Tensor:
         """The forward alone: ``fn(x)`` or ``fn(x, target)``."""
         if self.family in TARGET_FAMILIES:
@@ -279,6 +308,91 @@ class OpSpec:
         return relative_error(self.family, self.backward, outputs, inp)
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearCEOpSpec(OpSpec):
+    """Fused linear + cross-entropy, forward then backward into x and w:
+    ``f(x [M, D], w [N, D], target [M]) -> mean loss``. Shapes from
+    :func:`perf.sizes.linear_shapes` (D in ``Shape.D``). Checked against a
+    float32 torch reference computed chunk by chunk (loss, dx, dw)."""
+
+    def shapes(self, elem_size: int, *, device: str, quick: bool, ns=None, m=None,
+               **_) -> list[Shape]:
+        return linear_shapes(device=device, quick=quick, ns=ns, m=m)
+
+    def shape_bytes(self, shape: Shape, elem_size: int) -> int:
+        return linear_ce_fwd_bwd_bytes(shape.M, shape.N, shape.D or LCE_HIDDEN, elem_size)
+
+    def shape_inputs(self, shape: Shape, dtype: torch.dtype, device: str, seed: int) -> Inputs:
+        M, N, D = shape.M, shape.N, shape.D or LCE_HIDDEN
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        x = torch.randn((M, D), generator=g, device=device, dtype=dtype)
+        # logits x @ w^T of standard deviation LOGIT_SCALE, like the CE ops
+        w = torch.randn((N, D), generator=g, device=device, dtype=dtype).mul_(LOGIT_SCALE / math.sqrt(D))
+        t = torch.randint(0, N, (M,), generator=g, device=device, dtype=torch.int64)
+        return Inputs(x=x, w=w, target=t)
+
+    def make_inputs(self, M, N, dtype, device, seed):
+        return self.shape_inputs(Shape(M, N, "custom", LCE_HIDDEN), dtype, device, seed)
+
+    def call(self, fn: Callable, inp: Inputs) -> Tensor:
+        return fn(inp.x, inp.w, inp.target)
+
+    def closure(self, fn, inp):
+        if getattr(fn, "unchecked", False):
+            return (lambda: self.call(fn, inp)), None
+        inp.x.requires_grad_(True)
+        inp.w.requires_grad_(True)
+        return (lambda: self.call(fn, inp).backward()), [inp.x, inp.w]
+
+    def run_once(self, fn, inp):
+        if getattr(fn, "unchecked", False):
+            self.call(fn, inp)
+            return {}
+        for t in (inp.x, inp.w):
+            t.requires_grad_(True)
+            t.grad = None
+        out = self.call(fn, inp)
+        out.backward()
+        result = {"loss": out.detach(), "dx": inp.x.grad, "dw": inp.w.grad}
+        for t in (inp.x, inp.w):
+            t.grad = None
+            t.requires_grad_(False)
+        return result
+
+    def error(self, outputs, inp) -> float:
+        """Largest relative error of loss, dx and dw against float32 torch;
+        NaN for an unchecked (floor) provider."""
+        if not outputs:
+            return math.nan
+        x, w, t = inp.x.float(), inp.w.float(), inp.target
+        M, N = x.shape[0], w.shape[0]
+        dx, dw = outputs.get("dx"), outputs.get("dw")
+        if dx is None or dw is None or dx.shape != x.shape or dw.shape != w.shape:
+            return math.inf
+        dw_ref = torch.zeros_like(w)
+        loss = 0.0
+        dx_diff = dx_ref = 0.0
+        for rows in _row_chunks(M, N):
+            z = x[rows] @ w.T
+            loss += float((torch.logsumexp(z, -1) - z.gather(1, t[rows, None])[:, 0]).sum())
+            g = torch.softmax(z, -1)
+            g[torch.arange(g.shape[0], device=g.device), t[rows]] -= 1.0
+            g /= M
+            r = g @ w
+            dx_diff += float(((dx[rows].float() - r) ** 2).sum())
+            dx_ref += float((r ** 2).sum())
+            dw_ref += g.T @ x[rows]
+        got = float(outputs["loss"].double().reshape(()))
+        if not (math.isfinite(got) and bool(torch.isfinite(dx).all())
+                and bool(torch.isfinite(dw).all())):
+            return math.inf
+        errors = [abs(got - loss / M) / max(abs(loss / M), 1e-30),
+                  math.sqrt(dx_diff / dx_ref) if dx_ref > 0 else math.sqrt(dx_diff),
+                  float((dw.float() - dw_ref).norm() / dw_ref.norm().clamp_min(1e-30))]
+        return max(errors)
+
+
 OPS: dict[str, OpSpec] = {}
 
 
@@ -314,3 +428,8 @@ register_op(OpSpec("vocab_parallel", "vocab_parallel_ce", True, ce_fwd_bwd_bytes
                    "vocab-parallel cross-entropy forward+backward (softmax_gpu.distributed) in "
                    "the current process group, world size 1 unless launched with torchrun; "
                    "the note gives the bytes communicated per step vs gathering the logits"))
+register_op(LinearCEOpSpec(
+    "linear_ce_fwd_bwd", "linear_ce", True,
+    lambda M, N, elem: linear_ce_fwd_bwd_bytes(M, N, LCE_HIDDEN, elem),
+    "fused linear + cross-entropy (LM head: hidden [M, D] x head [N, D], mean loss), forward "
+    "then backward into hidden and head; judged against the three-GEMM floor (vs_floor)"))

@@ -105,6 +105,8 @@ TORCH_FUNCTIONS: dict[str, Callable] = {
     "cross_entropy": lambda x, t: F.cross_entropy(x, t),
     # the single-GPU loss on the whole logits: what vocab parallelism replaces
     "vocab_parallel_ce": lambda x, t: F.cross_entropy(x, t),
+    # the LM head as written in a model: the [M, N] logits, then the loss
+    "linear_ce": lambda x, w, t: F.cross_entropy(F.linear(x, w), t),
 }
 
 
@@ -143,6 +145,10 @@ class SoftmaxGpuProvider(Provider):
 
             ensure_group(self._device)
             return lambda x, t: softmax_gpu.distributed.vocab_parallel_cross_entropy(x, t)
+        if family == "linear_ce":
+            if not hasattr(softmax_gpu, "linear_cross_entropy"):
+                raise NotImplementedForOp("softmax_gpu.linear_cross_entropy does not exist (yet)")
+            return lambda x, w, t: softmax_gpu.linear_cross_entropy(x, w, t)
         raise NotImplementedForOp(f"softmax_gpu has no {family}")
 
     _device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,6 +284,12 @@ class LigerProvider(Provider):
             from liger_kernel.transformers.functional import liger_cross_entropy
 
             return lambda x, t: liger_cross_entropy(x, t)
+        if family == "linear_ce":
+            try:
+                from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+            except ImportError as exc:
+                raise NotImplementedForOp(f"this liger_kernel has no fused linear CE ({exc})") from None
+            return lambda x, w, t: liger_fused_linear_cross_entropy(x, w, t)
         raise NotImplementedForOp(f"liger has no {family}")
 
 
@@ -303,3 +315,73 @@ class QuackProvider(Provider):
 
             return ce
         raise NotImplementedForOp(f"quack has no {family}")
+
+
+@register_provider
+class TorchChunkedProvider(Provider):
+    """torch's own chunked ``F.linear_cross_entropy`` (torch >= 2.13) with
+    ``LinearCrossEntropyOptions()``: its automatic chunk size and precision
+    policy for the device and dtype."""
+
+    name = "torch_chunked"
+    description = "torch F.linear_cross_entropy(options=LinearCrossEntropyOptions())"
+
+    def availability(self, ctx):
+        if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+            return (f"torch {torch.__version__} has no F.linear_cross_entropy with "
+                    "LinearCrossEntropyOptions (torch >= 2.13)")
+        return None
+
+    def function(self, family):
+        if family != "linear_ce":
+            raise NotImplementedForOp(f"torch_chunked has only linear_ce, not {family}")
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda x, w, t: F.linear_cross_entropy(x, w, t, options=options)
+
+
+@register_provider
+class CutCrossEntropyProvider(Provider):
+    """Apple's Cut Cross-Entropy (``cut_cross_entropy.linear_cross_entropy``),
+    when importable."""
+
+    name = "cce"
+    description = "Cut Cross-Entropy"
+
+    def availability(self, ctx):
+        return _cuda_import_reason("cut_cross_entropy", ctx)
+
+    def function(self, family):
+        if family != "linear_ce":
+            raise NotImplementedForOp(f"cce has only linear_ce, not {family}")
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda x, w, t: linear_cross_entropy(x, w, t)
+
+
+def gemm_floor(x, w, t):
+    """The three GEMMs of a linear + cross-entropy step and nothing else:
+    logits = x @ w^T, dx = logits @ w, dw = logits^T @ x (torch.mm, the
+    inputs' dtype). ``t`` is unused."""
+    logits = torch.mm(x, w.t())
+    torch.mm(logits, w)
+    torch.mm(logits.t(), x)
+
+
+gemm_floor.unchecked = True
+
+
+@register_provider
+class GemmFloorProvider(Provider):
+    """The floor of the linear ops: their three GEMMs alone, timed in the same
+    run (``vs_floor`` of every row is its time over this one's)."""
+
+    name = "gemm_floor"
+    description = "the three GEMMs alone (torch.mm): the floor of linear + CE"
+
+    def function(self, family):
+        if family != "linear_ce":
+            raise NotImplementedForOp(f"gemm_floor has only linear_ce, not {family}")
+        return gemm_floor
+
+    def case_note(self, family, M, N, device):
+        return "timing floor: three GEMMs, no loss (not checked)" if family == "linear_ce" else ""

@@ -86,9 +86,16 @@ def _copy_gbps(rows: list[dict]) -> float:
     return math.nan
 
 
+def _has_floor(case_rows: list[dict]) -> bool:
+    """The rows of a GEMM-bound op, judged by ``vs_floor`` rather than GB/s."""
+    return any(isinstance(r.get("vs_floor"), float) and math.isfinite(r["vs_floor"])
+               for r in case_rows)
+
+
 def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[str]:
     """One PNG per (op, dtype): GB/s against N per provider, log-x, with the
-    copy bandwidth as a horizontal line. Returns the paths written ([] without
+    copy bandwidth as a horizontal line (GEMM-bound ops: time over the GEMM
+    floor, with the floor at 1). Returns the paths written ([] without
     matplotlib)."""
     try:
         import matplotlib
@@ -105,9 +112,10 @@ def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[s
     for (op, dtype), case_rows in _cases(rows).items():
         fig, ax = plt.subplots(figsize=(9, 5.5))
         ns: set[int] = set()
+        metric = "vs_floor" if _has_floor(case_rows) else "gbps"
         for p in providers:
             mine = [r for r in case_rows if r["provider"] == p]
-            ok = sorted((r for r in mine if r["status"] == "ok" and math.isfinite(r["gbps"])),
+            ok = sorted((r for r in mine if r["status"] == "ok" and math.isfinite(r[metric])),
                         key=lambda r: r["N"])
             if not ok:
                 statuses = sorted({r["status"] for r in mine}) or ["not run"]
@@ -117,17 +125,20 @@ def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[s
             line = [r for r in ok if r["shape_kind"] != "llm"]
             llm = [r for r in ok if r["shape_kind"] == "llm"]
             if line:
-                ax.plot([r["N"] for r in line], [r["gbps"] for r in line], marker="o", color=colors[p],
+                ax.plot([r["N"] for r in line], [r[metric] for r in line], marker="o", color=colors[p],
                         label=p)
             if llm:
-                ax.scatter([r["N"] for r in llm], [r["gbps"] for r in llm], marker="D",
+                ms = sorted({r["M"] for r in llm})
+                ax.scatter([r["N"] for r in llm], [r[metric] for r in llm], marker="D",
                            facecolors="none", edgecolors=[colors[p]], s=60,
-                           label=f"{p} (LLM shapes, M={llm[0]['M']})" if not line else None)
+                           label=f"{p} (LLM shapes, M={'/'.join(map(str, ms))})" if not line else None)
             wrong = [r for r in ok if r["correct"] is False]
             if wrong:
-                ax.scatter([r["N"] for r in wrong], [r["gbps"] for r in wrong], marker="x", color="red",
+                ax.scatter([r["N"] for r in wrong], [r[metric] for r in wrong], marker="x", color="red",
                            s=120, zorder=5, label=f"{p}: WRONG result")
-        if math.isfinite(copy):
+        if metric == "vs_floor":
+            ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="three-GEMM floor")
+        elif math.isfinite(copy):
             ax.axhline(copy, color="black", linestyle="--", linewidth=1.2,
                        label=f"device copy {copy:.0f} GB/s")
         ax.set_xscale("log", base=2)
@@ -143,8 +154,9 @@ def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[s
             top.set_xticks(llm_ns)
             top.set_xticklabels([str(n) for n in llm_ns], rotation=45, fontsize=7, ha="left")
             top.set_xlabel("LLM shapes (hollow diamonds): vocabulary, 16k tokens", fontsize=8)
-        ax.set_xlabel("N (row length)")
-        ax.set_ylabel("GB/s (minimal bytes / median time)")
+        ax.set_xlabel("N (row length; vocabulary for linear ops)")
+        ax.set_ylabel("time / three-GEMM floor" if metric == "vs_floor"
+                      else "GB/s (minimal bytes / median time)")
         ax.set_ylim(bottom=0)
         title = f"{op}  {dtype}  on {info.device_name}\ntorch {info.torch}, triton {info.triton}, {info.date}"
         if info.meaningless_timings:
@@ -175,7 +187,14 @@ def _cell(r: dict | None) -> str:
         return "n/i"
     if s == "error":
         return "ERROR"
-    text = f"{_gb(r['gbps'])} ({100 * r['frac_copy_bw']:.0f}%)"
+    if isinstance(r.get("vs_floor"), float) and math.isfinite(r["vs_floor"]):
+        text = f"{r['ms']:.3g} ms ({r['vs_floor']:.2f}x floor"
+        peak = r.get("peak_mem_bytes")
+        if isinstance(peak, float) and math.isfinite(peak):
+            text += f", {peak / 2**30:.2f} GiB"
+        text += ")"
+    else:
+        text = f"{_gb(r['gbps'])} ({100 * r['frac_copy_bw']:.0f}%)"
     if r["correct"] is False:
         text = f"**WRONG** {text}"
     return text
@@ -199,7 +218,8 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu")
         f"- device: {info.device_name}; torch {info.torch}; triton {info.triton}; "
         f"CUDA {info.cuda}; run {info.timestamp}",
         f"- roofline: device-to-device copy, **{_gb(copy)} GB/s** (bytes read + written)",
-        "- cells: GB/s of the minimal bytes (% of copy bandwidth); `n/i` not implemented, "
+        "- cells: GB/s of the minimal bytes (% of copy bandwidth); for GEMM-bound ops, median ms "
+        "(time over the three-GEMM floor, peak extra memory); `n/i` not implemented, "
         "`skip` provider unavailable, `ERROR` see notes, **WRONG** failed the check against torch",
         "",
     ]
@@ -210,6 +230,9 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu")
             by_op[r["op"]].append(r)
     for op, op_rows in by_op.items():
         lines += [f"## {op}", ""]
+        hidden = sorted({r["D"] for r in op_rows if r.get("D")})
+        if hidden:
+            lines += [f"Hidden size D = {', '.join(map(str, hidden))}; N is the vocabulary.", ""]
         header = ["dtype", "M", "N"] + providers + [f"{ours} vs {BASELINE}"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         keys: list[tuple] = []

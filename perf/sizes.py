@@ -2,6 +2,9 @@
 
 Grid rows: M is chosen so that one input is at least ``target_bytes``
 (1 GiB by default, several times any L2), so timings measure DRAM, not cache.
+
+The fused linear + cross-entropy op has shapes of its own
+(:func:`linear_shapes`): M tokens, N vocabulary, D hidden.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ __all__ = [
     "shapes_for",
     "parse_size",
     "size_label",
+    "LCE_TOKENS",
+    "LCE_VOCABS",
+    "LCE_HIDDEN",
+    "linear_shapes",
 ]
 
 GRID_N = (256, 1024, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
@@ -33,6 +40,13 @@ QUICK_GPU_LLM_VOCABS = (128256,)
 QUICK_CPU_M = 64
 QUICK_CPU_N = (256, 1024)
 
+# Fused linear + cross-entropy (tokens x hidden x vocabulary): the LM head.
+LCE_TOKENS = (4096, 8192, 16384)
+LCE_VOCABS = (32000, 128256, 151936)
+LCE_HIDDEN = 4096
+QUICK_GPU_LCE = ((4096, 128256),)  # the shape of the published anchors
+QUICK_CPU_LCE_HIDDEN = 32
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Shape:
@@ -41,6 +55,7 @@ class Shape:
     M: int
     N: int
     kind: str = "grid"  # "grid", "llm" or "custom"
+    D: int = 0  # hidden size of the linear ops (0: not a linear op)
 
 
 def grid_rows(N: int, elem_size: int, target_bytes: int = TARGET_INPUT_BYTES) -> int:
@@ -81,6 +96,25 @@ def shapes_for(
     if which in ("all", "llm"):
         out += [Shape(m or LLM_TOKENS, v, "llm") for v in vocabs]
     return out
+
+
+def linear_shapes(*, device: str, quick: bool, ns: tuple[int, ...] | None = None,
+                  m: int | None = None) -> list[Shape]:
+    """Shapes of the fused linear + cross-entropy: M tokens x N vocabulary
+    with D = LCE_HIDDEN. Full: LCE_TOKENS x LCE_VOCABS; --quick on a GPU:
+    4096 x 128256; --quick on CPU: interpreter-sized (M=64, N in 256 / 1k,
+    D=32). ``ns`` replaces the vocabularies, ``m`` the token counts."""
+    hidden = QUICK_CPU_LCE_HIDDEN if quick and device != "cuda" else LCE_HIDDEN
+    if ns is not None:
+        tokens = (m,) if m else ((QUICK_CPU_M,) if quick and device != "cuda" else LCE_TOKENS[:1])
+        return [Shape(t, v, "custom", hidden) for t in tokens for v in ns]
+    if quick and device != "cuda":
+        pairs = [(m or QUICK_CPU_M, n) for n in QUICK_CPU_N]
+    elif quick:
+        pairs = [(m or t, v) for t, v in QUICK_GPU_LCE]
+    else:
+        pairs = [(t, v) for t in ((m,) if m else LCE_TOKENS) for v in LCE_VOCABS]
+    return [Shape(t, v, "llm", hidden) for t, v in pairs]
 
 
 def parse_size(text: str) -> int:

@@ -6,7 +6,9 @@ For each case and provider, in this order:
 2. one call on fresh seeded inputs (this is also the compile / JIT warm-up);
 3. its outputs against torch in float32 on a fresh copy of the same inputs
    (``max_rel_err``, ``correct``): a provider that writes into its inputs
-   cannot fool the check, and a wrong provider is flagged, not silently timed;
+   cannot fool the check, and a wrong provider is flagged, not silently timed
+   (a timing floor, which computes no loss, is left unchecked: ``correct``
+   empty);
 4. peak extra memory of one more call;
 5. the timing (do_bench on CUDA).
 
@@ -30,18 +32,21 @@ from perf.ops import TOLERANCE, OpSpec, dtype_name
 from perf.providers import NotImplementedForOp, Provider, ProviderContext
 from perf.sizes import TARGET_INPUT_BYTES, Shape, shapes_for
 
-__all__ = ["COLUMNS", "SweepConfig", "run_sweep", "run_case", "fill_speedups", "STATUS", "INTERRUPTED"]
+__all__ = ["COLUMNS", "SweepConfig", "run_sweep", "run_case", "fill_speedups", "fill_floor_ratios",
+           "STATUS", "INTERRUPTED", "FLOOR"]
 
 # The CSV's columns, in order. The issue's required ones, then the rest.
 COLUMNS = [
     "op", "provider", "dtype", "M", "N", "ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw",
     "speedup_vs_torch", "peak_mem_bytes", "device", "torch", "triton", "cuda", "timestamp",
     "status", "correct", "max_rel_err", "note", "bytes", "copy_gbps", "shape_kind",
+    "D", "vs_floor",
 ]
 
 STATUS = ("ok", "skipped", "not_implemented", "error")
 
 BASELINE = "torch"  # speedup_vs_torch is measured against this provider
+FLOOR = "gemm_floor"  # vs_floor = ms / this provider's ms (ops with a GEMM floor)
 INTERRUPTED = "RUN INTERRUPTED"  # marks the copy row's note of a cut-short run
 
 
@@ -64,13 +69,17 @@ class SweepConfig:
     copy_bytes: int = 1 << 30
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def shapes(self, dtype: torch.dtype) -> list[Shape]:
+    def shapes(self, dtype: torch.dtype, op: OpSpec | None = None) -> list[Shape]:
+        """The shapes of ``op`` (default: the [M, N] grid / LLM sets) for ``dtype``."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return shapes_for(elem, device=self.device, quick=self.quick, which=self.shape_set,
-                          ns=self.ns, m=self.m, target_bytes=self.target_bytes)
+        kwargs = dict(device=self.device, quick=self.quick, which=self.shape_set, ns=self.ns,
+                      m=self.m, target_bytes=self.target_bytes)
+        if op is None:
+            return shapes_for(elem, **kwargs)
+        return op.shapes(elem, **kwargs)
 
     def cases(self) -> list[tuple[OpSpec, torch.dtype, Shape]]:
-        return [(op, dt, sh) for dt in self.dtypes for op in self.ops for sh in self.shapes(dt)]
+        return [(op, dt, sh) for dt in self.dtypes for op in self.ops for sh in self.shapes(dt, op)]
 
 
 def _base_row(info: RunInfo, op: str, provider: str, dtype: str, M: int, N: int, kind: str) -> dict:
@@ -79,7 +88,7 @@ def _base_row(info: RunInfo, op: str, provider: str, dtype: str, M: int, N: int,
                device=info.device_name, torch=info.torch, triton=info.triton, cuda=info.cuda,
                timestamp=info.timestamp)
     for c in ("ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw", "speedup_vs_torch",
-              "peak_mem_bytes", "max_rel_err"):
+              "peak_mem_bytes", "max_rel_err", "vs_floor"):
         row[c] = math.nan
     return row
 
@@ -99,8 +108,9 @@ def run_case(cfg: SweepConfig, info: RunInfo, op: OpSpec, provider: Provider, dt
     """One row: run, check and time ``provider`` on one case."""
     M, N = shape.M, shape.N
     row = _base_row(info, op.name, provider.name, dtype_name(dtype), M, N, shape.kind)
+    row["D"] = shape.D or ""
     elem = torch.empty((), dtype=dtype).element_size()
-    row["bytes"] = op.min_bytes(M, N, elem)
+    row["bytes"] = op.shape_bytes(shape, elem)
     row["copy_gbps"] = copy_gbps
     note = ""
     try:
@@ -131,18 +141,18 @@ def run_case(cfg: SweepConfig, info: RunInfo, op: OpSpec, provider: Provider, dt
 def _measure(cfg: SweepConfig, op: OpSpec, fn: Callable, dtype: torch.dtype, shape: Shape,
              seed: int) -> dict:
     """Steps 2-5 of the module docstring; the tensors die with this frame."""
-    M, N = shape.M, shape.N
-    inputs = op.make_inputs(M, N, dtype, cfg.device, seed)
+    inputs = op.shape_inputs(shape, dtype, cfg.device, seed)
     outputs = op.run_once(fn, inputs)
     del inputs  # the provider may have written into them
-    inputs = op.make_inputs(M, N, dtype, cfg.device, seed)
+    inputs = op.shape_inputs(shape, dtype, cfg.device, seed)
     err = op.error(outputs, inputs)
     del outputs
     call, grads = op.closure(fn, inputs)
     peak = timing.peak_extra_memory(call, cfg.device)
     ms, p20, p80 = timing.bench(call, cfg.device, grad_to_none=grads,
                                 warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms)
-    return {"max_rel_err": err, "correct": bool(err <= TOLERANCE[dtype]), "peak_mem_bytes": peak,
+    correct = "" if math.isnan(err) else bool(err <= TOLERANCE[dtype])  # "": not checked
+    return {"max_rel_err": err, "correct": correct, "peak_mem_bytes": peak,
             "ms": ms, "ms_p20": p20, "ms_p80": p80}
 
 
@@ -154,6 +164,17 @@ def fill_speedups(rows: list[dict], baseline: str = BASELINE) -> None:
         if r["status"] == "ok":
             r["speedup_vs_torch"] = timing.speedup(base.get((r["op"], r["dtype"], r["M"], r["N"]), math.nan),
                                                    r["ms"])
+
+
+def fill_floor_ratios(rows: list[dict], floor: str = FLOOR) -> None:
+    """``vs_floor`` = ms / the floor provider's ms for rows of the same op,
+    dtype, M and N (ops that have a floor row: the GEMM-bound linear ops)."""
+    base = {(r["op"], r["dtype"], r["M"], r["N"]): r["ms"]
+            for r in rows if r["provider"] == floor and r["status"] == "ok"}
+    for r in rows:
+        key = (r["op"], r["dtype"], r["M"], r["N"])
+        if r["status"] == "ok" and key in base:
+            r["vs_floor"] = timing.speedup(r["ms"], base[key])
 
 
 class _PlainProgress:
@@ -243,4 +264,5 @@ def run_sweep(cfg: SweepConfig, info: RunInfo, *, progress: bool = True,
     finally:
         bar.close()
     fill_speedups(rows)
+    fill_floor_ratios(rows)
     return rows

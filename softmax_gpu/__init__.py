@@ -14,6 +14,9 @@ reference) in ``softmax_gpu/<op>.py``:
   :class:`Softmax`, :class:`LogSoftmax`;
 - :mod:`softmax_gpu.cross_entropy`: :func:`cross_entropy`,
   :func:`cross_entropy_with_grad`, :class:`CrossEntropyLoss`;
+- :mod:`softmax_gpu.linear_cross_entropy`: :func:`linear_cross_entropy`,
+  :class:`LinearCrossEntropyLoss` (the LM head's linear + cross-entropy,
+  chunked);
 - :mod:`softmax_gpu.vocab_parallel`: the vocab-parallel cross-entropy,
   public as :func:`softmax_gpu.distributed.vocab_parallel_cross_entropy`.
 
@@ -26,6 +29,7 @@ Shared by the ops: ``_layout`` (the [OUTER, N, INNER] row view),
 from . import distributed, heuristics
 from ._dispatch import backend_for, poison_outputs, record_launches
 from .cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
+from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from .softmax import LogSoftmax, Softmax, log_softmax, softmax
 
 __version__ = "0.1.0"
@@ -38,6 +42,8 @@ __all__ = [
     "Softmax",
     "LogSoftmax",
     "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
     "backend_for",
     "record_launches",
     "poison_outputs",

@@ -63,9 +63,12 @@ def test_minimal_bytes_model():
     # CE: logits once (+ grad once for fwd+bwd), plus 8-byte targets and a 4-byte value per row
     assert ops.ce_fwd_bytes(M, N, e) == 30 + 3 * 8 + 3 * 4 == 66
     assert ops.ce_fwd_bwd_bytes(M, N, e) == 60 + 3 * 8 + 3 * 4 == 96
+    # linear + CE: x [M, D] and w [N, D] read once, their gradients written once
+    assert ops.linear_ce_fwd_bwd_bytes(M, N, 4, e) == 2 * (3 + 5) * 4 * 2 + 3 * 8 + 3 * 4 == 164
     table = {name: spec.min_bytes(M, N, e) for name, spec in ops.OPS.items()}
     assert table == {"softmax_fwd": 60, "softmax_fwd_bwd": 150, "log_softmax_fwd": 60,
-                     "ce_fwd": 66, "ce_fwd_bwd": 96, "vocab_parallel": 96}
+                     "ce_fwd": 66, "ce_fwd_bwd": 96, "vocab_parallel": 96,
+                     "linear_ce_fwd_bwd": ops.linear_ce_fwd_bwd_bytes(M, N, sizes.LCE_HIDDEN, e)}
 
 
 def test_bandwidth_fraction_and_speedup_arithmetic():
@@ -133,6 +136,18 @@ def test_shape_sets():
     assert [(s.M, s.N, s.kind) for s in custom] == [(7, 4096, "custom")]
     assert sizes.parse_size("4k") == 4096 and sizes.parse_size("50257") == 50257
     assert sizes.size_label(131072) == "128k" and sizes.size_label(50257) == "50257"
+
+
+def test_linear_ce_shapes():
+    full = sizes.linear_shapes(device="cuda", quick=False)
+    assert [(s.M, s.N, s.D) for s in full] == [(t, v, 4096) for t in (4096, 8192, 16384)
+                                               for v in (32000, 128256, 151936)]
+    assert [(s.M, s.N, s.D) for s in sizes.linear_shapes(device="cuda", quick=True)] == \
+        [(4096, 128256, 4096)]
+    cpu = sizes.linear_shapes(device="cpu", quick=True)
+    assert [(s.M, s.N, s.D) for s in cpu] == [(64, 256, 32), (64, 1024, 32)]
+    custom = sizes.linear_shapes(device="cuda", quick=False, ns=(50257,), m=2048)
+    assert [(s.M, s.N, s.D, s.kind) for s in custom] == [(2048, 50257, 4096, "custom")]
 
 
 # --- cuDNN binding (no GPU needed: a fake library) ----------------------------
@@ -321,6 +336,21 @@ def test_relative_error_catches_wrong_and_unwritten_outputs():
     assert not bool((cin.x == 0).all())  # inputs are random, never zeros
 
 
+def test_linear_ce_check_catches_wrong_results():
+    spec = ops.OPS["linear_ce_fwd_bwd"]
+    shape = sizes.Shape(16, 40, "custom", 8)
+    eager = make_providers(["torch"])[0].function("linear_ce")
+    good = spec.run_once(eager, spec.shape_inputs(shape, torch.float32, "cpu", seed=3))
+    fresh = spec.shape_inputs(shape, torch.float32, "cpu", seed=3)
+    assert spec.error(good, fresh) < 1e-5
+    assert spec.error(dict(good, loss=good["loss"] * 1.1), fresh) == pytest.approx(0.1, rel=1e-3)
+    assert spec.error(dict(good, dw=good["dw"] * 0), fresh) == pytest.approx(1.0)
+    assert spec.error(dict(good, dx=good["dx"].flip(0)), fresh) > 0.5
+    assert spec.error(dict(good, dx=torch.full_like(good["dx"], math.nan)), fresh) == math.inf
+    assert spec.error(dict(good, dw=None), fresh) == math.inf
+    assert math.isnan(spec.error({}, fresh))  # the floor: nothing to check
+
+
 # --- the sweep in-process, with fake providers ------------------------------------
 
 
@@ -401,6 +431,33 @@ def test_softmax_gpu_cross_entropy_detected_at_run_time(monkeypatch):
     ours = [r for r in rows if r["provider"] == "softmax_gpu"]
     assert [r["status"] for r in ours] == ["ok", "ok"] and all(r["correct"] for r in ours)
     assert calls and calls[0] == (8, 64)
+
+
+def test_linear_ce_sweep_floor_ratio_and_unchecked_floor():
+    """The linear op's rows: the GEMM floor is timed, not checked, and every
+    row's vs_floor is its time over the floor's; a wrong provider is flagged."""
+    class WrongLinear(Provider):
+        name = "wrong_linear"
+
+        def function(self, family):
+            return lambda x, w, t: torch.nn.functional.cross_entropy(x @ w.T, t.flip(0))
+
+    cfg = sweep.SweepConfig(device="cpu", ops=[ops.OPS["linear_ce_fwd_bwd"]],
+                            providers=make_providers(["torch", "gemm_floor", "softmax_gpu"])
+                            + [WrongLinear()], dtypes=[torch.float32], ns=(48,), m=8, rep_ms=1,
+                            copy_bytes=1 << 16)
+    rows = sweep.run_sweep(cfg, _info(), progress=False, log=lambda s: None)
+    by = {r["provider"]: r for r in rows if r["op"] == "linear_ce_fwd_bwd"}
+    assert {r["status"] for r in by.values()} == {"ok"}
+    assert by["gemm_floor"]["correct"] == "" and "WRONG" not in by["gemm_floor"]["note"]
+    assert by["gemm_floor"]["vs_floor"] == pytest.approx(1.0)
+    for name in ("torch", "softmax_gpu"):
+        r = by[name]
+        assert r["correct"] is True and (r["M"], r["N"], r["D"]) == (8, 48, 4096)
+        assert r["vs_floor"] == pytest.approx(r["ms"] / by["gemm_floor"]["ms"])
+    assert by["wrong_linear"]["correct"] is False
+    md = report.summary_markdown(rows, _info())
+    assert "x floor" in md and "Hidden size D = 4096" in md
 
 
 def test_csv_refuses_mixed_devices_and_stems_do_not_collide(tmp_path):
