@@ -29,11 +29,13 @@ by grad_output before the GEMMs, and runs them (four GEMMs in all instead of
 three). Without a gradient (eval, no_grad) each chunk is one GEMM and the
 loss kernel.
 
-The whole op is a pair of ``torch.library`` custom ops with fake
-implementations and autograd, so eager, ``torch.compile(fullgraph=True)``
-and CUDA-graph capture run the same code. On CPU without
-``TRITON_INTERPRET=1`` the kernel is replaced by a torch reference with the
-same semantics; everything else (chunking, GEMMs) is shared.
+Eagerly the op is a ``torch.autograd.Function``; while a graph is traced
+(``torch.compile(fullgraph=True)``, make_fx) it is the ``torch.library`` ops
+``softmax_gpu::linear_cross_entropy_*`` with fake implementations; both run
+the same passes. On CPU without ``TRITON_INTERPRET=1`` the kernels are
+replaced by a torch reference with the same semantics; everything else
+(chunking, GEMMs) is shared. :class:`_ChunkLoss` is the only code here that
+touches the cross-entropy internals (launchers, launch configs, reference).
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_tensor
-from ._dispatch import traced
+from . import heuristics
+from ._checks import FLOAT_DTYPES, check_float, check_tensor
+from ._dispatch import backend_for, launch_device, launch_on, new_output, traced
+from .cross_entropy import (_scalar_options, cross_entropy_config, cross_entropy_scale_config,
+                            reference_lse_grad)
+from .kernels import cross_entropy as K
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
-_REDUCTIONS = ("none", "mean", "sum")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------
 # Chunk size
@@ -88,17 +92,11 @@ def chunk_rows(N: int, V: int, elem_bytes: int, sm_count: int) -> int:
     return min(N, -(-per // ROW_ALIGN) * ROW_ALIGN)
 
 
-def _sm_count(device: torch.device) -> int:
-    from .heuristics import sm_count
-
-    return sm_count(device)
-
-
 def _plan(N: int, V: int, x: Tensor, chunk_size: int) -> int:
     """``chunk_size`` when given (> 0), else :func:`chunk_rows` for ``x``'s device."""
     if chunk_size > 0:
         return max(1, min(chunk_size, N))
-    return chunk_rows(N, V, x.element_size(), _sm_count(x.device))
+    return chunk_rows(N, V, x.element_size(), heuristics.sm_count(x.device))
 
 
 # ----------------------------------------------------------------------------
@@ -124,9 +122,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 class _ChunkLoss:
     """The fused cross-entropy kernel applied chunk by chunk to one call's
     logits (``kernels/cross_entropy.py``), or its torch reference on the CPU
-    path. This class is the only code here that reaches into softmax_gpu's
-    internals (dispatch, launch configs, the kernel launchers, the CE
-    module's torch reference).
+    path. The only code here that reaches into the cross-entropy internals
+    (its launchers and launch configs, ``reference_lse_grad``) and the
+    dispatch helpers.
 
     Built once per call from ALL the targets: the mean's denominators (sum
     of w_t over kept rows, number of kept rows; with class weights and label
@@ -135,9 +133,6 @@ class _ChunkLoss:
     """
 
     def __init__(self, x: Tensor, t: Tensor, weight: Optional[Tensor], V: int, spec: _Spec):
-        from ._dispatch import backend_for, launch_device, launch_on, new_output
-        from .kernels import cross_entropy as K
-
         self.spec, self.V, self.dtype = spec, V, x.dtype
         self.acc = acc = _acc(x.dtype)
         self.w = weight.to(acc).contiguous() if weight is not None else None
@@ -158,9 +153,6 @@ class _ChunkLoss:
 
     def _launcher(self, kind: str, z: Tensor):
         """The kernel launch for an [n, V] chunk (made once per row count)."""
-        from .cross_entropy import cross_entropy_config, cross_entropy_scale_config
-        from .kernels import cross_entropy as K
-
         n = z.shape[0]
         key = (kind, n)
         if key not in self.launchers:
@@ -184,8 +176,6 @@ class _ChunkLoss:
         ``t`` [n]) and, when ``write_grad``, its gradient written over ``z``:
         d(sum of the chunk's row losses)/dz. Returns (row losses [n] in fp32 /
         fp64, already divided by the global denominators; lse [n] fp32)."""
-        from ._dispatch import launch_on, new_output
-
         n = z.shape[0]
         loss = new_output((n,), self.acc, z.device)
         lse = new_output((n,), torch.float32, z.device)
@@ -203,13 +193,9 @@ class _ChunkLoss:
     def lse_grad_(self, z: Tensor, lse: Tensor, scale: Tensor) -> None:
         """In place: row r of the logits ``z`` becomes scale[r] * d lse_r / dz
         (softmax, times the softcap's derivative); ``lse`` [n] from the forward."""
-        from ._dispatch import launch_on
-
         if z.shape[0] == 0:
             return
         if not self.triton:
-            from .cross_entropy import reference_lse_grad
-
             z.copy_(reference_lse_grad(z, lse, scale, self.spec.cap))
             return
         launch_on(self.dev, self._launcher("lse", z), z, lse, scale, z,
@@ -616,12 +602,6 @@ linear_cross_entropy_lse.register_autograd(_lse_op_backward, setup_context=_lse_
 # ----------------------------------------------------------------------------
 
 
-def _number(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    return float(v)
-
-
 def _check_same(t: Tensor, name: str, x: Tensor) -> None:
     """``t`` has the input's dtype and device (F.linear's requirement)."""
     if t.device != x.device:
@@ -632,10 +612,10 @@ def _check_same(t: Tensor, name: str, x: Tensor) -> None:
 
 def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                 label_smoothing, z_loss, softcap, chunk_size, options, loss_dtype):
-    """Validate; return (ignore_index, chunk_size (0: planned), softcap (0: none))."""
+    """Validate; return the call's :class:`_Spec` (floats; softcap 0: none;
+    chunk_size 0: planned)."""
     check_tensor(input, "input")
-    if input.dtype not in _FLOATS:
-        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    check_float(input, "input")
     if input.dim() not in (1, 2):
         raise ValueError(f"input must have shape (N, D) or (D,), got {tuple(input.shape)}")
     D = input.shape[-1]
@@ -677,21 +657,8 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
         if weight.device != input.device:
             raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     if ignore_index is None:
-        ignore_index = -100
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= _number(label_smoothing, "label_smoothing") <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
-    zl = _number(z_loss, "z_loss")
-    if not (zl >= 0.0 and zl != math.inf):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    cap = 0.0
-    if softcap is not None:
-        cap = _number(softcap, "softcap")
-        if not (cap > 0.0 and cap != math.inf):
-            raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap}")
+        ignore_index = -100  # torch's F.linear_cross_entropy default
+    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = _check_chunk(chunk_size, "chunk_size")
     if options is not None:
         from_options = _check_chunk(getattr(options, "batch_chunk_size", None),
@@ -700,9 +667,9 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
             raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size="
                              f"{from_options} disagree; pass one")
         chunk = chunk or from_options
-    if loss_dtype is not None and loss_dtype not in _FLOATS:
+    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
         raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
-    return ignore_index, chunk, cap
+    return _Spec(ignore_index, reduction, eps, zl, cap, chunk)
 
 
 def _check_chunk(value, name: str) -> int:
@@ -784,15 +751,15 @@ def linear_cross_entropy(
     gradient row (one more rounding in 16-bit dtypes) before the GEMMs.
     The gradient is not itself differentiable (no double backward).
     """
-    ignore_index, chunk, cap = _check_args(
-        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-        label_smoothing, z_loss, softcap, chunk_size, options, loss_dtype)
+    spec = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
+                       ignore_index, label_smoothing, z_loss, softcap, chunk_size, options,
+                       loss_dtype)
     x = input if input.dim() == 2 else input.unsqueeze(0)
     t = target.reshape(-1)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
-    spec = _Spec(ignore_index, reduction, float(label_smoothing), float(z_loss), cap, chunk)
+    cap, chunk = spec.cap, spec.chunk_size
     if traced(x):
         loss, lse, _, _, _ = linear_cross_entropy_forward(x, linear_weight, linear_bias, t,
                                                           weight, *spec, *needs)
@@ -841,11 +808,8 @@ class LinearCrossEntropyLoss(nn.Module):
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got "
                              f"{tuple(weight.shape)}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got "
-                             f"{label_smoothing}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _scalar_options(-100 if ignore_index is None else ignore_index, reduction,
+                        label_smoothing, z_loss, softcap)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
         self.out_features = tuple(out_features)

@@ -306,25 +306,27 @@ def test_out_of_range_targets_give_nan_rows():
 
 def test_torch_reference_path(monkeypatch):
     """The CPU path without the interpreter (the torch reference of the chunk
-    kernel): same results, and IndexError for out-of-range targets as torch."""
-    from softmax_gpu import _dispatch
-
+    kernels, the lse's gradient included): same results, and IndexError for
+    out-of-range targets as torch."""
     x, w, b, t = problem()
     kw = dict(linear_bias=b, chunk_size=CHUNK, label_smoothing=0.1, z_loss=0.01, softcap=5.0,
-              **{"weight": _options("weight_smoothing")["weight"]})
+              return_lse=True, **{"weight": _options("weight_smoothing")["weight"]})
+
+    def run(reduction):
+        loss, lse = lce(x, w, t, reduction=reduction, **kw)
+        return loss, grads(loss.sum() + 0.5 * lse.sum(), (x, w, b), 1.0)
+
     for reduction in ("mean", "none"):
-        kernel = lce(x, w, t, reduction=reduction, **kw)
-        gk = grads(kernel, (x, w, b), 1.0)
-        monkeypatch.setattr(_dispatch, "backend_for", lambda tensor: "torch")
+        kernel, gk = run(reduction)
+        monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
         with softmax_gpu.record_launches() as names:
-            torch_path = lce(x, w, t, reduction=reduction, **kw)
-            gt = grads(torch_path, (x, w, b), 1.0)
+            torch_path, gt = run(reduction)
         monkeypatch.undo()
         assert names == []
         check(torch_path, kernel)
         for a, c in zip(gt, gk):
             check(a, c)
-    monkeypatch.setattr(_dispatch, "backend_for", lambda tensor: "torch")
+    monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
     t[3] = V
     with pytest.raises(IndexError, match="out of bounds"):
         lce(x, w, t, chunk_size=CHUNK)
