@@ -65,7 +65,8 @@ def stubbed_kernels():
                 saved.append((mod, name, obj))
                 setattr(mod, name, _NoLaunch())
     caches = [getattr(sys.modules.get(f"softmax_gpu.{m}"), c, None)
-              for m in ("softmax", "cross_entropy") for c in ("_PLANS", "_AUX")]
+              for m in ("softmax", "cross_entropy", "linear_cross_entropy")
+              for c in ("_PLANS", "_AUX", "_LAUNCHERS")]
     caches = [c for c in caches if isinstance(c, dict)]
     for c in caches:
         c.clear()
@@ -114,6 +115,17 @@ def _cases(device: str):
     sm_mod, lsm_mod = sg.Softmax(dim=-1), sg.LogSoftmax(dim=-1)
     tsm_mod = torch.nn.Softmax(dim=-1)
     ce_mod, tce_mod = sg.CrossEntropyLoss(), torch.nn.CrossEntropyLoss()
+    # the LM head: hidden [M, 16] and head [N, 16], both trained
+    hg = torch.randn(M, 16, device=device, requires_grad=True)
+    wg = torch.randn(N, 16, device=device, requires_grad=True)
+
+    def lce_fwd_bwd(f):
+        def run():
+            torch.autograd.grad(f(hg, wg, t), (hg, wg))
+        return run
+
+    def eager_lce(h, w, tt):
+        return F.cross_entropy(F.linear(h, w), tt)
 
     def fwd_bwd(f, *args):
         def run():
@@ -163,6 +175,10 @@ def _cases(device: str):
          fwd_bwd(F.cross_entropy, t)),
         ("CrossEntropyLoss module fwd+grad", shape, lambda: ce_mod(xg, t),
          lambda: tce_mod(xg, t)),
+        ("linear_cross_entropy fwd+grad", f"{M}x16 @ {N}x16 fp32",
+         lambda: sg.linear_cross_entropy(hg, wg, t), lambda: eager_lce(hg, wg, t)),
+        ("linear_cross_entropy fwd+bwd", f"{M}x16 @ {N}x16 fp32",
+         lce_fwd_bwd(sg.linear_cross_entropy), lce_fwd_bwd(eager_lce)),
     ]
     return cases
 

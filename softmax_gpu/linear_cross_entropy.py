@@ -119,6 +119,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Kernel launches planned for a chunk shape and options, kept across calls.
+_LAUNCHERS: dict = {}
+_MAX_LAUNCHERS = 4096
+
+
 class _ChunkLoss:
     """The fused cross-entropy kernel applied chunk by chunk to one call's
     logits (``kernels/cross_entropy.py``), or its torch reference on the CPU
@@ -138,7 +143,6 @@ class _ChunkLoss:
         self.w = weight.to(acc).contiguous() if weight is not None else None
         self.triton = backend_for(x) == "triton"
         self.mean = spec.reduction == "mean"
-        self.launchers: dict = {}
         self.den = None
         if not self.triton:
             if self.mean:
@@ -152,24 +156,28 @@ class _ChunkLoss:
             launch_on(self.dev, launch, t, self.w if self.w is not None else self.den, self.den)
 
     def _launcher(self, kind: str, z: Tensor):
-        """The kernel launch for an [n, V] chunk (made once per row count)."""
-        n = z.shape[0]
-        key = (kind, n)
-        if key not in self.launchers:
-            sp = self.spec
+        """The kernel launch for an [n, V] chunk, memoised across calls."""
+        sp, n = self.spec, z.shape[0]
+        has_w = self.w is not None
+        key = (kind, n, self.V, z.stride(), self.dtype, z.device, sp.ignore_index, self.mean,
+               sp.eps, sp.z_loss, sp.cap, has_w, heuristics.generation())
+        launch = _LAUNCHERS.get(key)
+        if launch is None:
             strides = (z.stride(0), z.stride(1), 0)
             if kind == "lse":
                 cfg = cross_entropy_scale_config(n, self.V, z.element_size(), z.device)
                 launch = K.lse_grad_launcher(n, self.V, 1, strides, strides, sp.cap, self.dtype,
                                              cfg)
             else:
-                extras = self.w is not None or sp.eps > 0 or sp.cap > 0
+                extras = has_w or sp.eps > 0 or sp.cap > 0
                 cfg = cross_entropy_config(n, self.V, z.element_size(), z.device, extras)
                 launch = K.class_launcher(n, self.V, 1, strides, strides, sp.ignore_index,
-                                          self.mean, sp.eps, sp.z_loss, sp.cap, 1.0,
-                                          self.w is not None, kind == "grad", self.dtype, cfg)
-            self.launchers[key] = launch
-        return self.launchers[key]
+                                          self.mean, sp.eps, sp.z_loss, sp.cap, 1.0, has_w,
+                                          kind == "grad", self.dtype, cfg)
+            if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
+                _LAUNCHERS.clear()
+            _LAUNCHERS[key] = launch
+        return launch
 
     def loss_(self, z: Tensor, t: Tensor, write_grad: bool) -> tuple[Tensor, Tensor]:
         """The loss of the chunk ``z`` ([n, V] contiguous logits, targets

@@ -555,10 +555,15 @@ def test_host_cost_table(tmp_path):
     rows = read_csv(str(path))
     calls = {r["op"] for r in rows}
     for call in ("softmax fwd", "log_softmax fwd+bwd", "cross_entropy fwd+grad",
-                 "cross_entropy_with_grad", "CrossEntropyLoss module fwd+grad"):
+                 "cross_entropy_with_grad", "CrossEntropyLoss module fwd+grad",
+                 "linear_cross_entropy fwd+bwd"):
         assert f"host:{call}" in calls
     assert {r["provider"] for r in rows} == {"softmax_gpu", "torch"}
     assert all(float(r["ms"]) > 0 for r in rows)
     # the kernels are back: a real call still computes
     x = torch.randn(3, 5)
     assert torch.allclose(softmax_gpu.softmax(x, -1), torch.softmax(x, -1), atol=1e-6)
+    h = torch.randn(8, 16, requires_grad=True)  # the shape and grad mode host.py timed
+    w, t = torch.randn(64, 16, requires_grad=True), torch.randint(0, 64, (8,))
+    assert torch.allclose(softmax_gpu.linear_cross_entropy(h, w, t),
+                          torch.nn.functional.cross_entropy(h @ w.T, t), atol=1e-5)
