@@ -273,6 +273,26 @@ def test_unbatched_input_and_loss_dtype():
     check(l32, eager, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_strided_input_int32_targets(dtype):
+    """16-bit input given as a transposed view, int32 targets, bias and class
+    weights: value and gradients against the float64 composite on the same
+    16-bit values, within the dtype's tolerance."""
+    x, w, b, t = problem(n=24)
+    xs = x.detach().to(dtype).T.contiguous().T.requires_grad_()  # strides (1, 24)
+    ws, bs = (p.detach().to(dtype).requires_grad_() for p in (w, b))
+    cw = _options("weight_smoothing")["weight"].float()
+    loss = lce(xs, ws, t.int(), linear_bias=bs, weight=cw, chunk_size=7, label_smoothing=0.1,
+               loss_dtype=torch.float32)
+    got = torch.autograd.grad(loss, (xs, ws, bs))
+    ref, _ = reference(xs, ws, t, bs, weight=cw, label_smoothing=0.1)
+    want = torch.autograd.grad(ref, (xs, ws, bs))
+    check(loss, ref, dtype=dtype, scale=4)
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        check(g, r, dtype=dtype, scale=4 * max(1.0, float(r.abs().max())))
+
+
 def test_all_ignored_and_empty_batches():
     """Mean over no kept rows is NaN (as torch) with zero gradients; sum is 0."""
     x, w, b, t = problem()
