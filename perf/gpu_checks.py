@@ -80,11 +80,40 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm()) / (denom if denom > 0 else 1.0)
 
 
+def _capture(step, reset):
+    """Run ``step`` three times on a side stream (JIT compile, allocator
+    warm-up), then capture one call in a CUDA graph: (graph, its output).
+    ``reset`` runs before each call (clears the gradients)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            reset()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    reset()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _verdict(res: Results, name: str, dtype, worst_ref: float, worst_eager: float) -> None:
+    """PASS when the replays match torch within the harness tolerance and the
+    eager call within a fifth of it."""
+    from perf.ops import TOLERANCE
+
+    tol = TOLERANCE[dtype]
+    ok = worst_ref <= tol and worst_eager <= tol / 5
+    res.add(name, ok, f"rel err vs torch {worst_ref:.2e} (limit {tol:g}), "
+                      f"vs eager {worst_eager:.2e} (limit {tol / 5:g})")
+
+
 def _graph_check(res: Results, family: str, device: str, shapes) -> None:
     """Capture forward+backward of ``family`` once per shape, replay twice."""
     import softmax_gpu
 
-    from perf.ops import TOLERANCE, OPS, dtype_name
+    from perf.ops import OPS, dtype_name
 
     op = OPS["softmax_fwd_bwd" if family == "softmax" else "ce_fwd_bwd"]
     fn = (lambda x: softmax_gpu.softmax(x, -1)) if family == "softmax" else \
@@ -107,17 +136,7 @@ def _graph_check(res: Results, family: str, device: str, shapes) -> None:
             static.x.requires_grad_(True)
             graph = None
             if device == "cuda":
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):  # JIT compile and allocator warm-up, off the capture
-                        static.x.grad = None
-                        step(static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                static.x.grad = None
-                with torch.cuda.graph(graph):
-                    out = step(static)
+                graph, out = _capture(lambda: step(static), lambda: setattr(static.x, "grad", None))
                 grad = static.x.grad
             worst_ref, worst_eager = 0.0, 0.0
             for trial in range(2):
@@ -139,10 +158,7 @@ def _graph_check(res: Results, family: str, device: str, shapes) -> None:
                 eager = op.run_once(fn, op.make_inputs(M, N, dtype, device, seed=100 + trial))
                 worst_eager = max(worst_eager, _rel(out, eager[key]), _rel(grad, eager["dx"]))
                 worst_ref = max(worst_ref, op.error({key: out.detach(), "dx": grad}, fresh))
-            tol = TOLERANCE[dtype]
-            ok = worst_ref <= tol and worst_eager <= tol / 5
-            res.add(name, ok, f"rel err vs torch {worst_ref:.2e} (limit {tol:g}), "
-                              f"vs eager {worst_eager:.2e} (limit {tol / 5:g})")
+            _verdict(res, name, dtype, worst_ref, worst_eager)
             del graph, static
         except Exception as exc:
             traceback.print_exc()
@@ -154,7 +170,7 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
     gradients) once per shape and reduction, replay twice on fresh data."""
     import softmax_gpu
 
-    from perf.ops import OPS, TOLERANCE, dtype_name
+    from perf.ops import OPS, dtype_name
     from perf.sizes import Shape
 
     op = OPS["linear_ce_fwd_bwd"]
@@ -180,19 +196,12 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
                     out.backward()
                     return out
 
+                def reset():
+                    static.x.grad = static.w.grad = None
+
                 graph = None
                 if device == "cuda":
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(3):  # JIT compile and allocator warm-up
-                            static.x.grad = static.w.grad = None
-                            step()
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    static.x.grad = static.w.grad = None
-                    with torch.cuda.graph(graph):
-                        out = step()
+                    graph, out = _capture(step, reset)
                     gx, gw = static.x.grad, static.w.grad
                 worst_ref, worst_eager = 0.0, 0.0
                 for trial in range(2):
@@ -206,17 +215,14 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
                         graph.replay()
                         torch.cuda.synchronize()
                     else:
-                        static.x.grad = static.w.grad = None
+                        reset()
                         out = step()
                         gx, gw = static.x.grad, static.w.grad
                     got = {"loss": out.detach(), "dx": gx, "dw": gw}
                     eager = op.run_once(fn, op.shape_inputs(shape, dtype, device, seed=100 + trial))
                     worst_eager = max(worst_eager, *(_rel(got[k], eager[k]) for k in got))
                     worst_ref = max(worst_ref, op.error(got, fresh))  # "none": its mean is checked
-                tol = TOLERANCE[dtype]
-                ok = worst_ref <= tol and worst_eager <= tol / 5
-                res.add(name, ok, f"rel err vs torch {worst_ref:.2e} (limit {tol:g}), "
-                                  f"vs eager {worst_eager:.2e} (limit {tol / 5:g})")
+                _verdict(res, name, dtype, worst_ref, worst_eager)
                 del graph, static
             except Exception as exc:
                 traceback.print_exc()

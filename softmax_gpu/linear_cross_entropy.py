@@ -730,7 +730,9 @@ def linear_cross_entropy(
             logits, fp32, shaped like ``target``. It is differentiable: its
             gradient flows through the GEMMs into input, linear_weight and
             linear_bias (by a second pass that recomputes the logits, run
-            only when the lse is part of what is differentiated).
+            only when the lse is part of what is differentiated; d lse / dz
+            = exp(z - lse) uses this fp32 lse, so that gradient is
+            fp32-accurate even for fp64 input).
         chunk_size: rows per chunk (default: planned from a memory budget and
             the multiprocessor count, 4096 rows for LLM shapes).
         options: torch's ``LinearCrossEntropyOptions`` (torch >= 2.13) or
@@ -757,7 +759,12 @@ def linear_cross_entropy(
     ``reduction="none"`` the backward recomputes the logits (four GEMMs
     instead of three), and a grad_output other than 1 is applied to each
     gradient row (one more rounding in 16-bit dtypes) before the GEMMs.
-    The gradient is not itself differentiable (no double backward).
+    A gradient, once returned, is never changed by a later backward over a
+    retained graph. The gradient is not itself differentiable (no double
+    backward), and ``weight`` gets none. With fp16 input the logits'
+    gradient is stored in fp16 before the GEMMs, already divided by the
+    mean's denominator, so its smallest entries can underflow (as in torch's
+    fp16 cross-entropy); bf16 has fp32's range.
     """
     spec = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                        ignore_index, label_smoothing, z_loss, softcap, chunk_size, options,
