@@ -16,7 +16,8 @@ Per chunk of rows, in the forward, when a gradient is needed:
 3. ``dX[chunk] = dlogits @ W`` goes straight into the preallocated dX;
    ``dW += dlogits^T @ X[chunk]`` accumulates into ONE fp32 [V, D] buffer
    (fp64 for fp64), with bf16/fp16 operands and fp32 accumulation
-   (``addmm(out_dtype=float32)`` on CUDA, an fp32 copy of the chunk
+   (``mm`` / ``addmm(out_dtype=float32)`` on CUDA, the first chunk writing
+   it, the others adding with beta = 1; an fp32 copy of the chunk
    elsewhere), cast once in the backward; the bias gradient is the column
    sums of dlogits in fp32.
 
@@ -265,45 +266,52 @@ def _logits(x: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
     return torch.addmm(b, x, w.t(), out=out)
 
 
-# Whether this process's torch accepts addmm(fp32 self, bf16/fp16 operands,
-# out_dtype=float32) on CUDA; learnt at the first call.
+# Whether this process's torch accepts mm / addmm with bf16/fp16 operands and
+# out_dtype=float32 into an fp32 ``out`` on CUDA; learnt at the first call.
 _OUT_DTYPE_OK: dict[str, bool] = {}
 
 
-def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with fp32 (fp64) accumulation whatever a and b's dtype.
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, add: bool) -> None:
+    """acc <- a @ b (``add``: acc += a @ b) with fp32 (fp64) accumulation
+    whatever a and b's dtype, without a copy of the product.
 
-    Same dtype: ``addmm_``. bf16/fp16 operands on CUDA: cuBLAS with
-    ``out_dtype=float32`` and beta = 1 into ``acc`` (one GEMM, no copy);
-    where that overload is missing or refuses an fp32 ``self`` (older torch),
-    and on CPU, the operands are copied to the accumulator's dtype first (one
-    chunk-sized copy: the products are still exact in fp32)."""
+    Same dtype: ``mm`` / ``addmm`` with ``out=acc``. bf16/fp16 operands on
+    CUDA: cuBLAS with ``out_dtype=float32`` (beta = 1 into ``acc`` to add).
+    Where that overload is missing or refuses an fp32 ``acc`` (older torch),
+    and on CPU, the operands are copied to the accumulator's dtype first
+    (one chunk-sized copy; the products are still exact in fp32)."""
+    op = torch.addmm if add else torch.mm
+    lead = (acc,) if add else ()
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        op(*lead, a, b, out=acc)
         return
-    if acc.is_cuda and _OUT_DTYPE_OK.get("cuda", True):
+    if acc.is_cuda and _OUT_DTYPE_OK.get(op.__name__, True):
         try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            op(*lead, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError, NotImplementedError):  # checked before any launch
-            _OUT_DTYPE_OK["cuda"] = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+            _OUT_DTYPE_OK[op.__name__] = False
+    op(*lead, a.to(acc.dtype), b.to(acc.dtype), out=acc)
 
 
 def _backprop(g: Tensor, x: Tensor, w: Tensor, dx: Optional[Tensor], dw: Optional[Tensor],
-              db: Optional[Tensor], add_dx: bool = False) -> None:
-    """From one chunk's logits gradient ``g`` [n, V]: dx (the chunk's rows,
-    written, or added to when ``add_dx``) = g @ w; dw += g^T @ x; db += column
-    sums of g (fp32)."""
+              db: Optional[Tensor], add_dx: bool, add_acc: bool) -> None:
+    """From one chunk's logits gradient ``g`` [n, V]: dx (the chunk's rows;
+    added to when ``add_dx``) = g @ w; dw = g^T @ x and db = the column sums
+    of g, in fp32, added to the accumulators when ``add_acc`` (the first
+    chunk writes them: no zero fill, no read)."""
     if dx is not None:
         if add_dx:
             torch.addmm(dx, g, w, out=dx)
         else:
             torch.mm(g, w, out=dx)
     if dw is not None:
-        _accumulate(dw, g.t(), x)
+        _accumulate(dw, g.t(), x, add_acc)
     if db is not None:
-        db.add_(g.sum(0, dtype=db.dtype))
+        if add_acc:
+            db.add_(g.sum(0, dtype=db.dtype))
+        else:
+            torch.sum(g, 0, dtype=db.dtype, out=db)
 
 
 # ----------------------------------------------------------------------------
@@ -317,9 +325,14 @@ def _grad_buffers(x, w, b, needs):
     N, D = x.shape
     V = w.shape[0]
     acc = _acc(x.dtype)
-    dx = x.new_empty((N, D) if needs[0] else (0,))
-    dw = torch.zeros((V, D) if needs[1] else (0,), dtype=acc, device=x.device)
-    db = torch.zeros((V,) if needs[2] and b is not None else (0,), dtype=acc, device=x.device)
+
+    def alloc(shape, dtype):  # the chunks write every element (poisoned in the tests)
+        return new_output(shape, dtype, x.device) if N else torch.zeros(shape, dtype=dtype,
+                                                                         device=x.device)
+
+    dx = alloc((N, D) if needs[0] else (0,), x.dtype)
+    dw = alloc((V, D) if needs[1] else (0,), acc)
+    db = alloc((V,) if needs[2] and b is not None else (0,), acc)
     return dx, dw, db
 
 
@@ -348,13 +361,13 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs):
     dx, dw, db = _grad_buffers(x, w, b, needs if grad else (False,) * 3)
     slices, buf = _chunks(N, V, x, spec)
     losses, lses = [], []
-    for sl in slices:
+    for i, sl in enumerate(slices):
         z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
         loss, lse = kern.loss_(z, t[sl], grad)
         losses.append(loss)
         lses.append(lse)
         if grad:
-            _backprop(z, x[sl], w, *_outs(dx, dw, db, sl))
+            _backprop(z, x[sl], w, *_outs(dx, dw, db, sl), add_dx=False, add_acc=i > 0)
     loss = torch.cat(losses) if losses else x.new_empty(0, dtype=_acc(x.dtype))
     lse = torch.cat(lses) if lses else x.new_empty(0, dtype=torch.float32)
     if spec.reduction != "none":
@@ -378,17 +391,18 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
         _ChunkLoss(x, t, None, V, spec._replace(reduction="sum"))
     dx, dw, db = _grad_buffers(x, w, b, needs)
     slices, buf = _chunks(N, V, x, spec)
-    for sl in slices:
+    for i, sl in enumerate(slices):
         outs = _outs(dx, dw, db, sl)
         if row_scale is not None:
             z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
             kern.loss_(z, t[sl], True)
             z.mul_(row_scale[sl, None])
-            _backprop(z, x[sl], w, *outs)
+            _backprop(z, x[sl], w, *outs, add_dx=False, add_acc=i > 0)
         if lse_scale is not None:
             z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
             kern.lse_grad_(z, lse[sl], lse_scale[sl])
-            _backprop(z, x[sl], w, *outs, add_dx=row_scale is not None)
+            two = row_scale is not None  # the second term of this chunk: add to it
+            _backprop(z, x[sl], w, *outs, add_dx=two, add_acc=two or i > 0)
     return dx, dw, db
 
 
