@@ -254,6 +254,8 @@ def _chunk_reference(z, t, weight, spec, den, write_grad, loss, lse) -> None:
         if spec.cap > 0:
             g = g * (1 - (x / spec.cap) ** 2)
         z.copy_(torch.where(kept[:, None], g, 0))
+
+
 # ----------------------------------------------------------------------------
 # GEMMs
 # ----------------------------------------------------------------------------
@@ -295,16 +297,13 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor, add: bool) -> None:
 
 
 def _backprop(g: Tensor, x: Tensor, w: Tensor, dx: Optional[Tensor], dw: Optional[Tensor],
-              db: Optional[Tensor], add_dx: bool, add_acc: bool) -> None:
-    """From one chunk's logits gradient ``g`` [n, V]: dx (the chunk's rows;
-    added to when ``add_dx``) = g @ w; dw = g^T @ x and db = the column sums
-    of g, in fp32, added to the accumulators when ``add_acc`` (the first
-    chunk writes them: no zero fill, no read)."""
+              db: Optional[Tensor], add_acc: bool) -> None:
+    """From one chunk's logits gradient ``g`` [n, V]: dx (the chunk's rows) =
+    g @ w; dw = g^T @ x and db = the column sums of g, in fp32, added to the
+    accumulators when ``add_acc`` (the first chunk writes them: no zero fill,
+    no read)."""
     if dx is not None:
-        if add_dx:
-            torch.addmm(dx, g, w, out=dx)
-        else:
-            torch.mm(g, w, out=dx)
+        torch.mm(g, w, out=dx)
     if dw is not None:
         _accumulate(dw, g.t(), x, add_acc)
     if db is not None:
@@ -367,7 +366,7 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs):
         losses.append(loss)
         lses.append(lse)
         if grad:
-            _backprop(z, x[sl], w, *_outs(dx, dw, db, sl), add_dx=False, add_acc=i > 0)
+            _backprop(z, x[sl], w, *_outs(dx, dw, db, sl), add_acc=i > 0)
     loss = torch.cat(losses) if losses else x.new_empty(0, dtype=_acc(x.dtype))
     lse = torch.cat(lses) if lses else x.new_empty(0, dtype=torch.float32)
     if spec.reduction != "none":
@@ -380,29 +379,26 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs):
 def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, needs):
     """The backward's pass over the chunks: recompute each chunk's logits and
     turn them into row_scale[r] * d(loss_r)/dz (``reduction="none"``: the
-    rows are scaled before the GEMMs) and / or lse_scale[r] * d(lse_r)/dz
-    (``lse``: the forward's), then backpropagate through the GEMMs. Returns
-    (dx in the input's dtype, dw and db in fp32 / fp64), empty where not
-    asked."""
+    rows are scaled before the GEMMs) or, when ``row_scale`` is None, into
+    lse_scale[r] * d(lse_r)/dz (``lse``: the forward's), then backpropagate
+    through the GEMMs. Returns (dx in the input's dtype, dw and db in fp32 /
+    fp64), empty where not asked."""
     N = x.shape[0]
     V = w.shape[0]
     t = target.contiguous()
-    kern = _ChunkLoss(x, t, weight, V, spec) if row_scale is not None else \
+    loss_term = row_scale is not None
+    kern = _ChunkLoss(x, t, weight, V, spec) if loss_term else \
         _ChunkLoss(x, t, None, V, spec._replace(reduction="sum"))
     dx, dw, db = _grad_buffers(x, w, b, needs)
     slices, buf = _chunks(N, V, x, spec)
     for i, sl in enumerate(slices):
-        outs = _outs(dx, dw, db, sl)
-        if row_scale is not None:
-            z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
+        z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
+        if loss_term:
             kern.loss_(z, t[sl], True)
             z.mul_(row_scale[sl, None])
-            _backprop(z, x[sl], w, *outs, add_dx=False, add_acc=i > 0)
-        if lse_scale is not None:
-            z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
+        else:
             kern.lse_grad_(z, lse[sl], lse_scale[sl])
-            two = row_scale is not None  # the second term of this chunk: add to it
-            _backprop(z, x[sl], w, *outs, add_dx=two, add_acc=two or i > 0)
+        _backprop(z, x[sl], w, *_outs(dx, dw, db, sl), add_acc=i > 0)
     return dx, dw, db
 
 
@@ -550,11 +546,11 @@ def linear_cross_entropy_backward(
     lse: Optional[Tensor], lse_scale: Optional[Tensor], need_input_grad: bool,
     need_weight_grad: bool, need_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``sum_r row_scale[r] * loss_r + lse_scale[r] * lse_r`` by
-    recomputing each chunk of logits (either term may be absent: None;
-    ``row_scale`` is for ``reduction="none"``, ``lse`` is the forward's).
-    Returns (dx in the input's dtype, dw and db in fp32 / fp64), empty where
-    not asked."""
+    """Gradients of ``sum_r row_scale[r] * loss_r`` (``reduction="none"``)
+    or, when ``row_scale`` is None, of ``sum_r lse_scale[r] * lse_r``
+    (``lse``: the forward's), by recomputing each chunk of logits. Returns
+    (dx in the input's dtype, dw and db in fp32 / fp64), empty where not
+    asked."""
     spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
     return _recompute(input, linear_weight, linear_bias, target, weight, spec, row_scale, lse,
                       lse_scale, (need_input_grad, need_weight_grad, need_bias_grad))
