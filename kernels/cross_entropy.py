@@ -106,12 +106,12 @@ def capped_stats(X, base, s_n, C, cap, ACC: tl.constexpr, BLOCK_N: tl.constexpr)
 @triton.jit
 def row_lse(X, base, s_n, C, cap, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
             BLOCK_N: tl.constexpr):
-    """log-sum-exp of one row (softcapped when SOFTCAP), looped over tiles."""
+    """(max, log-sum-exp) of one row (softcapped when SOFTCAP), looped over tiles."""
     if SOFTCAP:
         m, d = capped_stats(X, base, s_n, C, cap, ACC, BLOCK_N)
     else:
         m, d = online_stats(X, base, s_n, 0, C, ACC, BLOCK_N)
-    return m + tl.log(d)
+    return m, m + tl.log(d)
 
 
 @triton.jit
@@ -212,6 +212,7 @@ def ce_class_single_kernel(
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] fp32: row log-sum-exp
     STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
+    HIT,  # [M] int8: 1 where the row is kept and its target is an argmax (written when WRITE_HIT)
     M,  # number of rows
     C,  # number of classes (row length)
     INNER,  # rows sharing one outer index (1 for (N, C) logits)
@@ -227,6 +228,7 @@ def ce_class_single_kernel(
     SMOOTH: tl.constexpr,  # label smoothing > 0
     SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
     WRITE_GRAD: tl.constexpr,  # write the gradient to G
+    WRITE_HIT: tl.constexpr,  # write HIT (token accuracy)
     ACC: tl.constexpr,  # accumulation dtype (fp32, or fp64 for fp64 logits)
     BLOCK_N: tl.constexpr,  # power of two >= C
     ROWS: tl.constexpr,  # rows per program
@@ -265,6 +267,8 @@ def ce_class_single_kernel(
     loss = class_row_loss(lse, zt, wt, smooth_sum, kept, inside, eps, C, z_loss, dl, dz, SMOOTH)
     tl.store(LOSS + rows, loss, mask=rmask)
     tl.store(LSE + rows, lse.to(tl.float32), mask=rmask)
+    if WRITE_HIT:
+        tl.store(HIT + rows, (kept & inside & (zt >= m)).to(tl.int8), mask=rmask)
     if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
         a, b, cw = class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs, SMOOTH)
@@ -286,6 +290,7 @@ def ce_class_looped_kernel(
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] fp32: row log-sum-exp
     STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
+    HIT,  # [M] int8: 1 where the row is kept and its target is an argmax (written when WRITE_HIT)
     M,  # number of rows (one program each)
     C,  # number of classes (row length)
     INNER,  # rows sharing one outer index
@@ -301,6 +306,7 @@ def ce_class_looped_kernel(
     SMOOTH: tl.constexpr,  # label smoothing > 0
     SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
     WRITE_GRAD: tl.constexpr,  # write the gradient to G
+    WRITE_HIT: tl.constexpr,  # write HIT (token accuracy)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
 ):
@@ -312,7 +318,7 @@ def ce_class_looped_kernel(
     t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
     # the target logit, read before any gradient tile can overwrite it (in place)
     zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
-    lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
+    m, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     dl, dz = class_denominators(DEN, use_den, ACC)
     if HAS_WEIGHT and SMOOTH:
         sw = tl.load(DEN + 2).to(ACC)
@@ -344,6 +350,8 @@ def ce_class_looped_kernel(
     tl.store(LSE + row, lse.to(tl.float32))
     if WRITE_GRAD:
         tl.store(STATE + row, tl.full((), 1.0, ACC))
+    if WRITE_HIT:
+        tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
 
 
 # ----------------------------------------------------------------------------
@@ -454,7 +462,7 @@ def ce_prob_looped_kernel(
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
     gb = row_base(row, INNER, sg_o, sg_i)
-    lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
+    _, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     a = tl.zeros((), ACC)
     if WRITE_GRAD:
         # sum_c y_c: the gradient's coefficient of sigma, needed before any tile is written
@@ -627,15 +635,18 @@ def _scalars(eps, z_loss, cap, grad_scale):
 
 
 def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps, z_loss, cap,
-                   grad_scale, has_weight, write_grad, dtype, cfg):
-    """``launch(x, t, w, den, g, loss, lse, state)`` for class-index targets
-    ``t`` ([M], contiguous). Unused tensors (``w`` without weights, ``den``
-    unless ``use_den`` or weights with smoothing, ``g``/``state`` unless
-    ``write_grad``) may be any placeholder of the ACC dtype."""
+                   grad_scale, has_weight, write_grad, dtype, cfg, write_hit=False):
+    """``launch(x, t, w, den, g, loss, lse, state, hit)`` for class-index
+    targets ``t`` ([M], contiguous). Unused tensors (``w`` without weights,
+    ``den`` unless ``use_den`` or weights with smoothing, ``g``/``state``
+    unless ``write_grad``, ``hit`` unless ``write_hit``) may be any
+    placeholder. ``hit`` [M] int8: 1 where the row is kept and its target is
+    an argmax of the row (ties count), the token accuracy's numerator."""
     args = (M, C, inner, *x_strides, *g_strides, ignore_index, int(use_den),
             *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
-                ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+                WRITE_HIT=write_hit, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
+                num_warps=cfg.num_warps)
     if cfg.path == "single":
         kernel = ce_class_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         meta["ROWS"] = cfg.rows_per_program
@@ -644,8 +655,8 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
         kernel = ce_class_looped_kernel[(M,)]
         names = ("ce_class_looped_kernel",)
 
-    def launch(x, t, w, den, g, loss, lse, state):
-        kernel(x, t, w, den, g, loss, lse, state, *args, **meta)
+    def launch(x, t, w, den, g, loss, lse, state, hit):
+        kernel(x, t, w, den, g, loss, lse, state, hit, *args, **meta)
         return names
     return launch
 

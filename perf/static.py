@@ -266,12 +266,13 @@ def main(argv=None) -> int:
 # with extras may run any subset of them, of which all-on is the heaviest.
 _CE_FLAGS = {
     ("class", False): (
-        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=True),
-        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=False),
+        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=True, WRITE_HIT=False),
+        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=True, WRITE_HIT=True),
+        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=False, WRITE_HIT=False),
     ),
     ("class", True): (
-        dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=True),
-        dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=False),
+        dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=True, WRITE_HIT=True),
+        dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=False, WRITE_HIT=False),
     ),
     ("prob", True): (
         dict(HAS_WEIGHT=False, SOFTCAP=False, WRITE_GRAD=True),
@@ -317,7 +318,7 @@ def cross_entropy_variants() -> list[Variant]:
             continue
         if fam == "class":
             ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc),
-                    ("G", dt), ("LOSS", acc), ("LSE", "fp32"), ("STATE", acc))
+                    ("G", dt), ("LOSS", acc), ("LSE", "fp32"), ("STATE", acc), ("HIT", "i8"))
         else:
             ptrs = (("X", dt), ("Y", dt), ("W", acc), ("G", dt), ("LOSS", acc), ("LSE", "fp32"),
                     ("STATE", acc))

@@ -474,7 +474,7 @@ class _Plan:
         if self.den is not None:
             den = new_output((3,), acc, x.device)
             launch_on(self.dev, self.den, t, w, den)
-        launch_on(self.dev, self.main, xin, t, w, den, g, loss, lse, state)
+        launch_on(self.dev, self.main, xin, t, w, den, g, loss, lse, state, loss)
         return loss, lse, state
 
     def reduce(self, rows: Tensor, dtype: torch.dtype) -> Tensor:

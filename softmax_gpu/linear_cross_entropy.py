@@ -156,12 +156,12 @@ class _ChunkLoss:
                                              self.w is not None, spec.eps > 0, x.dtype)
             launch_on(self.dev, launch, t, self.w if self.w is not None else self.den, self.den)
 
-    def _launcher(self, kind: str, z: Tensor):
+    def _launcher(self, kind: str, z: Tensor, hit: bool = False):
         """The kernel launch for an [n, V] chunk, memoised across calls."""
         sp, n = self.spec, z.shape[0]
         has_w = self.w is not None
-        key = (kind, n, self.V, z.stride(), self.dtype, z.device, sp.ignore_index, self.mean,
-               sp.eps, sp.z_loss, sp.cap, has_w, heuristics.generation())
+        key = (kind, hit, n, self.V, z.stride(), self.dtype, z.device, sp.ignore_index,
+               self.mean, sp.eps, sp.z_loss, sp.cap, has_w, heuristics.generation())
         launch = _LAUNCHERS.get(key)
         if launch is None:
             strides = (z.stride(0), z.stride(1), 0)
@@ -174,29 +174,33 @@ class _ChunkLoss:
                 cfg = cross_entropy_config(n, self.V, z.element_size(), z.device, extras)
                 launch = K.class_launcher(n, self.V, 1, strides, strides, sp.ignore_index,
                                           self.mean, sp.eps, sp.z_loss, sp.cap, 1.0, has_w,
-                                          kind == "grad", self.dtype, cfg)
+                                          kind == "grad", self.dtype, cfg, write_hit=hit)
             if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
                 _LAUNCHERS.clear()
             _LAUNCHERS[key] = launch
         return launch
 
-    def loss_(self, z: Tensor, t: Tensor, write_grad: bool) -> tuple[Tensor, Tensor]:
+    def loss_(self, z: Tensor, t: Tensor, write_grad: bool,
+              hit: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """The loss of the chunk ``z`` ([n, V] contiguous logits, targets
         ``t`` [n]) and, when ``write_grad``, its gradient written over ``z``:
         d(sum of the chunk's row losses)/dz. Returns (row losses [n] in fp32 /
-        fp64, already divided by the global denominators; lse [n] fp32)."""
+        fp64, already divided by the global denominators; lse [n] fp32).
+        ``hit`` ([n] int8, optional) gets 1 where the row is kept and its
+        target is an argmax of its logits, from the same pass."""
         n = z.shape[0]
         loss = new_output((n,), self.acc, z.device)
         lse = new_output((n,), torch.float32, z.device)
         if n == 0:
             return loss, lse
         if not self.triton:
-            _chunk_reference(z, t, self.w, self.spec, self.den, write_grad, loss, lse)
+            _chunk_reference(z, t, self.w, self.spec, self.den, write_grad, loss, lse, hit)
             return loss, lse
         state = new_output((n,), self.acc, z.device) if write_grad else loss
-        launch_on(self.dev, self._launcher("grad" if write_grad else "loss", z), z, t,
-                  self.w if self.w is not None else loss,
-                  self.den if self.den is not None else loss, z, loss, lse, state)
+        launch = self._launcher("grad" if write_grad else "loss", z, hit is not None)
+        launch_on(self.dev, launch, z, t, self.w if self.w is not None else loss,
+                  self.den if self.den is not None else loss, z, loss, lse, state,
+                  loss if hit is None else hit)
         return loss, lse
 
     def lse_grad_(self, z: Tensor, lse: Tensor, scale: Tensor) -> None:
@@ -223,7 +227,7 @@ def _reference_denominators(t: Tensor, weight: Optional[Tensor], ignore_index: i
     return (w_t * kept).sum(), count
 
 
-def _chunk_reference(z, t, weight, spec, den, write_grad, loss, lse) -> None:
+def _chunk_reference(z, t, weight, spec, den, write_grad, loss, lse, hit=None) -> None:
     """Torch reference of :meth:`_ChunkLoss.loss_` (the CPU path without the
     interpreter), dividing by the global denominators ``den`` (mean): fills
     ``loss`` and ``lse``, and ``z`` with the gradient. Targets outside [0, V)
@@ -249,6 +253,8 @@ def _chunk_reference(z, t, weight, spec, den, write_grad, loss, lse) -> None:
     zl = torch.where(kept, spec.z_loss * lse_, 0)
     loss.copy_((y * (lse_[:, None] - x)).sum(1) / dl + zl * lse_ / dz)
     lse.copy_(lse_)
+    if hit is not None:
+        hit.copy_(kept & (x.gather(1, tc[:, None])[:, 0] >= x.amax(1)))
     if write_grad:
         g = torch.softmax(x, 1) * (y.sum(1) / dl + 2 * zl / dz)[:, None] - y / dl
         if spec.cap > 0:
@@ -347,11 +353,12 @@ def _outs(dx, dw, db, rows: slice):
             db if db.numel() else None)
 
 
-def _forward(x, w, b, target, weight, spec: _Spec, needs):
-    """(loss, lse, dx, dw, db): the loss (0-d for mean / sum, [N] for none, in
-    fp32 / fp64), lse [N] fp32, and for mean / sum the gradients ``needs``
-    asks for (dx in the input's dtype, dw and db in fp32 / fp64; empty
-    otherwise), chunk by chunk."""
+def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = False):
+    """(loss, lse, dx, dw, db, hits): the loss (0-d for mean / sum, [N] for
+    none, in fp32 / fp64), lse [N] fp32, and for mean / sum the gradients
+    ``needs`` asks for (dx in the input's dtype, dw and db in fp32 / fp64;
+    empty otherwise), chunk by chunk; ``hits`` [N] int8 (``want_hits``: 1
+    where the row is kept and its target is an argmax; else empty)."""
     N = x.shape[0]
     V = w.shape[0]
     t = target.contiguous()
@@ -360,9 +367,10 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs):
     dx, dw, db = _grad_buffers(x, w, b, needs if grad else (False,) * 3)
     slices, buf = _chunks(N, V, x, spec)
     losses, lses = [], []
+    hits = new_output((N if want_hits else 0,), torch.int8, x.device)
     for i, sl in enumerate(slices):
         z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
-        loss, lse = kern.loss_(z, t[sl], grad)
+        loss, lse = kern.loss_(z, t[sl], grad, hits[sl] if want_hits else None)
         losses.append(loss)
         lses.append(lse)
         if grad:
@@ -373,7 +381,7 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs):
         loss = loss.sum()
         if spec.reduction == "mean" and N == 0:
             loss = loss * math.nan  # the mean of no rows, as torch
-    return loss, lse, dx, dw, db
+    return loss, lse, dx, dw, db, hits
 
 
 def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, needs):
@@ -469,17 +477,17 @@ class _LinearCEFunction(torch.autograd.Function):
     gradients); the backward scales or recomputes them."""
 
     @staticmethod
-    def forward(ctx, x, w, b, t, cw, spec, needs):
-        loss, lse, dx, dw, db = _forward(x, w, b, t, cw, spec, needs)
-        ctx.mark_non_differentiable(lse)
+    def forward(ctx, x, w, b, t, cw, spec, needs, want_hits):
+        loss, lse, dx, dw, db, hits = _forward(x, w, b, t, cw, spec, needs, want_hits)
+        ctx.mark_non_differentiable(lse, hits)
         ctx.set_materialize_grads(False)
         _save(ctx, x, w, b, t, cw, (dx, dw, db), spec, needs)
-        return loss, lse
+        return loss, lse, hits
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_loss, d_lse):
-        return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None)
+    def backward(ctx, d_loss, d_lse, d_hits):
+        return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None)
 
 
 class _LseFunction(torch.autograd.Function):
@@ -501,8 +509,8 @@ def linear_cross_entropy_forward(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
     weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
     z_loss: float, softcap: float, chunk_size: int, need_input_grad: bool,
-    need_weight_grad: bool, need_bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_weight_grad: bool, need_bias_grad: bool, want_hits: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
 
     input [N, D], linear_weight [V, D], linear_bias [V] or None (all one
@@ -511,10 +519,11 @@ def linear_cross_entropy_forward(
     loss 0-d (mean / sum) or [N] (none) in fp32 (fp64 for fp64 input), lse
     [N] fp32, and for mean / sum when asked the gradients of the loss: dx
     [N, D] in the input's dtype, dw [V, D] and db [V] in fp32 (fp64);
-    gradients not computed are empty."""
+    gradients not computed are empty; and hits [N] int8 (``want_hits``: 1
+    where the row is kept and its target is an argmax; else empty)."""
     spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
     return _forward(input, linear_weight, linear_bias, target, weight, spec,
-                    (need_input_grad, need_weight_grad, need_bias_grad))
+                    (need_input_grad, need_weight_grad, need_bias_grad), want_hits)
 
 
 def _fake_grads(x, w, b, needs):
@@ -529,13 +538,14 @@ def _fake_grads(x, w, b, needs):
 @linear_cross_entropy_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
       label_smoothing, z_loss, softcap, chunk_size, need_input_grad, need_weight_grad,
-      need_bias_grad):
+      need_bias_grad, want_hits):
     N = input.shape[0]
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=_acc(input.dtype))
     grad = reduction != "none"
     needs = (grad and need_input_grad, grad and need_weight_grad, grad and need_bias_grad)
     return (loss, input.new_empty((N,), dtype=torch.float32),
-            *_fake_grads(input, linear_weight, linear_bias, needs))
+            *_fake_grads(input, linear_weight, linear_bias, needs),
+            input.new_empty((N if want_hits else 0,), dtype=torch.int8))
 
 
 @torch.library.custom_op("softmax_gpu::linear_cross_entropy_backward", mutates_args=())
@@ -570,14 +580,14 @@ def _recompute_op(x, w, b, t, cw, spec, row_scale, lse, lse_scale, needs):
 
 
 def _op_setup(ctx, inputs, output):
-    x, w, b, t, cw, *options, nx, nw, nb = inputs
-    _, lse, dx, dw, db = output
-    ctx.mark_non_differentiable(lse, dx, dw, db)
+    x, w, b, t, cw, *options, nx, nw, nb, _ = inputs
+    _, lse, dx, dw, db, hits = output
+    ctx.mark_non_differentiable(lse, dx, dw, db, hits)
     _save(ctx, x, w, b, t, cw, (dx, dw, db), _Spec(*options), (nx, nw, nb))
 
 
-def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db):
-    return (*_loss_grads(ctx, d_loss, _recompute_op),) + (None,) * 11
+def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db, d_hits):
+    return (*_loss_grads(ctx, d_loss, _recompute_op),) + (None,) * 12
 
 
 linear_cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_setup)
@@ -714,6 +724,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     options=None,
     loss_dtype: Optional[torch.dtype] = None,
+    return_token_accuracy: bool = False,
 ):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target)``
     without ever holding the [N, V] logits: a drop-in for torch's
@@ -752,9 +763,16 @@ def linear_cross_entropy(
             backpropagating twice always works).
         loss_dtype: dtype of the returned loss (default: the input's, as
             torch); ``torch.float32`` gives the fp32 value the kernel computed.
+        return_token_accuracy: also return the token accuracy, a 0-d fp32
+            tensor: the fraction of kept rows (target != ignore_index) whose
+            target is an argmax of its (softcapped) logits, 0 when no row is
+            kept. It comes from the loss kernel's own pass over each chunk
+            (a target tied with another class at the maximum counts as
+            correct); not differentiable.
 
     Returns:
-        the loss, or ``(loss, lse)`` with ``return_lse``.
+        the loss, then the lse with ``return_lse``, then the accuracy with
+        ``return_token_accuracy`` (a tuple when either is asked).
 
     Semantics and numerics: the logits of each chunk are the input's dtype,
     rounded as F.linear rounds them; the loss and gradient arithmetic is fp32
@@ -785,25 +803,32 @@ def linear_cross_entropy(
     needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
     cap, chunk = spec.cap, spec.chunk_size
+    want_hits = bool(return_token_accuracy)
     if traced(x):
-        loss, lse, _, _, _ = linear_cross_entropy_forward(x, linear_weight, linear_bias, t,
-                                                          weight, *spec, *needs)
+        loss, lse, _, _, _, hits = linear_cross_entropy_forward(
+            x, linear_weight, linear_bias, t, weight, *spec, *needs, want_hits)
         if return_lse and any(needs):
             lse = linear_cross_entropy_lse(lse, x, linear_weight, linear_bias, t, cap, chunk,
                                            *needs)
     elif any(needs):
-        loss, lse = _LinearCEFunction.apply(x, linear_weight, linear_bias, t, weight, spec, needs)
+        loss, lse, hits = _LinearCEFunction.apply(x, linear_weight, linear_bias, t, weight, spec,
+                                                  needs, want_hits)
         if return_lse:
             lse = _LseFunction.apply(lse, x, linear_weight, linear_bias, t,
                                      _Spec(-100, "sum", 0.0, 0.0, cap, chunk), needs)
     else:
-        loss, lse, _, _, _ = _forward(x, linear_weight, linear_bias, t, weight, spec, needs)
+        loss, lse, _, _, _, hits = _forward(x, linear_weight, linear_bias, t, weight, spec,
+                                            needs, want_hits)
     loss = loss.to(loss_dtype or input.dtype)
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    if not return_lse:
-        return loss
-    return loss, lse.reshape(target.shape)
+    out = (loss,)
+    if return_lse:
+        out += (lse.reshape(target.shape),)
+    if want_hits:
+        kept = (t != spec.ignore_index).sum(dtype=torch.float32)
+        out += (hits.sum(dtype=torch.float32) / kept.clamp(min=1.0),)
+    return out[0] if len(out) == 1 else out
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -429,10 +429,11 @@ def test_compile_fullgraph_training_step():
 
 def test_opcheck():
     x, w, b, t = problem(n=12)
-    args = (x.detach(), w.detach(), b.detach(), t, None, -100, "mean", 0.1, 0.01, 0.0, 5,
-            True, True, True)
-    torch.library.opcheck(lce_module.linear_cross_entropy_forward, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    for want_hits in (False, True):
+        args = (x.detach(), w.detach(), b.detach(), t, None, -100, "mean", 0.1, 0.01, 0.0, 5,
+                True, True, True, want_hits)
+        torch.library.opcheck(lce_module.linear_cross_entropy_forward, args,
+                              test_utils=("test_schema", "test_faketensor"))
     bargs = (x.detach(), w.detach(), b.detach(), t, None, -100, "none", 0.0, 0.0, 3.0, 5,
              rand(12, dtype=torch.float64), rand(12), rand(12, dtype=torch.float64), True, True,
              True)
@@ -526,3 +527,37 @@ def test_module_forward_and_errors():
     assert "linear_cross_entropy" in softmax_gpu.__all__
     assert "LinearCrossEntropyLoss" in softmax_gpu.__all__
     assert not math.isnan(float(loss))
+
+
+@pytest.mark.parametrize("path", ["single", "looped"])
+def test_token_accuracy(path):
+    """return_token_accuracy: the fraction of kept rows whose target is an
+    argmax, from the loss kernel's own pass (no logits tensor), over many
+    chunks, with and without a gradient, and under a softcap (monotone: the
+    same argmax); 0 when every row is ignored."""
+    x, w, b, t = problem(n=40)
+    z = F.linear(x.detach(), w.detach(), b.detach())
+    # make about half the rows correct: the target becomes the argmax
+    t = t.clone()
+    rows = torch.arange(0, 40, 2)
+    t[rows] = z[rows].argmax(1)
+    t[5] = -100
+    kept = t != -100
+    want = float((z.argmax(1)[kept] == t[kept]).double().mean())
+    lim = dict(max_single=16, tile=8) if path == "looped" else {}
+    with heuristics.override(**lim):
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                loss, acc = softmax_gpu.linear_cross_entropy(
+                    x, w, t, linear_bias=b, chunk_size=7, return_token_accuracy=True)
+            assert acc.dtype == torch.float32 and acc.shape == () and not acc.requires_grad
+            assert abs(float(acc) - want) < 1e-6, (float(acc), want)
+            assert loss.requires_grad == grad
+        loss, lse, acc = softmax_gpu.linear_cross_entropy(
+            x, w, t, linear_bias=b, softcap=3.0, chunk_size=9, return_lse=True,
+            return_token_accuracy=True)
+        assert abs(float(acc) - want) < 1e-6 and lse.shape == t.shape
+        none = torch.full_like(t, -100)
+        _, acc = softmax_gpu.linear_cross_entropy(x, w, none, linear_bias=b,
+                                                  return_token_accuracy=True)
+        assert float(acc) == 0.0

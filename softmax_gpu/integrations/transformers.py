@@ -81,31 +81,7 @@ _STATE = "_softmax_gpu_patch"
 _PROBE = (-3.0, -0.5, 0.0, 0.75, 2.0, 40.0)
 
 
-# ----------------------------------------------------------------------------
-# TEMPORARY: the fused linear cross-entropy is being built as
-# softmax_gpu.linear_cross_entropy; until it lands this composite (F.linear +
-# softmax_gpu.cross_entropy, same signature) stands in for it. Remove at merge.
-# The real function must also provide ``return_token_accuracy`` (argmax ==
-# target over kept rows, tracked in its single pass over the logits tiles).
-# ----------------------------------------------------------------------------
-def _temporary_composite(input, linear_weight, target, *, linear_bias=None, weight=None,
-                         reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                         z_loss=0.0, softcap=None, return_lse=False, chunk_size=None,
-                         options=None, loss_dtype=None, return_token_accuracy=False):
-    """TEMPORARY stand-in for ``softmax_gpu.linear_cross_entropy``: materialises the logits."""
-    logits = F.linear(input, linear_weight, linear_bias)
-    out = softmax_gpu.cross_entropy(
-        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        return_lse=return_lse, loss_dtype=loss_dtype)
-    if not return_token_accuracy:
-        return out
-    with torch.no_grad():
-        acc = _token_accuracy(logits.argmax(-1), target, ignore_index)
-    return (*out, acc) if return_lse else (out, acc)
-
-
-_linear_cross_entropy = getattr(softmax_gpu, "linear_cross_entropy", None) or _temporary_composite
+_linear_cross_entropy = softmax_gpu.linear_cross_entropy
 
 
 # --- the loss ------------------------------------------------------------------
