@@ -60,7 +60,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .softmax import acc_dtype, online_stats, online_update, row_base
+from .softmax import FP_FUSION, acc_dtype, online_stats, online_update, row_base
 
 # ----------------------------------------------------------------------------
 # Shared jit helpers
@@ -75,9 +75,26 @@ def scalar_arg(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def recip_ge1_f64(d):
+    """1 / d for fp64 d >= 1 (NaN stays NaN) without a division: an fp64
+    division compiles to a subroutine call, and around those calls in the
+    looped kernels Triton 3.6's ptxas kept values on the stack. An fp32
+    reciprocal refined by two Newton steps (relative error 2^-22, 2^-44, then
+    fp64 rounding); d is clamped to 2^120 first (fp32 range), which moves
+    1 / d by less than 2^-119."""
+    d = tl.where(d > 1.329227995784916e36, 1.329227995784916e36, d)
+    r = (1.0 / d.to(tl.float32)).to(tl.float64)
+    r = r * (2.0 - d * r)
+    return r * (2.0 - d * r)
+
+
+@triton.jit
 def softcap_tanh(x, cap):
     """cap * tanh(x / cap) from one exp; saturates to +-cap (also for +-inf)."""
-    return cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))
+    d = tl.exp(2.0 * (x * (1.0 / cap))) + 1.0
+    if d.dtype == tl.float64:
+        return cap - (2.0 * cap) * recip_ge1_f64(d)
+    return cap - (2.0 * cap) / d
 
 
 @triton.jit
@@ -117,7 +134,7 @@ def row_lse(X, base, s_n, C, cap, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
 def softcap_grad(g, z, cap, SOFTCAP: tl.constexpr):
     """Chain rule through the softcap: d(cap tanh(x/cap))/dx = 1 - (z/cap)^2."""
     if SOFTCAP:
-        r = z / cap
+        r = z * (1.0 / cap)
         g = g * (1.0 - r * r)
     return g
 
@@ -126,8 +143,10 @@ def softcap_grad(g, z, cap, SOFTCAP: tl.constexpr):
 def class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr,
                  ACC: tl.constexpr):
     """(t, kept, inside, w_t) for ``rows``: the int64 target, whether the row
-    counts (t != ignore_index), whether t is a valid class, and its weight
-    (0 for ignored or invalid rows; W is read only at valid classes)."""
+    counts (t != ignore_index), whether t is a valid class, and its weight:
+    0 for ignored rows, NaN for a kept row whose target is outside [0, C)
+    (the NaN then reaches that row's loss and gradient through w_t; W is read
+    only at valid classes)."""
     t = tl.load(T + rows, mask=rmask, other=0).to(tl.int64)
     kept = t != ignore_index
     inside = (t >= 0) & (t < C)
@@ -136,6 +155,7 @@ def class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr,
         wt = tl.load(W + t, mask=rmask & use, other=0.0).to(ACC)
     else:
         wt = use.to(ACC)
+    wt = tl.where(kept & ~inside, float("nan"), wt)
     return t, kept, inside, wt
 
 
@@ -149,24 +169,23 @@ def class_denominators(DL, DZ, use_den, ACC: tl.constexpr):
 
 
 @triton.jit
-def class_row_loss(lse, zt, wt, smooth_sum, kept, inside, eps, C, z_loss, dl, dz,
+def class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz,
                    SMOOTH: tl.constexpr):
     """Row loss (already divided by the denominators); 0 when ignored, NaN when
-    the target is outside [0, C). smooth_sum = sum_c w_c (lse - z_c)."""
+    the target is outside [0, C) (w_t is NaN then). smooth_sum = sum_c w_c (lse - z_c)."""
     loss = wt * (lse - zt)
     if SMOOTH:
         loss = (1.0 - eps) * loss + (eps / C) * smooth_sum
-    loss = tl.where(kept, loss / dl + (z_loss * lse * lse) / dz, 0.0 / dl + 0.0 / dz)
-    return tl.where(kept & ~inside, float("nan"), loss)
+    return tl.where(kept, loss / dl + (z_loss * lse * lse) / dz, 0.0 / dl + 0.0 / dz)
 
 
 @triton.jit
-def class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs,
+def class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs,
                      SMOOTH: tl.constexpr):
     """Per-row coefficients of the gradient  a * sigma_c - b * [c == t] - cw * w_c.
 
     a = sum_j y_j / dl + 2 z_loss lse / dz;  b = (1 - eps) w_t / dl;  cw = eps / (C dl);
-    all times grad_scale gs. NaN (through a) for a target outside [0, C)."""
+    all times grad_scale gs. NaN (through a: w_t is NaN) for a target outside [0, C)."""
     inv_l = gs / dl
     if SMOOTH:
         sy = (1.0 - eps) * wt + (eps / C) * sw
@@ -177,7 +196,6 @@ def class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs,
         b = wt * inv_l
         cw = 0.0 * inv_l
     a = sy * inv_l + (2.0 * z_loss * gs / dz) * lse
-    a = tl.where(kept & ~inside, float("nan"), a)
     return a, b, cw
 
 
@@ -241,7 +259,7 @@ def ce_class_single_kernel(
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     xb = row_base(rows, INNER, sx_o, sx_i)
-    t, kept, inside, wt = class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT, ACC)
+    t, kept, _, wt = class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT, ACC)
     z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
     m = tl.max(z, 1)
     e = tl.exp(z - m[:, None])
@@ -263,12 +281,12 @@ def ce_class_single_kernel(
         smooth_sum = lse * 0.0
         sw = tl.zeros((), ACC)
     dl, dz = class_denominators(DL, DZ, use_den, ACC)
-    loss = class_row_loss(lse, zt, wt, smooth_sum, kept, inside, eps, C, z_loss, dl, dz, SMOOTH)
+    loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz, SMOOTH)
     tl.store(LOSS + rows, loss, mask=rmask)
     tl.store(LSE + rows, lse.to(tl.float32), mask=rmask)
     if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a, b, cw = class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs, SMOOTH)
+        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
         sigma = e * (1.0 / d)[:, None]
         g = class_grad(sigma, z, is_t, a[:, None], b[:, None], cw, w, kept[:, None], cap,
                        SMOOTH, SOFTCAP)
@@ -312,17 +330,17 @@ def ce_class_looped_kernel(
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     xb = row_base(row, INNER, sx_o, sx_i)
+    lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
     # the target logit, read before any gradient tile can overwrite it (in place)
     zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
-    lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     dl, dz = class_denominators(DL, DZ, use_den, ACC)
     if HAS_WEIGHT and SMOOTH:
         sw = tl.load(SW).to(ACC)
     else:
         sw = tl.zeros((), ACC) + C
     gs = scalar_arg(gs_hi, gs_lo, ACC)
-    a, b, cw = class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs, SMOOTH)
+    a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
     gb = row_base(row, INNER, sg_o, sg_i)
     acc = tl.zeros((BLOCK_N,), ACC)
     if WRITE_GRAD or SMOOTH:
@@ -341,7 +359,7 @@ def ce_class_looped_kernel(
                 sigma = tl.exp(z - lse)
                 g = class_grad(sigma, z, cols == t, a, b, cw, w, kept, cap, SMOOTH, SOFTCAP)
                 tl.store(G + gb + cols * sg_n, g.to(G.dtype.element_ty), mask=cmask)
-    loss = class_row_loss(lse, zt, wt, tl.sum(acc, 0), kept, inside, eps, C, z_loss, dl, dz,
+    loss = class_row_loss(lse, zt, wt, tl.sum(acc, 0), kept, eps, C, z_loss, dl, dz,
                           SMOOTH)
     tl.store(LOSS + row, loss)
     tl.store(LSE + row, lse.to(tl.float32))
@@ -457,7 +475,6 @@ def ce_prob_looped_kernel(
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
     gb = row_base(row, INNER, sg_o, sg_i)
-    lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     a = tl.zeros((), ACC)
     if WRITE_GRAD:
         # sum_c y_c: the gradient's coefficient of sigma, needed before any tile is written
@@ -466,8 +483,11 @@ def ce_prob_looped_kernel(
             cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
             cmask = cols < C
             sy += prob_target(Y, W, yb + cols * sy_n, cmask, cols, cmask, eps, C, HAS_WEIGHT, ACC)
+        a = tl.sum(sy, 0)
+    lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
+    if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a = (tl.sum(sy, 0) + 2.0 * z_loss * lse) * (inv * gs)
+        a = (a + 2.0 * z_loss * lse) * (inv * gs)
     acc = tl.zeros((BLOCK_N,), ACC)
     for off in range(0, C, BLOCK_N):
         cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -554,7 +574,8 @@ def launch_cross_entropy_class(x, t, w, sw, dl, dz, g, loss, lse, state, M, C, i
     common = (x, t, w, sw, dl, dz, g, loss, lse, state, M, C, inner, *x_strides, *g_strides,
               ignore_index, int(use_den), *_scalars(eps, z_loss, cap, grad_scale))
     flags = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
-                 ACC=acc_dtype(x.dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+                 ACC=acc_dtype(x.dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                 enable_fp_fusion=FP_FUSION)
     if cfg.path == "single":
         ce_class_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)](
             *common, ROWS=cfg.rows_per_program, **flags)
@@ -568,7 +589,8 @@ def launch_cross_entropy_prob(x, y, w, g, loss, lse, state, M, C, inner, x_strid
                               write_grad, cfg):
     """Probability targets ``y`` (the logits' shape, its own strides)."""
     flags = dict(HAS_WEIGHT=has_weight, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
-                 ACC=acc_dtype(x.dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+                 ACC=acc_dtype(x.dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                 enable_fp_fusion=FP_FUSION)
     tail = (*x_strides, *y_strides, *g_strides, den_rows, *_scalars(eps, z_loss, cap, grad_scale))
     if cfg.path == "single":
         ce_prob_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)](
@@ -588,5 +610,5 @@ def launch_cross_entropy_grad_scale(g, out, state, go, M, C, inner, g_strides, o
     ce_grad_scale_kernel[(triton.cdiv(M, cfg.rows_per_program),)](
         g, out, state, go, M, C, inner, *g_strides, *o_strides, s_go,
         IN_PLACE=in_place, ACC=acc_dtype(g.dtype), BLOCK_N=cfg.block_n,
-        ROWS=cfg.rows_per_program, num_warps=cfg.num_warps)
+        ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
     return ("ce_grad_scale_kernel",)

@@ -28,6 +28,14 @@ import triton.language as tl
 
 NEG_INF = float("-inf")
 
+# FMA contraction (Triton's ``enable_fp_fusion``), passed to every launch of
+# every kernel because Triton 3.10 turns its default off. On: ``a * b + c``
+# compiles to one FFMA (DFMA), which is fewer instructions in the inner loops
+# and is the correctly rounded a * b + c, so never less accurate than the
+# separate multiply and add. Triton's interpreter (the CPU test runs)
+# ignores the option: numpy rounds every step.
+FP_FUSION = True
+
 
 @triton.jit
 def online_combine(m_a, d_a, m_b, d_b):
@@ -363,13 +371,14 @@ def launch_softmax_forward(x, y, M, N, inner, x_strides, y_strides, cfg, log):
         softmax_fwd_single_kernel[grid](
             x, y, M, N, inner, *x_strides, *y_strides,
             LOG=log, ACC=acc, BLOCK_N=cfg.block_n, ROWS=cfg.rows_per_program,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
         )
         return ("softmax_fwd_single_kernel",)
     if cfg.path == "looped":
         softmax_fwd_looped_kernel[(M,)](
             x, y, N, inner, *x_strides, *y_strides,
             LOG=log, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
         return ("softmax_fwd_looped_kernel",)
     ws_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -378,12 +387,12 @@ def launch_softmax_forward(x, y, M, N, inner, x_strides, y_strides, cfg, log):
     grid = (M * cfg.splits,)
     softmax_fwd_split_stats_kernel[grid](
         x, pm, pd, N, inner, *x_strides, cfg.splits, cfg.chunk,
-        ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     softmax_fwd_split_norm_kernel[grid](
         x, y, pm, pd, N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk,
         LOG=log, ACC=acc, BLOCK_N=cfg.block_n, BLOCK_S=triton.next_power_of_2(cfg.splits),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
 
@@ -396,13 +405,14 @@ def launch_softmax_backward(y, dy, dx, M, N, inner, y_strides, g_strides, x_stri
         softmax_bwd_single_kernel[grid](
             y, dy, dx, M, N, inner, *y_strides, *g_strides, *x_strides,
             LOG=log, ACC=acc, BLOCK_N=cfg.block_n, ROWS=cfg.rows_per_program,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
         )
         return ("softmax_bwd_single_kernel",)
     if cfg.path == "looped":
         softmax_bwd_looped_kernel[(M,)](
             y, dy, dx, N, inner, *y_strides, *g_strides, *x_strides,
             LOG=log, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
         return ("softmax_bwd_looped_kernel",)
     ws_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -411,10 +421,11 @@ def launch_softmax_backward(y, dy, dx, M, N, inner, y_strides, g_strides, x_stri
     softmax_bwd_split_sum_kernel[grid](
         y, dy, ps, N, inner, *y_strides, *g_strides, cfg.splits, cfg.chunk,
         LOG=log, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            enable_fp_fusion=FP_FUSION,
     )
     softmax_bwd_split_apply_kernel[grid](
         y, dy, dx, ps, N, inner, *y_strides, *g_strides, *x_strides, cfg.splits, cfg.chunk,
         LOG=log, ACC=acc, BLOCK_N=cfg.block_n, BLOCK_S=triton.next_power_of_2(cfg.splits),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
     )
     return ("softmax_bwd_split_sum_kernel", "softmax_bwd_split_apply_kernel")
