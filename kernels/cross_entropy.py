@@ -61,7 +61,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .softmax import acc_dtype, online_stats, online_update, row_base
+from .softmax import FP_FUSION, acc_dtype, online_stats, online_update, row_base
 
 # ----------------------------------------------------------------------------
 # Shared jit helpers
@@ -76,9 +76,26 @@ def scalar_arg(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def recip_ge1_f64(d):
+    """1 / d for fp64 d >= 1 (NaN stays NaN) without a division: an fp64
+    division compiles to a subroutine call, and around those calls in the
+    looped kernels Triton 3.6's ptxas kept values on the stack. An fp32
+    reciprocal refined by two Newton steps (relative error 2^-22, 2^-44, then
+    fp64 rounding); d is clamped to 2^120 first (fp32 range), which moves
+    1 / d by less than 2^-119."""
+    d = tl.where(d > 1.329227995784916e36, 1.329227995784916e36, d)
+    r = (1.0 / d.to(tl.float32)).to(tl.float64)
+    r = r * (2.0 - d * r)
+    return r * (2.0 - d * r)
+
+
+@triton.jit
 def softcap_tanh(x, cap):
     """cap * tanh(x / cap) from one exp; saturates to +-cap (also for +-inf)."""
-    return cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))
+    d = tl.exp(2.0 * (x * (1.0 / cap))) + 1.0
+    if d.dtype == tl.float64:
+        return cap - (2.0 * cap) * recip_ge1_f64(d)
+    return cap - (2.0 * cap) / d
 
 
 @triton.jit
@@ -118,7 +135,7 @@ def row_lse(X, base, s_n, C, cap, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
 def softcap_grad(g, z, cap, SOFTCAP: tl.constexpr):
     """Chain rule through the softcap: d(cap tanh(x/cap))/dx = 1 - (z/cap)^2."""
     if SOFTCAP:
-        r = z / cap
+        r = z * (1.0 / cap)
         g = g * (1.0 - r * r)
     return g
 
@@ -127,8 +144,10 @@ def softcap_grad(g, z, cap, SOFTCAP: tl.constexpr):
 def class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr,
                  ACC: tl.constexpr):
     """(t, kept, inside, w_t) for ``rows``: the int64 target, whether the row
-    counts (t != ignore_index), whether t is a valid class, and its weight
-    (0 for ignored or invalid rows; W is read only at valid classes)."""
+    counts (t != ignore_index), whether t is a valid class, and its weight:
+    0 for ignored rows, NaN for a kept row whose target is outside [0, C)
+    (the NaN then reaches that row's loss and gradient through w_t; W is read
+    only at valid classes)."""
     t = tl.load(T + rows, mask=rmask, other=0).to(tl.int64)
     kept = t != ignore_index
     inside = (t >= 0) & (t < C)
@@ -137,6 +156,7 @@ def class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr,
         wt = tl.load(W + t, mask=rmask & use, other=0.0).to(ACC)
     else:
         wt = use.to(ACC)
+    wt = tl.where(kept & ~inside, float("nan"), wt)
     return t, kept, inside, wt
 
 
@@ -150,24 +170,23 @@ def class_denominators(DEN, use_den, ACC: tl.constexpr):
 
 
 @triton.jit
-def class_row_loss(lse, zt, wt, smooth_sum, kept, inside, eps, C, z_loss, dl, dz,
+def class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz,
                    SMOOTH: tl.constexpr):
     """Row loss (already divided by the denominators); 0 when ignored, NaN when
-    the target is outside [0, C). smooth_sum = sum_c w_c (lse - z_c)."""
+    the target is outside [0, C) (w_t is NaN then). smooth_sum = sum_c w_c (lse - z_c)."""
     loss = wt * (lse - zt)
     if SMOOTH:
         loss = (1.0 - eps) * loss + (eps / C) * smooth_sum
-    loss = tl.where(kept, loss / dl + (z_loss * lse * lse) / dz, 0.0 / dl + 0.0 / dz)
-    return tl.where(kept & ~inside, float("nan"), loss)
+    return tl.where(kept, loss / dl + (z_loss * lse * lse) / dz, 0.0 / dl + 0.0 / dz)
 
 
 @triton.jit
-def class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs,
+def class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs,
                      SMOOTH: tl.constexpr):
     """Per-row coefficients of the gradient  a * sigma_c - b * [c == t] - cw * w_c.
 
     a = sum_j y_j / dl + 2 z_loss lse / dz;  b = (1 - eps) w_t / dl;  cw = eps / (C dl);
-    all times grad_scale gs. NaN (through a) for a target outside [0, C)."""
+    all times grad_scale gs. NaN (through a: w_t is NaN) for a target outside [0, C)."""
     inv_l = gs / dl
     if SMOOTH:
         sy = (1.0 - eps) * wt + (eps / C) * sw
@@ -178,7 +197,6 @@ def class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs,
         b = wt * inv_l
         cw = 0.0 * inv_l
     a = sy * inv_l + (2.0 * z_loss * gs / dz) * lse
-    a = tl.where(kept & ~inside, float("nan"), a)
     return a, b, cw
 
 
@@ -264,14 +282,14 @@ def ce_class_single_kernel(
         smooth_sum = lse * 0.0
         sw = tl.zeros((), ACC)
     dl, dz = class_denominators(DEN, use_den, ACC)
-    loss = class_row_loss(lse, zt, wt, smooth_sum, kept, inside, eps, C, z_loss, dl, dz, SMOOTH)
+    loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz, SMOOTH)
     tl.store(LOSS + rows, loss, mask=rmask)
     tl.store(LSE + rows, lse.to(tl.float32), mask=rmask)
     if WRITE_HIT:
         tl.store(HIT + rows, (kept & inside & (zt >= m)).to(tl.int8), mask=rmask)
     if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a, b, cw = class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs, SMOOTH)
+        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
         sigma = e * (1.0 / d)[:, None]
         g = class_grad(sigma, z, is_t, a[:, None], b[:, None], cw, w, kept[:, None], cap,
                        SMOOTH, SOFTCAP)
@@ -315,17 +333,17 @@ def ce_class_looped_kernel(
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     xb = row_base(row, INNER, sx_o, sx_i)
+    m, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
     # the target logit, read before any gradient tile can overwrite it (in place)
     zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
-    m, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     dl, dz = class_denominators(DEN, use_den, ACC)
     if HAS_WEIGHT and SMOOTH:
         sw = tl.load(DEN + 2).to(ACC)
     else:
         sw = tl.zeros((), ACC) + C
     gs = scalar_arg(gs_hi, gs_lo, ACC)
-    a, b, cw = class_grad_coefs(lse, wt, sw, kept, inside, eps, C, z_loss, dl, dz, gs, SMOOTH)
+    a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
     gb = row_base(row, INNER, sg_o, sg_i)
     acc = tl.zeros((BLOCK_N,), ACC)
     if WRITE_GRAD or SMOOTH:
@@ -344,7 +362,7 @@ def ce_class_looped_kernel(
                 sigma = tl.exp(z - lse)
                 g = class_grad(sigma, z, cols == t, a, b, cw, w, kept, cap, SMOOTH, SOFTCAP)
                 tl.store(G + gb + cols * sg_n, g.to(G.dtype.element_ty), mask=cmask)
-    loss = class_row_loss(lse, zt, wt, tl.sum(acc, 0), kept, inside, eps, C, z_loss, dl, dz,
+    loss = class_row_loss(lse, zt, wt, tl.sum(acc, 0), kept, eps, C, z_loss, dl, dz,
                           SMOOTH)
     tl.store(LOSS + row, loss)
     tl.store(LSE + row, lse.to(tl.float32))
@@ -462,7 +480,6 @@ def ce_prob_looped_kernel(
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
     gb = row_base(row, INNER, sg_o, sg_i)
-    _, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
     a = tl.zeros((), ACC)
     if WRITE_GRAD:
         # sum_c y_c: the gradient's coefficient of sigma, needed before any tile is written
@@ -471,8 +488,11 @@ def ce_prob_looped_kernel(
             cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
             cmask = cols < C
             sy += prob_target(Y, W, yb + cols * sy_n, cmask, cols, cmask, eps, C, HAS_WEIGHT, ACC)
+        a = tl.sum(sy, 0)
+    _, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
+    if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a = (tl.sum(sy, 0) + 2.0 * z_loss * lse) * (inv * gs)
+        a = (a + 2.0 * z_loss * lse) * (inv * gs)
     acc = tl.zeros((BLOCK_N,), ACC)
     for off in range(0, C, BLOCK_N):
         cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -646,7 +666,7 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
             *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
                 WRITE_HIT=write_hit, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
     if cfg.path == "single":
         kernel = ce_class_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         meta["ROWS"] = cfg.rows_per_program
@@ -667,7 +687,8 @@ def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z
     (the logits' shape, its own strides)."""
     tail = (*x_strides, *y_strides, *g_strides, den_rows, *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
-                ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+                ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                enable_fp_fusion=FP_FUSION)
     if cfg.path == "single":
         kernel = ce_prob_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         args = (M, C, inner, *tail)
@@ -691,7 +712,7 @@ def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype):
     kernel = ce_denominators_kernel[(1,)]
     args = (M, C, ignore_index)
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, ACC=acc_dtype(dtype), BLOCK=1024,
-                num_warps=4)
+                num_warps=4, enable_fp_fusion=FP_FUSION)
     names = ("ce_denominators_kernel",)
 
     def launch(t, w, den):
@@ -708,7 +729,7 @@ def grad_scale_launcher(M, C, inner, g_strides, o_strides, in_place, dtype, cfg)
     kernel = ce_grad_scale_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
     args = (M, C, inner, *g_strides, *o_strides)
     meta = dict(IN_PLACE=in_place, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
-                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps)
+                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
     names = ("ce_grad_scale_kernel",)
 
     def launch(g, out, state, go, s_go):
@@ -723,7 +744,7 @@ def lse_grad_launcher(M, C, inner, x_strides, o_strides, cap, dtype, cfg):
     kernel = ce_lse_grad_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
     args = (M, C, inner, *x_strides, *o_strides)
     meta = dict(SOFTCAP=cap > 0, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
-                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps)
+                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
     scal = f64_parts(cap)
     names = ("ce_lse_grad_kernel",)
 

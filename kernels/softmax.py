@@ -28,6 +28,14 @@ import triton.language as tl
 
 NEG_INF = float("-inf")
 
+# FMA contraction (Triton's ``enable_fp_fusion``), passed to every launch of
+# every kernel because Triton 3.10 turns its default off. On: ``a * b + c``
+# compiles to one FFMA (DFMA), which is fewer instructions in the inner loops
+# and is the correctly rounded a * b + c, so never less accurate than the
+# separate multiply and add. Triton's interpreter (the CPU test runs)
+# ignores the option: numpy rounds every step.
+FP_FUSION = True
+
 
 @triton.jit
 def online_combine(m_a, d_a, m_b, d_b):
@@ -363,7 +371,8 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     x_strides / y_strides: (outer, along-row, inner) element strides; ``cfg``:
     a ``SoftmaxConfig``; ``dtype``: the element dtype of x and y.
     """
-    meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                enable_fp_fusion=FP_FUSION)
     if cfg.path == "single":
         kernel = softmax_fwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         args = (M, N, inner, *x_strides, *y_strides)
@@ -388,7 +397,8 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     norm = softmax_fwd_split_norm_kernel[grid]
     ws = dict(size=(M, cfg.splits), dtype=_workspace_dtype(dtype))
     stats_args = (N, inner, *x_strides, cfg.splits, cfg.chunk)
-    stats_meta = dict(ACC=meta["ACC"], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    stats_meta = dict(ACC=meta["ACC"], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                      enable_fp_fusion=FP_FUSION)
     norm_args = (N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk)
     meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
     names = ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
@@ -405,7 +415,8 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
 def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg, log, dtype):
     """``launch(y, dy, dx)``: dx <- vector-Jacobian product of softmax (or
     log-softmax) at output y with dy; strides as in :func:`softmax_forward_launcher`."""
-    meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                enable_fp_fusion=FP_FUSION)
     strides = (*y_strides, *g_strides, *x_strides)
     if cfg.path == "single":
         kernel = softmax_bwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .softmax import acc_dtype, online_stats, row_base
+from .softmax import FP_FUSION, acc_dtype, online_stats, row_base
 
 __all__ = ["launch_vp_stats", "launch_vp_grad", "stats_rows"]
 
@@ -181,15 +181,17 @@ def vp_grad_single_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < M
-    valid, tcol, lse, a, b, c = grad_row_coefs(T, LSE, G, COEF, rows, row_mask, s_t, s_g,
-                                               OFF, V, IGNORE, ACC)
+    # the per-row terms as [ROWS, 1] columns, never expanded from 1-D: with
+    # 1-D terms expanded to the tile, Triton 3.6 failed to compile the fp64
+    # kernel at ROWS >= 32 (its layout pass gave the target mask two layouts)
+    valid, tcol, lse, a, b, c = grad_row_coefs(T, LSE, G, COEF, rows[:, None], row_mask[:, None],
+                                               s_t, s_g, OFF, V, IGNORE, ACC)
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
     mask = row_mask[:, None] & (cols < W)[None, :]
     xb = row_base(rows, INNER, sx_o, sx_i)
     yb = row_base(rows, INNER, sy_o, sy_i)
     x = tl.load(X + xb[:, None] + cols[None, :] * sx_n, mask=mask, other=float("-inf")).to(ACC)
-    dx = grad_value(x, cols[None, :], tcol[:, None], valid[:, None], lse[:, None], a[:, None],
-                    b[:, None], c[:, None])
+    dx = grad_value(x, cols[None, :], tcol, valid, lse, a, b, c)
     tl.store(DX + yb[:, None] + cols[None, :] * sy_n, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -241,11 +243,12 @@ def launch_vp_stats(x, t, mx, st, M, W, inner, x_strides, s_t, off, V, ignore, s
         grid = (triton.cdiv(M, cfg.rows_per_program),)
         vp_stats_single_kernel[grid](
             *common, SMOOTH=smooth, ACC=acc, BLOCK_N=cfg.block_n,
-            ROWS=cfg.rows_per_program, num_warps=cfg.num_warps,
+            ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
         )
         return ("vp_stats_single_kernel",)
     vp_stats_looped_kernel[(M,)](
         *common, SMOOTH=smooth, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return ("vp_stats_looped_kernel",)
 
@@ -260,8 +263,9 @@ def launch_vp_grad(x, t, lse, g, s_g, coef, dx, M, W, inner, x_strides, dx_strid
         grid = (triton.cdiv(M, cfg.rows_per_program),)
         vp_grad_single_kernel[grid](
             *common, ACC=acc, BLOCK_N=cfg.block_n, ROWS=cfg.rows_per_program,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
         )
         return ("vp_grad_single_kernel",)
-    vp_grad_looped_kernel[(M,)](*common, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    vp_grad_looped_kernel[(M,)](*common, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                                 enable_fp_fusion=FP_FUSION)
     return ("vp_grad_looped_kernel",)

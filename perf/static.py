@@ -1,18 +1,51 @@
 """Static check: compile every kernel configuration the heuristics can pick for
-Hopper (sm_90) on the CPU, and read registers, spills and shared memory with
-the ``cuobjdump`` that ships in Triton's wheel. No GPU is needed.
+Hopper (sm_90) on the CPU, specialised as a real call specialises it, and read
+registers and spills with the ``cuobjdump`` in Triton's wheel. No GPU needed.
 
-    python -m perf.static            # table to stdout, CSV + markdown under perf/results/static/
-    python -m perf.static --jobs 2   # compile in 2 processes
+    python -m perf.static               # CSV + markdown under perf/results/static/
+    python -m perf.static --jobs 2      # compile in 2 processes (default)
+    python -m perf.static --no-table    # check only: exit 1 on a compile error or spill
 
-``tests/test_static_compile.py`` runs the same enumeration and asserts STACK 0
-(no spills) for every variant. When a configuration spills, change the
-heuristics, not the check.
+Exit status 1 on any compile error or any spill (cuobjdump STACK or LOCAL > 0).
+``tests/test_static_compile.py`` asserts the same under the installed (newest)
+Triton, and ``.ci/run`` runs that test file again under Triton 3.6, the floor.
+When a configuration spills, change the kernel or the heuristics' limits, not
+the check. Works from Triton 3.6 to the newest (``_compile`` is the one place
+that touches the version-dependent compile API).
+
+Specialisation. Triton's JIT compiles one binary per specialisation of the
+arguments: a pointer 16-byte aligned, an int divisible by 16 (both
+``tt.divisibility = 16``: loads vectorise, masks fold), an int equal to 1
+(compiled as the constant 1). Every variant is compiled with what the common
+call passes (``INT_SPEC``; a kernel argument missing there fails the check, so
+a new argument needs a decision here):
+
+- every pointer 16-byte aligned (torch allocations are);
+- contiguous tensors reduced over their last dim: ``INNER`` = 1 and the unit
+  strides along the row (``sx_n``, ``sy_n``, ``sg_n``, ``so_n``) are the
+  constant 1; the outer strides equal the row length and the inner strides
+  are 0 (``_layout`` gives 0 when there is no inner dim): divisible by 16;
+- row lengths ``N`` / ``C`` / ``W`` (shard width) and row counts ``M``
+  (batch x sequence) are multiples of 16 (hidden sizes; vocabularies 32000,
+  128256, 151936, 256000), hence also ``CHUNK`` (a multiple of the tile),
+  ``OFF`` (rank x shard width) and ``V``;
+- cross-entropy with ``reduction="mean"`` (the default): ``use_den`` = 1
+  (constant), ``den_rows`` = M; its backward gets a broadcast scalar
+  grad_output (``s_go`` = 0), the vocab-parallel gradient one scale for all
+  rows (``s_g`` = 0); targets are contiguous (``s_t`` = 1), and so is the
+  gradient of a returned lse (``s_dlse`` = 1);
+- never specialised: ``ignore_index`` / ``IGNORE`` (-100), ``SPLITS``, and the
+  float bit patterns that the cross-entropy kernels mark ``do_not_specialize``.
+
+Rows whose length or stride is not a multiple of 16 (vocabulary 50257) run a
+differently specialised binary: ``--ints plain`` compiles that case (no int
+marked divisible by 16; pointers aligned, the 1s still constant).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -23,9 +56,20 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 TARGET = ("cuda", 90, 32)
 DTYPE_STR = {2: "bf16", 4: "fp32", 8: "fp64"}
+
+ONE, DIV16, PLAIN = "1", "D16", "-"
+# Each int argument of every kernel: what the common call passes (module docstring).
+INT_SPEC = {
+    **dict.fromkeys(("INNER", "sx_n", "sy_n", "sg_n", "so_n", "use_den", "s_t", "s_dlse"), ONE),
+    **dict.fromkeys(("M", "N", "C", "W", "sx_o", "sx_i", "sy_o", "sy_i", "sg_o", "sg_i", "so_o",
+                     "so_i", "CHUNK", "OFF", "V", "den_rows", "s_go", "s_g"), DIV16),
+    **dict.fromkeys(("SPLITS", "ignore_index", "IGNORE", "eps_hi", "eps_lo", "zl_hi", "zl_lo",
+                     "cap_hi", "cap_lo", "gs_hi", "gs_lo"), PLAIN),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +90,35 @@ class Variant:
         return f"{self.kernel}[{self.dtype}, " + ", ".join(f"{k}={c[k]}" for k in keys) + \
             f", warps={self.num_warps}]"
 
+    def compile_key(self) -> tuple:
+        """Everything that reaches the compiler (not the path label)."""
+        return (self.module, self.kernel, self.ptrs, self.constexprs, self.num_warps)
 
-# Integer args that are 1 in the common layout (unit stride along the row,
-# INNER = 1): Triton specialises an int argument equal to 1 into a constant,
-# so the compiled code we ship for the common case is this one.
-ONE_SPECIALISED = ("INNER", "sx_n", "sy_n", "sg_n")
+
+def config_functions() -> SimpleNamespace:
+    """The heuristics' config functions and their enumerations of what they
+    can pick: the one place in perf/ that names them. Each lives with its op:
+    softmax_gpu.softmax (softmax_config, all_softmax_configs),
+    softmax_gpu.cross_entropy (cross_entropy_config, all_cross_entropy_configs)
+    and softmax_gpu.vocab_parallel (shard_config)."""
+    from softmax_gpu.cross_entropy import all_cross_entropy_configs, cross_entropy_config
+    from softmax_gpu.softmax import all_softmax_configs, softmax_config
+    from softmax_gpu.vocab_parallel import shard_config
+
+    return SimpleNamespace(
+        softmax_config=softmax_config,
+        all_softmax_configs=all_softmax_configs,
+        cross_entropy_config=cross_entropy_config,
+        all_cross_entropy_configs=all_cross_entropy_configs,
+        shard_config=shard_config,
+    )
 
 
 def softmax_variants() -> list[Variant]:
     from softmax_gpu import heuristics
-    from softmax_gpu.softmax import all_softmax_configs
 
     out = []
-    for path, block_n, rows, warps, elem, live in all_softmax_configs():
+    for path, block_n, rows, warps, elem, live in config_functions().all_softmax_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         bs = heuristics.limits().max_splits  # BLOCK_S at its largest: the worst case
@@ -95,175 +155,10 @@ def softmax_variants() -> list[Variant]:
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label()))
 
 
-def all_variants() -> list[Variant]:
-    """Every variant of every kernel module that registers one here."""
-    variants = softmax_variants()
-    for extra in _EXTRA_ENUMERATORS:
-        variants += extra()
-    return variants
-
-
-# Other kernel modules (cross-entropy, ...) append their enumerators here.
-_EXTRA_ENUMERATORS: list = []
-
-
-def vocab_parallel_variants() -> list[Variant]:
-    """The shard kernels (softmax_gpu.kernels.vocab_parallel), for every
-    configuration ``softmax_gpu.vocab_parallel.shard_config`` can pick: the stats
-    kernel with and without the smoothing sum, and the gradient kernel."""
-    import torch
-
-    from softmax_gpu import heuristics
-    from softmax_gpu.vocab_parallel import shard_config
-
-    out = []
-    dev = torch.device("cpu")
-    with heuristics.override(sm_count=132):
-        for elem in (2, 4, 8):
-            dt = DTYPE_STR[elem]
-            acc = "fp64" if elem == 8 else "fp32"
-            ptrs = (("X", dt), ("DX", dt), ("T", "i64")) + tuple(
-                (p, acc) for p in ("MX", "ST", "LSE", "G", "COEF"))
-            for logn in range(0, 21):
-                for M in (1, 64, 1 << 20):
-                    c = shard_config(M, 1 << logn, elem, dev)
-                    single = c.path == heuristics.SINGLE
-                    stats = "vp_stats_single_kernel" if single else "vp_stats_looped_kernel"
-                    for smooth in (False, True):
-                        cx = dict(ACC=acc, BLOCK_N=c.block_n, SMOOTH=smooth)
-                        if single:
-                            cx["ROWS"] = c.rows_per_program
-                        out.append(Variant("vocab_parallel", stats, dt, ptrs,
-                                           tuple(sorted(cx.items())), c.num_warps, c.path))
-                    grad = "vp_grad_single_kernel" if single else "vp_grad_looped_kernel"
-                    cx = dict(ACC=acc, BLOCK_N=c.block_n, **({"ROWS": c.rows_per_program} if single else {}))
-                    out.append(Variant("vocab_parallel", grad, dt, ptrs,
-                                       tuple(sorted(cx.items())), c.num_warps, c.path))
-    return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
-
-
-_EXTRA_ENUMERATORS.append(vocab_parallel_variants)
-
-
-def _cuobjdump() -> str:
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not path.exists():
-        raise FileNotFoundError(f"cuobjdump not found in Triton's wheel at {path}")
-    return str(path)
-
-
-def compile_variant(v: Variant) -> dict:
-    """Compile ``v`` for sm_90 and return its resource usage."""
-    import importlib
-
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = importlib.import_module(f"softmax_gpu.kernels.{v.module}").__dict__[v.kernel]
-    ptrs = dict(v.ptrs)
-    cx = dict(v.constexprs)
-    if "ACC" in cx:
-        cx["ACC"] = tl.float64 if cx["ACC"] == "fp64" else tl.float32
-    sig = {}
-    for p in fn.params:
-        name = p.name
-        if p.is_constexpr or name in cx:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name] = "*" + ptrs[name]
-        elif name in ONE_SPECIALISED:
-            sig[name] = "constexpr"
-            cx[name] = 1
-        else:
-            sig[name] = "i32"
-    missing = [n for n, t in sig.items() if t == "constexpr" and n not in cx]
-    if missing:
-        raise ValueError(f"{v.kernel}: no value for constexpr {missing}")
-    k = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget(*TARGET),
-                       options={"num_warps": v.num_warps})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                              capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    if "REG" not in usage:
-        raise RuntimeError(f"could not read resource usage for {v.label()}:\n{text}")
-    return dict(regs=int(usage["REG"]), stack=int(usage["STACK"]),
-                shared=int(usage.get("SHARED", 0)), local=int(usage.get("LOCAL", 0)))
-
-
-def _compile_one(v: Variant):
-    os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even under the test env
-    return v, compile_variant(v)
-
-
-def run(jobs: int = 2, variants=None):
-    """[(variant, usage)] for ``variants`` (default: all), compiled in ``jobs`` processes."""
-    variants = all_variants() if variants is None else variants
-    if jobs <= 1:
-        return [_compile_one(v) for v in variants]
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")  # kernels must be real JIT functions, not interpreted
-    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        return list(pool.map(_compile_one, variants))
-
-
-def write_table(results, out_dir: Path) -> Path:
-    import triton
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.date.today().isoformat()
-    csv_path = out_dir / f"sm90_{stamp}.csv"
-    fields = ["kernel", "path", "dtype", "constexprs", "num_warps", "regs", "stack", "shared",
-              "local", "target", "triton"]
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for v, u in results:
-            w.writerow(dict(kernel=v.kernel, path=v.path, dtype=v.dtype,
-                            constexprs=" ".join(f"{k}={val}" for k, val in v.constexprs),
-                            num_warps=v.num_warps, target="sm_90", triton=triton.__version__, **u))
-    md = [f"# Static resource usage, sm_90 (compiled on CPU, Triton {triton.__version__}, {stamp})",
-          "", "| kernel | path | dtype | specialisation | warps | regs | stack (spill) | shared B |",
-          "|---|---|---|---|---:|---:|---:|---:|"]
-    for v, u in results:
-        md.append(f"| {v.kernel} | {v.path} | {v.dtype} | "
-                  f"{' '.join(f'{k}={val}' for k, val in v.constexprs)} | {v.num_warps} | "
-                  f"{u['regs']} | {u['stack']} | {u['shared']} |")
-    (out_dir / f"sm90_{stamp}.md").write_text("\n".join(md) + "\n")
-    return csv_path
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.static", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "static")
-    args = ap.parse_args(argv)
-    results = run(args.jobs)
-    path = write_table(results, args.out)
-    spills = [(v, u) for v, u in results if u["stack"] or u["local"]]
-    print(f"{len(results)} variants compiled for sm_90; max regs "
-          f"{max(u['regs'] for _, u in results)}; {len(spills)} spill")
-    for v, u in spills:
-        print(f"  SPILL {v.label()}: stack {u['stack']} local {u['local']}")
-    print(f"table: {path}")
-    return 1 if spills else 0
-
-
-# ----------------------------------------------------------------------------
-# Cross-entropy (kernels/cross_entropy.py)
-# ----------------------------------------------------------------------------
-
-# Feature flags compiled per configuration. A configuration chosen without
-# extras runs only the plain flags (with and without the gradient); one chosen
-# with extras may run any subset of them, of which all-on is the heaviest.
+# Cross-entropy feature flags compiled per configuration. A configuration
+# chosen without extras runs only the plain flags (with and without the
+# gradient); one chosen with extras may run any subset of them, of which
+# all-on is the heaviest.
 _CE_FLAGS = {
     ("class", False): (
         dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=True, WRITE_HIT=False),
@@ -283,12 +178,10 @@ _CE_FLAGS = {
 
 
 def cross_entropy_variants() -> list[Variant]:
-    """Every cross-entropy kernel configuration the heuristics can pick
-    (``softmax_gpu.cross_entropy.all_cross_entropy_configs``), with the flag
-    sets above; the row-wise backward kernels (rescale, lse gradient) on the
-    "scale" configurations; the one-program denominators kernel."""
-    from softmax_gpu.cross_entropy import all_cross_entropy_configs
-
+    """Every cross-entropy kernel configuration the heuristics can pick, with
+    the flag sets above; the row-wise backward kernels (rescale, lse
+    gradient) on the "scale" configurations; the one-program denominators
+    kernel."""
     out = []
     for elem in (2, 4, 8):
         acc = "fp64" if elem == 8 else "fp32"
@@ -298,7 +191,8 @@ def cross_entropy_variants() -> list[Variant]:
                 (("T", "i64"), ("W", acc), ("DEN", acc)),
                 tuple(sorted(dict(ACC=acc, BLOCK=1024, HAS_WEIGHT=has_w,
                                   SMOOTH=smooth).items())), 4, "single"))
-    for fam, extras, path, block_n, rows, warps, elem in all_cross_entropy_configs():
+    for fam, extras, path, block_n, rows, warps, elem in \
+            config_functions().all_cross_entropy_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         extra = dict(ROWS=rows) if path == "single" else {}
@@ -329,7 +223,293 @@ def cross_entropy_variants() -> list[Variant]:
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
 
 
-_EXTRA_ENUMERATORS.append(cross_entropy_variants)
+def vocab_parallel_variants() -> list[Variant]:
+    """The shard kernels (softmax_gpu.kernels.vocab_parallel) for every
+    configuration the shard config can pick: the stats kernel with and
+    without the smoothing sum, and the gradient kernel."""
+    import torch
+
+    from softmax_gpu import heuristics
+
+    shard_config = config_functions().shard_config
+    out = []
+    dev = torch.device("cpu")
+    with heuristics.override(sm_count=132):
+        for elem in (2, 4, 8):
+            dt = DTYPE_STR[elem]
+            acc = "fp64" if elem == 8 else "fp32"
+            ptrs = (("X", dt), ("DX", dt), ("T", "i64")) + tuple(
+                (p, acc) for p in ("MX", "ST", "LSE", "G", "COEF"))
+            for logn in range(0, 21):
+                for M in (1, 64, 1 << 20):
+                    c = shard_config(M, 1 << logn, elem, dev)
+                    single = c.path == heuristics.SINGLE
+                    stats = "vp_stats_single_kernel" if single else "vp_stats_looped_kernel"
+                    for smooth in (False, True):
+                        cx = dict(ACC=acc, BLOCK_N=c.block_n, SMOOTH=smooth)
+                        if single:
+                            cx["ROWS"] = c.rows_per_program
+                        out.append(Variant("vocab_parallel", stats, dt, ptrs,
+                                           tuple(sorted(cx.items())), c.num_warps, c.path))
+                    grad = "vp_grad_single_kernel" if single else "vp_grad_looped_kernel"
+                    cx = dict(ACC=acc, BLOCK_N=c.block_n, **({"ROWS": c.rows_per_program} if single else {}))
+                    out.append(Variant("vocab_parallel", grad, dt, ptrs,
+                                       tuple(sorted(cx.items())), c.num_warps, c.path))
+    return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
+
+
+def all_variants() -> list[Variant]:
+    """Every variant of every kernel module."""
+    return softmax_variants() + cross_entropy_variants() + vocab_parallel_variants()
+
+
+# ----------------------------------------------------------------------------
+# Compiling
+# ----------------------------------------------------------------------------
+
+
+def _triton_tool(name: str) -> str:
+    """A CUDA binary tool (cuobjdump, nvdisasm) from Triton's wheel."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in Triton's wheel at {path}")
+    return str(path)
+
+
+def _compile(fn, signature: dict, constants: dict, divisible16: list, num_warps: int):
+    """``triton.compile`` of the JIT function ``fn`` for sm_90 with the given
+    specialisation, under Triton 3.6 up to the newest.
+
+    ``signature``: every argument name -> "constexpr", "*<dtype>" or "i32";
+    ``constants``: constexpr name -> value; ``divisible16``: names of the
+    pointers and ints marked divisible by 16. The version differences are
+    handled here: the interpreter's wrapper is unwrapped (the caller may have
+    imported the kernels with TRITON_INTERPRET=1) and the divisibility
+    attribute is built by the backend's own parser (``BaseBackend.parse_attr``,
+    3.6+; keys are argument-index paths)."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    from softmax_gpu.kernels.softmax import FP_FUSION
+
+    if not hasattr(fn, "params"):
+        raise TypeError(f"{fn!r} is not a JIT function (imported under TRITON_INTERPRET=1?)")
+    names = [p.name for p in fn.params]
+    attrs = {(names.index(n),): BaseBackend.parse_attr("D") for n in divisible16}
+    src = ASTSource(fn, signature, constants, attrs)
+    return triton.compile(src, target=GPUTarget(*TARGET),
+                          options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
+
+
+def specialisation(v: Variant, fn, aligned_ints: bool = True):
+    """(signature, constants, divisible16 names) of ``v`` for the JIT function ``fn``."""
+    import triton.language as tl
+
+    ptrs = dict(v.ptrs)
+    cx = dict(v.constexprs)
+    if "ACC" in cx:
+        cx["ACC"] = tl.float64 if cx["ACC"] == "fp64" else tl.float32
+    sig, div = {}, []
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr or name in cx:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+            div.append(name)
+        elif name not in INT_SPEC:
+            raise ValueError(f"{v.kernel}: int argument {name!r} has no entry in INT_SPEC")
+        elif INT_SPEC[name] == ONE:
+            sig[name] = "constexpr"
+            cx[name] = 1
+        else:
+            sig[name] = "i32"
+            if INT_SPEC[name] == DIV16 and aligned_ints:
+                div.append(name)
+    missing = [n for n, t in sig.items() if t == "constexpr" and n not in cx]
+    if missing:
+        raise ValueError(f"{v.kernel}: no value for constexpr {missing}")
+    return sig, cx, div
+
+
+def compile_variant(v: Variant, aligned_ints: bool = True):
+    """The compiled kernel of ``v`` for sm_90 (its cubin: ``.asm["cubin"]``)."""
+    import importlib
+
+    fn = getattr(importlib.import_module(f"softmax_gpu.kernels.{v.module}"), v.kernel)
+    sig, cx, div = specialisation(v, fn, aligned_ints)
+    return _compile(fn, sig, cx, div, v.num_warps)
+
+
+def resource_usage(cubin: bytes, what: str = "kernel") -> dict:
+    """Registers, spill stack, shared and local bytes of a cubin (cuobjdump)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_triton_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    if "REG" not in usage:
+        raise RuntimeError(f"could not read resource usage for {what}:\n{text}")
+    return dict(regs=int(usage["REG"]), stack=int(usage["STACK"]),
+                shared=int(usage.get("SHARED", 0)), local=int(usage.get("LOCAL", 0)))
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Collect what the compiler's C++ side prints to fd 2 (MLIR diagnostics)."""
+    with tempfile.TemporaryFile(mode="w+") as f:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(f.fileno(), 2)
+        text = []
+        try:
+            yield text
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            text.append(f.read())
+
+
+def _compile_one(job):
+    """Worker: (variant, aligned_ints, analyse) -> analyse(cubin, variant), or
+    {"error": message} when the compile fails."""
+    v, aligned_ints, analyse = job
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even under the test env
+    with _stderr_captured() as err:
+        try:
+            cubin = compile_variant(v, aligned_ints).asm["cubin"]
+        except Exception as e:  # a compile error is a result of the check
+            failure = f"{type(e).__name__}: {e}"
+        else:
+            return analyse(cubin, v)
+    diag = [ln for ln in err[0].splitlines() if "error" in ln]
+    return {"error": "; ".join(diag[:3] + [failure])}
+
+
+def _usage(cubin: bytes, v: Variant) -> dict:
+    return resource_usage(cubin, v.label())
+
+
+def run(jobs: int = 2, variants=None, aligned_ints: bool = True, analyse=_usage):
+    """[(variant, result)] for ``variants`` (default: all): result is
+    ``analyse(cubin, variant)`` (default: the resource usage) or
+    {"error": ...} for a variant that fails to compile.
+
+    Compiled in ``jobs`` fresh (spawned) processes, so that the kernels are
+    real JIT functions even when the caller runs under TRITON_INTERPRET=1;
+    variants with the same compile key are compiled once. ``analyse`` must be
+    a module-level function (it is sent to the workers)."""
+    import multiprocessing
+
+    variants = all_variants() if variants is None else variants
+    first = {}
+    for v in variants:
+        first.setdefault(v.compile_key(), v)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, jobs), mp_context=ctx) as pool:
+        out = dict(zip(first, pool.map(_compile_one,
+                                       [(v, aligned_ints, analyse) for v in first.values()])))
+    return [(v, out[v.compile_key()]) for v in variants]
+
+
+def failures(results) -> list[str]:
+    """One line per variant that failed to compile or spills."""
+    out = []
+    for v, u in results:
+        if "error" in u:
+            out.append(f"ERROR {v.label()}: {u['error']}")
+        elif u["stack"] or u["local"]:
+            out.append(f"SPILL {v.label()}: stack {u['stack']} B, local {u['local']} B")
+    return out
+
+
+def _int_spec_summary(v: Variant) -> str:
+    """The int specialisation of ``v``'s kernel, e.g. "1: INNER sx_n; D16: M N"."""
+    import importlib
+
+    fn = getattr(importlib.import_module(f"softmax_gpu.kernels.{v.module}"), v.kernel)
+    skip = dict(v.ptrs).keys() | dict(v.constexprs).keys()
+    ints = [n for n in fn.arg_names if n in INT_SPEC and n not in skip]
+    return "; ".join(f"{s}: {' '.join(n for n in ints if INT_SPEC[n] == s)}"
+                     for s in (ONE, DIV16) if any(INT_SPEC[n] == s for n in ints))
+
+
+def write_table(results, out_dir: Path, aligned_ints: bool = True) -> Path:
+    import triton
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    ver = triton.__version__
+    base = f"sm90_triton{ver}{'' if aligned_ints else '_plain-ints'}_{stamp}"
+    fields = ["kernel", "path", "dtype", "constexprs", "num_warps", "regs", "stack", "shared",
+              "local", "error", "target", "triton"]
+    csv_path = out_dir / f"{base}.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for v, u in results:
+            w.writerow(dict(kernel=v.kernel, path=v.path, dtype=v.dtype,
+                            constexprs=" ".join(f"{k}={val}" for k, val in v.constexprs),
+                            num_warps=v.num_warps, target="sm_90", triton=ver, **u))
+    kernels = {}
+    for v, _ in results:
+        kernels.setdefault(v.kernel, v)
+    md = [f"# Static resource usage, sm_90 (compiled on CPU, Triton {ver}, {stamp})", "",
+          "Specialisation (see perf/static.py): pointers 16-byte aligned; ints as below "
+          f"({ONE}: the constant 1; {DIV16}: divisible by 16"
+          f"{'' if aligned_ints else ', NOT marked in this table'}). "
+          f"fp fusion: {_fp_fusion()}.", ""]
+    md += [f"- {k}: {_int_spec_summary(v)}" for k, v in sorted(kernels.items())]
+    md += ["", "| kernel | path | dtype | constexprs | warps | regs | stack (spill) | shared B |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
+    for v, u in results:
+        cx = " ".join(f"{k}={val}" for k, val in v.constexprs)
+        if "error" in u:
+            md.append(f"| {v.kernel} | {v.path} | {v.dtype} | {cx} | {v.num_warps} | "
+                      f"ERROR | | |")
+        else:
+            md.append(f"| {v.kernel} | {v.path} | {v.dtype} | {cx} | {v.num_warps} | "
+                      f"{u['regs']} | {u['stack']} | {u['shared']} |")
+    (out_dir / f"{base}.md").write_text("\n".join(md) + "\n")
+    return csv_path
+
+
+def _fp_fusion() -> bool:
+    from softmax_gpu.kernels.softmax import FP_FUSION
+
+    return FP_FUSION
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.static", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "static")
+    ap.add_argument("--no-table", action="store_true", help="check only, write no table")
+    ap.add_argument("--ints", choices=("aligned", "plain"), default="aligned",
+                    help="aligned (default): ints marked divisible by 16 as in the common "
+                         "call; plain: none marked (rows not a multiple of 16)")
+    args = ap.parse_args(argv)
+    import triton
+
+    aligned = args.ints == "aligned"
+    results = run(args.jobs, aligned_ints=aligned)
+    ok = [u for _, u in results if "error" not in u]
+    bad = failures(results)
+    print(f"{len(results)} variants compiled for sm_90 under Triton {triton.__version__} "
+          f"({args.ints} ints); max regs {max((u['regs'] for u in ok), default=0)}; "
+          f"{len(bad)} failing")
+    for line in bad:
+        print("  " + line)
+    if not args.no_table:
+        print(f"table: {write_table(results, args.out, aligned)}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

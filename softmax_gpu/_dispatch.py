@@ -19,7 +19,8 @@ import torch
 from .kernels import softmax as _softmax_kernels
 
 __all__ = ["backend_for", "interpreted", "traced", "record_launches", "poison_outputs",
-           "new_output", "empty_like", "device_guard", "launch_device", "launch_on"]
+           "new_output", "empty_like", "device_guard", "launch_device", "launch_on", "plan_cache",
+           "remember", "clear_plans"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -76,6 +77,33 @@ def check_device(t: torch.Tensor, name: str) -> None:
         raise ValueError(
             f"{name} is on unsupported device {t.device}: softmax_gpu runs on CUDA or CPU tensors"
         )
+
+
+# Memoised launch plans of every op module (key -> plan); they hold the
+# kernels' launchers, so whoever swaps a kernel object must clear them.
+_PLAN_CACHES: list[dict] = []
+MAX_PLANS = 4096
+
+
+def plan_cache() -> dict:
+    """A new memo of launch plans, registered for :func:`clear_plans`."""
+    cache: dict = {}
+    _PLAN_CACHES.append(cache)
+    return cache
+
+
+def remember(cache: dict, key, plan):
+    """``cache[key] = plan`` (the cache is emptied when it reaches MAX_PLANS)."""
+    if len(cache) >= MAX_PLANS:
+        cache.clear()
+    cache[key] = plan
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every memoised launch plan of every op."""
+    for cache in _PLAN_CACHES:
+        cache.clear()
 
 
 _recorder: list[str] | None = None

@@ -39,7 +39,7 @@ from torch.nn import _reduction
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_tensor
 from ._dispatch import (backend_for, empty_like, launch_device, launch_on, new_output,
-                        traced)
+                        plan_cache, remember, traced)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, SINGLE, by_elem, max_single, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -389,12 +389,9 @@ NO_GRAD, NEW_GRAD, INPLACE_GRAD = 0, 1, 2
 
 
 def _contiguous_rows(shape) -> Rows:
-    """The [OUTER, C, INNER] view of a contiguous (N, C, *) tensor of ``shape``."""
-    inner = 1
-    for s in shape[2:]:
-        inner *= s
-    C = shape[1]
-    return Rows(shape[0], C, inner, (C * inner, inner, 1))
+    """The [OUTER, C, INNER] view of a contiguous (N, C, *) tensor of ``shape``
+    (exactly as :func:`rows_view` describes a real one)."""
+    return rows_view(torch.empty(shape, device="meta"), 1)
 
 
 def _reduce(rows: Tensor, reduction: str, batch, dtype: torch.dtype) -> Tensor:
@@ -484,7 +481,7 @@ class _Plan:
 
 # Row-wise backward launchers over a (N, C, *) layout, memoised:
 # key -> (CUDA device index or None, copy first, rows, launch)
-_AUX: dict = {}
+_AUX = plan_cache()
 
 
 def _aux(kind: str, t: Tensor, cap: float = 0.0):
@@ -501,9 +498,7 @@ def _aux(kind: str, t: Tensor, cap: float = 0.0):
             in_place = kind == "scale_"
             launch = K.grad_scale_launcher(r.m, r.n, r.inner, r.strides,
                                            r.strides if in_place else out, in_place, t.dtype, cfg)
-        if len(_AUX) >= _MAX_PLANS:
-            _AUX.clear()
-        hit = _AUX[key] = (launch_device(t.device), copy, r.m, launch)
+        hit = remember(_AUX, key, (launch_device(t.device), copy, r.m, launch))
     return hit
 
 
@@ -543,8 +538,7 @@ def _lse_grad(x: Tensor, lse: Tensor, dlse: Tensor, cap: float) -> Tensor:
     return out
 
 
-_PLANS: dict = {}
-_MAX_PLANS = 4096
+_PLANS = plan_cache()
 
 
 def _plan(x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale, mode,
@@ -558,10 +552,8 @@ def _plan(x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale, 
     if plan is None:
         if on_miss is not None:
             on_miss()
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = _Plan(x, target, weight, ignore_index, reduction, eps, zl, cap,
-                                   grad_scale, mode)
+        plan = remember(_PLANS, key, _Plan(x, target, weight, ignore_index, reduction, eps, zl,
+                                           cap, grad_scale, mode))
     return plan
 
 

@@ -51,7 +51,8 @@ from torch.autograd.function import once_differentiable
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_tensor
-from ._dispatch import backend_for, launch_device, launch_on, new_output, traced
+from ._dispatch import (backend_for, launch_device, launch_on, new_output, plan_cache,
+                        remember, traced)
 from .cross_entropy import (_scalar_options, cross_entropy_config, cross_entropy_scale_config,
                             reference_lse_grad)
 from .kernels import cross_entropy as K
@@ -121,8 +122,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 # Kernel launches planned for a chunk shape and options, kept across calls.
-_LAUNCHERS: dict = {}
-_MAX_LAUNCHERS = 4096
+_LAUNCHERS = plan_cache()
 
 
 class _ChunkLoss:
@@ -175,9 +175,7 @@ class _ChunkLoss:
                 launch = K.class_launcher(n, self.V, 1, strides, strides, sp.ignore_index,
                                           self.mean, sp.eps, sp.z_loss, sp.cap, 1.0, has_w,
                                           kind == "grad", self.dtype, cfg, write_hit=hit)
-            if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
-                _LAUNCHERS.clear()
-            _LAUNCHERS[key] = launch
+            remember(_LAUNCHERS, key, launch)
         return launch
 
     def loss_(self, z: Tensor, t: Tensor, write_grad: bool,

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_tensor, wrap_dim
 from ._dispatch import (backend_for, check_device, empty_like, interpreted, launch_device,
-                        launch_on, traced)
+                        launch_on, plan_cache, remember, traced)
 from ._layout import as_rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, SPLIT, max_single, next_pow2, warps_for
 from .kernels import softmax as K
@@ -145,15 +145,7 @@ def reference_backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
 # ----------------------------------------------------------------------------
 
 # key -> (copy the input first, CUDA device index or None, launch or None)
-_PLANS: dict = {}
-_MAX_PLANS = 4096
-
-
-def _remember(key, plan):
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
+_PLANS = plan_cache()
 
 
 def _plan_forward(x: Tensor, dim: int, log: bool):
@@ -178,7 +170,7 @@ def _forward(x: Tensor, dim: int, log: bool) -> Tensor:
     key = (x.shape, x.stride(), x.dtype, x.device, dim, log, heuristics.generation())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _remember(key, _plan_forward(x, dim, log))
+        plan = remember(_PLANS, key, _plan_forward(x, dim, log))
     copy, dev, launch = plan
     y = empty_like(x)
     if launch is not None:
@@ -208,7 +200,7 @@ def _backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
            heuristics.generation())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _remember(key, _plan_backward(y, dy, dim, log))
+        plan = remember(_PLANS, key, _plan_backward(y, dy, dim, log))
     copy_y, copy_g, dev, launch = plan
     dx = empty_like(y)
     if launch is not None:

@@ -1,0 +1,222 @@
+"""SASS instruction counts per element of the hot kernels, for sm_90, on the CPU.
+
+    python -m perf.sass            # markdown table to stdout
+    python -m perf.sass --json     # the same numbers as JSON
+
+Each hot kernel is compiled exactly as ``perf/static.py`` compiles it (the
+heuristics' configuration for the hot shape, a real call's specialisation,
+fp fusion as launched) and disassembled with the ``cuobjdump`` in Triton's
+wheel. Counted:
+
+- looped kernels: each tile loop's body, i.e. the instructions from a
+  backward branch's target up to that branch (the first loop is the online
+  (max, sum) pass, the second the normalise / gradient pass), divided by the
+  elements a thread handles per iteration (BLOCK_N / (32 x warps));
+- single kernels: the whole kernel (no NOPs, no trailing self-branch) over
+  the elements a thread owns (BLOCK_N x ROWS / (32 x warps)).
+
+These are static counts: a branch inside the body counts both sides once.
+Besides instructions per element: MUFU operations (EX2, RCP, LG2, ...),
+global loads and stores by width (LDG.E.128 is 16 bytes, LDG.E.U16 2 bytes),
+barriers (BAR) and warp shuffles (SHFL) in the counted range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import tempfile
+
+from perf import static
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_TARGET = re.compile(r"\b(0x[0-9a-f]+)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hot:
+    """A hot kernel at a hot shape."""
+
+    name: str  # row label
+    kernel: str
+    dtype: str
+    flags: tuple  # ((constexpr, value), ...) beyond the configuration's
+    config: tuple  # ("softmax" | "cross_entropy", M, N, elem_bytes, live_rows or extras)
+
+
+HOT = (
+    Hot("softmax fwd, single, bf16, N=4096", "softmax_fwd_single_kernel", "bf16",
+        (("LOG", False),), ("softmax", 16384, 4096, 2, 1)),
+    Hot("softmax fwd, single, bf16, N=32768", "softmax_fwd_single_kernel", "bf16",
+        (("LOG", False),), ("softmax", 16384, 32768, 2, 1)),
+    Hot("softmax fwd, looped, bf16, N>=65536", "softmax_fwd_looped_kernel", "bf16",
+        (("LOG", False),), ("softmax", 4096, 262144, 2, 1)),
+    Hot("softmax bwd, looped, bf16, N>=32768", "softmax_bwd_looped_kernel", "bf16",
+        (("LOG", False),), ("softmax", 4096, 65536, 2, 2)),
+    Hot("CE class + grad, single, bf16, C=16384", "ce_class_single_kernel", "bf16",
+        (("HAS_WEIGHT", False), ("SMOOTH", False), ("SOFTCAP", False), ("WRITE_GRAD", True),
+         ("WRITE_HIT", False)),
+        ("cross_entropy", 16384, 16384, 2, False)),
+    Hot("CE class + grad, looped, bf16, C>=32000", "ce_class_looped_kernel", "bf16",
+        (("HAS_WEIGHT", False), ("SMOOTH", False), ("SOFTCAP", False), ("WRITE_GRAD", True),
+         ("WRITE_HIT", False)),
+        ("cross_entropy", 16384, 128256, 2, False)),
+)
+
+
+def hot_variants() -> list:
+    """(Hot, Variant) for each hot kernel: the static variant with the
+    configuration the heuristics pick at the hot shape (132 SMs)."""
+    import torch
+
+    from softmax_gpu import heuristics
+
+    fns = static.config_functions()
+    everything = static.all_variants()
+    out = []
+    with heuristics.override(sm_count=132):
+        for h in HOT:
+            op, M, N, elem, extra = h.config
+            pick = fns.softmax_config if op == "softmax" else fns.cross_entropy_config
+            cfg = pick(M, N, elem, torch.device("cpu"), extra)
+            want = dict(h.flags, BLOCK_N=cfg.block_n)
+            if cfg.path == heuristics.SINGLE:
+                want["ROWS"] = cfg.rows_per_program
+            match = [v for v in everything
+                     if v.kernel == h.kernel and v.dtype == h.dtype and v.num_warps == cfg.num_warps
+                     and want.items() <= dict(v.constexprs).items()]
+            if len(match) != 1:
+                raise LookupError(f"{h.name}: {len(match)} static variants match {want}")
+            out.append((h, match[0]))
+    return out
+
+
+def disassemble(cubin: bytes) -> list:
+    """[(address, instruction text without predicate noise)] of a cubin's SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([static._triton_tool("cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, text.splitlines()) if m]
+
+
+def opcode(ins: str) -> str:
+    """The opcode with its modifiers (``LDG.E.128``), predicate dropped."""
+    parts = ins.split()
+    if parts and parts[0].startswith("@"):
+        parts = parts[1:]
+    return parts[0] if parts else ""
+
+
+def loops(code: list) -> list:
+    """[(start index, end index)] of the bodies closed by backward branches
+    (innermost first when nested), in program order."""
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    found = []
+    for i, (addr, ins) in enumerate(code):
+        if opcode(ins).startswith("BRA"):
+            m = _TARGET.search(ins)
+            if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
+                found.append((index[int(m.group(1), 16)], i))
+    inner = [lp for lp in found if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1]
+                                           for o in found)]
+    return sorted(inner)
+
+
+def _real(code: list) -> list:
+    """Instructions without NOPs and the trailing branch-to-self."""
+    out = [(a, ins) for a, ins in code if opcode(ins) != "NOP"]
+    while out and opcode(out[-1][1]).startswith("BRA") and _TARGET.search(out[-1][1]) \
+            and int(_TARGET.search(out[-1][1]).group(1), 16) == out[-1][0]:
+        out.pop()
+    return out
+
+
+def count(body: list, elems: float) -> dict:
+    """Counts of one code range; ``elems``: elements per thread it handles."""
+    ops = collections.Counter(opcode(ins) for _, ins in body)
+
+    def total(prefix):
+        return sum(n for op, n in ops.items() if op.split(".")[0] == prefix)
+
+    return dict(
+        instructions=len(body), elems_per_thread=elems,
+        instr_per_elem=round(len(body) / elems, 2),
+        mufu={op: n for op, n in sorted(ops.items()) if op.startswith("MUFU")},
+        ldg={op: n for op, n in sorted(ops.items()) if op.startswith("LDG")},
+        stg={op: n for op, n in sorted(ops.items()) if op.startswith("STG")},
+        bar=total("BAR"), shfl=total("SHFL"),
+    )
+
+
+def analyse(cubin: bytes, v) -> dict:
+    """Per-element counts of ``v``'s cubin: each tile loop of a looped kernel,
+    the whole kernel of a single one (run in static's compile workers)."""
+    code = _real(disassemble(cubin))
+    c = dict(v.constexprs)
+    per_iter = c["BLOCK_N"] * c.get("ROWS", 1) / (32 * v.num_warps)
+    body = loops(code)
+    if "ROWS" in c:  # single path: the whole kernel
+        return dict(kind="kernel", parts=[count(code, per_iter)], loops_found=len(body))
+    if not body:
+        return {"error": "no loop found in a looped kernel"}
+    return dict(kind="loop", parts=[count(code[a:b + 1], per_iter) for a, b in body],
+                loops_found=len(body))
+
+
+def run(jobs: int = 2) -> list:
+    """[(Hot, Variant, analysis)] for every hot kernel."""
+    pairs = hot_variants()
+    res = dict(static.run(jobs, [v for _, v in pairs], analyse=analyse))
+    return [(h, v, res[v]) for h, v in pairs]
+
+
+def _widths(d: dict) -> str:
+    return " ".join(f"{n}x{op}" for op, n in d.items()) or "-"
+
+
+def markdown(rows) -> str:
+    import triton
+
+    out = [f"SASS per element, sm_90, Triton {triton.__version__} (python -m perf.sass)", "",
+           "| kernel | config | counted | instr | elems/thread | instr/elem | MUFU | "
+           "global loads | global stores | BAR | SHFL |",
+           "|---|---|---|---:|---:|---:|---|---|---|---:|---:|"]
+    for h, v, a in rows:
+        c = dict(v.constexprs)
+        cfg = f"BLOCK_N={c['BLOCK_N']}" + (f" ROWS={c['ROWS']}" if "ROWS" in c else "") + \
+            f" warps={v.num_warps}"
+        if "error" in a:
+            out.append(f"| {h.name} | {cfg} | ERROR: {a['error'][:80]} | | | | | | | | |")
+            continue
+        for i, p in enumerate(a["parts"]):
+            what = "kernel" if a["kind"] == "kernel" else f"loop {i + 1} of {len(a['parts'])}"
+            out.append(f"| {h.name} | {cfg} | {what} | {p['instructions']} | "
+                       f"{p['elems_per_thread']:g} | {p['instr_per_elem']} | {_widths(p['mufu'])} | "
+                       f"{_widths(p['ldg'])} | {_widths(p['stg'])} | {p['bar']} | {p['shfl']} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.sass", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = run(args.jobs)
+    if args.json:
+        print(json.dumps([dict(name=h.name, kernel=v.kernel, constexprs=dict(v.constexprs),
+                               num_warps=v.num_warps, **a) for h, v, a in rows], indent=1))
+    else:
+        print(markdown(rows))
+    return 1 if any("error" in a for _, _, a in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
