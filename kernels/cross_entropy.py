@@ -5,8 +5,8 @@ tensor in between.
 Rows are laid out as in ``kernels/softmax.py``: row r of the logits starts at
 (r // INNER) * s_outer + (r % INNER) * s_inner and its C classes are s_n
 apart (an (N, C, d1..dK) input reduced over dim 1 is read in place; its row
-r = n * INNER + i is element r of the flattened target). All offsets are
-int64; masked lanes load -inf.
+r = n * INNER + i is element r of the flattened target). Element offsets are
+int64, column compares int32; masked lanes load -inf.
 
 Math, per row (z: the logits after the optional softcap z = cap * tanh(x / cap)):
 
@@ -22,35 +22,48 @@ Math, per row (z: the logits after the optional softcap z = cap * tanh(x / cap))
     (fp64 for fp64 logits) and cast once, on store.
 
 Each row's loss is written already divided by the reduction's denominator
-(class targets, mean: sum of w_t over kept rows for the loss, the number of
-kept rows for the z-loss, both read from the device tensor DEN that
-``ce_denominators_kernel`` fills before the main launch; probability
-targets, mean: the number of rows), so ``LOSS.sum()`` is the reduced loss,
-and the gradient is written already scaled the same way (times grad_scale).
-An all-ignored batch divides 0 by 0 and gives NaN, as torch does. Ignored
-rows get a zero loss and a zero gradient row. A class index outside [0, C)
-that is not ignore_index is never used as an address (the loads are masked):
-that row's loss and gradient are NaN.
+and by the caller's divisor (class targets: DEN[0] for the loss, DEN[1] for
+the z-loss, which ``ce_denominators_kernel`` fills on the device before the
+main launch: for the mean the sum of w_t over kept rows and the number of
+kept rows, else 1, each times the divisor; probability targets: den_rows
+(the number of rows for the mean, else 1) times DEN[0] when a divisor is
+given), so ``LOSS.sum()`` is the reduced loss, and the gradient is written
+already scaled the same way (times grad_scale). An all-ignored batch divides
+0 by 0 and gives NaN, as torch does. Ignored rows get a zero loss and a zero
+gradient row; their logits are not read at all (unless ``lse_all`` asks for
+every row's lse). A class index outside [0, C) that is not ignore_index is
+never used as an address (the loads are masked): that row's loss and
+gradient are NaN.
 
 Paths (chosen by ``softmax_gpu.cross_entropy.cross_entropy_config``):
 - single: the row is one tile in registers, ROWS rows per program;
   1 read of the logits (+ 1 write of the gradient).
-- looped: one program per row; an online (max, sum) pass (``online_stats``)
-  then a gradient pass: 2 reads + 1 write. The second read comes from L2
-  while the rows in flight (resident programs x row bytes) fit in it; not
-  measured yet. The target logit is read before the gradient pass (in place
-  safe). Without a gradient the second pass runs only for label smoothing.
+- looped: an online (max, sum) pass (``online_stats``) then a gradient
+  pass: 2 reads + 1 write. A program walks rows pid, pid + G, ... of G
+  programs (G = M: one per row; a persistent grid keeps G x row bytes inside
+  L2, so the second read hits L2; eviction hints keep the first read's lines
+  and stream the second read and the stores). The target logit is read
+  before the gradient pass (in place safe). Without a gradient the second
+  pass runs only for label smoothing.
+- coop: a row cut into chunks shared by the programs of one persistent
+  launch (``kernels/softmax.py``, ``coop_item``): a chunk's first pass
+  publishes its (max, sum) (and the target logit, read before any gradient
+  of that row is written), its second pass waits for the row's partials and
+  writes the chunk's gradient; the row's last second pass to finish writes
+  its loss, lse, state and hit.
 
-``ce_grad_scale_kernel`` is the autograd backward: it multiplies the saved
+``ce_grad_scale_kernel`` is the eager backward: it multiplies the saved
 gradient rows by grad_output / (the factor already applied, kept per row in
 STATE) and returns at once, touching nothing but two scalars per row, when
-that ratio is 1 (the usual ``loss.backward()``). Its out-of-place variant
-(IN_PLACE=False) serves graphs traced by torch.compile, which cannot mutate
-a saved tensor cheaply.
+that ratio is 1 (the usual ``loss.backward()``, and any grad_output stated
+ahead as the divisor). Its out-of-place variant (IN_PLACE=False) serves a
+retained graph's later backwards. ``ce_class_backward_kernel`` is the
+backward of a traced graph (torch.compile): the forward saved the lse, and
+one pass over the logits writes the gradient times grad_output, rounded once.
 
-Float scalars (label smoothing, z-loss, softcap, grad_scale) must be exact
-for fp64 logits, but Triton passes Python floats as fp32. Each arrives as
-two int32 arguments, the bit patterns of its fp32 hi and lo parts
+Float scalars (label smoothing, z-loss, softcap, grad_scale, divisor) must be
+exact for fp64 logits, but Triton passes Python floats as fp32. Each arrives
+as two int32 arguments, the bit patterns of its fp32 hi and lo parts
 (``f64_parts``), unspecialised (``do_not_specialize``: one compiled kernel
 whatever the values), and ``scalar_arg`` rebuilds it in ACC.
 """
@@ -61,7 +74,14 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .softmax import FP_FUSION, acc_dtype, online_stats, online_update, row_base
+from .softmax import (FP_FUSION, LOG2E, acc_dtype, coop_arrive, coop_buffers, coop_grid,
+                      coop_item, coop_partials, coop_wait, edge_columns, load_logits, load_p,
+                      log2_shift, lse_of, online_stats, online_update, partial_mask, row_base,
+                      row_vec, softcap_tanh, store_p, tile_offsets, vec_segment)
+
+# Shared with the vocab-parallel kernels through this module.
+__all__ = ["load_logits", "softcap_tanh", "online_update", "scalar_arg", "class_grad",
+           "f64_parts"]
 
 # ----------------------------------------------------------------------------
 # Shared jit helpers
@@ -73,62 +93,6 @@ def scalar_arg(hi, lo, ACC: tl.constexpr):
     """A host float passed as the int32 bit patterns of its fp32 hi and lo
     parts (see ``f64_parts``), rebuilt in ACC: exact to ~2^-48 in fp64."""
     return (tl.zeros((), ACC) + hi.to(tl.float32, bitcast=True)) + lo.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def recip_ge1_f64(d):
-    """1 / d for fp64 d >= 1 (NaN stays NaN) without a division: an fp64
-    division compiles to a subroutine call, and around those calls in the
-    looped kernels Triton 3.6's ptxas kept values on the stack. An fp32
-    reciprocal refined by two Newton steps (relative error 2^-22, 2^-44, then
-    fp64 rounding); d is clamped to 2^120 first (fp32 range), which moves
-    1 / d by less than 2^-119."""
-    d = tl.where(d > 1.329227995784916e36, 1.329227995784916e36, d)
-    r = (1.0 / d.to(tl.float32)).to(tl.float64)
-    r = r * (2.0 - d * r)
-    return r * (2.0 - d * r)
-
-
-@triton.jit
-def softcap_tanh(x, cap):
-    """cap * tanh(x / cap) from one exp; saturates to +-cap (also for +-inf)."""
-    d = tl.exp(2.0 * (x * (1.0 / cap))) + 1.0
-    if d.dtype == tl.float64:
-        return cap - (2.0 * cap) * recip_ge1_f64(d)
-    return cap - (2.0 * cap) / d
-
-
-@triton.jit
-def load_logits(X, offs, mask, cap, SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """Logits at X + offs in ACC, softcapped when SOFTCAP; masked lanes are -inf."""
-    z = tl.load(X + offs, mask=mask, other=float("-inf")).to(ACC)
-    if SOFTCAP:
-        z = tl.where(mask, softcap_tanh(z, cap), float("-inf"))
-    return z
-
-
-@triton.jit
-def capped_stats(X, base, s_n, C, cap, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``online_stats`` over the softcapped logits: the same online (max, sum)
-    loop, with the softcap applied to each tile before it is reduced."""
-    m = tl.full((), float("-inf"), ACC)
-    d = tl.zeros((BLOCK_N,), ACC)
-    for off in range(0, C, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        z = load_logits(X, base + cols * s_n, cols < C, cap, True, ACC)
-        m, d = online_update(m, d, z)
-    return m, tl.sum(d, 0)
-
-
-@triton.jit
-def row_lse(X, base, s_n, C, cap, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
-            BLOCK_N: tl.constexpr):
-    """(max, log-sum-exp) of one row (softcapped when SOFTCAP), looped over tiles."""
-    if SOFTCAP:
-        m, d = capped_stats(X, base, s_n, C, cap, ACC, BLOCK_N)
-    else:
-        m, d = online_stats(X, base, s_n, 0, C, ACC, BLOCK_N)
-    return m, m + tl.log(d)
 
 
 @triton.jit
@@ -161,12 +125,27 @@ def class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT: tl.constexpr,
 
 
 @triton.jit
+def row_read(kept, lse_all):
+    """Whether a row's logits are read: it is kept, or every row's lse is asked for."""
+    return (kept.to(tl.int32) | lse_all) != 0
+
+
+@triton.jit
 def class_denominators(DEN, use_den, ACC: tl.constexpr):
-    """(loss denominator, z-loss denominator): DEN[0], DEN[1] for the mean, else 1."""
+    """(loss denominator, z-loss denominator): DEN[0], DEN[1] when use_den, else 1."""
     on = use_den != 0
     dl = tl.load(DEN, mask=on, other=1.0).to(ACC)
     dz = tl.load(DEN + 1, mask=on, other=1.0).to(ACC)
     return dl, dz
+
+
+@triton.jit
+def smooth_weight_sum(DEN, C, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                      ACC: tl.constexpr):
+    """sum_c w_c: DEN[2] with class weights and smoothing, else C."""
+    if HAS_WEIGHT and SMOOTH:
+        return tl.load(DEN + 2).to(ACC)
+    return tl.zeros((), ACC) + C
 
 
 @triton.jit
@@ -211,6 +190,85 @@ def class_grad(sigma, z, is_t, a, b, cw, w, kept, cap, SMOOTH: tl.constexpr,
     return tl.where(kept, g, 0.0)
 
 
+@triton.jit
+def class_tile(X, G, W, xo, go, wo, mask, is_t, s, a, b, cw, lse, cap,
+               HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+               WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr):
+    """One tile of a kept row's gradient pass: G[go] = the gradient of the
+    logits X[xo] (WRITE_GRAD), with sigma * sum(y) formed as
+    2^(z log2 e - s) * a (a folds the row's 1 / sum); returns the tile's
+    label-smoothing terms w_c (lse - z_c) (zeros without SMOOTH)."""
+    z = load_logits(X, xo, mask, cap, SOFTCAP, ACC, P)
+    if HAS_WEIGHT:
+        w = tl.load(W + wo, mask=mask, other=0.0).to(ACC)
+    else:
+        w = tl.where(mask, 1.0, 0.0).to(ACC)
+    if WRITE_GRAD:
+        g = class_grad(tl.exp2(z * LOG2E - s), z, is_t, a, b, cw, w, True, cap, SMOOTH,
+                       SOFTCAP)
+        store_p(G + go, g.to(G.dtype.element_ty), mask, P)
+    terms = tl.zeros_like(z)
+    if SMOOTH:
+        terms = tl.where(mask, w * (lse - z), 0.0)
+    return terms
+
+
+@triton.jit
+def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, lse, cap,
+               HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+               WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+               VEC: tl.constexpr, P: tl.constexpr, SUM: tl.constexpr = True):
+    """The gradient pass over columns [start, end) of a kept row (see
+    ``class_tile``): whole tiles unmasked, the last partial tile masked,
+    VEC > 1 the head and tail of an unaligned row; returns the sum of
+    w_c (lse - z_c) over the columns (0 without SMOOTH, or SUM False). VEC >
+    1: the logits' and gradient's rows congruent modulo VEC."""
+    cols = tl.arange(0, BLOCK_N)
+    a0, body_end, vec_end = vec_segment(xb, start, end, VEC, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), ACC)
+    for off in range(a0, body_end, BLOCK_N):
+        terms = class_tile(X, G, W, tile_offsets(xb, off, cols, sx_n, VEC),
+                           tile_offsets(gb, off, cols, sg_n, VEC), off + cols, cols < BLOCK_N,
+                           cols == tl.cast(t - off, tl.int32), s, a, b, cw, lse, cap,
+                           HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, P)
+        if SMOOTH and SUM:
+            acc += terms
+    if body_end < vec_end:
+        terms = class_tile(X, G, W, tile_offsets(xb, body_end, cols, sx_n, VEC),
+                           tile_offsets(gb, body_end, cols, sg_n, VEC), body_end + cols,
+                           partial_mask(cols, vec_end - body_end, VEC),
+                           cols == tl.cast(t - body_end, tl.int32), s, a, b, cw, lse, cap,
+                           HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, P)
+        if SMOOTH and SUM:
+            acc += terms
+    total = tl.sum(acc, 0)
+    if VEC > 1:
+        e_cols, e_mask = edge_columns(start, a0, vec_end, end, VEC)
+        terms = class_tile(X, G, W, xb + e_cols, gb + e_cols, e_cols, e_mask, e_cols == t, s,
+                           a, b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, P)
+        if SMOOTH and SUM:
+            total += tl.sum(terms, 0)
+    return total
+
+
+@triton.jit
+def zero_fill(G, gb, sg_n, start, end, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
+              P: tl.constexpr):
+    """G[gb + c * sg_n] = 0 for c in [start, end): the gradient of an ignored
+    row, written without reading its logits."""
+    cols = tl.arange(0, BLOCK_N)
+    zero = tl.zeros((BLOCK_N,), G.dtype.element_ty)
+    a, body_end, vec_end = vec_segment(gb, start, end, VEC, BLOCK_N)
+    for off in range(a, body_end, BLOCK_N):
+        store_p(G + tile_offsets(gb, off, cols, sg_n, VEC), zero, cols < BLOCK_N, P)
+    if body_end < vec_end:
+        store_p(G + tile_offsets(gb, body_end, cols, sg_n, VEC), zero,
+                partial_mask(cols, vec_end - body_end, VEC), P)
+    if VEC > 1:
+        e_cols, e_mask = edge_columns(start, a, vec_end, end, VEC)
+        store_p(G + gb + e_cols, tl.zeros((2 * VEC,), G.dtype.element_ty), e_mask, P)
+
+
 # ----------------------------------------------------------------------------
 # Class-index targets
 # ----------------------------------------------------------------------------
@@ -220,15 +278,15 @@ def class_grad(sigma, z, is_t, a, b, cw, w, kept, cap, SMOOTH: tl.constexpr,
 _SCALARS = ["eps_hi", "eps_lo", "zl_hi", "zl_lo", "cap_hi", "cap_lo", "gs_hi", "gs_lo"]
 
 
-@triton.jit(do_not_specialize=_SCALARS)
+@triton.jit(do_not_specialize=_SCALARS + ["lse_all"])
 def ce_class_single_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC: sum of w_t over kept rows, kept rows (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
-    LSE,  # [M] fp32: row log-sum-exp
+    LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
     STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
     HIT,  # [M] int8: 1 where the row is kept and its target is an argmax (written when WRITE_HIT)
     M,  # number of rows
@@ -237,7 +295,8 @@ def ce_class_single_kernel(
     sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
     sg_o, sg_n, sg_i,  # gradient strides
     ignore_index,  # target value whose row is skipped
-    use_den,  # 1: divide by DEN[0] / DEN[1] (mean); 0: by 1
+    use_den,  # 1: divide by DEN[0] / DEN[1]; 0: by 1
+    lse_all,  # 1: read ignored rows too, for their lse; 0: never read them
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient
     cap_hi, cap_lo,  # softcap (used when SOFTCAP)
@@ -256,66 +315,67 @@ def ce_class_single_kernel(
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < M
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
     cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
     xb = row_base(rows, INNER, sx_o, sx_i)
     t, kept, inside, wt = class_target(T, W, rows, rmask, C, ignore_index, HAS_WEIGHT, ACC)
-    z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
+    read = rmask & row_read(kept, lse_all)
+    mask = read[:, None] & cmask[None, :]
+    z = load_logits(X, xb[:, None] + cols[None, :].to(tl.int64) * sx_n, mask, cap, SOFTCAP, ACC)
     m = tl.max(z, 1)
-    e = tl.exp(z - m[:, None])
+    s = log2_shift(m)
+    e = tl.exp2(z * LOG2E - s[:, None])
     d = tl.sum(e, 1)
-    lse = m + tl.log(d)
-    is_t = cols[None, :] == t[:, None]
-    zt = tl.sum(tl.where(is_t, z, 0.0), 1)  # from the tile: no second access
+    lse = lse_of(m, d)
+    # the target logit, read (before any gradient store: in place) rather than
+    # picked out of the tile, which would cost a select and an add per element
+    zt = load_logits(X, xb + t * sx_n, rmask & kept & inside, cap, SOFTCAP, ACC)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     else:
         w = tl.where(cmask, 1.0, 0.0).to(ACC)[None, :]
     if SMOOTH:
         smooth_sum = tl.sum(tl.where(mask, w * (lse[:, None] - z), 0.0), 1)
-        if HAS_WEIGHT:
-            sw = tl.load(DEN + 2).to(ACC)
-        else:
-            sw = tl.zeros((), ACC) + C
     else:
         smooth_sum = lse * 0.0
-        sw = tl.zeros((), ACC)
+    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
     dl, dz = class_denominators(DEN, use_den, ACC)
     loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz, SMOOTH)
     tl.store(LOSS + rows, loss, mask=rmask)
-    tl.store(LSE + rows, lse.to(tl.float32), mask=rmask)
+    tl.store(LSE + rows, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty), mask=rmask)
     if WRITE_HIT:
         tl.store(HIT + rows, (kept & inside & (zt >= m)).to(tl.int8), mask=rmask)
     if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
-        sigma = e * (1.0 / d)[:, None]
-        g = class_grad(sigma, z, is_t, a[:, None], b[:, None], cw, w, kept[:, None], cap,
+        is_t = cols[None, :] == t.to(tl.int32)[:, None]
+        g = class_grad(e, z, is_t, (a / d)[:, None], b[:, None], cw, w, kept[:, None], cap,
                        SMOOTH, SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
-        tl.store(G + gb[:, None] + cols[None, :] * sg_n, g.to(G.dtype.element_ty), mask=mask)
+        tl.store(G + gb[:, None] + cols[None, :].to(tl.int64) * sg_n, g.to(G.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
         tl.store(STATE + rows, tl.full((ROWS,), 1.0, ACC), mask=rmask)
 
 
-@triton.jit(do_not_specialize=_SCALARS)
+@triton.jit(do_not_specialize=_SCALARS + ["lse_all"])
 def ce_class_looped_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC: sum of w_t over kept rows, kept rows (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
-    LSE,  # [M] fp32: row log-sum-exp
+    LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
     STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
     HIT,  # [M] int8: 1 where the row is kept and its target is an argmax (written when WRITE_HIT)
-    M,  # number of rows (one program each)
+    M,  # number of rows (program pid takes rows pid, pid + G, ... of G programs)
     C,  # number of classes (row length)
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
     sg_o, sg_n, sg_i,  # gradient strides
     ignore_index,  # target value whose row is skipped
-    use_den,  # 1: divide by DEN[0] / DEN[1] (mean); 0: by 1
+    use_den,  # 1: divide by DEN[0] / DEN[1]; 0: by 1
+    lse_all,  # 1: read ignored rows too, for their lse; 0: never read them
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient
     cap_hi, cap_lo,  # softcap (used when SOFTCAP)
@@ -327,49 +387,199 @@ def ce_class_looped_kernel(
     WRITE_HIT: tl.constexpr,  # write HIT (token accuracy)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
     eps = scalar_arg(eps_hi, eps_lo, ACC)
     z_loss = scalar_arg(zl_hi, zl_lo, ACC)
     cap = scalar_arg(cap_hi, cap_lo, ACC)
-    row = tl.program_id(0).to(tl.int64)
-    xb = row_base(row, INNER, sx_o, sx_i)
-    m, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
-    t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
-    # the target logit, read before any gradient tile can overwrite it (in place)
-    zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
-    dl, dz = class_denominators(DEN, use_den, ACC)
-    if HAS_WEIGHT and SMOOTH:
-        sw = tl.load(DEN + 2).to(ACC)
-    else:
-        sw = tl.zeros((), ACC) + C
     gs = scalar_arg(gs_hi, gs_lo, ACC)
-    a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
-    gb = row_base(row, INNER, sg_o, sg_i)
-    acc = tl.zeros((BLOCK_N,), ACC)
-    if WRITE_GRAD or SMOOTH:
-        # second pass: the gradient tiles and / or sum_c w_c (lse - z_c)
-        for off in range(0, C, BLOCK_N):
-            cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-            cmask = cols < C
-            z = load_logits(X, xb + cols * sx_n, cmask, cap, SOFTCAP, ACC)
-            if HAS_WEIGHT:
-                w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
-            else:
-                w = tl.where(cmask, 1.0, 0.0).to(ACC)
-            if SMOOTH:
-                acc += tl.where(cmask, w * (lse - z), 0.0)
-            if WRITE_GRAD:
-                sigma = tl.exp(z - lse)
-                g = class_grad(sigma, z, cols == t, a, b, cw, w, kept, cap, SMOOTH, SOFTCAP)
-                tl.store(G + gb + cols * sg_n, g.to(G.dtype.element_ty), mask=cmask)
-    loss = class_row_loss(lse, zt, wt, tl.sum(acc, 0), kept, eps, C, z_loss, dl, dz,
-                          SMOOTH)
-    tl.store(LOSS + row, loss)
-    tl.store(LSE + row, lse.to(tl.float32))
-    if WRITE_GRAD:
-        tl.store(STATE + row, tl.full((), 1.0, ACC))
-    if WRITE_HIT:
-        tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+    dl, dz = class_denominators(DEN, use_den, ACC)
+    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
+    for r in range(tl.program_id(0), M, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        xb = row_base(row, INNER, sx_o, sx_i)
+        t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
+        read = row_read(kept, lse_all)
+        m = tl.full((), float("-inf"), ACC)
+        d = tl.zeros((), ACC)
+        if read:
+            m, d = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
+                                SOFTCAP)
+        lse = lse_of(m, d)
+        # the target logit, read before any gradient tile can overwrite it (in place)
+        zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
+        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
+        gb = row_base(row, INNER, sg_o, sg_i)
+        smooth_sum = tl.zeros((), ACC)
+        if kept:
+            if WRITE_GRAD or SMOOTH:
+                smooth_sum = class_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, log2_shift(m),
+                                        a / d, b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                                        WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
+        elif WRITE_GRAD:
+            zero_fill(G, gb, sg_n, 0, C, BLOCK_N, VEC, 2 if EVICT else 0)
+        loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz, SMOOTH)
+        tl.store(LOSS + row, loss)
+        tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
+        if WRITE_GRAD:
+            tl.store(STATE + row, tl.full((), 1.0, ACC))
+        if WRITE_HIT:
+            tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+
+
+@triton.jit(do_not_specialize=_SCALARS + ["lse_all", "SPLITS", "LAG"])
+def ce_class_coop_kernel(
+    X,  # logits base pointer
+    T,  # [M] class-index targets (any integer dtype)
+    W,  # [C] class weights in ACC (read when HAS_WEIGHT)
+    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
+    LOSS,  # [M] ACC: row losses, already divided by the denominators
+    LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
+    STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
+    HIT,  # [M] int8: 1 where the row is kept and its target is an argmax (written when WRITE_HIT)
+    WS,  # [3 * M * SPLITS + M] ACC workspace: partial max, partial sum, smoothing sum per chunk; target logit per row
+    SYNC,  # [1 + M] int32, zero: SYNC[0] deals the tickets, SYNC[1 + row] counts finished passes
+    M,  # number of rows
+    C,  # number of classes (row length)
+    INNER,  # rows sharing one outer index
+    sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
+    sg_o, sg_n, sg_i,  # gradient strides
+    ignore_index,  # target value whose row is skipped
+    use_den,  # 1: divide by DEN[0] / DEN[1]; 0: by 1
+    lse_all,  # 1: read ignored rows too, for their lse; 0: never read them
+    SPLITS,  # chunks per row
+    CHUNK,  # columns per chunk (a multiple of BLOCK_N)
+    LAG,  # first passes dealt ahead of the second passes (>= SPLITS - 1)
+    eps_hi, eps_lo,  # label smoothing (f64_parts)
+    zl_hi, zl_lo,  # z-loss coefficient
+    cap_hi, cap_lo,  # softcap (used when SOFTCAP)
+    gs_hi, gs_lo,  # grad_scale: extra factor on the gradient
+    HAS_WEIGHT: tl.constexpr,  # class weights given
+    SMOOTH: tl.constexpr,  # label smoothing > 0
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
+    WRITE_GRAD: tl.constexpr,  # write the gradient to G
+    WRITE_HIT: tl.constexpr,  # write HIT (token accuracy)
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # tile width
+    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+):
+    eps = scalar_arg(eps_hi, eps_lo, ACC)
+    z_loss = scalar_arg(zl_hi, zl_lo, ACC)
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
+    gs = scalar_arg(gs_hi, gs_lo, ACC)
+    dl, dz = class_denominators(DEN, use_den, ACC)
+    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
+    n = M * SPLITS
+    PD = WS + n
+    PX = WS + 2 * n
+    ZT = WS + 3 * n
+    ticket = tl.atomic_add(SYNC, 1)
+    while ticket < 2 * n:
+        second, item = coop_item(ticket.to(tl.int64), n, LAG)
+        row = item // SPLITS
+        start = (item % SPLITS) * CHUNK
+        end = tl.minimum(start + CHUNK, C)
+        xb = row_base(row, INNER, sx_o, sx_i)
+        t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
+        read = row_read(kept, lse_all)
+        if second:
+            coop_wait(SYNC, row, SPLITS)
+            m, d = coop_partials(WS, PD, row, SPLITS, BLOCK_S)
+            lse = lse_of(m, d)
+            a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
+            gb = row_base(row, INNER, sg_o, sg_i)
+            part = tl.zeros((), ACC)
+            if kept:
+                if WRITE_GRAD or SMOOTH:
+                    part = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, log2_shift(m),
+                                      a / d, b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                                      WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
+            elif WRITE_GRAD:
+                zero_fill(G, gb, sg_n, start, end, BLOCK_N, VEC, 2 if EVICT else 0)
+            tl.store(PX + item, part)
+            if coop_arrive(SYNC, row) == 2 * SPLITS - 1:
+                # the row's last second pass: every partial is in, write the row's outputs
+                k = tl.arange(0, BLOCK_S)
+                smooth_sum = tl.sum(tl.load(PX + row * SPLITS + k, mask=k < SPLITS, other=0.0,
+                                            cache_modifier=".cg"), 0)
+                zt = tl.load(ZT + row, mask=kept & inside, other=0.0, cache_modifier=".cg")
+                loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz,
+                                      SMOOTH)
+                tl.store(LOSS + row, loss)
+                tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
+                if WRITE_GRAD:
+                    tl.store(STATE + row, tl.full((), 1.0, ACC))
+                if WRITE_HIT:
+                    tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+        else:
+            m = tl.full((), float("-inf"), ACC)
+            d = tl.zeros((), ACC)
+            if read:
+                m, d = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC,
+                                    1 if EVICT else 0, cap, SOFTCAP)
+            tl.store(WS + item, m)
+            tl.store(PD + item, d)
+            if kept & inside & (t >= start) & (t < end):
+                # the target logit, before any second pass of the row can write over it
+                tl.store(ZT + row, load_logits(X, xb + t * sx_n, True, cap, SOFTCAP, ACC))
+            coop_arrive(SYNC, row)
+        ticket = tl.atomic_add(SYNC, 1)
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def ce_class_backward_kernel(
+    X,  # logits base pointer
+    T,  # [M] class-index targets (any integer dtype)
+    W,  # [C] class weights in ACC (read when HAS_WEIGHT)
+    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    LSE,  # [M] ACC row log-sum-exp from the forward
+    GO,  # [M] grad_output of the row losses (any stride: s_go)
+    OUT,  # gradient wrt the logits, written
+    M,  # number of rows (program pid takes rows pid, pid + G, ... of G programs)
+    C,  # number of classes (row length)
+    INNER,  # rows sharing one outer index
+    sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
+    so_o, so_n, so_i,  # OUT strides
+    s_go,  # grad_output stride (0 when expanded from a scalar)
+    ignore_index,  # target value whose row is skipped
+    use_den,  # 1: divide by DEN[0] / DEN[1]; 0: by 1
+    eps_hi, eps_lo,  # label smoothing (f64_parts)
+    zl_hi, zl_lo,  # z-loss coefficient
+    cap_hi, cap_lo,  # softcap (used when SOFTCAP)
+    gs_hi, gs_lo,  # grad_scale: extra factor on the gradient
+    HAS_WEIGHT: tl.constexpr,  # class weights given
+    SMOOTH: tl.constexpr,  # label smoothing > 0
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # tile width
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+):
+    """grad_output[r] * d loss_r / d x for every row, from the logits and the
+    forward's lse: one read of the logits and one write, the gradient rounded
+    once (the backward of a traced graph)."""
+    eps = scalar_arg(eps_hi, eps_lo, ACC)
+    z_loss = scalar_arg(zl_hi, zl_lo, ACC)
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
+    gs = scalar_arg(gs_hi, gs_lo, ACC)
+    dl, dz = class_denominators(DEN, use_den, ACC)
+    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
+    for r in range(tl.program_id(0), M, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        xb = row_base(row, INNER, sx_o, sx_i)
+        ob = row_base(row, INNER, so_o, so_i)
+        t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
+        if kept:
+            lse = tl.load(LSE + row).to(ACC)
+            go = tl.load(GO + row * s_go).to(ACC)
+            a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs * go, SMOOTH)
+            class_pass(X, OUT, W, xb, ob, sx_n, so_n, 0, C, t, lse * LOG2E, a, b, cw, lse, cap,
+                       HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC, BLOCK_N, VEC, 0, False)
+        else:
+            zero_fill(OUT, ob, so_n, 0, C, BLOCK_N, VEC, 0)
 
 
 # ----------------------------------------------------------------------------
@@ -379,9 +589,9 @@ def ce_class_looped_kernel(
 
 @triton.jit
 def prob_target(Y, W, offs, mask, cols, cmask, eps, C, HAS_WEIGHT: tl.constexpr,
-                ACC: tl.constexpr):
+                ACC: tl.constexpr, P: tl.constexpr = 0):
     """Effective target w_c ((1 - eps) p_c + eps / C); 0 on masked lanes."""
-    p = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
+    p = load_p(Y + offs, mask, 0.0, P).to(ACC)
     y = tl.where(mask, (1.0 - eps) * p + eps / C, 0.0)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
@@ -389,14 +599,22 @@ def prob_target(Y, W, offs, mask, cols, cmask, eps, C, HAS_WEIGHT: tl.constexpr,
     return y
 
 
-@triton.jit(do_not_specialize=_SCALARS)
+@triton.jit
+def prob_inverse(DEN, den_rows, use_div, ACC: tl.constexpr):
+    """1 / (den_rows, times DEN[0] when use_div: the caller's divisor)."""
+    div = tl.load(DEN, mask=use_div != 0, other=1.0).to(ACC)
+    return 1.0 / ((tl.zeros((), ACC) + den_rows) * div)
+
+
+@triton.jit(do_not_specialize=_SCALARS + ["use_div"])
 def ce_prob_single_kernel(
     X,  # logits base pointer
     Y,  # probability targets base pointer (the logits' shape, any float dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
+    DEN,  # [1] ACC: the divisor (read when use_div)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
-    LOSS,  # [M] ACC: row losses, already divided by den_rows
-    LSE,  # [M] fp32: row log-sum-exp
+    LOSS,  # [M] ACC: row losses, already divided by den_rows (and the divisor)
+    LSE,  # [M] row log-sum-exp (fp32, or ACC)
     STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
     M,  # number of rows
     C,  # number of classes (row length)
@@ -405,6 +623,7 @@ def ce_prob_single_kernel(
     sy_o, sy_n, sy_i,  # target strides
     sg_o, sg_n, sg_i,  # gradient strides
     den_rows,  # denominator of every row: M for the mean, else 1
+    use_div,  # 1: also divide by DEN[0] (the divisor)
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient
     cap_hi, cap_lo,  # softcap (used when SOFTCAP)
@@ -419,49 +638,73 @@ def ce_prob_single_kernel(
     eps = scalar_arg(eps_hi, eps_lo, ACC)
     z_loss = scalar_arg(zl_hi, zl_lo, ACC)
     cap = scalar_arg(cap_hi, cap_lo, ACC)
-    inv = 1.0 / (tl.zeros((), ACC) + den_rows)
+    inv = prob_inverse(DEN, den_rows, use_div, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < M
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
+    cols64 = cols[None, :].to(tl.int64)
     xb = row_base(rows, INNER, sx_o, sx_i)
     yb = row_base(rows, INNER, sy_o, sy_i)
-    z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
-    y = prob_target(Y, W, yb[:, None] + cols[None, :] * sy_n, mask, cols[None, :],
+    z = load_logits(X, xb[:, None] + cols64 * sx_n, mask, cap, SOFTCAP, ACC)
+    y = prob_target(Y, W, yb[:, None] + cols64 * sy_n, mask, cols[None, :],
                     cmask[None, :], eps, C, HAS_WEIGHT, ACC)
     m = tl.max(z, 1)
-    e = tl.exp(z - m[:, None])
+    e = tl.exp2(z * LOG2E - log2_shift(m)[:, None])
     d = tl.sum(e, 1)
-    lse = m + tl.log(d)
+    lse = lse_of(m, d)
     loss = tl.sum(tl.where(mask, y * (lse[:, None] - z), 0.0), 1)
     tl.store(LOSS + rows, (loss + z_loss * lse * lse) * inv, mask=rmask)
-    tl.store(LSE + rows, lse.to(tl.float32), mask=rmask)
+    tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rmask)
     if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a = (tl.sum(y, 1) + 2.0 * z_loss * lse) * (inv * gs)
-        g = (e * (1.0 / d)[:, None]) * a[:, None] - y * (inv * gs)
+        a = (tl.sum(y, 1) + 2.0 * z_loss * lse) * (inv * gs) / d
+        g = e * a[:, None] - y * (inv * gs)
         g = softcap_grad(g, z, cap, SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
-        tl.store(G + gb[:, None] + cols[None, :] * sg_n, g.to(G.dtype.element_ty), mask=mask)
+        tl.store(G + gb[:, None] + cols64 * sg_n, g.to(G.dtype.element_ty), mask=mask)
         tl.store(STATE + rows, tl.full((ROWS,), 1.0, ACC), mask=rmask)
 
 
-@triton.jit(do_not_specialize=_SCALARS)
+@triton.jit
+def prob_sum_tile(Y, W, yo, cols, mask, eps, C, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+                  P: tl.constexpr):
+    return prob_target(Y, W, yo, mask, cols, mask, eps, C, HAS_WEIGHT, ACC, P)
+
+
+@triton.jit
+def prob_tile(X, Y, W, G, xo, yo, go, cols, mask, s, a, ig, lse, eps, C, cap,
+              HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+              ACC: tl.constexpr, P: tl.constexpr):
+    """One tile of the probability-target loss / gradient pass: G[go] =
+    2^(z log2 e - s) * a - y * ig (WRITE_GRAD); returns y (lse - z)."""
+    z = load_logits(X, xo, mask, cap, SOFTCAP, ACC, P)
+    y = prob_target(Y, W, yo, mask, cols, mask, eps, C, HAS_WEIGHT, ACC, P)
+    if WRITE_GRAD:
+        g = softcap_grad(tl.exp2(z * LOG2E - s) * a - y * ig, z, cap, SOFTCAP)
+        store_p(G + go, g.to(G.dtype.element_ty), mask, P)
+    return tl.where(mask, y * (lse - z), 0.0)
+
+
+@triton.jit(do_not_specialize=_SCALARS + ["use_div"])
 def ce_prob_looped_kernel(
     X,  # logits base pointer
     Y,  # probability targets base pointer (the logits' shape, any float dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
+    DEN,  # [1] ACC: the divisor (read when use_div)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
-    LOSS,  # [M] ACC: row losses, already divided by den_rows
-    LSE,  # [M] fp32: row log-sum-exp
+    LOSS,  # [M] ACC: row losses, already divided by den_rows (and the divisor)
+    LSE,  # [M] row log-sum-exp (fp32, or ACC)
     STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
+    M,  # number of rows (program pid takes rows pid, pid + G, ... of G programs)
     C,  # number of classes (row length)
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
     sy_o, sy_n, sy_i,  # target strides
     sg_o, sg_n, sg_i,  # gradient strides
     den_rows,  # denominator of every row: M for the mean, else 1
+    use_div,  # 1: also divide by DEN[0] (the divisor)
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient
     cap_hi, cap_lo,  # softcap (used when SOFTCAP)
@@ -471,47 +714,70 @@ def ce_prob_looped_kernel(
     WRITE_GRAD: tl.constexpr,  # write the gradient to G
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # eviction hints: keep on the first reads, stream on the last
 ):
     eps = scalar_arg(eps_hi, eps_lo, ACC)
     z_loss = scalar_arg(zl_hi, zl_lo, ACC)
     cap = scalar_arg(cap_hi, cap_lo, ACC)
-    inv = 1.0 / (tl.zeros((), ACC) + den_rows)
-    row = tl.program_id(0).to(tl.int64)
-    xb = row_base(row, INNER, sx_o, sx_i)
-    yb = row_base(row, INNER, sy_o, sy_i)
-    gb = row_base(row, INNER, sg_o, sg_i)
-    a = tl.zeros((), ACC)
-    if WRITE_GRAD:
-        # sum_c y_c: the gradient's coefficient of sigma, needed before any tile is written
-        sy = tl.zeros((BLOCK_N,), ACC)
-        for off in range(0, C, BLOCK_N):
-            cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-            cmask = cols < C
-            sy += prob_target(Y, W, yb + cols * sy_n, cmask, cols, cmask, eps, C, HAS_WEIGHT, ACC)
-        a = tl.sum(sy, 0)
-    _, lse = row_lse(X, xb, sx_n, C, cap, SOFTCAP, ACC, BLOCK_N)
-    if WRITE_GRAD:
-        gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a = (a + 2.0 * z_loss * lse) * (inv * gs)
-    acc = tl.zeros((BLOCK_N,), ACC)
-    for off in range(0, C, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        cmask = cols < C
-        z = load_logits(X, xb + cols * sx_n, cmask, cap, SOFTCAP, ACC)
-        y = prob_target(Y, W, yb + cols * sy_n, cmask, cols, cmask, eps, C, HAS_WEIGHT, ACC)
-        acc += tl.where(cmask, y * (lse - z), 0.0)
+    gs = scalar_arg(gs_hi, gs_lo, ACC)
+    inv = prob_inverse(DEN, den_rows, use_div, ACC)
+    cols = tl.arange(0, BLOCK_N)
+    for r in range(tl.program_id(0), M, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        xb = row_base(row, INNER, sx_o, sx_i)
+        yb = row_base(row, INNER, sy_o, sy_i)
+        gb = row_base(row, INNER, sg_o, sg_i)
+        a0, body_end, vec_end = vec_segment(xb, 0, C, VEC, BLOCK_N)
+        a = tl.zeros((), ACC)
         if WRITE_GRAD:
-            g = tl.exp(z - lse) * a - y * (inv * gs)
-            g = softcap_grad(g, z, cap, SOFTCAP)
-            tl.store(G + gb + cols * sg_n, g.to(G.dtype.element_ty), mask=cmask)
-    tl.store(LOSS + row, (tl.sum(acc, 0) + z_loss * lse * lse) * inv)
-    tl.store(LSE + row, lse.to(tl.float32))
-    if WRITE_GRAD:
-        tl.store(STATE + row, tl.full((), 1.0, ACC))
+            # sum_c y_c: the gradient's coefficient of sigma, needed before any tile is written
+            sy = tl.zeros((BLOCK_N,), ACC)
+            for off in range(a0, body_end, BLOCK_N):
+                sy += prob_sum_tile(Y, W, tile_offsets(yb, off, cols, sy_n, VEC), off + cols,
+                                    cols < BLOCK_N, eps, C, HAS_WEIGHT, ACC, 1 if EVICT else 0)
+            if body_end < vec_end:
+                sy += prob_sum_tile(Y, W, tile_offsets(yb, body_end, cols, sy_n, VEC),
+                                    body_end + cols, partial_mask(cols, vec_end - body_end, VEC),
+                                    eps, C, HAS_WEIGHT, ACC, 1 if EVICT else 0)
+            a = tl.sum(sy, 0)
+            if VEC > 1:
+                e_cols, e_mask = edge_columns(0, a0, vec_end, C, VEC)
+                a += tl.sum(prob_sum_tile(Y, W, yb + e_cols, e_cols, e_mask, eps, C, HAS_WEIGHT,
+                                          ACC, 1 if EVICT else 0), 0)
+        m, d = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
+                            SOFTCAP)
+        lse = lse_of(m, d)
+        s = log2_shift(m)
+        ig = inv * gs
+        a = (a + 2.0 * z_loss * lse) * ig / d
+        acc = tl.zeros((BLOCK_N,), ACC)
+        P2: tl.constexpr = 2 if EVICT else 0
+        for off in range(a0, body_end, BLOCK_N):
+            acc += prob_tile(X, Y, W, G, tile_offsets(xb, off, cols, sx_n, VEC),
+                             tile_offsets(yb, off, cols, sy_n, VEC),
+                             tile_offsets(gb, off, cols, sg_n, VEC), off + cols, cols < BLOCK_N,
+                             s, a, ig, lse, eps, C, cap, HAS_WEIGHT, SOFTCAP, WRITE_GRAD, ACC, P2)
+        if body_end < vec_end:
+            acc += prob_tile(X, Y, W, G, tile_offsets(xb, body_end, cols, sx_n, VEC),
+                             tile_offsets(yb, body_end, cols, sy_n, VEC),
+                             tile_offsets(gb, body_end, cols, sg_n, VEC), body_end + cols,
+                             partial_mask(cols, vec_end - body_end, VEC), s, a, ig, lse, eps, C,
+                             cap, HAS_WEIGHT, SOFTCAP, WRITE_GRAD, ACC, P2)
+        total = tl.sum(acc, 0)
+        if VEC > 1:
+            e_cols, e_mask = edge_columns(0, a0, vec_end, C, VEC)
+            total += tl.sum(prob_tile(X, Y, W, G, xb + e_cols, yb + e_cols, gb + e_cols, e_cols,
+                                      e_mask, s, a, ig, lse, eps, C, cap, HAS_WEIGHT, SOFTCAP,
+                                      WRITE_GRAD, ACC, P2), 0)
+        tl.store(LOSS + row, (total + z_loss * lse * lse) * inv)
+        tl.store(LSE + row, lse.to(LSE.dtype.element_ty))
+        if WRITE_GRAD:
+            tl.store(STATE + row, tl.full((), 1.0, ACC))
 
 
 # ----------------------------------------------------------------------------
-# Backward: rescale the saved gradient by grad_output
+# Eager backward: rescale the saved gradient by grad_output
 # ----------------------------------------------------------------------------
 
 
@@ -543,53 +809,66 @@ def ce_grad_scale_kernel(
         tl.store(STATE + rows, go, mask=todo)
     else:
         todo = rmask
-    factor = go / done
+    factor = go / done  # exactly 1 where the factor is already applied
     gb = row_base(rows, INNER, sg_o, sg_i)
     ob = row_base(rows, INNER, so_o, so_i)
+    cols = tl.arange(0, BLOCK_N)
     for off in range(0, C, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = todo[:, None] & (cols < C)[None, :]
-        g = tl.load(G + gb[:, None] + cols[None, :] * sg_n, mask=mask, other=0.0).to(ACC)
-        tl.store(OUT + ob[:, None] + cols[None, :] * so_n, (g * factor[:, None]).to(OUT.dtype.element_ty),
+        mask = todo[:, None] & (cols < C - off)[None, :]
+        c64 = (off + cols)[None, :].to(tl.int64)
+        g = tl.load(G + gb[:, None] + c64 * sg_n, mask=mask, other=0.0).to(ACC)
+        tl.store(OUT + ob[:, None] + c64 * so_n, (g * factor[:, None]).to(OUT.dtype.element_ty),
                  mask=mask)
 
 
 # ----------------------------------------------------------------------------
-# The mean's denominators, on the device (no host sync, no torch ops)
+# The mean's denominators and the divisor, on the device (no host sync, no torch ops)
 # ----------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["div_hi", "div_lo"])
 def ce_denominators_kernel(
-    T,  # [M] class-index targets (any integer dtype)
+    T,  # [M] class-index targets (any integer dtype; read when COUNT)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC out: sum of w_t over kept rows, kept rows, sum of all w (HAS_WEIGHT and SMOOTH)
+    DIV,  # [1] the divisor (any float dtype; read when DIV_PTR)
+    DEN,  # [3] ACC out: loss denominator, z-loss denominator, sum of all w (HAS_WEIGHT and SMOOTH)
     M,  # number of rows
     C,  # number of classes
     ignore_index,  # target value whose row is not counted
+    div_hi, div_lo,  # the divisor as a float (f64_parts; 1 without one) unless DIV_PTR
     HAS_WEIGHT: tl.constexpr,  # class weights given (else w_t = 1 on kept rows)
     SMOOTH: tl.constexpr,  # also write the sum of the class weights
+    COUNT: tl.constexpr,  # the mean: sum of w_t over kept rows, kept rows (else 1, 1)
+    DIV_PTR: tl.constexpr,  # the divisor is DIV[0] (a tensor), not div_hi / div_lo
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK: tl.constexpr,  # rows (and classes) per step
 ):
     # One program: a fixed summation order, so the loss is the same run to run.
-    count = tl.zeros((BLOCK,), ACC)
-    wsum = tl.zeros((BLOCK,), ACC)
-    for off in range(0, M, BLOCK):
-        rows = off + tl.arange(0, BLOCK).to(tl.int64)
-        inb = rows < M
-        t = tl.load(T + rows, mask=inb, other=0).to(tl.int64)
-        kept = inb & (t != ignore_index)
-        count += kept.to(ACC)
-        if HAS_WEIGHT:
-            use = kept & (t >= 0) & (t < C)
-            wsum += tl.load(W + t, mask=use, other=0.0).to(ACC)
-    n = tl.sum(count, 0)
-    if HAS_WEIGHT:
-        tl.store(DEN, tl.sum(wsum, 0))
+    if DIV_PTR:
+        div = tl.load(DIV).to(ACC)
     else:
-        tl.store(DEN, n)
-    tl.store(DEN + 1, n)
+        div = scalar_arg(div_hi, div_lo, ACC)
+    n = tl.zeros((), ACC) + 1.0
+    wtot = tl.zeros((), ACC) + 1.0
+    if COUNT:
+        count = tl.zeros((BLOCK,), ACC)
+        wsum = tl.zeros((BLOCK,), ACC)
+        for off in range(0, M, BLOCK):
+            rows = off + tl.arange(0, BLOCK).to(tl.int64)
+            inb = rows < M
+            t = tl.load(T + rows, mask=inb, other=0).to(tl.int64)
+            kept = inb & (t != ignore_index)
+            count += kept.to(ACC)
+            if HAS_WEIGHT:
+                use = kept & (t >= 0) & (t < C)
+                wsum += tl.load(W + t, mask=use, other=0.0).to(ACC)
+        n = tl.sum(count, 0)
+        if HAS_WEIGHT:
+            wtot = tl.sum(wsum, 0)
+        else:
+            wtot = n
+    tl.store(DEN, wtot * div)
+    tl.store(DEN + 1, n * div)
     if HAS_WEIGHT and SMOOTH:
         sw = tl.zeros((BLOCK,), ACC)
         for off in range(0, C, BLOCK):
@@ -606,7 +885,7 @@ def ce_denominators_kernel(
 @triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
 def ce_lse_grad_kernel(
     X,  # logits base pointer
-    LSE,  # [M] fp32 row log-sum-exp from the forward
+    LSE,  # [M] row log-sum-exp from the forward (fp32 or ACC)
     DLSE,  # [M] gradient of the lse (any float dtype; stride s_dlse)
     OUT,  # gradient wrt the logits, written
     M,  # number of rows
@@ -624,16 +903,17 @@ def ce_lse_grad_kernel(
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < M
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC)
+    s = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC) * LOG2E
     dl = tl.load(DLSE + rows * s_dlse, mask=rmask, other=0.0).to(ACC)
     xb = row_base(rows, INNER, sx_o, sx_i)
     ob = row_base(rows, INNER, so_o, so_i)
+    cols = tl.arange(0, BLOCK_N)
     for off in range(0, C, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = rmask[:, None] & (cols < C)[None, :]
-        z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
-        g = softcap_grad(tl.exp(z - lse[:, None]) * dl[:, None], z, cap, SOFTCAP)
-        tl.store(OUT + ob[:, None] + cols[None, :] * so_n, g.to(OUT.dtype.element_ty), mask=mask)
+        mask = rmask[:, None] & (cols < C - off)[None, :]
+        c64 = (off + cols)[None, :].to(tl.int64)
+        z = load_logits(X, xb[:, None] + c64 * sx_n, mask, cap, SOFTCAP, ACC)
+        g = softcap_grad(tl.exp2(z * LOG2E - s[:, None]) * dl[:, None], z, cap, SOFTCAP)
+        tl.store(OUT + ob[:, None] + c64 * so_n, g.to(OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------
@@ -655,15 +935,18 @@ def _scalars(eps, z_loss, cap, grad_scale):
 
 
 def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps, z_loss, cap,
-                   grad_scale, has_weight, write_grad, dtype, cfg, write_hit=False):
+                   grad_scale, has_weight, write_grad, dtype, cfg, write_hit=False,
+                   lse_all=True):
     """``launch(x, t, w, den, g, loss, lse, state, hit)`` for class-index
     targets ``t`` ([M], contiguous). Unused tensors (``w`` without weights,
     ``den`` unless ``use_den`` or weights with smoothing, ``g``/``state``
     unless ``write_grad``, ``hit`` unless ``write_hit``) may be any
     placeholder. ``hit`` [M] int8: 1 where the row is kept and its target is
-    an argmax of the row (ties count), the token accuracy's numerator."""
-    args = (M, C, inner, *x_strides, *g_strides, ignore_index, int(use_den),
-            *_scalars(eps, z_loss, cap, grad_scale))
+    an argmax of the row (ties count), the token accuracy's numerator.
+    ``lse_all``: the lse of ignored rows too (their logits are read); False:
+    ignored rows are never read and their lse is 0."""
+    head = (M, C, inner, *x_strides, *g_strides, ignore_index, int(use_den), int(lse_all))
+    scal = _scalars(eps, z_loss, cap, grad_scale)
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
                 WRITE_HIT=write_hit, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
                 num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
@@ -672,8 +955,23 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
         meta["ROWS"] = cfg.rows_per_program
         names = ("ce_class_single_kernel",)
     else:
-        kernel = ce_class_looped_kernel[(M,)]
+        meta.update(VEC=row_vec(dtype, x_strides, g_strides) if write_grad else
+                    row_vec(dtype, x_strides), EVICT=cfg.evict)
+    if cfg.path == "coop":
+        kernel = ce_class_coop_kernel[(coop_grid(cfg, M),)]
+        meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
+        args = head + (cfg.splits, cfg.chunk, cfg.lag) + scal
+        names = ("ce_class_coop_kernel",)
+
+        def launch(x, t, w, den, g, loss, lse, state, hit):
+            ws, sync = coop_buffers(M, cfg.splits, 3, dtype, x.device)
+            kernel(x, t, w, den, g, loss, lse, state, hit, ws, sync, *args, **meta)
+            return names
+        return launch
+    if cfg.path == "looped":
+        kernel = ce_class_looped_kernel[(min(M, cfg.programs or M),)]
         names = ("ce_class_looped_kernel",)
+    args = head + scal
 
     def launch(x, t, w, den, g, loss, lse, state, hit):
         kernel(x, t, w, den, g, loss, lse, state, hit, *args, **meta)
@@ -681,42 +979,68 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
     return launch
 
 
+def class_backward_launcher(M, C, inner, x_strides, o_strides, ignore_index, use_den, eps,
+                            z_loss, cap, grad_scale, has_weight, dtype, cfg):
+    """``launch(x, t, w, den, lse, go, out, s_go)``: out <- grad_output *
+    d loss / d x per row, from the logits and the forward's lse (ACC);
+    ``go`` with stride ``s_go`` (0: one value for every row)."""
+    args = (M, C, inner, *x_strides, *o_strides)
+    tail = (ignore_index, int(use_den), *_scalars(eps, z_loss, cap, grad_scale))
+    meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, ACC=acc_dtype(dtype),
+                BLOCK_N=cfg.block_n, VEC=row_vec(dtype, x_strides, o_strides),
+                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
+    kernel = ce_class_backward_kernel[(min(M, cfg.programs or M),)]
+    names = ("ce_class_backward_kernel",)
+
+    def launch(x, t, w, den, lse, go, out, s_go):
+        kernel(x, t, w, den, lse, go, out, *args, s_go, *tail, **meta)
+        return names
+    return launch
+
+
 def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z_loss, cap,
-                  grad_scale, has_weight, write_grad, dtype, cfg):
-    """``launch(x, y, w, g, loss, lse, state)`` for probability targets ``y``
-    (the logits' shape, its own strides)."""
-    tail = (*x_strides, *y_strides, *g_strides, den_rows, *_scalars(eps, z_loss, cap, grad_scale))
+                  grad_scale, has_weight, write_grad, dtype, cfg, use_div=False):
+    """``launch(x, y, w, den, g, loss, lse, state)`` for probability targets
+    ``y`` (the logits' shape, its own strides); ``den`` [1] holds the divisor
+    when ``use_div``."""
+    tail = (*x_strides, *y_strides, *g_strides, den_rows, int(use_div),
+            *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
                 ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                 enable_fp_fusion=FP_FUSION)
     if cfg.path == "single":
         kernel = ce_prob_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
-        args = (M, C, inner, *tail)
         meta["ROWS"] = cfg.rows_per_program
         names = ("ce_prob_single_kernel",)
     else:
-        kernel = ce_prob_looped_kernel[(M,)]
-        args = (C, inner, *tail)
+        kernel = ce_prob_looped_kernel[(min(M, cfg.programs or M),)]
+        meta.update(VEC=row_vec(dtype, x_strides, y_strides, g_strides) if write_grad else
+                    row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
         names = ("ce_prob_looped_kernel",)
+    args = (M, C, inner, *tail)
 
-    def launch(x, y, w, g, loss, lse, state):
-        kernel(x, y, w, g, loss, lse, state, *args, **meta)
+    def launch(x, y, w, den, g, loss, lse, state):
+        kernel(x, y, w, den, g, loss, lse, state, *args, **meta)
         return names
     return launch
 
 
-def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype):
-    """``launch(t, w, den)``: den[0] <- sum of w_t over kept rows (the kept
-    count without weights), den[1] <- the kept count, den[2] <- sum of w
-    (with weights and smoothing)."""
+def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype, count=True,
+                          divisor=None):
+    """``launch(t, w, div, den)``: den[0] <- (sum of w_t over kept rows, the
+    kept count without weights; 1 unless ``count``) times the divisor,
+    den[1] <- (the kept count; 1 unless ``count``) times the divisor, den[2]
+    <- sum of w (with weights and smoothing). ``divisor``: None (1), a float,
+    or "tensor" (read from ``div``, a 1-element tensor)."""
     kernel = ce_denominators_kernel[(1,)]
-    args = (M, C, ignore_index)
-    meta = dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, ACC=acc_dtype(dtype), BLOCK=1024,
-                num_warps=4, enable_fp_fusion=FP_FUSION)
+    from_ptr = isinstance(divisor, str)
+    args = (M, C, ignore_index, *f64_parts(1.0 if divisor is None or from_ptr else divisor))
+    meta = dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, COUNT=count, DIV_PTR=from_ptr,
+                ACC=acc_dtype(dtype), BLOCK=1024, num_warps=4, enable_fp_fusion=FP_FUSION)
     names = ("ce_denominators_kernel",)
 
-    def launch(t, w, den):
-        kernel(t, w, den, *args, **meta)
+    def launch(t, w, div, den):
+        kernel(t, w, div, den, *args, **meta)
         return names
     return launch
 

@@ -5,15 +5,41 @@ row r starts at (r // INNER) * stride_outer + (r % INNER) * stride_inner and
 its N elements are stride_n apart. A reduction over the last dim is INNER = 1
 (Triton specialises the 1, so the division disappears); a reduction over an
 inner dim of a contiguous tensor is read in place with stride_n = INNER.
-All offsets are int64.
+Element offsets are int64; column indices and their compares are int32 (a row
+is shorter than 2^31: the host checks).
 
 Paths (chosen by ``softmax_gpu.softmax.softmax_config``):
 - single: the row fits in one tile; ROWS rows per program; 1 read + 1 write.
-- looped: one program per row; an online (max, sum) pass, then a normalise
-  pass; 2 reads + 1 write (the second read is served from L2 when it can be).
+- looped: an online (max, sum) pass, then a normalise pass; 2 reads + 1
+  write. A program walks rows pid, pid + G, ... (G programs): G = M is one
+  program per row; a persistent grid (G = programs per SM x SMs) keeps the
+  rows in flight between a row's two reads, G x row bytes, inside L2, so that
+  the second read is served from L2.
 - split: a row is cut into chunks across programs; each writes its partial
   (max, sum), then every program merges its row's partials with the same
   associative combine and normalises its chunk. Two launches.
+- coop: one persistent launch in which a row is cut into SPLITS chunks that
+  different programs handle; the first pass of a chunk publishes its partial
+  (max, sum) in global memory, the second pass of a chunk waits for all of
+  its row's partials, merges them and normalises the chunk. The work is
+  dealt out by a ticket counter in an order where every first pass of a row
+  precedes (has a smaller ticket than) any second pass of that row, so a
+  waiting program only waits for programs that are already running and never
+  wait themselves: no deadlock whatever the number of resident programs (see
+  ``coop_item``). Chunks in flight x chunk bytes stay inside L2.
+
+Eviction hints (EVICT): the first read of a two-read path marks its lines
+evict_last (kept in L2 for the second read), the second read and the stores
+evict_first (streamed).
+
+Lean loops: exp as one ``exp2`` of an argument formed by one FMA,
+x * log2(e) - s, with the row's shift s = max * log2(e) rounded once (so that
+partial sums, rescales and the normalise pass agree on it exactly); a
+multiply by 1/sum instead of a division; whole tiles unmasked, the last
+partial tile masked; rows that are unit-stride but not 16-byte aligned (a
+row length or stride not a multiple of 16 bytes, e.g. 50257 bf16 columns:
+VEC > 1) are walked as a head of fewer than VEC columns up to the first
+16-byte boundary, an aligned body read 16 bytes at a time, and a tail.
 
 Arithmetic is fp32 (fp64 for fp64 tensors: ACC), cast to the output dtype on
 store. Masked lanes load -inf, so a row that is entirely -inf gives NaN, as in
@@ -36,13 +62,58 @@ NEG_INF = float("-inf")
 # ignores the option: numpy rounds every step.
 FP_FUSION = True
 
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+# Eviction policy of a load or store (the P argument of load_p / store_p).
+P_NORMAL = tl.constexpr(0)
+P_KEEP = tl.constexpr(1)  # evict_last: read again soon (the first of two reads)
+P_STREAM = tl.constexpr(2)  # evict_first: not needed again (second read, stores)
+
+
+# ----------------------------------------------------------------------------
+# Shared jit helpers (also used by the cross-entropy and vocab-parallel kernels)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def load_p(ptr, mask, other, P: tl.constexpr):
+    """tl.load with eviction policy P (P_NORMAL, P_KEEP or P_STREAM)."""
+    if P == 1:
+        return tl.load(ptr, mask=mask, other=other, eviction_policy="evict_last")
+    elif P == 2:
+        return tl.load(ptr, mask=mask, other=other, eviction_policy="evict_first")
+    else:
+        return tl.load(ptr, mask=mask, other=other)
+
+
+@triton.jit
+def store_p(ptr, value, mask, P: tl.constexpr):
+    """tl.store with eviction policy P (P_STREAM: evict_first)."""
+    if P == 2:
+        tl.store(ptr, value, mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
+def log2_shift(m):
+    """The shift s = m * log2(e), rounded once, that the online sums of a row
+    (or chunk) with max m are taken relative to: each element contributes
+    2^(x * log2(e) - s), one FMA and one exp2. 0 while m is -inf."""
+    return tl.where(m == float("-inf"), 0.0, m * LOG2E)
+
 
 @triton.jit
 def online_combine(m_a, d_a, m_b, d_b):
     """Associative merge of two online-softmax states (max m, sum d of e^(x-m))."""
     m = tl.maximum(m_a, m_b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # both empty: keep d = 0
-    return m, d_a * tl.exp(m_a - m_safe) + d_b * tl.exp(m_b - m_safe)
+    s = log2_shift(m)
+    # each side's d is relative to its own shift: rescale by 2^(s_side - s)
+    # (0 for an empty side, whose d is 0)
+    a = tl.where(m_a == float("-inf"), 0.0, tl.exp2(log2_shift(m_a) - s))
+    b = tl.where(m_b == float("-inf"), 0.0, tl.exp2(log2_shift(m_b) - s))
+    return m, d_a * a + d_b * b
 
 
 @triton.jit
@@ -54,42 +125,266 @@ def row_base(rows, INNER, s_outer, s_inner):
 @triton.jit
 def online_update(m, d, x):
     """Fold tile ``x`` into the running state (scalar max ``m``, per-lane sums
-    ``d`` of e^(x - m)): one tile max and one exp per element."""
+    ``d`` of e^(x - m)): one tile max, then per element one FMA and one exp2
+    (x * log2(e) - s with s = log2_shift(m)) and one FMA into d; the rescale
+    of d when the max moves is 2^(s_old - s_new) of the two rounded shifts,
+    exactly 1 while the max stays. d is relative to log2_shift(m), which is
+    m to within one rounding of m * log2(e)."""
     m_new = tl.maximum(m, tl.max(x, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep d = 0
-    return m_new, d * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+    s = log2_shift(m_new)
+    alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(log2_shift(m) - s))
+    return m_new, d * alpha + tl.exp2(x * LOG2E - s)
 
 
 @triton.jit
-def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+def lse_of(m, d):
+    """log-sum-exp of a row from its state (max m, sum d relative to log2_shift(m))."""
+    return (log2_shift(m) + tl.log2(d)) * LN2
+
+
+@triton.jit
+def softcap_tanh(x, cap):
+    """cap * tanh(x / cap), accurate to a few ulp at every cap; saturates to
+    +-cap (also for +-inf).
+
+    tanh(u) for |u| < 1/2 (fp64: 1/8) is the odd Taylor polynomial through
+    u^17, whose truncation is below 2^-30 (fp64 2^-66) relative; above,
+    (1 - q) / (1 + q) with q = e^(-2|u|) <= e^-1 (fp64 e^-1/4), which has
+    little cancellation. The former 1 - 2 / (e^(2u) + 1) lost digits as u -> 0,
+    i.e. at large caps."""
+    u = x * (1.0 / cap)
+    a = tl.abs(u)
+    if u.dtype == tl.float64:
+        small = a < 0.125
+    else:
+        small = a < 0.5
+    u2 = u * u
+    # tanh(u) = u + u^3 * P(u^2), P's coefficients the Taylor series' own
+    p = -1.4565078307040040e-03 + u2 * 5.9002744094558595e-04
+    p = 3.5921280365724810e-03 + u2 * p
+    p = -8.8632355299021966e-03 + u2 * p
+    p = 2.1869488536155203e-02 + u2 * p
+    p = -5.3968253968253971e-02 + u2 * p
+    p = 1.3333333333333333e-01 + u2 * p
+    p = -3.3333333333333333e-01 + u2 * p
+    t_small = u + (u * u2) * p
+    q = tl.exp2(a * (-2.0 * LOG2E))
+    if q.dtype == tl.float64:
+        t_big = (1.0 - q) * recip_1_2_f64(1.0 + q)
+    else:
+        t_big = (1.0 - q) / (1.0 + q)
+    t_big = tl.where(u < 0, -t_big, t_big)
+    return cap * tl.where(small, t_small, t_big)
+
+
+@triton.jit
+def recip_1_2_f64(d):
+    """1 / d for fp64 d in [1, 2] without a division (an fp64 division compiles
+    to a subroutine call, around which Triton 3.6's ptxas kept values on the
+    stack): an fp32 reciprocal refined by two Newton steps (relative error
+    2^-22, 2^-44, then fp64 rounding)."""
+    r = (1.0 / d.to(tl.float32)).to(tl.float64)
+    r = r * (2.0 - d * r)
+    return r * (2.0 - d * r)
+
+
+@triton.jit
+def load_logits(X, offs, mask, cap, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+                P: tl.constexpr = 0):
+    """Logits at X + offs in ACC, softcapped when SOFTCAP; masked lanes are -inf.
+    P: eviction policy (P_NORMAL, P_KEEP, P_STREAM)."""
+    z = load_p(X + offs, mask, float("-inf"), P).to(ACC)
+    if SOFTCAP:
+        z = tl.where(mask, softcap_tanh(z, cap), float("-inf"))
+    return z
+
+
+# ----------------------------------------------------------------------------
+# Walking a row (or a chunk of it) tile by tile
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def vec_segment(base, start, end, VEC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pieces of columns [start, end) of a row whose column 0 is at element
+    offset ``base``: (a, body_end, vec_end) with a head [start, a) of fewer
+    than VEC columns up to the first multiple of VEC elements (16 bytes),
+    whole tiles [a, body_end), one partial tile of whole vectors
+    [body_end, vec_end) and a tail [vec_end, end) of fewer than VEC columns.
+    VEC > 1 only for unit-stride rows; VEC = 1: no head, no tail."""
+    if VEC > 1:
+        a = tl.minimum(start + (VEC - (base + start) % VEC) % VEC, end)
+        vec_end = a + (end - a) // VEC * VEC
+    else:
+        a = start
+        vec_end = end
+    body_end = a + (vec_end - a) // BLOCK_N * BLOCK_N
+    return a, body_end, vec_end
+
+
+@triton.jit
+def tile_offsets(base, off, cols, s_n, VEC: tl.constexpr):
+    """Element offsets (int64) of columns off + cols (cols: int32 arange) of a
+    row at ``base``; VEC > 1: unit stride and base + off a multiple of VEC
+    (the 16-byte alignment hint that vectorises an unaligned row's body)."""
+    if VEC > 1:
+        return tl.multiple_of(base + off, VEC) + cols
+    return base + (off + cols).to(tl.int64) * s_n
+
+
+@triton.jit
+def partial_mask(cols, n, VEC: tl.constexpr):
+    """cols < n for the last partial tile, n a multiple of VEC (int32 compare)."""
+    return cols < tl.multiple_of(tl.cast(n, tl.int32), VEC)
+
+
+@triton.jit
+def edge_columns(start, a, vec_end, end, VEC: tl.constexpr):
+    """The head [start, a) and the tail [vec_end, end) of ``vec_segment`` (each
+    fewer than VEC columns) as one 2*VEC-lane tensor of columns and its mask."""
+    j = tl.arange(0, 2 * VEC)
+    head = j < VEC
+    cols = tl.where(head, start + j, vec_end + (j - VEC))
+    mask = tl.where(head, j < tl.cast(a - start, tl.int32),
+                    j - VEC < tl.cast(end - vec_end, tl.int32))
+    return cols, mask
+
+
+@triton.jit
+def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                 VEC: tl.constexpr = 1, P: tl.constexpr = 0, cap=1.0,
+                 SOFTCAP: tl.constexpr = False):
     """(max, sum e^(x-max)) over X[base + c*s_n] for c in [start, end).
 
-    One tile max per step and one exp per element; the running sum stays a
-    vector so the only per-tile cross-lane step is the max.
-    """
+    One tile max per step and per element one FMA, one exp2 and one FMA; the
+    running sum stays a vector so the only per-tile cross-lane step is the
+    max. Whole tiles are read unmasked; VEC > 1 (unit-stride rows): the head
+    and tail of ``vec_segment`` first, then an aligned body. P: eviction
+    policy of the loads; SOFTCAP: the statistics of cap * tanh(x / cap).
+    The sum is relative to log2_shift(max) (see ``online_update``)."""
+    cols = tl.arange(0, BLOCK_N)
+    a, body_end, vec_end = vec_segment(base, start, end, VEC, BLOCK_N)
     m = tl.full((), float("-inf"), ACC)
     d = tl.zeros((BLOCK_N,), ACC)
-    for off in range(start, end, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        x = tl.load(X + base + cols * s_n, mask=cols < end, other=float("-inf")).to(ACC)
+    if VEC > 1:
+        e_cols, e_mask = edge_columns(start, a, vec_end, end, VEC)
+        xe = load_logits(X, base + e_cols, e_mask, cap, SOFTCAP, ACC, P)
+        m = tl.max(xe, 0)
+        d = tl.where(cols == 0, tl.sum(tl.exp2(xe * LOG2E - log2_shift(m)), 0), d)
+    for off in range(a, body_end, BLOCK_N):
+        x = load_logits(X, tile_offsets(base, off, cols, s_n, VEC), cols < BLOCK_N, cap,
+                        SOFTCAP, ACC, P)
+        m, d = online_update(m, d, x)
+    if body_end < vec_end:
+        x = load_logits(X, tile_offsets(base, body_end, cols, s_n, VEC),
+                        partial_mask(cols, vec_end - body_end, VEC), cap, SOFTCAP, ACC, P)
         m, d = online_update(m, d, x)
     return m, tl.sum(d, 0)
 
 
 @triton.jit
+def normalize_tile(X, Y, xo, yo, mask, s, r, lse, LOG: tl.constexpr, ACC: tl.constexpr,
+                   P: tl.constexpr):
+    """Y[yo] = softmax (2^(x log2 e - s) * r) or log-softmax (x - lse) of X[xo]."""
+    x = load_p(X + xo, mask, 0.0, P).to(ACC)
+    if LOG:
+        y = x - lse
+    else:
+        y = tl.exp2(x * LOG2E - s) * r
+    store_p(Y + yo, y.to(Y.dtype.element_ty), mask, P)
+
+
+@triton.jit
 def normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d,
-                    LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Y[c] = softmax (or log-softmax) of X[c] for c in [start, end), given the row's (m, d)."""
-    shift = m + tl.log(d)
-    for off in range(start, end, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < end
-        x = tl.load(X + xb + cols * sx_n, mask=mask, other=float("-inf")).to(ACC)
-        if LOG:
-            y = x - shift
-        else:
-            y = tl.exp(x - m) / d
-        tl.store(Y + yb + cols * sy_n, y.to(Y.dtype.element_ty), mask=mask)
+                    LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                    VEC: tl.constexpr = 1, P: tl.constexpr = 0):
+    """Y[c] = softmax (or log-softmax) of X[c] for c in [start, end), given the
+    row's (m, d). VEC > 1: X and Y rows congruent modulo VEC (same head)."""
+    s = log2_shift(m)
+    r = 1.0 / d
+    lse = lse_of(m, d)
+    cols = tl.arange(0, BLOCK_N)
+    a, body_end, vec_end = vec_segment(xb, start, end, VEC, BLOCK_N)
+    for off in range(a, body_end, BLOCK_N):
+        normalize_tile(X, Y, tile_offsets(xb, off, cols, sx_n, VEC),
+                       tile_offsets(yb, off, cols, sy_n, VEC), cols < BLOCK_N, s, r, lse,
+                       LOG, ACC, P)
+    if body_end < vec_end:
+        normalize_tile(X, Y, tile_offsets(xb, body_end, cols, sx_n, VEC),
+                       tile_offsets(yb, body_end, cols, sy_n, VEC),
+                       partial_mask(cols, vec_end - body_end, VEC), s, r, lse, LOG, ACC, P)
+    if VEC > 1:
+        e_cols, e_mask = edge_columns(start, a, vec_end, end, VEC)
+        normalize_tile(X, Y, xb + e_cols, yb + e_cols, e_mask, s, r, lse, LOG, ACC, P)
+
+
+# ----------------------------------------------------------------------------
+# The cooperative path: work tickets, partials exchanged through global memory
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def coop_item(ticket, n, LAG):
+    """(second, item) of work ticket ``ticket`` of a cooperative launch over
+    ``n`` chunk items (item = row * SPLITS + chunk): ``second`` is whether it
+    is the item's second pass.
+
+    Order: the first passes of items 0 .. LAG-1, then alternately the first
+    pass of item LAG + i and the second pass of item i, then the remaining
+    second passes. With LAG >= SPLITS - 1, every first pass of a row's items
+    has a smaller ticket than any second pass of that row. Tickets are taken
+    by running programs in increasing order, and a first pass never waits,
+    so a program that waits (a second pass) waits only for first passes held
+    by programs that are running and will finish: the launch cannot deadlock,
+    whatever the number of programs resident at once (one suffices; Triton's
+    interpreter runs them one after the other). LAG of about half the grid
+    makes the wait rare (the first passes a second pass needs were dealt out
+    a grid's worth of tickets before it)."""
+    lag = tl.minimum(LAG, n)
+    mid = 2 * n - lag
+    u = ticket - lag
+    second = (ticket >= mid) | ((ticket >= lag) & (u % 2 == 1))
+    item = tl.where(ticket < lag, ticket,
+                    tl.where(ticket >= mid, ticket - n,
+                             tl.where(u % 2 == 0, lag + u // 2, u // 2)))
+    return second, item
+
+
+@triton.jit
+def coop_arrive(SYNC, row):
+    """Count one finished pass of ``row`` (SYNC[1 + row]) and return the count
+    before it. The CTA barrier and the release make this program's earlier
+    global writes (its partials) visible to whoever acquires the count; the
+    acquire side makes the other programs' partials visible to this one."""
+    tl.debug_barrier()
+    old = tl.atomic_add(SYNC + 1 + row, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    return old
+
+
+@triton.jit
+def coop_wait(SYNC, row, count):
+    """Spin until ``count`` passes of ``row`` have arrived (acquire). The
+    partials are then read with ``.cg`` loads (L2, never a stale L1 line)."""
+    c = tl.atomic_add(SYNC + 1 + row, 0, sem="acquire", scope="gpu")
+    while c < count:
+        c = tl.atomic_add(SYNC + 1 + row, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def coop_partials(PM, PD, row, SPLITS, BLOCK_S: tl.constexpr):
+    """The merged (max, sum) of ``row`` from its SPLITS partials."""
+    s = tl.arange(0, BLOCK_S)
+    ok = s < SPLITS
+    pm = tl.load(PM + row * SPLITS + s, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    pd = tl.load(PD + row * SPLITS + s, mask=ok, other=0.0, cache_modifier=".cg")
+    return tl.reduce((pm, pd), 0, online_combine)
+
+
+# ----------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------
 
 
 @triton.jit
@@ -107,25 +402,29 @@ def softmax_fwd_single_kernel(
     ROWS: tl.constexpr,  # rows per program
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     xb = row_base(rows, INNER, sx_o, sx_i)
     yb = row_base(rows, INNER, sy_o, sy_i)
-    x = tl.load(X + xb[:, None] + cols[None, :] * sx_n, mask=mask, other=float("-inf")).to(ACC)
+    x = tl.load(X + xb[:, None] + cols[None, :].to(tl.int64) * sx_n, mask=mask,
+                other=float("-inf")).to(ACC)
     m = tl.max(x, 1)
-    e = tl.exp(x - m[:, None])
+    s = log2_shift(m)
+    e = tl.exp2(x * LOG2E - s[:, None])
     d = tl.sum(e, 1)
     if LOG:
-        y = x - (m + tl.log(d))[:, None]
+        y = x - lse_of(m, d)[:, None]
     else:
-        y = e / d[:, None]
-    tl.store(Y + yb[:, None] + cols[None, :] * sy_n, y.to(Y.dtype.element_ty), mask=mask)
+        y = e * (1.0 / d)[:, None]
+    tl.store(Y + yb[:, None] + cols[None, :].to(tl.int64) * sy_n, y.to(Y.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
 def softmax_fwd_looped_kernel(
     X,  # input base pointer
     Y,  # output base pointer
+    M,  # number of rows (program pid takes rows pid, pid + G, ... of G programs)
     N,  # row length
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # input strides
@@ -133,12 +432,16 @@ def softmax_fwd_looped_kernel(
     LOG: tl.constexpr,  # log-softmax instead of softmax
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
-    row = tl.program_id(0).to(tl.int64)
-    xb = row_base(row, INNER, sx_o, sx_i)
-    yb = row_base(row, INNER, sy_o, sy_i)
-    m, d = online_stats(X, xb, sx_n, 0, N, ACC, BLOCK_N)
-    normalize_store(X, Y, xb, yb, sx_n, sy_n, 0, N, m, d, LOG, ACC, BLOCK_N)
+    for r in range(tl.program_id(0), M, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        xb = row_base(row, INNER, sx_o, sx_i)
+        yb = row_base(row, INNER, sy_o, sy_i)
+        m, d = online_stats(X, xb, sx_n, 0, N, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+        normalize_store(X, Y, xb, yb, sx_n, sy_n, 0, N, m, d, LOG, ACC, BLOCK_N, VEC,
+                        2 if EVICT else 0)
 
 
 @triton.jit
@@ -153,6 +456,8 @@ def softmax_fwd_split_stats_kernel(
     CHUNK,  # columns per program (a multiple of BLOCK_N)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride rows (else 1)
+    EVICT: tl.constexpr,  # evict_last on this (first) read
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -160,7 +465,7 @@ def softmax_fwd_split_stats_kernel(
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, N)
     xb = row_base(row, INNER, sx_o, sx_i)
-    m, d = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N)
+    m, d = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
     tl.store(PM + pid, m)
     tl.store(PD + pid, d)
 
@@ -181,6 +486,8 @@ def softmax_fwd_split_norm_kernel(
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
     BLOCK_S: tl.constexpr,  # power of two >= SPLITS
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # evict_first on this (second) read and the stores
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -193,7 +500,52 @@ def softmax_fwd_split_norm_kernel(
     end = tl.minimum(start + CHUNK, N)
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
-    normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d, LOG, ACC, BLOCK_N)
+    normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d, LOG, ACC, BLOCK_N, VEC,
+                    2 if EVICT else 0)
+
+
+@triton.jit(do_not_specialize=["SPLITS", "LAG"])
+def softmax_fwd_coop_kernel(
+    X,  # input base pointer
+    Y,  # output base pointer
+    WS,  # [2, M * SPLITS] ACC workspace: partial maxima, then partial sums
+    SYNC,  # [1 + M] int32, zero: SYNC[0] deals the tickets, SYNC[1 + row] counts partials
+    M,  # number of rows
+    N,  # row length
+    INNER,  # rows sharing one outer index
+    sx_o, sx_n, sx_i,  # input strides
+    sy_o, sy_n, sy_i,  # output strides
+    SPLITS,  # chunks per row (programs that share it)
+    CHUNK,  # columns per chunk (a multiple of BLOCK_N)
+    LAG,  # first passes dealt ahead of the second passes (>= SPLITS - 1)
+    LOG: tl.constexpr,  # log-softmax instead of softmax
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # tile width
+    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+):
+    n = M * SPLITS
+    PD = WS + n
+    ticket = tl.atomic_add(SYNC, 1)
+    while ticket < 2 * n:
+        second, item = coop_item(ticket.to(tl.int64), n, LAG)
+        row = item // SPLITS
+        start = (item % SPLITS) * CHUNK
+        end = tl.minimum(start + CHUNK, N)
+        xb = row_base(row, INNER, sx_o, sx_i)
+        if second:
+            coop_wait(SYNC, row, SPLITS)
+            m, d = coop_partials(WS, PD, row, SPLITS, BLOCK_S)
+            yb = row_base(row, INNER, sy_o, sy_i)
+            normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d, LOG, ACC, BLOCK_N,
+                            VEC, 2 if EVICT else 0)
+        else:
+            m, d = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+            tl.store(WS + item, m)
+            tl.store(PD + item, d)
+            coop_arrive(SYNC, row)
+        ticket = tl.atomic_add(SYNC, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -214,34 +566,69 @@ def bwd_terms(y, dy, LOG: tl.constexpr):
 def bwd_value(y, dy, s, LOG: tl.constexpr):
     """dx from y, dy and the row sum s (broadcast by the caller)."""
     if LOG:
-        return dy - tl.exp(y) * s
+        return dy - tl.exp2(y * LOG2E) * s
     else:
         return y * (dy - s)
 
 
 @triton.jit
+def bwd_sum_tile(Y, DY, yo, go, mask, LOG: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr):
+    y = load_p(Y + yo, mask, 0.0, P).to(ACC)
+    dy = load_p(DY + go, mask, 0.0, P).to(ACC)
+    return bwd_terms(y, dy, LOG)
+
+
+@triton.jit
 def bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, start, end, LOG: tl.constexpr,
-                ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+                ACC: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1,
+                P: tl.constexpr = 0):
+    """sum over [start, end) of dy * y (log-softmax: dy); VEC > 1: Y and DY
+    rows congruent modulo VEC."""
+    cols = tl.arange(0, BLOCK_N)
+    a, body_end, vec_end = vec_segment(yb, start, end, VEC, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), ACC)
-    for off in range(start, end, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < end
-        y = tl.load(Y + yb + cols * sy_n, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + gb + cols * sg_n, mask=mask, other=0.0).to(ACC)
-        acc += bwd_terms(y, dy, LOG)
-    return tl.sum(acc, 0)
+    for off in range(a, body_end, BLOCK_N):
+        acc += bwd_sum_tile(Y, DY, tile_offsets(yb, off, cols, sy_n, VEC),
+                            tile_offsets(gb, off, cols, sg_n, VEC), cols < BLOCK_N, LOG, ACC, P)
+    if body_end < vec_end:
+        acc += bwd_sum_tile(Y, DY, tile_offsets(yb, body_end, cols, sy_n, VEC),
+                            tile_offsets(gb, body_end, cols, sg_n, VEC),
+                            partial_mask(cols, vec_end - body_end, VEC), LOG, ACC, P)
+    total = tl.sum(acc, 0)
+    if VEC > 1:
+        e_cols, e_mask = edge_columns(start, a, vec_end, end, VEC)
+        total += tl.sum(bwd_sum_tile(Y, DY, yb + e_cols, gb + e_cols, e_mask, LOG, ACC, P), 0)
+    return total
+
+
+@triton.jit
+def bwd_apply_tile(Y, DY, DX, yo, go, xo, mask, s, LOG: tl.constexpr, ACC: tl.constexpr,
+                   P: tl.constexpr):
+    y = load_p(Y + yo, mask, 0.0, P).to(ACC)
+    dy = load_p(DY + go, mask, 0.0, P).to(ACC)
+    store_p(DX + xo, bwd_value(y, dy, s, LOG).to(DX.dtype.element_ty), mask, P)
 
 
 @triton.jit
 def bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG: tl.constexpr,
-              ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    for off in range(start, end, BLOCK_N):
-        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < end
-        y = tl.load(Y + yb + cols * sy_n, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + gb + cols * sg_n, mask=mask, other=0.0).to(ACC)
-        dx = bwd_value(y, dy, s, LOG)
-        tl.store(DX + xb + cols * sx_n, dx.to(DX.dtype.element_ty), mask=mask)
+              ACC: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1,
+              P: tl.constexpr = 0):
+    """DX = the backward over [start, end) given the row sum s; VEC > 1: the
+    three rows congruent modulo VEC."""
+    cols = tl.arange(0, BLOCK_N)
+    a, body_end, vec_end = vec_segment(yb, start, end, VEC, BLOCK_N)
+    for off in range(a, body_end, BLOCK_N):
+        bwd_apply_tile(Y, DY, DX, tile_offsets(yb, off, cols, sy_n, VEC),
+                       tile_offsets(gb, off, cols, sg_n, VEC),
+                       tile_offsets(xb, off, cols, sx_n, VEC), cols < BLOCK_N, s, LOG, ACC, P)
+    if body_end < vec_end:
+        bwd_apply_tile(Y, DY, DX, tile_offsets(yb, body_end, cols, sy_n, VEC),
+                       tile_offsets(gb, body_end, cols, sg_n, VEC),
+                       tile_offsets(xb, body_end, cols, sx_n, VEC),
+                       partial_mask(cols, vec_end - body_end, VEC), s, LOG, ACC, P)
+    if VEC > 1:
+        e_cols, e_mask = edge_columns(start, a, vec_end, end, VEC)
+        bwd_apply_tile(Y, DY, DX, yb + e_cols, gb + e_cols, xb + e_cols, e_mask, s, LOG, ACC, P)
 
 
 @triton.jit
@@ -261,16 +648,17 @@ def softmax_bwd_single_kernel(
     ROWS: tl.constexpr,  # rows per program
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    cols32 = tl.arange(0, BLOCK_N)[None, :]
+    cols = cols32.to(tl.int64)
+    mask = (rows < M)[:, None] & (cols32 < N)
     yb = row_base(rows, INNER, sy_o, sy_i)
     gb = row_base(rows, INNER, sg_o, sg_i)
     xb = row_base(rows, INNER, sx_o, sx_i)
-    y = tl.load(Y + yb[:, None] + cols[None, :] * sy_n, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + gb[:, None] + cols[None, :] * sg_n, mask=mask, other=0.0).to(ACC)
+    y = tl.load(Y + yb[:, None] + cols * sy_n, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + gb[:, None] + cols * sg_n, mask=mask, other=0.0).to(ACC)
     s = tl.sum(bwd_terms(y, dy, LOG), 1)
     dx = bwd_value(y, dy, s[:, None], LOG)
-    tl.store(DX + xb[:, None] + cols[None, :] * sx_n, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + xb[:, None] + cols * sx_n, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -278,6 +666,7 @@ def softmax_bwd_looped_kernel(
     Y,  # forward output
     DY,  # incoming gradient
     DX,  # gradient to write
+    M,  # number of rows (program pid takes rows pid, pid + G, ... of G programs)
     N,  # row length
     INNER,  # rows sharing one outer index
     sy_o, sy_n, sy_i,  # Y strides
@@ -286,13 +675,18 @@ def softmax_bwd_looped_kernel(
     LOG: tl.constexpr,  # log-softmax backward
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
-    row = tl.program_id(0).to(tl.int64)
-    yb = row_base(row, INNER, sy_o, sy_i)
-    gb = row_base(row, INNER, sg_o, sg_i)
-    xb = row_base(row, INNER, sx_o, sx_i)
-    s = bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, 0, N, LOG, ACC, BLOCK_N)
-    bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, 0, N, s, LOG, ACC, BLOCK_N)
+    for r in range(tl.program_id(0), M, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        yb = row_base(row, INNER, sy_o, sy_i)
+        gb = row_base(row, INNER, sg_o, sg_i)
+        xb = row_base(row, INNER, sx_o, sx_i)
+        s = bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, 0, N, LOG, ACC, BLOCK_N, VEC,
+                        1 if EVICT else 0)
+        bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, 0, N, s, LOG, ACC, BLOCK_N, VEC,
+                  2 if EVICT else 0)
 
 
 @triton.jit
@@ -309,6 +703,8 @@ def softmax_bwd_split_sum_kernel(
     LOG: tl.constexpr,  # log-softmax backward
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # evict_last on this (first) read
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -316,7 +712,8 @@ def softmax_bwd_split_sum_kernel(
     end = tl.minimum(start + CHUNK, N)
     yb = row_base(row, INNER, sy_o, sy_i)
     gb = row_base(row, INNER, sg_o, sg_i)
-    tl.store(PS + pid, bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, start, end, LOG, ACC, BLOCK_N))
+    tl.store(PS + pid, bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, start, end, LOG, ACC, BLOCK_N,
+                                   VEC, 1 if EVICT else 0))
 
 
 @triton.jit
@@ -336,6 +733,8 @@ def softmax_bwd_split_apply_kernel(
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
     BLOCK_S: tl.constexpr,  # power of two >= SPLITS
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # evict_first on this (second) read and the stores
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -346,7 +745,55 @@ def softmax_bwd_split_apply_kernel(
     yb = row_base(row, INNER, sy_o, sy_i)
     gb = row_base(row, INNER, sg_o, sg_i)
     xb = row_base(row, INNER, sx_o, sx_i)
-    bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG, ACC, BLOCK_N)
+    bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG, ACC, BLOCK_N, VEC,
+              2 if EVICT else 0)
+
+
+@triton.jit(do_not_specialize=["SPLITS", "LAG"])
+def softmax_bwd_coop_kernel(
+    Y,  # forward output
+    DY,  # incoming gradient
+    DX,  # gradient to write
+    PS,  # [M * SPLITS] ACC workspace: partial row sums
+    SYNC,  # [1 + M] int32, zero: SYNC[0] deals the tickets, SYNC[1 + row] counts partials
+    M,  # number of rows
+    N,  # row length
+    INNER,  # rows sharing one outer index
+    sy_o, sy_n, sy_i,  # Y strides
+    sg_o, sg_n, sg_i,  # DY strides
+    sx_o, sx_n, sx_i,  # DX strides
+    SPLITS,  # chunks per row (programs that share it)
+    CHUNK,  # columns per chunk (a multiple of BLOCK_N)
+    LAG,  # first passes dealt ahead of the second passes (>= SPLITS - 1)
+    LOG: tl.constexpr,  # log-softmax backward
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # tile width
+    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+):
+    n = M * SPLITS
+    ticket = tl.atomic_add(SYNC, 1)
+    while ticket < 2 * n:
+        second, item = coop_item(ticket.to(tl.int64), n, LAG)
+        row = item // SPLITS
+        start = (item % SPLITS) * CHUNK
+        end = tl.minimum(start + CHUNK, N)
+        yb = row_base(row, INNER, sy_o, sy_i)
+        gb = row_base(row, INNER, sg_o, sg_i)
+        if second:
+            coop_wait(SYNC, row, SPLITS)
+            s_idx = tl.arange(0, BLOCK_S)
+            s = tl.sum(tl.load(PS + row * SPLITS + s_idx, mask=s_idx < SPLITS, other=0.0,
+                               cache_modifier=".cg"), 0)
+            xb = row_base(row, INNER, sx_o, sx_i)
+            bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG, ACC, BLOCK_N,
+                      VEC, 2 if EVICT else 0)
+        else:
+            tl.store(PS + item, bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, start, end, LOG, ACC,
+                                            BLOCK_N, VEC, 1 if EVICT else 0))
+            coop_arrive(SYNC, row)
+        ticket = tl.atomic_add(SYNC, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -363,6 +810,33 @@ def acc_dtype(dtype: torch.dtype):
 
 def _workspace_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_vec(dtype: torch.dtype, *strides) -> int:
+    """VEC for rows described by (outer, along-row, inner) ``strides`` of each
+    tensor a kernel walks: the elements in 16 bytes when every tensor is
+    unit-stride along the row and their outer and inner strides agree modulo
+    that count (the rows of all of them then reach a 16-byte boundary after
+    the same head), else 1."""
+    vec = max(1, 16 // dtype.itemsize)
+    o0, _, i0 = strides[0]
+    for o, n, i in strides:
+        if n != 1 or (o - o0) % vec or (i - i0) % vec:
+            return 1
+    return vec
+
+
+def coop_buffers(M: int, splits: int, slots: int, dtype: torch.dtype, device):
+    """(workspace, sync) of a cooperative launch: ``slots`` ACC values per
+    chunk item (M * splits items) plus ``M`` more, and the zeroed int32 ticket
+    and per-row counters."""
+    ws = torch.empty(slots * M * splits + M, dtype=_workspace_dtype(dtype), device=device)
+    return ws, torch.zeros(1 + M, dtype=torch.int32, device=device)
+
+
+def coop_grid(cfg, M: int) -> int:
+    """Programs of a cooperative launch: the planned grid, at most one per item."""
+    return max(1, min(cfg.programs, M * cfg.splits))
 
 
 def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype):
@@ -383,13 +857,25 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
             kernel(x, y, *args, **meta)
             return names
         return launch
+    meta.update(VEC=row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
     if cfg.path == "looped":
-        kernel = softmax_fwd_looped_kernel[(M,)]
-        args = (N, inner, *x_strides, *y_strides)
+        kernel = softmax_fwd_looped_kernel[(min(M, cfg.programs or M),)]
+        args = (M, N, inner, *x_strides, *y_strides)
         names = ("softmax_fwd_looped_kernel",)
 
         def launch(x, y):
             kernel(x, y, *args, **meta)
+            return names
+        return launch
+    meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
+    if cfg.path == "coop":
+        kernel = softmax_fwd_coop_kernel[(coop_grid(cfg, M),)]
+        args = (M, N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk, cfg.lag)
+        names = ("softmax_fwd_coop_kernel",)
+
+        def launch(x, y):
+            ws, sync = coop_buffers(M, cfg.splits, 2, dtype, x.device)
+            kernel(x, y, ws, sync, *args, **meta)
             return names
         return launch
     grid = (M * cfg.splits,)
@@ -398,9 +884,8 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     ws = dict(size=(M, cfg.splits), dtype=_workspace_dtype(dtype))
     stats_args = (N, inner, *x_strides, cfg.splits, cfg.chunk)
     stats_meta = dict(ACC=meta["ACC"], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                      enable_fp_fusion=FP_FUSION)
+                      VEC=meta["VEC"], EVICT=cfg.evict, enable_fp_fusion=FP_FUSION)
     norm_args = (N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk)
-    meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
     names = ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
 
     def launch(x, y):
@@ -428,13 +913,25 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
             kernel(y, dy, dx, *args, **meta)
             return names
         return launch
+    meta.update(VEC=row_vec(dtype, y_strides, g_strides, x_strides), EVICT=cfg.evict)
     if cfg.path == "looped":
-        kernel = softmax_bwd_looped_kernel[(M,)]
-        args = (N, inner, *strides)
+        kernel = softmax_bwd_looped_kernel[(min(M, cfg.programs or M),)]
+        args = (M, N, inner, *strides)
         names = ("softmax_bwd_looped_kernel",)
 
         def launch(y, dy, dx):
             kernel(y, dy, dx, *args, **meta)
+            return names
+        return launch
+    block_s = triton.next_power_of_2(cfg.splits)
+    if cfg.path == "coop":
+        kernel = softmax_bwd_coop_kernel[(coop_grid(cfg, M),)]
+        args = (M, N, inner, *strides, cfg.splits, cfg.chunk, cfg.lag)
+        names = ("softmax_bwd_coop_kernel",)
+
+        def launch(y, dy, dx):
+            ws, sync = coop_buffers(M, cfg.splits, 1, dtype, y.device)
+            kernel(y, dy, dx, ws, sync, *args, BLOCK_S=block_s, **meta)
             return names
         return launch
     grid = (M * cfg.splits,)
@@ -444,7 +941,7 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
     sum_args = (N, inner, *y_strides, *g_strides, cfg.splits, cfg.chunk)
     apply_args = (N, inner, *strides, cfg.splits, cfg.chunk)
     sum_meta = dict(meta)
-    meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
+    meta["BLOCK_S"] = block_s
     names = ("softmax_bwd_split_sum_kernel", "softmax_bwd_split_apply_kernel")
 
     def launch(y, dy, dx):

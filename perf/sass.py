@@ -8,10 +8,13 @@ heuristics' configuration for the hot shape, a real call's specialisation,
 fp fusion as launched) and disassembled with the ``cuobjdump`` in Triton's
 wheel. Counted:
 
-- looped kernels: each tile loop's body, i.e. the instructions from a
-  backward branch's target up to that branch (the first loop is the online
-  (max, sum) pass, the second the normalise / gradient pass), divided by the
-  elements a thread handles per iteration (BLOCK_N / (32 x warps));
+- looped kernels (looped, persistent and cooperative paths): each tile
+  loop's body, i.e. the instructions from a backward branch's target up to
+  that branch, for the loops that load from global memory (the first is the
+  online (max, sum) pass, the second the normalise / gradient pass; a
+  cooperative kernel's spin-wait loop is not a tile loop), divided by the
+  elements a thread handles per iteration (BLOCK_N / (32 x warps), times the
+  unrolling ptxas applied, read off the 16-byte loads);
 - single kernels: the whole kernel (no NOPs, no trailing self-branch) over
   the elements a thread owns (BLOCK_N x ROWS / (32 x warps)).
 
@@ -46,26 +49,38 @@ class Hot:
     kernel: str
     dtype: str
     flags: tuple  # ((constexpr, value), ...) beyond the configuration's
-    config: tuple  # ("softmax" | "cross_entropy", M, N, elem_bytes, live_rows or extras)
+    config: tuple  # ("softmax" | "cross_entropy", M, N, elem_bytes, call kind or extras)
+    aligned: bool = True  # ints divisible by 16 (False: rows like 50257, see perf/static.py)
+    limits: tuple = ()  # ((Limits field, value), ...) under which the config is picked
 
+
+_EVICT = (("EVICT", True),)
+_CE = (("HAS_WEIGHT", False), ("SMOOTH", False), ("SOFTCAP", False), ("WRITE_GRAD", True),
+       ("WRITE_HIT", False))
+_PERSISTENT = (("long_path", "persistent"),)
 
 HOT = (
     Hot("softmax fwd, single, bf16, N=4096", "softmax_fwd_single_kernel", "bf16",
-        (("LOG", False),), ("softmax", 16384, 4096, 2, 1)),
+        (("LOG", False),), ("softmax", 16384, 4096, 2, "fwd")),
     Hot("softmax fwd, single, bf16, N=32768", "softmax_fwd_single_kernel", "bf16",
-        (("LOG", False),), ("softmax", 16384, 32768, 2, 1)),
+        (("LOG", False),), ("softmax", 16384, 32768, 2, "fwd")),
     Hot("softmax fwd, looped, bf16, N>=65536", "softmax_fwd_looped_kernel", "bf16",
-        (("LOG", False),), ("softmax", 4096, 262144, 2, 1)),
+        (("LOG", False),) + _EVICT, ("softmax", 4096, 262144, 2, "fwd"), limits=_PERSISTENT),
+    Hot("softmax fwd, coop, bf16, N>=65536", "softmax_fwd_coop_kernel", "bf16",
+        (("LOG", False),) + _EVICT, ("softmax", 4096, 262144, 2, "fwd")),
     Hot("softmax bwd, looped, bf16, N>=32768", "softmax_bwd_looped_kernel", "bf16",
-        (("LOG", False),), ("softmax", 4096, 65536, 2, 2)),
-    Hot("CE class + grad, single, bf16, C=16384", "ce_class_single_kernel", "bf16",
-        (("HAS_WEIGHT", False), ("SMOOTH", False), ("SOFTCAP", False), ("WRITE_GRAD", True),
-         ("WRITE_HIT", False)),
+        (("LOG", False),) + _EVICT, ("softmax", 4096, 65536, 2, "bwd"), limits=_PERSISTENT),
+    Hot("softmax bwd, coop, bf16, N>=32768", "softmax_bwd_coop_kernel", "bf16",
+        (("LOG", False),) + _EVICT, ("softmax", 4096, 65536, 2, "bwd")),
+    Hot("CE class + grad, single, bf16, C=16384", "ce_class_single_kernel", "bf16", _CE,
         ("cross_entropy", 16384, 16384, 2, False)),
     Hot("CE class + grad, looped, bf16, C>=32000", "ce_class_looped_kernel", "bf16",
-        (("HAS_WEIGHT", False), ("SMOOTH", False), ("SOFTCAP", False), ("WRITE_GRAD", True),
-         ("WRITE_HIT", False)),
-        ("cross_entropy", 16384, 128256, 2, False)),
+        _CE + _EVICT, ("cross_entropy", 16384, 128256, 2, False), limits=_PERSISTENT),
+    Hot("CE class + grad, coop, bf16, C>=32000", "ce_class_coop_kernel", "bf16",
+        _CE + _EVICT, ("cross_entropy", 16384, 128256, 2, False)),
+    Hot("CE class + grad, looped, bf16, C=50257 (unaligned)", "ce_class_looped_kernel", "bf16",
+        _CE + _EVICT, ("cross_entropy", 16384, 50257, 2, False), aligned=False,
+        limits=_PERSISTENT),
 )
 
 
@@ -76,14 +91,20 @@ def hot_variants() -> list:
 
     from softmax_gpu import heuristics
 
+    from softmax_gpu.softmax import CALL_KINDS
+
     fns = static.config_functions()
     everything = static.all_variants()
     out = []
-    with heuristics.override(sm_count=132):
-        for h in HOT:
+    for h in HOT:
+        with heuristics.override(sm_count=132, **dict(h.limits)):
             op, M, N, elem, extra = h.config
-            pick = fns.softmax_config if op == "softmax" else fns.cross_entropy_config
-            cfg = pick(M, N, elem, torch.device("cpu"), extra)
+            if op == "softmax":
+                live, reread = CALL_KINDS[extra]
+                cfg = fns.softmax_config(M, N, elem, torch.device("cpu"), live, reread=reread,
+                                         coop=True)
+            else:
+                cfg = fns.cross_entropy_config(M, N, elem, torch.device("cpu"), extra)
             want = dict(h.flags, BLOCK_N=cfg.block_n)
             if cfg.path == heuristics.SINGLE:
                 want["ROWS"] = cfg.rows_per_program
@@ -155,6 +176,15 @@ def count(body: list, elems: float) -> dict:
     )
 
 
+def _unroll(body: list, per_iter: float, elem_bytes: int, tensors: int) -> int:
+    """How many tile iterations one pass through ``body`` covers: an
+    iteration loads ``tensors`` data tensors, per_iter x elem_bytes / 16
+    16-byte loads each; ptxas unrolls simple loops (a multiple of that)."""
+    wide = sum(1 for _, ins in body if opcode(ins).startswith("LDG") and opcode(ins).endswith(".128"))
+    per = max(1, round(per_iter * elem_bytes / 16)) * tensors
+    return max(1, wide // per) if wide % per == 0 and wide else 1
+
+
 def analyse(cubin: bytes, v) -> dict:
     """Per-element counts of ``v``'s cubin: each tile loop of a looped kernel,
     the whole kernel of a single one (run in static's compile workers)."""
@@ -164,17 +194,28 @@ def analyse(cubin: bytes, v) -> dict:
     body = loops(code)
     if "ROWS" in c:  # single path: the whole kernel
         return dict(kind="kernel", parts=[count(code, per_iter)], loops_found=len(body))
-    if not body:
-        return {"error": "no loop found in a looped kernel"}
-    return dict(kind="loop", parts=[count(code[a:b + 1], per_iter) for a, b in body],
-                loops_found=len(body))
+    tiles = [(a, b) for a, b in body
+             if any(opcode(ins).startswith("LDG") for _, ins in code[a:b + 1])]
+    if not tiles:
+        return {"error": "no tile loop found in a looped kernel"}
+    elem = {"bf16": 2, "fp32": 4, "fp64": 8}[v.dtype]
+    tensors = 2 if v.kernel.startswith("softmax_bwd") else 1  # y and dy; else x
+    parts = []
+    for a, b in tiles:
+        parts.append(count(code[a:b + 1],
+                           per_iter * _unroll(code[a:b + 1], per_iter, elem, tensors)))
+    return dict(kind="loop", parts=parts, loops_found=len(body))
 
 
 def run(jobs: int = 2) -> list:
     """[(Hot, Variant, analysis)] for every hot kernel."""
     pairs = hot_variants()
-    res = dict(static.run(jobs, [v for _, v in pairs], analyse=analyse))
-    return [(h, v, res[v]) for h, v in pairs]
+    res = {}
+    for aligned in (True, False):
+        vs = [v for h, v in pairs if h.aligned == aligned]
+        if vs:
+            res[aligned] = dict(static.run(jobs, vs, aligned_ints=aligned, analyse=analyse))
+    return [(h, v, res[h.aligned][v]) for h, v in pairs]
 
 
 def _widths(d: dict) -> str:

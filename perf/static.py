@@ -34,8 +34,13 @@ a new argument needs a decision here):
   grad_output (``s_go`` = 0), the vocab-parallel gradient one scale for all
   rows (``s_g`` = 0); targets are contiguous (``s_t`` = 1), and so is the
   gradient of a returned lse (``s_dlse`` = 1);
-- never specialised: ``ignore_index`` / ``IGNORE`` (-100), ``SPLITS``, and the
-  float bit patterns that the cross-entropy kernels mark ``do_not_specialize``.
+- never specialised: ``ignore_index`` / ``IGNORE`` (-100), ``SPLITS`` and
+  ``LAG`` (the cooperative path's chunk count and ticket lag), the flags
+  ``lse_all`` / ``use_div`` and the float bit patterns that the cross-entropy
+  kernels mark ``do_not_specialize``;
+- the long-row kernels walk unit-stride rows: ``VEC`` = 16 bytes / element
+  size (rows not congruent modulo 16 bytes, or strided, get VEC = 1 and the
+  masked-tile code of the old kernels; not compiled here).
 
 Rows whose length or stride is not a multiple of 16 (vocabulary 50257) run a
 differently specialised binary: ``--ints plain`` compiles that case (no int
@@ -67,7 +72,8 @@ INT_SPEC = {
     **dict.fromkeys(("INNER", "sx_n", "sy_n", "sg_n", "so_n", "use_den", "s_t", "s_dlse"), ONE),
     **dict.fromkeys(("M", "N", "C", "W", "sx_o", "sx_i", "sy_o", "sy_i", "sg_o", "sg_i", "so_o",
                      "so_i", "CHUNK", "OFF", "V", "den_rows", "s_go", "s_g"), DIV16),
-    **dict.fromkeys(("SPLITS", "ignore_index", "IGNORE", "eps_hi", "eps_lo", "zl_hi", "zl_lo",
+    **dict.fromkeys(("SPLITS", "LAG", "lse_all", "use_div", "div_hi", "div_lo", "ignore_index",
+                     "IGNORE", "eps_hi", "eps_lo", "zl_hi", "zl_lo",
                      "cap_hi", "cap_lo", "gs_hi", "gs_lo"), PLAIN),
 }
 
@@ -86,7 +92,7 @@ class Variant:
 
     def label(self) -> str:
         c = dict(self.constexprs)
-        keys = [k for k in ("LOG", "BLOCK_N", "ROWS", "BLOCK_S") if k in c]
+        keys = [k for k in ("LOG", "BLOCK_N", "ROWS", "BLOCK_S", "VEC", "EVICT") if k in c]
         return f"{self.kernel}[{self.dtype}, " + ", ".join(f"{k}={c[k]}" for k in keys) + \
             f", warps={self.num_warps}]"
 
@@ -118,41 +124,56 @@ def softmax_variants() -> list[Variant]:
     from softmax_gpu import heuristics
 
     out = []
-    for path, block_n, rows, warps, elem, live in config_functions().all_softmax_configs():
+    for path, block_n, rows, warps, elem, kind in config_functions().all_softmax_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         bs = heuristics.limits().max_splits  # BLOCK_S at its largest: the worst case
-        # live_rows 1: softmax forward; 2: log-softmax forward and both backwards
-        if path == "single":
-            kernels = [("softmax_fwd_single_kernel", ("X", "Y"), dict(ROWS=rows), live == 2)]
-            if live == 2:
-                kernels += [("softmax_bwd_single_kernel", ("Y", "DY", "DX"), dict(ROWS=rows), log)
-                            for log in (False, True)]
-        elif path == "looped":
-            kernels = [("softmax_fwd_looped_kernel", ("X", "Y"), {}, live == 2)]
-            if live == 2:
-                kernels += [("softmax_bwd_looped_kernel", ("Y", "DY", "DX"), {}, log)
-                            for log in (False, True)]
+        # long rows: unit-stride rows (VEC elements per 16 bytes), with and
+        # without the eviction hints (a tuning candidate)
+        walk = [dict(VEC=16 // elem, EVICT=ev) for ev in (True, False)]
+        if kind == "bwd":
+            logs = (False, True)
+            names = {"single": [("softmax_bwd_single_kernel", ("Y", "DY", "DX"))],
+                     "looped": [("softmax_bwd_looped_kernel", ("Y", "DY", "DX"))],
+                     "coop": [("softmax_bwd_coop_kernel", ("Y", "DY", "DX", "PS", "SYNC"))],
+                     "split": [("softmax_bwd_split_sum_kernel", ("Y", "DY", "PS")),
+                               ("softmax_bwd_split_apply_kernel", ("Y", "DY", "DX", "PS"))]}
         else:
-            kernels = [("softmax_fwd_split_norm_kernel", ("X", "Y"), dict(BLOCK_S=bs), live == 2)]
-            if live == 1:
-                kernels += [("softmax_fwd_split_stats_kernel", ("X",), {}, None)]
+            logs = (kind == "log_fwd",)
+            names = {"single": [("softmax_fwd_single_kernel", ("X", "Y"))],
+                     "looped": [("softmax_fwd_looped_kernel", ("X", "Y"))],
+                     "coop": [("softmax_fwd_coop_kernel", ("X", "Y", "WS", "SYNC"))],
+                     "split": [("softmax_fwd_split_norm_kernel", ("X", "Y", "PM", "PD"))] +
+                              ([("softmax_fwd_split_stats_kernel", ("X", "PM", "PD"))]
+                               if kind == "fwd" else [])}
+        for name, ptrs in names[path]:
+            if path == "single":
+                extras = [dict(ROWS=rows)]
             else:
-                kernels += [(k, ptrs, extra, log)
-                            for k, ptrs, extra in (
-                                ("softmax_bwd_split_sum_kernel", ("Y", "DY"), {}),
-                                ("softmax_bwd_split_apply_kernel", ("Y", "DY", "DX"), dict(BLOCK_S=bs)))
-                            for log in (False, True)]
-        for name, data_ptrs, extra, log in kernels:
-            ws = tuple((p, acc) for p in ("PM", "PD", "PS"))
-            cx = dict(ACC=acc, BLOCK_N=block_n, **extra)
-            if log is not None:
-                cx["LOG"] = log
-            out.append(Variant(
-                "softmax", name, dt, tuple((p, dt) for p in data_ptrs) + ws,
-                tuple(sorted(cx.items())), warps, path,
-            ))
+                extras = [dict(w, **({"BLOCK_S": bs} if "BLOCK_S" in _constexpr_names(name)
+                                     else {})) for w in walk]
+            for extra in extras:
+                for log in (logs if "LOG" in _constexpr_names(name) else (None,)):
+                    cx = dict(ACC=acc, BLOCK_N=block_n, **extra)
+                    if log is not None:
+                        cx["LOG"] = log
+                    types = tuple((p, "i32" if p == "SYNC" else
+                                   acc if p in ("PM", "PD", "PS", "WS") else dt) for p in ptrs)
+                    out.append(Variant("softmax", name, dt, types, tuple(sorted(cx.items())),
+                                       warps, path))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label()))
+
+
+def _constexpr_names(kernel: str, module: str = "softmax") -> set:
+    """The constexpr parameters of a kernel of softmax_gpu.kernels.<module>."""
+    import importlib
+
+    fn = getattr(importlib.import_module(f"softmax_gpu.kernels.{module}"), kernel)
+    fn = getattr(fn, "fn", fn)
+    import inspect
+
+    return {n for n, p in inspect.signature(fn).parameters.items()
+            if p.annotation in ("tl.constexpr",) or "constexpr" in str(p.annotation)}
 
 
 # Cross-entropy feature flags compiled per configuration. A configuration
@@ -180,22 +201,27 @@ _CE_FLAGS = {
 def cross_entropy_variants() -> list[Variant]:
     """Every cross-entropy kernel configuration the heuristics can pick, with
     the flag sets above; the row-wise backward kernels (rescale, lse
-    gradient) on the "scale" configurations; the one-program denominators
-    kernel."""
+    gradient) on the "scale" configurations; the traced backward on the
+    "backward" ones; the one-program denominators kernel in each of its
+    modes. Long-row kernels (looped, coop) for unit-stride rows (VEC
+    elements per 16 bytes), with and without the eviction hints."""
     out = []
     for elem in (2, 4, 8):
         acc = "fp64" if elem == 8 else "fp32"
         for has_w, smooth in ((False, False), (True, False), (True, True)):
-            out.append(Variant(
-                "cross_entropy", "ce_denominators_kernel", DTYPE_STR[elem],
-                (("T", "i64"), ("W", acc), ("DEN", acc)),
-                tuple(sorted(dict(ACC=acc, BLOCK=1024, HAS_WEIGHT=has_w,
-                                  SMOOTH=smooth).items())), 4, "single"))
+            for count in (True, False):
+                for div_ptr in (False, True):
+                    out.append(Variant(
+                        "cross_entropy", "ce_denominators_kernel", DTYPE_STR[elem],
+                        (("T", "i64"), ("W", acc), ("DIV", acc), ("DEN", acc)),
+                        tuple(sorted(dict(ACC=acc, BLOCK=1024, HAS_WEIGHT=has_w, SMOOTH=smooth,
+                                          COUNT=count, DIV_PTR=div_ptr).items())), 4, "single"))
     for fam, extras, path, block_n, rows, warps, elem in \
             config_functions().all_cross_entropy_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
-        extra = dict(ROWS=rows) if path == "single" else {}
+        walks = [dict(ROWS=rows)] if path == "single" else \
+            [dict(VEC=16 // elem, EVICT=ev) for ev in (True, False)]
         if fam == "scale":
             for in_place in (True, False):
                 out.append(Variant(
@@ -206,21 +232,41 @@ def cross_entropy_variants() -> list[Variant]:
             for softcap in (False, True):
                 out.append(Variant(
                     "cross_entropy", "ce_lse_grad_kernel", dt,
-                    (("X", dt), ("LSE", "fp32"), ("DLSE", acc), ("OUT", dt)),
+                    (("X", dt), ("LSE", acc), ("DLSE", acc), ("OUT", dt)),
                     tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
                                       SOFTCAP=softcap).items())), warps, path))
             continue
+        if fam == "backward":
+            for on in ((False, True) if extras else (False,)):
+                out.append(Variant(
+                    "cross_entropy", "ce_class_backward_kernel", dt,
+                    (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc), ("LSE", acc),
+                     ("GO", acc), ("OUT", dt)),
+                    tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, VEC=16 // elem, HAS_WEIGHT=on,
+                                      SMOOTH=on, SOFTCAP=on).items())), warps, path))
+            continue
         if fam == "class":
             ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc),
-                    ("G", dt), ("LOSS", acc), ("LSE", "fp32"), ("STATE", acc), ("HIT", "i8"))
+                    ("G", dt), ("LOSS", acc), ("LSE", acc), ("STATE", acc), ("HIT", "i8"))
+            if path == "coop":
+                ptrs += (("WS", acc), ("SYNC", "i32"))
+                walks = [dict(w, BLOCK_S=heuristics_max_splits()) for w in walks]
         else:
-            ptrs = (("X", dt), ("Y", dt), ("W", acc), ("G", dt), ("LOSS", acc), ("LSE", "fp32"),
-                    ("STATE", acc))
+            ptrs = (("X", dt), ("Y", dt), ("W", acc), ("DEN", acc), ("G", dt), ("LOSS", acc),
+                    ("LSE", acc), ("STATE", acc))
         for flags in _CE_FLAGS[(fam, extras)]:
-            cx = dict(ACC=acc, BLOCK_N=block_n, **extra, **flags)
-            out.append(Variant("cross_entropy", f"ce_{fam}_{path}_kernel", dt, ptrs,
-                               tuple(sorted(cx.items())), warps, path))
+            for walk in walks:
+                cx = dict(ACC=acc, BLOCK_N=block_n, **walk, **flags)
+                out.append(Variant("cross_entropy", f"ce_{fam}_{path}_kernel", dt, ptrs,
+                                   tuple(sorted(cx.items())), warps, path))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
+
+
+def heuristics_max_splits() -> int:
+    """BLOCK_S at its largest (the worst case): the split paths' bound."""
+    from softmax_gpu import heuristics
+
+    return heuristics.limits().max_splits
 
 
 def vocab_parallel_variants() -> list[Variant]:

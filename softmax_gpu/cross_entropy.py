@@ -41,7 +41,7 @@ from ._checks import FLOAT_DTYPES, check_float, check_tensor
 from ._dispatch import (backend_for, empty_like, launch_device, launch_on, new_output,
                         plan_cache, remember, traced)
 from ._layout import Rows, rows_view
-from .heuristics import LOOPED, SINGLE, by_elem, max_single, next_pow2, warps_for
+from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "CrossEntropyConfig",
     "cross_entropy_config",
     "cross_entropy_scale_config",
+    "cross_entropy_backward_config",
     "all_cross_entropy_configs",
     "check_cross_entropy",
     "check_inplace_rows",
@@ -66,22 +67,28 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyConfig:
-    path: str  # SINGLE (row in registers) or LOOPED (online pass + gradient pass)
+    path: str  # SINGLE (row in registers), LOOPED (stats pass + gradient pass) or COOP
     block_n: int  # tile width in elements (a power of two; >= C on the single path)
     rows_per_program: int  # rows one program owns (SINGLE; else 1)
     num_warps: int
+    programs: int = 0  # grid of a persistent LOOPED / a COOP launch (0: one program per row)
+    splits: int = 1  # COOP: chunks per row
+    chunk: int = 0  # COOP: columns per chunk, a multiple of block_n
+    lag: int = 0  # COOP: first passes dealt ahead of the second passes
+    evict: bool = False  # eviction hints on the two reads (LOOPED, COOP)
 
 
-def ce_max_single(elem_bytes: int, extras: bool = False) -> int:
+def ce_max_single(elem_bytes: int, extras: bool = False, lim=None) -> int:
     """Longest (power-of-two) row the cross-entropy on-chip path takes.
     ``extras`` (probability targets, class weights, label smoothing or a
     softcap: more tiles live at once) halves it."""
-    lim = heuristics.limits()
+    lim = heuristics.limits() if lim is None else lim
     n = by_elem(elem_bytes, lim.ce_max_single_2byte, lim.ce_max_single_4byte,
                 lim.ce_max_single_8byte)
     if extras:
         n //= 2
-    return max(1, min(n, max_single(elem_bytes)))
+    cap = by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte, lim.max_single_8byte)
+    return max(1, min(n, cap))
 
 
 def _rows_per_program(M: int, block: int, device: torch.device, target: int) -> int:
@@ -94,38 +101,54 @@ def _rows_per_program(M: int, block: int, device: torch.device, target: int) -> 
     return min(rows, next_pow2(M))
 
 
-def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device) -> CrossEntropyConfig:
+def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device,
+               lim) -> CrossEntropyConfig:
     """Whole rows per program: at most 8 elements (4 for fp64) of a short row
     per thread, so that the per-row values a thread holds stay few; rows
     longer than 16 warps' worth take 16 warps."""
     ept = min(block, 8 if elem_bytes <= 4 else 4)
-    target = min(heuristics.limits().target_program_elems, max(block, 512 * ept))
+    target = min(lim.target_program_elems, max(block, 512 * ept))
     rows = _rows_per_program(M, block, device, target)
     warps = max(1, min(16, block * rows // (32 * ept)))
     return CrossEntropyConfig(SINGLE, block, rows, warps)
 
 
+def _ce_tile(C: int, elem_bytes: int, heavy: bool, lim) -> tuple[int, int]:
+    """(tile, warps) of the looped kernels: 16 elements per thread per tile
+    (8 with extras or fp64, on a halved tile)."""
+    tile = min(max(1, lim.tile // 2) if heavy else lim.tile, next_pow2(C))
+    return tile, max(1, min(16, tile // (32 * (8 if heavy else 16))))
+
+
 def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
-                         extras: bool = False) -> CrossEntropyConfig:
+                         extras: bool = False, *, reread: bool = True,
+                         coop: bool = True) -> CrossEntropyConfig:
     """Path and launch parameters of the fused cross-entropy over [M, C] logits.
 
     ``extras``: probability targets, class weights, label smoothing or a
     softcap (more live tiles: a shorter on-chip limit and looped tile).
+    ``reread``: a second pass over the logits follows the statistics (the
+    gradient, or label smoothing); without one every path reads the logits
+    once, and long rows take one program each. ``coop``: the kernel family
+    has the cooperative path (class targets do, probability targets not).
 
     - single: a program owns ``rows`` whole rows (``_ce_single``).
-    - looped: one program per row, 16 elements per thread per tile (8 with
-      extras or fp64, on a halved tile).
-    There is no split path: a few very long rows run one program each.
+    - long rows, read twice: :func:`softmax_gpu.heuristics.long_rows` (a
+      persistent looped grid whose rows in flight fit in L2, else the
+      cooperative path with the fewest chunks per row that fit), 16 elements
+      per thread per tile (8 with extras or fp64, on a halved tile).
     All choices compile without spills at sm_90 (``python -m perf.static``).
     """
-    lim = heuristics.limits()
+    lim = heuristics.limits_for("cross_entropy", device, elem_bytes, C)
     block = next_pow2(C)
-    if block <= ce_max_single(elem_bytes, extras):
-        return _ce_single(M, block, elem_bytes, device)
-    heavy = extras or elem_bytes > 4
-    tile = min(max(1, lim.tile // 2) if heavy else lim.tile, block)
-    warps = max(1, min(16, tile // (32 * (8 if heavy else 16))))
-    return CrossEntropyConfig(LOOPED, tile, 1, warps)
+    if block <= ce_max_single(elem_bytes, extras, lim):
+        return _ce_single(M, block, elem_bytes, device, lim)
+    tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
+    if not reread:
+        return CrossEntropyConfig(LOOPED, tile, 1, warps)
+    plan = heuristics.long_rows(M, C, tile, C * elem_bytes, device, lim, coop)
+    return CrossEntropyConfig(plan.path, tile, 1, warps, plan.programs, plan.splits, plan.chunk,
+                              plan.lag, plan.evict)
 
 
 def cross_entropy_scale_config(M: int, C: int, elem_bytes: int,
@@ -134,11 +157,23 @@ def cross_entropy_scale_config(M: int, C: int, elem_bytes: int,
     saved gradient, the lse's gradient): rows up to one tile are whole
     (several per program, as the on-chip path), longer rows are looped one
     per program."""
-    lim = heuristics.limits()
+    lim = heuristics.limits_for("cross_entropy", device, elem_bytes, C)
     block = next_pow2(C)
     if block <= lim.tile:
-        return _ce_single(M, block, elem_bytes, device)
+        return _ce_single(M, block, elem_bytes, device, lim)
     return CrossEntropyConfig(LOOPED, lim.tile, 1, warps_for(lim.tile))
+
+
+def cross_entropy_backward_config(M: int, C: int, elem_bytes: int, device: torch.device,
+                                  extras: bool = False) -> CrossEntropyConfig:
+    """Launch parameters of the traced backward (``ce_class_backward_kernel``:
+    one pass over each row's logits, writing the gradient): the looped tile
+    and warps on a persistent grid of programs_per_sm x SMs programs."""
+    lim = heuristics.limits_for("cross_entropy", device, elem_bytes, C)
+    tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
+    tile = max(tile, MIN_BLOCK)
+    programs = max(1, lim.programs_per_sm * heuristics.sm_count(device))
+    return CrossEntropyConfig(LOOPED, tile, 1, warps, min(M, programs))
 
 
 def all_cross_entropy_configs() -> list[tuple[str, bool, str, int, int, int, int]]:
@@ -146,20 +181,30 @@ def all_cross_entropy_configs() -> list[tuple[str, bool, str, int, int, int, int
     num_warps, elem bytes) the defaults can pick, for the static compile
     check; enumerated from the config functions themselves. Families:
     "class" and "prob" (forward kernels; probability targets always count as
-    extras) and "scale" (the row-wise backward kernels)."""
+    extras), "scale" (the row-wise backward kernels) and "backward" (the
+    traced backward). Long rows also with each path ``Limits.long_path`` can
+    force (tuning candidates)."""
     seen = set()
     dev = torch.device("cpu")
-    with heuristics.override(sm_count=132):
-        for elem in (2, 4, 8):
-            for logn in range(0, 21):
-                for M in (1, 64, 1 << 20):
-                    for fam, extras in (("class", False), ("class", True), ("prob", True)):
-                        c = cross_entropy_config(M, 1 << logn, elem, dev, extras)
-                        seen.add((fam, extras, c.path, c.block_n, c.rows_per_program,
+    for long_path in ("auto", "persistent", "coop"):
+        with heuristics.override(sm_count=132, long_path=long_path):
+            for elem in (2, 4, 8):
+                for logn in range(0, 21):
+                    for M in (1, 64, 1 << 20):
+                        C = 1 << logn
+                        for fam, extras in (("class", False), ("class", True), ("prob", True)):
+                            for reread in (True, False):
+                                c = cross_entropy_config(M, C, elem, dev, extras, reread=reread,
+                                                         coop=fam == "class")
+                                seen.add((fam, extras, c.path, c.block_n, c.rows_per_program,
+                                          c.num_warps, elem))
+                        c = cross_entropy_scale_config(M, C, elem, dev)
+                        seen.add(("scale", False, c.path, c.block_n, c.rows_per_program,
                                   c.num_warps, elem))
-                    c = cross_entropy_scale_config(M, 1 << logn, elem, dev)
-                    seen.add(("scale", False, c.path, c.block_n, c.rows_per_program,
-                              c.num_warps, elem))
+                        for extras in (False, True):
+                            c = cross_entropy_backward_config(M, C, elem, dev, extras)
+                            seen.add(("backward", extras, c.path, c.block_n, 1, c.num_warps,
+                                      elem))
     return sorted(seen)
 
 
@@ -209,6 +254,8 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if C == 0:
         raise ValueError(f"input has no classes (shape {tuple(input.shape)})")
+    if C > MAX_ROW:
+        raise ValueError(f"input has {C} classes; at most 2^31 - 1 are supported")
     check_tensor(target, "target")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
@@ -281,14 +328,18 @@ def _num_rows(x: Tensor) -> int:
 
 
 def reference_forward(x, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                      softcap, grad_scale, with_grad):
+                      softcap, grad_scale, with_grad, divisor=None):
     """The fused op's outputs in torch, for (N, C, *) logits ``x``:
-    ``(loss rows already divided by the mean's denominators, lse fp32,
-    grad or empty, state or empty)``, as the kernels compute them.
+    ``(loss rows already divided by the mean's denominators and the divisor,
+    lse (fp32; fp64 for fp64), grad or empty, state or empty)``, as the
+    kernels compute them. ``grad_scale``: a number, or a tensor of one value
+    per row (or one value); ``divisor``: None, a number or a 0-d tensor.
 
     Class indices outside [0, C) that are not ignore_index raise IndexError,
     as torch does (the Triton kernels give NaN rows instead)."""
     acc = _acc(x.dtype)
+    div = 1.0 if divisor is None else (divisor.to(acc) if isinstance(divisor, Tensor)
+                                       else divisor)
     C = x.shape[1]
     eps = label_smoothing
     z = _rows_last(x.to(acc))
@@ -302,7 +353,7 @@ def reference_forward(x, target, weight, ignore_index, reduction, label_smoothin
         y = (1 - eps) * _rows_last(target.to(acc)) + eps / C
         if w is not None:
             y = y * w
-        den = float(M) if reduction == "mean" else 1.0
+        den = (float(M) if reduction == "mean" else 1.0) * div
         loss = (-(y * logp).sum(-1) + z_loss * lse * lse) / den
         kept = torch.ones(M, dtype=torch.bool, device=x.device)
         sig_coef = (y.sum(-1) + 2 * z_loss * lse) / den
@@ -325,27 +376,33 @@ def reference_forward(x, target, weight, ignore_index, reduction, label_smoothin
             dl, dz = (wt.sum(), kept.sum(dtype=acc)) if w is not None else (kept.sum(dtype=acc),) * 2
         else:
             dl = dz = torch.ones((), dtype=acc, device=x.device)
+        dl, dz = dl * div, dz * div
         loss = torch.where(kept, loss / dl + zl / dz, 0 / dl + 0 / dz)
         y = (1 - eps) * wt[:, None] * torch.nn.functional.one_hot(tc, C).to(acc) \
             + (eps / C) * wc * kept[:, None]
         sig_coef = y.sum(-1) / dl + 2 * z_loss * lse / dz
         y = y / dl
-    lse32 = lse.to(torch.float32)
+    lse = lse.to(acc)
     if not with_grad:
-        return loss, lse32, x.new_empty(0), loss.new_empty(0)
+        return loss, lse, x.new_empty(0), loss.new_empty(0)
     g = torch.exp(logp) * sig_coef[:, None] - y
     if softcap > 0:
         g = g * (1 - (z / softcap) ** 2)
+    if isinstance(grad_scale, Tensor):
+        grad_scale = grad_scale.to(acc).reshape(-1, 1) if grad_scale.numel() > 1 else \
+            grad_scale.to(acc).reshape(())
     g = torch.where(kept[:, None], g * grad_scale, 0)
     shape = (x.shape[0], *x.shape[2:], C)
     g = g.reshape(shape).movedim(-1, 1).to(x.dtype).contiguous()
-    return loss, lse32, g, torch.ones(M, dtype=acc, device=x.device)
+    return loss, lse, g, torch.ones(M, dtype=acc, device=x.device)
 
 
-def reference_loss(x, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def reference_loss(x, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                   divisor=None):
     """Differentiable torch composite of the whole op on (N, C, *) logits:
     ``(loss in fp32/fp64, lse [batch] fp32/fp64)``, both differentiable (the
-    CPU path, and probability targets that require grad)."""
+    CPU path, and probability targets that require grad); the loss divided
+    by ``divisor`` (None, a number or a 0-d tensor)."""
     acc = _acc(x.dtype)
     z = x.to(acc)
     if softcap > 0:
@@ -364,6 +421,8 @@ def reference_loss(x, target, weight, ignore_index, reduction, label_smoothing, 
         else:
             n = zl.numel()
         loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / n}[reduction]
+    if divisor is not None:
+        loss = loss / (divisor.to(acc) if isinstance(divisor, Tensor) else divisor)
     return loss, lse
 
 
@@ -387,6 +446,9 @@ def reference_lse_grad(x: Tensor, lse: Tensor, dlse: Tensor, softcap: float) -> 
 
 NO_GRAD, NEW_GRAD, INPLACE_GRAD = 0, 1, 2
 
+# Longest row the kernels address with int32 column indices.
+MAX_ROW = (1 << 31) - 1
+
 
 def _contiguous_rows(shape) -> Rows:
     """The [OUTER, C, INNER] view of a contiguous (N, C, *) tensor of ``shape``
@@ -404,6 +466,36 @@ def _reduce(rows: Tensor, reduction: str, batch, dtype: torch.dtype) -> Tensor:
     return total.to(dtype)
 
 
+def check_divisor(divisor, input: Tensor):
+    """``divisor`` checked: (None or a float, None or a 0-d tensor on the
+    input's device). A number must be finite and nonzero; a tensor must hold
+    one real value (any float or integer dtype). A CPU tensor with a CUDA
+    input is read on the host (no device sync: its value is already there)."""
+    if divisor is None:
+        return None, None
+    if isinstance(divisor, Tensor):
+        if divisor.numel() != 1 or divisor.is_complex() or divisor.dtype == torch.bool:
+            raise ValueError(f"divisor must be a number or a one-element real tensor, got a "
+                             f"{divisor.dtype} tensor of shape {tuple(divisor.shape)}")
+        if divisor.device != input.device:
+            if divisor.device.type != "cpu":
+                raise ValueError(f"divisor is on {divisor.device} but input is on {input.device}")
+            divisor = divisor.item()  # a host value: no device sync
+        else:
+            return None, divisor.detach().reshape(())
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)):
+        raise TypeError(f"divisor must be a number or a tensor, got {type(divisor).__name__}")
+    d = float(divisor)
+    if not (math.isfinite(d) and d != 0.0):
+        raise ValueError(f"divisor must be a finite nonzero number, got {divisor}")
+    return d, None
+
+
+def _div_kind(div_f, div_t):
+    """The divisor as the plans see it: None, its float value, or a tensor's dtype."""
+    return div_t.dtype if div_t is not None else div_f
+
+
 class _Plan:
     """Everything about a call that depends only on its signature."""
 
@@ -411,7 +503,10 @@ class _Plan:
                  "flat_t", "den", "main")
 
     def __init__(self, x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale,
-                 mode):
+                 mode, divisor=None, lse_all=True):
+        """``divisor``: None, a float, or the dtype of a tensor divisor (read
+        on the device at run time). ``lse_all``: every row's lse (else
+        ignored rows are not read and their lse is 0)."""
         self.M, self.C = _num_rows(x), x.shape[1]
         self.acc = _acc(x.dtype)
         self.dev = launch_device(x.device)
@@ -426,34 +521,51 @@ class _Plan:
         write = mode != NO_GRAD
         has_w = weight is not None
         extras = self.prob or has_w or eps > 0 or cap > 0
-        cfg = cross_entropy_config(self.M, self.C, x.element_size(), x.device, extras)
+        cfg = cross_entropy_config(self.M, self.C, x.element_size(), x.device, extras,
+                                   reread=write or eps > 0, coop=not self.prob)
+        div = "tensor" if isinstance(divisor, torch.dtype) else divisor
         if self.prob:
             self.copy_y = rows_view(target, 1) is None
             y_rows = _contiguous_rows(target.shape) if self.copy_y else rows_view(target, 1)
+            if divisor is not None:
+                self.den = K.denominators_launcher(0, self.C, 0, False, False, x.dtype,
+                                                   count=False, divisor=div)
             self.main = K.prob_launcher(
                 self.M, self.C, r.inner, r.strides, y_rows.strides, g_rows.strides,
                 self.M if reduction == "mean" else 1, eps, zl, cap, grad_scale, has_w, write,
-                x.dtype, cfg)
+                x.dtype, cfg, use_div=divisor is not None)
             self.flat_t = True
             return
         self.copy_y = False
         self.flat_t = target.dim() == 1 and target.stride(0) == 1
-        use_den = reduction == "mean"
+        use_den = reduction == "mean" or divisor is not None
         if use_den or (has_w and eps > 0):
             self.den = K.denominators_launcher(self.M, self.C, ignore_index, has_w, eps > 0,
-                                               x.dtype)
+                                               x.dtype, count=reduction == "mean", divisor=div)
         self.main = K.class_launcher(
             self.M, self.C, r.inner, r.strides, g_rows.strides, ignore_index, use_den, eps,
-            zl, cap, grad_scale, has_w, write, x.dtype, cfg)
+            zl, cap, grad_scale, has_w, write, x.dtype, cfg, lse_all=lse_all)
 
     # -- forward --------------------------------------------------------------
 
-    def run(self, x: Tensor, target: Tensor, w: Optional[Tensor], g: Optional[Tensor]):
-        """Launch the forward: ``(loss rows, lse, state)``; the gradient goes to
-        ``g`` (None: no gradient; x itself: in place)."""
+    def denominators(self, t: Tensor, w: Optional[Tensor], div: Optional[Tensor],
+                     placeholder: Tensor) -> Tensor:
+        """The DEN tensor of a launch (``placeholder`` when there is none)."""
+        if self.den is None:
+            return placeholder
+        den = new_output((3,), self.acc, placeholder.device)
+        launch_on(self.dev, self.den, t, den if w is None else w, den if div is None else div,
+                  den)
+        return den
+
+    def run(self, x: Tensor, target: Tensor, w: Optional[Tensor], g: Optional[Tensor],
+            div: Optional[Tensor] = None):
+        """Launch the forward: ``(loss rows, lse (ACC), state)``; the gradient
+        goes to ``g`` (None: no gradient; x itself: in place); ``div``: a
+        tensor divisor (when the plan has one)."""
         M, acc = self.M, self.acc
         loss = new_output((M,), acc, x.device)
-        lse = new_output((M,), torch.float32, x.device)
+        lse = new_output((M,), acc, x.device)
         state = new_output((M,), acc, x.device) if g is not None else loss
         if M == 0:
             return loss, lse, state
@@ -462,16 +574,14 @@ class _Plan:
             g = xin
         if self.prob:
             y = target.contiguous() if self.copy_y else target
-            launch_on(self.dev, self.main, xin, y, loss if w is None else w, g, loss, lse, state)
+            den = self.denominators(loss, None, div, loss)
+            launch_on(self.dev, self.main, xin, y, loss if w is None else w, den, g, loss, lse,
+                      state)
             return loss, lse, state
         t = target if self.flat_t else target.reshape(-1).contiguous()
-        if w is None:
-            w = loss
-        den = loss
-        if self.den is not None:
-            den = new_output((3,), acc, x.device)
-            launch_on(self.dev, self.den, t, w, den)
-        launch_on(self.dev, self.main, xin, t, w, den, g, loss, lse, state, loss)
+        den = self.denominators(t, w, div, loss)
+        launch_on(self.dev, self.main, xin, t, loss if w is None else w, den, g, loss, lse,
+                  state, loss)
         return loss, lse, state
 
     def reduce(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
@@ -542,18 +652,20 @@ _PLANS = plan_cache()
 
 
 def _plan(x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale, mode,
-          on_miss=None) -> _Plan:
+          on_miss=None, divisor=None, lse_all=True) -> _Plan:
     """The memoised plan of a call on (N, C, *) logits ``x``; ``on_miss`` (the
-    argument checks) runs before a new plan is made."""
+    argument checks) runs before a new plan is made. ``divisor``: None, a
+    float or a tensor divisor's dtype."""
     key = (x.shape, x.stride(), x.dtype, x.device, target.shape, target.stride(), target.dtype,
            None if weight is None else (weight.shape, weight.dtype, weight.device),
-           ignore_index, reduction, eps, zl, cap, grad_scale, mode, heuristics.generation())
+           ignore_index, reduction, eps, zl, cap, grad_scale, mode, divisor, lse_all,
+           heuristics.generation())
     plan = _PLANS.get(key)
     if plan is None:
         if on_miss is not None:
             on_miss()
         plan = remember(_PLANS, key, _Plan(x, target, weight, ignore_index, reduction, eps, zl,
-                                           cap, grad_scale, mode))
+                                           cap, grad_scale, mode, divisor, lse_all))
     return plan
 
 
@@ -565,14 +677,71 @@ def _weight(weight: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
     return weight.contiguous()
 
 
+class _BackwardPlan:
+    """The traced backward of class targets: the denominators, then one pass
+    over the logits writing grad_output * the gradient."""
+
+    __slots__ = ("M", "acc", "dev", "copy_x", "flat_t", "den", "main")
+
+    def __init__(self, x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale,
+                 divisor):
+        self.M = _num_rows(x)
+        self.acc = _acc(x.dtype)
+        self.dev = launch_device(x.device)
+        self.copy_x = rows_view(x, 1) is None
+        r = rows_view(x.contiguous() if self.copy_x else x, 1)
+        self.flat_t = target.dim() == 1 and target.stride(0) == 1
+        has_w = weight is not None
+        use_den = reduction == "mean" or divisor is not None
+        div = "tensor" if isinstance(divisor, torch.dtype) else divisor
+        self.den = None
+        if use_den or (has_w and eps > 0):
+            self.den = K.denominators_launcher(self.M, r.n, ignore_index, has_w, eps > 0,
+                                               x.dtype, count=reduction == "mean", divisor=div)
+        cfg = cross_entropy_backward_config(self.M, r.n, x.element_size(), x.device,
+                                            has_w or eps > 0 or cap > 0)
+        self.main = K.class_backward_launcher(
+            self.M, r.n, r.inner, r.strides, _contiguous_rows(x.shape).strides, ignore_index,
+            use_den, eps, zl, cap, grad_scale, has_w, x.dtype, cfg)
+
+    denominators = _Plan.denominators
+
+    def run(self, x, target, w, lse, go, div):
+        out = empty_like(x)
+        if self.M == 0:
+            return out
+        t = target if self.flat_t else target.reshape(-1).contiguous()
+        den = self.denominators(t, w, div, lse)
+        go, s_go = _flat(go)
+        launch_on(self.dev, self.main, x.contiguous() if self.copy_x else x, t,
+                  lse if w is None else w, den, lse, go, out, s_go)
+        return out
+
+
+def _class_backward(x, target, weight, lse, go, ignore_index, reduction, eps, zl, cap,
+                    grad_scale, div_f, div_t) -> Tensor:
+    """grad_output * d loss / d x for class targets, from the logits and the lse."""
+    divisor = _div_kind(div_f, div_t)
+    key = ("backward", x.shape, x.stride(), x.dtype, x.device, target.shape, target.stride(),
+           target.dtype, None if weight is None else (weight.shape, weight.dtype),
+           ignore_index, reduction, eps, zl, cap, grad_scale, divisor, heuristics.generation())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = remember(_PLANS, key, _BackwardPlan(x, target, weight, ignore_index, reduction,
+                                                   eps, zl, cap, grad_scale, divisor))
+    return plan.run(x, target, _weight(weight, plan.acc), lse, go, div_t)
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     """Eager autograd of the fused op: the forward writes the gradient (into a
-    new buffer, or over the logits); the backward rescales it by grad_output."""
+    new buffer, or over the logits); the backward rescales it by grad_output
+    (nothing to do when it is 1, i.e. when the scale was stated ahead as the
+    divisor)."""
 
     @staticmethod
-    def forward(ctx, x, target, w, plan, inplace, loss_dtype):
+    def forward(ctx, x, target, w, plan, inplace, loss_dtype, div):
         g = x.detach() if inplace else empty_like(x)
-        rows, lse, state = plan.run(x, target, w, g)
+        rows, lse, state = plan.run(x, target, w, g, div)
         if inplace:
             torch.autograd.graph.increment_version(x)  # its values are now the gradient
         ctx.save_for_backward(g, state)
@@ -585,25 +754,25 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_loss, d_lse):
         if d_loss is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         g, state = ctx.saved_tensors
         if ctx.handed_out:
             # a later backward over a retained graph: the gradient handed out
             # earlier stays as it is
-            return _scaled(g, state, d_loss), None, None, None, None, None
+            return _scaled(g, state, d_loss), None, None, None, None, None, None
         ctx.handed_out = True
         _scale_(g, state, d_loss)  # a no-op launch when grad_output is 1
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
 
 
 class _LseFunction(torch.autograd.Function):
-    """Makes the returned lse differentiable: d lse / d x = sigma (per row)."""
+    """Makes the returned lse (fp32) differentiable: d lse / d x = sigma (per row)."""
 
     @staticmethod
     def forward(ctx, x, lse, cap):
         ctx.save_for_backward(x, lse)
         ctx.cap = cap
-        return lse.clone()
+        return lse.to(torch.float32, copy=True)
 
     @staticmethod
     @once_differentiable
@@ -616,11 +785,15 @@ class _LseFunction(torch.autograd.Function):
 # torch.library ops: what a traced graph (torch.compile, make_fx, opcheck) holds
 #
 # cross_entropy_forward      functional; one fused launch: row losses (already
-#                            divided by the mean's denominators), lse and, when
-#                            with_grad, the gradient and the per-row factor state.
+#                            divided by the mean's denominators and the divisor),
+#                            lse and, when with_grad, the gradient and the per-row
+#                            factor state. Its backward: with_grad, the saved
+#                            gradient scaled (cross_entropy_scaled_grad); else
+#                            (class targets) one pass over the saved logits
+#                            (cross_entropy_backward).
+# cross_entropy_backward     grad_output * the gradient, from the logits and lse.
 # cross_entropy_forward_     mutates input: the gradient is written over the logits.
-# cross_entropy_scaled_grad  the backward: a new tensor, every row times
-#                            grad_output / state.
+# cross_entropy_scaled_grad  a new tensor, every row times grad_output / state.
 # cross_entropy_attach_grad  a copy of the row losses whose backward scales the
 #                            gradient held in ``input`` (the inplace link).
 # cross_entropy_lse          a copy of the lse whose backward is
@@ -632,40 +805,70 @@ class _LseFunction(torch.autograd.Function):
 def cross_entropy_forward(
     input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: float, grad_scale: float, with_grad: bool,
+    divisor: Optional[float] = None, divisor_t: Optional[Tensor] = None, lse_all: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused cross-entropy of (N, C, *) logits over dim 1.
 
     Returns ``(loss, lse, grad, state)``: ``loss`` [M] (fp32; fp64 for fp64)
-    per row, already divided by the reduction's denominators so that its sum
-    is the reduced loss; ``lse`` [M] fp32; when ``with_grad``, ``grad`` of the
-    input's shape and dtype holding grad_scale * d(loss.sum())/d(input), and
-    ``state`` [M] (ones, the factor applied so far); else both are empty.
-    ``softcap`` 0 means none.
+    per row, already divided by the reduction's denominators and the divisor
+    (``divisor`` a float, or ``divisor_t`` a 0-d tensor) so that its sum is
+    the reduced loss; ``lse`` [M] (fp32; fp64 for fp64; 0 on ignored rows
+    unless ``lse_all``); when ``with_grad``, ``grad`` of the input's shape and
+    dtype holding grad_scale * d(loss.sum())/d(input), and ``state`` [M]
+    (ones, the factor applied so far); else both are empty. ``softcap`` 0
+    means none.
     """
     if backend_for(input) == "triton":
         mode = NEW_GRAD if with_grad else NO_GRAD
         plan = _plan(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                        softcap, grad_scale, mode)
+                     softcap, grad_scale, mode, divisor=_div_kind(divisor, divisor_t),
+                     lse_all=lse_all)
         grad = empty_like(input) if with_grad else None
-        loss, lse, state = plan.run(input, target, _weight(weight, plan.acc), grad)
+        loss, lse, state = plan.run(input, target, _weight(weight, plan.acc), grad, divisor_t)
         if not with_grad:
             return loss, lse, input.new_empty(0), loss.new_empty(0)
         return loss, lse, grad, state
     return reference_forward(input, target, weight, ignore_index, reduction, label_smoothing,
-                             z_loss, softcap, grad_scale, with_grad)
+                             z_loss, softcap, grad_scale, with_grad,
+                             divisor_t if divisor_t is not None else divisor)
 
 
 @cross_entropy_forward.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      grad_scale, with_grad):
+      grad_scale, with_grad, divisor=None, divisor_t=None, lse_all=True):
     M = _num_rows(input)
     acc = _acc(input.dtype)
     loss = input.new_empty((M,), dtype=acc)
-    lse = input.new_empty((M,), dtype=torch.float32)
+    lse = input.new_empty((M,), dtype=acc)
     if with_grad:
         return loss, lse, torch.empty(input.shape, dtype=input.dtype, device=input.device), \
             input.new_empty((M,), dtype=acc)
     return loss, lse, input.new_empty(0), input.new_empty(0, dtype=acc)
+
+
+@torch.library.custom_op("softmax_gpu::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, grad_output: Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
+    grad_scale: float, divisor: Optional[float] = None, divisor_t: Optional[Tensor] = None,
+) -> Tensor:
+    """grad_output times the gradient of :func:`cross_entropy_forward`'s row
+    losses wrt the (N, C, *) logits ``input`` with class-index targets, from
+    the logits and the forward's ``lse``: one read of the logits and one
+    write, rounded once. ``grad_output`` [M] (any stride) or one value."""
+    if backend_for(input) == "triton":
+        return _class_backward(input, target, weight, lse, grad_output, ignore_index, reduction,
+                               label_smoothing, z_loss, softcap, grad_scale, divisor, divisor_t)
+    go = grad_output.reshape(-1) if grad_output.numel() > 1 else grad_output.reshape(())
+    return reference_forward(input, target, weight, ignore_index, reduction, label_smoothing,
+                             z_loss, softcap, go * grad_scale, True,
+                             divisor_t if divisor_t is not None else divisor)[2]
+
+
+@cross_entropy_backward.register_fake
+def _(input, target, weight, lse, grad_output, ignore_index, reduction, label_smoothing, z_loss,
+      softcap, grad_scale, divisor=None, divisor_t=None):
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device)
 
 
 @torch.library.custom_op("softmax_gpu::cross_entropy_scaled_grad", mutates_args=())
@@ -688,21 +891,32 @@ def _(grad, state, grad_output):
 
 
 def _op_setup_context(ctx, inputs, output):
+    (input, target, weight, ignore_index, reduction, eps, zl, cap, gs, with_grad,
+     divisor, divisor_t, _) = inputs
     _, lse, grad, state = output
-    ctx.with_grad = inputs[-1]
+    ctx.with_grad = with_grad
     ctx.mark_non_differentiable(lse, grad, state)
-    ctx.save_for_backward(grad, state)
+    if with_grad:
+        ctx.save_for_backward(grad, state)
+    else:
+        ctx.save_for_backward(input, target, weight, lse, divisor_t)
+        ctx.options = (ignore_index, reduction, eps, zl, cap, gs, divisor)
 
 
 def _op_backward(ctx, d_loss, d_lse, d_grad, d_state):
     if d_loss is None:
-        return (None,) * 10
-    if not ctx.with_grad:
+        return (None,) * 13
+    if ctx.with_grad:
+        grad, state = ctx.saved_tensors
+        return (cross_entropy_scaled_grad(grad, state, d_loss),) + (None,) * 12
+    input, target, weight, lse, divisor_t = ctx.saved_tensors
+    if target.is_floating_point():
         raise RuntimeError(
             "softmax_gpu.cross_entropy: the forward ran without a gradient (grad mode off or "
             "input.requires_grad False at the call), so there is none to backpropagate")
-    grad, state = ctx.saved_tensors
-    return (cross_entropy_scaled_grad(grad, state, d_loss),) + (None,) * 9
+    ignore_index, reduction, eps, zl, cap, gs, divisor = ctx.options
+    return (cross_entropy_backward(input, target, weight, lse, d_loss, ignore_index, reduction,
+                                   eps, zl, cap, gs, divisor, divisor_t),) + (None,) * 12
 
 
 cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -712,26 +926,27 @@ cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_setup_co
 def cross_entropy_forward_(
     input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: float, grad_scale: float,
+    divisor: Optional[float] = None, divisor_t: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`cross_entropy_forward` with the gradient written over ``input``
     (whose rows must have an in-place view). Returns ``(loss, lse, state)``."""
     if backend_for(input) == "triton":
         plan = _plan(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                        softcap, grad_scale, INPLACE_GRAD)
-        return plan.run(input, target, _weight(weight, plan.acc), input)
+                     softcap, grad_scale, INPLACE_GRAD, divisor=_div_kind(divisor, divisor_t))
+        return plan.run(input, target, _weight(weight, plan.acc), input, divisor_t)
     loss, lse, grad, state = reference_forward(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        grad_scale, True)
+        grad_scale, True, divisor_t if divisor_t is not None else divisor)
     input.copy_(grad)
     return loss, lse, state
 
 
 @cross_entropy_forward_.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      grad_scale):
+      grad_scale, divisor=None, divisor_t=None):
     M = _num_rows(input)
     acc = _acc(input.dtype)
-    return (input.new_empty((M,), dtype=acc), input.new_empty((M,), dtype=torch.float32),
+    return (input.new_empty((M,), dtype=acc), input.new_empty((M,), dtype=acc),
             input.new_empty((M,), dtype=acc))
 
 
@@ -779,14 +994,14 @@ def _(input, lse, grad_lse, softcap):
 
 @torch.library.custom_op("softmax_gpu::cross_entropy_lse", mutates_args=())
 def cross_entropy_lse(input: Tensor, lse: Tensor, softcap: float) -> Tensor:
-    """A copy of ``lse`` ([M] fp32, of the (N, C, *) logits ``input``) whose
+    """An fp32 copy of ``lse`` ([M], of the (N, C, *) logits ``input``) whose
     backward is :func:`cross_entropy_lse_backward`."""
-    return lse.clone()
+    return lse.to(torch.float32, copy=True)
 
 
 @cross_entropy_lse.register_fake
 def _(input, lse, softcap):
-    return torch.empty_like(lse)
+    return torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
 
 
 def _lse_setup_context(ctx, inputs, output):
@@ -816,8 +1031,14 @@ def _as_rows_input(input: Tensor, target: Tensor):
 
 
 def _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, cap,
-                          return_lse, inplace_backward, loss_dtype, need_grad):
-    """The op graph a tracer records (torch.compile, make_fx)."""
+                          return_lse, inplace_backward, loss_dtype, need_grad, div_f, div_t):
+    """The op graph a tracer records (torch.compile, make_fx).
+
+    Class targets: the forward writes the loss and lse only, and the
+    backward makes one pass over the saved logits (3 passes over logits-sized
+    data in all, the gradient rounded once); probability targets and
+    ``inplace_backward``: the forward writes the gradient, which the backward
+    scales into a new tensor."""
     prob = check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
                                cap or None)
     x, t = _as_rows_input(input, target)
@@ -825,15 +1046,16 @@ def _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, z
     if need_grad and inplace_backward:
         check_inplace_rows(input)
         rows, lse, state = cross_entropy_forward_(x.detach(), t, weight, ignore_index, reduction,
-                                                  eps, zl, cap, 1.0)
+                                                  eps, zl, cap, 1.0, div_f, div_t)
         rows = cross_entropy_attach_grad(x, rows, state)
     else:
         rows, lse, _, _ = cross_entropy_forward(x, t, weight, ignore_index, reduction, eps, zl,
-                                                cap, 1.0, need_grad)
+                                                cap, 1.0, need_grad and prob, div_f, div_t,
+                                                return_lse)
         if return_lse and need_grad:
             lse = cross_entropy_lse(x, lse, cap)
     loss = _reduce(rows, reduction, batch, loss_dtype)
-    return (loss, lse.reshape(batch)) if return_lse else loss
+    return (loss, lse.to(torch.float32).reshape(batch)) if return_lse else loss
 
 
 def cross_entropy(
@@ -851,6 +1073,7 @@ def cross_entropy(
     return_lse: bool = False,
     inplace_backward: bool = False,
     loss_dtype: torch.dtype | None = None,
+    divisor: float | Tensor | None = None,
 ):
     """Fused cross-entropy: a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
@@ -869,12 +1092,20 @@ def cross_entropy(
     One Triton launch reads the logits once and writes each row's loss and
     log-sum-exp; when autograd will need the input's gradient (grad mode on
     and ``input.requires_grad`` at the call) the same launch also writes
-    sigma * sum(y) - y, scaled for the reduction, so the backward only
-    rescales it by grad_output, and does nothing at all when grad_output is 1.
-    Peak extra memory is one logits-sized gradient buffer (none with
-    ``inplace_backward``). No host-device sync; capturable in a CUDA graph and
-    traceable by ``torch.compile(fullgraph=True)``. A gradient, once returned
-    by a backward, is never changed by a later backward over a retained graph.
+    sigma * sum(y) - y, scaled for the reduction and the divisor, so the
+    backward does nothing at all when grad_output is 1 (``loss.backward()``,
+    or any scale stated ahead as ``divisor``). Any other grad_output still
+    works: the backward then rescales the saved gradient, one more pass over
+    it and one more rounding in 16-bit dtypes. Under ``torch.compile`` (a
+    traced graph) with class targets, the forward writes the loss and lse
+    only and the backward writes grad_output times the gradient in one pass
+    over the saved logits (rounded once) whatever grad_output is. Rows whose
+    target is ``ignore_index`` are never read (unless ``return_lse``), only
+    their zero gradient written. Peak extra memory is one logits-sized
+    gradient buffer (none with ``inplace_backward``). No host-device sync;
+    capturable in a CUDA graph and traceable by
+    ``torch.compile(fullgraph=True)``. A gradient, once returned by a
+    backward, is never changed by a later backward over a retained graph.
 
     Extras (keyword-only):
         z_loss: adds ``z_loss * lse**2`` per non-ignored row, reduced like the
@@ -897,6 +1128,15 @@ def cross_entropy(
         loss_dtype: the dtype of the returned loss (default: the input's, as
             torch). ``torch.float32`` returns the fp32 result unrounded, as
             trainers want their loss, without an fp32 copy of the logits.
+        divisor: the returned loss is the reduced loss divided by it, and so
+            is the gradient the forward writes: the way to state a backward
+            scale ahead of time (gradient accumulation's 1/k as ``divisor=k``,
+            a loss scale s as ``divisor=1/s``, transformers'
+            ``num_items_in_batch`` with ``reduction="sum"``), so that the
+            backward's grad_output is 1 and costs nothing. A finite nonzero
+            number, or a one-element tensor on the input's device (read there:
+            no host sync; a CPU tensor is read on the host). It gets no
+            gradient.
 
     Probability targets that require grad (distillation through both
     sides) take a differentiable torch composite instead of the fused op.
@@ -909,12 +1149,11 @@ def cross_entropy(
     torch does. Rows whose target is ``ignore_index`` have zero loss and zero
     gradient.
 
-    With fp16 logits the gradient is stored in fp16 at forward time, before
-    grad_output is known: a mean over many rows can underflow fp16 there
-    (torch keeps it in fp32 until grad_output is applied). Prefer bf16/fp32
-    logits, or :func:`cross_entropy_with_grad` with the loss scale as
-    ``grad_scale``. A retained graph whose first backward had grad_output 0
-    gives NaN gradients on a later backward.
+    With fp16 logits the gradient is stored in fp16 at forward time: a mean
+    over many rows can underflow fp16 there (torch keeps it in fp32 until
+    grad_output is applied). Prefer bf16/fp32 logits, or state the loss
+    scale as ``divisor``. A retained graph whose first backward had
+    grad_output 0 gives NaN gradients on a later backward.
 
     Returns:
         the loss, or ``(loss, lse)`` when ``return_lse``.
@@ -924,19 +1163,22 @@ def cross_entropy(
     eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+    div_f, div_t = (None, None) if divisor is None else check_divisor(divisor, input)
     if loss_dtype is None:
         loss_dtype = input.dtype
     need_grad = input.requires_grad and torch.is_grad_enabled()
     if traced(input):
         return _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
-                                     cap, return_lse, inplace_backward, loss_dtype, need_grad)
+                                     cap, return_lse, inplace_backward, loss_dtype, need_grad,
+                                     div_f, div_t)
     if backend_for(input) == "torch" or (
             target.requires_grad and torch.is_grad_enabled() and target.is_floating_point()):
         # the CPU reference, and probability targets that require grad: a
         # differentiable torch composite
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
         x, t = _as_rows_input(input, target)
-        loss, lse = reference_loss(x, t, weight, ignore_index, reduction, eps, zl, cap)
+        loss, lse = reference_loss(x, t, weight, ignore_index, reduction, eps, zl, cap,
+                                   div_t if div_t is not None else div_f)
         loss = loss.to(loss_dtype)
         if not return_lse:
             return loss
@@ -950,20 +1192,21 @@ def cross_entropy(
         if mode == INPLACE_GRAD:
             check_inplace_rows(input)
 
-    plan = _plan(x, t, weight, ignore_index, reduction, eps, zl, cap, 1.0, mode, checks)
+    plan = _plan(x, t, weight, ignore_index, reduction, eps, zl, cap, 1.0, mode, checks,
+                 _div_kind(div_f, div_t), return_lse)
     w = _weight(weight, plan.acc)
     if mode == NO_GRAD:
-        rows, lse, _ = plan.run(x, t, w, None)
+        rows, lse, _ = plan.run(x, t, w, None, div_t)
         loss = plan.reduce(rows, loss_dtype)
     else:
-        loss, lse = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD, loss_dtype)
+        loss, lse = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD, loss_dtype,
+                                                div_t)
     one_row = input.dim() < 2  # (C,) input: the row dims are ()
     if one_row and reduction == "none":
         loss = loss.reshape(())
     if not return_lse:
         return loss
-    if mode == NEW_GRAD:
-        lse = _LseFunction.apply(x, lse, cap)
+    lse = _LseFunction.apply(x, lse, cap) if mode == NEW_GRAD else lse.to(torch.float32)
     return loss, lse.reshape(() if one_row else plan.batch)
 
 
@@ -981,6 +1224,7 @@ def cross_entropy_with_grad(
     grad_scale: float = 1.0,
     inplace: bool = False,
     loss_dtype: torch.dtype | None = None,
+    divisor: float | Tensor | None = None,
 ):
     """The loss and its gradient in one launch, for training code that runs
     its own backward.
@@ -989,8 +1233,11 @@ def cross_entropy_with_grad(
     ``size_average`` / ``reduce``). Returns ``(loss, grad_input)`` (or
     ``(loss, grad_input, lse)`` with ``return_lse``): ``grad_input`` has the
     input's shape and dtype and holds ``grad_scale * d(loss)/d(input)`` (for
-    ``reduction="none"``, the derivative of the sum of the row losses). The
-    logits are read once where the row fits on chip. Nothing is recorded for
+    ``reduction="none"``, the derivative of the sum of the row losses), where
+    the loss, as returned, is divided by ``divisor`` (None: 1; a number or a
+    one-element tensor on the input's device, read there). The logits are
+    read once where the row fits on chip (or its second read comes from L2);
+    the gradient is rounded to its dtype once. Nothing is recorded for
     autograd.
 
     ``inplace=True`` writes the gradient over ``input`` (no extra memory) and
@@ -1002,6 +1249,7 @@ def cross_entropy_with_grad(
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
         raise TypeError(f"grad_scale must be a number, got {type(grad_scale).__name__}")
     gs = float(grad_scale)
+    div_f, div_t = check_divisor(divisor, input)
     if inplace:
         check_inplace_rows(input)
     if loss_dtype is None:
@@ -1010,15 +1258,16 @@ def cross_entropy_with_grad(
     w = weight.detach() if weight is not None else None
     batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])
     if inplace:
-        rows, lse, _ = cross_entropy_forward_(x, t, w, ignore_index, reduction, eps, zl, cap, gs)
+        rows, lse, _ = cross_entropy_forward_(x, t, w, ignore_index, reduction, eps, zl, cap, gs,
+                                              div_f, div_t)
         grad = input.detach()
     else:
         rows, lse, grad, _ = cross_entropy_forward(x, t, w, ignore_index, reduction, eps, zl,
-                                                   cap, gs, True)
+                                                   cap, gs, True, div_f, div_t)
         grad = grad.reshape(input.shape)
     loss = _reduce(rows, reduction, batch, loss_dtype)
     if return_lse:
-        return loss, grad, lse.reshape(batch)
+        return loss, grad, lse.to(torch.float32).reshape(batch)
     return loss, grad
 
 

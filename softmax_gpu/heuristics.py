@@ -42,12 +42,18 @@ __all__ = [
     "SINGLE",
     "LOOPED",
     "SPLIT",
+    "COOP",
+    "l2_bytes",
+    "limits_for",
+    "LongRows",
+    "long_rows",
 ]
 
 # Path names, shared by the forward and backward launchers.
 SINGLE = "single"  # the whole row is one tile in registers: 1 read + 1 write
 LOOPED = "looped"  # one program per row, online (max, sum) pass then normalise
 SPLIT = "split"  # a row is cut across programs; partials merge, then normalise
+COOP = "coop"  # a row is cut into chunks shared by the programs of one persistent launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +94,29 @@ class Limits:
     ce_max_single_2byte: int = 16384
     ce_max_single_4byte: int = 16384
     ce_max_single_8byte: int = 8192
+    # Long rows (longer than the on-chip limits) are read twice: a statistics
+    # pass, then the normalise / gradient pass. The second read comes from L2
+    # only while the data read between a row's two reads fits in it. Path for
+    # long rows: "auto" (the plan of :func:`long_rows`); "looped" (one program
+    # per row, the second read from L2 only by luck); "persistent" (the looped
+    # kernels on a grid of programs_per_sm x SMs programs, each walking rows
+    # pid, pid + G, ...: G rows in flight); "coop" (a row cut into chunks that
+    # the programs of one persistent launch share, exchanging (max, sum)
+    # through global memory: G chunks in flight); "split" (softmax only: two
+    # launches, for few rows).
+    long_path: str = "auto"
+    # Programs per multiprocessor of the persistent and cooperative grids.
+    programs_per_sm: int = 4
+    # Share of L2 that the data in flight between the two reads may fill.
+    l2_fraction: float = 0.5
+    # L2 bytes override (None: read from the device; CPU: 50 MiB).
+    l2_bytes: int | None = None
+    # Eviction hints on the two-read paths: evict_last on the first read,
+    # evict_first on the second read and the stores.
+    evict: bool = True
+    # Chunks per row on the cooperative path (0: the fewest whose chunks in
+    # flight fit the L2 share).
+    coop_splits: int = 0
 
 
 _DEFAULT = Limits()
@@ -140,6 +169,21 @@ def sm_count(device: torch.device) -> int:
     return 8
 
 
+@functools.lru_cache(maxsize=None)
+def _device_l2_bytes(index: int) -> int:
+    return torch.cuda.get_device_properties(index).L2_cache_size
+
+
+def l2_bytes(device: torch.device, lim: Limits | None = None) -> int:
+    """L2 bytes of ``device`` (read once per device, never at import; CPU: 50 MiB)."""
+    lim = _active if lim is None else lim
+    if lim.l2_bytes is not None:
+        return lim.l2_bytes
+    if device.type == "cuda":
+        return _device_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return 50 << 20
+
+
 # Narrowest tile: shorter rows are masked (a 16-wide tile of 2-byte values is
 # one 32-byte sector).
 MIN_BLOCK = 16
@@ -164,3 +208,53 @@ def max_single(elem_bytes: int, live_rows: int = 1) -> int:
 def warps_for(tile_elems: int) -> int:
     """num_warps for a tile: about 16 elements per thread, 1 to 16 warps."""
     return max(1, min(16, next_pow2(tile_elems) // 512))
+
+
+def limits_for(op: str, device: torch.device, elem_bytes: int, n: int) -> Limits:
+    """The limits an ``op`` ("softmax" or "cross_entropy") plans with on
+    ``device`` for rows of ``n`` elements of ``elem_bytes`` bytes."""
+    # replaced by the tuned-table lookup
+    return limits()
+
+
+@dataclasses.dataclass(frozen=True)
+class LongRows:
+    """How rows longer than the on-chip limit are walked (see :func:`long_rows`)."""
+
+    path: str  # LOOPED (programs = 0: one per row; else a persistent grid), COOP or SPLIT
+    programs: int  # grid of the persistent / cooperative launch (0: one program per row)
+    splits: int  # chunks per row (COOP), else 1
+    chunk: int  # columns per chunk, a multiple of the tile (COOP), else the row length
+    lag: int  # COOP: first passes dealt ahead of the second passes (>= splits - 1)
+    evict: bool  # eviction hints on the two reads
+
+
+def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device,
+              lim: Limits, coop: bool = True) -> LongRows:
+    """The plan for M rows of N elements that are read twice (``reread_bytes``:
+    bytes per row read by both passes, e.g. N x element size, twice that for
+    the softmax backward's y and dy).
+
+    "auto": G = programs_per_sm x SMs programs; if the rows in flight between
+    their two reads, min(M, G) x row bytes, fit in l2_fraction x L2, the
+    looped kernels on min(M, G) programs (persistent when M > G); otherwise
+    the cooperative path (``coop``; else the same persistent grid), with the
+    fewest chunks per row whose G chunks in flight fit. ``lim.long_path``
+    forces a path ("split" is the caller's)."""
+    grid = max(1, lim.programs_per_sm * sm_count(device))
+    budget = lim.l2_fraction * l2_bytes(device, lim)
+    path = lim.long_path
+    if path == "auto":
+        path = "persistent" if min(M, grid) * reread_bytes <= budget or not coop else COOP
+    if path == COOP and coop:
+        tiles = -(-N // tile)
+        splits = lim.coop_splits or -(-grid * reread_bytes // max(1, int(budget)))
+        splits = max(2, min(splits, tiles))
+        chunk = -(-tiles // splits) * tile
+        splits = -(-N // chunk)
+        if splits > 1:
+            return LongRows(COOP, grid, splits, chunk, grid // 2 + splits, lim.evict)
+        path = "persistent"
+    if path == "persistent":
+        return LongRows(LOOPED, min(M, grid), 1, N, 0, lim.evict)
+    return LongRows(LOOPED, 0, 1, N, 0, lim.evict)

@@ -53,8 +53,8 @@ from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_tensor
 from ._dispatch import (backend_for, launch_device, launch_on, new_output, plan_cache,
                         remember, traced)
-from .cross_entropy import (_scalar_options, cross_entropy_config, cross_entropy_scale_config,
-                            reference_lse_grad)
+from .cross_entropy import (_scalar_options, check_divisor, cross_entropy_config,
+                            cross_entropy_scale_config, reference_lse_grad)
 from .kernels import cross_entropy as K
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -115,6 +115,7 @@ class _Spec(NamedTuple):
     z_loss: float
     cap: float
     chunk_size: int
+    divisor: Optional[float] = None  # a number divisor (a tensor one travels beside the spec)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -134,34 +135,44 @@ class _ChunkLoss:
 
     Built once per call from ALL the targets: the mean's denominators (sum
     of w_t over kept rows, number of kept rows; with class weights and label
-    smoothing also sum(w)) are computed on the device then, by one launch, so
-    that every chunk divides by the global ones; no host sync.
+    smoothing also sum(w)), each times the divisor (``spec.divisor``, or the
+    one-element tensor ``div_t``), are computed on the device then, by one
+    launch, so that every chunk divides by the global ones; no host sync.
     """
 
-    def __init__(self, x: Tensor, t: Tensor, weight: Optional[Tensor], V: int, spec: _Spec):
+    def __init__(self, x: Tensor, t: Tensor, weight: Optional[Tensor], V: int, spec: _Spec,
+                 div_t: Optional[Tensor] = None):
         self.spec, self.V, self.dtype = spec, V, x.dtype
         self.acc = acc = _acc(x.dtype)
         self.w = weight.to(acc).contiguous() if weight is not None else None
         self.triton = backend_for(x) == "triton"
         self.mean = spec.reduction == "mean"
+        divided = spec.divisor is not None or div_t is not None
+        self.use_den = self.mean or divided
         self.den = None
         if not self.triton:
-            if self.mean:
-                self.den = _reference_denominators(t, self.w, spec.ignore_index, V, acc)
+            if self.use_den:
+                one = torch.ones((), dtype=acc, device=x.device)
+                dl, dz = _reference_denominators(t, self.w, spec.ignore_index, V, acc) \
+                    if self.mean else (one, one)
+                div = div_t.to(acc) if div_t is not None else (spec.divisor or 1.0)
+                self.den = (dl * div, dz * div)
             return
         self.dev = launch_device(x.device)
-        if self.mean or (self.w is not None and spec.eps > 0):
+        if self.use_den or (self.w is not None and spec.eps > 0):
             self.den = new_output((3,), acc, x.device)
-            launch = K.denominators_launcher(t.shape[0], V, spec.ignore_index,
-                                             self.w is not None, spec.eps > 0, x.dtype)
-            launch_on(self.dev, launch, t, self.w if self.w is not None else self.den, self.den)
+            launch = K.denominators_launcher(
+                t.shape[0], V, spec.ignore_index, self.w is not None, spec.eps > 0, x.dtype,
+                count=self.mean, divisor="tensor" if div_t is not None else spec.divisor)
+            launch_on(self.dev, launch, t, self.w if self.w is not None else self.den,
+                      div_t if div_t is not None else self.den, self.den)
 
     def _launcher(self, kind: str, z: Tensor, hit: bool = False):
         """The kernel launch for an [n, V] chunk, memoised across calls."""
         sp, n = self.spec, z.shape[0]
         has_w = self.w is not None
         key = (kind, hit, n, self.V, z.stride(), self.dtype, z.device, sp.ignore_index,
-               self.mean, sp.eps, sp.z_loss, sp.cap, has_w, heuristics.generation())
+               self.use_den, sp.eps, sp.z_loss, sp.cap, has_w, heuristics.generation())
         launch = _LAUNCHERS.get(key)
         if launch is None:
             strides = (z.stride(0), z.stride(1), 0)
@@ -171,9 +182,10 @@ class _ChunkLoss:
                                              cfg)
             else:
                 extras = has_w or sp.eps > 0 or sp.cap > 0
-                cfg = cross_entropy_config(n, self.V, z.element_size(), z.device, extras)
+                cfg = cross_entropy_config(n, self.V, z.element_size(), z.device, extras,
+                                           reread=kind == "grad" or sp.eps > 0)
                 launch = K.class_launcher(n, self.V, 1, strides, strides, sp.ignore_index,
-                                          self.mean, sp.eps, sp.z_loss, sp.cap, 1.0, has_w,
+                                          self.use_den, sp.eps, sp.z_loss, sp.cap, 1.0, has_w,
                                           kind == "grad", self.dtype, cfg, write_hit=hit)
             remember(_LAUNCHERS, key, launch)
         return launch
@@ -351,16 +363,19 @@ def _outs(dx, dw, db, rows: slice):
             db if db.numel() else None)
 
 
-def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = False):
+def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = False,
+             div_t: Optional[Tensor] = None):
     """(loss, lse, dx, dw, db, hits): the loss (0-d for mean / sum, [N] for
     none, in fp32 / fp64), lse [N] fp32, and for mean / sum the gradients
     ``needs`` asks for (dx in the input's dtype, dw and db in fp32 / fp64;
     empty otherwise), chunk by chunk; ``hits`` [N] int8 (``want_hits``: 1
-    where the row is kept and its target is an argmax; else empty)."""
+    where the row is kept and its target is an argmax; else empty). The
+    loss and gradients are divided by the divisor (``spec.divisor`` or the
+    one-element tensor ``div_t``)."""
     N = x.shape[0]
     V = w.shape[0]
     t = target.contiguous()
-    kern = _ChunkLoss(x, t, weight, V, spec)
+    kern = _ChunkLoss(x, t, weight, V, spec, div_t)
     grad = any(needs) and spec.reduction != "none"
     dx, dw, db = _grad_buffers(x, w, b, needs if grad else (False,) * 3)
     slices, buf = _chunks(N, V, x, spec)
@@ -382,7 +397,8 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = Fals
     return loss, lse, dx, dw, db, hits
 
 
-def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, needs):
+def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, needs,
+               div_t: Optional[Tensor] = None):
     """The backward's pass over the chunks: recompute each chunk's logits and
     turn them into row_scale[r] * d(loss_r)/dz (``reduction="none"``: the
     rows are scaled before the GEMMs) or, when ``row_scale`` is None, into
@@ -393,8 +409,8 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
     V = w.shape[0]
     t = target.contiguous()
     loss_term = row_scale is not None
-    kern = _ChunkLoss(x, t, weight, V, spec) if loss_term else \
-        _ChunkLoss(x, t, None, V, spec._replace(reduction="sum"))
+    kern = _ChunkLoss(x, t, weight, V, spec, div_t) if loss_term else \
+        _ChunkLoss(x, t, None, V, spec._replace(reduction="sum", divisor=None))
     dx, dw, db = _grad_buffers(x, w, b, needs)
     slices, buf = _chunks(N, V, x, spec)
     for i, sl in enumerate(slices):
@@ -419,12 +435,12 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
 # ----------------------------------------------------------------------------
 
 
-def _save(ctx, x, w, b, t, cw, grads, spec: _Spec, needs) -> None:
+def _save(ctx, x, w, b, t, cw, grads, spec: _Spec, needs, div_t=None) -> None:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
     if spec.reduction == "none":  # the backward recomputes from the inputs
-        ctx.save_for_backward(x, w, b, t, cw)
+        ctx.save_for_backward(x, w, b, t, cw, div_t)
     else:  # the backward only scales the gradients the forward computed
         ctx.save_for_backward(*grads)
 
@@ -448,9 +464,9 @@ def _loss_grads(ctx, d_loss, recompute) -> tuple:
     if d_loss is None or not any(ctx.needs):
         return None, None, None
     if ctx.spec.reduction == "none":
-        x, w, b, t, cw = ctx.saved_tensors
+        x, w, b, t, cw, div_t = ctx.saved_tensors
         return _finish(ctx, *recompute(x, w, b, t, cw, ctx.spec, d_loss.reshape(-1), None, None,
-                                       ctx.needs))
+                                       ctx.needs, div_t))
     return _finish(ctx, *ctx.saved_tensors, scale=d_loss)
 
 
@@ -475,17 +491,17 @@ class _LinearCEFunction(torch.autograd.Function):
     gradients); the backward scales or recomputes them."""
 
     @staticmethod
-    def forward(ctx, x, w, b, t, cw, spec, needs, want_hits):
-        loss, lse, dx, dw, db, hits = _forward(x, w, b, t, cw, spec, needs, want_hits)
+    def forward(ctx, x, w, b, t, cw, spec, needs, want_hits, div_t):
+        loss, lse, dx, dw, db, hits = _forward(x, w, b, t, cw, spec, needs, want_hits, div_t)
         ctx.mark_non_differentiable(lse, hits)
         ctx.set_materialize_grads(False)
-        _save(ctx, x, w, b, t, cw, (dx, dw, db), spec, needs)
+        _save(ctx, x, w, b, t, cw, (dx, dw, db), spec, needs, div_t)
         return loss, lse, hits
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_loss, d_lse, d_hits):
-        return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None)
+        return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None, None)
 
 
 class _LseFunction(torch.autograd.Function):
@@ -506,8 +522,9 @@ class _LseFunction(torch.autograd.Function):
 def linear_cross_entropy_forward(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
     weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
-    z_loss: float, softcap: float, chunk_size: int, need_input_grad: bool,
-    need_weight_grad: bool, need_bias_grad: bool, want_hits: bool,
+    z_loss: float, softcap: float, chunk_size: int, divisor: Optional[float],
+    need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool, want_hits: bool,
+    divisor_t: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
 
@@ -518,10 +535,12 @@ def linear_cross_entropy_forward(
     [N] fp32, and for mean / sum when asked the gradients of the loss: dx
     [N, D] in the input's dtype, dw [V, D] and db [V] in fp32 (fp64);
     gradients not computed are empty; and hits [N] int8 (``want_hits``: 1
-    where the row is kept and its target is an argmax; else empty)."""
-    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    where the row is kept and its target is an argmax; else empty). The loss
+    and gradients are divided by ``divisor`` (or the one-element ``divisor_t``)
+    when given."""
+    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, divisor)
     return _forward(input, linear_weight, linear_bias, target, weight, spec,
-                    (need_input_grad, need_weight_grad, need_bias_grad), want_hits)
+                    (need_input_grad, need_weight_grad, need_bias_grad), want_hits, divisor_t)
 
 
 def _fake_grads(x, w, b, needs):
@@ -535,8 +554,8 @@ def _fake_grads(x, w, b, needs):
 
 @linear_cross_entropy_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, chunk_size, need_input_grad, need_weight_grad,
-      need_bias_grad, want_hits):
+      label_smoothing, z_loss, softcap, chunk_size, divisor, need_input_grad, need_weight_grad,
+      need_bias_grad, want_hits, divisor_t=None):
     N = input.shape[0]
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=_acc(input.dtype))
     grad = reduction != "none"
@@ -550,42 +569,44 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
 def linear_cross_entropy_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
     weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
-    z_loss: float, softcap: float, chunk_size: int, row_scale: Optional[Tensor],
-    lse: Optional[Tensor], lse_scale: Optional[Tensor], need_input_grad: bool,
-    need_weight_grad: bool, need_bias_grad: bool,
+    z_loss: float, softcap: float, chunk_size: int, divisor: Optional[float],
+    row_scale: Optional[Tensor], lse: Optional[Tensor], lse_scale: Optional[Tensor],
+    need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+    divisor_t: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_r row_scale[r] * loss_r`` (``reduction="none"``)
     or, when ``row_scale`` is None, of ``sum_r lse_scale[r] * lse_r``
     (``lse``: the forward's), by recomputing each chunk of logits. Returns
     (dx in the input's dtype, dw and db in fp32 / fp64), empty where not
     asked."""
-    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, divisor)
     return _recompute(input, linear_weight, linear_bias, target, weight, spec, row_scale, lse,
-                      lse_scale, (need_input_grad, need_weight_grad, need_bias_grad))
+                      lse_scale, (need_input_grad, need_weight_grad, need_bias_grad), divisor_t)
 
 
 @linear_cross_entropy_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, chunk_size, row_scale, lse, lse_scale, need_input_grad,
-      need_weight_grad, need_bias_grad):
+      label_smoothing, z_loss, softcap, chunk_size, divisor, row_scale, lse, lse_scale,
+      need_input_grad, need_weight_grad, need_bias_grad, divisor_t=None):
     return _fake_grads(input, linear_weight, linear_bias,
                        (need_input_grad, need_weight_grad, need_bias_grad))
 
 
-def _recompute_op(x, w, b, t, cw, spec, row_scale, lse, lse_scale, needs):
+def _recompute_op(x, w, b, t, cw, spec, row_scale, lse, lse_scale, needs, div_t=None):
     """:func:`_recompute` through the traced op."""
-    return linear_cross_entropy_backward(x, w, b, t, cw, *spec, row_scale, lse, lse_scale, *needs)
+    return linear_cross_entropy_backward(x, w, b, t, cw, *spec, row_scale, lse, lse_scale, *needs,
+                                         div_t)
 
 
 def _op_setup(ctx, inputs, output):
-    x, w, b, t, cw, *options, nx, nw, nb, _ = inputs
+    x, w, b, t, cw, *options, nx, nw, nb, _, div_t = inputs
     _, lse, dx, dw, db, hits = output
     ctx.mark_non_differentiable(lse, dx, dw, db, hits)
-    _save(ctx, x, w, b, t, cw, (dx, dw, db), _Spec(*options), (nx, nw, nb))
+    _save(ctx, x, w, b, t, cw, (dx, dw, db), _Spec(*options), (nx, nw, nb), div_t)
 
 
 def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db, d_hits):
-    return (*_loss_grads(ctx, d_loss, _recompute_op),) + (None,) * 12
+    return (*_loss_grads(ctx, d_loss, _recompute_op),) + (None,) * 14
 
 
 linear_cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_setup)
@@ -723,6 +744,7 @@ def linear_cross_entropy(
     options=None,
     loss_dtype: Optional[torch.dtype] = None,
     return_token_accuracy: bool = False,
+    divisor: Optional[float | Tensor] = None,
 ):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target)``
     without ever holding the [N, V] logits: a drop-in for torch's
@@ -767,6 +789,13 @@ def linear_cross_entropy(
             kept. It comes from the loss kernel's own pass over each chunk
             (a target tied with another class at the maximum counts as
             correct); not differentiable.
+        divisor: the returned loss is the reduced loss divided by it, and so
+            are the gradients the forward computes (mean / sum), so that a
+            backward scale stated ahead (gradient accumulation's 1/k as
+            ``divisor=k``, a loss scale s as ``divisor=1/s``, a token count)
+            costs the backward nothing but the final casts. A finite nonzero
+            number or a one-element tensor on the input's device (read there,
+            no host sync). It gets no gradient.
 
     Returns:
         the loss, then the lse with ``return_lse``, then the accuracy with
@@ -795,6 +824,8 @@ def linear_cross_entropy(
     spec = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                        ignore_index, label_smoothing, z_loss, softcap, chunk_size, options,
                        loss_dtype)
+    div_f, div_t = check_divisor(divisor, input)
+    spec = spec._replace(divisor=div_f)
     x = input if input.dim() == 2 else input.unsqueeze(0)
     t = target.reshape(-1)
     grad_on = torch.is_grad_enabled()
@@ -804,19 +835,19 @@ def linear_cross_entropy(
     want_hits = bool(return_token_accuracy)
     if traced(x):
         loss, lse, _, _, _, hits = linear_cross_entropy_forward(
-            x, linear_weight, linear_bias, t, weight, *spec, *needs, want_hits)
+            x, linear_weight, linear_bias, t, weight, *spec, *needs, want_hits, div_t)
         if return_lse and any(needs):
             lse = linear_cross_entropy_lse(lse, x, linear_weight, linear_bias, t, cap, chunk,
                                            *needs)
     elif any(needs):
         loss, lse, hits = _LinearCEFunction.apply(x, linear_weight, linear_bias, t, weight, spec,
-                                                  needs, want_hits)
+                                                  needs, want_hits, div_t)
         if return_lse:
             lse = _LseFunction.apply(lse, x, linear_weight, linear_bias, t,
                                      _Spec(-100, "sum", 0.0, 0.0, cap, chunk), needs)
     else:
         loss, lse, _, _, _, hits = _forward(x, linear_weight, linear_bias, t, weight, spec,
-                                            needs, want_hits)
+                                            needs, want_hits, div_t)
     loss = loss.to(loss_dtype or input.dtype)
     if reduction == "none":
         loss = loss.reshape(target.shape)

@@ -28,7 +28,7 @@ from ._checks import FLOAT_DTYPES, check_float, check_tensor, wrap_dim
 from ._dispatch import (backend_for, check_device, empty_like, interpreted, launch_device,
                         launch_on, plan_cache, remember, traced)
 from ._layout import as_rows, rows_view
-from .heuristics import LOOPED, MIN_BLOCK, SINGLE, SPLIT, max_single, next_pow2, warps_for
+from .heuristics import MIN_BLOCK, SINGLE, SPLIT, next_pow2, warps_for
 from .kernels import softmax as K
 
 __all__ = [
@@ -51,27 +51,37 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxConfig:
-    path: str  # SINGLE, LOOPED or SPLIT
+    path: str  # SINGLE, LOOPED, SPLIT or COOP
     block_n: int  # tile width in elements (a power of two)
     rows_per_program: int  # rows one program owns (SINGLE only; else 1)
     num_warps: int
-    splits: int  # programs per row (SPLIT only; else 1)
-    chunk: int  # columns per split program, a multiple of block_n (SPLIT only)
+    splits: int  # programs per row (SPLIT), chunks per row (COOP); else 1
+    chunk: int  # columns per split program / chunk, a multiple of block_n (SPLIT, COOP)
+    programs: int = 0  # grid of a persistent LOOPED / a COOP launch (0: one program per row)
+    evict: bool = False  # eviction hints on the two reads (LOOPED, SPLIT, COOP)
+    lag: int = 0  # COOP: first passes dealt ahead of the second passes
 
 
 def softmax_config(
-    M: int, N: int, elem_bytes: int, device: torch.device, live_rows: int = 1
+    M: int, N: int, elem_bytes: int, device: torch.device, live_rows: int = 1, *,
+    reread: int = 1, coop: bool = False,
 ) -> SoftmaxConfig:
     """Pick the path and launch parameters for an [M, N] row-wise reduction.
 
     Used for the softmax / log-softmax forward and backward alike (each reads
     the row for a reduction, then writes it once). ``live_rows``: row-sized
     arrays the on-chip kernel keeps in registers (softmax forward 1;
-    log-softmax forward and both backwards 2).
+    log-softmax forward and both backwards 2). ``reread``: row-sized tensors
+    the long-row paths read twice (forward 1, backward 2: y and dy).
+    ``coop``: the caller has the cooperative kernels (the softmax ops do; the
+    vocab-parallel shard kernels do not), so the plan may cut long rows across
+    programs (:func:`softmax_gpu.heuristics.long_rows`).
     """
-    lim = heuristics.limits()
+    lim = heuristics.limits_for("softmax", device, elem_bytes, N)
     block = next_pow2(N)
-    if block <= max_single(elem_bytes, live_rows):
+    cap = heuristics.by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte,
+                             lim.max_single_8byte)
+    if block <= max(1, cap // live_rows):
         block = max(block, MIN_BLOCK)
         # Short rows: several rows per program, unless that would leave fewer
         # than ~2 programs per multiprocessor. Two choices only (1 or the
@@ -83,31 +93,43 @@ def softmax_config(
     tile = min(lim.tile if elem_bytes <= 4 else max(1, lim.tile // 2), block)
     warps = warps_for(tile)
     programs = lim.split_programs_per_sm * heuristics.sm_count(device)
-    if M < programs:
+    if lim.long_path in ("auto", SPLIT) and M < programs:
         tiles = -(-N // tile)
         splits = min(tiles, -(-programs // M), lim.max_splits)
         if splits > 1:
             chunk = -(-tiles // splits) * tile
             splits = -(-N // chunk)
-            return SoftmaxConfig(SPLIT, tile, 1, warps, splits, chunk)
-    return SoftmaxConfig(LOOPED, tile, 1, warps, 1, N)
+            return SoftmaxConfig(SPLIT, tile, 1, warps, splits, chunk, evict=lim.evict)
+    plan = heuristics.long_rows(M, N, tile, reread * N * elem_bytes, device, lim, coop)
+    return SoftmaxConfig(plan.path, tile, 1, warps, plan.splits, plan.chunk, plan.programs,
+                         plan.evict, plan.lag)
 
 
-def all_softmax_configs() -> list[tuple[str, int, int, int, int, int]]:
-    """Every (path, block_n, rows_per_program, num_warps, elem_bytes, live_rows)
-    the defaults can pick, for the static compile check. Enumerated from
-    :func:`softmax_config` itself over all power-of-two row lengths and row
-    counts, element sizes and live-row counts, so the check cannot drift from
-    the heuristics."""
+# What each kind of call passes to softmax_config: (live_rows, reread).
+CALL_KINDS = {"fwd": (1, 1), "log_fwd": (2, 1), "bwd": (2, 2)}
+
+
+def all_softmax_configs() -> list[tuple]:
+    """Every (path, block_n, rows_per_program, num_warps, elem_bytes, kind)
+    the defaults can pick, for the static compile check; ``kind``: "fwd"
+    (softmax forward), "log_fwd" (log-softmax forward) or "bwd" (both
+    backwards). Enumerated from :func:`softmax_config` itself over all
+    power-of-two row lengths and row counts, element sizes and call kinds,
+    with the cooperative path allowed as the softmax ops plan, so the check
+    cannot drift from the heuristics; long rows also with each path that
+    ``Limits.long_path`` can force (tuning candidates)."""
     seen = set()
     dev = torch.device("cpu")
-    with heuristics.override(sm_count=132):
-        for elem in (2, 4, 8):
-            for live in (1, 2):
-                for logn in range(0, 21):
-                    for logm in range(0, 25):
-                        c = softmax_config(1 << logm, 1 << logn, elem, dev, live)
-                        seen.add((c.path, c.block_n, c.rows_per_program, c.num_warps, elem, live))
+    for long_path in ("auto", "persistent", "coop"):
+        with heuristics.override(sm_count=132, long_path=long_path):
+            for elem in (2, 4, 8):
+                for kind, (live, reread) in CALL_KINDS.items():
+                    for logn in range(0, 21):
+                        for logm in range(0, 25):
+                            c = softmax_config(1 << logm, 1 << logn, elem, dev, live,
+                                               reread=reread, coop=True)
+                            seen.add((c.path, c.block_n, c.rows_per_program, c.num_warps, elem,
+                                      kind))
     return sorted(seen)
 
 
@@ -154,7 +176,8 @@ def _plan_forward(x: Tensor, dim: int, log: bool):
     copy = rows_view(x, dim) is None
     xv, rows = as_rows(x.contiguous() if copy else x, dim)
     y_strides = rows_view(_contiguous_probe(x.shape), dim).strides
-    cfg = softmax_config(rows.m, rows.n, x.element_size(), x.device, 2 if log else 1)
+    cfg = softmax_config(rows.m, rows.n, x.element_size(), x.device, 2 if log else 1,
+                         coop=True)
     launch = K.softmax_forward_launcher(rows.m, rows.n, rows.inner, rows.strides, y_strides,
                                         cfg, log, x.dtype)
     return copy, launch_device(x.device), launch
@@ -186,7 +209,8 @@ def _plan_backward(y: Tensor, dy: Tensor, dim: int, log: bool):
     _, yrows = as_rows(y.contiguous() if copy_y else y, dim)
     _, grows = as_rows(dy.contiguous() if copy_g else dy, dim)
     x_strides = rows_view(_contiguous_probe(y.shape), dim).strides
-    cfg = softmax_config(yrows.m, yrows.n, y.element_size(), y.device, 2)
+    cfg = softmax_config(yrows.m, yrows.n, y.element_size(), y.device, 2, reread=2,
+                         coop=True)
     launch = K.softmax_backward_launcher(yrows.m, yrows.n, yrows.inner, yrows.strides,
                                          grows.strides, x_strides, cfg, log, y.dtype)
     return copy_y, copy_g, launch_device(y.device), launch
