@@ -522,9 +522,9 @@ class _LseFunction(torch.autograd.Function):
 def linear_cross_entropy_forward(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
     weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
-    z_loss: float, softcap: float, chunk_size: int, divisor: Optional[float],
-    need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool, want_hits: bool,
-    divisor_t: Optional[Tensor] = None,
+    z_loss: float, softcap: float, chunk_size: int, need_input_grad: bool,
+    need_weight_grad: bool, need_bias_grad: bool, want_hits: bool,
+    divisor: Optional[float] = None, divisor_t: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
 
@@ -554,8 +554,8 @@ def _fake_grads(x, w, b, needs):
 
 @linear_cross_entropy_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, chunk_size, divisor, need_input_grad, need_weight_grad,
-      need_bias_grad, want_hits, divisor_t=None):
+      label_smoothing, z_loss, softcap, chunk_size, need_input_grad, need_weight_grad,
+      need_bias_grad, want_hits, divisor=None, divisor_t=None):
     N = input.shape[0]
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=_acc(input.dtype))
     grad = reduction != "none"
@@ -569,9 +569,9 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
 def linear_cross_entropy_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
     weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
-    z_loss: float, softcap: float, chunk_size: int, divisor: Optional[float],
-    row_scale: Optional[Tensor], lse: Optional[Tensor], lse_scale: Optional[Tensor],
-    need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+    z_loss: float, softcap: float, chunk_size: int, row_scale: Optional[Tensor],
+    lse: Optional[Tensor], lse_scale: Optional[Tensor], need_input_grad: bool,
+    need_weight_grad: bool, need_bias_grad: bool, divisor: Optional[float] = None,
     divisor_t: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_r row_scale[r] * loss_r`` (``reduction="none"``)
@@ -586,23 +586,23 @@ def linear_cross_entropy_backward(
 
 @linear_cross_entropy_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, chunk_size, divisor, row_scale, lse, lse_scale,
-      need_input_grad, need_weight_grad, need_bias_grad, divisor_t=None):
+      label_smoothing, z_loss, softcap, chunk_size, row_scale, lse, lse_scale, need_input_grad,
+      need_weight_grad, need_bias_grad, divisor=None, divisor_t=None):
     return _fake_grads(input, linear_weight, linear_bias,
                        (need_input_grad, need_weight_grad, need_bias_grad))
 
 
 def _recompute_op(x, w, b, t, cw, spec, row_scale, lse, lse_scale, needs, div_t=None):
     """:func:`_recompute` through the traced op."""
-    return linear_cross_entropy_backward(x, w, b, t, cw, *spec, row_scale, lse, lse_scale, *needs,
-                                         div_t)
+    return linear_cross_entropy_backward(x, w, b, t, cw, *spec[:6], row_scale, lse, lse_scale,
+                                         *needs, spec.divisor, div_t)
 
 
 def _op_setup(ctx, inputs, output):
-    x, w, b, t, cw, *options, nx, nw, nb, _, div_t = inputs
+    x, w, b, t, cw, *options, nx, nw, nb, _, divisor, div_t = inputs
     _, lse, dx, dw, db, hits = output
     ctx.mark_non_differentiable(lse, dx, dw, db, hits)
-    _save(ctx, x, w, b, t, cw, (dx, dw, db), _Spec(*options), (nx, nw, nb), div_t)
+    _save(ctx, x, w, b, t, cw, (dx, dw, db), _Spec(*options, divisor), (nx, nw, nb), div_t)
 
 
 def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db, d_hits):
@@ -835,7 +835,8 @@ def linear_cross_entropy(
     want_hits = bool(return_token_accuracy)
     if traced(x):
         loss, lse, _, _, _, hits = linear_cross_entropy_forward(
-            x, linear_weight, linear_bias, t, weight, *spec, *needs, want_hits, div_t)
+            x, linear_weight, linear_bias, t, weight, *spec[:6], *needs, want_hits, spec.divisor,
+            div_t)
         if return_lse and any(needs):
             lse = linear_cross_entropy_lse(lse, x, linear_weight, linear_bias, t, cap, chunk,
                                            *needs)
