@@ -75,9 +75,10 @@ import triton
 import triton.language as tl
 
 from .softmax import (FP_FUSION, LOG2E, acc_dtype, coop_arrive, coop_buffers, coop_grid,
-                      coop_item, coop_partials, coop_wait, edge_columns, load_logits, load_p,
-                      log2_shift, lse_of, online_stats, online_update, partial_mask, row_base,
-                      row_vec, softcap_tanh, store_p, tile_offsets, vec_segment)
+                      coop_place, coop_wait, edge_columns, load_logits, load_p, log2_shift,
+                      long_row_meta, lse_of, merge_partials, online_stats, online_update,
+                      partial_mask, recip, row_base, row_vec, softcap_tanh, store_p,
+                      sum_partials, tile_offsets, vec_segment)
 
 # Shared with the vocab-parallel kernels through this module.
 __all__ = ["load_logits", "softcap_tanh", "online_update", "scalar_arg", "class_grad",
@@ -99,7 +100,7 @@ def scalar_arg(hi, lo, ACC: tl.constexpr):
 def softcap_grad(g, z, cap, SOFTCAP: tl.constexpr):
     """Chain rule through the softcap: d(cap tanh(x/cap))/dx = 1 - (z/cap)^2."""
     if SOFTCAP:
-        r = z * (1.0 / cap)
+        r = z * recip(cap)
         g = g * (1.0 - r * r)
     return g
 
@@ -149,24 +150,37 @@ def smooth_weight_sum(DEN, C, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
 
 
 @triton.jit
-def class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz,
+def class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
                    SMOOTH: tl.constexpr):
-    """Row loss (already divided by the denominators); 0 when ignored, NaN when
-    the target is outside [0, C) (w_t is NaN then). smooth_sum = sum_c w_c (lse - z_c)."""
+    """Row loss (already divided by the denominators: times inv_dl = 1 / dl,
+    inv_dz = 1 / dz); 0 when ignored (NaN when the denominator is 0: an
+    all-ignored mean), NaN when the target is outside [0, C) (w_t is NaN
+    then). smooth_sum = sum_c w_c (lse - z_c)."""
     loss = wt * (lse - zt)
     if SMOOTH:
         loss = (1.0 - eps) * loss + (eps / C) * smooth_sum
-    return tl.where(kept, loss / dl + (z_loss * lse * lse) / dz, 0.0 / dl + 0.0 / dz)
+    return tl.where(kept, loss * inv_dl + (z_loss * lse * lse) * inv_dz,
+                    0.0 * inv_dl + 0.0 * inv_dz)
 
 
 @triton.jit
-def class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs,
-                     SMOOTH: tl.constexpr):
+def class_scales(DEN, use_den, z_loss, gs, ACC: tl.constexpr):
+    """The row-independent factors of a launch: (1 / dl, 1 / dz, gs / dl,
+    2 z_loss gs / dz) with (dl, dz) = ``class_denominators`` (divisions done
+    once, outside the row loops)."""
+    dl, dz = class_denominators(DEN, use_den, ACC)
+    inv_dl = 1.0 / dl
+    inv_dz = 1.0 / dz
+    return inv_dl, inv_dz, gs * inv_dl, (2.0 * z_loss * gs) * inv_dz
+
+
+@triton.jit
+def class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH: tl.constexpr):
     """Per-row coefficients of the gradient  a * sigma_c - b * [c == t] - cw * w_c.
 
-    a = sum_j y_j / dl + 2 z_loss lse / dz;  b = (1 - eps) w_t / dl;  cw = eps / (C dl);
-    all times grad_scale gs. NaN (through a: w_t is NaN) for a target outside [0, C)."""
-    inv_l = gs / dl
+    a = sum_j y_j * inv_l + zl2 * lse;  b = (1 - eps) w_t * inv_l;  cw = eps / C * inv_l;
+    with inv_l = grad_scale / dl, zl2 = 2 z_loss grad_scale / dz (``class_scales``).
+    NaN (through a: w_t is NaN) for a target outside [0, C)."""
     if SMOOTH:
         sy = (1.0 - eps) * wt + (eps / C) * sw
         b = (1.0 - eps) * wt * inv_l
@@ -175,7 +189,7 @@ def class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs,
         sy = wt
         b = wt * inv_l
         cw = 0.0 * inv_l
-    a = sy * inv_l + (2.0 * z_loss * gs / dz) * lse
+    a = sy * inv_l + zl2 * lse
     return a, b, cw
 
 
@@ -339,17 +353,17 @@ def ce_class_single_kernel(
     else:
         smooth_sum = lse * 0.0
     sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
-    dl, dz = class_denominators(DEN, use_den, ACC)
-    loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz, SMOOTH)
+    gs = scalar_arg(gs_hi, gs_lo, ACC)
+    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
+    loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz, SMOOTH)
     tl.store(LOSS + rows, loss, mask=rmask)
     tl.store(LSE + rows, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty), mask=rmask)
     if WRITE_HIT:
         tl.store(HIT + rows, (kept & inside & (zt >= m)).to(tl.int8), mask=rmask)
     if WRITE_GRAD:
-        gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
+        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
         is_t = cols[None, :] == t.to(tl.int32)[:, None]
-        g = class_grad(e, z, is_t, (a / d)[:, None], b[:, None], cw, w, kept[:, None], cap,
+        g = class_grad(e, z, is_t, (a * recip(d))[:, None], b[:, None], cw, w, kept[:, None], cap,
                        SMOOTH, SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
         tl.store(G + gb[:, None] + cols[None, :].to(tl.int64) * sg_n, g.to(G.dtype.element_ty),
@@ -394,32 +408,34 @@ def ce_class_looped_kernel(
     z_loss = scalar_arg(zl_hi, zl_lo, ACC)
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     gs = scalar_arg(gs_hi, gs_lo, ACC)
-    dl, dz = class_denominators(DEN, use_den, ACC)
+    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
     sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
     for r in range(tl.program_id(0), M, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
         xb = row_base(row, INNER, sx_o, sx_i)
-        t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
-        read = row_read(kept, lse_all)
+        read = row_read(tl.load(T + row).to(tl.int64) != ignore_index, lse_all)
         m = tl.full((), float("-inf"), ACC)
         d = tl.zeros((), ACC)
         if read:
             m, d = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
                                 SOFTCAP)
+        # the target's other terms after the stats pass: fewer values live across it
+        t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
         lse = lse_of(m, d)
         # the target logit, read before any gradient tile can overwrite it (in place)
         zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
-        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
+        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
         gb = row_base(row, INNER, sg_o, sg_i)
         smooth_sum = tl.zeros((), ACC)
         if kept:
             if WRITE_GRAD or SMOOTH:
                 smooth_sum = class_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, log2_shift(m),
-                                        a / d, b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                                        a * recip(d), b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
                                         WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
         elif WRITE_GRAD:
             zero_fill(G, gb, sg_n, 0, C, BLOCK_N, VEC, 2 if EVICT else 0)
-        loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz, SMOOTH)
+        loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
+                              SMOOTH)
         tl.store(LOSS + row, loss)
         tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
         if WRITE_GRAD:
@@ -463,7 +479,6 @@ def ce_class_coop_kernel(
     WRITE_HIT: tl.constexpr,  # write HIT (token accuracy)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
-    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
@@ -471,7 +486,7 @@ def ce_class_coop_kernel(
     z_loss = scalar_arg(zl_hi, zl_lo, ACC)
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     gs = scalar_arg(gs_hi, gs_lo, ACC)
-    dl, dz = class_denominators(DEN, use_den, ACC)
+    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
     sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
     n = M * SPLITS
     PD = WS + n
@@ -479,36 +494,31 @@ def ce_class_coop_kernel(
     ZT = WS + 3 * n
     ticket = tl.atomic_add(SYNC, 1)
     while ticket < 2 * n:
-        second, item = coop_item(ticket.to(tl.int64), n, LAG)
-        row = item // SPLITS
-        start = (item % SPLITS) * CHUNK
-        end = tl.minimum(start + CHUNK, C)
+        second, item, row, start, end = coop_place(ticket, n, LAG, SPLITS, CHUNK, C)
         xb = row_base(row, INNER, sx_o, sx_i)
         t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
         read = row_read(kept, lse_all)
         if second:
             coop_wait(SYNC, row, SPLITS)
-            m, d = coop_partials(WS, PD, row, SPLITS, BLOCK_S)
+            m, d = merge_partials(WS, PD, row, SPLITS, True)
             lse = lse_of(m, d)
-            a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs, SMOOTH)
+            a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
             gb = row_base(row, INNER, sg_o, sg_i)
             part = tl.zeros((), ACC)
             if kept:
                 if WRITE_GRAD or SMOOTH:
                     part = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, log2_shift(m),
-                                      a / d, b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                                      a * recip(d), b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
                                       WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
             elif WRITE_GRAD:
                 zero_fill(G, gb, sg_n, start, end, BLOCK_N, VEC, 2 if EVICT else 0)
             tl.store(PX + item, part)
             if coop_arrive(SYNC, row) == 2 * SPLITS - 1:
                 # the row's last second pass: every partial is in, write the row's outputs
-                k = tl.arange(0, BLOCK_S)
-                smooth_sum = tl.sum(tl.load(PX + row * SPLITS + k, mask=k < SPLITS, other=0.0,
-                                            cache_modifier=".cg"), 0)
+                smooth_sum = sum_partials(PX, row, SPLITS, True)
                 zt = tl.load(ZT + row, mask=kept & inside, other=0.0, cache_modifier=".cg")
-                loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, dl, dz,
-                                      SMOOTH)
+                loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl,
+                                      inv_dz, SMOOTH)
                 tl.store(LOSS + row, loss)
                 tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
                 if WRITE_GRAD:
@@ -565,7 +575,7 @@ def ce_class_backward_kernel(
     z_loss = scalar_arg(zl_hi, zl_lo, ACC)
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     gs = scalar_arg(gs_hi, gs_lo, ACC)
-    dl, dz = class_denominators(DEN, use_den, ACC)
+    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
     sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
     for r in range(tl.program_id(0), M, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
@@ -575,7 +585,7 @@ def ce_class_backward_kernel(
         if kept:
             lse = tl.load(LSE + row).to(ACC)
             go = tl.load(GO + row * s_go).to(ACC)
-            a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, z_loss, dl, dz, gs * go, SMOOTH)
+            a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l * go, zl2 * go, SMOOTH)
             class_pass(X, OUT, W, xb, ob, sx_n, so_n, 0, C, t, lse * LOG2E, a, b, cw, lse, cap,
                        HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC, BLOCK_N, VEC, 0, False)
         else:
@@ -659,7 +669,7 @@ def ce_prob_single_kernel(
     tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rmask)
     if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a = (tl.sum(y, 1) + 2.0 * z_loss * lse) * (inv * gs) / d
+        a = (tl.sum(y, 1) + 2.0 * z_loss * lse) * (inv * gs) * recip(d)
         g = e * a[:, None] - y * (inv * gs)
         g = softcap_grad(g, z, cap, SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
@@ -750,7 +760,7 @@ def ce_prob_looped_kernel(
         lse = lse_of(m, d)
         s = log2_shift(m)
         ig = inv * gs
-        a = (a + 2.0 * z_loss * lse) * ig / d
+        a = (a + 2.0 * z_loss * lse) * ig * recip(d)
         acc = tl.zeros((BLOCK_N,), ACC)
         P2: tl.constexpr = 2 if EVICT else 0
         for off in range(a0, body_end, BLOCK_N):
@@ -956,10 +966,9 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
         names = ("ce_class_single_kernel",)
     else:
         meta.update(VEC=row_vec(dtype, x_strides, g_strides) if write_grad else
-                    row_vec(dtype, x_strides), EVICT=cfg.evict)
+                    row_vec(dtype, x_strides), EVICT=cfg.evict, **long_row_meta(cfg))
     if cfg.path == "coop":
         kernel = ce_class_coop_kernel[(coop_grid(cfg, M),)]
-        meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
         args = head + (cfg.splits, cfg.chunk, cfg.lag) + scal
         names = ("ce_class_coop_kernel",)
 
@@ -988,7 +997,7 @@ def class_backward_launcher(M, C, inner, x_strides, o_strides, ignore_index, use
     tail = (ignore_index, int(use_den), *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, ACC=acc_dtype(dtype),
                 BLOCK_N=cfg.block_n, VEC=row_vec(dtype, x_strides, o_strides),
-                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
+                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, **long_row_meta(cfg))
     kernel = ce_class_backward_kernel[(min(M, cfg.programs or M),)]
     names = ("ce_class_backward_kernel",)
 
@@ -1015,7 +1024,7 @@ def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z
     else:
         kernel = ce_prob_looped_kernel[(min(M, cfg.programs or M),)]
         meta.update(VEC=row_vec(dtype, x_strides, y_strides, g_strides) if write_grad else
-                    row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
+                    row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict, **long_row_meta(cfg))
         names = ("ce_prob_looped_kernel",)
     args = (M, C, inner, *tail)
 

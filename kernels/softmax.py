@@ -147,12 +147,14 @@ def softcap_tanh(x, cap):
     """cap * tanh(x / cap), accurate to a few ulp at every cap; saturates to
     +-cap (also for +-inf).
 
-    tanh(u) for |u| < 1/2 (fp64: 1/8) is the odd Taylor polynomial through
-    u^17, whose truncation is below 2^-30 (fp64 2^-66) relative; above,
-    (1 - q) / (1 + q) with q = e^(-2|u|) <= e^-1 (fp64 e^-1/4), which has
-    little cancellation. The former 1 - 2 / (e^(2u) + 1) lost digits as u -> 0,
-    i.e. at large caps."""
-    u = x * (1.0 / cap)
+    For |u| = |x / cap| < 1/2 (fp64: 1/8): x + x * u^2 * P(u^2), P the odd
+    Taylor series of tanh through u^17 (truncation below 2^-30, fp64 2^-66,
+    relative): the leading term is x itself, exact, and the rounding of
+    1 / cap only reaches the correction, at most u^2 / 3 of it. Above:
+    cap * (1 - q) / (1 + q) with q = e^(-2|u|) <= e^-1 (fp64 e^-1/4), which
+    has little cancellation. (1 - 2 / (e^(2u) + 1), the former formula, lost
+    digits as u -> 0, i.e. at large caps.)"""
+    u = x * recip(cap)
     a = tl.abs(u)
     if u.dtype == tl.float64:
         small = a < 0.125
@@ -167,25 +169,27 @@ def softcap_tanh(x, cap):
     p = -5.3968253968253971e-02 + u2 * p
     p = 1.3333333333333333e-01 + u2 * p
     p = -3.3333333333333333e-01 + u2 * p
-    t_small = u + (u * u2) * p
+    z_small = x + (x * u2) * p
     q = tl.exp2(a * (-2.0 * LOG2E))
-    if q.dtype == tl.float64:
-        t_big = (1.0 - q) * recip_1_2_f64(1.0 + q)
-    else:
-        t_big = (1.0 - q) / (1.0 + q)
-    t_big = tl.where(u < 0, -t_big, t_big)
-    return cap * tl.where(small, t_small, t_big)
+    t_big = (1.0 - q) * recip(1.0 + q)
+    z_big = cap * tl.where(u < 0, -t_big, t_big)
+    return tl.where(small, z_small, z_big)
 
 
 @triton.jit
-def recip_1_2_f64(d):
-    """1 / d for fp64 d in [1, 2] without a division (an fp64 division compiles
-    to a subroutine call, around which Triton 3.6's ptxas kept values on the
-    stack): an fp32 reciprocal refined by two Newton steps (relative error
-    2^-22, 2^-44, then fp64 rounding)."""
-    r = (1.0 / d.to(tl.float32)).to(tl.float64)
-    r = r * (2.0 - d * r)
-    return r * (2.0 - d * r)
+def recip(d):
+    """1 / d for d > 0 in fp32's normal range (or 0, inf, NaN). fp64 without a division: an fp64
+    division compiles to a subroutine call, around which ptxas keeps values
+    on the stack (in the row loops of the persistent kernels, spills); an
+    fp32 reciprocal refined by two Newton steps (relative error 2^-22,
+    2^-44, then fp64 rounding), d clamped to 2^120 first (fp32 range), which
+    moves 1 / d by less than 2^-119. fp32: 1.0 / d."""
+    if d.dtype == tl.float64:
+        d = tl.where(d > 1.329227995784916e36, 1.329227995784916e36, d)
+        r = (1.0 / d.to(tl.float32)).to(tl.float64)
+        r = r * (2.0 - d * r)
+        return r * (2.0 - d * r)
+    return 1.0 / d
 
 
 @triton.jit
@@ -301,7 +305,7 @@ def normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d,
     """Y[c] = softmax (or log-softmax) of X[c] for c in [start, end), given the
     row's (m, d). VEC > 1: X and Y rows congruent modulo VEC (same head)."""
     s = log2_shift(m)
-    r = 1.0 / d
+    r = recip(d)
     lse = lse_of(m, d)
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(xb, start, end, VEC, BLOCK_N)
@@ -351,6 +355,17 @@ def coop_item(ticket, n, LAG):
 
 
 @triton.jit
+def coop_place(ticket, n, LAG, SPLITS, CHUNK, N):
+    """(second, item, row, start, end) of a ticket (``coop_item``): the pass,
+    the chunk item, its row (int64) and its columns [start, end). int32
+    arithmetic (n < 2^31 items): a 64-bit division is a subroutine call."""
+    second, item = coop_item(ticket, n, LAG)
+    row = item // SPLITS
+    start = (item - row * SPLITS) * CHUNK
+    return second, item, row.to(tl.int64), start, tl.minimum(start.to(tl.int64) + CHUNK, N)
+
+
+@triton.jit
 def coop_arrive(SYNC, row):
     """Count one finished pass of ``row`` (SYNC[1 + row]) and return the count
     before it. The CTA barrier and the release make this program's earlier
@@ -372,14 +387,45 @@ def coop_wait(SYNC, row, count):
     tl.debug_barrier()
 
 
+# Partials (of the split and cooperative paths) merged per step: any count in
+# a loop, so no kernel is compiled for a worst-case width.
+PARTIALS = tl.constexpr(32)
+
+
 @triton.jit
-def coop_partials(PM, PD, row, SPLITS, BLOCK_S: tl.constexpr):
-    """The merged (max, sum) of ``row`` from its SPLITS partials."""
-    s = tl.arange(0, BLOCK_S)
-    ok = s < SPLITS
-    pm = tl.load(PM + row * SPLITS + s, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    pd = tl.load(PD + row * SPLITS + s, mask=ok, other=0.0, cache_modifier=".cg")
-    return tl.reduce((pm, pd), 0, online_combine)
+def merge_partials(PM, PD, row, SPLITS, CG: tl.constexpr):
+    """The merged (max, sum) of ``row`` from its SPLITS partial (max, sum)
+    pairs PM / PD[row * SPLITS + k]; CG: ``.cg`` loads (written by other
+    programs of the same launch: never a stale L1 line)."""
+    k = tl.arange(0, PARTIALS)
+    m = tl.full((), float("-inf"), PM.dtype.element_ty)
+    d = tl.zeros((), PD.dtype.element_ty)
+    for off in range(0, SPLITS, PARTIALS):
+        ok = off + k < SPLITS
+        at = row * SPLITS + off + k
+        if CG:
+            pm = tl.load(PM + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            pd = tl.load(PD + at, mask=ok, other=0.0, cache_modifier=".cg")
+        else:
+            pm = tl.load(PM + at, mask=ok, other=float("-inf"))
+            pd = tl.load(PD + at, mask=ok, other=0.0)
+        mk, dk = tl.reduce((pm, pd), 0, online_combine)
+        m, d = online_combine(m, d, mk, dk)
+    return m, d
+
+
+@triton.jit
+def sum_partials(PS, row, SPLITS, CG: tl.constexpr):
+    """sum_k PS[row * SPLITS + k] over the SPLITS partials (CG: ``.cg`` loads)."""
+    k = tl.arange(0, PARTIALS)
+    acc = tl.zeros((PARTIALS,), PS.dtype.element_ty)
+    for off in range(0, SPLITS, PARTIALS):
+        ok = off + k < SPLITS
+        if CG:
+            acc += tl.load(PS + row * SPLITS + off + k, mask=ok, other=0.0, cache_modifier=".cg")
+        else:
+            acc += tl.load(PS + row * SPLITS + off + k, mask=ok, other=0.0)
+    return tl.sum(acc, 0)
 
 
 # ----------------------------------------------------------------------------
@@ -485,17 +531,13 @@ def softmax_fwd_split_norm_kernel(
     LOG: tl.constexpr,  # log-softmax instead of softmax
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
-    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # evict_first on this (second) read and the stores
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
     split = pid % SPLITS
-    s = tl.arange(0, BLOCK_S)
-    pm = tl.load(PM + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
-    pd = tl.load(PD + row * SPLITS + s, mask=s < SPLITS, other=0.0)
-    m, d = tl.reduce((pm, pd), 0, online_combine)
+    m, d = merge_partials(PM, PD, row, SPLITS, False)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, N)
     xb = row_base(row, INNER, sx_o, sx_i)
@@ -521,7 +563,6 @@ def softmax_fwd_coop_kernel(
     LOG: tl.constexpr,  # log-softmax instead of softmax
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
-    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
@@ -529,14 +570,11 @@ def softmax_fwd_coop_kernel(
     PD = WS + n
     ticket = tl.atomic_add(SYNC, 1)
     while ticket < 2 * n:
-        second, item = coop_item(ticket.to(tl.int64), n, LAG)
-        row = item // SPLITS
-        start = (item % SPLITS) * CHUNK
-        end = tl.minimum(start + CHUNK, N)
+        second, item, row, start, end = coop_place(ticket, n, LAG, SPLITS, CHUNK, N)
         xb = row_base(row, INNER, sx_o, sx_i)
         if second:
             coop_wait(SYNC, row, SPLITS)
-            m, d = coop_partials(WS, PD, row, SPLITS, BLOCK_S)
+            m, d = merge_partials(WS, PD, row, SPLITS, True)
             yb = row_base(row, INNER, sy_o, sy_i)
             normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d, LOG, ACC, BLOCK_N,
                             VEC, 2 if EVICT else 0)
@@ -732,7 +770,6 @@ def softmax_bwd_split_apply_kernel(
     LOG: tl.constexpr,  # log-softmax backward
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
-    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # evict_first on this (second) read and the stores
 ):
@@ -740,8 +777,7 @@ def softmax_bwd_split_apply_kernel(
     row = pid // SPLITS
     start = (pid % SPLITS) * CHUNK
     end = tl.minimum(start + CHUNK, N)
-    s_idx = tl.arange(0, BLOCK_S)
-    s = tl.sum(tl.load(PS + row * SPLITS + s_idx, mask=s_idx < SPLITS, other=0.0), 0)
+    s = sum_partials(PS, row, SPLITS, False)
     yb = row_base(row, INNER, sy_o, sy_i)
     gb = row_base(row, INNER, sg_o, sg_i)
     xb = row_base(row, INNER, sx_o, sx_i)
@@ -768,24 +804,18 @@ def softmax_bwd_coop_kernel(
     LOG: tl.constexpr,  # log-softmax backward
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
-    BLOCK_S: tl.constexpr,  # power of two >= SPLITS
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
     n = M * SPLITS
     ticket = tl.atomic_add(SYNC, 1)
     while ticket < 2 * n:
-        second, item = coop_item(ticket.to(tl.int64), n, LAG)
-        row = item // SPLITS
-        start = (item % SPLITS) * CHUNK
-        end = tl.minimum(start + CHUNK, N)
+        second, item, row, start, end = coop_place(ticket, n, LAG, SPLITS, CHUNK, N)
         yb = row_base(row, INNER, sy_o, sy_i)
         gb = row_base(row, INNER, sg_o, sg_i)
         if second:
             coop_wait(SYNC, row, SPLITS)
-            s_idx = tl.arange(0, BLOCK_S)
-            s = tl.sum(tl.load(PS + row * SPLITS + s_idx, mask=s_idx < SPLITS, other=0.0,
-                               cache_modifier=".cg"), 0)
+            s = sum_partials(PS, row, SPLITS, True)
             xb = row_base(row, INNER, sx_o, sx_i)
             bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG, ACC, BLOCK_N,
                       VEC, 2 if EVICT else 0)
@@ -826,6 +856,12 @@ def row_vec(dtype: torch.dtype, *strides) -> int:
     return vec
 
 
+def long_row_meta(cfg) -> dict:
+    """Launch options of a long-row kernel: its register budget (``maxnreg``,
+    from the config: see ``softmax_gpu.heuristics.long_row_regs``)."""
+    return {"maxnreg": cfg.regs} if cfg.regs else {}
+
+
 def coop_buffers(M: int, splits: int, slots: int, dtype: torch.dtype, device):
     """(workspace, sync) of a cooperative launch: ``slots`` ACC values per
     chunk item (M * splits items) plus ``M`` more, and the zeroed int32 ticket
@@ -857,7 +893,7 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
             kernel(x, y, *args, **meta)
             return names
         return launch
-    meta.update(VEC=row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
+    meta.update(VEC=row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict, **long_row_meta(cfg))
     if cfg.path == "looped":
         kernel = softmax_fwd_looped_kernel[(min(M, cfg.programs or M),)]
         args = (M, N, inner, *x_strides, *y_strides)
@@ -867,7 +903,6 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
             kernel(x, y, *args, **meta)
             return names
         return launch
-    meta["BLOCK_S"] = triton.next_power_of_2(cfg.splits)
     if cfg.path == "coop":
         kernel = softmax_fwd_coop_kernel[(coop_grid(cfg, M),)]
         args = (M, N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk, cfg.lag)
@@ -884,7 +919,8 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     ws = dict(size=(M, cfg.splits), dtype=_workspace_dtype(dtype))
     stats_args = (N, inner, *x_strides, cfg.splits, cfg.chunk)
     stats_meta = dict(ACC=meta["ACC"], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                      VEC=meta["VEC"], EVICT=cfg.evict, enable_fp_fusion=FP_FUSION)
+                      VEC=meta["VEC"], EVICT=cfg.evict, enable_fp_fusion=FP_FUSION,
+                      **long_row_meta(cfg))
     norm_args = (N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk)
     names = ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
 
@@ -913,7 +949,8 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
             kernel(y, dy, dx, *args, **meta)
             return names
         return launch
-    meta.update(VEC=row_vec(dtype, y_strides, g_strides, x_strides), EVICT=cfg.evict)
+    meta.update(VEC=row_vec(dtype, y_strides, g_strides, x_strides), EVICT=cfg.evict,
+                **long_row_meta(cfg))
     if cfg.path == "looped":
         kernel = softmax_bwd_looped_kernel[(min(M, cfg.programs or M),)]
         args = (M, N, inner, *strides)
@@ -923,7 +960,6 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
             kernel(y, dy, dx, *args, **meta)
             return names
         return launch
-    block_s = triton.next_power_of_2(cfg.splits)
     if cfg.path == "coop":
         kernel = softmax_bwd_coop_kernel[(coop_grid(cfg, M),)]
         args = (M, N, inner, *strides, cfg.splits, cfg.chunk, cfg.lag)
@@ -931,7 +967,7 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
 
         def launch(y, dy, dx):
             ws, sync = coop_buffers(M, cfg.splits, 1, dtype, y.device)
-            kernel(y, dy, dx, ws, sync, *args, BLOCK_S=block_s, **meta)
+            kernel(y, dy, dx, ws, sync, *args, **meta)
             return names
         return launch
     grid = (M * cfg.splits,)
@@ -940,13 +976,11 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
     ws = dict(size=(M, cfg.splits), dtype=_workspace_dtype(dtype))
     sum_args = (N, inner, *y_strides, *g_strides, cfg.splits, cfg.chunk)
     apply_args = (N, inner, *strides, cfg.splits, cfg.chunk)
-    sum_meta = dict(meta)
-    meta["BLOCK_S"] = block_s
     names = ("softmax_bwd_split_sum_kernel", "softmax_bwd_split_apply_kernel")
 
     def launch(y, dy, dx):
         ps = torch.empty(**ws, device=y.device)
-        partial(y, dy, ps, *sum_args, **sum_meta)
+        partial(y, dy, ps, *sum_args, **meta)
         apply(y, dy, dx, ps, *apply_args, **meta)
         return names
     return launch

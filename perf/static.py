@@ -89,16 +89,21 @@ class Variant:
     constexprs: tuple  # ((name, value), ...); "ACC" given as "fp32"/"fp64"
     num_warps: int
     path: str  # heuristics path label (for the table)
+    maxnreg: int = 0  # register budget as launched (0: none, ptxas's choice)
 
     def label(self) -> str:
         c = dict(self.constexprs)
-        keys = [k for k in ("LOG", "BLOCK_N", "ROWS", "BLOCK_S", "VEC", "EVICT") if k in c]
+        keys = [k for k in ("LOG", "BLOCK_N", "ROWS", "VEC", "EVICT") if k in c]
+        flags = "".join(k[0] for k in ("HAS_WEIGHT", "SMOOTH", "SOFTCAP", "WRITE_GRAD",
+                                       "WRITE_HIT") if c.get(k))
         return f"{self.kernel}[{self.dtype}, " + ", ".join(f"{k}={c[k]}" for k in keys) + \
-            f", warps={self.num_warps}]"
+            (f", {flags}" if flags else "") + f", warps={self.num_warps}" + \
+            (f", maxnreg={self.maxnreg}" if self.maxnreg else "") + "]"
 
     def compile_key(self) -> tuple:
         """Everything that reaches the compiler (not the path label)."""
-        return (self.module, self.kernel, self.ptrs, self.constexprs, self.num_warps)
+        return (self.module, self.kernel, self.ptrs, self.constexprs, self.num_warps,
+                self.maxnreg)
 
 
 def config_functions() -> SimpleNamespace:
@@ -121,13 +126,10 @@ def config_functions() -> SimpleNamespace:
 
 
 def softmax_variants() -> list[Variant]:
-    from softmax_gpu import heuristics
-
     out = []
-    for path, block_n, rows, warps, elem, kind in config_functions().all_softmax_configs():
+    for path, block_n, rows, warps, elem, kind, regs in config_functions().all_softmax_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
-        bs = heuristics.limits().max_splits  # BLOCK_S at its largest: the worst case
         # long rows: unit-stride rows (VEC elements per 16 bytes), with and
         # without the eviction hints (a tuning candidate)
         walk = [dict(VEC=16 // elem, EVICT=ev) for ev in (True, False)]
@@ -150,8 +152,7 @@ def softmax_variants() -> list[Variant]:
             if path == "single":
                 extras = [dict(ROWS=rows)]
             else:
-                extras = [dict(w, **({"BLOCK_S": bs} if "BLOCK_S" in _constexpr_names(name)
-                                     else {})) for w in walk]
+                extras = walk
             for extra in extras:
                 for log in (logs if "LOG" in _constexpr_names(name) else (None,)):
                     cx = dict(ACC=acc, BLOCK_N=block_n, **extra)
@@ -160,7 +161,7 @@ def softmax_variants() -> list[Variant]:
                     types = tuple((p, "i32" if p == "SYNC" else
                                    acc if p in ("PM", "PD", "PS", "WS") else dt) for p in ptrs)
                     out.append(Variant("softmax", name, dt, types, tuple(sorted(cx.items())),
-                                       warps, path))
+                                       warps, path, 0 if path == "single" else regs))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label()))
 
 
@@ -177,18 +178,21 @@ def _constexpr_names(kernel: str, module: str = "softmax") -> set:
 
 
 # Cross-entropy feature flags compiled per configuration. A configuration
-# chosen without extras runs only the plain flags (with and without the
-# gradient); one chosen with extras may run any subset of them, of which
-# all-on is the heaviest.
+# chosen without extras runs only the plain flags; one chosen with extras may
+# run any subset of them, of which all-on is the heaviest. A configuration
+# planned for statistics only (no gradient, no smoothing: "second pass"
+# False) runs only the flag sets without them.
 _CE_FLAGS = {
     ("class", False): (
         dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=True, WRITE_HIT=False),
         dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=True, WRITE_HIT=True),
         dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=False, WRITE_HIT=False),
+        dict(HAS_WEIGHT=False, SMOOTH=False, SOFTCAP=False, WRITE_GRAD=False, WRITE_HIT=True),
     ),
     ("class", True): (
         dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=True, WRITE_HIT=True),
         dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, WRITE_GRAD=False, WRITE_HIT=False),
+        dict(HAS_WEIGHT=True, SMOOTH=False, SOFTCAP=True, WRITE_GRAD=False, WRITE_HIT=True),
     ),
     ("prob", True): (
         dict(HAS_WEIGHT=False, SOFTCAP=False, WRITE_GRAD=True),
@@ -196,6 +200,13 @@ _CE_FLAGS = {
         dict(HAS_WEIGHT=True, SOFTCAP=True, WRITE_GRAD=False),
     ),
 }
+
+
+def _ce_flag_sets(fam: str, extras: bool, second_pass: bool):
+    sets = _CE_FLAGS[(fam, extras)]
+    if second_pass:
+        return sets
+    return [f for f in sets if not f.get("WRITE_GRAD") and not f.get("SMOOTH")]
 
 
 def cross_entropy_variants() -> list[Variant]:
@@ -216,7 +227,7 @@ def cross_entropy_variants() -> list[Variant]:
                         (("T", "i64"), ("W", acc), ("DIV", acc), ("DEN", acc)),
                         tuple(sorted(dict(ACC=acc, BLOCK=1024, HAS_WEIGHT=has_w, SMOOTH=smooth,
                                           COUNT=count, DIV_PTR=div_ptr).items())), 4, "single"))
-    for fam, extras, path, block_n, rows, warps, elem in \
+    for fam, extras, path, block_n, rows, warps, elem, second, regs in \
             config_functions().all_cross_entropy_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
@@ -243,30 +254,23 @@ def cross_entropy_variants() -> list[Variant]:
                     (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc), ("LSE", acc),
                      ("GO", acc), ("OUT", dt)),
                     tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, VEC=16 // elem, HAS_WEIGHT=on,
-                                      SMOOTH=on, SOFTCAP=on).items())), warps, path))
+                                      SMOOTH=on, SOFTCAP=on).items())), warps, path, regs))
             continue
         if fam == "class":
             ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc),
                     ("G", dt), ("LOSS", acc), ("LSE", acc), ("STATE", acc), ("HIT", "i8"))
             if path == "coop":
                 ptrs += (("WS", acc), ("SYNC", "i32"))
-                walks = [dict(w, BLOCK_S=heuristics_max_splits()) for w in walks]
         else:
             ptrs = (("X", dt), ("Y", dt), ("W", acc), ("DEN", acc), ("G", dt), ("LOSS", acc),
                     ("LSE", acc), ("STATE", acc))
-        for flags in _CE_FLAGS[(fam, extras)]:
+        for flags in _ce_flag_sets(fam, extras, second):
             for walk in walks:
                 cx = dict(ACC=acc, BLOCK_N=block_n, **walk, **flags)
                 out.append(Variant("cross_entropy", f"ce_{fam}_{path}_kernel", dt, ptrs,
-                                   tuple(sorted(cx.items())), warps, path))
+                                   tuple(sorted(cx.items())), warps, path,
+                                   0 if path == "single" else regs))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
-
-
-def heuristics_max_splits() -> int:
-    """BLOCK_S at its largest (the worst case): the split paths' bound."""
-    from softmax_gpu import heuristics
-
-    return heuristics.limits().max_splits
 
 
 def vocab_parallel_variants() -> list[Variant]:
@@ -324,7 +328,8 @@ def _triton_tool(name: str) -> str:
     return str(path)
 
 
-def _compile(fn, signature: dict, constants: dict, divisible16: list, num_warps: int):
+def _compile(fn, signature: dict, constants: dict, divisible16: list, num_warps: int,
+             maxnreg: int = 0):
     """``triton.compile`` of the JIT function ``fn`` for sm_90 with the given
     specialisation, under Triton 3.6 up to the newest.
 
@@ -346,8 +351,10 @@ def _compile(fn, signature: dict, constants: dict, divisible16: list, num_warps:
     names = [p.name for p in fn.params]
     attrs = {(names.index(n),): BaseBackend.parse_attr("D") for n in divisible16}
     src = ASTSource(fn, signature, constants, attrs)
-    return triton.compile(src, target=GPUTarget(*TARGET),
-                          options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
+    options = {"num_warps": num_warps, "enable_fp_fusion": FP_FUSION}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget(*TARGET), options=options)
 
 
 def specialisation(v: Variant, fn, aligned_ints: bool = True):
@@ -387,7 +394,7 @@ def compile_variant(v: Variant, aligned_ints: bool = True):
 
     fn = getattr(importlib.import_module(f"softmax_gpu.kernels.{v.module}"), v.kernel)
     sig, cx, div = specialisation(v, fn, aligned_ints)
-    return _compile(fn, sig, cx, div, v.num_warps)
+    return _compile(fn, sig, cx, div, v.num_warps, v.maxnreg)
 
 
 def resource_usage(cubin: bytes, what: str = "kernel") -> dict:
@@ -493,8 +500,8 @@ def write_table(results, out_dir: Path, aligned_ints: bool = True) -> Path:
     stamp = datetime.date.today().isoformat()
     ver = triton.__version__
     base = f"sm90_triton{ver}{'' if aligned_ints else '_plain-ints'}_{stamp}"
-    fields = ["kernel", "path", "dtype", "constexprs", "num_warps", "regs", "stack", "shared",
-              "local", "error", "target", "triton"]
+    fields = ["kernel", "path", "dtype", "constexprs", "num_warps", "maxnreg", "regs", "stack",
+              "shared", "local", "error", "target", "triton"]
     csv_path = out_dir / f"{base}.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -502,7 +509,8 @@ def write_table(results, out_dir: Path, aligned_ints: bool = True) -> Path:
         for v, u in results:
             w.writerow(dict(kernel=v.kernel, path=v.path, dtype=v.dtype,
                             constexprs=" ".join(f"{k}={val}" for k, val in v.constexprs),
-                            num_warps=v.num_warps, target="sm_90", triton=ver, **u))
+                            num_warps=v.num_warps, maxnreg=v.maxnreg or "", target="sm_90",
+                            triton=ver, **u))
     kernels = {}
     for v, _ in results:
         kernels.setdefault(v.kernel, v)
@@ -512,16 +520,16 @@ def write_table(results, out_dir: Path, aligned_ints: bool = True) -> Path:
           f"{'' if aligned_ints else ', NOT marked in this table'}). "
           f"fp fusion: {_fp_fusion()}.", ""]
     md += [f"- {k}: {_int_spec_summary(v)}" for k, v in sorted(kernels.items())]
-    md += ["", "| kernel | path | dtype | constexprs | warps | regs | stack (spill) | shared B |",
-           "|---|---|---|---|---:|---:|---:|---:|"]
+    md += ["", "| kernel | path | dtype | constexprs | warps | maxnreg | regs | stack (spill) | "
+           "shared B |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for v, u in results:
         cx = " ".join(f"{k}={val}" for k, val in v.constexprs)
         if "error" in u:
             md.append(f"| {v.kernel} | {v.path} | {v.dtype} | {cx} | {v.num_warps} | "
-                      f"ERROR | | |")
+                      f"{v.maxnreg or ''} | ERROR | | |")
         else:
             md.append(f"| {v.kernel} | {v.path} | {v.dtype} | {cx} | {v.num_warps} | "
-                      f"{u['regs']} | {u['stack']} | {u['shared']} |")
+                      f"{v.maxnreg or ''} | {u['regs']} | {u['stack']} | {u['shared']} |")
     (out_dir / f"{base}.md").write_text("\n".join(md) + "\n")
     return csv_path
 

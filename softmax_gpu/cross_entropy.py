@@ -76,6 +76,7 @@ class CrossEntropyConfig:
     chunk: int = 0  # COOP: columns per chunk, a multiple of block_n
     lag: int = 0  # COOP: first passes dealt ahead of the second passes
     evict: bool = False  # eviction hints on the two reads (LOOPED, COOP)
+    regs: int = 0  # register budget (maxnreg) of the long-row kernels; 0: ptxas's choice
 
 
 def ce_max_single(elem_bytes: int, extras: bool = False, lim=None) -> int:
@@ -144,11 +145,21 @@ def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
     if block <= ce_max_single(elem_bytes, extras, lim):
         return _ce_single(M, block, elem_bytes, device, lim)
     tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
+    regs = heuristics.long_row_regs(elem_bytes, _ce_weight(elem_bytes, extras, reread))
     if not reread:
-        return CrossEntropyConfig(LOOPED, tile, 1, warps)
-    plan = heuristics.long_rows(M, C, tile, C * elem_bytes, device, lim, coop)
+        return CrossEntropyConfig(LOOPED, tile, 1, warps, regs=regs)
+    plan = heuristics.long_rows(M, C, tile, C * elem_bytes, device, lim, coop, warps, regs)
     return CrossEntropyConfig(plan.path, tile, 1, warps, plan.programs, plan.splits, plan.chunk,
-                              plan.lag, plan.evict)
+                              plan.lag, plan.evict, plan.regs)
+
+
+def _ce_weight(elem_bytes: int, extras: bool, reread: bool) -> int:
+    """Weight class of a long-row cross-entropy kernel (``heuristics.long_row_regs``):
+    one for a second pass (the gradient or smoothing), one for the extras;
+    fp64 with extras the heaviest."""
+    if extras and elem_bytes > 4:
+        return 2
+    return int(reread) + int(extras)
 
 
 def cross_entropy_scale_config(M: int, C: int, elem_bytes: int,
@@ -172,18 +183,22 @@ def cross_entropy_backward_config(M: int, C: int, elem_bytes: int, device: torch
     lim = heuristics.limits_for("cross_entropy", device, elem_bytes, C)
     tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
     tile = max(tile, MIN_BLOCK)
-    programs = max(1, lim.programs_per_sm * heuristics.sm_count(device))
-    return CrossEntropyConfig(LOOPED, tile, 1, warps, min(M, programs))
+    regs = heuristics.long_row_regs(elem_bytes, int(extras))
+    fit = max(1, heuristics.REGISTERS_PER_SM // (regs * 32 * warps))
+    programs = max(1, min(lim.programs_per_sm, fit) * heuristics.sm_count(device))
+    return CrossEntropyConfig(LOOPED, tile, 1, warps, min(M, programs), regs=regs)
 
 
-def all_cross_entropy_configs() -> list[tuple[str, bool, str, int, int, int, int]]:
+def all_cross_entropy_configs() -> list[tuple]:
     """Every (kernel family, extras, path, block_n, rows_per_program,
-    num_warps, elem bytes) the defaults can pick, for the static compile
-    check; enumerated from the config functions themselves. Families:
-    "class" and "prob" (forward kernels; probability targets always count as
-    extras), "scale" (the row-wise backward kernels) and "backward" (the
-    traced backward). Long rows also with each path ``Limits.long_path`` can
-    force (tuning candidates)."""
+    num_warps, elem bytes, second pass, regs) the defaults can pick, for the
+    static compile check; enumerated from the config functions themselves.
+    Families: "class" and "prob" (forward kernels; probability targets
+    always count as extras), "scale" (the row-wise backward kernels) and
+    "backward" (the traced backward). "second pass": the configuration was
+    planned for kernels that write the gradient or smooth (else statistics
+    only). Long rows also with each path ``Limits.long_path`` can force
+    (tuning candidates)."""
     seen = set()
     dev = torch.device("cpu")
     for long_path in ("auto", "persistent", "coop"):
@@ -197,14 +212,15 @@ def all_cross_entropy_configs() -> list[tuple[str, bool, str, int, int, int, int
                                 c = cross_entropy_config(M, C, elem, dev, extras, reread=reread,
                                                          coop=fam == "class")
                                 seen.add((fam, extras, c.path, c.block_n, c.rows_per_program,
-                                          c.num_warps, elem))
+                                          c.num_warps, elem, reread or c.path == SINGLE,
+                                          c.regs))
                         c = cross_entropy_scale_config(M, C, elem, dev)
                         seen.add(("scale", False, c.path, c.block_n, c.rows_per_program,
-                                  c.num_warps, elem))
+                                  c.num_warps, elem, True, c.regs))
                         for extras in (False, True):
                             c = cross_entropy_backward_config(M, C, elem, dev, extras)
                             seen.add(("backward", extras, c.path, c.block_n, 1, c.num_warps,
-                                      elem))
+                                      elem, True, c.regs))
     return sorted(seen)
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "limits_for",
     "LongRows",
     "long_rows",
+    "long_row_regs",
 ]
 
 # Path names, shared by the forward and backward launchers.
@@ -217,6 +218,24 @@ def limits_for(op: str, device: torch.device, elem_bytes: int, n: int) -> Limits
     return limits()
 
 
+# Register budgets (maxnreg) of the long-row kernels by weight class, for
+# 2-/4-byte and 8-byte elements: 0 the light kernels (softmax forward,
+# cross-entropy statistics without extras), 1 one more burden (a written
+# gradient, the softmax backward, or the extras), 2 both (the 4-byte softmax
+# backward, fp64 with extras). Without a budget ptxas 12.8 trades a few
+# spilled bytes for one more program per SM; with one it allocates within it:
+# the smallest budgets under which every long-row configuration compiles
+# without a spill under Triton 3.6 and 3.9 (python -m perf.static). They also
+# fix the occupancy the persistent grids are sized from.
+LONG_ROW_REGS = {0: (64, 128), 1: (80, 168), 2: (96, 255)}
+REGISTERS_PER_SM = 65536
+
+
+def long_row_regs(elem_bytes: int, weight: int) -> int:
+    """The register budget of a long-row kernel of weight class ``weight``."""
+    return LONG_ROW_REGS[min(2, max(0, weight))][1 if elem_bytes > 4 else 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class LongRows:
     """How rows longer than the on-chip limit are walked (see :func:`long_rows`)."""
@@ -227,21 +246,26 @@ class LongRows:
     chunk: int  # columns per chunk, a multiple of the tile (COOP), else the row length
     lag: int  # COOP: first passes dealt ahead of the second passes (>= splits - 1)
     evict: bool  # eviction hints on the two reads
+    regs: int  # register budget of the kernel (maxnreg)
 
 
 def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device,
-              lim: Limits, coop: bool = True) -> LongRows:
+              lim: Limits, coop: bool = True, warps: int = 8, regs: int = 64) -> LongRows:
     """The plan for M rows of N elements that are read twice (``reread_bytes``:
     bytes per row read by both passes, e.g. N x element size, twice that for
-    the softmax backward's y and dy).
+    the softmax backward's y and dy), by kernels of ``warps`` warps and a
+    budget of ``regs`` registers per thread.
 
-    "auto": G = programs_per_sm x SMs programs; if the rows in flight between
-    their two reads, min(M, G) x row bytes, fit in l2_fraction x L2, the
-    looped kernels on min(M, G) programs (persistent when M > G); otherwise
-    the cooperative path (``coop``; else the same persistent grid), with the
-    fewest chunks per row whose G chunks in flight fit. ``lim.long_path``
-    forces a path ("split" is the caller's)."""
-    grid = max(1, lim.programs_per_sm * sm_count(device))
+    "auto": G = P x SMs programs, P = programs_per_sm, or fewer when that
+    many programs do not fit on a multiprocessor at that register budget;
+    if the rows in flight between their two reads, min(M, G) x row bytes,
+    fit in l2_fraction x L2, the looped kernels on min(M, G) programs
+    (persistent when M > G); otherwise the cooperative path (``coop``; else
+    the same persistent grid), with the fewest chunks per row whose G chunks
+    in flight fit. ``lim.long_path`` forces a path ("split" is the
+    caller's)."""
+    fit = max(1, REGISTERS_PER_SM // (regs * 32 * warps))
+    grid = max(1, min(lim.programs_per_sm, fit) * sm_count(device))
     budget = lim.l2_fraction * l2_bytes(device, lim)
     path = lim.long_path
     if path == "auto":
@@ -253,8 +277,8 @@ def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device
         chunk = -(-tiles // splits) * tile
         splits = -(-N // chunk)
         if splits > 1:
-            return LongRows(COOP, grid, splits, chunk, grid // 2 + splits, lim.evict)
+            return LongRows(COOP, grid, splits, chunk, grid // 2 + splits, lim.evict, regs)
         path = "persistent"
     if path == "persistent":
-        return LongRows(LOOPED, min(M, grid), 1, N, 0, lim.evict)
-    return LongRows(LOOPED, 0, 1, N, 0, lim.evict)
+        return LongRows(LOOPED, min(M, grid), 1, N, 0, lim.evict, regs)
+    return LongRows(LOOPED, 0, 1, N, 0, lim.evict, regs)

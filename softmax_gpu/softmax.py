@@ -60,6 +60,7 @@ class SoftmaxConfig:
     programs: int = 0  # grid of a persistent LOOPED / a COOP launch (0: one program per row)
     evict: bool = False  # eviction hints on the two reads (LOOPED, SPLIT, COOP)
     lag: int = 0  # COOP: first passes dealt ahead of the second passes
+    regs: int = 0  # register budget (maxnreg) of the long-row kernels; 0: ptxas's choice
 
 
 def softmax_config(
@@ -93,16 +94,19 @@ def softmax_config(
     tile = min(lim.tile if elem_bytes <= 4 else max(1, lim.tile // 2), block)
     warps = warps_for(tile)
     programs = lim.split_programs_per_sm * heuristics.sm_count(device)
+    # the backward (two tensors re-read) weighs more; the 4-byte one most
+    regs = heuristics.long_row_regs(elem_bytes, 0 if reread == 1 else 2 if elem_bytes == 4 else 1)
     if lim.long_path in ("auto", SPLIT) and M < programs:
         tiles = -(-N // tile)
         splits = min(tiles, -(-programs // M), lim.max_splits)
         if splits > 1:
             chunk = -(-tiles // splits) * tile
             splits = -(-N // chunk)
-            return SoftmaxConfig(SPLIT, tile, 1, warps, splits, chunk, evict=lim.evict)
-    plan = heuristics.long_rows(M, N, tile, reread * N * elem_bytes, device, lim, coop)
+            return SoftmaxConfig(SPLIT, tile, 1, warps, splits, chunk, evict=lim.evict, regs=regs)
+    plan = heuristics.long_rows(M, N, tile, reread * N * elem_bytes, device, lim, coop, warps,
+                                regs)
     return SoftmaxConfig(plan.path, tile, 1, warps, plan.splits, plan.chunk, plan.programs,
-                         plan.evict, plan.lag)
+                         plan.evict, plan.lag, plan.regs)
 
 
 # What each kind of call passes to softmax_config: (live_rows, reread).
@@ -110,8 +114,8 @@ CALL_KINDS = {"fwd": (1, 1), "log_fwd": (2, 1), "bwd": (2, 2)}
 
 
 def all_softmax_configs() -> list[tuple]:
-    """Every (path, block_n, rows_per_program, num_warps, elem_bytes, kind)
-    the defaults can pick, for the static compile check; ``kind``: "fwd"
+    """Every (path, block_n, rows_per_program, num_warps, elem_bytes, kind,
+    regs) the defaults can pick, for the static compile check; ``kind``: "fwd"
     (softmax forward), "log_fwd" (log-softmax forward) or "bwd" (both
     backwards). Enumerated from :func:`softmax_config` itself over all
     power-of-two row lengths and row counts, element sizes and call kinds,
@@ -129,7 +133,7 @@ def all_softmax_configs() -> list[tuple]:
                             c = softmax_config(1 << logm, 1 << logn, elem, dev, live,
                                                reread=reread, coop=True)
                             seen.add((c.path, c.block_n, c.rows_per_program, c.num_warps, elem,
-                                      kind))
+                                      kind, c.regs))
     return sorted(seen)
 
 
