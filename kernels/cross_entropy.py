@@ -76,7 +76,7 @@ import triton.language as tl
 
 from .softmax import (FP_FUSION, LOG2E, acc_dtype, coop_arrive, coop_buffers, coop_grid,
                       coop_place, coop_wait, edge_columns, load_logits, load_p, log2_shift,
-                      long_row_meta, lse_of, merge_partials, online_stats, online_update,
+                      regs_meta, lse_of, merge_partials, online_stats, online_update,
                       partial_mask, recip, row_base, row_vec, softcap_tanh, store_p,
                       sum_partials, tile_offsets, vec_segment)
 
@@ -959,14 +959,14 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
     scal = _scalars(eps, z_loss, cap, grad_scale)
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
                 WRITE_HIT=write_hit, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
+                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     if cfg.path == "single":
         kernel = ce_class_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         meta["ROWS"] = cfg.rows_per_program
         names = ("ce_class_single_kernel",)
     else:
         meta.update(VEC=row_vec(dtype, x_strides, g_strides) if write_grad else
-                    row_vec(dtype, x_strides), EVICT=cfg.evict, **long_row_meta(cfg))
+                    row_vec(dtype, x_strides), EVICT=cfg.evict)
     if cfg.path == "coop":
         kernel = ce_class_coop_kernel[(coop_grid(cfg, M),)]
         args = head + (cfg.splits, cfg.chunk, cfg.lag) + scal
@@ -997,7 +997,7 @@ def class_backward_launcher(M, C, inner, x_strides, o_strides, ignore_index, use
     tail = (ignore_index, int(use_den), *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, ACC=acc_dtype(dtype),
                 BLOCK_N=cfg.block_n, VEC=row_vec(dtype, x_strides, o_strides),
-                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, **long_row_meta(cfg))
+                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     kernel = ce_class_backward_kernel[(min(M, cfg.programs or M),)]
     names = ("ce_class_backward_kernel",)
 
@@ -1016,7 +1016,7 @@ def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z
             *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SOFTCAP=cap > 0, WRITE_GRAD=write_grad,
                 ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                enable_fp_fusion=FP_FUSION)
+                enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     if cfg.path == "single":
         kernel = ce_prob_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         meta["ROWS"] = cfg.rows_per_program
@@ -1024,7 +1024,7 @@ def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z
     else:
         kernel = ce_prob_looped_kernel[(min(M, cfg.programs or M),)]
         meta.update(VEC=row_vec(dtype, x_strides, y_strides, g_strides) if write_grad else
-                    row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict, **long_row_meta(cfg))
+                    row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
         names = ("ce_prob_looped_kernel",)
     args = (M, C, inner, *tail)
 
@@ -1062,7 +1062,8 @@ def grad_scale_launcher(M, C, inner, g_strides, o_strides, in_place, dtype, cfg)
     kernel = ce_grad_scale_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
     args = (M, C, inner, *g_strides, *o_strides)
     meta = dict(IN_PLACE=in_place, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
-                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
+                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+                **regs_meta(cfg))
     names = ("ce_grad_scale_kernel",)
 
     def launch(g, out, state, go, s_go):
@@ -1077,7 +1078,8 @@ def lse_grad_launcher(M, C, inner, x_strides, o_strides, cap, dtype, cfg):
     kernel = ce_lse_grad_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
     args = (M, C, inner, *x_strides, *o_strides)
     meta = dict(SOFTCAP=cap > 0, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
-                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION)
+                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+                **regs_meta(cfg))
     scal = f64_parts(cap)
     names = ("ce_lse_grad_kernel",)
 

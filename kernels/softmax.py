@@ -856,9 +856,9 @@ def row_vec(dtype: torch.dtype, *strides) -> int:
     return vec
 
 
-def long_row_meta(cfg) -> dict:
-    """Launch options of a long-row kernel: its register budget (``maxnreg``,
-    from the config: see ``softmax_gpu.heuristics.long_row_regs``)."""
+def regs_meta(cfg) -> dict:
+    """Launch options from a config: its register budget (``maxnreg``; see
+    ``softmax_gpu.heuristics.long_row_regs`` / ``single_regs``), if any."""
     return {"maxnreg": cfg.regs} if cfg.regs else {}
 
 
@@ -882,7 +882,7 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     a ``SoftmaxConfig``; ``dtype``: the element dtype of x and y.
     """
     meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                enable_fp_fusion=FP_FUSION)
+                enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     if cfg.path == "single":
         kernel = softmax_fwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         args = (M, N, inner, *x_strides, *y_strides)
@@ -893,7 +893,7 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
             kernel(x, y, *args, **meta)
             return names
         return launch
-    meta.update(VEC=row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict, **long_row_meta(cfg))
+    meta.update(VEC=row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
     if cfg.path == "looped":
         kernel = softmax_fwd_looped_kernel[(min(M, cfg.programs or M),)]
         args = (M, N, inner, *x_strides, *y_strides)
@@ -920,7 +920,7 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     stats_args = (N, inner, *x_strides, cfg.splits, cfg.chunk)
     stats_meta = dict(ACC=meta["ACC"], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                       VEC=meta["VEC"], EVICT=cfg.evict, enable_fp_fusion=FP_FUSION,
-                      **long_row_meta(cfg))
+                      **regs_meta(cfg))
     norm_args = (N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk)
     names = ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
 
@@ -937,7 +937,7 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
     """``launch(y, dy, dx)``: dx <- vector-Jacobian product of softmax (or
     log-softmax) at output y with dy; strides as in :func:`softmax_forward_launcher`."""
     meta = dict(LOG=log, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                enable_fp_fusion=FP_FUSION)
+                enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     strides = (*y_strides, *g_strides, *x_strides)
     if cfg.path == "single":
         kernel = softmax_bwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
@@ -949,8 +949,7 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
             kernel(y, dy, dx, *args, **meta)
             return names
         return launch
-    meta.update(VEC=row_vec(dtype, y_strides, g_strides, x_strides), EVICT=cfg.evict,
-                **long_row_meta(cfg))
+    meta.update(VEC=row_vec(dtype, y_strides, g_strides, x_strides), EVICT=cfg.evict)
     if cfg.path == "looped":
         kernel = softmax_bwd_looped_kernel[(min(M, cfg.programs or M),)]
         args = (M, N, inner, *strides)

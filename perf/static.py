@@ -161,7 +161,7 @@ def softmax_variants() -> list[Variant]:
                     types = tuple((p, "i32" if p == "SYNC" else
                                    acc if p in ("PM", "PD", "PS", "WS") else dt) for p in ptrs)
                     out.append(Variant("softmax", name, dt, types, tuple(sorted(cx.items())),
-                                       warps, path, 0 if path == "single" else regs))
+                                       warps, path, regs))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label()))
 
 
@@ -239,13 +239,13 @@ def cross_entropy_variants() -> list[Variant]:
                     "cross_entropy", "ce_grad_scale_kernel", dt,
                     (("G", dt), ("OUT", dt), ("STATE", acc), ("GO", acc)),
                     tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
-                                      IN_PLACE=in_place).items())), warps, path))
+                                      IN_PLACE=in_place).items())), warps, path, regs))
             for softcap in (False, True):
                 out.append(Variant(
                     "cross_entropy", "ce_lse_grad_kernel", dt,
                     (("X", dt), ("LSE", acc), ("DLSE", acc), ("OUT", dt)),
                     tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
-                                      SOFTCAP=softcap).items())), warps, path))
+                                      SOFTCAP=softcap).items())), warps, path, regs))
             continue
         if fam == "backward":
             for on in ((False, True) if extras else (False,)):
@@ -268,8 +268,7 @@ def cross_entropy_variants() -> list[Variant]:
             for walk in walks:
                 cx = dict(ACC=acc, BLOCK_N=block_n, **walk, **flags)
                 out.append(Variant("cross_entropy", f"ce_{fam}_{path}_kernel", dt, ptrs,
-                                   tuple(sorted(cx.items())), warps, path,
-                                   0 if path == "single" else regs))
+                                   tuple(sorted(cx.items())), warps, path, regs))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
 
 

@@ -111,7 +111,7 @@ def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device,
     target = min(lim.target_program_elems, max(block, 512 * ept))
     rows = _rows_per_program(M, block, device, target)
     warps = max(1, min(16, block * rows // (32 * ept)))
-    return CrossEntropyConfig(SINGLE, block, rows, warps)
+    return CrossEntropyConfig(SINGLE, block, rows, warps, regs=heuristics.single_regs(warps))
 
 
 def _ce_tile(C: int, elem_bytes: int, heavy: bool, lim) -> tuple[int, int]:

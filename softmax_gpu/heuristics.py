@@ -48,6 +48,7 @@ __all__ = [
     "LongRows",
     "long_rows",
     "long_row_regs",
+    "single_regs",
 ]
 
 # Path names, shared by the forward and backward launchers.
@@ -229,6 +230,15 @@ def limits_for(op: str, device: torch.device, elem_bytes: int, n: int) -> Limits
 # fix the occupancy the persistent grids are sized from.
 LONG_ROW_REGS = {0: (64, 128), 1: (80, 168), 2: (96, 255)}
 REGISTERS_PER_SM = 65536
+
+
+def single_regs(num_warps: int) -> int:
+    """Register budget of an on-chip kernel: at 16 warps 128, the most a
+    512-thread program can have (one program per SM), which stops ptxas 12.8
+    from spilling a few bytes to fit a second one (the static check found
+    such spills in 16-warp configurations); fewer warps: none (ptxas's
+    choice)."""
+    return 128 if num_warps >= 16 else 0
 
 
 def long_row_regs(elem_bytes: int, weight: int) -> int:

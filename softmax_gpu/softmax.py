@@ -90,7 +90,9 @@ def softmax_config(
         rows = max(1, lim.target_program_elems // block)
         if rows > 1 and -(-M // rows) < 2 * heuristics.sm_count(device):
             rows = 1
-        return SoftmaxConfig(SINGLE, block, rows, warps_for(block * rows), 1, block)
+        warps = warps_for(block * rows)
+        return SoftmaxConfig(SINGLE, block, rows, warps, 1, block,
+                             regs=heuristics.single_regs(warps))
     tile = min(lim.tile if elem_bytes <= 4 else max(1, lim.tile // 2), block)
     warps = warps_for(tile)
     programs = lim.split_programs_per_sm * heuristics.sm_count(device)

@@ -8,6 +8,7 @@ helpers.forced("looped") on rows longer than 64. Every output buffer starts
 as NaN (conftest), so an unwritten element fails.
 """
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -16,8 +17,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import softmax_gpu
+from softmax_gpu import heuristics
+from softmax_gpu.kernels.cross_entropy import softcap_tanh
 from helpers import DEVICE, FLOAT_DTYPES, assert_close, expect_launches, forced, rand, run_python
 
 CE = sys.modules["softmax_gpu.cross_entropy"]  # the module (its name is shadowed by the function)
@@ -856,3 +861,310 @@ def test_loss_dtype():
     rows = softmax_gpu.cross_entropy(x.detach(), t, reduction="none", loss_dtype=torch.float32)
     assert rows.dtype == torch.float32
     assert_close(rows, torch_ref(x.detach(), t, reduction="none"), torch.float32, scale=4)
+
+
+# --- long rows: persistent, cooperative, unaligned rows, ignored rows ---------------
+
+LONG = {
+    "looped": dict(max_single=64, tile=16, sm_count=2, long_path="looped"),
+    "persistent": dict(max_single=64, tile=16, sm_count=2, long_path="persistent",
+                       programs_per_sm=1),
+    "coop": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=1,
+                 coop_splits=3),
+    "coop-lag": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=2,
+                     coop_splits=5, evict=False),
+}
+LONG_KERNEL = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("candidate", list(LONG))
+def test_long_row_candidates(candidate, dtype):
+    """Every long-row path a tuner can force (Limits fields), on unaligned
+    rows (101 classes: head, aligned body and tail), with ignored rows,
+    plain and with every extra, against float64; the loss, gradient and lse
+    of the forward-with-gradient launch."""
+    C = 101
+    x = rand(9, C, dtype=dtype)
+    t = targets(9, C, ignore=(1, 5))
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    kern = f"ce_class_{LONG_KERNEL[candidate]}"
+    for kw in ({}, dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=4.0,
+                        reduction="sum")):
+        xs = x.clone().requires_grad_()
+        with heuristics.override(**LONG[candidate]):
+            with expect_launches(*(((DEN,) if kw.get("reduction", "mean") == "mean" or kw
+                                    else ()) + (kern,))):
+                loss, lse = softmax_gpu.cross_entropy(xs, t, return_lse=True, **kw)
+            (dx,) = torch.autograd.grad(loss, xs)
+        x64 = x.double().requires_grad_()
+        ref = torch_ref(x64, t, **kw)
+        (dx_ref,) = torch.autograd.grad(ref, x64)
+        z64 = x.double() if "softcap" not in kw else 4.0 * torch.tanh(x.double() / 4.0)
+        assert_close(loss, ref.detach(), dtype)
+        assert_close(dx, dx_ref, dtype, scale=4.0)
+        assert_close(lse, torch.logsumexp(z64, 1), torch.float32)
+
+
+@pytest.mark.parametrize("candidate", ["persistent", "coop"])
+def test_long_rows_in_place_and_token_hits(candidate):
+    """In place (the gradient written over the logits: a coop second pass
+    must not overwrite what another chunk's first pass reads, and the target
+    logit is taken before) and linear_cross_entropy's token accuracy, which
+    uses the same kernels' HIT output, on the long-row paths."""
+    C = 150
+    x = rand(8, C)
+    t = targets(8, C, ignore=(3,))
+    with heuristics.override(**LONG[candidate]):
+        h = x.clone().requires_grad_()
+        loss = softmax_gpu.cross_entropy(h * 1, t, inplace_backward=True)
+        loss.backward()
+        x64 = x.double().requires_grad_()
+        (dx_ref,) = torch.autograd.grad(torch_ref(x64, t), x64)
+        assert_close(h.grad, dx_ref, scale=4.0)
+        inp = rand(8, 16)
+        lw = rand(C, 16) * 0.5
+        tt = targets(8, C, ignore=(3,))
+        _, acc = softmax_gpu.linear_cross_entropy(inp, lw, tt, return_token_accuracy=True)
+    logits = inp.double() @ lw.double().t()
+    kept = tt != -100
+    want = (logits.argmax(1) == tt)[kept].double().mean()
+    assert abs(float(acc) - float(want)) < 1e-6
+
+
+@pytest.mark.parametrize("path", ["single", "looped", "coop"])
+def test_ignored_rows_are_never_read(path):
+    """Logits of ignored rows are never read: NaN there changes nothing (loss,
+    gradient, the other rows' lse), their gradient rows are written as
+    zeros, and their internal lse is 0 unless every row's lse is asked for
+    (return_lse), when they are read (and the lse is NaN, as torch's)."""
+    C = 37 if path == "single" else 120
+    lim = {} if path == "single" else LONG["coop" if path == "coop" else "persistent"]
+    x = rand(7, C)
+    t = targets(7, C, ignore=(0, 4))
+    poisoned = x.clone()
+    poisoned[0] = float("nan")
+    poisoned[4] = float("nan")
+    with heuristics.override(**lim):
+        xs = poisoned.clone().requires_grad_()
+        loss = softmax_gpu.cross_entropy(xs, t)
+        loss.backward()
+        _, lse, _, _ = CE.cross_entropy_forward(poisoned, t, None, -100, "mean", 0.0, 0.0, 0.0,
+                                                1.0, False, None, None, False)
+        _, lse_all = softmax_gpu.cross_entropy(poisoned, t, return_lse=True)
+    x64 = x.double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(torch_ref(x64, t), x64)
+    assert_close(loss, torch_ref(x.double(), t))
+    assert torch.equal(xs.grad[[0, 4]], torch.zeros_like(xs.grad[[0, 4]]))
+    assert_close(xs.grad, dx_ref, scale=4.0)
+    assert torch.equal(lse[[0, 4]].cpu(), torch.zeros(2, dtype=lse.dtype))
+    assert lse_all[[0, 4]].isnan().all() and lse_all[[1, 2, 3, 5, 6]].isfinite().all()
+
+
+# --- divisor: the backward's scale stated ahead --------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["float", "tensor"])
+@pytest.mark.parametrize("path", PATHS)
+def test_divisor(path, kind, reduction):
+    """divisor: the returned loss and the gradient written in the forward are
+    divided by it (a float, or a 0-d device tensor read on the device); the
+    backward of grad_output 1 is then nothing but the no-op launch, and the
+    gradient equals float64 torch of loss / divisor."""
+    C = C_FOR[path]
+    x = rand(6, C)
+    t = targets(6, C, ignore=(2,))
+    div = 3.7 if kind == "float" else torch.tensor(3.7, device=DEVICE)
+    with forced(path):
+        xs = x.clone().requires_grad_()
+        loss = softmax_gpu.cross_entropy(xs, t, reduction=reduction, divisor=div)
+        with expect_launches(BWD):
+            loss.backward(torch.ones_like(loss))
+        loss2, grad2 = softmax_gpu.cross_entropy_with_grad(x, t, reduction=reduction,
+                                                           divisor=div, grad_scale=2.0)
+    x64 = x.double().requires_grad_()
+    ref = torch_ref(x64, t, reduction=reduction) / 3.7
+    (dx_ref,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
+    assert_close(loss, ref.detach())
+    assert_close(loss2, ref.detach())
+    assert_close(xs.grad, dx_ref, scale=4.0)
+    assert_close(grad2, 2.0 * dx_ref, scale=8.0)
+
+
+def test_divisor_with_every_extra_and_probability_targets():
+    """The divisor with weights, smoothing, z-loss, softcap (class targets),
+    and with probability targets, on both paths."""
+    x = rand(5, 100)
+    t = targets(5, 100, ignore=(1,))
+    p = torch.softmax(rand(5, 100), -1)
+    w = (torch.rand(100, dtype=torch.float64) + 0.5).to(DEVICE)
+    for path in PATHS:
+        for target, kw in ((t, dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)),
+                           (p, dict(label_smoothing=0.1))):
+            for div in (0.25, torch.tensor(8.0, dtype=torch.float64, device=DEVICE)):
+                with forced(path):
+                    xs = x.clone().requires_grad_()
+                    loss = softmax_gpu.cross_entropy(xs, target, divisor=div, **kw)
+                    loss.backward()
+                d = float(div)
+                x64 = x.double().requires_grad_()
+                ref = torch_ref(x64, target, **kw) / d
+                (dx_ref,) = torch.autograd.grad(ref, x64)
+                assert_close(loss, ref.detach())
+                assert_close(xs.grad, dx_ref, scale=4.0 / min(1.0, d))
+
+
+def test_divisor_checks():
+    x = rand(3, 10)
+    t = targets(3, 10)
+    for bad, err in ((0.0, ValueError), (math.inf, ValueError), (True, TypeError),
+                     ("2", TypeError), (torch.ones(2, device=DEVICE), ValueError)):
+        with pytest.raises(err, match="divisor"):
+            softmax_gpu.cross_entropy(x, t, divisor=bad)
+    # a CPU scalar tensor is read on the host; an integer tensor works too
+    loss = softmax_gpu.cross_entropy(x, t, reduction="sum", divisor=torch.tensor(4))
+    assert_close(loss, torch_ref(x.double(), t, reduction="sum") / 4)
+
+
+def kernel_round(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values rounded to ``dtype`` as the kernels' cast does: to nearest
+    on a GPU; Triton's interpreter truncates fp32 -> bf16."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        return (v.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    return v.to(dtype)
+
+
+def test_grad_output_stated_ahead_is_rounded_once():
+    """bf16 16 x 50257 (an unaligned vocabulary) with grad_output -1.3 stated
+    ahead (divisor = -1/1.3): the bf16 gradient is the kernel's fp32
+    gradient (the same launch plan writing into an fp32 buffer) rounded
+    once, bit for bit, and the backward does nothing. Doubly rounded (the
+    gradient stored at forward time, then rescaled) it is not."""
+    C = 50257
+    x = rand(16, C, dtype=torch.bfloat16)
+    t = targets(16, C, ignore=(3,))
+    div = -1 / 1.3
+    xs = x.clone().requires_grad_()
+    softmax_gpu.cross_entropy(xs, t, divisor=div).backward()
+    g32 = torch.empty(x.shape, dtype=torch.float32, device=DEVICE)
+    plan = CE._plan(x, t, None, -100, "mean", 0.0, 0.0, 0.0, 1.0, CE.NEW_GRAD, divisor=div,
+                    lse_all=False)
+    plan.run(x, t, None, g32)
+    once = kernel_round(g32, torch.bfloat16)
+    assert torch.equal(xs.grad.view(torch.int16), once.view(torch.int16))
+    x64 = x.double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch_ref(x64, t) * -1.3, x64)
+    assert_close(g32, ref, torch.float32, scale=4.0)
+    plain = torch.empty_like(g32)
+    CE._plan(x, t, None, -100, "mean", 0.0, 0.0, 0.0, 1.0, CE.NEW_GRAD,
+             lse_all=False).run(x, t, None, plain)
+    twice = kernel_round(kernel_round(plain, torch.bfloat16).float() * -1.3, torch.bfloat16)
+    assert not torch.equal(twice.view(torch.int16), once.view(torch.int16))
+
+
+def test_compiled_step_writes_the_gradient_once_from_the_logits():
+    """Under torch.compile (a traced graph) with class targets, the forward
+    writes no gradient and the backward writes grad_output times it in one
+    pass over the saved logits (ce_class_backward), rounded once: each bf16
+    element within one unit in the last place of float64 (a doubly rounded
+    gradient, stored then rescaled, is not); also with a divisor and with
+    every extra, against float64."""
+    torch._dynamo.reset()
+    C = 300
+    x = rand(8, C, dtype=torch.bfloat16)
+    t = targets(8, C, ignore=(2,))
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).float().to(DEVICE)
+
+    def step(z, t, kw):
+        return softmax_gpu.cross_entropy(z, t, **kw) * -1.3
+
+    compiled = torch.compile(step, fullgraph=True)
+    for kw in ({}, dict(divisor=2.5), dict(weight=w, label_smoothing=0.1, z_loss=1e-2,
+                                           softcap=8.0)):
+        xs = x.clone().requires_grad_()
+        loss = compiled(xs, t, kw)
+        with softmax_gpu.record_launches() as names:
+            loss.backward()
+        assert any(n.startswith("ce_class_backward") for n in names), names
+        assert not any(n.startswith("ce_grad_scale") for n in names), names
+        x64 = x.double().requires_grad_()
+        d = kw.pop("divisor", 1.0)
+        ref = torch_ref(x64, t, **kw) / d * -1.3
+        (dx_ref,) = torch.autograd.grad(ref, x64)
+        assert_close(loss, ref.detach(), torch.bfloat16)
+        if not kw:
+            ulp = 2.0 ** (torch.frexp(dx_ref.float())[1].double() - 8)
+            err = (xs.grad.double() - dx_ref).abs()
+            assert bool((err <= ulp * (1 + 1e-3) + 1e-30).all()), float((err / ulp).max())
+        else:
+            assert_close(xs.grad, dx_ref, torch.bfloat16, scale=4.0)
+
+
+# --- the softcap's tanh, accurate at every cap ---------------------------------------
+
+
+@triton.jit
+def _softcap_values(X, Z, cap, N, BLOCK: tl.constexpr):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = c < N
+    cap = tl.zeros((), tl.float32) + cap  # an fp32 scalar, as the kernels' scalar_arg gives
+    tl.store(Z + c, softcap_tanh(tl.load(X + c, mask=m, other=0.0), cap), mask=m)
+
+
+@pytest.mark.parametrize("cap", [30.0, 100.0, 1000.0, 1e4])
+def test_softcap_accurate_at_every_cap(cap):
+    """cap * tanh(x / cap) in fp32 within 2x torch's fp32 error (max relative,
+    against float64) at caps 30 to 1e4, over logits up to +-60 (both of its
+    branches), and the cross-entropy gradient through it likewise (the
+    former 1 - 2 / (e^(2u) + 1) form lost digits at large caps: 1e-3 at 1e4)."""
+    gen = torch.Generator().manual_seed(int(cap))
+    x = torch.cat([torch.randn(40000, dtype=torch.float64, generator=gen) * 8,
+                   torch.linspace(-60, 60, 4001, dtype=torch.float64)]).float()
+    z = torch.empty_like(x).to(DEVICE)
+    _softcap_values[(triton.cdiv(x.numel(), 4096),)](x.to(DEVICE), z, cap, x.numel(), BLOCK=4096)
+    ref = cap * torch.tanh(x.double() / cap)
+
+    def err(v):
+        return float(((v.double().cpu() - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+
+    assert err(z) <= 2 * err(cap * torch.tanh(x / cap))
+    # the gradient of the loss through the softcap, against float64
+    xs = (torch.randn(32, 1024, dtype=torch.float64, generator=gen) * 4).float()
+    t = torch.randint(0, 1024, (32,), generator=gen)
+
+    def grad(fn, v):
+        v = v.clone().requires_grad_()
+        fn(v).backward()
+        return v.grad.double()
+
+    g64 = grad(lambda v: F.cross_entropy(cap * torch.tanh(v / cap), t), xs.double())
+    g_torch = grad(lambda v: F.cross_entropy(cap * torch.tanh(v / cap), t), xs)
+    ours = grad(lambda v: softmax_gpu.cross_entropy(v, t.to(DEVICE), softcap=cap), xs.to(DEVICE))
+    scale = g64.abs().max()
+    assert float((ours.cpu() - g64).abs().max() / scale) <= \
+        2 * float((g_torch - g64).abs().max() / scale)
+
+
+def test_row_length_is_checked():
+    x = torch.empty(2, 2**31, device="meta")
+    with pytest.raises(ValueError, match="2\\^31"):
+        softmax_gpu.cross_entropy(x, torch.empty(2, dtype=torch.long, device="meta"))
+
+
+def test_config_reads_limits_for(monkeypatch):
+    """cross_entropy_config plans with heuristics.limits_for("cross_entropy",
+    ...) (the tuned table's entry point)."""
+    seen = []
+
+    def fake(op, device, elem_bytes, n):
+        seen.append((op, elem_bytes, n))
+        return dataclasses.replace(heuristics.limits(), ce_max_single_2byte=64, tile=64,
+                                   long_path="coop", coop_splits=3, sm_count=2)
+
+    monkeypatch.setattr(heuristics, "limits_for", fake)
+    cfg = CE.cross_entropy_config(4096, 1000, 2, torch.device("cpu"))
+    assert seen[0] == ("cross_entropy", 2, 1000)
+    assert cfg.path == heuristics.COOP and cfg.splits == 3 and cfg.lag >= 2 and cfg.regs
+    assert CE.cross_entropy_config(4096, 1000, 2, torch.device("cpu"), coop=False).path == \
+        heuristics.LOOPED

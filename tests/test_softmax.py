@@ -2,6 +2,7 @@
 the torch.library ops, torch.compile, the modules, torch's call binding and
 int64 offsets."""
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -9,11 +10,14 @@ import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import softmax_gpu
-from softmax_gpu import _layout
+from softmax_gpu import _layout, heuristics
+from softmax_gpu.kernels.softmax import coop_item
 from helpers import (
     DEVICE,
     FLOAT_DTYPES,
@@ -437,3 +441,131 @@ print("OK", ok)
 def test_rows_beyond_2_pow_31_every_path():
     out = run_python(CODE)
     assert "OK ['single', 'looped', 'split']" in out
+
+
+# --- long rows: persistent, cooperative, unaligned rows -------------------------------
+
+# Forced long-row candidates (tuning candidates, Limits fields) at interpreter
+# sizes: rows longer than 64 leave the on-chip path; 16-wide tiles; 2 SMs.
+LONG = {
+    "looped": dict(max_single=64, tile=16, sm_count=2, long_path="looped"),
+    "persistent": dict(max_single=64, tile=16, sm_count=2, long_path="persistent",
+                       programs_per_sm=1),
+    "coop": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=1,
+                 coop_splits=3),
+    "coop-lag": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=2,
+                     coop_splits=4, evict=False),
+}
+LONG_KERNELS = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [100, 203])
+@pytest.mark.parametrize("candidate", list(LONG))
+def test_long_row_candidates_forward_and_backward(candidate, n, dtype):
+    """Every long-row path a tuner can force, forward and backward of softmax
+    and log-softmax, against float64; rows of 100 and 203 columns are not a
+    multiple of 16 bytes, so the head / aligned body / tail walk runs (VEC >
+    1) on most rows, and a persistent grid of 2 programs walks 9 rows."""
+    kern = LONG_KERNELS[candidate]
+    for log in (False, True):
+        x = rand(9, n, dtype=dtype).requires_grad_()
+        dy = rand(9, n, dtype=dtype)
+        with heuristics.override(**LONG[candidate]):
+            with expect_launches(f"softmax_fwd_{kern}"):
+                y = FNS[log](x, -1)
+            with expect_launches(f"softmax_bwd_{kern}"):
+                (dx,) = torch.autograd.grad(y, x, dy)
+        x64 = x.detach().double().requires_grad_()
+        y64 = ref(x64, -1, log)
+        (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+        assert_close(y, y64.detach())
+        assert_close(dx, dx64, scale=4 * max(1.0, float(dx64.abs().max())))
+
+
+@pytest.mark.parametrize("candidate", ["persistent", "coop"])
+def test_long_rows_at_every_alignment(candidate):
+    """Rows read from slices starting at every element offset modulo 16 bytes
+    (x[:, k:], x's rows and y's rows not congruent: the walk falls back to
+    masked tiles), strided rows (transposed: VEC = 1) and an inner-dim
+    reduction: all against float64."""
+    base = rand(9, 140)
+    with heuristics.override(**LONG[candidate]):
+        for k in range(9):
+            x = base[:, k:k + 101]
+            assert_close(softmax_gpu.softmax(x, -1), ref(x, -1, False))
+        xt = rand(120, 9).t()
+        assert_close(softmax_gpu.log_softmax(xt, -1), ref(xt, -1, True))
+        x3 = rand(3, 110, 3)
+        assert_close(softmax_gpu.softmax(x3, 1), ref(x3, 1, False))
+
+
+@triton.jit
+def _decode_tickets(OUT_SECOND, OUT_ITEM, n, LAG, BLOCK: tl.constexpr):
+    """(second pass?, item) of tickets 0 .. 2n-1 (``coop_item``)."""
+    t = tl.arange(0, BLOCK)
+    second, item = coop_item(t, n, LAG)
+    tl.store(OUT_SECOND + t, second.to(tl.int32), mask=t < 2 * n)
+    tl.store(OUT_ITEM + t, item, mask=t < 2 * n)
+
+
+def test_coop_ticket_order_never_waits_on_a_later_ticket():
+    """The cooperative path's ticket order (``coop_item``), run as a kernel
+    over every ticket: each chunk item gets exactly one first and one second
+    pass, and every first pass of a row has a smaller ticket than any second
+    pass of that row whenever LAG >= SPLITS - 1, the condition of the
+    deadlock-freedom argument (a waiting second pass waits only on earlier
+    tickets, held by running programs that never wait)."""
+    for rows, splits in ((5, 1), (4, 3), (7, 4), (2, 8)):
+        n = rows * splits
+        for lag in sorted({splits - 1, splits, n // 2, n, n + 5}):
+            sec = torch.full((2 * n,), -1, dtype=torch.int32, device=DEVICE)
+            item = torch.full((2 * n,), -1, dtype=torch.int32, device=DEVICE)
+            _decode_tickets[(1,)](sec, item, n, lag, BLOCK=triton.next_power_of_2(2 * n))
+            sec, item = sec.cpu().tolist(), item.cpu().tolist()
+            firsts = {i: k for k, (s, i) in enumerate(zip(sec, item)) if s == 0}
+            seconds = {i: k for k, (s, i) in enumerate(zip(sec, item)) if s == 1}
+            assert sorted(firsts) == sorted(seconds) == list(range(n)), (rows, splits, lag)
+            for i, k in seconds.items():
+                row = i // splits
+                assert all(firsts[j] < k for j in range(row * splits, (row + 1) * splits)), \
+                    (rows, splits, lag, i)
+
+
+def test_config_reads_limits_for(monkeypatch):
+    """softmax_config plans with heuristics.limits_for("softmax", ...) (the
+    tuned table's entry point): what it returns decides the path."""
+    seen = []
+
+    def fake(op, device, elem_bytes, n):
+        seen.append((op, elem_bytes, n))
+        return dataclasses.replace(heuristics.limits(), max_single_2byte=64, tile=64,
+                                   long_path="coop", coop_splits=2, sm_count=2)
+
+    monkeypatch.setattr(heuristics, "limits_for", fake)
+    cfg = SM.softmax_config(4096, 1000, 2, torch.device("cpu"), coop=True)
+    assert seen and seen[0] == ("softmax", 2, 1000)
+    assert cfg.path == heuristics.COOP and cfg.splits == 2 and cfg.regs > 0
+    assert SM.softmax_config(4096, 1000, 2, torch.device("cpu")).path == heuristics.LOOPED
+
+
+def test_long_row_plan_fits_l2():
+    """The default plan keeps the data between a row's two reads inside the
+    L2 share: a persistent grid when its rows fit, else the cooperative path
+    with chunks that do (132 SMs, 50 MiB, as the CPU planning assumes)."""
+    dev = torch.device("cpu")
+    with heuristics.override(sm_count=132):
+        lim = heuristics.limits()
+        budget = lim.l2_fraction * heuristics.l2_bytes(dev)
+        for n in (65536, 131072, 262144):
+            for kind, (live, reread) in SM.CALL_KINDS.items():
+                cfg = SM.softmax_config(16384, n, 2, dev, live, reread=reread, coop=True)
+                if cfg.path == heuristics.SINGLE:
+                    continue
+                per_row = reread * n * 2
+                if cfg.path == heuristics.COOP:
+                    assert cfg.programs * cfg.chunk * reread * 2 <= budget + cfg.programs * \
+                        cfg.block_n * reread * 2, (n, kind, cfg)
+                    assert cfg.lag >= cfg.splits - 1
+                else:
+                    assert cfg.path == heuristics.LOOPED and cfg.programs * per_row <= budget
