@@ -1034,6 +1034,12 @@ def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z
     return launch
 
 
+# One program: nothing to gain from occupancy, so a generous register budget
+# (without one, ptxas 12.8 spilled 8 bytes of the fp64 variant for a second
+# program per SM that never exists).
+DENOMINATORS_REGS = 128
+
+
 def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype, count=True,
                           divisor=None):
     """``launch(t, w, div, den)``: den[0] <- (sum of w_t over kept rows, the
@@ -1045,7 +1051,8 @@ def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype, count=T
     from_ptr = isinstance(divisor, str)
     args = (M, C, ignore_index, *f64_parts(1.0 if divisor is None or from_ptr else divisor))
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, COUNT=count, DIV_PTR=from_ptr,
-                ACC=acc_dtype(dtype), BLOCK=1024, num_warps=4, enable_fp_fusion=FP_FUSION)
+                ACC=acc_dtype(dtype), BLOCK=1024, num_warps=4, enable_fp_fusion=FP_FUSION,
+                maxnreg=DENOMINATORS_REGS)
     names = ("ce_denominators_kernel",)
 
     def launch(t, w, div, den):

@@ -93,7 +93,8 @@ class Variant:
 
     def label(self) -> str:
         c = dict(self.constexprs)
-        keys = [k for k in ("LOG", "BLOCK_N", "ROWS", "VEC", "EVICT") if k in c]
+        keys = [k for k in ("LOG", "BLOCK_N", "ROWS", "VEC", "EVICT", "COUNT", "DIV_PTR")
+                if k in c]
         flags = "".join(k[0] for k in ("HAS_WEIGHT", "SMOOTH", "SOFTCAP", "WRITE_GRAD",
                                        "WRITE_HIT") if c.get(k))
         return f"{self.kernel}[{self.dtype}, " + ", ".join(f"{k}={c[k]}" for k in keys) + \
@@ -202,6 +203,12 @@ _CE_FLAGS = {
 }
 
 
+def _denominators_regs() -> int:
+    from softmax_gpu.kernels.cross_entropy import DENOMINATORS_REGS
+
+    return DENOMINATORS_REGS
+
+
 def _ce_flag_sets(fam: str, extras: bool, second_pass: bool):
     sets = _CE_FLAGS[(fam, extras)]
     if second_pass:
@@ -226,7 +233,8 @@ def cross_entropy_variants() -> list[Variant]:
                         "cross_entropy", "ce_denominators_kernel", DTYPE_STR[elem],
                         (("T", "i64"), ("W", acc), ("DIV", acc), ("DEN", acc)),
                         tuple(sorted(dict(ACC=acc, BLOCK=1024, HAS_WEIGHT=has_w, SMOOTH=smooth,
-                                          COUNT=count, DIV_PTR=div_ptr).items())), 4, "single"))
+                                          COUNT=count, DIV_PTR=div_ptr).items())), 4, "single",
+                        _denominators_regs()))
     for fam, extras, path, block_n, rows, warps, elem, second, regs in \
             config_functions().all_cross_entropy_configs():
         dt = DTYPE_STR[elem]

@@ -102,13 +102,17 @@ def _rows_per_program(M: int, block: int, device: torch.device, target: int) -> 
     return min(rows, next_pow2(M))
 
 
-def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device,
-               lim) -> CrossEntropyConfig:
+def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device, lim,
+               extras: bool = False) -> CrossEntropyConfig:
     """Whole rows per program: at most 8 elements (4 for fp64) of a short row
-    per thread, so that the per-row values a thread holds stay few; rows
-    longer than 16 warps' worth take 16 warps."""
-    ept = min(block, 8 if elem_bytes <= 4 else 4)
-    target = min(lim.target_program_elems, max(block, 512 * ept))
+    per thread, so that the per-row values a thread holds stay few, half that
+    with extras (the softcap's and the weights' temporaries; rows not a
+    multiple of 16 bytes, addressed element by element, spilled at 8 under
+    16 warps); several rows share at most 8 warps (each thread then holds
+    fewer rows' values; 16 warps of 32 rows of unaligned bf16 spilled), a
+    row longer than that takes up to 16 warps alone."""
+    ept = min(block, (8 if elem_bytes <= 4 else 4) // (2 if extras else 1))
+    target = min(lim.target_program_elems, max(block, 256 * ept))
     rows = _rows_per_program(M, block, device, target)
     warps = max(1, min(16, block * rows // (32 * ept)))
     return CrossEntropyConfig(SINGLE, block, rows, warps, regs=heuristics.single_regs(warps))
@@ -143,7 +147,7 @@ def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
     lim = heuristics.limits_for("cross_entropy", device, elem_bytes, C)
     block = next_pow2(C)
     if block <= ce_max_single(elem_bytes, extras, lim):
-        return _ce_single(M, block, elem_bytes, device, lim)
+        return _ce_single(M, block, elem_bytes, device, lim, extras)
     tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
     regs = heuristics.long_row_regs(elem_bytes, _ce_weight(elem_bytes, extras, reread))
     if not reread:

@@ -1168,3 +1168,27 @@ def test_config_reads_limits_for(monkeypatch):
     assert cfg.path == heuristics.COOP and cfg.splits == 3 and cfg.lag >= 2 and cfg.regs
     assert CE.cross_entropy_config(4096, 1000, 2, torch.device("cpu"), coop=False).path == \
         heuristics.LOOPED
+
+
+def test_causal_lm_loss_states_num_items_as_the_divisor():
+    """transformers' loss with num_items_in_batch (a device tensor or an int):
+    cross_entropy(reduction="sum", divisor=num_items_in_batch), so the
+    gradient is written in the forward with it and the backward is the
+    no-op launch; values as float64 torch's sum / num_items."""
+    pytest.importorskip("transformers")
+    from softmax_gpu.integrations.transformers import causal_lm_loss
+
+    V = 50
+    logits = rand(2, 6, V)
+    labels = targets(12, V, ignore=(3, 7)).reshape(2, 6)
+    for n in (torch.tensor(9, device=DEVICE), 9):
+        x = logits.clone().requires_grad_()
+        loss = causal_lm_loss(x, labels, V, num_items_in_batch=n)
+        with expect_launches(BWD):
+            loss.backward()
+        x64 = logits.double().requires_grad_()
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+        ref = F.cross_entropy(x64.reshape(-1, V), shifted, reduction="sum") / 9
+        ref.backward()
+        assert_close(loss, ref.detach(), torch.float32)
+        assert_close(x.grad, x64.grad, scale=4.0)

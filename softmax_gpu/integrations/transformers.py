@@ -125,8 +125,11 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int,
         vocab_size: the classes per position (``logits.reshape(-1, vocab_size)``).
         num_items_in_batch: when given (a tensor, on any device, or an int),
             the loss is the sum over kept tokens divided by it (gradient
-            accumulation over several micro-batches); no host sync. Else the
-            mean over kept tokens (NaN when none is kept, as torch).
+            accumulation over several micro-batches), stated to the kernel as
+            its divisor: the gradient it writes in the forward already
+            includes it, so the backward (grad_output 1) does nothing; no
+            host sync. Else the mean over kept tokens (NaN when none is kept,
+            as torch).
         ignore_index: the target value that is skipped.
         shift_labels: [..., T] targets already aligned with the logits (e.g.
             sequence/context parallelism): used as given, no shift.
@@ -136,11 +139,16 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int,
         A 0-d fp32 loss, differentiable with respect to ``logits``.
     """
     target = _shifted_targets(labels, shift_labels, ignore_index).to(logits.device)
+    divisor = num_items_in_batch
+    if torch.is_tensor(divisor) and divisor.device.type != "cpu":
+        divisor = divisor.to(logits.device)  # read by the kernel (a CPU value: on the host)
+    elif not torch.is_tensor(divisor) and divisor is not None and not divisor:
+        divisor = None  # 0 items: the sum over none divided by 0, below, as torch
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = softmax_gpu.cross_entropy(logits.reshape(-1, vocab_size), target,
                                      ignore_index=ignore_index, reduction=reduction,
-                                     loss_dtype=torch.float32)
-    return _per_item(loss, num_items_in_batch)
+                                     loss_dtype=torch.float32, divisor=divisor)
+    return loss if divisor is not None else _per_item(loss, num_items_in_batch)
 
 
 # --- apply / revert ----------------------------------------------------------------
