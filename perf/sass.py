@@ -11,8 +11,10 @@ wheel. Counted:
 - looped kernels (looped, persistent and cooperative paths): each tile
   loop's body, i.e. the instructions from a backward branch's target up to
   that branch, for the loops that load from global memory (the first is the
-  online (max, sum) pass, the second the normalise / gradient pass; a
-  cooperative kernel's spin-wait loop is not a tile loop), divided by the
+  online (max, sum) pass, the second the normalise / gradient pass, in
+  program order; a cooperative kernel's spin-wait and partial-merge loops
+  are not tile loops: only loops with 16-byte loads count when there are
+  any), divided by the
   elements a thread handles per iteration (BLOCK_N / (32 x warps), times the
   unrolling ptxas applied, read off the 16-byte loads);
 - single kernels: the whole kernel (no NOPs, no trailing self-branch) over
@@ -194,8 +196,14 @@ def analyse(cubin: bytes, v) -> dict:
     body = loops(code)
     if "ROWS" in c:  # single path: the whole kernel
         return dict(kind="kernel", parts=[count(code, per_iter)], loops_found=len(body))
-    tiles = [(a, b) for a, b in body
-             if any(opcode(ins).startswith("LDG") for _, ins in code[a:b + 1])]
+    def loads(a, b, wide):
+        return any(opcode(ins).startswith("LDG") and (not wide or opcode(ins).endswith(".128"))
+                   for _, ins in code[a:b + 1])
+
+    # tile loops: those with 16-byte loads (a cooperative kernel's spin-wait
+    # and partial-merge loops have none), else any loop that loads
+    wide = any(loads(a, b, True) for a, b in body)
+    tiles = [(a, b) for a, b in body if loads(a, b, wide)]
     if not tiles:
         return {"error": "no tile loop found in a looped kernel"}
     elem = {"bf16": 2, "fp32": 4, "fp64": 8}[v.dtype]
