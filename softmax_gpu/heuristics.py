@@ -286,6 +286,10 @@ def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device
         splits = lim.coop_splits or -(-grid * reread_bytes // max(1, int(budget)))
         splits = max(2, min(splits, tiles))
         chunk = -(-tiles // splits) * tile
+        # whole tiles per chunk: take one more chunk while the rounding overshoots
+        while not lim.coop_splits and splits < tiles and grid * chunk * reread_bytes > budget * N:
+            splits += 1
+            chunk = -(-tiles // splits) * tile
         splits = -(-N // chunk)
         if splits > 1:
             return LongRows(COOP, grid, splits, chunk, grid // 2 + splits, lim.evict, regs)
