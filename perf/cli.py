@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default auto: CUDA if torch sees a GPU, else CPU")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default perf/results/<gpu-name>/<date>/)")
+    p.add_argument("--tag", default="", metavar="WORD",
+                   help="add _WORD to the output file names (<gpu>_<date>_WORD.csv, ...)")
     p.add_argument("--unavailable", type=_csv_list, default=[], metavar="LIST",
                    help="treat these providers as unavailable (recorded as skipped)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'available' if reason is None else 'skipped: ' + reason}")
         return 0
 
+    if args.tag and not all(c.isalnum() or c in "_-" for c in args.tag):
+        parser.error(f"--tag {args.tag!r}: letters, digits, '_' and '-' only (it goes into file names)")
     try:
         ops = get_ops(args.ops)
         providers = make_providers(args.providers)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     elapsed = time.perf_counter() - t0
 
-    stem = report.output_stem(out_dir, info)
+    stem = report.output_stem(out_dir, info, args.tag)
     csv_path = os.path.join(out_dir, stem + ".csv")
     report.write_csv(rows, csv_path)
     summary = report.summary_markdown(rows, info)

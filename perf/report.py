@@ -1,8 +1,9 @@
 """Outputs of a run: the long-format CSV, one PNG per op and dtype, and the
 markdown summary. One run is one device, so a file never mixes devices.
 
-File names share one stem, ``<device-slug>_<YYYY-MM-DD>`` (``_run2``,
-``_run3``... when an earlier run of the same day is already in the folder):
+File names share one stem, ``<device-slug>_<YYYY-MM-DD>`` (plus ``_<tag>``
+with ``--tag``; ``_run2``, ``_run3``... when an earlier run of the same day is
+already in the folder):
 
 - ``<stem>.csv``
 - ``<stem>_<op>_<dtype>.png``
@@ -27,9 +28,9 @@ CPU_WARNING = ("NO GPU: these timings are MEANINGLESS. Our kernels ran in Triton
                "CPU and torch ran on CPU, at toy sizes; this run only proves the harness works.")
 
 
-def output_stem(out_dir: str, info: RunInfo) -> str:
-    """``<slug>_<date>``, or ``..._runK`` if that CSV already exists in ``out_dir``."""
-    stem = f"{info.device_slug}_{info.date}"
+def output_stem(out_dir: str, info: RunInfo, tag: str = "") -> str:
+    """``<slug>_<date>[_<tag>]``, or ``..._runK`` if that CSV already exists in ``out_dir``."""
+    stem = f"{info.device_slug}_{info.date}" + (f"_{tag}" if tag else "")
     k = 1
     candidate = stem
     while os.path.exists(os.path.join(out_dir, candidate + ".csv")):
@@ -44,16 +45,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """Long format, one row per (op, provider, dtype, M, N), columns :data:`COLUMNS`."""
+def write_csv(rows: list[dict], path: str, columns: list[str] = COLUMNS) -> None:
+    """Long format, one row per (op, provider, dtype, M, N), columns :data:`COLUMNS`
+    (or ``columns``)."""
     devices = {r["device"] for r in rows}
     if len(devices) > 1:
         raise ValueError(f"refusing to mix devices in one file: {sorted(devices)}")
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt(r.get(k, "")) for k in COLUMNS})
+            w.writerow({k: _fmt(r.get(k, "")) for k in columns})
 
 
 def read_csv(path: str) -> list[dict]:
