@@ -401,8 +401,11 @@ def test_device_check_output_limits_and_budget(tmp_path):
     assert "stray/a/b/deep.txt" in packed and any(n.endswith(".png") for n in packed)
     # every step ran to its full limit (simulated): still within the budget
     summary = (tmp_path / "device_check_summary.md").read_text()
-    total = int(re.search(r"(\d+)s in all \(budget (\d+)s\)", summary).group(1))
-    assert total <= 450 < 480 - 10  # 8 minutes, minus one step's kill grace
+    found = re.search(r"(\d+)s in all \(budget (\d+)s\)", summary)
+    total, budget = int(found.group(1)), int(found.group(2))
+    # under 8 minutes with one step's kill grace, and a warm rerun after a
+    # 1.5-minute start still inside 15 minutes of device time
+    assert total <= budget and budget + 10 <= 480 and 90 + 2 * (budget + 10) <= 900
     steps = re.findall(r"^\| (\w+) \| ok \| (\d+)s \| (\d+)s \|", summary, re.M)
     assert [s[0] for s in steps] == ["info", "install", "gpu_checks", "tune", "linear_ce",
                                      "tests", "host", "perf_quick"]
