@@ -385,6 +385,9 @@ def run_tuning(cfg: TuneConfig, info, *, provider=None, log: Callable[[str], Non
                     row = _measure(cfg, info, space, shape, cand, provider, copy_gbps, seed)
                 except KeyboardInterrupt:
                     stop = "run interrupted"
+                except Exception as exc:  # e.g. override() rejecting a field: the candidate's fault
+                    row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
+                    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:400])
             if row is None:
                 row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
                 row.update(status="skipped", note=stop)

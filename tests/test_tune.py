@@ -283,6 +283,19 @@ def test_tuning_never_chooses_a_wrong_or_failing_candidate():
     assert table["meaningless"] is True and table["slug"] == "cpu"
 
 
+def test_a_candidate_with_an_unknown_field_is_an_error_row(monkeypatch):
+    space = tune.Space(table_op="softmax", perf_op="softmax_fwd", paths=tune.SOFTMAX.paths,
+                       axes=(tune.Axis("no_such_field", (1,)), tune.Axis("tile", (8192,))),  # 32 on CPU
+                       plan=tune.SOFTMAX.plan)
+    cfg = tune.TuneConfig(device="cpu", spaces=[space], ns=(256,), m=8, rep_ms=1,
+                          copy_bytes=1 << 16)
+    rows = tune.run_tuning(cfg, _cpu_info(), provider=FakeSoftmax(), log=lambda s: None)
+    by = {r["candidate"]: r for r in rows[1:]}
+    assert by["no_such_field=1"]["status"] == "error" and not by["no_such_field=1"]["chosen"]
+    assert "unplanned" in by["no_such_field=1"]["plan"]
+    assert by["tile=32"]["chosen"] is True
+
+
 def test_choice_keeps_the_defaults_within_min_gain_and_none_when_all_wrong():
     def row(name, ms, correct=True, status="ok"):
         return {"op": "softmax_fwd", "table_op": "softmax", "M": 8, "N": 64, "candidate": name,
