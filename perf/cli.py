@@ -95,11 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _banner(text: str) -> str:
-    bar = "!" * min(100, len(text) + 8)
-    return f"{bar}\n!!! {text} !!!\n{bar}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -147,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"perf: {info.device_name} | torch {info.torch} | triton {info.triton} | CUDA {info.cuda}")
     if warning:
-        print(_banner(warning))
+        print(report.banner(warning))
     if info.meaningless_timings:
-        print(_banner(report.CPU_WARNING))
+        print(report.banner(report.CPU_WARNING))
     on_cpu = device != "cuda"
     cfg = SweepConfig(
         device=device,
@@ -195,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     print(f"wrote {csv_path}, {md_path} and {len(pngs)} plot(s) in {elapsed:.1f} s")
     if info.meaningless_timings:
-        print(_banner(report.CPU_WARNING))
+        print(report.banner(report.CPU_WARNING))
     from perf.sweep import INTERRUPTED
 
     if any(r["op"] == "copy" and INTERRUPTED in r["note"] for r in rows):

@@ -22,7 +22,8 @@ from perf.ops import TOLERANCE, DTYPES
 from perf.sizes import size_label
 from perf.sweep import BASELINE, COLUMNS, INTERRUPTED
 
-__all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "summary_markdown", "CPU_WARNING"]
+__all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "save_plot", "summary_markdown",
+           "banner", "CPU_WARNING"]
 
 CPU_WARNING = ("NO GPU: these timings are MEANINGLESS. Our kernels ran in Triton's interpreter on "
                "CPU and torch ran on CPU, at toy sizes; this run only proves the harness works.")
@@ -160,18 +161,32 @@ def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[s
         ax.set_ylabel("time / three-GEMM floor" if metric == "vs_floor"
                       else "GB/s (minimal bytes / median time)")
         ax.set_ylim(bottom=0)
-        title = f"{op}  {dtype}  on {info.device_name}\ntorch {info.torch}, triton {info.triton}, {info.date}"
-        if info.meaningless_timings:
-            title += "\nNO GPU: TIMINGS MEANINGLESS"
-        fig.suptitle(title, fontsize=10, color="red" if info.meaningless_timings else "black")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
         path = os.path.join(out_dir, f"{stem}_{op}_{dtype}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_plot(fig, ax, f"{op}  {dtype}", info, path))
     return paths
+
+
+def save_plot(fig, ax, what: str, info: RunInfo, path: str) -> str:
+    """Title (``what`` on the device, versions, date; MEANINGLESS in red for
+    a CPU run), grid and legend, then write ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    title = f"{what}  on {info.device_name}\ntorch {info.torch}, triton {info.triton}, {info.date}"
+    if info.meaningless_timings:
+        title += "\nNO GPU: TIMINGS MEANINGLESS"
+    fig.suptitle(title, fontsize=10, color="red" if info.meaningless_timings else "black")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def banner(text: str) -> str:
+    """``text`` framed in exclamation marks, for warnings a reader must not miss."""
+    bar = "!" * min(100, len(text) + 8)
+    return f"{bar}\n!!! {text} !!!\n{bar}"
 
 
 def _gb(value: float) -> str:

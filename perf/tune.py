@@ -550,6 +550,8 @@ def plot(rows: list[dict], out_dir: str, stem: str, info) -> list[str]:
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e '.[perf]')")
         return []
+    from perf.report import save_plot
+
     paths = []
     groups = _groups(rows)
     for table_op in dict.fromkeys(k[0] for k in groups):
@@ -569,6 +571,7 @@ def plot(rows: list[dict], out_dir: str, stem: str, info) -> list[str]:
                     ax.scatter(i, r["frac_copy_bw"], marker="*", color="tab:orange", s=220, zorder=5)
                     ax.annotate(r["candidate"], (i, r["frac_copy_bw"]), fontsize=7,
                                 xytext=(6, 4), textcoords="offset points")
+        ax.set_xlim(-0.5, len(keys) - 0.5)
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([f"{k[2]}x{k[3]}" for k in keys], rotation=20, fontsize=8)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="device copy")
@@ -578,17 +581,8 @@ def plot(rows: list[dict], out_dir: str, stem: str, info) -> list[str]:
         ax.set_ylim(bottom=0)
         ax.set_ylabel("fraction of copy bandwidth (minimal bytes / median time)")
         ax.set_xlabel(f"{keys[0][1]} {DTYPE_NAME}, M x N")
-        title = f"tuning {table_op} on {info.device_name}\ntorch {info.torch}, triton {info.triton}, {info.date}"
-        if info.meaningless_timings:
-            title += "\nNO GPU: TIMINGS MEANINGLESS"
-        fig.suptitle(title, fontsize=10, color="red" if info.meaningless_timings else "black")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{stem}_{table_op}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_plot(fig, ax, f"tuning {table_op}", info,
+                               os.path.join(out_dir, f"{stem}_{table_op}.png")))
     return paths
 
 
@@ -636,11 +630,6 @@ def install(table: str, install_dir: str | os.PathLike = INSTALL_DIR) -> str:
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
-
-
-def _banner(text: str) -> str:
-    bar = "!" * min(100, len(text) + 8)
-    return f"{bar}\n!!! {text} !!!\n{bar}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -711,9 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"perf.tune: {info.device_name} | torch {info.torch} | triton {info.triton} | "
           f"CUDA {info.cuda} | out {out_dir}", flush=True)
     if warning:
-        print(_banner(warning))
+        print(report.banner(warning))
     if info.meaningless_timings:
-        print(_banner(report.CPU_WARNING))
+        print(report.banner(report.CPU_WARNING))
 
     def _stop(signum, frame):  # `timeout` sends SIGTERM: stop and write what was measured
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -744,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {csv_path}, {table_path}, {md_path} and {len(pngs)} plot(s) in "
           f"{time.perf_counter() - t0:.1f} s")
     if info.meaningless_timings:
-        print(_banner(report.CPU_WARNING + " This table can never be installed."))
+        print(report.banner(report.CPU_WARNING + " This table can never be installed."))
     else:
         print(f"to use it: python -m perf.tune --install {table_path}")
     if "run interrupted" in rows[0]["note"]:
