@@ -322,8 +322,7 @@ def _measure(cfg: TuneConfig, info, space: Space, shape, cand: Candidate, provid
     """One candidate's row: perf.sweep.run_case (compile, check, time) with
     the candidate's limits in force, and the kernels it launched."""
     from perf import sweep
-    from perf.ops import OPS
-    from perf.ops import DTYPES
+    from perf.ops import DTYPES, OPS
     from softmax_gpu import heuristics
     from softmax_gpu._dispatch import record_launches
 
