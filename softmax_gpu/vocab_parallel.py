@@ -194,7 +194,7 @@ def _check_targets(t: Tensor, vocab: int, ignore_index: int) -> None:
 # --- per-shard statistics and gradient: Triton kernels, or the torch reference --
 
 
-def shard_config(M: int, W: int, elem_bytes: int, device: torch.device):
+def shard_config(M: int, W: int, elem_bytes: int, device: torch.device, extras: bool = False):
     """Launch parameters of both shard kernels for an [M, W] shard:
     :func:`softmax_gpu.softmax.softmax_config`'s choice, its split path run as looped (one
     program per row: a vocab shard has as many rows as there are tokens).
@@ -203,9 +203,12 @@ def shard_config(M: int, W: int, elem_bytes: int, device: torch.device):
     (and with smoothing w z), the gradient kernel z, its target mask and dz;
     at the one-row limits both spilled in the sm_90 static check
     (perf/static.py, ``vocab_parallel_variants``), at half of them neither
-    does, with every option on (softcap, weights, smoothing).
+    does. ``extras`` (a softcap, or class weights with label smoothing): fp64
+    takes ``live_rows=3`` (its gradient kernel with every option on spilled
+    8 B at 8192 columns, 16 warps); 2- and 4-byte logits do not spill at 2.
     """
-    cfg = softmax_config(M, W, elem_bytes, device, live_rows=2)
+    live = 3 if extras and elem_bytes > 4 else 2
+    cfg = softmax_config(M, W, elem_bytes, device, live_rows=live)
     if cfg.path == heuristics.SPLIT:
         cfg = SoftmaxConfig(heuristics.LOOPED, cfg.block_n, 1, cfg.num_warps, 1, W)
     return cfg
@@ -275,7 +278,7 @@ def _launcher(kind: str, x: Tensor, t: Tensor, out: Optional[Tensor], off: int, 
     launch = _LAUNCHERS.get(key)
     if launch is None:
         _, rows = as_rows(x, x.dim() - 1)
-        cfg = shard_config(M, W, x.element_size(), x.device)
+        cfg = shard_config(M, W, x.element_size(), x.device, cap > 0 or (has_w and smooth))
         if kind == "stats":
             launch = K.stats_launcher(M, W, rows.inner, rows.strides, t.stride(0), off, vocab,
                                       ignore, smooth, has_w, cap, x.dtype, cfg)

@@ -214,6 +214,11 @@ def _gout(c, target, dtype):
     return torch.tensor(0.7, dtype=dtype), gl
 
 
+def _extras(c: dict) -> bool:
+    """Whether the case's options count as extras for the shard config."""
+    return bool(c.get("cap") or (c.get("weight") and c.get("eps")))
+
+
 def _same_on_every_rank(*tensors) -> None:
     """Every rank returned these tensors bit for bit."""
     import torch.distributed as dist
@@ -243,7 +248,7 @@ def _run_case(rank: int, c: dict, interpret: bool) -> None:
     override = heuristics.override(**LOOPED) if looped else contextlib.nullcontext()
     with override:
         if interpret:
-            cfg = shard_config(target.numel(), W, x.element_size(), x.device)
+            cfg = shard_config(target.numel(), W, x.element_size(), x.device, _extras(c))
             kind = "single" if cfg.path == "single" else "looped"
             names = (f"vp_stats_{kind}",) + ((f"vp_grad_{kind}",) if W else ())
             launches = expect_launches(*names)
@@ -354,7 +359,8 @@ def _run_linear(rank: int, c: dict, interpret: bool) -> None:
                                      1 + bool(lse is not None))
         assert grads == (passes * chunks if Wr else 0), names
         with heuristics.override(**LOOPED) if looped else contextlib.nullcontext():
-            cfg = shard_config(min(N, c.get("chunk") or N), Wr, x.element_size(), x.device)
+            cfg = shard_config(min(N, c.get("chunk") or N), Wr, x.element_size(), x.device,
+                               _extras(c))
         assert f"vp_stats_{cfg.path}_kernel" in names, names
         assert not looped or Wr < 16 or cfg.path == "looped"
     rx = x.detach().double().requires_grad_(True)
