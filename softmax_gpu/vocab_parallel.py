@@ -51,6 +51,7 @@ dX; against N * V * itemsize for gathering the logits; see
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -70,14 +71,15 @@ from .softmax import SoftmaxConfig, softmax_config
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
            "clear_width_cache", "shard_config"]
 
-# (group, local width, vocab_size or None) -> _Layout
-_WIDTHS: dict = {}
+# group -> {(local width, vocab_size or None): _Layout}; weak in the group, so
+# that a destroyed group is not kept alive (its destructor would then run at
+# interpreter exit, which has aborted gloo processes).
+_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Layout(NamedTuple):
-    """This rank's place in the group's vocabulary."""
+    """This rank's place in its group's vocabulary."""
 
-    pg: object  # the process group
     off: int  # global id of this rank's first column
     vocab: int  # global vocabulary V
     widths: tuple  # every rank's width, in rank order
@@ -106,8 +108,9 @@ def clear_width_cache() -> None:
 
 
 def _shard_layout(who: str, pg, width: int, vocab_size, device: torch.device) -> _Layout:
-    key = (pg, width, vocab_size)
-    hit = _WIDTHS.get(key)
+    cache = _WIDTHS.setdefault(pg, {})
+    key = (width, vocab_size)
+    hit = cache.get(key)
     if hit is None:
         world = dist.get_world_size(pg)
         mine = torch.full((1,), width, dtype=torch.int64, device=device)
@@ -115,8 +118,8 @@ def _shard_layout(who: str, pg, width: int, vocab_size, device: torch.device) ->
         dist.all_gather(parts, mine, group=pg)
         widths = tuple(int(w) for w in torch.cat(parts).tolist())  # host sync, first call only
         rank = dist.get_rank(pg)
-        hit = _Layout(pg, sum(widths[:rank]), sum(widths), widths)
-        _WIDTHS[key] = hit
+        hit = _Layout(sum(widths[:rank]), sum(widths), widths)
+        cache[key] = hit
     if vocab_size is not None and hit.vocab != vocab_size:
         raise ValueError(
             f"{who}: the shard widths {list(hit.widths)} of the group add up to {hit.vocab}, "
@@ -339,9 +342,9 @@ class _ShardLoss:
 
     ``rows`` arguments are slices of the call's N rows (a chunk, or all)."""
 
-    def __init__(self, t: Tensor, weight: Optional[Tensor], layout: _Layout, opts: _Opts,
+    def __init__(self, t: Tensor, weight: Optional[Tensor], pg, layout: _Layout, opts: _Opts,
                  dtype: torch.dtype):
-        self.t, self.layout, self.opts = t, layout, opts
+        self.t, self.pg, self.layout, self.opts = t, pg, layout, opts
         self.acc = acc = _acc(dtype)
         V = layout.vocab
         self.smooth = opts.eps > 0
@@ -370,7 +373,7 @@ class _ShardLoss:
         """The two collectives, then (global lse [n], row losses [n]) in ACC;
         for the mean each row is already divided by the denominators, so that
         the sum of the rows is the loss."""
-        pg, o, V = self.layout.pg, self.opts, self.layout.vocab
+        pg, o, V = self.pg, self.opts, self.layout.vocab
         mg = mx.clone()
         dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=pg)
         st[0].mul_(torch.exp(mx - mg))
@@ -595,7 +598,7 @@ def vocab_parallel_cross_entropy(
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
     _check_targets(t, layout.vocab, ignore_index)
-    fn = _ShardLoss(t, weight, layout, opts, x.dtype)
+    fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
     loss, lse = _VocabParallelCrossEntropy.apply(
         x, fn, bool(inplace_backward and need_grad), x.dtype if loss_dtype is None else loss_dtype)
     if reduction == "none":
@@ -640,7 +643,7 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
             _backprop(z, x[sl], w, dx[sl] if needs[0] else None, dw if needs[1] else None,
                       db if db.numel() else None, add_acc=i > 0)
     if needs[0]:
-        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=fn.layout.pg)
+        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=fn.pg)
     if loss:
         empty = x.new_empty(0, dtype=fn.acc)
         lse = torch.cat(lses) if lses else empty
@@ -813,7 +816,7 @@ def vocab_parallel_linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and local_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
-    fn = _ShardLoss(t, weight, layout, opts, x.dtype)
+    fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
     if any(needs):
         loss, lse = _VocabParallelLinearCE.apply(x, local_weight, linear_bias, fn, rows, needs,
                                                  bool(return_lse))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import math
 import os
 
@@ -551,6 +552,10 @@ def _worker(rank, world, port, interpret, cases, linear_cases, extras):
                     raise AssertionError(f"rank {rank}, {run.__name__}, case {c}: {e}") from e
         for name in extras:
             globals()[name](rank)
+    # Graphs still referenced by garbage cycles (tracebacks of the expected
+    # errors) hold the process group: freed here, not at interpreter exit,
+    # where a late gloo destructor has aborted the process.
+    gc.collect()
     # Only on success: a rank that fails leaves the group as it is, so that the
     # parent sees its traceback before gloo aborts the others (which it does
     # when a peer closes its connections mid-collective). The barrier keeps a
