@@ -100,13 +100,14 @@ WORLD3 = [
 
 # vocab_parallel_linear_cross_entropy: the keys above (no layout / inplace /
 # scale / neg_inf), plus n (tokens), chunk (chunk_size; None: planned), bias,
-# nograd (under torch.no_grad: the loss alone). D = 8 features.
+# nograd (under torch.no_grad: the loss alone), sizes (no tensor made in the
+# forward and backward is as large as this rank's [N, V_r] logits). D = 8.
 LINEAR2 = [
     dict(widths=(13, 24), n=21, chunk=4, dtype=F64, reduction="mean", bias=True, ignore=(3,)),
     dict(widths=(13, 24), n=21, chunk=5, dtype=F64, reduction="sum", weight=True, eps=0.1,
          bias=True, path="looped"),
     dict(widths=(13, 24), n=21, chunk=4, dtype=F64, reduction="none", weight=True, eps=0.2,
-         z=1e-2, cap=4.0, lse=True, bias=True, ignore=(0, 20)),
+         z=1e-2, cap=4.0, lse=True, bias=True, ignore=(0, 20), sizes=True),
     dict(widths=(13, 24), n=21, chunk=6, dtype=F64, reduction="mean", z=1e-2, cap=3.0,
          lse=True, shift=True, loss_dtype=F32),
     dict(widths=(13, 24), n=9, chunk=4, dtype=F32, reduction="mean", weight=True, eps=0.1,
@@ -325,6 +326,34 @@ def _make_linear(c: dict, rank: int):
     return x.requires_grad_(True), w, b, target, w_r, b_r, off
 
 
+class _Sizes:
+    """Records the largest tensor any out-of-place torch op returns inside the
+    block (in-place ops allocate nothing; Triton's interpreter moves storages
+    with them)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        sizes = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.overloadpacket.__name__.endswith("_"):
+                    return out
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        sizes.largest = max(sizes.largest, t.numel())
+                return out
+
+        self.largest, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
 def _run_linear(rank: int, c: dict, interpret: bool) -> None:
     from helpers import assert_close
     from softmax_gpu import heuristics, record_launches
@@ -338,7 +367,8 @@ def _run_linear(rank: int, c: dict, interpret: bool) -> None:
     looped = c.get("path") == "looped"
     override = heuristics.override(**LOOPED) if looped else contextlib.nullcontext()
     grad = not c.get("nograd")
-    with override, record_launches() as names, torch.set_grad_enabled(grad):
+    sizes = _Sizes() if c.get("sizes") else contextlib.nullcontext()
+    with override, record_launches() as names, torch.set_grad_enabled(grad), sizes:
         out = vocab_parallel_linear_cross_entropy(
             x, w_r, target, linear_bias=b_r,
             weight=_class_weights(V) if c.get("weight") else None,
@@ -364,6 +394,9 @@ def _run_linear(rank: int, c: dict, interpret: bool) -> None:
                                _extras(c))
         assert f"vp_stats_{cfg.path}_kernel" in names, names
         assert not looped or Wr < 16 or cfg.path == "looped"
+    if c.get("sizes"):  # the largest: the [chunk, V_r] buffer, dX, the weight and its grad
+        assert sizes.largest < N * Wr, (sizes.largest, N, Wr)
+        assert sizes.largest >= c["chunk"] * Wr
     rx = x.detach().double().requires_grad_(True)
     rw = w.double().requires_grad_(True)
     rb = b.double().requires_grad_(True) if b is not None else None
