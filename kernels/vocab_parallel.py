@@ -4,31 +4,42 @@ Each tensor-parallel rank holds the columns [OFF, OFF + W) of the logits, a
 shard of the global vocabulary of V classes. Rows follow the [OUTER, N, INNER]
 layout of :mod:`softmax_gpu.kernels.softmax` (here N is the shard width W).
 Targets are global class ids; a target equal to IGNORE is ignored, and one
-outside [0, V) is invalid: its row's outputs are NaN (every rank knows V, so
+outside [0, V) is invalid: its target logit is NaN (every rank knows V, so
 every rank poisons the row without a collective).
+
+With SOFTCAP the logits are z = cap * tanh(x / cap) before everything (the
+cross-entropy kernels' ``load_logits``), and the gradient gets the softcap's
+derivative. Class weights (HAS_WEIGHT, only with label smoothing) are the
+GLOBAL [V] vector; a shard reads its slice CW[OFF : OFF + W] (the weight of a
+row's target is applied by the host).
 
 Two kernels (each in a single and a looped variant), launched around the
 host's collectives (:mod:`softmax_gpu.vocab_parallel`):
 
 - stats: per row, this shard's online-softmax state (max m, sum d of
-  e^(x - m)), the target logit where this rank owns the target (0 elsewhere,
-  so that a SUM over ranks gives the target logit), and with SMOOTH the sum of
-  the row's logits. One read of the shard. The host all-reduces MAX of m,
-  rescales d to the global max, and all-reduces SUM of the stacked rows.
-- grad: from the global lse and the reduction scale g, writes the shard's
-  part of the gradient, reading the shard once more:
-      dx = g * (e^(x - lse) * (1 + 2 z lse) - (1 - eps) [col == target] - eps / V)
-  and 0 on ignored rows.
+  e^(z - m)), the target logit z_t where this rank owns the target (0
+  elsewhere, so that a SUM over ranks gives it), and with SMOOTH the sum of
+  w_c z_c over the shard (w_c = 1 without weights). One read of the shard.
+  The host all-reduces MAX of m, rescales d to the global max, and
+  all-reduces SUM of the stacked rows.
+- grad: from per-row terms the host computes after the collectives (global
+  lse; a, b, c), writes the shard's gradient, reading the shard once more
+  (DX may be X itself: each tile is read before it is written):
+      dz = a e^(z - lse) - b [col == target] - c w_c,   dx = dz * (1 - (z / cap)^2)
+  (the cross-entropy kernels' ``class_grad``), and 0 on rows whose three
+  coefficients are 0 (ignored rows with no lse gradient), whatever the
+  logits hold.
 
 Paths (from ``softmax_gpu.vocab_parallel.shard_config``; its split path is run
 as looped, since a vocab shard has as many rows as there are tokens):
-- single: the shard row fits in one tile; ROWS rows per program; no loop
-  (a column loop around a [ROWS, BLOCK_N] tile doubled the registers).
-- looped: one program per row, tile by tile; the stats reuse ``online_stats``.
+- single: the shard row fits in one tile; ROWS rows per program; no loop.
+- looped: one program per row, tile by tile; the stats fold the smoothing
+  sum into the online (max, sum) pass (one read).
 
 Arithmetic is fp32 (fp64 for fp64 logits: ACC); gradients are cast to the
 logits' dtype on store, statistics are stored in ACC. Masked lanes load -inf.
-All offsets are int64.
+The softcap arrives as the int32 bit patterns of its fp32 hi and lo parts
+(``f64_parts``; exact for fp64), never specialised. All offsets are int64.
 """
 
 from __future__ import annotations
@@ -36,35 +47,50 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .softmax import FP_FUSION, acc_dtype, online_stats, row_base
+from .cross_entropy import class_grad, f64_parts, load_logits, scalar_arg, softcap_tanh
+from .softmax import FP_FUSION, acc_dtype, online_update, row_base
 
-__all__ = ["launch_vp_stats", "launch_vp_grad", "stats_rows"]
+__all__ = ["stats_launcher", "grad_launcher", "stats_rows", "COEF_ROWS"]
+
+# Rows of the per-row terms the gradient kernel reads: lse, a, b, c.
+COEF_ROWS = 4
 
 
 def stats_rows(smooth: bool) -> int:
-    """Rows of the stacked statistics: sum of e^(x - max), target logit, (smooth) sum of logits."""
+    """Rows of the stacked statistics: sum of e^(z - max), target logit, (smooth) sum of w z."""
     return 3 if smooth else 2
 
 
 @triton.jit
-def shard_target_logit(X, T, xb, sx_n, rows, row_mask, s_t, OFF, W, V, IGNORE,
-                       ACC: tl.constexpr):
-    """Each row's target logit where this shard owns the target, else 0;
-    NaN for a target outside [0, V) that is not IGNORE."""
+def shard_target_logit(X, T, xb, sx_n, rows, row_mask, s_t, OFF, W, V, IGNORE, cap,
+                       SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """Each row's (softcapped) target logit where this shard owns the target,
+    else 0; NaN for a target outside [0, V) that is not IGNORE."""
     t = tl.load(T + rows * s_t, mask=row_mask, other=IGNORE).to(tl.int64)
     valid = t != IGNORE
     local = valid & (t >= OFF) & (t < OFF + W)
     tx = tl.load(X + xb + (t - OFF) * sx_n, mask=row_mask & local, other=0.0).to(ACC)
+    if SOFTCAP:
+        tx = softcap_tanh(tx, cap)
     bad = valid & ((t < 0) | (t >= V))
     return tl.where(bad, float("nan"), tx)
 
 
 @triton.jit
+def shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """The class weights of this shard's columns ``cols`` (1 without weights; 0 masked)."""
+    if HAS_WEIGHT:
+        return tl.load(CW + OFF + cols, mask=cmask, other=0.0).to(ACC)
+    return tl.where(cmask, 1.0, 0.0).to(ACC)
+
+
+@triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
 def vp_stats_single_kernel(
     X,  # local logits shard base pointer
     T,  # [M] global target ids (int64)
+    CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     MX,  # [M] out: the shard's row maxima (ACC)
-    ST,  # [K, M] out (ACC): sum of e^(x - max), target logit, (SMOOTH) sum of logits
+    ST,  # [K, M] out (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w z
     M,  # number of rows
     W,  # shard width: columns this rank holds
     INNER,  # rows sharing one outer index (1 when the vocabulary is the last dim)
@@ -73,35 +99,43 @@ def vp_stats_single_kernel(
     OFF,  # global id of this shard's first column
     V,  # global vocabulary size
     IGNORE,  # ignore_index
-    SMOOTH: tl.constexpr,  # also write the sum of logits (label smoothing)
+    cap_hi, cap_lo,  # softcap (f64_parts; used when SOFTCAP)
+    SMOOTH: tl.constexpr,  # also write the sum of w z (label smoothing)
+    HAS_WEIGHT: tl.constexpr,  # w = CW[OFF + c] in that sum (else 1)
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
     ACC: tl.constexpr,  # accumulation dtype (fp32, or fp64 for fp64 logits)
     BLOCK_N: tl.constexpr,  # power of two >= W
     ROWS: tl.constexpr,  # rows per program
 ):
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    mask = row_mask[:, None] & (cols < W)[None, :]
+    cmask = cols < W
+    mask = row_mask[:, None] & cmask[None, :]
     xb = row_base(rows, INNER, sx_o, sx_i)
-    x = tl.load(X + xb[:, None] + cols[None, :] * sx_n, mask=mask, other=float("-inf")).to(ACC)
-    m = tl.max(x, 1)
+    z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
+    m = tl.max(z, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # empty or all -inf shard row: d = 0
-    d = tl.sum(tl.exp(x - m_safe[:, None]), 1)
-    tx = shard_target_logit(X, T, xb, sx_n, rows, row_mask, s_t, OFF, W, V, IGNORE, ACC)
+    d = tl.sum(tl.exp(z - m_safe[:, None]), 1)
+    tx = shard_target_logit(X, T, xb, sx_n, rows, row_mask, s_t, OFF, W, V, IGNORE, cap,
+                            SOFTCAP, ACC)
     tl.store(MX + rows, m.to(MX.dtype.element_ty), mask=row_mask)
     tl.store(ST + rows, d.to(ST.dtype.element_ty), mask=row_mask)
     tl.store(ST + M + rows, tx.to(ST.dtype.element_ty), mask=row_mask)
     if SMOOTH:
-        xs = tl.sum(tl.where(mask, x, 0.0), 1)
+        w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)
+        xs = tl.sum(tl.where(mask, w[None, :] * z, 0.0), 1)
         tl.store(ST + 2 * M + rows, xs.to(ST.dtype.element_ty), mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
 def vp_stats_looped_kernel(
     X,  # local logits shard base pointer
     T,  # [M] global target ids (int64)
+    CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     MX,  # [M] out: the shard's row maxima (ACC)
-    ST,  # [K, M] out (ACC): sum of e^(x - max), target logit, (SMOOTH) sum of logits
+    ST,  # [K, M] out (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w z
     M,  # number of rows
     W,  # shard width: columns this rank holds
     INNER,  # rows sharing one outer index
@@ -110,162 +144,172 @@ def vp_stats_looped_kernel(
     OFF,  # global id of this shard's first column
     V,  # global vocabulary size
     IGNORE,  # ignore_index
-    SMOOTH: tl.constexpr,  # also write the sum of logits (label smoothing)
+    cap_hi, cap_lo,  # softcap (f64_parts; used when SOFTCAP)
+    SMOOTH: tl.constexpr,  # also write the sum of w z (label smoothing)
+    HAS_WEIGHT: tl.constexpr,  # w = CW[OFF + c] in that sum (else 1)
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
 ):
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     xb = row_base(row, INNER, sx_o, sx_i)
-    m, d = online_stats(X, xb, sx_n, 0, W, ACC, BLOCK_N)
-    tx = shard_target_logit(X, T, xb, sx_n, row, row < M, s_t, OFF, W, V, IGNORE, ACC)
+    m = tl.full((), float("-inf"), ACC)
+    d = tl.zeros((BLOCK_N,), ACC)
+    s = tl.zeros((BLOCK_N,), ACC)
+    for off in range(0, W, BLOCK_N):  # one pass: online (max, sum), and the smoothing sum
+        cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
+        cmask = cols < W
+        z = load_logits(X, xb + cols * sx_n, cmask, cap, SOFTCAP, ACC)
+        m, d = online_update(m, d, z)
+        if SMOOTH:
+            s += tl.where(cmask, shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC) * z, 0.0)
+    tx = shard_target_logit(X, T, xb, sx_n, row, row < M, s_t, OFF, W, V, IGNORE, cap,
+                            SOFTCAP, ACC)
     tl.store(MX + row, m.to(MX.dtype.element_ty))
-    tl.store(ST + row, d.to(ST.dtype.element_ty))
+    tl.store(ST + row, tl.sum(d, 0).to(ST.dtype.element_ty))
     tl.store(ST + M + row, tx.to(ST.dtype.element_ty))
     if SMOOTH:
-        # A second pass over the row (from L2 when it fits): online_stats
-        # returns only (max, sum of exp).
-        acc = tl.zeros((BLOCK_N,), ACC)
-        for off in range(0, W, BLOCK_N):
-            cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-            x = tl.load(X + xb + cols * sx_n, mask=cols < W, other=float("-inf")).to(ACC)
-            acc += tl.where(cols < W, x, 0.0)
-        tl.store(ST + 2 * M + row, tl.sum(acc, 0).to(ST.dtype.element_ty))
+        tl.store(ST + 2 * M + row, tl.sum(s, 0).to(ST.dtype.element_ty))
 
 
 @triton.jit
-def grad_row_coefs(T, LSE, G, COEF, rows, row_mask, s_t, s_g, OFF, V, IGNORE,
-                   ACC: tl.constexpr):
-    """Per-row terms of the gradient: (valid, target column in this shard, lse,
-    a, b, c) with dx = a e^(x - lse) - b - c [col == target] on valid rows."""
-    t = tl.load(T + rows * s_t, mask=row_mask, other=IGNORE).to(tl.int64)
-    valid = t != IGNORE
-    bad = valid & ((t < 0) | (t >= V))
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0).to(ACC)
-    g = tl.load(G + rows * s_g, mask=row_mask, other=0.0).to(ACC)
-    g = tl.where(bad, float("nan"), g)  # an invalid target poisons its row
-    hit = tl.load(COEF).to(ACC)  # 1 - eps
-    uniform = tl.load(COEF + 1).to(ACC)  # eps / V
-    two_z = tl.load(COEF + 2).to(ACC)  # 2 z
-    a = g * (1.0 + two_z * lse)
-    return valid, t - OFF, lse, a, g * uniform, g * hit
+def grad_row_terms(T, COEF, rows, row_mask, M, s_t, OFF, ACC: tl.constexpr):
+    """Per-row terms of the gradient: (target column in this shard, lse, a, b,
+    c, live); live is False where a, b and c are all 0 (that row's gradient is 0)."""
+    t = tl.load(T + rows * s_t, mask=row_mask, other=0).to(tl.int64)
+    lse = tl.load(COEF + rows, mask=row_mask, other=0.0).to(ACC)
+    a = tl.load(COEF + M + rows, mask=row_mask, other=0.0).to(ACC)
+    b = tl.load(COEF + 2 * M + rows, mask=row_mask, other=0.0).to(ACC)
+    c = tl.load(COEF + 3 * M + rows, mask=row_mask, other=0.0).to(ACC)
+    live = (a != 0.0) | (b != 0.0) | (c != 0.0)
+    return t - OFF, lse, a, b, c, live
 
 
-@triton.jit
-def grad_value(x, cols, tcol, valid, lse, a, b, c):
-    """dx of a tile from its per-row terms (broadcast by the caller); 0 on ignored rows."""
-    dx = tl.exp(x - lse) * a - b - tl.where(cols == tcol, c, 0.0)
-    return tl.where(valid, dx, 0.0)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
 def vp_grad_single_kernel(
     X,  # local logits shard base pointer
     T,  # [M] global target ids (int64)
-    LSE,  # [M] global logsumexp of each row (ACC)
-    G,  # reduction scale per row (ACC): dloss/dloss_row, stride s_g (0: one scalar)
-    COEF,  # [3] (ACC): 1 - eps, eps / V, 2 * z_loss
-    DX,  # gradient of the shard to write (logits dtype)
+    COEF,  # [4, M] per-row terms (ACC): global lse, a, b, c
+    CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
+    DX,  # gradient of the shard to write (logits dtype); may be X itself
     M,  # number of rows
     W,  # shard width
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
     sy_o, sy_n, sy_i,  # gradient strides
     s_t,  # target stride
-    s_g,  # scale stride (0 for mean / sum)
     OFF,  # global id of this shard's first column
-    V,  # global vocabulary size
-    IGNORE,  # ignore_index
+    cap_hi, cap_lo,  # softcap (f64_parts; used when SOFTCAP)
+    SMOOTH: tl.constexpr,  # subtract c * w_c (label smoothing)
+    HAS_WEIGHT: tl.constexpr,  # w_c = CW[OFF + c] (else 1)
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap); times its derivative
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # power of two >= W
     ROWS: tl.constexpr,  # rows per program
 ):
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < M
     # the per-row terms as [ROWS, 1] columns, never expanded from 1-D: with
     # 1-D terms expanded to the tile, Triton 3.6 failed to compile the fp64
     # kernel at ROWS >= 32 (its layout pass gave the target mask two layouts)
-    valid, tcol, lse, a, b, c = grad_row_coefs(T, LSE, G, COEF, rows[:, None], row_mask[:, None],
-                                               s_t, s_g, OFF, V, IGNORE, ACC)
+    tcol, lse, a, b, c, live = grad_row_terms(T, COEF, rows[:, None], row_mask[:, None], M,
+                                              s_t, OFF, ACC)
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    mask = row_mask[:, None] & (cols < W)[None, :]
+    cmask = cols < W
+    mask = row_mask[:, None] & cmask[None, :]
     xb = row_base(rows, INNER, sx_o, sx_i)
     yb = row_base(rows, INNER, sy_o, sy_i)
-    x = tl.load(X + xb[:, None] + cols[None, :] * sx_n, mask=mask, other=float("-inf")).to(ACC)
-    dx = grad_value(x, cols[None, :], tcol, valid, lse, a, b, c)
+    z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
+    w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)[None, :]
+    dx = class_grad(tl.exp(z - lse), z, cols[None, :] == tcol, a, b, c, w, live, cap, SMOOTH,
+                    SOFTCAP)
     tl.store(DX + yb[:, None] + cols[None, :] * sy_n, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
 def vp_grad_looped_kernel(
     X,  # local logits shard base pointer
     T,  # [M] global target ids (int64)
-    LSE,  # [M] global logsumexp of each row (ACC)
-    G,  # reduction scale per row (ACC), stride s_g (0: one scalar)
-    COEF,  # [3] (ACC): 1 - eps, eps / V, 2 * z_loss
-    DX,  # gradient of the shard to write (logits dtype)
+    COEF,  # [4, M] per-row terms (ACC): global lse, a, b, c
+    CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
+    DX,  # gradient of the shard to write (logits dtype); may be X itself
     M,  # number of rows
     W,  # shard width
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
     sy_o, sy_n, sy_i,  # gradient strides
     s_t,  # target stride
-    s_g,  # scale stride (0 for mean / sum)
     OFF,  # global id of this shard's first column
-    V,  # global vocabulary size
-    IGNORE,  # ignore_index
+    cap_hi, cap_lo,  # softcap (f64_parts; used when SOFTCAP)
+    SMOOTH: tl.constexpr,  # subtract c * w_c (label smoothing)
+    HAS_WEIGHT: tl.constexpr,  # w_c = CW[OFF + c] (else 1)
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap); times its derivative
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
 ):
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
-    valid, tcol, lse, a, b, c = grad_row_coefs(T, LSE, G, COEF, row, row < M, s_t, s_g,
-                                               OFF, V, IGNORE, ACC)
+    tcol, lse, a, b, c, live = grad_row_terms(T, COEF, row, row < M, M, s_t, OFF, ACC)
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
     for off in range(0, W, BLOCK_N):
         cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < W
-        x = tl.load(X + xb + cols * sx_n, mask=mask, other=float("-inf")).to(ACC)
-        dx = grad_value(x, cols, tcol, valid, lse, a, b, c)
-        tl.store(DX + yb + cols * sy_n, dx.to(DX.dtype.element_ty), mask=mask)
+        cmask = cols < W
+        z = load_logits(X, xb + cols * sx_n, cmask, cap, SOFTCAP, ACC)
+        w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)
+        dx = class_grad(tl.exp(z - lse), z, cols == tcol, a, b, c, w, live, cap, SMOOTH, SOFTCAP)
+        tl.store(DX + yb + cols * sy_n, dx.to(DX.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------
-# Launchers: take validated tensors and a SoftmaxConfig for an [M, W] shard;
-# return the names of the kernels launched.
+# Launchers. The host plans a launch once per call signature and keeps the
+# callable these return (a SoftmaxConfig for an [M, W] shard); a call then
+# only passes tensors. Each callable returns the names of the kernels it ran.
 # ----------------------------------------------------------------------------
 
 
-def launch_vp_stats(x, t, mx, st, M, W, inner, x_strides, s_t, off, V, ignore, smooth, cfg):
-    """mx[r], st[:, r] <- the shard statistics of row r (see the module docstring)."""
-    acc = acc_dtype(x.dtype)
-    common = (x, t, mx, st, M, W, inner, *x_strides, s_t, off, V, ignore)
+def stats_launcher(M, W, inner, x_strides, s_t, off, V, ignore, smooth, has_weight, cap, dtype,
+                   cfg):
+    """``launch(x, t, cw, mx, st)``: mx[r], st[:, r] <- the shard statistics of
+    row r (see the module docstring). ``cw`` may be any placeholder without
+    weights; ``cap`` 0: no softcap."""
+    args = (M, W, inner, *x_strides, s_t, off, V, ignore, *f64_parts(cap))
+    meta = dict(SMOOTH=smooth, HAS_WEIGHT=has_weight and smooth, SOFTCAP=cap > 0,
+                ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                enable_fp_fusion=FP_FUSION)
     if cfg.path == "single":
-        grid = (triton.cdiv(M, cfg.rows_per_program),)
-        vp_stats_single_kernel[grid](
-            *common, SMOOTH=smooth, ACC=acc, BLOCK_N=cfg.block_n,
-            ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-        )
-        return ("vp_stats_single_kernel",)
-    vp_stats_looped_kernel[(M,)](
-        *common, SMOOTH=smooth, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        enable_fp_fusion=FP_FUSION,
-    )
-    return ("vp_stats_looped_kernel",)
+        kernel = vp_stats_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+        meta["ROWS"] = cfg.rows_per_program
+        names = ("vp_stats_single_kernel",)
+    else:
+        kernel = vp_stats_looped_kernel[(M,)]
+        names = ("vp_stats_looped_kernel",)
+
+    def launch(x, t, cw, mx, st):
+        kernel(x, t, cw, mx, st, *args, **meta)
+        return names
+    return launch
 
 
-def launch_vp_grad(x, t, lse, g, s_g, coef, dx, M, W, inner, x_strides, dx_strides, s_t,
-                   off, V, ignore, cfg):
-    """dx <- the gradient of the shard, given the global lse and the reduction scale g."""
-    acc = acc_dtype(x.dtype)
-    common = (x, t, lse, g, coef, dx, M, W, inner, *x_strides, *dx_strides, s_t, s_g, off, V,
-              ignore)
+def grad_launcher(M, W, inner, x_strides, dx_strides, s_t, off, smooth, has_weight, cap, dtype,
+                  cfg):
+    """``launch(x, t, coef, cw, dx)``: dx <- the gradient of the shard from the
+    per-row terms ``coef`` [4, M] (lse, a, b, c); dx may be x itself."""
+    args = (M, W, inner, *x_strides, *dx_strides, s_t, off, *f64_parts(cap))
+    meta = dict(SMOOTH=smooth, HAS_WEIGHT=has_weight and smooth, SOFTCAP=cap > 0,
+                ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                enable_fp_fusion=FP_FUSION)
     if cfg.path == "single":
-        grid = (triton.cdiv(M, cfg.rows_per_program),)
-        vp_grad_single_kernel[grid](
-            *common, ACC=acc, BLOCK_N=cfg.block_n, ROWS=cfg.rows_per_program,
-            num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-        )
-        return ("vp_grad_single_kernel",)
-    vp_grad_looped_kernel[(M,)](*common, ACC=acc, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                                 enable_fp_fusion=FP_FUSION)
-    return ("vp_grad_looped_kernel",)
+        kernel = vp_grad_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+        meta["ROWS"] = cfg.rows_per_program
+        names = ("vp_grad_single_kernel",)
+    else:
+        kernel = vp_grad_looped_kernel[(M,)]
+        names = ("vp_grad_looped_kernel",)
+
+    def launch(x, t, coef, cw, dx):
+        kernel(x, t, coef, cw, dx, *args, **meta)
+        return names
+    return launch

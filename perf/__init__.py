@@ -22,8 +22,10 @@ Modules (one table of ops, one table of providers; nothing per op is copied):
 - :mod:`perf.gpu_checks` CUDA-graph and sync-debug checks (GPU only)
 - ``perf/device_check.sh`` the one prepared script for a GPU machine
 
-(:mod:`perf.static`, the compiled-kernel resource table, and :mod:`perf.sass`,
-the SASS instruction counts of the hot kernels, stand apart.)
+(:mod:`perf.static`, the compiled-kernel resource table, :mod:`perf.sass`,
+the SASS instruction counts of the hot kernels, and :mod:`perf.tune`, the
+tuning run that writes the tuned tables of ``softmax_gpu/tuned/``, stand
+apart.)
 
 Importing this package imports neither softmax_gpu nor triton: the command line
 first decides the device and, on CPU, sets ``TRITON_INTERPRET=1`` before

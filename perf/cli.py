@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default auto: CUDA if torch sees a GPU, else CPU")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default perf/results/<gpu-name>/<date>/)")
+    p.add_argument("--tag", default="", metavar="WORD",
+                   help="add _WORD to the output file names (<gpu>_<date>_WORD.csv, ...)")
     p.add_argument("--unavailable", type=_csv_list, default=[], metavar="LIST",
                    help="treat these providers as unavailable (recorded as skipped)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -91,11 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true",
                    help="list ops and providers (with availability here) and exit")
     return p
-
-
-def _banner(text: str) -> str:
-    bar = "!" * min(100, len(text) + 8)
-    return f"{bar}\n!!! {text} !!!\n{bar}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'available' if reason is None else 'skipped: ' + reason}")
         return 0
 
+    if args.tag and not all(c.isalnum() or c in "_-" for c in args.tag):
+        parser.error(f"--tag {args.tag!r}: letters, digits, '_' and '-' only (it goes into file names)")
     try:
         ops = get_ops(args.ops)
         providers = make_providers(args.providers)
@@ -143,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"perf: {info.device_name} | torch {info.torch} | triton {info.triton} | CUDA {info.cuda}")
     if warning:
-        print(_banner(warning))
+        print(report.banner(warning))
     if info.meaningless_timings:
-        print(_banner(report.CPU_WARNING))
+        print(report.banner(report.CPU_WARNING))
     on_cpu = device != "cuda"
     cfg = SweepConfig(
         device=device,
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     elapsed = time.perf_counter() - t0
 
-    stem = report.output_stem(out_dir, info)
+    stem = report.output_stem(out_dir, info, args.tag)
     csv_path = os.path.join(out_dir, stem + ".csv")
     report.write_csv(rows, csv_path)
     summary = report.summary_markdown(rows, info)
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     print(f"wrote {csv_path}, {md_path} and {len(pngs)} plot(s) in {elapsed:.1f} s")
     if info.meaningless_timings:
-        print(_banner(report.CPU_WARNING))
+        print(report.banner(report.CPU_WARNING))
     from perf.sweep import INTERRUPTED
 
     if any(r["op"] == "copy" and INTERRUPTED in r["note"] for r in rows):

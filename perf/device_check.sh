@@ -1,23 +1,54 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine with no network (issues 4 and 5).
+# One prepared check for a GPU machine with no network.
 #
 #   bash perf/device_check.sh [OUT_DIR]      # default: $OUT, else perf/results/device_check
 #
-# Steps, each under `timeout` (worst case about 8 minutes in all: the sweep gets
-# what is left of BUDGET=470 s; limits can be overridden with T_INFO,
-# T_INSTALL, T_WHEELS, T_TESTS, T_CHECKS, T_PERF and BUDGET, and
-# steps skipped by name with SKIP_STEPS="install tests"; DEVICE=auto lets the
-# last two steps fall back to CPU for a dry run of this script):
-#   1. device, driver, clocks, python / torch / triton / cuDNN versions;
-#   2. the project installed offline (pip --no-deps --no-build-isolation -e .);
-#   3. wheels carried in .whl/ (e.g. liger-kernel), if that folder exists,
-#      installed into /tmp/site and put on PYTHONPATH;
-#   4. the test suite on CUDA (python -m pytest -q, over 8 xdist workers if present);
-#   5. the GPU-only checks (python -m perf.gpu_checks: CUDA graphs, no syncs);
-#   6. the quick sweep (python -m perf --quick --out OUT_DIR);
-# then a short table. Everything is logged to OUT_DIR/device_check.log; the
-# sweep writes its CSV, summary and plots beside it (the plots go into one
-# tarball when the folder would otherwise hold more than 8 files).
+# The whole script stays under 8 minutes on an H100/H200, and a rerun must
+# fit too: the lent machine gives 15 minutes of device time for all tries
+# together, a start costs 1-2 of them, and a warm rerun follows at once. So
+# every step runs under `timeout`, and no step runs past the deadline
+# (BUDGET=390 s after the start) minus the minimum time kept for the steps
+# after it: even when every step runs to its limit the script ends by 390 s
+# (plus at most 10 s of kill grace), 6.7 minutes; start + run + rerun
+# = ~1.5 + 6.7 + 6.7 < 15 minutes.
+#
+# Time per step. The estimates are ESTIMATES, reasoned from compile counts
+# and sizes x bandwidth; no GPU has run this script yet. Replace them by the
+# measured step times (printed last) after the first run.
+#
+# | step       | limit | kept for it | estimate | why / what it costs |
+# |------------|-------|-------------|----------|---------------------|
+# | info       |  15 s |             |    ~5 s  | nvidia-smi; importing torch and triton |
+# | install    |  40 s |             |   ~10 s  | pip install -e . offline (--no-deps --no-build-isolation) |
+# | wheels     |  25 s |             |    ~5 s  | only when .whl/ exists (e.g. liger-kernel) |
+# | gpu_checks |  45 s |        20 s |   ~25 s  | ~12 kernel compiles (~1.5 s each) + CUDA-graph captures and the no-sync steps |
+# | tune       | 135 s |        60 s |   ~85 s  | 45 candidates on the 10 hot shapes: ~20 distinct kernel compiles (~2 s each), ~0.6 s per candidate (inputs, one call, the fp32 check, do_bench 25 ms warm-up + 100 ms, 1 GiB to 16 GiB per call at ~4 TB/s), copy + imports ~10 s; stops starting candidates 20 s before its limit (--time-limit) and writes what it measured |
+# | linear_ce  |  60 s |        30 s |   ~45 s  | 4096 x 4096 x 128256 bf16 fwd+bwd: the three-GEMM floor first (12.9 TFLOP, ~17 ms a call), ours, eager, torch's chunked; torch.compile last (its compile alone ~30 s, est.) |
+# | tests      | 120 s |        60 s |  ~100 s  | ~350 tests on CUDA over 12 xdist workers, compile-bound (each new kernel specialisation JIT-compiles); the CPU-only files are left to CI (below) |
+# | host       |  60 s |        20 s |   ~45 s  | python -m perf.host: 19 calls x 3 rows x >= 0.35 s of repeats + ~10 small compiles (its 2 CPU rows per call took 36 s on a 2-core CPU machine, measured) |
+# | perf_quick | rest, <= 120 s | 30 s | ~75 s left | the quick sweep vs the other providers (softmax_fwd and ce_fwd_bwd first); cut short, it still writes what it measured |
+#
+# Expected total ~390 s: the steps above ~315 s, the sweep what is left.
+# Left to CI (CPU, no GPU needed; they would cost minutes here):
+# tests/test_static_compile.py (compiles ~1150 sm_90 variants),
+# test_packaging.py (builds a wheel), test_perf_harness.py, test_tune.py and
+# test_examples.py (CPU subprocess runs).
+#
+# Outputs, in OUT_DIR, at most 8 files and no folder (the lent machine brings
+# back 8 files, 2 folder levels): device_check.log (every step's output),
+# device_check_summary.md (the tables), tuned_<gpu>.json (the tuning run's
+# table: `python -m perf.tune --install` it and commit it), the CSVs of the
+# tuning run, the quick sweep, the linear cross-entropy run and the host cost
+# (perf/results conventions: commit them under perf/results/<gpu>/<date>/),
+# and extras.tar.gz with the plots and the per-run summaries.
+#
+# Knobs: T_<STEP> limits (T_INFO, T_INSTALL, T_WHEELS, T_CHECKS, T_TUNE,
+# T_LINEAR, T_TESTS, T_HOST, T_PERF) and BUDGET; SKIP_STEPS="install tests"
+# skips steps by name (a rerun of the failed ones); DEVICE=auto lets the
+# steps fall back to CPU for a dry run of this script; DRY_RUN=1 runs no step
+# at all, writes stand-in files and advances a simulated clock by each
+# step's full limit (the worst case of the budget and of the output limits,
+# checked by tests/test_tune.py).
 #
 # It only reads the GPU's state: it never changes clocks, power, modes or MIG,
 # and never resets the device.
@@ -28,46 +59,94 @@ OUT_DIR="${1:-${OUT:-perf/results/device_check}}"
 mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/device_check.log"
+SUMMARY="$OUT_DIR/device_check_summary.md"
 : > "$LOG"
 export PYTHONUNBUFFERED=1
 export PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"  # the checks fail loudly without a GPU; DEVICE=auto for a CPU dry run
+DRY_RUN="${DRY_RUN:-0}"
 
-T_INFO=${T_INFO:-20}
-T_INSTALL=${T_INSTALL:-60}
-T_WHEELS=${T_WHEELS:-30}
-T_TESTS=${T_TESTS:-200}
-T_CHECKS=${T_CHECKS:-60}
-T_PERF=${T_PERF:-240}   # the most the sweep gets; it also never runs past BUDGET
-BUDGET=${BUDGET:-470}   # seconds for the whole script (under 8 minutes with the kill grace)
+T_INFO=${T_INFO:-15}
+T_INSTALL=${T_INSTALL:-40}
+T_WHEELS=${T_WHEELS:-25}
+T_CHECKS=${T_CHECKS:-45}
+T_TUNE=${T_TUNE:-135}
+T_LINEAR=${T_LINEAR:-60}
+T_TESTS=${T_TESTS:-120}
+T_HOST=${T_HOST:-60}
+T_PERF=${T_PERF:-120}
+BUDGET=${BUDGET:-390}
+# The least time worth giving a step: kept free for it by the steps before it.
+MIN_CHECKS=20 MIN_TUNE=60 MIN_LINEAR=30 MIN_TESTS=60 MIN_HOST=20 MIN_PERF=30
+MIN_STEP=10  # a step that would get less is skipped ("no time left")
 
-START=$(date +%s)
+SIM_ELAPSED=0  # DRY_RUN: seconds the skipped steps would have taken at most
+now() { echo $(( $(date +%s) + SIM_ELAPSED )); }
+START=$(now)
+DEADLINE=$(( START + BUDGET ))
 FAILED=0
 STEPS=()
 
+# limit WANT RESERVE: WANT seconds, or less so that RESERVE seconds are left
+# before the deadline for the steps after this one.
+limit() {
+  local left=$(( DEADLINE - $(now) - $2 ))
+  if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+
+# Stand-in outputs of a step for DRY_RUN (the real steps' file names; more
+# than they write, and a folder, so that the packing below is exercised).
+dry_outputs() {
+  local s="dry-gpu_$(date -u +%F)"
+  case $1 in
+    tune) touch "$OUT_DIR/${s}_tune.csv" "$OUT_DIR/tuned_dry-gpu.json" "$OUT_DIR/${s}_tune_summary.md" \
+                "$OUT_DIR/${s}_tune_softmax.png" "$OUT_DIR/${s}_tune_cross_entropy.png" ;;
+    linear_ce) touch "$OUT_DIR/${s}_linear.csv" "$OUT_DIR/${s}_linear_summary.md" \
+                     "$OUT_DIR/${s}_linear_linear_ce_fwd_bwd_bf16.png" ;;
+    host) touch "$OUT_DIR/${s}_host.csv" ;;
+    tests) mkdir -p "$OUT_DIR/stray/a/b" && touch "$OUT_DIR/stray/a/b/deep.txt" ;;
+    perf_quick)
+      touch "$OUT_DIR/${s}.csv" "$OUT_DIR/${s}_summary.md"
+      for op in softmax_fwd ce_fwd_bwd softmax_fwd_bwd ce_fwd log_softmax_fwd vocab_parallel; do
+        touch "$OUT_DIR/${s}_${op}_bf16.png"
+      done ;;
+  esac
+}
+
 # run_step NAME LIMIT CMD... : run CMD under timeout, log it, record the outcome.
-# SKIP_STEPS="install tests" skips steps by name (for a dry run of this script).
 run_step() {
-  local name=$1 limit=$2
+  local name=$1 lim=$2
   shift 2
   local t0 rc dt word
   if [[ " ${SKIP_STEPS:-} " == *" $name "* ]]; then
     echo "===== $name: skipped (SKIP_STEPS)" | tee -a "$LOG"
-    STEPS+=("| $name | skipped | 0s |")
+    STEPS+=("| $name | skipped | 0s | - |")
     return 0
   fi
-  t0=$(date +%s)
-  echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
-  dt=$(( $(date +%s) - t0 ))
+  if [ "$lim" -lt "$MIN_STEP" ]; then
+    echo "===== $name: NOT RUN: no time left (${lim}s before the budget's deadline)" | tee -a "$LOG"
+    STEPS+=("| $name | NOT RUN (no time left) | 0s | ${lim}s |")
+    FAILED=1
+    return 1
+  fi
+  t0=$(now)
+  echo "===== $name (limit ${lim}s): $*" | tee -a "$LOG"
+  if [ "$DRY_RUN" = 1 ]; then
+    dry_outputs "$name"
+    SIM_ELAPSED=$(( SIM_ELAPSED + lim ))
+    rc=0
+  else
+    timeout --kill-after=10 "$lim" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+  fi
+  dt=$(( $(now) - t0 ))
   if [ "$rc" -eq 0 ]; then word=ok
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then word="TIMEOUT (rc $rc)"
   else word="FAILED (rc $rc)"
   fi
   [ "$rc" -eq 0 ] || FAILED=1
   echo "===== $name: $word in ${dt}s" | tee -a "$LOG"
-  STEPS+=("| $name | $word | ${dt}s |")
+  STEPS+=("| $name | $word | ${dt}s | ${lim}s |")
   return "$rc"
 }
 
@@ -88,7 +167,8 @@ if torch.cuda.is_available():
           f"{p.total_memory / 2**30:.1f} GiB | L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
 else:
     print("NO CUDA DEVICE VISIBLE TO TORCH")
-for mod in ("liger_kernel", "quack", "matplotlib", "tqdm", "pytest", "hypothesis"):
+for mod in ("liger_kernel", "quack", "cut_cross_entropy", "matplotlib", "tqdm", "pytest", "xdist",
+            "hypothesis", "transformers"):
     try:
         m = __import__(mod)
         print(f"{mod} {getattr(m, '__version__', 'present')}")
@@ -104,49 +184,118 @@ install_wheels() {
 }
 export -f install_wheels
 
-run_step info "$T_INFO" bash -c device_info
-run_step install "$T_INSTALL" "$PY" -m pip install --no-deps --no-build-isolation -e .
+run_step info "$(limit "$T_INFO" 0)" bash -c device_info
+run_step install "$(limit "$T_INSTALL" 0)" "$PY" -m pip install --no-deps --no-build-isolation -e .
 if compgen -G ".whl/*.whl" > /dev/null; then
-  if run_step wheels "$T_WHEELS" bash -c install_wheels; then
+  if run_step wheels "$(limit "$T_WHEELS" 0)" bash -c install_wheels; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 else
-  echo "no .whl/ folder: liger / quack run only if the image has them" | tee -a "$LOG"
+  echo "no .whl/ folder: liger / quack / cut-cross-entropy run only if the image has them" | tee -a "$LOG"
 fi
-# On a GPU each distinct kernel specialisation is JIT-compiled on first use, so
-# the suite is compile-bound: spread the test files over CPU workers with
+
+run_step gpu_checks "$(limit "$T_CHECKS" $((MIN_TUNE + MIN_LINEAR + MIN_TESTS + MIN_HOST + MIN_PERF)))" \
+  "$PY" -m perf.gpu_checks --device "$DEVICE"
+
+# The tuning run: stops starting candidates 20 s before its limit, then writes
+# its CSV, plots and the table (tuned_<gpu>.json) of what it measured.
+lim=$(limit "$T_TUNE" $((MIN_LINEAR + MIN_TESTS + MIN_HOST + MIN_PERF)))
+run_step tune "$lim" "$PY" -m perf.tune --device "$DEVICE" --out "$OUT_DIR" \
+  --time-limit $(( lim > 40 ? lim - 20 : lim / 2 ))
+
+# The fused linear + cross-entropy anchor shape (4096 x 4096 x 128256 bf16)
+# against the three-GEMM floor, timed first; torch.compile last (its compile
+# is the slowest part, and `timeout` cutting it still leaves the rest).
+run_step linear_ce "$(limit "$T_LINEAR" $((MIN_TESTS + MIN_HOST + MIN_PERF)))" \
+  "$PY" -m perf --quick --device "$DEVICE" --out "$OUT_DIR" --tag linear --no-progress \
+  --ops linear_ce_fwd_bwd --providers gemm_floor,softmax_gpu,torch,torch_chunked,liger,cce,torch_compile
+
+# The suite on CUDA is compile-bound (every distinct kernel specialisation is
+# JIT-compiled on first use): spread single tests over 12 of the 16 CPUs with
 # pytest-xdist when the image has it (it does: KINDS.md's package list).
 XDIST=""
-if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 8 --dist loadfile"; fi
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 12 --dist load"; fi
 # shellcheck disable=SC2086
-run_step tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider $XDIST
-run_step gpu_checks "$T_CHECKS" "$PY" -m perf.gpu_checks --device "$DEVICE"
-# The sweep takes what is left of the budget (at least 60 s, at most T_PERF); when
-# `timeout` stops it, it still writes the CSV and summary of what it measured.
-left=$(( BUDGET - ($(date +%s) - START) - 15 ))
-[ "$left" -gt "$T_PERF" ] && left=$T_PERF
-[ "$left" -lt 60 ] && left=60
-run_step perf_quick "$left" "$PY" -m perf --quick --device "$DEVICE" --out "$OUT_DIR"
+run_step tests "$(limit "$T_TESTS" $((MIN_HOST + MIN_PERF)))" \
+  "$PY" -m pytest -q -p no:cacheprovider $XDIST --durations=15 \
+  --ignore=tests/test_static_compile.py --ignore=tests/test_packaging.py \
+  --ignore=tests/test_perf_harness.py --ignore=tests/test_tune.py --ignore=tests/test_examples.py
 
-# The return folder of a lent machine brings back at most 8 files: pack the plots if needed.
-n_files=$(find "$OUT_DIR" -maxdepth 1 -type f | wc -l)
-if [ "$n_files" -gt 8 ] && compgen -G "$OUT_DIR/*.png" > /dev/null; then
-  (cd "$OUT_DIR" && tar -czf plots.tar.gz ./*.png && rm -f ./*.png) \
-    && echo "packed the plots into $OUT_DIR/plots.tar.gz" | tee -a "$LOG"
-fi
+run_step host "$(limit "$T_HOST" "$MIN_PERF")" "$PY" -m perf.host --device "$DEVICE" --out "$OUT_DIR"
 
+# The quick sweep takes what is left (at most T_PERF); when `timeout` stops
+# it, it still writes the CSV and summary of what it measured.
+run_step perf_quick "$(limit "$T_PERF" 0)" "$PY" -m perf --quick --device "$DEVICE" \
+  --out "$OUT_DIR" --no-progress \
+  --ops softmax_fwd,ce_fwd_bwd,softmax_fwd_bwd,ce_fwd,log_softmax_fwd,vocab_parallel
+
+# The tables of the run, into the log and device_check_summary.md.
+newest() { ls -t "$@" 2>/dev/null | head -1; }
+step_tables() {  # the markdown table lines a step printed
+  sed -n "/^===== $1 (/,/^===== $1:/p" "$LOG" | grep '^|' || echo "(no table)"
+}
 {
+  gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
+  echo "# device check: ${gpu:-no GPU seen by nvidia-smi}"
   echo
-  echo "##### GPU checks"
-  sed -n '/^===== gpu_checks (/,/^===== gpu_checks:/p' "$LOG" | grep '^|' || echo "(no table)"
+  echo "Run $(date -u +%FT%TZ), $(( $(now) - START ))s in all (budget ${BUDGET}s), files in $OUT_DIR."
   echo
-  echo "##### quick sweep summary"
-  summary=$(ls -t "$OUT_DIR"/*_summary.md 2>/dev/null | head -1)
-  if [ -n "$summary" ]; then cat "$summary"; else echo "(no summary written)"; fi
-  echo
-  echo "##### device check: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1), $(( $(date +%s) - START ))s in all, files in $OUT_DIR"
-  echo "| step | result | time |"
-  echo "|---|---|---|"
+  echo "| step | result | time | limit |"
+  echo "|---|---|---|---|"
   printf '%s\n' "${STEPS[@]}"
-} | tee -a "$LOG"
+  echo
+  echo "## GPU checks"
+  step_tables gpu_checks
+  for part in "tuning run:*_tune_summary.md" "fused linear + cross-entropy:*_linear_summary.md"; do
+    echo
+    echo "## ${part%%:*}"
+    f=$(newest "$OUT_DIR"/${part#*:})
+    if [ -n "$f" ]; then sed 's/^#/##/' "$f"; else echo "(no summary written)"; fi
+  done
+  echo
+  echo "## quick sweep"
+  f=$(ls -t "$OUT_DIR"/*_summary.md 2>/dev/null | grep -v -e '_tune' -e '_linear' -e 'device_check_' | head -1)
+  if [ -n "$f" ]; then sed 's/^#/##/' "$f"; else echo "(no summary written)"; fi
+  echo
+  echo "## host cost per call (µs)"
+  step_tables host
+} > "$SUMMARY"
+tee -a "$LOG" < "$SUMMARY"
+
+# What comes back from a lent machine: at most 8 files, no deeper than 2
+# folders, 16 MiB each. Keep the log, the summary, the table and the CSVs at
+# the top (7 at most); everything else (plots, per-run summaries, any folder)
+# goes into extras.tar.gz.
+pack_out() {
+  local dir=$1 kept=() rest=() f pat k seen
+  find "$dir" -maxdepth 1 -type f -size +15M -name '*.csv' -exec gzip -f {} \;
+  shopt -s nullglob
+  for pat in device_check.log device_check_summary.md 'tuned_*.json' \
+             '*_tune.csv' '*_tune_run*.csv' '*.csv' '*.csv.gz'; do
+    for f in "$dir"/$pat; do
+      seen=0
+      for k in "${kept[@]}"; do [ "$k" = "$f" ] && seen=1; done
+      [ "$seen" = 0 ] && [ "${#kept[@]}" -lt 7 ] && kept+=("$f")
+    done
+  done
+  for f in "$dir"/* "$dir"/.[!.]*; do
+    seen=0
+    for k in "${kept[@]}"; do [ "$k" = "$f" ] && seen=1; done
+    [ "$seen" = 0 ] && rest+=("$(basename "$f")")
+  done
+  shopt -u nullglob
+  local n_top n_dirs
+  n_top=$(find "$dir" -mindepth 1 -maxdepth 1 | wc -l)
+  n_dirs=$(find "$dir" -mindepth 1 -maxdepth 1 -type d | wc -l)
+  if [ "$n_top" -le 8 ] && [ "$n_dirs" -eq 0 ]; then return 0; fi
+  [ "${#rest[@]}" -gt 0 ] || return 0
+  (cd "$dir" && tar -czf extras.tar.gz.part -- "${rest[@]}" && rm -rf -- "${rest[@]}" \
+    && mv extras.tar.gz.part extras.tar.gz) \
+    && echo "packed ${#rest[@]} entries (plots, per-run summaries, folders) into $dir/extras.tar.gz"
+}
+if [ "$(stat -c %s "$LOG")" -gt 15000000 ]; then  # keep the end of an oversized log
+  tail -c 15000000 "$LOG" > "$LOG.tail" && mv "$LOG.tail" "$LOG"
+fi
+pack_out "$OUT_DIR"
+echo "files in $OUT_DIR:" && ls -la "$OUT_DIR"
 exit "$FAILED"

@@ -2,7 +2,9 @@
 
 Everything that ends up in the ``device, torch, triton, cuda, timestamp``
 columns of the CSV is read here, once per run, so that one file never mixes
-devices or versions.
+devices or versions. softmax_gpu is imported only inside the functions that
+need it, after the device is chosen: on CPU it must see ``TRITON_INTERPRET``
+first.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import re
 import sys
 
 import torch
@@ -54,9 +55,11 @@ def enable_interpreter_for_cpu(device: str) -> str | None:
 
 
 def slug(name: str) -> str:
-    """File-name form of a device name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
-    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return s or "unknown-device"
+    """File-name form of a device name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``
+    (the same slug names the GPU's tuned table, ``softmax_gpu/tuned/<slug>.json``)."""
+    from softmax_gpu.heuristics import device_slug  # not at import: see the module docstring
+
+    return device_slug(name)
 
 
 @dataclasses.dataclass(frozen=True)

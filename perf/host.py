@@ -234,16 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     info = run_info(device)
     rows = measure(device, with_launch=device == "cuda", quick=args.quick)
 
-    from perf.report import write_csv
+    from perf.report import output_stem, write_csv
     from perf.sweep import COLUMNS
 
     out_dir = args.out or os.path.join("perf", "results", info.device_slug, info.date)
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"{info.device_slug}_{info.date}_host"
-    k, path = 1, os.path.join(out_dir, stem + ".csv")
-    while os.path.exists(path):
-        k += 1
-        path = os.path.join(out_dir, f"{stem}_run{k}.csv")
+    path = os.path.join(out_dir, output_stem(out_dir, info, "host") + ".csv")
     csv_rows = []
     for r in rows:
         row = {c: "" for c in COLUMNS}

@@ -1,8 +1,9 @@
 """Outputs of a run: the long-format CSV, one PNG per op and dtype, and the
 markdown summary. One run is one device, so a file never mixes devices.
 
-File names share one stem, ``<device-slug>_<YYYY-MM-DD>`` (``_run2``,
-``_run3``... when an earlier run of the same day is already in the folder):
+File names share one stem, ``<device-slug>_<YYYY-MM-DD>`` (plus ``_<tag>``
+with ``--tag``; ``_run2``, ``_run3``... when an earlier run of the same day is
+already in the folder):
 
 - ``<stem>.csv``
 - ``<stem>_<op>_<dtype>.png``
@@ -21,15 +22,16 @@ from perf.ops import TOLERANCE, DTYPES
 from perf.sizes import size_label
 from perf.sweep import BASELINE, COLUMNS, INTERRUPTED
 
-__all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "summary_markdown", "CPU_WARNING"]
+__all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "save_plot", "summary_markdown",
+           "banner", "CPU_WARNING"]
 
 CPU_WARNING = ("NO GPU: these timings are MEANINGLESS. Our kernels ran in Triton's interpreter on "
                "CPU and torch ran on CPU, at toy sizes; this run only proves the harness works.")
 
 
-def output_stem(out_dir: str, info: RunInfo) -> str:
-    """``<slug>_<date>``, or ``..._runK`` if that CSV already exists in ``out_dir``."""
-    stem = f"{info.device_slug}_{info.date}"
+def output_stem(out_dir: str, info: RunInfo, tag: str = "") -> str:
+    """``<slug>_<date>[_<tag>]``, or ``..._runK`` if that CSV already exists in ``out_dir``."""
+    stem = f"{info.device_slug}_{info.date}" + (f"_{tag}" if tag else "")
     k = 1
     candidate = stem
     while os.path.exists(os.path.join(out_dir, candidate + ".csv")):
@@ -44,16 +46,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """Long format, one row per (op, provider, dtype, M, N), columns :data:`COLUMNS`."""
+def write_csv(rows: list[dict], path: str, columns: list[str] = COLUMNS) -> None:
+    """Long format, one row per (op, provider, dtype, M, N), columns :data:`COLUMNS`
+    (or ``columns``)."""
     devices = {r["device"] for r in rows}
     if len(devices) > 1:
         raise ValueError(f"refusing to mix devices in one file: {sorted(devices)}")
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt(r.get(k, "")) for k in COLUMNS})
+            w.writerow({k: _fmt(r.get(k, "")) for k in columns})
 
 
 def read_csv(path: str) -> list[dict]:
@@ -158,18 +161,32 @@ def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[s
         ax.set_ylabel("time / three-GEMM floor" if metric == "vs_floor"
                       else "GB/s (minimal bytes / median time)")
         ax.set_ylim(bottom=0)
-        title = f"{op}  {dtype}  on {info.device_name}\ntorch {info.torch}, triton {info.triton}, {info.date}"
-        if info.meaningless_timings:
-            title += "\nNO GPU: TIMINGS MEANINGLESS"
-        fig.suptitle(title, fontsize=10, color="red" if info.meaningless_timings else "black")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
         path = os.path.join(out_dir, f"{stem}_{op}_{dtype}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_plot(fig, ax, f"{op}  {dtype}", info, path))
     return paths
+
+
+def save_plot(fig, ax, what: str, info: RunInfo, path: str) -> str:
+    """Title (``what`` on the device, versions, date; MEANINGLESS in red for
+    a CPU run), grid and legend, then write ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    title = f"{what}  on {info.device_name}\ntorch {info.torch}, triton {info.triton}, {info.date}"
+    if info.meaningless_timings:
+        title += "\nNO GPU: TIMINGS MEANINGLESS"
+    fig.suptitle(title, fontsize=10, color="red" if info.meaningless_timings else "black")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def banner(text: str) -> str:
+    """``text`` framed in exclamation marks, for warnings a reader must not miss."""
+    bar = "!" * min(100, len(text) + 8)
+    return f"{bar}\n!!! {text} !!!\n{bar}"
 
 
 def _gb(value: float) -> str:

@@ -280,10 +280,25 @@ def cross_entropy_variants() -> list[Variant]:
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
 
 
+# Vocab-parallel option flags compiled per configuration, for the stats and
+# the gradient kernel alike. A configuration chosen without extras runs none
+# or label smoothing alone; one chosen with extras (a softcap, or class
+# weights with smoothing) may run any subset, of which every option on is the
+# heaviest (weights are read only with smoothing).
+_VP_FLAGS = {
+    False: (dict(SMOOTH=False, HAS_WEIGHT=False, SOFTCAP=False),
+            dict(SMOOTH=True, HAS_WEIGHT=False, SOFTCAP=False)),
+    True: (dict(SMOOTH=True, HAS_WEIGHT=True, SOFTCAP=True),),
+}
+
+
 def vocab_parallel_variants() -> list[Variant]:
     """The shard kernels (softmax_gpu.kernels.vocab_parallel) for every
-    configuration the shard config can pick: the stats kernel with and
-    without the smoothing sum, and the gradient kernel."""
+    configuration the shard config can pick (row counts from one row to a
+    linear-CE chunk and beyond; with and without extras), each with the flag
+    sets above."""
+    import itertools
+
     import torch
 
     from softmax_gpu import heuristics
@@ -296,22 +311,18 @@ def vocab_parallel_variants() -> list[Variant]:
             dt = DTYPE_STR[elem]
             acc = "fp64" if elem == 8 else "fp32"
             ptrs = (("X", dt), ("DX", dt), ("T", "i64")) + tuple(
-                (p, acc) for p in ("MX", "ST", "LSE", "G", "COEF"))
+                (p, acc) for p in ("CW", "MX", "ST", "COEF"))
             for logn in range(0, 21):
-                for M in (1, 64, 1 << 20):
-                    c = shard_config(M, 1 << logn, elem, dev)
+                for M, extras in itertools.product((1, 64, 4096, 1 << 20), (False, True)):
+                    c = shard_config(M, 1 << logn, elem, dev, extras)
                     single = c.path == heuristics.SINGLE
-                    stats = "vp_stats_single_kernel" if single else "vp_stats_looped_kernel"
-                    for smooth in (False, True):
-                        cx = dict(ACC=acc, BLOCK_N=c.block_n, SMOOTH=smooth)
-                        if single:
-                            cx["ROWS"] = c.rows_per_program
-                        out.append(Variant("vocab_parallel", stats, dt, ptrs,
-                                           tuple(sorted(cx.items())), c.num_warps, c.path))
-                    grad = "vp_grad_single_kernel" if single else "vp_grad_looped_kernel"
-                    cx = dict(ACC=acc, BLOCK_N=c.block_n, **({"ROWS": c.rows_per_program} if single else {}))
-                    out.append(Variant("vocab_parallel", grad, dt, ptrs,
-                                       tuple(sorted(cx.items())), c.num_warps, c.path))
+                    rows = {"ROWS": c.rows_per_program} if single else {}
+                    for kind in ("stats", "grad"):
+                        name = f"vp_{kind}_{'single' if single else 'looped'}_kernel"
+                        for flags in _VP_FLAGS[extras]:
+                            cx = dict(ACC=acc, BLOCK_N=c.block_n, **rows, **flags)
+                            out.append(Variant("vocab_parallel", name, dt, ptrs,
+                                               tuple(sorted(cx.items())), c.num_warps, c.path))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
 
 

@@ -19,13 +19,27 @@ The numbers below are first choices made from the register budget (see
 ``perf/results/static/`` for the compiled registers and spills per
 configuration); each is to be replaced by a measured value, with the
 measurement written beside it, by the GPU tuning pass.
+
+Tuned tables: ``python -m perf.tune`` times candidate limits on a GPU and
+writes the winners per op and row length; ``python -m perf.tune --install``
+commits them as ``softmax_gpu/tuned/<gpu-slug>.json``. The launch planning
+asks :func:`limits_for`, which applies the running GPU's table to the
+defaults. A table is read on the first launch on a device (never at import),
+validated (a bad field is ignored with a :class:`TunedTableWarning`, never an
+error), and ignored inside :func:`override`, on CPU, and where there is no
+table for the GPU.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
+import json
+import os
+import re
+import warnings
 from typing import Iterator
 
 import torch
@@ -44,11 +58,19 @@ __all__ = [
     "SPLIT",
     "COOP",
     "l2_bytes",
-    "limits_for",
     "LongRows",
     "long_rows",
     "long_row_regs",
     "single_regs",
+    "limits_for",
+    "TUNED_OPS",
+    "TUNED_DIR",
+    "ELEMENT_FIELDS",
+    "TunedTableWarning",
+    "device_slug",
+    "tuned_path",
+    "load_tuned",
+    "clear_tuned",
 ]
 
 # Path names, shared by the forward and backward launchers.
@@ -212,13 +234,6 @@ def warps_for(tile_elems: int) -> int:
     return max(1, min(16, next_pow2(tile_elems) // 512))
 
 
-def limits_for(op: str, device: torch.device, elem_bytes: int, n: int) -> Limits:
-    """The limits an ``op`` ("softmax" or "cross_entropy") plans with on
-    ``device`` for rows of ``n`` elements of ``elem_bytes`` bytes."""
-    # replaced by the tuned-table lookup
-    return limits()
-
-
 # Register budgets (maxnreg) of the long-row kernels by weight class, for
 # 2-/4-byte and 8-byte elements: 0 the light kernels (softmax forward,
 # cross-entropy statistics without extras), 1 one more burden (a written
@@ -297,3 +312,207 @@ def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device
     if path == "persistent":
         return LongRows(LOOPED, min(M, grid), 1, N, 0, lim.evict, regs)
     return LongRows(LOOPED, 0, 1, N, 0, lim.evict, regs)
+
+# ----------------------------------------------------------------------------
+# Tuned tables: measured limits per GPU, op and row length
+# ----------------------------------------------------------------------------
+
+# The ops a table holds: "softmax" applies to every softmax-family launch plan
+# (softmax and log-softmax, forward and backward, vocabulary-parallel softmax
+# pieces), "cross_entropy" to the cross-entropy plans.
+TUNED_OPS = ("softmax", "cross_entropy")
+# softmax_gpu/tuned/<gpu-slug>.json, installed with the package.
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+TUNED_SCHEMA = 1
+
+# Fields a table may not set: facts about the device, not choices.
+_UNTUNABLE = frozenset({"sm_count"})
+# Limits fields counted in elements (tile widths, on-chip row lengths,
+# elements per program): powers of two, since they become tl.arange extents
+# and row counts. A tuned table's values are checked against that, and
+# ``perf.tune`` scales these fields down with its shapes for a CPU run. A new
+# field of that kind is added here.
+ELEMENT_FIELDS = frozenset({
+    "max_single_2byte", "max_single_4byte", "max_single_8byte", "tile", "target_program_elems",
+    "ce_max_single_2byte", "ce_max_single_4byte", "ce_max_single_8byte",
+})
+_ANNOTATION_TYPES = {"int": int, "bool": bool, "float": float, "str": str, "None": type(None)}
+
+
+class TunedTableWarning(UserWarning):
+    """A tuned table (``softmax_gpu/tuned/*.json``) has a field or value that
+    cannot be used; that part of the table is ignored."""
+
+
+def device_slug(name: str) -> str:
+    """File-name form of a GPU name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return s or "unknown-device"
+
+
+def tuned_path(slug: str) -> str:
+    """Where the table of the GPU with this slug is installed."""
+    return os.path.join(TUNED_DIR, f"{slug}.json")
+
+
+def _elem_key(elem_bytes: int) -> int:
+    return by_elem(elem_bytes, 2, 4, 8)
+
+
+def _field_problem(name: str, value) -> str | None:
+    """Why ``value`` cannot be the Limits field ``name``, or None."""
+    fields = {f.name: f for f in dataclasses.fields(Limits)}
+    if name not in fields:
+        return "is not a Limits field"
+    if name in _UNTUNABLE:
+        return "is a fact about the device, not a tunable limit"
+    f = fields[name]
+    default = f.default
+    tokens = [t.strip() for t in str(f.type).split("|")]
+    if all(t in _ANNOTATION_TYPES for t in tokens):
+        types = tuple(_ANNOTATION_TYPES[t] for t in tokens)
+    else:  # an annotation this check cannot read: the default's type
+        types = (type(default),)
+    ok = (value is None and type(None) in types) or (
+        isinstance(value, bool) and bool in types) or (
+        isinstance(value, int) and not isinstance(value, bool) and int in types) or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and float in types) or (
+        isinstance(value, str) and str in types)
+    if not ok:
+        return f"has value {value!r}, not of type {f.type}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = 1 if isinstance(default, int) and default >= 1 else 0
+        if value < low:
+            return f"has value {value!r}, below {low}"
+        if name in ELEMENT_FIELDS and value & (value - 1):
+            return f"has value {value!r}, not a power of two"
+    return None
+
+
+def _parse_tuned(data, path: str, slug: str | None) -> tuple[dict, list[str]]:
+    """Entries ``{(op, elem_bytes): [(n, fields), ...]}`` sorted by n, and
+    the problems found (each names the file and the place). An entry with a
+    bad field keeps its row length with no overrides (the defaults there)."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        return {}, [f"{path}: not a JSON object; table ignored"]
+    if data.get("schema") != TUNED_SCHEMA:
+        return {}, [f"{path}: schema {data.get('schema')!r}, expected {TUNED_SCHEMA}; table ignored"]
+    if slug is not None and data.get("slug") != slug:
+        return {}, [f"{path}: field 'slug' is {data.get('slug')!r}, not {slug!r} (a table of "
+                    "another GPU?); table ignored"]
+    ops = data.get("ops")
+    if not isinstance(ops, dict):
+        return {}, [f"{path}: field 'ops' is missing or not an object; table ignored"]
+    out: dict = {}
+    for op, by_size in ops.items():
+        if op not in TUNED_OPS:
+            problems.append(f"{path}: ops.{op} is not one of {TUNED_OPS}; ignored")
+            continue
+        if not isinstance(by_size, dict):
+            problems.append(f"{path}: ops.{op} is not an object; ignored")
+            continue
+        for size, entries in by_size.items():
+            where = f"ops.{op}.{size}"
+            if size not in ("2", "4", "8") or not isinstance(entries, list):
+                problems.append(f"{path}: {where}: expected an element size 2, 4 or 8 holding a "
+                                "list of entries; ignored")
+                continue
+            rows: dict[int, dict] = {}
+            for i, entry in enumerate(entries):
+                n = entry.get("n") if isinstance(entry, dict) else None
+                fields = entry.get("limits") if isinstance(entry, dict) else None
+                if not isinstance(n, int) or isinstance(n, bool) or n < 1 or not isinstance(fields, dict):
+                    problems.append(f"{path}: {where}[{i}]: expected {{'n': row length >= 1, "
+                                    "'limits': {field: value}}; entry ignored")
+                    continue
+                bad = [(k, _field_problem(k, v)) for k, v in fields.items()]
+                bad = [(k, why) for k, why in bad if why]
+                if not bad:
+                    try:
+                        dataclasses.replace(_DEFAULT, **fields)
+                    except Exception as exc:  # a check of Limits itself
+                        bad = [(", ".join(fields), f"rejected by Limits: {exc}")]
+                for k, why in bad:
+                    problems.append(f"{path}: {where} n={n}: field {k!r} {why}; the defaults are "
+                                    "used at this row length")
+                rows[n] = {} if bad else dict(fields)
+            if rows:
+                out[(op, int(size))] = sorted(rows.items())
+    return out, problems
+
+
+def load_tuned(path: str, slug: str | None = None) -> dict | None:
+    """Read and validate a tuned table: ``{(op, elem_bytes): [(n, fields), ...]}``
+    (None when the file cannot be used at all). Every problem is reported as
+    a :class:`TunedTableWarning` naming the file and the field; the bad part
+    is ignored. ``slug``: the GPU the table must be for."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"softmax_gpu: cannot read tuned table {path}: {exc}; ignored",
+                      TunedTableWarning, stacklevel=2)
+        return None
+    entries, problems = _parse_tuned(data, path, slug)
+    for p in problems:
+        warnings.warn(f"softmax_gpu: tuned table {p}", TunedTableWarning, stacklevel=2)
+    return entries if entries else None
+
+
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_for_device(index: int) -> dict | None:
+    """The installed table of CUDA device ``index`` as
+    ``{(op, elem_bytes): (row lengths, Limits)}``; read once per device."""
+    try:
+        slug = device_slug(_device_name(index))
+        path = tuned_path(slug)
+        if not os.path.exists(path):
+            return None
+        entries = load_tuned(path, slug)
+    except Exception as exc:  # never fail a launch over a table
+        warnings.warn(f"softmax_gpu: tuned table lookup failed ({type(exc).__name__}: {exc}); "
+                      "using the default limits", TunedTableWarning, stacklevel=3)
+        return None
+    if not entries:
+        return None
+    return {key: (tuple(n for n, _ in rows),
+                  tuple(dataclasses.replace(_DEFAULT, **fields) for _, fields in rows))
+            for key, rows in entries.items()}
+
+
+def clear_tuned() -> None:
+    """Forget the tables read so far (they are read again on next use)."""
+    _tuned_for_device.cache_clear()
+
+
+def limits_for(op: str, device: torch.device, elem_bytes: int, n: int) -> Limits:
+    """The limits to plan one launch with: :func:`limits` with the running
+    GPU's tuned overrides for ``op`` (``"softmax"`` or ``"cross_entropy"``),
+    the element size and row length ``n`` applied (the entry of the nearest
+    tuned row length at or below ``n``, else the smallest).
+
+    Plain :func:`limits` inside :func:`override` (tests and sweeps keep
+    control), for non-CUDA devices, and where the GPU has no table, no entry
+    for this op and element size, or an entry that failed validation.
+    """
+    lim = _active
+    if op not in TUNED_OPS:
+        raise ValueError(f"limits_for: op must be one of {TUNED_OPS}, got {op!r}")
+    if lim is not _DEFAULT:
+        return lim
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type != "cuda":
+        return lim
+    table = _tuned_for_device(device.index if device.index is not None
+                              else torch.cuda.current_device())
+    found = table.get((op, _elem_key(elem_bytes))) if table else None
+    if found is None:
+        return lim
+    ns, lims = found
+    return lims[max(0, bisect.bisect_right(ns, n) - 1)]

@@ -4,56 +4,95 @@ public names are re-exported by :mod:`softmax_gpu.distributed`.
 
 When the output layer is sharded over tensor-parallel ranks, each rank holds
 the logits of a slice of the vocabulary. The online-softmax state
-(max, sum of e^(x - max)) merges associatively, so the loss and the gradient
+(max, sum of e^(z - max)) merges associatively, so the loss and the gradient
 need O(rows) communication, never the O(rows x vocab) logits.
 
-Per forward, on every rank of ``group`` (NCCL for CUDA tensors, gloo for CPU
-tensors: the collectives run on the logits' device):
+Two public functions share one per-call object, :class:`_ShardLoss`:
+
+- :func:`vocab_parallel_cross_entropy` (sharded logits in hand);
+- :func:`vocab_parallel_linear_cross_entropy` (the lm_head's weight sharded
+  by vocabulary rows, the input replicated): the logits are made chunk by
+  chunk over the tokens in a reused [chunk, V_r] buffer, as in
+  :func:`softmax_gpu.linear_cross_entropy`, whose GEMM helpers it reuses.
+
+Per forward (per chunk for the linear version), on every rank of ``group``
+(NCCL for CUDA tensors, gloo for CPU tensors):
 
 1. shard widths: an all-gather of one int64 per rank gives this rank's column
    offset and the global vocabulary. It is cached per (group, local width,
    ``vocab_size``), so it runs (and syncs the host, to read the widths) on the
    first call of a layout only; see :func:`clear_width_cache`.
 2. the stats kernel reads the shard once: per row its max m, sum d of
-   e^(x - m), its target logit where this rank owns the target (else 0), and
-   with label smoothing the sum of its logits;
-3. ``all_reduce(MAX)`` of m (N values);
+   e^(z - m), its target logit where this rank owns the target (else 0), and
+   with label smoothing the sum of w_c z_c over its columns (z: the logits,
+   softcapped when asked; w: the class weights, 1 without);
+3. ``all_reduce(MAX)`` of m (n values);
 4. d is rescaled to the global max on the device, then one ``all_reduce(SUM)``
-   of the stacked [k, N] tensor (d, target logit[, sum of logits]); k = 2, or 3
-   with label smoothing. fp32, fp64 for fp64 logits.
-5. The loss follows on the device from the global (max, sum): no host sync.
+   of the stacked [k, n] tensor (d, target logit[, smoothing sum]); k = 2, or
+   3 with label smoothing. fp32, fp64 for fp64 logits.
+5. The row losses, the lse and the gradient's per-row terms follow on the
+   device from the global (max, sum) and the targets (which every rank holds
+   alike, so every rank computes the same mean denominators): no host sync.
 
-The backward needs no collective: each rank writes the gradient of its own
-shard from the saved global lse, reading the shard once more. ``mean`` divides
-by the number of non-ignored rows, which every rank counts alike since every
-rank holds the same targets.
+The gradient kernel writes the shard's gradient from the global lse, reading
+the shard once more: in the backward for :func:`vocab_parallel_cross_entropy`
+(into a new tensor, or over the logits with ``inplace_backward``; no
+collective), in the forward over each chunk's logits for the linear version
+(then ``dX[chunk] = dlogits @ W_r`` and ``dW_r += dlogits^T @ X[chunk]`` in
+fp32, and one ``all_reduce(SUM)`` of dX [N, D] at the end: each rank's dX is
+its shard's part).
 
-Communication per step: (1 + k) * N * 4 bytes in two all-reduces (8 bytes per
-value for fp64), against N * V * itemsize for gathering the logits; see
+Communication per step: (1 + k) * N * 4 bytes in two all-reduces per chunk
+(8 bytes per value for fp64), plus N * D * itemsize for the linear version's
+dX; against N * V * itemsize for gathering the logits; see
 ``perf/vocab_parallel.py``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import heuristics
-from ._checks import check_float, check_tensor
-from ._dispatch import backend_for, device_guard, new_output, record
+from ._checks import FLOAT_DTYPES, check_float, check_tensor
+from ._dispatch import backend_for, launch_device, launch_on, new_output, plan_cache, remember
 from ._layout import as_rows
+from .cross_entropy import _scalar_options, check_inplace_rows
 from .kernels import vocab_parallel as K
+from .linear_cross_entropy import _backprop, _grad_buffers, _logits, chunk_rows
 from .softmax import SoftmaxConfig, softmax_config
 
-__all__ = ["vocab_parallel_cross_entropy", "clear_width_cache", "shard_config"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "clear_width_cache", "shard_config"]
 
-_REDUCTIONS = ("mean", "sum", "none")
+# group -> {(local width, vocab_size or None): _Layout}; weak in the group, so
+# that a destroyed group is not kept alive (its destructor would then run at
+# interpreter exit, which has aborted gloo processes).
+_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# (group, local width, vocab_size or None) -> (offset, global vocab, all widths)
-_WIDTHS: dict = {}
+
+class _Layout(NamedTuple):
+    """This rank's place in its group's vocabulary."""
+
+    off: int  # global id of this rank's first column
+    vocab: int  # global vocabulary V
+    widths: tuple  # every rank's width, in rank order
+
+
+class _Opts(NamedTuple):
+    """A call's options, validated (cap 0: no softcap)."""
+
+    ignore: int
+    reduction: str
+    eps: float
+    z: float
+    cap: float
 
 
 def clear_width_cache() -> None:
@@ -68,10 +107,10 @@ def clear_width_cache() -> None:
     _WIDTHS.clear()
 
 
-def _shard_layout(pg, width: int, vocab_size, device: torch.device):
-    """(this rank's column offset, global vocabulary, all widths) for ``pg``."""
-    key = (pg, width, vocab_size)
-    hit = _WIDTHS.get(key)
+def _shard_layout(who: str, pg, width: int, vocab_size, device: torch.device) -> _Layout:
+    cache = _WIDTHS.setdefault(pg, {})
+    key = (width, vocab_size)
+    hit = cache.get(key)
     if hit is None:
         world = dist.get_world_size(pg)
         mine = torch.full((1,), width, dtype=torch.int64, device=device)
@@ -79,62 +118,65 @@ def _shard_layout(pg, width: int, vocab_size, device: torch.device):
         dist.all_gather(parts, mine, group=pg)
         widths = tuple(int(w) for w in torch.cat(parts).tolist())  # host sync, first call only
         rank = dist.get_rank(pg)
-        hit = (sum(widths[:rank]), sum(widths), widths)
-        _WIDTHS[key] = hit
-    offset, vocab, widths = hit
-    if vocab_size is not None and vocab != vocab_size:
+        hit = _Layout(sum(widths[:rank]), sum(widths), widths)
+        cache[key] = hit
+    if vocab_size is not None and hit.vocab != vocab_size:
         raise ValueError(
-            f"vocab_parallel_cross_entropy: the shard widths {list(widths)} of the group add up "
-            f"to {vocab}, not vocab_size={vocab_size}"
+            f"{who}: the shard widths {list(hit.widths)} of the group add up to {hit.vocab}, "
+            f"not vocab_size={vocab_size}"
         )
     return hit
 
 
-def _resolve_group(group):
+def _resolve_group(who: str, group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
-            "vocab_parallel_cross_entropy needs an initialised process group: call "
+            f"{who} needs an initialised process group: call "
             "torch.distributed.init_process_group() first (a single process can use "
             "world_size=1)"
         )
     pg = dist.group.WORLD if group is None else group
     if dist.get_rank(pg) < 0:
-        raise ValueError("vocab_parallel_cross_entropy: this process is not a member of `group`")
+        raise ValueError(f"{who}: this process is not a member of `group`")
     return pg
 
 
-def _check_args(x, target, ignore_index, reduction, label_smoothing, z_loss, vocab_size):
-    check_tensor(x, "local_logits")
-    check_float(x, "local_logits")
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> _Opts:
+    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _Opts(ignore_index, reduction, eps, zl, cap)
+
+
+def _check_target(target: Tensor, batch: tuple, like: Tensor, name: str) -> None:
     check_tensor(target, "target")
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"local_logits must be a CUDA or CPU tensor, got device {x.device}")
-    if x.dim() < 1:
-        raise ValueError("local_logits must have at least one dim (the vocabulary shard, last)")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
             f"target must hold integer class ids (torch.long), got {target.dtype}; "
             "class probabilities are not supported"
         )
-    if target.device != x.device:
-        raise ValueError(f"target is on {target.device} but local_logits on {x.device}")
-    if tuple(target.shape) != tuple(x.shape[:-1]):
+    if target.device != like.device:
+        raise ValueError(f"target is on {target.device} but {name} on {like.device}")
+    if tuple(target.shape) != batch:
+        raise ValueError(f"target shape {tuple(target.shape)} must be {batch} ({name}'s shape "
+                         f"without its last dim)")
+
+
+def _check_class_weight(weight, like: Tensor, name: str) -> None:
+    """Type and device of ``weight`` (its shape is checked against the global
+    vocabulary once the layout is known)."""
+    if weight is None:
+        return
+    check_tensor(weight, "weight")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if weight.device != like.device:
+        raise ValueError(f"weight is on {weight.device} but {name} on {like.device}")
+
+
+def _check_weight_shape(weight, vocab: int) -> None:
+    if weight is not None and tuple(weight.shape) != (vocab,):
         raise ValueError(
-            f"target shape {tuple(target.shape)} must be local_logits' shape without its last "
-            f"(vocabulary) dim, {tuple(x.shape[:-1])}"
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0.0):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if vocab_size is not None and (
-        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
-    ):
-        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+            f"weight must have shape ({vocab},): one value per class of the GLOBAL vocabulary "
+            f"(the same full vector on every rank), got {tuple(weight.shape)}")
 
 
 def _check_targets(t: Tensor, vocab: int, ignore_index: int) -> None:
@@ -155,17 +197,21 @@ def _check_targets(t: Tensor, vocab: int, ignore_index: int) -> None:
 # --- per-shard statistics and gradient: Triton kernels, or the torch reference --
 
 
-def shard_config(M: int, W: int, elem_bytes: int, device: torch.device):
+def shard_config(M: int, W: int, elem_bytes: int, device: torch.device, extras: bool = False):
     """Launch parameters of both shard kernels for an [M, W] shard:
     :func:`softmax_gpu.softmax.softmax_config`'s choice, its split path run as looped (one
     program per row: a vocab shard has as many rows as there are tokens).
 
-    ``live_rows=2``: on the single path the stats kernel keeps x and e^(x - m)
-    (and with smoothing the sum of x), the gradient kernel x, its target mask
-    and dx; at the one-row limits both spilled in the sm_90 static check
-    (perf/static.py, ``vocab_parallel_variants``), at half of them neither does.
+    ``live_rows=2``: on the single path the stats kernel keeps z and e^(z - m)
+    (and with smoothing w z), the gradient kernel z, its target mask and dz;
+    at the one-row limits both spilled in the sm_90 static check
+    (perf/static.py, ``vocab_parallel_variants``), at half of them neither
+    does. ``extras`` (a softcap, or class weights with label smoothing): fp64
+    takes ``live_rows=3`` (its gradient kernel with every option on spilled
+    8 B at 8192 columns, 16 warps); 2- and 4-byte logits do not spill at 2.
     """
-    cfg = softmax_config(M, W, elem_bytes, device, live_rows=2)
+    live = 3 if extras and elem_bytes > 4 else 2
+    cfg = softmax_config(M, W, elem_bytes, device, live_rows=live)
     if cfg.path == heuristics.SPLIT:
         cfg = SoftmaxConfig(heuristics.LOOPED, cfg.block_n, 1, cfg.num_warps, 1, W)
     return cfg
@@ -175,135 +221,267 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _torch_stats(x2: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smooth: bool):
+def _capped(x2: Tensor, cap: float) -> Tensor:
+    """The logits in ACC, softcapped when ``cap`` > 0."""
+    z = x2.to(_acc(x2.dtype))
+    return cap * torch.tanh(z / cap) if cap > 0 else z
+
+
+def _shard_w(cw: Optional[Tensor], off: int, W: int, like: Tensor) -> Tensor:
+    return cw[off:off + W] if cw is not None else like.new_ones(W)
+
+
+def _torch_stats(x2: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smooth: bool,
+                 cap: float = 0.0, cw: Optional[Tensor] = None):
     """Reference of the stats kernel on an [M, W] shard: (mx [M], st [k, M])."""
-    xa = x2.to(_acc(x2.dtype))
-    M, W = xa.shape
-    m = xa.amax(1) if W else xa.new_full((M,), -math.inf)
+    z = _capped(x2, cap)
+    M, W = z.shape
+    m = z.amax(1) if W else z.new_full((M,), -math.inf)
     m_safe = torch.where(m == -math.inf, torch.zeros_like(m), m)
-    d = torch.exp(xa - m_safe[:, None]).sum(1)
+    d = torch.exp(z - m_safe[:, None]).sum(1)
     valid = t != ignore
     local = valid & (t >= off) & (t < off + W)
     if W:
         col = torch.where(local, t - off, torch.zeros_like(t))
-        tx = torch.where(local, xa.gather(1, col[:, None]).squeeze(1), torch.zeros_like(d))
+        tx = torch.where(local, z.gather(1, col[:, None]).squeeze(1), torch.zeros_like(d))
     else:
         tx = torch.zeros_like(d)
     bad = valid & ((t < 0) | (t >= vocab))
     tx = torch.where(bad, torch.full_like(tx, math.nan), tx)
-    rows = [d, tx] + ([xa.sum(1)] if smooth else [])
+    rows = [d, tx] + ([(z * _shard_w(cw, off, W, z)).sum(1)] if smooth else [])
     return m, torch.stack(rows)
 
 
-def _torch_grad(x2: Tensor, t: Tensor, lse: Tensor, g: Tensor, coef: Tensor, off: int,
-                vocab: int, ignore: int) -> Tensor:
-    """Reference of the grad kernel on an [M, W] shard (g: [M] scales)."""
-    xa = x2.to(_acc(x2.dtype))
-    M, W = xa.shape
-    valid = t != ignore
-    bad = valid & ((t < 0) | (t >= vocab))
-    g = torch.where(bad, torch.full_like(g, math.nan), g)
-    hit, uniform, two_z = coef[0], coef[1], coef[2]
-    dx = torch.exp(xa - lse[:, None]) * (g * (1 + two_z * lse))[:, None] - (g * uniform)[:, None]
-    cols = torch.arange(W, device=xa.device) + off
-    dx = dx - torch.where(cols[None, :] == t[:, None], (g * hit)[:, None], torch.zeros_like(dx))
-    dx = torch.where(valid[:, None], dx, torch.zeros_like(dx))
-    return dx.to(x2.dtype)
+def _torch_grad(x2: Tensor, t: Tensor, coef: Tensor, off: int, smooth: bool, cap: float = 0.0,
+                cw: Optional[Tensor] = None) -> Tensor:
+    """Reference of the grad kernel on an [M, W] shard (``coef`` [4, M]: lse, a, b, c)."""
+    z = _capped(x2, cap)
+    M, W = z.shape
+    lse, a, b, c = (r[:, None] for r in coef.to(z.dtype))
+    cols = torch.arange(W, device=z.device) + off
+    dz = torch.exp(z - lse) * a - torch.where(cols[None, :] == t[:, None], b, 0.0)
+    if smooth:
+        dz = dz - c * _shard_w(cw, off, W, z)[None, :]
+    if cap > 0:
+        dz = dz * (1 - (z / cap) ** 2)
+    live = (a != 0) | (b != 0) | (c != 0)
+    return torch.where(live, dz, 0.0).to(x2.dtype)
 
 
-def _shard_stats(x: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smooth: bool):
-    """(mx [M], st [k, M]) of the shard ``x`` ([..., W]) with flat targets ``t``."""
+# Kernel launches planned per shard shape and options, kept across calls.
+_LAUNCHERS = plan_cache()
+
+
+def _launcher(kind: str, x: Tensor, t: Tensor, out: Optional[Tensor], off: int, vocab: int,
+              ignore: int, smooth: bool, has_w: bool, cap: float):
+    """The memoised launch of the stats (``out`` None) or gradient kernel for ``x``."""
+    M, W = t.numel(), x.shape[-1]
+    key = (kind, M, W, x.shape, x.stride(), None if out is None else out.stride(), t.stride(),
+           x.dtype, x.device, off, vocab, ignore, smooth, has_w, cap, heuristics.generation())
+    launch = _LAUNCHERS.get(key)
+    if launch is None:
+        _, rows = as_rows(x, x.dim() - 1)
+        cfg = shard_config(M, W, x.element_size(), x.device, cap > 0 or (has_w and smooth))
+        if kind == "stats":
+            launch = K.stats_launcher(M, W, rows.inner, rows.strides, t.stride(0), off, vocab,
+                                      ignore, smooth, has_w, cap, x.dtype, cfg)
+        else:
+            _, drows = as_rows(out, out.dim() - 1)
+            launch = K.grad_launcher(M, W, rows.inner, rows.strides, drows.strides, t.stride(0),
+                                     off, smooth, has_w, cap, x.dtype, cfg)
+        remember(_LAUNCHERS, key, launch)
+    return launch
+
+
+def _shard_stats(x: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smooth: bool,
+                 cap: float = 0.0, cw: Optional[Tensor] = None):
+    """(mx [M], st [k, M]) of the shard ``x`` ([..., W]) with flat targets ``t``
+    (``cw``: the global [V] class weights in ACC, or None)."""
     M, W = t.numel(), x.shape[-1]
     if backend_for(x) != "triton":
-        return _torch_stats(x.reshape(M, W), t, off, vocab, ignore, smooth)
+        return _torch_stats(x.reshape(M, W), t, off, vocab, ignore, smooth, cap, cw)
     acc = _acc(x.dtype)
     mx = new_output((M,), acc, x.device)
     st = new_output((K.stats_rows(smooth), M), acc, x.device)
     if M == 0:
         return mx, st
-    xv, rows = as_rows(x, x.dim() - 1)
-    cfg = shard_config(M, W, xv.element_size(), xv.device)
-    with device_guard(x):
-        record(K.launch_vp_stats(xv, t, mx, st, M, W, rows.inner, rows.strides, t.stride(0),
-                                 off, vocab, ignore, smooth, cfg))
+    xv, _ = as_rows(x, x.dim() - 1)
+    launch = _launcher("stats", xv, t, None, off, vocab, ignore, smooth, cw is not None, cap)
+    launch_on(launch_device(x.device), launch, xv, t, cw if cw is not None else mx, mx, st)
     return mx, st
 
 
-def _shard_grad(x: Tensor, t: Tensor, lse: Tensor, g: Tensor, coef: Tensor, off: int,
-                vocab: int, ignore: int) -> Tensor:
-    """Gradient of the loss wrt the shard ``x``; ``g`` is [M] or [1] (broadcast)."""
+def _shard_grad(x: Tensor, t: Tensor, coef: Tensor, off: int, smooth: bool, cap: float = 0.0,
+                cw: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """The gradient of the shard ``x`` ([..., W]) from the per-row terms
+    ``coef`` ([4, M] ACC: global lse, a, b, c), written into ``out`` (a new
+    tensor when None; may be ``x`` itself, which must then have a row view)."""
     M, W = t.numel(), x.shape[-1]
+    if out is None:
+        out = new_output(x.shape, x.dtype, x.device)
     if backend_for(x) != "triton":
-        return _torch_grad(x.reshape(M, W), t, lse, g.expand(M), coef, off, vocab,
-                           ignore).reshape(x.shape)
-    dx = new_output(x.shape, x.dtype, x.device)
-    if dx.numel() == 0:
-        return dx
-    xv, rows = as_rows(x, x.dim() - 1)
-    _, drows = as_rows(dx, dx.dim() - 1)
-    cfg = shard_config(M, W, xv.element_size(), xv.device)
-    s_g = g.stride(0) if g.numel() > 1 else 0
-    with device_guard(x):
-        record(K.launch_vp_grad(xv, t, lse, g, s_g, coef, dx, M, W, rows.inner, rows.strides,
-                                drows.strides, t.stride(0), off, vocab, ignore, cfg))
-    return dx
-
-
-def _scalars(values, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small device tensor of Python floats, written by fill kernels (no host-to-device
-    copy from pageable memory, so no sync; full precision for fp64)."""
-    out = torch.empty(len(values), dtype=dtype, device=device)
-    for i, v in enumerate(values):
-        out[i] = v
+        out.copy_(_torch_grad(x.reshape(M, W), t, coef, off, smooth, cap, cw).reshape(x.shape))
+        return out
+    if out.numel() == 0:
+        return out
+    xv, _ = as_rows(x, x.dim() - 1)
+    ov = out if out is x else as_rows(out, out.dim() - 1)[0]
+    coef = coef.contiguous()
+    launch = _launcher("grad", xv, t, ov, off, 0, 0, smooth, cw is not None, cap)
+    launch_on(launch_device(x.device), launch, xv, t, coef, cw if cw is not None else coef, ov)
     return out
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, t, pg, off, vocab, ignore, reduction, eps, z, loss_dtype):
-        acc = _acc(x.dtype)
-        smooth = eps > 0.0
-        mx, st = _shard_stats(x, t, off, vocab, ignore, smooth)
-        # global max, then the local sums rescaled to it, then one SUM of the stack
+# --- the loss of one call's rows ---------------------------------------------
+
+
+class _ShardLoss:
+    """One call's targets, options and layout: the mean's denominators (from
+    ALL the targets, on the device), the stats of a block of rows, their
+    collectives and row losses, and the gradient's per-row terms.
+
+    ``rows`` arguments are slices of the call's N rows (a chunk, or all)."""
+
+    def __init__(self, t: Tensor, weight: Optional[Tensor], pg, layout: _Layout, opts: _Opts,
+                 dtype: torch.dtype):
+        self.t, self.pg, self.layout, self.opts = t, pg, layout, opts
+        self.acc = acc = _acc(dtype)
+        V = layout.vocab
+        self.smooth = opts.eps > 0
+        self.cw = weight.to(acc).contiguous() if weight is not None else None
+        self.kept = kept = t != opts.ignore
+        inside = (t >= 0) & (t < V)
+        if self.cw is None:
+            self.w_t = kept.to(acc)
+            self.sum_w = float(V)
+        else:
+            w_t = self.cw.gather(0, torch.where(kept & inside, t, 0))
+            self.w_t = torch.where(kept & inside, w_t, 0.0)
+            self.sum_w = self.cw.sum() if self.smooth else 0.0
+        self.bad = kept & ~inside
+        if opts.reduction == "mean":
+            self.dz = kept.sum(dtype=acc)
+            self.dl = self.dz if self.cw is None else self.w_t.sum()
+
+    def stats(self, x: Tensor, rows: slice):
+        """(mx, st) of the shard block ``x`` for the call's ``rows``."""
+        lay, o = self.layout, self.opts
+        return _shard_stats(x, self.t[rows], lay.off, lay.vocab, o.ignore, self.smooth, o.cap,
+                            self.cw)
+
+    def combine(self, mx: Tensor, st: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        """The two collectives, then (global lse [n], row losses [n]) in ACC;
+        for the mean each row is already divided by the denominators, so that
+        the sum of the rows is the loss."""
+        pg, o, V = self.pg, self.opts, self.layout.vocab
         mg = mx.clone()
         dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=pg)
         st[0].mul_(torch.exp(mx - mg))
         dist.all_reduce(st, op=dist.ReduceOp.SUM, group=pg)
         lse = mg + torch.log(st[0])
-        valid = t != ignore
-        rows = lse - (1.0 - eps) * st[1]
-        if smooth:
-            rows = rows - (eps / vocab) * st[2]
-        if z:
-            rows = rows + z * lse * lse
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-        count = valid.sum().to(acc)
-        if reduction == "none":
-            loss = rows
-        elif reduction == "sum":
-            loss = rows.sum()
+        kept, w_t = self.kept[rows], self.w_t[rows]
+        ce = w_t * (lse - st[1])
+        if self.smooth:
+            ce = (1.0 - o.eps) * ce + (o.eps / V) * (self.sum_w * lse - st[2])
+        ce = torch.where(kept, ce, 0.0)
+        zl = torch.where(kept, o.z * lse * lse, 0.0) if o.z else None
+        if o.reduction == "mean":  # an all-ignored batch gives 0 / 0 = NaN, as torch
+            ce = ce / self.dl
+            zl = zl / self.dz if zl is not None else None
+        return lse, ce if zl is None else ce + zl
+
+    def reduce(self, rows: Tensor) -> Tensor:
+        """The loss from all the row losses (already divided for the mean)."""
+        if self.opts.reduction == "none":
+            return rows
+        loss = rows.sum()
+        if self.opts.reduction == "mean" and rows.numel() == 0:
+            loss = loss * math.nan  # the mean of no rows, as torch
+        return loss
+
+    def scales(self, grad: Optional[Tensor]):
+        """(g_l, g_z): the factors of the loss's terms (cross-entropy, z-loss)
+        in each row's gradient, from the loss's grad_output (None: 1); 0-d,
+        or [N] for ``reduction="none"``."""
+        if grad is None:
+            grad = torch.ones((), dtype=self.acc, device=self.t.device)
+        g = grad.to(self.acc)
+        if self.opts.reduction == "none":
+            g = g.reshape(-1)
+            return g, g
+        if self.opts.reduction == "sum":
+            return g, g
+        return g / self.dl, g / self.dz
+
+    def coefs(self, lse: Tensor, rows: slice, g_l: Optional[Tensor], g_z: Optional[Tensor],
+              dlse: Optional[Tensor]) -> Tensor:
+        """The gradient kernel's per-row terms [4, n] (lse, a, b, c) of
+        ``sum_r (g_l loss_r + g_z zloss_r + dlse_r lse_r)`` for the call's
+        ``rows``, so that dz = a sigma - b [c == t] - c w_c."""
+        o, V = self.opts, self.layout.vocab
+        pick = (lambda v: v[rows] if v is not None and v.dim() else v)
+        g_l, g_z = pick(g_l), pick(g_z)
+        zero = torch.zeros_like(lse)
+        if g_l is None:
+            a, b, c = zero, zero, zero
         else:
-            loss = rows.sum() / count
-        ctx.save_for_backward(x, t, lse, count)
-        ctx.args = (off, vocab, ignore, reduction, eps, z)
-        return loss.to(loss_dtype)
+            # 0 on ignored rows even where g_l is inf or NaN (an all-ignored mean)
+            kept, w_t = self.kept[rows], self.w_t[rows]
+            b = torch.where(kept, g_l * ((1.0 - o.eps) * w_t), 0.0)
+            if self.smooth:
+                c = torch.where(kept, g_l * (o.eps / V), 0.0)
+                a = b + c * self.sum_w
+            else:
+                c, a = zero, b
+            if o.z:
+                a = a + torch.where(kept, g_z * ((2.0 * o.z) * lse), 0.0)
+            a = torch.where(self.bad[rows], math.nan, a)
+        if dlse is not None:
+            a = a + pick(dlse.reshape(-1)).to(self.acc)
+        return torch.stack((lse, a, b, c))
+
+    def grad_(self, z: Tensor, rows: slice, coef: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The gradient of the shard block ``z`` for the call's ``rows`` into ``out``."""
+        return _shard_grad(z, self.t[rows], coef, self.layout.off, self.smooth, self.opts.cap,
+                           self.cw, out)
+
+
+_ALL = slice(None)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward: stats, collectives, losses. Backward: the shard's gradient
+    (of the loss and of the returned lse) in one launch; no collective."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, t, lse, count = ctx.saved_tensors
-        off, vocab, ignore, reduction, eps, z = ctx.args
-        acc = lse.dtype
-        grad = grad.to(acc)
-        if reduction == "none":
-            g = grad.reshape(-1)
-        elif reduction == "sum":
-            g = grad.reshape(1)
-        else:
-            g = (grad / count).reshape(1)
-        coef = _scalars((1.0 - eps, eps / vocab, 2.0 * z), acc, x.device)
-        dx = _shard_grad(x, t, lse, g, coef, off, vocab, ignore)
-        return dx, None, None, None, None, None, None, None, None, None
+    def forward(ctx, x, fn, inplace, loss_dtype):
+        mx, st = fn.stats(x, _ALL)
+        lse, rows = fn.combine(mx, st, _ALL)
+        ctx.save_for_backward(x, lse)
+        ctx.fn, ctx.inplace, ctx.done = fn, inplace, False
+        ctx.set_materialize_grads(False)
+        return fn.reduce(rows).to(loss_dtype), lse.to(torch.float32, copy=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_loss, d_lse):
+        if d_loss is None and d_lse is None:
+            return None, None, None, None
+        if ctx.inplace:
+            if ctx.done:
+                raise RuntimeError(
+                    "vocab_parallel_cross_entropy(inplace_backward=True): the first backward "
+                    "wrote the gradient over the logits; a second backward through this graph "
+                    "needs inplace_backward=False")
+            ctx.done = True
+        x, lse = ctx.saved_tensors
+        fn = ctx.fn
+        g_l, g_z = fn.scales(d_loss) if d_loss is not None else (None, None)
+        coef = fn.coefs(lse, _ALL, g_l, g_z, d_lse)
+        dx = fn.grad_(x, _ALL, coef, x if ctx.inplace else None)
+        if ctx.inplace:
+            torch.autograd.graph.increment_version(x)  # its values are now the gradient
+        return dx, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -311,18 +489,23 @@ def vocab_parallel_cross_entropy(
     target: Tensor,
     *,
     group=None,
+    weight: Optional[Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    vocab_size: int | None = None,
-    loss_dtype: torch.dtype | None = None,
-) -> Tensor:
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    vocab_size: Optional[int] = None,
+    loss_dtype: Optional[torch.dtype] = None,
+):
     """Cross-entropy of logits sharded over the vocabulary across ``group``.
 
-    Every rank of ``group`` calls it with its own shard and the same targets,
-    and gets the same loss: ``F.cross_entropy`` (plus the z-loss term) of the
-    logits concatenated over the ranks in rank order.
+    Every rank of ``group`` calls it with its own shard and the same targets
+    (and options), and gets the same loss, bit for bit: ``F.cross_entropy``
+    (plus the z-loss term, after the softcap) of the logits concatenated over
+    the ranks in rank order.
 
     Args:
         local_logits: this rank's [..., V_r] floating tensor (fp16, bf16, fp32,
@@ -333,53 +516,314 @@ def vocab_parallel_cross_entropy(
         target: [...] integer global class ids in [0, V), or ``ignore_index``;
             the same on every rank (not checked: that would need a collective).
         group: the process group (default: the world).
+        weight: [V] class weights over the GLOBAL vocabulary, the same full
+            vector on every rank (any float dtype; V values are small beside
+            the shard, and every rank needs the weight of every row's target,
+            which a sharded vector would have to communicate). As torch: a
+            row's loss is scaled by w_target, label smoothing weights each
+            class, and the mean divides by the sum of w_target over the
+            non-ignored rows. No gradient flows into it.
         ignore_index: rows with this target contribute 0 to the loss and get a
             zero gradient, and are not counted by ``mean``.
-        reduction: ``"mean"`` (over non-ignored rows; NaN when there are none,
-            as torch), ``"sum"``, or ``"none"`` (a [...] tensor, 0 on ignored rows).
+        reduction: ``"mean"`` (over non-ignored rows, weighted; NaN when there
+            are none, as torch), ``"sum"``, or ``"none"`` (a [...] tensor, 0 on
+            ignored rows).
         label_smoothing: eps in [0, 1]; the row loss is
-            lse - (1 - eps) x_target - eps / V * sum_j x_j, as in torch.
+            (1 - eps) w_t (lse - z_t) + eps / V * sum_j w_j (lse - z_j), torch's.
         z_loss: coefficient z >= 0 of an auxiliary z * lse^2 added to each
-            non-ignored row's loss (reduced like the rest).
+            non-ignored row's loss (for the mean divided by the number of
+            non-ignored rows, without class weights).
+        softcap: the logits become z = softcap * tanh(x / softcap) before
+            everything (the gradient gets the derivative); None: no softcap.
+        return_lse: also return the per-row GLOBAL log-sum-exp of z, fp32,
+            shaped like ``target`` (the same on every rank). It is
+            differentiable: its gradient (sigma restricted to this shard) is
+            added to the shard's gradient in the same backward launch, with no
+            communication. It is returned for ignored rows too.
+        inplace_backward: the backward writes the shard's gradient over
+            ``local_logits`` (no extra shard-sized memory): their values are
+            gone after the backward, nothing else may use them then (autograd
+            raises if another op saved them), they must be writable in place
+            (no expanded dims), and the graph can be backpropagated once.
         vocab_size: optional global vocabulary; when given it is checked
             against the sum of the gathered shard widths.
         loss_dtype: the returned loss's dtype (default: local_logits'); the
-            arithmetic is fp32 (fp64 for fp64), so ``torch.float32`` returns
-            per-token fp32 losses of bf16 shards without an fp32 copy of them.
+            arithmetic is fp32 (fp64 for fp64 logits), so ``torch.float32``
+            returns per-token fp32 losses of bf16 shards without an fp32 copy.
 
     Returns:
-        The loss in ``loss_dtype`` (computed in fp32, fp64 for fp64): a
-        0-d tensor, or [...] for ``reduction="none"``. Differentiable wrt
-        ``local_logits``: the gradient of the shard is (sigma - y) restricted to
-        it (with the smoothing and z-loss terms) times the reduction scale,
-        written from the global lse without any gathered logits and without
+        The loss in ``loss_dtype``: a 0-d tensor, or [...] for
+        ``reduction="none"``; then the lse with ``return_lse``.
+        Differentiable wrt ``local_logits``: the shard's gradient is written
+        from the global lse without any gathered logits and without
         communication in the backward.
 
     Errors: no initialised process group -> RuntimeError; shard widths that do
-    not add up to ``vocab_size`` -> ValueError on every rank. A target outside
-    [0, V): on CPU tensors a ValueError (the targets are already on the host);
-    on CUDA tensors there is no host sync, and that row's loss (hence a
-    reduced loss) and gradient are NaN, as the single-GPU op does. Argument
-    errors seen by one rank only leave the others waiting in the first
-    collective, as with any torch.distributed code.
+    not add up to ``vocab_size``, or a ``weight`` that is not [V] -> ValueError
+    on every rank. A target outside [0, V): on CPU tensors a ValueError (the
+    targets are already on the host); on CUDA tensors there is no host sync,
+    and that row's loss (hence a reduced loss) and gradient are NaN, as the
+    single-GPU op does. Argument errors seen by one rank only leave the others
+    waiting in the first collective, as with any torch.distributed code.
 
     Host syncs: one on the first call of a (group, local width, vocab_size)
     layout, to read the gathered widths; none after that. Collectives per
     call: an all-reduce MAX of N values and an all-reduce SUM of k x N
     (k = 2, or 3 with label smoothing); none in the backward.
     """
-    _check_args(local_logits, target, ignore_index, reduction, label_smoothing, z_loss,
-                vocab_size)
-    pg = _resolve_group(group)
-    off, vocab, _ = _shard_layout(pg, local_logits.shape[-1], vocab_size, local_logits.device)
+    who = "vocab_parallel_cross_entropy"
+    x = local_logits
+    check_tensor(x, "local_logits")
+    check_float(x, "local_logits")
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"local_logits must be a CUDA or CPU tensor, got device {x.device}")
+    if x.dim() < 1:
+        raise ValueError("local_logits must have at least one dim (the vocabulary shard, last)")
+    _check_target(target, tuple(x.shape[:-1]), x, "local_logits")
+    opts = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    _check_class_weight(weight, x, "local_logits")
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+    ):
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    if inplace_backward and need_grad:
+        check_inplace_rows(x, "local_logits")
+    pg = _resolve_group(who, group)
+    layout = _shard_layout(who, pg, x.shape[-1], vocab_size, x.device)
+    _check_weight_shape(weight, layout.vocab)
     t = target.reshape(-1)
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
-    _check_targets(t, vocab, ignore_index)
-    loss = _VocabParallelCrossEntropy.apply(
-        local_logits, t, pg, off, vocab, ignore_index, reduction, float(label_smoothing),
-        float(z_loss), local_logits.dtype if loss_dtype is None else loss_dtype,
-    )
+    _check_targets(t, layout.vocab, ignore_index)
+    fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
+    loss, lse = _VocabParallelCrossEntropy.apply(
+        x, fn, bool(inplace_backward and need_grad), x.dtype if loss_dtype is None else loss_dtype)
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    return loss
+    return (loss, lse.reshape(target.shape)) if return_lse else loss
+
+
+# --- the linear version: lm_head sharded by vocabulary rows ------------------
+
+
+def _slices(N: int, rows: int) -> list[slice]:
+    return [slice(r, min(N, r + rows)) for r in range(0, N, rows)]
+
+
+def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows: int,
+                needs, loss: bool, lse: Optional[Tensor] = None, g=(None, None),
+                dlse: Optional[Tensor] = None):
+    """One pass over the chunks of tokens. Per chunk: the logits GEMM into a
+    reused [rows, V_r] buffer; with ``loss``, the stats kernel and the two
+    collectives (lse and row losses), else the forward's ``lse``; when
+    gradients are asked (``needs``), the gradient of
+    ``sum_r (g_l loss_r + g_z zloss_r + dlse_r lse_r)`` written over the
+    buffer, then dX[chunk] = dlogits @ W_r and dW_r, db_r accumulated in fp32.
+    dX is all-reduced over the group at the end (each rank's is its shard's
+    part). Returns (lse [N] ACC, row losses [N] ACC or None, dx, dw, db; the
+    gradients empty where not asked)."""
+    N = x.shape[0]
+    dx, dw, db = _grad_buffers(x, w, b, needs)
+    want = any(needs)
+    buf = x.new_empty((min(rows, N), w.shape[0]))
+    lses, losses = [], []
+    for i, sl in enumerate(_slices(N, rows)):
+        z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
+        if loss:
+            lse_c, rows_c = fn.combine(*fn.stats(z, sl), sl)
+            lses.append(lse_c)
+            losses.append(rows_c)
+        else:
+            lse_c = lse[sl]
+        if want:
+            fn.grad_(z, sl, fn.coefs(lse_c, sl, g[0], g[1], dlse), z)
+            _backprop(z, x[sl], w, dx[sl] if needs[0] else None, dw if needs[1] else None,
+                      db if db.numel() else None, add_acc=i > 0)
+    if needs[0]:
+        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=fn.pg)
+    if loss:
+        empty = x.new_empty(0, dtype=fn.acc)
+        lse = torch.cat(lses) if lses else empty
+        return lse, torch.cat(losses) if losses else empty, dx, dw, db
+    return lse, None, dx, dw, db
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    """Forward: the chunks (with the gradients of mean / sum, as
+    :func:`softmax_gpu.linear_cross_entropy`). Backward: mean / sum scale the
+    saved gradients; ``reduction="none"`` and a used lse recompute the
+    chunks' logits (no stats, no collectives but dX's all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, fn, rows, needs, keep_inputs):
+        grad = any(needs) and fn.opts.reduction != "none"
+        lse, losses, dx, dw, db = _chunk_pass(x, w, b, fn, rows,
+                                              needs if grad else (False,) * 3, True,
+                                              g=fn.scales(None))
+        ctx.fn, ctx.rows = fn, rows
+        ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
+        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
+        ctx.set_materialize_grads(False)
+        inputs = (x, w, b, lse) if keep_inputs or not grad else (None,) * 4
+        ctx.save_for_backward(*inputs, dx, dw, db)
+        return fn.reduce(losses), lse.to(torch.float32, copy=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_loss, d_lse):
+        if (d_loss is None and d_lse is None) or not any(ctx.needs):
+            return (None,) * 7
+        x, w, b, lse, dx, dw, db = ctx.saved_tensors
+        fn = ctx.fn
+        if d_lse is None and fn.opts.reduction != "none":
+            grads, scale = (dx, dw, db), d_loss
+        else:
+            g = fn.scales(d_loss) if d_loss is not None else (None, None)
+            grads = _chunk_pass(x, w, b, fn, ctx.rows, ctx.needs, False, lse, g, d_lse)[2:]
+            scale = None
+        out = []
+        for grad, need, dtype in zip(grads, ctx.needs, ctx.dtypes):
+            if not need:
+                out.append(None)
+            elif scale is None:
+                out.append(grad.to(dtype))
+            else:  # a new tensor: the saved gradient stays as it is (retain_graph)
+                out.append(torch.mul(grad, scale, out=grad.new_empty(grad.shape, dtype=dtype)))
+        return (*out, None, None, None, None)
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    chunk_size: Optional[int] = None,
+    loss_dtype: Optional[torch.dtype] = None,
+):
+    """:func:`softmax_gpu.linear_cross_entropy` with the lm_head sharded by
+    vocabulary rows across ``group``; no [N, V] tensor is ever allocated or
+    communicated.
+
+    Every rank calls it with the same (replicated) ``input`` and ``target``
+    and its own rows of the projection: rank r holds the rows
+    [offset_r, offset_r + V_r) of the [V, D] weight (uneven shards allowed,
+    even empty ones; offsets from the group's widths, in rank order). Each
+    rank gets the same loss, bit for bit, as the single-device
+    ``linear_cross_entropy`` of the concatenated weight and bias, and the
+    gradients of ``input`` (the full one, summed over the group: do not
+    all-reduce it again), of its ``local_weight`` and of its ``linear_bias``.
+
+    Args:
+        input: (N, D) or (D,) hidden states, the same on every rank; fp16,
+            bf16, fp32 or fp64, on CUDA (NCCL) or CPU (gloo).
+        local_weight: (V_r, D) this rank's rows of the projection, the input's
+            dtype and device.
+        target: (N,) or () integer global class ids (or ``ignore_index``),
+            the same on every rank.
+        group: the process group (default: the world).
+        linear_bias: (V_r,) this rank's slice of the bias, or None (on every
+            rank alike).
+        weight: (V,) class weights over the GLOBAL vocabulary, the same full
+            vector on every rank (see :func:`vocab_parallel_cross_entropy`).
+        reduction, ignore_index, label_smoothing, z_loss, softcap: as
+            :func:`softmax_gpu.linear_cross_entropy`.
+        return_lse: also return the per-row global log-sum-exp (of the
+            softcapped logits), fp32, shaped like ``target``; differentiable
+            (its gradient recomputes the chunks' logits in the backward).
+        chunk_size: rows per chunk (default: planned from a memory budget and
+            the multiprocessor count as in ``linear_cross_entropy``, with the
+            widest shard of the group so that every rank cuts the same chunks;
+            give it explicitly if the ranks' devices differ).
+        loss_dtype: dtype of the returned loss (default: the input's).
+
+    Returns:
+        the loss, then the lse with ``return_lse``.
+
+    Per chunk of n rows: the GEMM into a reused [n, V_r] buffer, the shard
+    stats kernel, an all-reduce MAX of n values and an all-reduce SUM of
+    k x n (k = 2, 3 with label smoothing), the row losses, and (when a
+    gradient is needed, for mean / sum) the shard gradient written over the
+    buffer, dX[chunk] = dlogits @ W_r, dW_r += dlogits^T @ X[chunk] in fp32
+    (fp64 for fp64). After the chunks, one all-reduce SUM of dX [N, D] in the
+    input's dtype. The backward of mean / sum only scales the saved gradients
+    by grad_output; ``reduction="none"`` and a differentiated lse recompute
+    each chunk's logits from the saved lse (one GEMM, the gradient kernel,
+    two GEMMs; the only collective is dX's all-reduce). No host sync (after
+    the first call of a layout, as :func:`vocab_parallel_cross_entropy`).
+    Memory: one [chunk, V_r] buffer, the fp32 [V_r, D] accumulator, dX.
+
+    Errors: as :func:`softmax_gpu.linear_cross_entropy` (naming the argument)
+    and :func:`vocab_parallel_cross_entropy` (process group, weight shape,
+    targets outside [0, V): ValueError on CPU, NaN rows on CUDA).
+    """
+    who = "vocab_parallel_linear_cross_entropy"
+    check_tensor(input, "input")
+    check_float(input, "input")
+    if input.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"input must be a CUDA or CPU tensor, got device {input.device}")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"input must have shape (N, D) or (D,), got {tuple(input.shape)}")
+    D = input.shape[-1]
+    check_tensor(local_weight, "local_weight")
+    if local_weight.dim() != 2 or local_weight.shape[1] != D:
+        raise ValueError(f"local_weight must have shape (V_r, {D}) (this rank's vocabulary rows "
+                         f"of the projection), got {tuple(local_weight.shape)}")
+    for t_, name in ((local_weight, "local_weight"), (linear_bias, "linear_bias")):
+        if t_ is None:
+            continue
+        check_tensor(t_, name)
+        if t_.device != input.device:
+            raise ValueError(f"{name} is on {t_.device} but input is on {input.device}")
+        if t_.dtype != input.dtype:
+            raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {t_.dtype}")
+    Vr = local_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (Vr,):
+        raise ValueError(f"linear_bias must have shape ({Vr},) (this rank's slice), got "
+                         f"{tuple(linear_bias.shape)}")
+    _check_target(target, tuple(input.shape[:-1]), input, "input")
+    opts = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    _check_class_weight(weight, input, "input")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
+    pg = _resolve_group(who, group)
+    layout = _shard_layout(who, pg, Vr, None, input.device)
+    _check_weight_shape(weight, layout.vocab)
+    x = input if input.dim() == 2 else input.unsqueeze(0)
+    t = target.reshape(-1)
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    _check_targets(t, layout.vocab, ignore_index)
+    N = x.shape[0]
+    if chunk_size:
+        rows = max(1, min(chunk_size, N))
+    else:
+        rows = chunk_rows(N, max(layout.widths), x.element_size(), heuristics.sm_count(x.device))
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and input.requires_grad, grad_on and local_weight.requires_grad,
+             grad_on and linear_bias is not None and linear_bias.requires_grad)
+    fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
+    if any(needs):
+        loss, lse = _VocabParallelLinearCE.apply(x, local_weight, linear_bias, fn, rows, needs,
+                                                 bool(return_lse))
+    else:
+        lse, losses, *_ = _chunk_pass(x, local_weight, linear_bias, fn, rows, (False,) * 3, True)
+        loss, lse = fn.reduce(losses), lse.to(torch.float32)
+    loss = loss.to(loss_dtype or input.dtype)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return (loss, lse.reshape(target.shape)) if return_lse else loss

@@ -209,10 +209,16 @@ def test_backward_matches_reference(path, dtype, log):
         y = FNS[log](x, -1)
         with expect_launches(*BWD[path]):
             (dx,) = torch.autograd.grad(y, x, dy)
-    x64 = x.detach().double().requires_grad_()
-    (dx_ref,) = torch.autograd.grad(REFS[log](x64, -1), x64, dy.double())
+    # float64 backward at the forward's stored output y: the kernel's inputs
+    # (in 16-bit dtypes y's rounding alone moves exp(y) * sum(dy) by more
+    # than the output tolerance, so the exact gradient at x is no fair bar)
+    dx_ref = SM.reference_backward(y.detach().double(), dy.double(), 1, log)
     assert dx.dtype == dtype
     assert_close(dx, dx_ref, scale=float(dy.abs().max()) * 4)
+    if dtype in (torch.float32, torch.float64):
+        x64 = x.detach().double().requires_grad_()
+        (exact,) = torch.autograd.grad(REFS[log](x64, -1), x64, dy.double())
+        assert_close(dx, exact, scale=float(dy.abs().max()) * 4)
 
 
 @pytest.mark.parametrize("path", ["single", "looped", "split"])
