@@ -199,8 +199,10 @@ def _check_targets(t: Tensor, vocab: int, ignore_index: int) -> None:
 
 def shard_config(M: int, W: int, elem_bytes: int, device: torch.device, extras: bool = False):
     """Launch parameters of both shard kernels for an [M, W] shard:
-    :func:`softmax_gpu.softmax.softmax_config`'s choice, its split path run as looped (one
-    program per row: a vocab shard has as many rows as there are tokens).
+    :func:`softmax_gpu.softmax.softmax_config`'s choice; rows longer than
+    the on-chip limit run looped, one program per row (a vocab shard has as
+    many rows as there are tokens; the shard kernels have neither the split
+    nor the persistent grid).
 
     ``live_rows=2``: on the single path the stats kernel keeps z and e^(z - m)
     (and with smoothing w z), the gradient kernel z, its target mask and dz;
@@ -209,11 +211,16 @@ def shard_config(M: int, W: int, elem_bytes: int, device: torch.device, extras: 
     does. ``extras`` (a softcap, or class weights with label smoothing): fp64
     takes ``live_rows=3`` (its gradient kernel with every option on spilled
     8 B at 8192 columns, 16 warps); 2- and 4-byte logits do not spill at 2.
+    Looped, fp64 with extras also halves the tile at the same warps (the
+    statistics kernel with every option on spilled 40 B at 2048 columns, 4
+    warps, even at 255 registers; at 1024 it uses 160).
     """
     live = 3 if extras and elem_bytes > 4 else 2
     cfg = softmax_config(M, W, elem_bytes, device, live_rows=live)
-    if cfg.path == heuristics.SPLIT:
-        cfg = SoftmaxConfig(heuristics.LOOPED, cfg.block_n, 1, cfg.num_warps, 1, W)
+    if cfg.path != heuristics.SINGLE:
+        tile = cfg.block_n // 2 if live == 3 else cfg.block_n
+        cfg = SoftmaxConfig(heuristics.LOOPED, max(heuristics.MIN_BLOCK, tile), 1,
+                            cfg.num_warps, 1, W)
     return cfg
 
 

@@ -7,6 +7,7 @@ import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 import softmax_gpu
 from softmax_gpu import heuristics
@@ -28,6 +29,32 @@ TOL = {
     torch.float16: (2e-4, 2e-3),
     torch.bfloat16: (2e-3, 1.6e-2),
 }
+
+
+def ce_reference(z, target, weight=None, ignore_index=-100, reduction="mean",
+                 label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """float64 cross-entropy of the logits ``z`` (classes on dim 1, or dim 0
+    for one unbatched row), as the library defines it: ``F.cross_entropy`` of
+    the softcapped logits ``softcap * tanh(z / softcap)`` (no cap when
+    ``softcap`` is None or 0), plus the z-loss ``z_loss * lse^2`` per kept row
+    (rows whose class target is not ``ignore_index``; every row for
+    probability targets), reduced like the loss without class weights
+    ("mean": over the kept rows). Returns ``(loss, lse)``, lse of the capped
+    logits, both differentiable in ``z``."""
+    z = z.double()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    prob = target.is_floating_point()
+    t = target.double() if prob else target.long()
+    w = weight.double() if weight is not None else None
+    loss = F.cross_entropy(z, t, w, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z, 1 if z.dim() > 1 else 0)
+    if z_loss:
+        kept = torch.ones_like(lse) if prob else (t != ignore_index).double()
+        zl = z_loss * lse * lse * kept
+        loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / kept.sum()}[reduction]
+    return loss, lse
 
 
 def rand(*shape, dtype=torch.float32, scale=3.0, device=DEVICE, generator=None):

@@ -23,7 +23,8 @@ import triton.language as tl
 import softmax_gpu
 from softmax_gpu import heuristics
 from softmax_gpu.kernels.cross_entropy import softcap_tanh
-from helpers import DEVICE, FLOAT_DTYPES, assert_close, expect_launches, forced, rand, run_python
+from helpers import (DEVICE, FLOAT_DTYPES, assert_close, ce_reference, expect_launches, forced, rand,
+                     run_python)
 
 CE = sys.modules["softmax_gpu.cross_entropy"]  # the module (its name is shadowed by the function)
 
@@ -44,24 +45,9 @@ def fwd_launches(path, prob, reduction="mean", weight=None, label_smoothing=0.0,
     return (main,)
 
 
-def torch_ref(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-              z_loss=0.0, softcap=None):
-    """float64 torch: F.cross_entropy on the (softcapped) logits, plus the
-    z-loss (z_loss * lse^2 per kept row; mean over kept rows, no weights)."""
-    z = x.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    prob = target.is_floating_point()
-    t = target.double() if prob else target.long()
-    w = weight.double() if weight is not None else None
-    loss = F.cross_entropy(z, t, w, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
-    if z_loss:
-        lse = torch.logsumexp(z, 1 if z.dim() > 1 else 0)
-        kept = torch.ones_like(lse) if prob else (t != ignore_index).double()
-        zl = z_loss * lse * lse * kept
-        loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / kept.sum()}[reduction]
-    return loss
+def torch_ref(x, target, weight=None, **kw):
+    """The float64 loss of :func:`helpers.ce_reference`."""
+    return ce_reference(x, target, weight, **kw)[0]
 
 
 def check(x, target, path="single", dtype=None, grad_output=None, grad_scale_tol=4.0, **kw):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import softmax_gpu
 from softmax_gpu import heuristics
-from helpers import DEVICE, assert_close, rand
+from helpers import DEVICE, assert_close, ce_reference, rand
 
 lce = softmax_gpu.linear_cross_entropy
 # the module (softmax_gpu.linear_cross_entropy is the function of the same name)
@@ -37,22 +37,11 @@ def problem(n=N, d=D, v=V, dtype=torch.float64, bias=True, ignore=(2, 17), seed=
     return x, w, b, t
 
 
-def reference(x, w, t, b=None, weight=None, reduction="mean", ignore_index=-100,
-              label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """cross_entropy(F.linear(...)) in float64 with the z-loss and softcap
-    extras spelled out; returns (loss, lse)."""
+def reference(x, w, t, b=None, **kw):
+    """cross_entropy(F.linear(...)) in float64 (:func:`helpers.ce_reference`,
+    every option); returns (loss, lse)."""
     z = F.linear(x.double(), w.double(), b.double() if b is not None else None)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    loss = F.cross_entropy(z, t, weight=weight.double() if weight is not None else None,
-                           reduction=reduction, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing)
-    lse = torch.logsumexp(z, -1)
-    if z_loss:
-        kept = t != ignore_index
-        zl = torch.where(kept, z_loss * lse * lse, 0)
-        loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / kept.sum()}[reduction]
-    return loss, lse
+    return ce_reference(z, t, **kw)
 
 
 def check(out, ref, **kw):

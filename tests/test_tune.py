@@ -224,12 +224,19 @@ def test_candidates_are_distinct_plans_defaults_first():
     plans = [c.plan for c in sm]
     assert len(set(plans)) == len(plans)
     assert "path=single" in sm[0].plan
-    assert any("path=looped" in p and "block_n=2048" in p for p in plans)
+    assert any("path=single" not in p and "block_n=2048" in p for p in plans)
     for c in sm:  # every candidate is a valid table entry
         assert all(heuristics._field_problem(k, v) is None for k, v in c.fields.items()), c
     ce = tune.candidates(tune.CROSS_ENTROPY, Shape(16384, 32000), "cpu", gpu)
     assert {c.name for c in ce} >= {"default", "tile=2048", "onchip"}
-    assert len(tune.candidates(tune.CROSS_ENTROPY, Shape(16384, 128256), "cpu", gpu)) == 4
+    long = tune.candidates(tune.CROSS_ENTROPY, Shape(16384, 128256), "cpu", gpu)
+    assert len({c.plan for c in long}) == len(long)
+    # the default plan is cooperative there; one program per row and the
+    # persistent grid are forced, and the long-row fields vary the plan
+    assert "path=coop" in long[0].plan
+    assert {c.name for c in long} >= {"default", "rowloop", "persistent", "tile=2048",
+                                      "programs_per_sm=2", "evict=False", "coop_splits=2"}
+    assert "onchip" not in {c.name for c in long}  # 128256 is beyond the on-chip limit
     assert len(tune.candidates(tune.SOFTMAX, Shape(16384, 32768), "cpu", gpu, limit=2)) == 2
 
 

@@ -186,23 +186,16 @@ def _make_case(c: dict, rank: int):
 
 
 def _reference(z: torch.Tensor, target: torch.Tensor, c: dict):
-    """float64 (loss, lse) of the full logits ``z`` [..., V] (differentiable):
-    torch's cross-entropy of the softcapped logits plus the z-loss."""
-    ignore_index = c.get("ignore_index", -100)
-    eps, zl, reduction, cap = c.get("eps", 0.0), c.get("z", 0.0), c["reduction"], c.get("cap")
+    """float64 (loss, lse) of the full logits ``z`` [..., V] (differentiable;
+    :func:`helpers.ce_reference` with the case's options)."""
+    from helpers import ce_reference
+
     V = z.shape[-1]
-    z2, t = z.double().reshape(-1, V), target.reshape(-1)
-    if cap:
-        z2 = cap * torch.tanh(z2 / cap)
-    w = _class_weights(V) if c.get("weight") else None
-    loss = F.cross_entropy(z2, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=eps)
-    lse = torch.logsumexp(z2, -1)
-    if zl:
-        kept = t != ignore_index
-        rows = torch.where(kept, zl * lse * lse, 0.0)
-        loss = loss + {"none": rows, "sum": rows.sum(), "mean": rows.sum() / kept.sum()}[reduction]
-    if reduction == "none":
+    loss, lse = ce_reference(
+        z.reshape(-1, V), target.reshape(-1), _class_weights(V) if c.get("weight") else None,
+        ignore_index=c.get("ignore_index", -100), reduction=c["reduction"],
+        label_smoothing=c.get("eps", 0.0), z_loss=c.get("z", 0.0), softcap=c.get("cap"))
+    if c["reduction"] == "none":
         loss = loss.reshape(target.shape)
     return loss, lse.reshape(target.shape)
 
