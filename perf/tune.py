@@ -168,9 +168,10 @@ LONG_PATHS = (
 # Fields of the long-row plan (the grid, the L2 share in flight, the hints).
 LONG_AXES = (
     Axis("programs_per_sm", (2, 3, 8)),  # persistent / cooperative grid per SM
-    Axis("l2_fraction", (0.25, 0.75)),  # data in flight between a row's two reads
+    Axis("l2_fraction", (0.25,)),  # data in flight between a row's two reads
     Axis("evict", (False,)),  # eviction hints on the two reads
-    Axis("coop_splits", (2, 4, 8)),  # chunks per row, cooperative path
+    Axis("coop_splits", (2, 4)),  # chunks per row, cooperative path
+    Axis("long_warps", (4, 16)),  # warps of the long-row kernels (default: from the tile)
 )
 
 

@@ -120,9 +120,9 @@ def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device, lim,
 
 def _ce_tile(C: int, elem_bytes: int, heavy: bool, lim) -> tuple[int, int]:
     """(tile, warps) of the looped kernels: 16 elements per thread per tile
-    (8 with extras or fp64, on a halved tile)."""
+    (8 with extras or fp64, on a halved tile), or ``lim.long_warps``."""
     tile = min(max(1, lim.tile // 2) if heavy else lim.tile, next_pow2(C))
-    return tile, max(1, min(16, tile // (32 * (8 if heavy else 16))))
+    return tile, lim.long_warps or max(1, min(16, tile // (32 * (8 if heavy else 16))))
 
 
 def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,

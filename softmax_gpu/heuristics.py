@@ -141,6 +141,9 @@ class Limits:
     # Chunks per row on the cooperative path (0: the fewest whose chunks in
     # flight fit the L2 share).
     coop_splits: int = 0
+    # Warps of the long-row kernels (looped, persistent, cooperative, split;
+    # 0: from the tile, 16 elements per thread per tile, 8 with extras or fp64).
+    long_warps: int = 0
 
 
 _DEFAULT = Limits()
@@ -336,6 +339,9 @@ ELEMENT_FIELDS = frozenset({
     "max_single_2byte", "max_single_4byte", "max_single_8byte", "tile", "target_program_elems",
     "ce_max_single_2byte", "ce_max_single_4byte", "ce_max_single_8byte",
 })
+# Fields that must be powers of two (or 0: automatic): the element fields and
+# the warp counts, which are not scaled.
+POW2_FIELDS = ELEMENT_FIELDS | {"long_warps"}
 _ANNOTATION_TYPES = {"int": int, "bool": bool, "float": float, "str": str, "None": type(None)}
 
 
@@ -384,7 +390,7 @@ def _field_problem(name: str, value) -> str | None:
         low = 1 if isinstance(default, int) and default >= 1 else 0
         if value < low:
             return f"has value {value!r}, below {low}"
-        if name in ELEMENT_FIELDS and value & (value - 1):
+        if name in POW2_FIELDS and value & (value - 1):
             return f"has value {value!r}, not a power of two"
     return None
 

@@ -94,7 +94,7 @@ def softmax_config(
         return SoftmaxConfig(SINGLE, block, rows, warps, 1, block,
                              regs=heuristics.single_regs(warps))
     tile = min(lim.tile if elem_bytes <= 4 else max(1, lim.tile // 2), block)
-    warps = warps_for(tile)
+    warps = lim.long_warps or warps_for(tile)
     programs = lim.split_programs_per_sm * heuristics.sm_count(device)
     # the backward (two tensors re-read) weighs more; the 4-byte one most
     regs = heuristics.long_row_regs(elem_bytes, 0 if reread == 1 else 2 if elem_bytes == 4 else 1)

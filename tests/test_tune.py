@@ -156,6 +156,7 @@ def test_importing_the_package_reads_no_table():
     ({"split_programs_per_sm": True}, "split_programs_per_sm"),  # a bool for an int
     ({"max_single_2byte": 1.5}, "max_single_2byte"),
     ({"sm_count": 8}, "sm_count"),  # a fact about the device
+    ({"long_warps": 6}, "long_warps"),  # warps: a power of two
 ])
 def test_a_bad_field_warns_naming_file_and_field_and_is_ignored(fake_gpu, bad, field):
     folder, _ = fake_gpu
@@ -237,6 +238,7 @@ def test_candidates_are_distinct_plans_defaults_first():
     assert {c.name for c in long} >= {"default", "rowloop", "persistent", "tile=2048",
                                       "programs_per_sm=2", "evict=False", "coop_splits=2"}
     assert "onchip" not in {c.name for c in long}  # 128256 is beyond the on-chip limit
+    assert any("num_warps=4" in c.plan for c in long if c.name == "long_warps=4")
     assert len(tune.candidates(tune.SOFTMAX, Shape(16384, 32768), "cpu", gpu, limit=2)) == 2
 
 
@@ -439,3 +441,19 @@ def test_device_check_short_budget_drops_late_steps_within_limits(tmp_path):
     assert "NOT RUN (no time left)" in summary
     assert int(re.search(r"(\d+)s in all", summary).group(1)) <= 200
     _check_output_limits(tmp_path)
+
+
+def test_long_warps_sets_the_long_row_kernels_warps_only():
+    import torch
+
+    from softmax_gpu.cross_entropy import cross_entropy_config
+    from softmax_gpu.softmax import softmax_config
+
+    cpu = torch.device("cpu")
+    with heuristics.override(sm_count=132, long_warps=4):
+        assert softmax_config(4096, 65536, 2, cpu, coop=True).num_warps == 4
+        assert cross_entropy_config(4096, 128256, 2, cpu).num_warps == 4
+        assert softmax_config(4096, 1024, 2, cpu).path == "single"  # on chip: unchanged
+    with heuristics.override(sm_count=132):
+        assert softmax_config(4096, 65536, 2, cpu, coop=True).num_warps == 8
+        assert cross_entropy_config(4096, 128256, 2, cpu).num_warps == 8
