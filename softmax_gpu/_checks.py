@@ -9,6 +9,8 @@ import torch
 from ._dispatch import check_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Longest row the kernels address with int32 column indices.
+MAX_ROW = (1 << 31) - 1
 
 
 def check_tensor(t, name: str) -> None:
@@ -23,6 +25,13 @@ def check_float(t: torch.Tensor, name: str) -> None:
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
             f"got {t.dtype}; pass dtype= to cast it first"
         )
+
+
+def check_row_length(n: int, what: str) -> None:
+    """Rows the kernels reduce over hold at most 2^31 - 1 elements (their
+    column indices are int32); ``what`` names the argument and the dim."""
+    if n > MAX_ROW:
+        raise ValueError(f"{what} has {n} elements; rows of at most 2^31 - 1 are supported")
 
 
 def wrap_dim(dim, ndim: int, name: str = "dim") -> int:

@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import _reduction
 
 from . import heuristics
-from ._checks import FLOAT_DTYPES, check_float, check_tensor
+from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (backend_for, empty_like, launch_device, launch_on, new_output,
                         plan_cache, remember, traced)
 from ._layout import Rows, rows_view
@@ -274,8 +274,7 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if C == 0:
         raise ValueError(f"input has no classes (shape {tuple(input.shape)})")
-    if C > MAX_ROW:
-        raise ValueError(f"input has {C} classes; at most 2^31 - 1 are supported")
+    check_row_length(C, "input's class dim")
     check_tensor(target, "target")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
@@ -465,9 +464,6 @@ def reference_lse_grad(x: Tensor, lse: Tensor, dlse: Tensor, softcap: float) -> 
 # ----------------------------------------------------------------------------
 
 NO_GRAD, NEW_GRAD, INPLACE_GRAD = 0, 1, 2
-
-# Longest row the kernels address with int32 column indices.
-MAX_ROW = (1 << 31) - 1
 
 
 def _contiguous_rows(shape) -> Rows:

@@ -247,6 +247,10 @@ def warps_for(tile_elems: int) -> int:
 # without a spill under Triton 3.6 and 3.9 (python -m perf.static). They also
 # fix the occupancy the persistent grids are sized from.
 LONG_ROW_REGS = {0: (64, 128), 1: (80, 168), 2: (96, 255)}
+# The cooperative kernels' ticket counters and the cross-entropy's
+# per-launch offsets (up to 3 x M x splits + grid) are int32: above this, long
+# rows take the persistent grid instead.
+MAX_COOP_COUNT = 1 << 31
 REGISTERS_PER_SM = 65536
 
 
@@ -309,7 +313,8 @@ def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device
             splits += 1
             chunk = -(-tiles // splits) * tile
         splits = -(-N // chunk)
-        if splits > 1:
+        # the kernels count tickets and offsets of the M x splits items in int32
+        if splits > 1 and 3 * M * splits + grid < MAX_COOP_COUNT:
             return LongRows(COOP, grid, splits, chunk, grid // 2 + splits, lim.evict, regs)
         path = "persistent"
     if path == "persistent":

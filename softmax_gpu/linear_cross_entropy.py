@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import heuristics
-from ._checks import FLOAT_DTYPES, check_float, check_tensor
+from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (backend_for, launch_device, launch_on, new_output, plan_cache,
                         remember, traced)
 from .cross_entropy import (_scalar_options, check_divisor, cross_entropy_config,
@@ -678,6 +678,7 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
                          f"input shape {tuple(input.shape)}: expected ({V}, {D})")
     if V == 0:
         raise ValueError("linear_weight has no rows: there are no classes")
+    check_row_length(V, "linear_weight's dim 0 (classes)")
     _check_same(linear_weight, "linear_weight", input)
     if linear_bias is not None:
         check_tensor(linear_bias, "linear_bias")

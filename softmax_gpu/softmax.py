@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import heuristics
-from ._checks import FLOAT_DTYPES, check_float, check_tensor, wrap_dim
+from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor, wrap_dim
 from ._dispatch import (backend_for, check_device, empty_like, interpreted, launch_device,
                         launch_on, plan_cache, remember, traced)
 from ._layout import as_rows, rows_view
@@ -179,6 +179,7 @@ _PLANS = plan_cache()
 def _plan_forward(x: Tensor, dim: int, log: bool):
     if x.numel() == 0:
         return False, None, None
+    check_row_length(x.shape[dim] if x.dim() else 1, f"input's dim {dim}")
     copy = rows_view(x, dim) is None
     xv, rows = as_rows(x.contiguous() if copy else x, dim)
     y_strides = rows_view(_contiguous_probe(x.shape), dim).strides

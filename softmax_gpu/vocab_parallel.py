@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import heuristics
-from ._checks import FLOAT_DTYPES, check_float, check_tensor
+from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import backend_for, launch_device, launch_on, new_output, plan_cache, remember
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows
@@ -598,6 +598,7 @@ def vocab_parallel_cross_entropy(
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if inplace_backward and need_grad:
         check_inplace_rows(x, "local_logits")
+    check_row_length(x.shape[-1], "local_logits' last dim")
     pg = _resolve_group(who, group)
     layout = _shard_layout(who, pg, x.shape[-1], vocab_size, x.device)
     _check_weight_shape(weight, layout.vocab)

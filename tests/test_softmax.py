@@ -538,6 +538,23 @@ def test_coop_ticket_order_never_waits_on_a_later_ticket():
                     (rows, splits, lag, i)
 
 
+def test_int32_bounds_rows_and_cooperative_counts():
+    """Column indices are int32: a row of 2^31 elements is refused by name
+    (checked on the meta device, where the plan is made without storage);
+    the cooperative path's int32 ticket counts bound its item count, so a
+    forced cooperative plan with too many chunk items walks the rows on the
+    persistent grid instead."""
+    big = torch.empty(1, 2**31, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"input's dim 1 has 2147483648 elements"):
+        SM._plan_forward(big, 1, False)
+    SM._plan_forward(torch.empty(2, 2**31 - 1, device="meta", dtype=torch.bfloat16), 1, False)
+    cpu = torch.device("cpu")
+    with heuristics.override(sm_count=132, long_path="coop", tile=16, max_single=16):
+        assert SM.softmax_config(1 << 20, 4096, 2, cpu, coop=True).path == heuristics.COOP
+        wide = SM.softmax_config(1 << 29, 4096, 2, cpu, coop=True)
+        assert wide.path == heuristics.LOOPED and wide.programs > 0
+
+
 def test_config_reads_limits_for(monkeypatch):
     """softmax_config plans with heuristics.limits_for("softmax", ...) (the
     tuned table's entry point): what it returns decides the path."""
