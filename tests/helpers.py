@@ -31,6 +31,21 @@ TOL = {
 }
 
 
+# Forced long-row candidates (Limits fields the tuner can pick) at
+# interpreter sizes: rows longer than 64 leave the on-chip path; 16-wide
+# tiles; 2 SMs. LONG_KERNEL: the kernel family each one launches.
+LONG = {
+    "looped": dict(max_single=64, tile=16, sm_count=2, long_path="looped"),
+    "persistent": dict(max_single=64, tile=16, sm_count=2, long_path="persistent",
+                       programs_per_sm=1),
+    "coop": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=1,
+                 coop_splits=3),
+    "coop-lag": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=2,
+                     coop_splits=5, evict=False),
+}
+LONG_KERNEL = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop"}
+
+
 def ce_reference(z, target, weight=None, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, z_loss=0.0, softcap=None):
     """float64 cross-entropy of the logits ``z`` (classes on dim 1, or dim 0

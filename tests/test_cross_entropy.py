@@ -23,8 +23,8 @@ import triton.language as tl
 import softmax_gpu
 from softmax_gpu import heuristics
 from softmax_gpu.kernels.cross_entropy import softcap_tanh
-from helpers import (DEVICE, FLOAT_DTYPES, assert_close, ce_reference, expect_launches, forced, rand,
-                     run_python)
+from helpers import (DEVICE, FLOAT_DTYPES, LONG, LONG_KERNEL, assert_close, ce_reference,
+                     expect_launches, forced, rand, run_python)
 
 CE = sys.modules["softmax_gpu.cross_entropy"]  # the module (its name is shadowed by the function)
 
@@ -851,16 +851,7 @@ def test_loss_dtype():
 
 # --- long rows: persistent, cooperative, unaligned rows, ignored rows ---------------
 
-LONG = {
-    "looped": dict(max_single=64, tile=16, sm_count=2, long_path="looped"),
-    "persistent": dict(max_single=64, tile=16, sm_count=2, long_path="persistent",
-                       programs_per_sm=1),
-    "coop": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=1,
-                 coop_splits=3),
-    "coop-lag": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=2,
-                     coop_splits=5, evict=False),
-}
-LONG_KERNEL = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop"}
+# LONG, LONG_KERNEL: the forced long-row candidates (helpers).
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])

@@ -21,6 +21,8 @@ from softmax_gpu.kernels.softmax import coop_item
 from helpers import (
     DEVICE,
     FLOAT_DTYPES,
+    LONG,
+    LONG_KERNEL,
     assert_close,
     expect_launches,
     forced,
@@ -451,18 +453,7 @@ def test_rows_beyond_2_pow_31_every_path():
 
 # --- long rows: persistent, cooperative, unaligned rows -------------------------------
 
-# Forced long-row candidates (tuning candidates, Limits fields) at interpreter
-# sizes: rows longer than 64 leave the on-chip path; 16-wide tiles; 2 SMs.
-LONG = {
-    "looped": dict(max_single=64, tile=16, sm_count=2, long_path="looped"),
-    "persistent": dict(max_single=64, tile=16, sm_count=2, long_path="persistent",
-                       programs_per_sm=1),
-    "coop": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=1,
-                 coop_splits=3),
-    "coop-lag": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=2,
-                     coop_splits=4, evict=False),
-}
-LONG_KERNELS = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop"}
+# LONG, LONG_KERNEL: the forced long-row candidates (helpers).
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -473,7 +464,7 @@ def test_long_row_candidates_forward_and_backward(candidate, n, dtype):
     and log-softmax, against float64; rows of 100 and 203 columns are not a
     multiple of 16 bytes, so the head / aligned body / tail walk runs (VEC >
     1) on most rows, and a persistent grid of 2 programs walks 9 rows."""
-    kern = LONG_KERNELS[candidate]
+    kern = LONG_KERNEL[candidate]
     for log in (False, True):
         x = rand(9, n, dtype=dtype).requires_grad_()
         dy = rand(9, n, dtype=dtype)
@@ -482,11 +473,10 @@ def test_long_row_candidates_forward_and_backward(candidate, n, dtype):
                 y = FNS[log](x, -1)
             with expect_launches(f"softmax_bwd_{kern}"):
                 (dx,) = torch.autograd.grad(y, x, dy)
-        x64 = x.detach().double().requires_grad_()
-        y64 = ref(x64, -1, log)
-        (dx64,) = torch.autograd.grad(y64, x64, dy.double())
-        assert_close(y, y64.detach())
-        assert_close(dx, dx64, scale=4 * max(1.0, float(dx64.abs().max())))
+        assert_close(y, ref(x.detach().double(), -1, log))
+        # the backward against float64 at the stored y (its inputs), as above
+        dx_ref = SM.reference_backward(y.detach().double(), dy.double(), 1, log)
+        assert_close(dx, dx_ref, scale=4 * max(1.0, float(dx_ref.abs().max())))
 
 
 @pytest.mark.parametrize("candidate", ["persistent", "coop"])
