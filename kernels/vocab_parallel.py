@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import class_grad, f64_parts, load_logits, scalar_arg, softcap_tanh
-from .softmax import FP_FUSION, acc_dtype, online_update, row_base
+from .softmax import FP_FUSION, acc_dtype, online_update, regs_meta, row_base
 
 __all__ = ["stats_launcher", "grad_launcher", "stats_rows", "COEF_ROWS"]
 
@@ -278,7 +278,7 @@ def stats_launcher(M, W, inner, x_strides, s_t, off, V, ignore, smooth, has_weig
     args = (M, W, inner, *x_strides, s_t, off, V, ignore, *f64_parts(cap))
     meta = dict(SMOOTH=smooth, HAS_WEIGHT=has_weight and smooth, SOFTCAP=cap > 0,
                 ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                enable_fp_fusion=FP_FUSION)
+                enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     if cfg.path == "single":
         kernel = vp_stats_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         meta["ROWS"] = cfg.rows_per_program
@@ -300,7 +300,7 @@ def grad_launcher(M, W, inner, x_strides, dx_strides, s_t, off, smooth, has_weig
     args = (M, W, inner, *x_strides, *dx_strides, s_t, off, *f64_parts(cap))
     meta = dict(SMOOTH=smooth, HAS_WEIGHT=has_weight and smooth, SOFTCAP=cap > 0,
                 ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                enable_fp_fusion=FP_FUSION)
+                enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     if cfg.path == "single":
         kernel = vp_grad_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         meta["ROWS"] = cfg.rows_per_program

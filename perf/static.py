@@ -322,7 +322,8 @@ def vocab_parallel_variants() -> list[Variant]:
                         for flags in _VP_FLAGS[extras]:
                             cx = dict(ACC=acc, BLOCK_N=c.block_n, **rows, **flags)
                             out.append(Variant("vocab_parallel", name, dt, ptrs,
-                                               tuple(sorted(cx.items())), c.num_warps, c.path))
+                                               tuple(sorted(cx.items())), c.num_warps, c.path,
+                                               c.regs))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
 
 

@@ -50,6 +50,7 @@ dX; against N * V * itemsize for gathering the logits; see
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from typing import NamedTuple, Optional
@@ -211,17 +212,23 @@ def shard_config(M: int, W: int, elem_bytes: int, device: torch.device, extras: 
     does. ``extras`` (a softcap, or class weights with label smoothing): fp64
     takes ``live_rows=3`` (its gradient kernel with every option on spilled
     8 B at 8192 columns, 16 warps); 2- and 4-byte logits do not spill at 2.
-    Looped, fp64 with extras also halves the tile at the same warps (the
-    statistics kernel with every option on spilled 40 B at 2048 columns, 4
-    warps, even at 255 registers; at 1024 it uses 160).
+    Extras also halve the looped tile at the same warps (with every option
+    on, the fp64 statistics kernel spilled 40 B at 2048 columns x 4 warps even
+    at 255 registers, the fp32 one 8 B at 4096 x 8 warps), and for fp64 the
+    rows per program on chip (the gradient kernel spilled 96-216 B at 4096
+    fp64 elements per program on unaligned rows). The kernels launch with a
+    register budget: on chip the one-program maximum, looped
+    ``heuristics.long_row_regs`` (one class heavier with extras).
     """
     live = 3 if extras and elem_bytes > 4 else 2
     cfg = softmax_config(M, W, elem_bytes, device, live_rows=live)
-    if cfg.path != heuristics.SINGLE:
-        tile = cfg.block_n // 2 if live == 3 else cfg.block_n
-        cfg = SoftmaxConfig(heuristics.LOOPED, max(heuristics.MIN_BLOCK, tile), 1,
-                            cfg.num_warps, 1, W)
-    return cfg
+    if cfg.path == heuristics.SINGLE:
+        if live == 3 and cfg.rows_per_program > 1:
+            cfg = dataclasses.replace(cfg, rows_per_program=cfg.rows_per_program // 2)
+        return cfg
+    tile = max(heuristics.MIN_BLOCK, cfg.block_n // 2 if extras else cfg.block_n)
+    return SoftmaxConfig(heuristics.LOOPED, tile, 1, cfg.num_warps, 1, W,
+                         regs=heuristics.long_row_regs(elem_bytes, 2 if extras else 1))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
