@@ -175,6 +175,22 @@ def class_scales(DEN, use_den, z_loss, gs, ACC: tl.constexpr):
 
 
 @triton.jit
+def class_launch_scalars(DEN, use_den, C, eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, gs_hi,
+                         gs_lo, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                         ACC: tl.constexpr):
+    """The row-independent values of a long-row class-target launch, computed
+    once before its row loop: (eps, z_loss, cap) from their f64 parts, the
+    factors of ``class_scales`` and sum_c w_c (``smooth_weight_sum``)."""
+    eps = scalar_arg(eps_hi, eps_lo, ACC)
+    z_loss = scalar_arg(zl_hi, zl_lo, ACC)
+    cap = scalar_arg(cap_hi, cap_lo, ACC)
+    gs = scalar_arg(gs_hi, gs_lo, ACC)
+    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
+    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
+    return eps, z_loss, cap, inv_dl, inv_dz, inv_l, zl2, sw
+
+
+@triton.jit
 def class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH: tl.constexpr):
     """Per-row coefficients of the gradient  a * sigma_c - b * [c == t] - cw * w_c.
 
@@ -404,12 +420,9 @@ def ce_class_looped_kernel(
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
-    eps = scalar_arg(eps_hi, eps_lo, ACC)
-    z_loss = scalar_arg(zl_hi, zl_lo, ACC)
-    cap = scalar_arg(cap_hi, cap_lo, ACC)
-    gs = scalar_arg(gs_hi, gs_lo, ACC)
-    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
-    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
+    eps, z_loss, cap, inv_dl, inv_dz, inv_l, zl2, sw = class_launch_scalars(
+        DEN, use_den, C, eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, gs_hi, gs_lo,
+        HAS_WEIGHT, SMOOTH, ACC)
     for r in range(tl.program_id(0), M, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
         xb = row_base(row, INNER, sx_o, sx_i)
@@ -482,12 +495,9 @@ def ce_class_coop_kernel(
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
 ):
-    eps = scalar_arg(eps_hi, eps_lo, ACC)
-    z_loss = scalar_arg(zl_hi, zl_lo, ACC)
-    cap = scalar_arg(cap_hi, cap_lo, ACC)
-    gs = scalar_arg(gs_hi, gs_lo, ACC)
-    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
-    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
+    eps, z_loss, cap, inv_dl, inv_dz, inv_l, zl2, sw = class_launch_scalars(
+        DEN, use_den, C, eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, gs_hi, gs_lo,
+        HAS_WEIGHT, SMOOTH, ACC)
     n = M * SPLITS
     PD = WS + n
     PX = WS + 2 * n
@@ -571,12 +581,9 @@ def ce_class_backward_kernel(
     """grad_output[r] * d loss_r / d x for every row, from the logits and the
     forward's lse: one read of the logits and one write, the gradient rounded
     once (the backward of a traced graph)."""
-    eps = scalar_arg(eps_hi, eps_lo, ACC)
-    z_loss = scalar_arg(zl_hi, zl_lo, ACC)
-    cap = scalar_arg(cap_hi, cap_lo, ACC)
-    gs = scalar_arg(gs_hi, gs_lo, ACC)
-    inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
-    sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
+    eps, z_loss, cap, inv_dl, inv_dz, inv_l, zl2, sw = class_launch_scalars(
+        DEN, use_den, C, eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, gs_hi, gs_lo,
+        HAS_WEIGHT, SMOOTH, ACC)
     for r in range(tl.program_id(0), M, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
         xb = row_base(row, INNER, sx_o, sx_i)
