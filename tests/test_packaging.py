@@ -1,12 +1,18 @@
 """Packaging: ``kernels/`` installs as ``softmax_gpu.kernels``, never as a
-top-level ``kernels`` (a PyPI package already owns that import name); the
-tuned tables (``softmax_gpu/tuned/*.json``) install with the package."""
+top-level ``kernels`` (a PyPI package that transformers requires owns that
+import name); no folder or module at the repository root wins an import over
+an installed distribution of its name; the tuned tables
+(``softmax_gpu/tuned/*.json``) install with the package."""
 
+import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +41,9 @@ def test_wheel_file_list(tmp_path):
     assert "softmax_gpu/tuned/fake-gpu.json" in tables
     assert tables <= set(names), sorted(tables - set(names))
     assert "softmax_gpu/kernels/softmax.py" in names
-    assert "softmax_gpu/kernels/__init__.py" in names
+    # A namespace folder in the wheel too: nothing there can become a regular
+    # top-level ``kernels``.
+    assert "softmax_gpu/kernels/__init__.py" not in names
     assert "softmax_gpu/__init__.py" in names
     for mod in (ROOT / "softmax_gpu").glob("*.py"):
         assert f"softmax_gpu/{mod.name}" in names, mod.name
@@ -46,6 +54,18 @@ def test_wheel_file_list(tmp_path):
         assert f"softmax_gpu/kernels/{mod.name}" in names, mod.name
     for mod in (ROOT / "softmax_gpu" / "integrations").glob("*.py"):
         assert f"softmax_gpu/integrations/{mod.name}" in names, mod.name
+    # The installed wheel imports its kernels from inside the package, from a
+    # folder that holds no checkout.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import softmax_gpu, softmax_gpu.kernels.softmax as k, softmax_gpu.kernels.cross_entropy; "
+         "print(k.__file__)"],
+        capture_output=True, text=True, cwd=tmp_path, env=_env(PYTHONPATH=str(site)),
+    )
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == site / "softmax_gpu" / "kernels" / "softmax.py"
 
 
 def test_installed_import_path():
@@ -61,3 +81,106 @@ def test_installed_import_path():
         capture_output=True, text=True, cwd="/",
     )
     assert out.stdout.strip() == "True", out
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def _root_names():
+    """The names a folder or module at the repository root could be imported as."""
+    names = set()
+    for p in ROOT.iterdir():
+        if p.name.startswith((".", "_")) or p.name == "softmax_gpu" or p.name.endswith(".egg-info"):
+            continue
+        if p.is_dir() and p.name.isidentifier():
+            names.add(p.name)
+        elif p.suffix == ".py":
+            names.add(p.stem)
+    return sorted(names)
+
+
+def test_root_names_never_shadow_installed_distributions(tmp_path):
+    # Every name at the root (kernels, perf, examples, tests...) gets a fake
+    # installed regular package; from the root, under `python -c`, `python
+    # script.py` and `python -m`, each import finds the installed one.
+    names = _root_names()
+    assert {"kernels", "perf", "examples", "tests"} <= set(names), names
+    site = tmp_path / "site"
+    for name in names:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("INSTALLED = True\n")
+    check = "; ".join(f"import {n}; assert getattr({n}, 'INSTALLED', False), {n}.__path__"
+                      for n in names)
+    script = ROOT / f"_shadow_probe_{os.getpid()}.py"
+    script.write_text(check + "\n")
+    try:
+        for argv in ([sys.executable, "-c", check], [sys.executable, script.name],
+                     [sys.executable, "-m", script.stem]):
+            out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                                 env=_env(PYTHONPATH=str(site)))
+            assert out.returncode == 0, (argv[1:], out.stderr[-2000:])
+    finally:
+        script.unlink()
+
+
+def test_source_checkout_imports_its_own_kernels():
+    # From the root and from elsewhere: softmax_gpu.kernels is the folder of
+    # this checkout (editable install or the root on sys.path), and nothing
+    # binds a top-level `kernels` to it.
+    code = ("import sys, softmax_gpu.kernels.softmax as k; print(k.__file__); "
+            "m = sys.modules.get('kernels'); print(getattr(m, '__file__', None))")
+    for cwd in (ROOT, "/"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=cwd, env=_env(PYTHONPATH=str(ROOT)))
+        assert out.returncode == 0, out.stderr
+        mine, top = out.stdout.split()
+        assert Path(mine).resolve() == (ROOT / "kernels" / "softmax.py").resolve()
+        assert top == "None" or str(ROOT) not in top, top
+
+
+def test_pypi_kernels_and_transformers_import_from_the_root(tmp_path):
+    # The `kernels` distribution is in the test extra (and transformers
+    # requires it): this test never skips.
+    from importlib import metadata
+
+    try:
+        metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        pytest.fail("the `kernels` distribution is not installed: pip install -e '.[test]'")
+    code = textwrap.dedent("""
+        import kernels, pathlib, sys
+        root = pathlib.Path(sys.argv[-1]).resolve()
+        where = pathlib.Path(kernels.__file__).resolve()
+        assert root not in where.parents, where
+        from kernels import CUDAProperties
+        try:
+            import transformers
+        except ImportError:
+            transformers = None
+        if transformers is not None:
+            from transformers import LlamaConfig, LlamaForCausalLM
+            import softmax_gpu.kernels.cross_entropy
+        print("ok", where)
+    """)
+    probe = tmp_path / "probe.py"
+    probe.write_text(code)
+    test_file = tmp_path / "test_probe.py"
+    test_file.write_text("import runpy, sys\n\ndef test_probe():\n"
+                         f"    sys.argv = ['probe', {str(ROOT)!r}]\n"
+                         f"    runpy.run_path({str(probe)!r})\n")
+    runs = [
+        [sys.executable, "-c", code, str(ROOT)],
+        [sys.executable, str(probe), str(ROOT)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+         str(test_file)],
+    ]
+    pytest_bin = shutil.which("pytest")
+    if pytest_bin:
+        runs.append([pytest_bin, "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                     str(test_file)])
+    for argv in runs:
+        out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=_env())
+        assert out.returncode == 0, (argv[1:3], out.stdout[-2000:], out.stderr[-2000:])
