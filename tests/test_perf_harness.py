@@ -26,22 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_perf() -> None:
-    """Import the repo's perf/ package (it is not installed) without putting the
-    repo root on sys.path, which would also expose ``kernels`` as a top-level name."""
-    import importlib.util
-
-    loaded = sys.modules.get("perf")
-    if loaded is not None and Path(loaded.__file__).resolve().parent == ROOT / "perf":
-        return
-    spec = importlib.util.spec_from_file_location(
-        "perf", ROOT / "perf" / "__init__.py", submodule_search_locations=[str(ROOT / "perf")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["perf"] = module
-    spec.loader.exec_module(module)
-
-
-_load_perf()
+sys.path.insert(0, str(ROOT))  # the perf/ folder (not installed)
 
 from perf import cudnn as pcudnn  # noqa: E402
 from perf import env, ops, report, sizes, sweep, timing  # noqa: E402
