@@ -74,15 +74,15 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .softmax import (FP_FUSION, LOG2E, acc_dtype, coop_arrive, coop_buffers, coop_grid,
-                      coop_place, coop_wait, edge_columns, load_logits, load_p, log2_shift,
-                      regs_meta, lse_of, merge_partials, online_stats, online_update,
-                      partial_mask, recip, row_base, row_vec, softcap_tanh, store_p,
-                      sum_partials, tile_offsets, vec_segment)
+from .softmax import (FP_FUSION, acc_dtype, coop_arrive, coop_buffers, coop_grid, coop_place,
+                      coop_wait, edge_columns, exp_rel, finite_max, load_logits, load_p,
+                      log1p_acc, merge_partials, online_finish, online_stats, online_update,
+                      partial_mask, recip_rn, regs_meta, row_base, row_vec, softcap_tanh,
+                      store_p, sum_partials, tile_offsets, tile_state, vec_segment)
 
 # Shared with the vocab-parallel kernels through this module.
-__all__ = ["load_logits", "softcap_tanh", "online_update", "scalar_arg", "class_grad",
-           "f64_parts"]
+__all__ = ["load_logits", "softcap_tanh", "online_update", "online_finish", "scalar_arg",
+           "class_grad", "f64_parts"]
 
 # ----------------------------------------------------------------------------
 # Shared jit helpers
@@ -98,10 +98,11 @@ def scalar_arg(hi, lo, ACC: tl.constexpr):
 
 @triton.jit
 def softcap_grad(g, z, cap, SOFTCAP: tl.constexpr):
-    """Chain rule through the softcap: d(cap tanh(x/cap))/dx = 1 - (z/cap)^2."""
+    """Chain rule through the softcap: d(cap tanh(x/cap))/dx = 1 - (z/cap)^2,
+    formed as (1 - r)(1 + r), r = z / cap (no cancellation where |r| -> 1)."""
     if SOFTCAP:
-        r = z * recip(cap)
-        g = g * (1.0 - r * r)
+        r = z * recip_rn(cap)
+        g = g * ((1.0 - r) * (1.0 + r))
     return g
 
 
@@ -150,13 +151,16 @@ def smooth_weight_sum(DEN, C, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
 
 
 @triton.jit
-def class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
+def class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
                    SMOOTH: tl.constexpr):
     """Row loss (already divided by the denominators: times inv_dl = 1 / dl,
     inv_dz = 1 / dz); 0 when ignored (NaN when the denominator is 0: an
     all-ignored mean), NaN when the target is outside [0, C) (w_t is NaN
-    then). smooth_sum = sum_c w_c (lse - z_c)."""
-    loss = wt * (lse - zt)
+    then). The row's max m and l1p = log(sum e^(z - m)): lse - z_t is
+    formed as (m - z_t) + l1p, so a confident token (z_t the max) loses
+    nothing to the rounding of lse. smooth_sum = sum_c w_c (lse - z_c)."""
+    lse = m + l1p
+    loss = wt * ((m - zt) + l1p)
     if SMOOTH:
         loss = (1.0 - eps) * loss + (eps / C) * smooth_sum
     return tl.where(kept, loss * inv_dl + (z_loss * lse * lse) * inv_dz,
@@ -169,8 +173,8 @@ def class_scales(DEN, use_den, z_loss, gs, ACC: tl.constexpr):
     2 z_loss gs / dz) with (dl, dz) = ``class_denominators`` (divisions done
     once, outside the row loops)."""
     dl, dz = class_denominators(DEN, use_den, ACC)
-    inv_dl = 1.0 / dl
-    inv_dz = 1.0 / dz
+    inv_dl = recip_rn(dl)
+    inv_dz = recip_rn(dz)
     return inv_dl, inv_dz, gs * inv_dl, (2.0 * z_loss * gs) * inv_dz
 
 
@@ -221,30 +225,30 @@ def class_grad(sigma, z, is_t, a, b, cw, w, kept, cap, SMOOTH: tl.constexpr,
 
 
 @triton.jit
-def class_tile(X, G, W, xo, go, wo, mask, is_t, s, a, b, cw, lse, cap,
+def class_tile(X, G, W, xo, go, wo, mask, is_t, s, a, b, cw, l1p, cap,
                HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
                WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr):
     """One tile of a kept row's gradient pass: G[go] = the gradient of the
-    logits X[xo] (WRITE_GRAD), with sigma * sum(y) formed as
-    2^(z log2 e - s) * a (a folds the row's 1 / sum); returns the tile's
-    label-smoothing terms w_c (lse - z_c) (zeros without SMOOTH)."""
+    logits X[xo] (WRITE_GRAD), with sigma * sum(y) formed as e^(z - s) * a
+    (s the row's finite max and a folding the row's 1 / sum, or s the lse);
+    returns the tile's label-smoothing terms w_c (lse - z_c) = w_c ((s - z_c)
+    + l1p) (zeros without SMOOTH)."""
     z = load_logits(X, xo, mask, cap, SOFTCAP, ACC, P)
     if HAS_WEIGHT:
         w = tl.load(W + wo, mask=mask, other=0.0).to(ACC)
     else:
         w = tl.where(mask, 1.0, 0.0).to(ACC)
     if WRITE_GRAD:
-        g = class_grad(tl.exp2(z * LOG2E - s), z, is_t, a, b, cw, w, True, cap, SMOOTH,
-                       SOFTCAP)
+        g = class_grad(exp_rel(z, s), z, is_t, a, b, cw, w, True, cap, SMOOTH, SOFTCAP)
         store_p(G + go, g.to(G.dtype.element_ty), mask, P)
     terms = tl.zeros_like(z)
     if SMOOTH:
-        terms = tl.where(mask, w * (lse - z), 0.0)
+        terms = tl.where(mask, w * ((s - z) + l1p), 0.0)
     return terms
 
 
 @triton.jit
-def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, lse, cap,
+def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, l1p, cap,
                HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
                WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                VEC: tl.constexpr, P: tl.constexpr, SUM: tl.constexpr = True):
@@ -259,7 +263,7 @@ def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, lse, cap
     for off in range(a0, body_end, BLOCK_N):
         terms = class_tile(X, G, W, tile_offsets(xb, off, cols, sx_n, VEC),
                            tile_offsets(gb, off, cols, sg_n, VEC), off + cols, cols < BLOCK_N,
-                           cols == tl.cast(t - off, tl.int32), s, a, b, cw, lse, cap,
+                           cols == tl.cast(t - off, tl.int32), s, a, b, cw, l1p, cap,
                            HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, P)
         if SMOOTH and SUM:
             acc += terms
@@ -267,7 +271,7 @@ def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, lse, cap
         terms = class_tile(X, G, W, tile_offsets(xb, body_end, cols, sx_n, VEC),
                            tile_offsets(gb, body_end, cols, sg_n, VEC), body_end + cols,
                            partial_mask(cols, vec_end - body_end, VEC),
-                           cols == tl.cast(t - body_end, tl.int32), s, a, b, cw, lse, cap,
+                           cols == tl.cast(t - body_end, tl.int32), s, a, b, cw, l1p, cap,
                            HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, P)
         if SMOOTH and SUM:
             acc += terms
@@ -275,7 +279,7 @@ def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, lse, cap
     if VEC > 1:
         e_cols, e_mask = edge_columns(start, a0, vec_end, end, VEC)
         terms = class_tile(X, G, W, xb + e_cols, gb + e_cols, e_cols, e_mask, e_cols == t, s,
-                           a, b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, P)
+                           a, b, cw, l1p, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, P)
         if SMOOTH and SUM:
             total += tl.sum(terms, 0)
     return total
@@ -352,11 +356,10 @@ def ce_class_single_kernel(
     read = rmask & row_read(kept, lse_all)
     mask = read[:, None] & cmask[None, :]
     z = load_logits(X, xb[:, None] + cols[None, :].to(tl.int64) * sx_n, mask, cap, SOFTCAP, ACC)
-    m = tl.max(z, 1)
-    s = log2_shift(m)
-    e = tl.exp2(z * LOG2E - s[:, None])
-    d = tl.sum(e, 1)
-    lse = lse_of(m, d)
+    m, r, e = tile_state(z, 1)
+    s = finite_max(m)
+    l1p = log1p_acc(r)
+    lse = m + l1p
     # the target logit, read (before any gradient store: in place) rather than
     # picked out of the tile, which would cost a select and an add per element
     zt = load_logits(X, xb + t * sx_n, rmask & kept & inside, cap, SOFTCAP, ACC)
@@ -365,13 +368,14 @@ def ce_class_single_kernel(
     else:
         w = tl.where(cmask, 1.0, 0.0).to(ACC)[None, :]
     if SMOOTH:
-        smooth_sum = tl.sum(tl.where(mask, w * (lse[:, None] - z), 0.0), 1)
+        smooth_sum = tl.sum(tl.where(mask, w * ((s[:, None] - z) + l1p[:, None]), 0.0), 1)
     else:
         smooth_sum = lse * 0.0
     sw = smooth_weight_sum(DEN, C, HAS_WEIGHT, SMOOTH, ACC)
     gs = scalar_arg(gs_hi, gs_lo, ACC)
     inv_dl, inv_dz, inv_l, zl2 = class_scales(DEN, use_den, z_loss, gs, ACC)
-    loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz, SMOOTH)
+    loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
+                          SMOOTH)
     tl.store(LOSS + rows, loss, mask=rmask)
     tl.store(LSE + rows, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty), mask=rmask)
     if WRITE_HIT:
@@ -379,8 +383,8 @@ def ce_class_single_kernel(
     if WRITE_GRAD:
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
         is_t = cols[None, :] == t.to(tl.int32)[:, None]
-        g = class_grad(e, z, is_t, (a * recip(d))[:, None], b[:, None], cw, w, kept[:, None], cap,
-                       SMOOTH, SOFTCAP)
+        g = class_grad(e, z, is_t, (a * recip_rn(1.0 + r))[:, None], b[:, None], cw, w,
+                       kept[:, None], cap, SMOOTH, SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
         tl.store(G + gb[:, None] + cols[None, :].to(tl.int64) * sg_n, g.to(G.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
@@ -428,13 +432,14 @@ def ce_class_looped_kernel(
         xb = row_base(row, INNER, sx_o, sx_i)
         read = row_read(tl.load(T + row).to(tl.int64) != ignore_index, lse_all)
         m = tl.full((), float("-inf"), ACC)
-        d = tl.zeros((), ACC)
+        r = tl.full((), -1.0, ACC)
         if read:
-            m, d = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
+            m, r = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
                                 SOFTCAP)
         # the target's other terms after the stats pass: fewer values live across it
         t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
-        lse = lse_of(m, d)
+        l1p = log1p_acc(r)
+        lse = m + l1p
         # the target logit, read before any gradient tile can overwrite it (in place)
         zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
@@ -442,12 +447,12 @@ def ce_class_looped_kernel(
         smooth_sum = tl.zeros((), ACC)
         if kept:
             if WRITE_GRAD or SMOOTH:
-                smooth_sum = class_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, log2_shift(m),
-                                        a * recip(d), b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
-                                        WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
+                smooth_sum = class_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, finite_max(m),
+                                        a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
+                                        SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
         elif WRITE_GRAD:
             zero_fill(G, gb, sg_n, 0, C, BLOCK_N, VEC, 2 if EVICT else 0)
-        loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
+        loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
                               SMOOTH)
         tl.store(LOSS + row, loss)
         tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
@@ -510,16 +515,17 @@ def ce_class_coop_kernel(
         read = row_read(kept, lse_all)
         if second:
             coop_wait(SYNC, row, SPLITS)
-            m, d = merge_partials(WS, PD, row, SPLITS, True)
-            lse = lse_of(m, d)
+            m, r = merge_partials(WS, PD, row, SPLITS, True)
+            l1p = log1p_acc(r)
+            lse = m + l1p
             a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
             gb = row_base(row, INNER, sg_o, sg_i)
             part = tl.zeros((), ACC)
             if kept:
                 if WRITE_GRAD or SMOOTH:
-                    part = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, log2_shift(m),
-                                      a * recip(d), b, cw, lse, cap, HAS_WEIGHT, SMOOTH, SOFTCAP,
-                                      WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
+                    part = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, finite_max(m),
+                                      a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
+                                      SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
             elif WRITE_GRAD:
                 zero_fill(G, gb, sg_n, start, end, BLOCK_N, VEC, 2 if EVICT else 0)
             tl.store(PX + item, part)
@@ -527,7 +533,7 @@ def ce_class_coop_kernel(
                 # the row's last second pass: every partial is in, write the row's outputs
                 smooth_sum = sum_partials(PX, row, SPLITS, True)
                 zt = tl.load(ZT + row, mask=kept & inside, other=0.0, cache_modifier=".cg")
-                loss = class_row_loss(lse, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl,
+                loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl,
                                       inv_dz, SMOOTH)
                 tl.store(LOSS + row, loss)
                 tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
@@ -537,12 +543,12 @@ def ce_class_coop_kernel(
                     tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
         else:
             m = tl.full((), float("-inf"), ACC)
-            d = tl.zeros((), ACC)
+            r = tl.full((), -1.0, ACC)
             if read:
-                m, d = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC,
+                m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC,
                                     1 if EVICT else 0, cap, SOFTCAP)
             tl.store(WS + item, m)
-            tl.store(PD + item, d)
+            tl.store(PD + item, r)
             if kept & inside & (t >= start) & (t < end):
                 # the target logit, before any second pass of the row can write over it
                 tl.store(ZT + row, load_logits(X, xb + t * sx_n, True, cap, SOFTCAP, ACC))
@@ -593,7 +599,7 @@ def ce_class_backward_kernel(
             lse = tl.load(LSE + row).to(ACC)
             go = tl.load(GO + row * s_go).to(ACC)
             a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l * go, zl2 * go, SMOOTH)
-            class_pass(X, OUT, W, xb, ob, sx_n, so_n, 0, C, t, lse * LOG2E, a, b, cw, lse, cap,
+            class_pass(X, OUT, W, xb, ob, sx_n, so_n, 0, C, t, lse, a, b, cw, 0.0, cap,
                        HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC, BLOCK_N, VEC, 0, False)
         else:
             zero_fill(OUT, ob, so_n, 0, C, BLOCK_N, VEC, 0)
@@ -620,7 +626,7 @@ def prob_target(Y, W, offs, mask, cols, cmask, eps, C, HAS_WEIGHT: tl.constexpr,
 def prob_inverse(DEN, den_rows, use_div, ACC: tl.constexpr):
     """1 / (den_rows, times DEN[0] when use_div: the caller's divisor)."""
     div = tl.load(DEN, mask=use_div != 0, other=1.0).to(ACC)
-    return 1.0 / ((tl.zeros((), ACC) + den_rows) * div)
+    return recip_rn((tl.zeros((), ACC) + den_rows) * div)
 
 
 @triton.jit(do_not_specialize=_SCALARS + ["use_div"])
@@ -667,16 +673,16 @@ def ce_prob_single_kernel(
     z = load_logits(X, xb[:, None] + cols64 * sx_n, mask, cap, SOFTCAP, ACC)
     y = prob_target(Y, W, yb[:, None] + cols64 * sy_n, mask, cols[None, :],
                     cmask[None, :], eps, C, HAS_WEIGHT, ACC)
-    m = tl.max(z, 1)
-    e = tl.exp2(z * LOG2E - log2_shift(m)[:, None])
-    d = tl.sum(e, 1)
-    lse = lse_of(m, d)
-    loss = tl.sum(tl.where(mask, y * (lse[:, None] - z), 0.0), 1)
+    m, r, e = tile_state(z, 1)
+    s = finite_max(m)
+    l1p = log1p_acc(r) + (s - m)  # NaN for an all -inf row, as torch
+    lse = m + log1p_acc(r)
+    loss = tl.sum(tl.where(mask, y * ((s[:, None] - z) + l1p[:, None]), 0.0), 1)
     tl.store(LOSS + rows, (loss + z_loss * lse * lse) * inv, mask=rmask)
     tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rmask)
     if WRITE_GRAD:
         gs = scalar_arg(gs_hi, gs_lo, ACC)
-        a = (tl.sum(y, 1) + 2.0 * z_loss * lse) * (inv * gs) * recip(d)
+        a = (tl.sum(y, 1) + 2.0 * z_loss * lse) * (inv * gs) * recip_rn(1.0 + r)
         g = e * a[:, None] - y * (inv * gs)
         g = softcap_grad(g, z, cap, SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
@@ -691,17 +697,18 @@ def prob_sum_tile(Y, W, yo, cols, mask, eps, C, HAS_WEIGHT: tl.constexpr, ACC: t
 
 
 @triton.jit
-def prob_tile(X, Y, W, G, xo, yo, go, cols, mask, s, a, ig, lse, eps, C, cap,
+def prob_tile(X, Y, W, G, xo, yo, go, cols, mask, s, a, ig, l1p, eps, C, cap,
               HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
               ACC: tl.constexpr, P: tl.constexpr):
     """One tile of the probability-target loss / gradient pass: G[go] =
-    2^(z log2 e - s) * a - y * ig (WRITE_GRAD); returns y (lse - z)."""
+    e^(z - s) * a - y * ig (WRITE_GRAD; s the row's finite max); returns
+    y (lse - z) = y ((s - z) + l1p)."""
     z = load_logits(X, xo, mask, cap, SOFTCAP, ACC, P)
     y = prob_target(Y, W, yo, mask, cols, mask, eps, C, HAS_WEIGHT, ACC, P)
     if WRITE_GRAD:
-        g = softcap_grad(tl.exp2(z * LOG2E - s) * a - y * ig, z, cap, SOFTCAP)
+        g = softcap_grad(exp_rel(z, s) * a - y * ig, z, cap, SOFTCAP)
         store_p(G + go, g.to(G.dtype.element_ty), mask, P)
-    return tl.where(mask, y * (lse - z), 0.0)
+    return tl.where(mask, y * ((s - z) + l1p), 0.0)
 
 
 @triton.jit(do_not_specialize=_SCALARS + ["use_div"])
@@ -762,30 +769,31 @@ def ce_prob_looped_kernel(
                 e_cols, e_mask = edge_columns(0, a0, vec_end, C, VEC)
                 a += tl.sum(prob_sum_tile(Y, W, yb + e_cols, e_cols, e_mask, eps, C, HAS_WEIGHT,
                                           ACC, 1 if EVICT else 0), 0)
-        m, d = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
+        m, r = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
                             SOFTCAP)
-        lse = lse_of(m, d)
-        s = log2_shift(m)
+        s = finite_max(m)
+        lse = m + log1p_acc(r)
+        l1p = log1p_acc(r) + (s - m)  # NaN for an all -inf row, as torch
         ig = inv * gs
-        a = (a + 2.0 * z_loss * lse) * ig * recip(d)
+        a = (a + 2.0 * z_loss * lse) * ig * recip_rn(1.0 + r)
         acc = tl.zeros((BLOCK_N,), ACC)
         P2: tl.constexpr = 2 if EVICT else 0
         for off in range(a0, body_end, BLOCK_N):
             acc += prob_tile(X, Y, W, G, tile_offsets(xb, off, cols, sx_n, VEC),
                              tile_offsets(yb, off, cols, sy_n, VEC),
                              tile_offsets(gb, off, cols, sg_n, VEC), off + cols, cols < BLOCK_N,
-                             s, a, ig, lse, eps, C, cap, HAS_WEIGHT, SOFTCAP, WRITE_GRAD, ACC, P2)
+                             s, a, ig, l1p, eps, C, cap, HAS_WEIGHT, SOFTCAP, WRITE_GRAD, ACC, P2)
         if body_end < vec_end:
             acc += prob_tile(X, Y, W, G, tile_offsets(xb, body_end, cols, sx_n, VEC),
                              tile_offsets(yb, body_end, cols, sy_n, VEC),
                              tile_offsets(gb, body_end, cols, sg_n, VEC), body_end + cols,
-                             partial_mask(cols, vec_end - body_end, VEC), s, a, ig, lse, eps, C,
+                             partial_mask(cols, vec_end - body_end, VEC), s, a, ig, l1p, eps, C,
                              cap, HAS_WEIGHT, SOFTCAP, WRITE_GRAD, ACC, P2)
         total = tl.sum(acc, 0)
         if VEC > 1:
             e_cols, e_mask = edge_columns(0, a0, vec_end, C, VEC)
             total += tl.sum(prob_tile(X, Y, W, G, xb + e_cols, yb + e_cols, gb + e_cols, e_cols,
-                                      e_mask, s, a, ig, lse, eps, C, cap, HAS_WEIGHT, SOFTCAP,
+                                      e_mask, s, a, ig, l1p, eps, C, cap, HAS_WEIGHT, SOFTCAP,
                                       WRITE_GRAD, ACC, P2), 0)
         tl.store(LOSS + row, (total + z_loss * lse * lse) * inv)
         tl.store(LSE + row, lse.to(LSE.dtype.element_ty))
@@ -826,7 +834,11 @@ def ce_grad_scale_kernel(
         tl.store(STATE + rows, go, mask=todo)
     else:
         todo = rmask
-    factor = go / done  # exactly 1 where the factor is already applied
+    # go / done correctly rounded: exactly 1 where the factor is already applied
+    if done.dtype == tl.float64:
+        factor = go / done
+    else:
+        factor = tl.div_rn(go, done)
     gb = row_base(rows, INNER, sg_o, sg_i)
     ob = row_base(rows, INNER, so_o, so_i)
     cols = tl.arange(0, BLOCK_N)
@@ -920,7 +932,7 @@ def ce_lse_grad_kernel(
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < M
-    s = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC) * LOG2E
+    s = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC)
     dl = tl.load(DLSE + rows * s_dlse, mask=rmask, other=0.0).to(ACC)
     xb = row_base(rows, INNER, sx_o, sx_i)
     ob = row_base(rows, INNER, so_o, so_i)
@@ -929,7 +941,7 @@ def ce_lse_grad_kernel(
         mask = rmask[:, None] & (cols < C - off)[None, :]
         c64 = (off + cols)[None, :].to(tl.int64)
         z = load_logits(X, xb[:, None] + c64 * sx_n, mask, cap, SOFTCAP, ACC)
-        g = softcap_grad(tl.exp2(z * LOG2E - s[:, None]) * dl[:, None], z, cap, SOFTCAP)
+        g = softcap_grad(exp_rel(z, s[:, None]) * dl[:, None], z, cap, SOFTCAP)
         tl.store(OUT + ob[:, None] + c64 * so_n, g.to(OUT.dtype.element_ty), mask=mask)
 
 

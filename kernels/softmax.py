@@ -32,14 +32,22 @@ Eviction hints (EVICT): the first read of a two-read path marks its lines
 evict_last (kept in L2 for the second read), the second read and the stores
 evict_first (streamed).
 
-Lean loops: exp as one ``exp2`` of an argument formed by one FMA,
-x * log2(e) - s, with the row's shift s = max * log2(e) rounded once (so that
-partial sums, rescales and the normalise pass agree on it exactly); a
-multiply by 1/sum instead of a division; whole tiles unmasked, the last
-partial tile masked; rows that are unit-stride but not 16-byte aligned (a
-row length or stride not a multiple of 16 bytes, e.g. 50257 bf16 columns:
-VEC > 1) are walked as a head of fewer than VEC columns up to the first
-16-byte boundary, an aligned body read 16 bytes at a time, and a tail.
+The normaliser: a row's state is (max m, r = sum_c e^(x_c - m) - 1), formed
+without ever adding the max's own term 1 (the elements equal to the max are
+counted instead; ``tile_state``, ``online_update``), so r keeps its own
+precision when it is small, as in a confident row, and log(sum) =
+log1p(r) (``log1p_acc``). Every exponential is e^(x - m) as 2^((x - m)
+log2 e), the difference first: the max gives exactly 1, log-softmax is (x -
+m) - log1p(r) (exactly 0 for a one-element row) and the cross-entropy of a
+confident token is log1p(r) to a few ulp. States merge associatively
+(``online_combine``) across tiles, chunks and programs. Lean loops: a tile
+whose max stays below the running max costs per element one subtract, one
+multiply, one exp2 and one add; a multiply by 1/sum instead of a division;
+whole tiles unmasked, the last partial tile masked; rows that are
+unit-stride but not 16-byte aligned (a row length or stride not a multiple
+of 16 bytes, e.g. 50257 bf16 columns: VEC > 1) are walked as a head of fewer
+than VEC columns up to the first 16-byte boundary, an aligned body read 16
+bytes at a time, and a tail.
 
 Arithmetic is fp32 (fp64 for fp64 tensors: ACC), cast to the output dtype on
 store. Masked lanes load -inf, so a row that is entirely -inf gives NaN, as in
@@ -97,23 +105,54 @@ def store_p(ptr, value, mask, P: tl.constexpr):
 
 
 @triton.jit
-def log2_shift(m):
-    """The shift s = m * log2(e), rounded once, that the online sums of a row
-    (or chunk) with max m are taken relative to: each element contributes
-    2^(x * log2(e) - s), one FMA and one exp2. 0 while m is -inf."""
-    return tl.where(m == float("-inf"), 0.0, m * LOG2E)
+def finite_max(m):
+    """The shift a row's terms are taken relative to: its max m, or 0 where m
+    is -inf (an empty or all -inf row, whose terms are then all 0)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
-def online_combine(m_a, d_a, m_b, d_b):
-    """Associative merge of two online-softmax states (max m, sum d of e^(x-m))."""
+def exp_rel(x, s):
+    """e^(x - s) as 2^((x - s) log2 e): the difference first, so that the
+    element equal to the shift gives exactly 2^0 = 1."""
+    return tl.exp2((x - s) * LOG2E)
+
+
+@triton.jit
+def log1p_acc(r):
+    """log(1 + r) for r >= -1, accurate to a few ulp of the result also for
+    |r| << 1: below |r| = 1/16 (fp64: 1/64) the alternating series through
+    r^8 (fp64: r^10), truncation under 2^-31 (fp64 2^-62) relative; above,
+    log(1 + r), where 1 + r loses at most r's last bit. log1p(0) = 0,
+    log1p(-1) = -inf."""
+    if r.dtype == tl.float64:
+        small = tl.abs(r) < 0.015625
+        p = 1.0 / 10.0 - r * (1.0 / 11.0)
+        p = 1.0 / 9.0 - r * p
+        p = 1.0 / 8.0 - r * p
+    else:
+        small = tl.abs(r) < 0.0625
+        p = 1.0 / 8.0 - r * (1.0 / 9.0)
+    p = 1.0 / 7.0 - r * p
+    p = 1.0 / 6.0 - r * p
+    p = 1.0 / 5.0 - r * p
+    p = 1.0 / 4.0 - r * p
+    p = 1.0 / 3.0 - r * p
+    p = 0.5 - r * p
+    series = r - (r * r) * p
+    return tl.where(small, series, tl.log(1.0 + r))
+
+
+@triton.jit
+def online_combine(m_a, r_a, m_b, r_b):
+    """Associative merge of two online-softmax states (max m, r = sum of
+    e^(x - m) over the row minus 1; r = -1 for an empty state): the side
+    with the smaller max is rescaled, and a tie counts the other max's 1."""
     m = tl.maximum(m_a, m_b)
-    s = log2_shift(m)
-    # each side's d is relative to its own shift: rescale by 2^(s_side - s)
-    # (0 for an empty side, whose d is 0)
-    a = tl.where(m_a == float("-inf"), 0.0, tl.exp2(log2_shift(m_a) - s))
-    b = tl.where(m_b == float("-inf"), 0.0, tl.exp2(log2_shift(m_b) - s))
-    return m, d_a * a + d_b * b
+    s = finite_max(m)
+    a = tl.where(m_a == float("-inf"), 0.0, exp_rel(m_a, s))
+    b = tl.where(m_b == float("-inf"), 0.0, exp_rel(m_b, s))
+    return m, r_a * a + r_b * b + ((a + b) - 1.0)
 
 
 @triton.jit
@@ -123,23 +162,58 @@ def row_base(rows, INNER, s_outer, s_inner):
 
 
 @triton.jit
-def online_update(m, d, x):
-    """Fold tile ``x`` into the running state (scalar max ``m``, per-lane sums
-    ``d`` of e^(x - m)): one tile max, then per element one FMA and one exp2
-    (x * log2(e) - s with s = log2_shift(m)) and one FMA into d; the rescale
-    of d when the max moves is 2^(s_old - s_new) of the two rounded shifts,
-    exactly 1 while the max stays. d is relative to log2_shift(m), which is
-    m to within one rounding of m * log2(e)."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    s = log2_shift(m_new)
-    alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(log2_shift(m) - s))
-    return m_new, d * alpha + tl.exp2(x * LOG2E - s)
+def tile_state(x, AXIS: tl.constexpr):
+    """The state of whole rows held in one tile, reduced along AXIS: (m, r, e)
+    with m the max, e = e^(x - m) (0 where x is -inf) and r = sum(e) - 1
+    formed without that 1: the terms equal to the max are left out of the
+    sum and counted instead, so r keeps its own precision when it is small
+    (a confident row) and log(sum e) = log1p(r). An all -inf row: m = -inf,
+    r = -1; a row holding +inf: r = NaN (its term inf - inf), as torch."""
+    m = tl.max(x, AXIS)
+    mx = tl.expand_dims(m, AXIS)
+    e = exp_rel(x, finite_max(mx))
+    top = (x == mx) & (tl.abs(x) < float("inf"))
+    rest = tl.sum(tl.where(top, 0.0, e), AXIS)
+    return m, rest + (tl.sum(top.to(e.dtype), AXIS) - 1.0), e
 
 
 @triton.jit
-def lse_of(m, d):
-    """log-sum-exp of a row from its state (max m, sum d relative to log2_shift(m))."""
-    return (log2_shift(m) + tl.log2(d)) * LN2
+def online_update(m, t, c, q, x):
+    """Fold tile ``x`` into the running state of a row: scalar max ``m``,
+    per-lane sums ``t`` of the terms e^(x - m) below the max, the count ``c``
+    of elements equal to m and the scalar sum ``q`` of earlier maxima's terms
+    (the state's r is sum(t) + q + c - 1, see ``online_finish``).
+
+    A tile whose max stays below m (most of them) costs per element one
+    subtract, one multiply, one exp2 and one add; a tile that reaches the
+    max rescales t and q by e^(m_old - m_new) (exactly 1 on a tie), leaves
+    its elements equal to the max out of t and counts them."""
+    tm = tl.max(x, 0)
+    if tm < m:
+        t += exp_rel(x, m)
+    else:
+        s = finite_max(tm)
+        alpha = tl.where(m == float("-inf"), 0.0, exp_rel(m, s))
+        top = (x == tm) & (tl.abs(x) < float("inf"))
+        k = tl.sum(top.to(t.dtype), 0)
+        t = t * alpha + tl.where(top, 0.0, exp_rel(x, s))
+        moved = tm > m
+        q = q * alpha + tl.where(moved, c * alpha, 0.0)
+        c = tl.where(moved, k, c + k)
+        m = tl.maximum(m, tm)
+    return m, t, c, q
+
+
+@triton.jit
+def online_finish(t, c, q):
+    """r = sum(e^(x - m)) - 1 of a running state (``online_update``); -1 when empty."""
+    return tl.sum(t, 0) + q + (c - 1.0)
+
+
+@triton.jit
+def lse_of(m, r):
+    """log-sum-exp of a row from its state (max m, r = sum e^(x - m) - 1)."""
+    return m + log1p_acc(r)
 
 
 @triton.jit
@@ -190,6 +264,16 @@ def recip(d):
         r = r * (2.0 - d * r)
         return r * (2.0 - d * r)
     return 1.0 / d
+
+
+@triton.jit
+def recip_rn(d):
+    """1 / d correctly rounded (fp32: ``div.rn``; fp64: ``recip``), for per-row
+    and per-launch factors, where its cost does not count (``recip``'s fp32
+    ``1.0 / d`` is the 2-ulp ``div.full``, kept for per-element use)."""
+    if d.dtype == tl.float64:
+        return recip(d)
+    return tl.div_rn(1.0, d)
 
 
 @triton.jit
@@ -258,68 +342,71 @@ def edge_columns(start, a, vec_end, end, VEC: tl.constexpr):
 def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                  VEC: tl.constexpr = 1, P: tl.constexpr = 0, cap=1.0,
                  SOFTCAP: tl.constexpr = False):
-    """(max, sum e^(x-max)) over X[base + c*s_n] for c in [start, end).
+    """The state (max m, r = sum e^(x - m) - 1) of X[base + c*s_n] for c in
+    [start, end) (``online_update``; m = -inf, r = -1 when empty).
 
-    One tile max per step and per element one FMA, one exp2 and one FMA; the
-    running sum stays a vector so the only per-tile cross-lane step is the
-    max. Whole tiles are read unmasked; VEC > 1 (unit-stride rows): the head
-    and tail of ``vec_segment`` first, then an aligned body. P: eviction
-    policy of the loads; SOFTCAP: the statistics of cap * tanh(x / cap).
-    The sum is relative to log2_shift(max) (see ``online_update``)."""
+    One tile max per step; per element of a tile below the running max one
+    subtract, one multiply, one exp2 and one add into per-lane sums. Whole
+    tiles are read unmasked; VEC > 1 (unit-stride rows): the head and tail of
+    ``vec_segment`` first, then an aligned body. P: eviction policy of the
+    loads; SOFTCAP: the state of cap * tanh(x / cap)."""
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(base, start, end, VEC, BLOCK_N)
     m = tl.full((), float("-inf"), ACC)
-    d = tl.zeros((BLOCK_N,), ACC)
+    t = tl.zeros((BLOCK_N,), ACC)
+    c = tl.zeros((), ACC)
+    q = tl.zeros((), ACC)
     if VEC > 1:
         e_cols, e_mask = edge_columns(start, a, vec_end, end, VEC)
         xe = load_logits(X, base + e_cols, e_mask, cap, SOFTCAP, ACC, P)
-        m = tl.max(xe, 0)
-        d = tl.where(cols == 0, tl.sum(tl.exp2(xe * LOG2E - log2_shift(m)), 0), d)
+        m, te, c, q = online_update(m, tl.zeros((2 * VEC,), ACC), c, q, xe)
+        q += tl.sum(te, 0)
     for off in range(a, body_end, BLOCK_N):
         x = load_logits(X, tile_offsets(base, off, cols, s_n, VEC), cols < BLOCK_N, cap,
                         SOFTCAP, ACC, P)
-        m, d = online_update(m, d, x)
+        m, t, c, q = online_update(m, t, c, q, x)
     if body_end < vec_end:
         x = load_logits(X, tile_offsets(base, body_end, cols, s_n, VEC),
                         partial_mask(cols, vec_end - body_end, VEC), cap, SOFTCAP, ACC, P)
-        m, d = online_update(m, d, x)
-    return m, tl.sum(d, 0)
+        m, t, c, q = online_update(m, t, c, q, x)
+    return m, online_finish(t, c, q)
 
 
 @triton.jit
-def normalize_tile(X, Y, xo, yo, mask, s, r, lse, LOG: tl.constexpr, ACC: tl.constexpr,
+def normalize_tile(X, Y, xo, yo, mask, s, inv, l1p, LOG: tl.constexpr, ACC: tl.constexpr,
                    P: tl.constexpr):
-    """Y[yo] = softmax (2^(x log2 e - s) * r) or log-softmax (x - lse) of X[xo]."""
+    """Y[yo] = softmax e^(x - s) * inv or log-softmax (x - s) - l1p of X[xo]
+    (s the row's finite max, inv = 1 / sum, l1p = log of the sum)."""
     x = load_p(X + xo, mask, 0.0, P).to(ACC)
     if LOG:
-        y = x - lse
+        y = (x - s) - l1p
     else:
-        y = tl.exp2(x * LOG2E - s) * r
+        y = exp_rel(x, s) * inv
     store_p(Y + yo, y.to(Y.dtype.element_ty), mask, P)
 
 
 @triton.jit
-def normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d,
+def normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r,
                     LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                     VEC: tl.constexpr = 1, P: tl.constexpr = 0):
     """Y[c] = softmax (or log-softmax) of X[c] for c in [start, end), given the
-    row's (m, d). VEC > 1: X and Y rows congruent modulo VEC (same head)."""
-    s = log2_shift(m)
-    r = recip(d)
-    lse = lse_of(m, d)
+    row's state (m, r). VEC > 1: X and Y rows congruent modulo VEC (same head)."""
+    s = finite_max(m)
+    inv = recip_rn(1.0 + r)
+    l1p = log1p_acc(r) + (s - m)  # an all -inf row (m = -inf): NaN, as torch
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(xb, start, end, VEC, BLOCK_N)
     for off in range(a, body_end, BLOCK_N):
         normalize_tile(X, Y, tile_offsets(xb, off, cols, sx_n, VEC),
-                       tile_offsets(yb, off, cols, sy_n, VEC), cols < BLOCK_N, s, r, lse,
+                       tile_offsets(yb, off, cols, sy_n, VEC), cols < BLOCK_N, s, inv, l1p,
                        LOG, ACC, P)
     if body_end < vec_end:
         normalize_tile(X, Y, tile_offsets(xb, body_end, cols, sx_n, VEC),
                        tile_offsets(yb, body_end, cols, sy_n, VEC),
-                       partial_mask(cols, vec_end - body_end, VEC), s, r, lse, LOG, ACC, P)
+                       partial_mask(cols, vec_end - body_end, VEC), s, inv, l1p, LOG, ACC, P)
     if VEC > 1:
         e_cols, e_mask = edge_columns(start, a, vec_end, end, VEC)
-        normalize_tile(X, Y, xb + e_cols, yb + e_cols, e_mask, s, r, lse, LOG, ACC, P)
+        normalize_tile(X, Y, xb + e_cols, yb + e_cols, e_mask, s, inv, l1p, LOG, ACC, P)
 
 
 # ----------------------------------------------------------------------------
@@ -394,21 +481,21 @@ PARTIALS = tl.constexpr(32)
 
 @triton.jit
 def merge_partials(PM, PD, row, SPLITS, CG: tl.constexpr):
-    """The merged (max, sum) of ``row`` from its SPLITS partial (max, sum)
-    pairs PM / PD[row * SPLITS + k]; CG: ``.cg`` loads (written by other
-    programs of the same launch: never a stale L1 line)."""
+    """The merged state (max, r) of ``row`` from its SPLITS partial states
+    PM / PD[row * SPLITS + k] (``online_combine``); CG: ``.cg`` loads
+    (written by other programs of the same launch: never a stale L1 line)."""
     k = tl.arange(0, PARTIALS)
     m = tl.full((), float("-inf"), PM.dtype.element_ty)
-    d = tl.zeros((), PD.dtype.element_ty)
+    d = tl.full((), -1.0, PD.dtype.element_ty)
     for off in range(0, SPLITS, PARTIALS):
         ok = off + k < SPLITS
         at = row * SPLITS + off + k
         if CG:
             pm = tl.load(PM + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            pd = tl.load(PD + at, mask=ok, other=0.0, cache_modifier=".cg")
+            pd = tl.load(PD + at, mask=ok, other=-1.0, cache_modifier=".cg")
         else:
             pm = tl.load(PM + at, mask=ok, other=float("-inf"))
-            pd = tl.load(PD + at, mask=ok, other=0.0)
+            pd = tl.load(PD + at, mask=ok, other=-1.0)
         mk, dk = tl.reduce((pm, pd), 0, online_combine)
         m, d = online_combine(m, d, mk, dk)
     return m, d
@@ -454,14 +541,15 @@ def softmax_fwd_single_kernel(
     yb = row_base(rows, INNER, sy_o, sy_i)
     x = tl.load(X + xb[:, None] + cols[None, :].to(tl.int64) * sx_n, mask=mask,
                 other=float("-inf")).to(ACC)
-    m = tl.max(x, 1)
-    s = log2_shift(m)
-    e = tl.exp2(x * LOG2E - s[:, None])
-    d = tl.sum(e, 1)
     if LOG:
-        y = x - lse_of(m, d)[:, None]
+        # (x - m) - log1p(r): exactly 0 at the max of a one-element row
+        m, r, e = tile_state(x, 1)
+        s = finite_max(m)
+        y = (x - s[:, None]) - (log1p_acc(r) + (s - m))[:, None]
     else:
-        y = e * (1.0 / d)[:, None]
+        m = tl.max(x, 1)
+        e = exp_rel(x, finite_max(m)[:, None])
+        y = e * recip_rn(tl.sum(e, 1))[:, None]
     tl.store(Y + yb[:, None] + cols[None, :].to(tl.int64) * sy_n, y.to(Y.dtype.element_ty),
              mask=mask)
 
@@ -485,8 +573,8 @@ def softmax_fwd_looped_kernel(
         row = tl.cast(r, tl.int64)
         xb = row_base(row, INNER, sx_o, sx_i)
         yb = row_base(row, INNER, sy_o, sy_i)
-        m, d = online_stats(X, xb, sx_n, 0, N, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
-        normalize_store(X, Y, xb, yb, sx_n, sy_n, 0, N, m, d, LOG, ACC, BLOCK_N, VEC,
+        m, r = online_stats(X, xb, sx_n, 0, N, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+        normalize_store(X, Y, xb, yb, sx_n, sy_n, 0, N, m, r, LOG, ACC, BLOCK_N, VEC,
                         2 if EVICT else 0)
 
 
@@ -494,7 +582,7 @@ def softmax_fwd_looped_kernel(
 def softmax_fwd_split_stats_kernel(
     X,  # input base pointer
     PM,  # [M, SPLITS] fp32/fp64 partial maxima
-    PD,  # [M, SPLITS] partial sums of e^(x - max)
+    PD,  # [M, SPLITS] partial r = sum of e^(x - max) - 1
     N,  # row length
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # input strides
@@ -511,9 +599,9 @@ def softmax_fwd_split_stats_kernel(
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, N)
     xb = row_base(row, INNER, sx_o, sx_i)
-    m, d = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+    m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
     tl.store(PM + pid, m)
-    tl.store(PD + pid, d)
+    tl.store(PD + pid, r)
 
 
 @triton.jit
@@ -521,7 +609,7 @@ def softmax_fwd_split_norm_kernel(
     X,  # input base pointer
     Y,  # output base pointer
     PM,  # [M, SPLITS] partial maxima from the stats kernel
-    PD,  # [M, SPLITS] partial sums
+    PD,  # [M, SPLITS] partial r (sum of e^(x - max) - 1)
     N,  # row length
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # input strides
@@ -537,12 +625,12 @@ def softmax_fwd_split_norm_kernel(
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
     split = pid % SPLITS
-    m, d = merge_partials(PM, PD, row, SPLITS, False)
+    m, r = merge_partials(PM, PD, row, SPLITS, False)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, N)
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
-    normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d, LOG, ACC, BLOCK_N, VEC,
+    normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC, BLOCK_N, VEC,
                     2 if EVICT else 0)
 
 
@@ -550,7 +638,7 @@ def softmax_fwd_split_norm_kernel(
 def softmax_fwd_coop_kernel(
     X,  # input base pointer
     Y,  # output base pointer
-    WS,  # [2, M * SPLITS] ACC workspace: partial maxima, then partial sums
+    WS,  # [2, M * SPLITS] ACC workspace: partial maxima, then partial r
     SYNC,  # [1 + M] int32, zero: SYNC[0] deals the tickets, SYNC[1 + row] counts partials
     M,  # number of rows
     N,  # row length
@@ -574,14 +662,14 @@ def softmax_fwd_coop_kernel(
         xb = row_base(row, INNER, sx_o, sx_i)
         if second:
             coop_wait(SYNC, row, SPLITS)
-            m, d = merge_partials(WS, PD, row, SPLITS, True)
+            m, r = merge_partials(WS, PD, row, SPLITS, True)
             yb = row_base(row, INNER, sy_o, sy_i)
-            normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, d, LOG, ACC, BLOCK_N,
+            normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC, BLOCK_N,
                             VEC, 2 if EVICT else 0)
         else:
-            m, d = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+            m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
             tl.store(WS + item, m)
-            tl.store(PD + item, d)
+            tl.store(PD + item, r)
             coop_arrive(SYNC, row)
         ticket = tl.atomic_add(SYNC, 1)
 

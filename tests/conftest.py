@@ -31,3 +31,23 @@ def _poison_outputs():
     """Every kernel output starts as NaN, so an unwritten element fails the test."""
     with softmax_gpu.poison_outputs():
         yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """On CUDA, a test that left the device in an error state (a device-side
+    assert poisons the whole CUDA context) ends this process after its
+    report, instead of failing every later test with the same error: under
+    pytest-xdist the worker is replaced by a fresh one and the run goes on;
+    without it the session stops, naming the test."""
+    yield
+    if DEVICE != "cuda":
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # torch.AcceleratorError on torch >= 2.9
+        message = f"{item.nodeid} left the CUDA context unusable: {type(exc).__name__}: {exc}"
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            print(message, flush=True)
+            os._exit(3)
+        pytest.exit(message, returncode=3)

@@ -582,3 +582,52 @@ def test_long_row_plan_fits_l2():
                     assert cfg.lag >= cfg.splits - 1
                 else:
                     assert cfg.path == heuristics.LOOPED and cfg.programs * per_row <= budget
+
+
+# --- exactness at the row maximum, on every path ---------------------------
+
+# Every path at interpreter sizes: the on-chip path, the split path, and the
+# forced long-row candidates (looped, persistent, cooperative).
+EVERY_PATH = {"single": ({}, 5, 48), "split": (dict(max_single=64, tile=16, sm_count=2), 3, 128),
+              **{name: (lim, 9, 128) for name, lim in LONG.items()}}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("path", list(EVERY_PATH))
+def test_row_maximum_is_exact_on_every_path(path, dtype):
+    """The max's term is exactly e^0 = 1: a row holding one finite value
+    gives softmax exactly 1 and log-softmax exactly 0 there; an all-equal
+    row of 2^k gives exactly 2^-k; a one-element row's log-softmax is 0."""
+    lim, M, N = EVERY_PATH[path]
+    x = rand(M, N, dtype=dtype)
+    x[0] = -math.inf
+    x[0, N // 3] = float(torch.randn(()) * 20)
+    x[1] = float(torch.randn(()) * 20)
+    x[2, N // 2] = x[2, N // 5] = x[2].max() + 1.0  # a tie at the max
+    with heuristics.override(**lim):
+        y = softmax_gpu.softmax(x, -1)
+        ly = softmax_gpu.log_softmax(x, -1)
+    assert y[0, N // 3].item() == 1.0 and ly[0, N // 3].item() == 0.0
+    assert torch.equal(y[0], (x[0] > -math.inf).to(dtype))
+    assert torch.equal(y[1], torch.full_like(y[1], 1.0 / N))
+    assert_close(ly[1], torch.full((N,), -math.log(N), dtype=torch.float64), dtype)
+    for log, out in ((False, y), (True, ly)):
+        assert_close(out, ref(x, -1, log), dtype)
+    one = rand(M, 1, dtype=dtype)
+    assert torch.equal(softmax_gpu.log_softmax(one, -1), torch.zeros_like(one))
+    assert torch.equal(softmax_gpu.softmax(one, -1), torch.ones_like(one))
+
+
+@pytest.mark.parametrize("path", list(EVERY_PATH))
+def test_log_softmax_of_a_confident_row_is_accurate(path):
+    """log-softmax at the max of a confident row is -log1p(r) with r the
+    small sum of the other terms: accurate to its own precision, not to
+    that of the max's 1 (fp32: well under torch's own error)."""
+    lim, M, N = EVERY_PATH[path]
+    x = rand(M, N, scale=0.5)
+    x[:, 7] = 12.0
+    with heuristics.override(**lim):
+        ly = softmax_gpu.log_softmax(x, -1)
+    expect = torch.log_softmax(x.double(), -1)[:, 7]
+    err = ((ly[:, 7].double() - expect) / expect).abs().max().item()
+    assert err < 2e-6, err
