@@ -147,12 +147,13 @@ def report(results: dict, args) -> None:
     print("step  " + "".join(f"{m:>12}" for m in modes))
     for s in sorted(set(range(0, args.steps, every)) | {args.steps - 1}):
         print(f"{s:>4}  " + "".join(f"{results[m]['losses'][s]:>12.4f}" for m in modes))
-    print(f"\n{'mode':<8}{'step ms':>10}{'tokens/s':>12}{'peak MiB':>11}{'final loss':>12}")
+    print("\n| mode | step ms (median) | tokens/s | peak MiB | final loss |")
+    print("|---|---:|---:|---:|---:|")
     for m in modes:
         r = results[m]
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-        print(f"{m:<8}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{peak:>11}"
-              f"{r['losses'][-1]:>12.4f}")
+        print(f"| {m} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} | "
+              f"{r['losses'][-1]:.4f} |")
 
 
 def plot(results: dict, args) -> None:

@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = report.output_stem(out_dir, info, args.tag)
     csv_path = os.path.join(out_dir, stem + ".csv")
     report.write_csv(rows, csv_path)
-    summary = report.summary_markdown(rows, info)
+    previous = None
+    if not info.meaningless_timings:
+        previous = report.previous_run(os.path.join("perf", "results"), info.device_slug,
+                                       args.tag, exclude=csv_path)
+    summary = report.summary_markdown(rows, info, previous=previous)
     md_path = os.path.join(out_dir, stem + "_summary.md")
     with open(md_path, "w") as f:
         f.write(summary)

@@ -3,34 +3,33 @@
 #
 #   bash perf/device_check.sh [OUT_DIR]      # default: $OUT, else perf/results/device_check
 #
-# The whole script stays under 8 minutes on an H100/H200, and a rerun must
-# fit too: the lent machine gives 15 minutes of device time for all tries
-# together, a start costs 1-2 of them, and a warm rerun follows at once. So
-# every step runs under `timeout`, and no step runs past the deadline
-# (BUDGET=390 s after the start) minus the minimum time kept for the steps
-# after it: even when every step runs to its limit the script ends by 390 s
-# (plus at most 10 s of kill grace), 6.7 minutes; start + run + rerun
-# = ~1.5 + 6.7 + 6.7 < 15 minutes.
+# The whole script stays under BUDGET=395 s (6.6 minutes) on an H100/H200,
+# so that a start and a warm rerun fit in the 15 minutes of device time a
+# lent machine gives (~1.5 + 6.8 + 6.8 < 15). Every step runs under
+# `timeout`, and no step runs past the deadline minus the minimum kept for the
+# steps after it: even when every step runs to its limit the script ends by
+# BUDGET (plus at most 10 s of kill grace). The limits below sum to BUDGET.
 #
-# Time per step. The estimates are ESTIMATES, reasoned from compile counts
-# and sizes x bandwidth; no GPU has run this script yet. Replace them by the
-# measured step times (printed last) after the first run.
+# Time per step: MEASURED on an H200 on 2026-12-04 (two whole runs of this
+# script, perf/results/nvidia-h200/2026-12-04/device_check*.log), then the
+# limit given for this version of the step:
 #
-# | step       | limit | kept for it | estimate | why / what it costs |
-# |------------|-------|-------------|----------|---------------------|
-# | info       |  15 s |             |    ~5 s  | nvidia-smi; importing torch and triton |
-# | install    |  40 s |             |   ~10 s  | pip install -e . offline (--no-deps --no-build-isolation) |
-# | wheels     |  25 s |             |    ~5 s  | only when .whl/ exists (e.g. liger-kernel) |
-# | gpu_checks |  45 s |        20 s |   ~25 s  | ~12 kernel compiles (~1.5 s each) + CUDA-graph captures and the no-sync steps |
-# | tune       | 135 s |        60 s |   ~85 s  | 45 candidates on the 10 hot shapes: ~20 distinct kernel compiles (~2 s each), ~0.6 s per candidate (inputs, one call, the fp32 check, do_bench 25 ms warm-up + 100 ms, 1 GiB to 16 GiB per call at ~4 TB/s), copy + imports ~10 s; stops starting candidates 20 s before its limit (--time-limit) and writes what it measured |
-# | linear_ce  |  60 s |        30 s |   ~45 s  | 4096 x 4096 x 128256 bf16 fwd+bwd: the three-GEMM floor first (12.9 TFLOP, ~17 ms a call), ours, eager, torch's chunked; torch.compile last (its compile alone ~30 s, est.) |
-# | tests      | 120 s |        60 s |  ~100 s  | ~350 tests on CUDA over 12 xdist workers, compile-bound (each new kernel specialisation JIT-compiles); the CPU-only files are left to CI (below) |
-# | host       |  60 s |        20 s |   ~45 s  | python -m perf.host: 19 calls x 3 rows x >= 0.35 s of repeats + ~10 small compiles (its 2 CPU rows per call took 36 s on a 2-core CPU machine, measured) |
-# | perf_quick | rest, <= 120 s | 30 s | ~75 s left | the quick sweep vs the other providers (softmax_fwd and ce_fwd_bwd first); cut short, it still writes what it measured |
+# | step       | measured       | limit | what it does |
+# |------------|----------------|-------|--------------|
+# | info       | 9 s, 15 s (cut)|  20 s | nvidia-smi; the first import of torch and triton on a fresh machine |
+# | install    | 4 s, 4 s       |  12 s | pip install -e . offline (--no-deps --no-build-isolation) |
+# | wheels     | 1 s, 0 s       |   8 s | only when .whl/ exists (liger-kernel, cut-cross-entropy) |
+# | gpu_checks | 23 s, 26 s     |  45 s | CUDA graphs, no-sync steps, and now every long-row path at grad_output != 1 against float64 at LLM sizes (new: ~15 s more, estimated) |
+# | tune       | 67 s, 54 s     |  70 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured |
+# | tests      | 93 s, 80 s     |  95 s | the suite on CUDA over 12 xdist workers (compile-bound); the CPU-only files are left to CI |
+# | profile    | new            |  22 s | python -m perf.profile: ncu counters of the hot kernels, default and tuned plans (estimated) |
+# | linear_ce  | 46 s, 40 s     |  35 s | the fused linear CE anchor shapes against the GEMM floor and the peers (its --quick set) |
+# | host       | 12 s (crashed) |  20 s | python -m perf.host: host cost per call, stubbed and launched |
+# | llama      | new            |  15 s | examples/train_tiny_llama.py, 15 steps per mode: a trainer's step time and peak memory (estimated) |
+# | perf_quick | 114 s (cut), 158 s alone | rest, <= 90 s | the quick sweep at 40 ms of repeats (was 100 ms); cut short, it still writes what it measured |
 #
-# Expected total ~390 s: the steps above ~315 s, the sweep what is left.
 # Left to CI (CPU, no GPU needed; they would cost minutes here):
-# tests/test_static_compile.py (compiles ~1150 sm_90 variants),
+# tests/test_static_compile.py (compiles ~1900 sm_90 variants),
 # test_packaging.py (builds a wheel), test_perf_harness.py, test_tune.py and
 # test_examples.py (CPU subprocess runs).
 #
@@ -40,15 +39,17 @@
 # table: `python -m perf.tune --install` it and commit it), the CSVs of the
 # tuning run, the quick sweep, the linear cross-entropy run and the host cost
 # (perf/results conventions: commit them under perf/results/<gpu>/<date>/),
-# and extras.tar.gz with the plots and the per-run summaries.
+# and extras.tar.gz with the plots, the per-run summaries, the profile CSV
+# and the trainer's JSON and plot.
 #
 # Knobs: T_<STEP> limits (T_INFO, T_INSTALL, T_WHEELS, T_CHECKS, T_TUNE,
-# T_LINEAR, T_TESTS, T_HOST, T_PERF) and BUDGET; SKIP_STEPS="install tests"
-# skips steps by name (a rerun of the failed ones); DEVICE=auto lets the
-# steps fall back to CPU for a dry run of this script; DRY_RUN=1 runs no step
-# at all, writes stand-in files and advances a simulated clock by each
-# step's full limit (the worst case of the budget and of the output limits,
-# checked by tests/test_tune.py).
+# T_TESTS, T_PROFILE, T_LINEAR, T_HOST, T_LLAMA, T_PERF) and BUDGET;
+# SKIP_STEPS="install tests" skips steps by name (a rerun of the failed ones);
+# WHEEL_DIR (default .whl) the carried wheels; DEVICE=auto lets the steps
+# fall back to CPU for a dry run of this script; DRY_RUN=1 runs no step at
+# all, writes stand-in files and advances a simulated clock by each step's
+# full limit (the worst case of the budget and of the output limits, checked
+# by tests/test_tune.py).
 #
 # It only reads the GPU's state: it never changes clocks, power, modes or MIG,
 # and never resets the device.
@@ -66,18 +67,22 @@ export PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"  # the checks fail loudly without a GPU; DEVICE=auto for a CPU dry run
 DRY_RUN="${DRY_RUN:-0}"
 
-T_INFO=${T_INFO:-15}
-T_INSTALL=${T_INSTALL:-40}
-T_WHEELS=${T_WHEELS:-25}
+T_INFO=${T_INFO:-20}
+T_INSTALL=${T_INSTALL:-12}
+T_WHEELS=${T_WHEELS:-8}
 T_CHECKS=${T_CHECKS:-45}
-T_TUNE=${T_TUNE:-135}
-T_LINEAR=${T_LINEAR:-60}
-T_TESTS=${T_TESTS:-120}
-T_HOST=${T_HOST:-60}
-T_PERF=${T_PERF:-120}
-BUDGET=${BUDGET:-390}
+T_TUNE=${T_TUNE:-70}
+T_TESTS=${T_TESTS:-95}
+T_PROFILE=${T_PROFILE:-22}
+T_LINEAR=${T_LINEAR:-35}
+T_HOST=${T_HOST:-20}
+T_LLAMA=${T_LLAMA:-15}
+T_PERF=${T_PERF:-90}
+BUDGET=${BUDGET:-395}
+WHEEL_DIR=${WHEEL_DIR:-.whl}
 # The least time worth giving a step: kept free for it by the steps before it.
-MIN_CHECKS=20 MIN_TUNE=60 MIN_LINEAR=30 MIN_TESTS=60 MIN_HOST=20 MIN_PERF=30
+MIN_CHECKS=25 MIN_TUNE=45 MIN_TESTS=60 MIN_PROFILE=12 MIN_LINEAR=20 MIN_HOST=12 MIN_LLAMA=10
+MIN_PERF=40
 MIN_STEP=10  # a step that would get less is skipped ("no time left")
 
 SIM_ELAPSED=0  # DRY_RUN: seconds the skipped steps would have taken at most
@@ -104,6 +109,8 @@ dry_outputs() {
     linear_ce) touch "$OUT_DIR/${s}_linear.csv" "$OUT_DIR/${s}_linear_summary.md" \
                      "$OUT_DIR/${s}_linear_linear_ce_fwd_bwd_bf16.png" ;;
     host) touch "$OUT_DIR/${s}_host.csv" ;;
+    profile) touch "$OUT_DIR/${s}_profile.csv" ;;
+    llama) touch "$OUT_DIR/train_tiny_llama.json" "$OUT_DIR/train_tiny_llama.png" ;;
     tests) mkdir -p "$OUT_DIR/stray/a/b" && touch "$OUT_DIR/stray/a/b/deep.txt" ;;
     perf_quick)
       touch "$OUT_DIR/${s}.csv" "$OUT_DIR/${s}_summary.md"
@@ -180,35 +187,29 @@ export -f device_info
 
 install_wheels() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target /tmp/site "$WHEEL_DIR"/*.whl
 }
 export -f install_wheels
+export WHEEL_DIR
 
 run_step info "$(limit "$T_INFO" 0)" bash -c device_info
 run_step install "$(limit "$T_INSTALL" 0)" "$PY" -m pip install --no-deps --no-build-isolation -e .
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
   if run_step wheels "$(limit "$T_WHEELS" 0)" bash -c install_wheels; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 else
-  echo "no .whl/ folder: liger / quack / cut-cross-entropy run only if the image has them" | tee -a "$LOG"
+  echo "no $WHEEL_DIR/ folder: liger / quack / cut-cross-entropy run only if the image has them" | tee -a "$LOG"
 fi
+AFTER_CHECKS=$((MIN_TUNE + MIN_TESTS + MIN_PROFILE + MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF))
 
-run_step gpu_checks "$(limit "$T_CHECKS" $((MIN_TUNE + MIN_LINEAR + MIN_TESTS + MIN_HOST + MIN_PERF)))" \
-  "$PY" -m perf.gpu_checks --device "$DEVICE"
+run_step gpu_checks "$(limit "$T_CHECKS" "$AFTER_CHECKS")" "$PY" -m perf.gpu_checks --device "$DEVICE"
 
-# The tuning run: stops starting candidates 20 s before its limit, then writes
+# The tuning run: stops starting candidates 15 s before its limit, then writes
 # its CSV, plots and the table (tuned_<gpu>.json) of what it measured.
-lim=$(limit "$T_TUNE" $((MIN_LINEAR + MIN_TESTS + MIN_HOST + MIN_PERF)))
+lim=$(limit "$T_TUNE" $((AFTER_CHECKS - MIN_TUNE)))
 run_step tune "$lim" "$PY" -m perf.tune --device "$DEVICE" --out "$OUT_DIR" \
-  --time-limit $(( lim > 40 ? lim - 20 : lim / 2 ))
-
-# The fused linear + cross-entropy anchor shape (4096 x 4096 x 128256 bf16)
-# against the three-GEMM floor, timed first; torch.compile last (its compile
-# is the slowest part, and `timeout` cutting it still leaves the rest).
-run_step linear_ce "$(limit "$T_LINEAR" $((MIN_TESTS + MIN_HOST + MIN_PERF)))" \
-  "$PY" -m perf --quick --device "$DEVICE" --out "$OUT_DIR" --tag linear --no-progress \
-  --ops linear_ce_fwd_bwd --providers gemm_floor,softmax_gpu,torch,torch_chunked,liger,cce,torch_compile
+  --time-limit $(( lim > 30 ? lim - 15 : lim / 2 ))
 
 # The suite on CUDA is compile-bound (every distinct kernel specialisation is
 # JIT-compiled on first use): spread single tests over 12 of the 16 CPUs with
@@ -216,17 +217,36 @@ run_step linear_ce "$(limit "$T_LINEAR" $((MIN_TESTS + MIN_HOST + MIN_PERF)))" \
 XDIST=""
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 12 --dist load"; fi
 # shellcheck disable=SC2086
-run_step tests "$(limit "$T_TESTS" $((MIN_HOST + MIN_PERF)))" \
+run_step tests "$(limit "$T_TESTS" $((MIN_PROFILE + MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF)))" \
   "$PY" -m pytest -q -p no:cacheprovider $XDIST --durations=15 \
   --ignore=tests/test_static_compile.py --ignore=tests/test_packaging.py \
   --ignore=tests/test_perf_harness.py --ignore=tests/test_tune.py --ignore=tests/test_examples.py
 
-run_step host "$(limit "$T_HOST" "$MIN_PERF")" "$PY" -m perf.host --device "$DEVICE" --out "$OUT_DIR"
+# The hardware counters of the hot kernels, default and tuned plans (the
+# table the tuning step just wrote, when it wrote one).
+TABLE=$(ls -t "$OUT_DIR"/tuned_*.json 2>/dev/null | head -1)
+run_step profile "$(limit "$T_PROFILE" $((MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF)))" \
+  "$PY" -m perf.profile --out "$OUT_DIR" ${TABLE:+--table "$TABLE"}
+
+# The fused linear + cross-entropy anchor shapes against the three-GEMM
+# floor, timed first; torch.compile last (its compile is the slowest part,
+# and `timeout` cutting it still leaves the rest).
+run_step linear_ce "$(limit "$T_LINEAR" $((MIN_HOST + MIN_LLAMA + MIN_PERF)))" \
+  "$PY" -m perf --quick --device "$DEVICE" --out "$OUT_DIR" --tag linear --no-progress \
+  --ops linear_ce_fwd_bwd --providers gemm_floor,softmax_gpu,torch,torch_chunked,liger,cce,torch_compile
+
+run_step host "$(limit "$T_HOST" $((MIN_LLAMA + MIN_PERF)))" "$PY" -m perf.host --device "$DEVICE" \
+  --out "$OUT_DIR"
+
+# A trainer's step: transformers' Llama plain, hooked and fused (step time,
+# peak memory, loss curves).
+run_step llama "$(limit "$T_LLAMA" "$MIN_PERF")" "$PY" examples/train_tiny_llama.py --steps 15 \
+  --device "$DEVICE" --out "$OUT_DIR/train_tiny_llama.png" --json "$OUT_DIR/train_tiny_llama.json"
 
 # The quick sweep takes what is left (at most T_PERF); when `timeout` stops
 # it, it still writes the CSV and summary of what it measured.
 run_step perf_quick "$(limit "$T_PERF" 0)" "$PY" -m perf --quick --device "$DEVICE" \
-  --out "$OUT_DIR" --no-progress \
+  --out "$OUT_DIR" --no-progress --warmup-ms 10 --rep-ms 40 \
   --ops softmax_fwd,ce_fwd_bwd,softmax_fwd_bwd,ce_fwd,log_softmax_fwd,vocab_parallel
 
 # The tables of the run, into the log and device_check_summary.md.
@@ -259,6 +279,12 @@ step_tables() {  # the markdown table lines a step printed
   echo
   echo "## host cost per call (µs)"
   step_tables host
+  echo
+  echo "## hardware counters of the hot kernels (ncu)"
+  step_tables profile
+  echo
+  echo "## a trainer's step (examples/train_tiny_llama.py)"
+  step_tables llama
 } > "$SUMMARY"
 tee -a "$LOG" < "$SUMMARY"
 

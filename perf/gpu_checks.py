@@ -11,7 +11,13 @@
    ``softmax_gpu.linear_cross_entropy`` (several chunks; reductions "mean"
    and "none", whose backward recomputes the logits) is captured the same
    way, its input and head gradients compared.
-2. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
+2. **Long rows at grad_output != 1, against float64.** The cross-entropy
+   (mean, ``(loss * 2.5).backward()``, the in-place rescale of the saved
+   gradient) and softmax forward+backward at LLM sizes on every long-row
+   path (one program per row, the persistent grid, the cooperative path),
+   at the bf16 limit of one rounding (1e-2 on the norm); a failure prints
+   which rows are wrong and by how much.
+3. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
    + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy, and
    softmax_gpu.linear_cross_entropy on the hidden states -> backward ->
    SGD update) runs under ``torch.cuda.set_sync_debug_mode("error")``, so any
@@ -41,6 +47,15 @@ __all__ = ["main"]
 GPU_SHAPES = [(torch.bfloat16, 2048, 4096), (torch.bfloat16, 512, 65536),
               (torch.bfloat16, 4, 262144), (torch.float32, 1024, 8192)]
 CPU_SHAPES = [(torch.float32, 8, 256), (torch.bfloat16, 4, 1024)]
+# Long rows against float64 at grad_output != 1: (family, dtype, M, N) on
+# every long-row path.
+GPU_LONG = [("cross_entropy", torch.bfloat16, 2048, 256000),
+            ("cross_entropy", torch.bfloat16, 4096, 128256),
+            ("softmax", torch.bfloat16, 2048, 262144)]
+CPU_LONG = [("cross_entropy", torch.bfloat16, 9, 300), ("softmax", torch.float32, 9, 300)]
+LONG_PATHS = ("looped", "persistent", "coop")
+LONG_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+GRAD_OUTPUT = 2.5
 # linear_cross_entropy: (dtype, tokens, hidden, vocabulary, chunk_size)
 GPU_LINEAR_SHAPES = [(torch.bfloat16, 4096, 1024, 32000, 1024)]
 CPU_LINEAR_SHAPES = [(torch.float32, 40, 16, 96, 16)]
@@ -113,7 +128,7 @@ def _graph_check(res: Results, family: str, device: str, shapes) -> None:
     """Capture forward+backward of ``family`` once per shape, replay twice."""
     import softmax_gpu
 
-    from perf.ops import OPS, dtype_name
+    from perf.ops import CHECK_GRAD_OUTPUT, OPS, dtype_name
 
     op = OPS["softmax_fwd_bwd" if family == "softmax" else "ce_fwd_bwd"]
     fn = (lambda x: softmax_gpu.softmax(x, -1)) if family == "softmax" else \
@@ -125,7 +140,7 @@ def _graph_check(res: Results, family: str, device: str, shapes) -> None:
         if family == "softmax":
             out.backward(inp.dy)
         else:
-            out.backward()
+            (out * CHECK_GRAD_OUTPUT).backward()  # as op.run_once and op.error
         return out
 
     for dtype, M, N in shapes:
@@ -229,6 +244,62 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
                 res.add(name, False, f"{type(exc).__name__}: {exc}")
 
 
+def _row_report(got: torch.Tensor, ref: torch.Tensor) -> str:
+    """Which rows of ``got`` are off from ``ref`` (relative row norms)."""
+    diff = (got.double() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)
+    bad = (diff > 5e-2) | ~torch.isfinite(diff)
+    n = int(bad.sum())
+    if not n:
+        return f"worst row {float(diff.max()):.2e}"
+    rows = bad.nonzero().flatten()[:8].tolist()
+    return (f"{n} of {got.shape[0]} rows off by > 5e-2 (first {rows}, worst "
+            f"{float(diff[bad].max()):.2e})")
+
+
+def _long_row_check(res: Results, device: str, cases) -> None:
+    """Every long-row path, forward+backward at grad_output != 1 against float64."""
+    import softmax_gpu
+    from softmax_gpu import heuristics
+
+    small = {} if device == "cuda" else dict(max_single=64, tile=16, sm_count=2)
+    for family, dtype, M, N in cases:
+        g = torch.Generator(device=device).manual_seed(7)
+        x = (torch.randn(M, N, device=device, generator=g) * 3).to(dtype)
+        x64 = x.double().requires_grad_()
+        if family == "cross_entropy":
+            t = torch.randint(0, N, (M,), device=device, generator=g)
+            ref = torch.nn.functional.cross_entropy(x64, t)
+            (ref * GRAD_OUTPUT).backward()
+        else:
+            dy = torch.randn(M, N, device=device, generator=g).to(dtype)
+            ref = torch.softmax(x64, -1)
+            ref.backward(dy.double())
+        for path in LONG_PATHS:
+            name = (f"long rows, {path}: {family} fwd+bwd {str(dtype)[6:]} {M}x{N}, "
+                    f"grad_output {GRAD_OUTPUT if family == 'cross_entropy' else 'random'}")
+            try:
+                xs = x.clone().requires_grad_()
+                with heuristics.override(long_path=path, **small):
+                    if family == "cross_entropy":
+                        out = softmax_gpu.cross_entropy(xs, t)
+                        (out * GRAD_OUTPUT).backward()
+                    else:
+                        out = softmax_gpu.softmax(xs, -1)
+                        out.backward(dy)
+                e_out, e_dx = _rel(out, ref), _rel(xs.grad, x64.grad)
+                limit = LONG_LIMIT[dtype]
+                ok = e_out <= limit and e_dx <= limit
+                detail = f"rel err vs float64: out {e_out:.2e}, grad {e_dx:.2e} (limit {limit:g})"
+                if not ok:
+                    detail += "; grad " + _row_report(xs.grad, x64.grad)
+                res.add(name, ok, detail)
+                del xs, out
+            except Exception as exc:
+                traceback.print_exc()
+                res.add(name, False, f"{type(exc).__name__}: {exc}")
+        del x, x64, ref
+
+
 def _sync_check(res: Results) -> None:
     """A training step under set_sync_debug_mode("error") for each loss."""
     import softmax_gpu
@@ -316,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         _graph_check(res, "cross_entropy", device, shapes)
     else:
         res.add("cuda graph cross_entropy", None, "skipped: softmax_gpu.cross_entropy does not exist (yet)")
+    _long_row_check(res, device, GPU_LONG if device == "cuda" else CPU_LONG)
     if hasattr(softmax_gpu, "linear_cross_entropy"):
         _linear_graph_check(res, device, GPU_LINEAR_SHAPES if device == "cuda" else CPU_LINEAR_SHAPES)
     else:

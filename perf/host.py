@@ -130,13 +130,15 @@ def _cases(device: str):
         return run
 
     def node(f):
-        """The backward node of f's output alone (no autograd engine around it)."""
+        """The backward node of f's output alone (no autograd engine around it),
+        made on the first call of this closure (its output kept alive with it)."""
         holder = {}
 
         def run():
             if "fn" not in holder:
-                fn = f(xg, -1).grad_fn
-                holder["fn"] = fn.apply if hasattr(fn, "apply") else fn  # Python / C++ node
+                y = f(xg, -1)
+                fn = y.grad_fn
+                holder.update(y=y, fn=fn.apply if hasattr(fn, "apply") else fn)  # Python / C++
             holder["fn"](dy)
         return run
 
@@ -184,12 +186,12 @@ def measure(device: str, *, with_launch: bool = False, quick: bool = False) -> l
     (``quick``: fewer, shorter repeats; for tests of the harness)."""
     timing = dict(repeats=3, min_s=0.002) if quick else {}
     rows = []
-    cases = _cases(device)
     with stubbed_kernels():
-        for name, shape, ours, theirs in cases:
+        # cases made under the stubs: their backward nodes hold stubbed plans
+        for name, shape, ours, theirs in _cases(device):
             rows.append(dict(call=name, shape=shape, provider="softmax_gpu",
                              us=_time_us(ours, **timing)))
-    for name, shape, ours, theirs in cases:
+    for name, shape, ours, theirs in _cases(device):
         rows.append(dict(call=name, shape=shape, provider="torch", us=_time_us(theirs, **timing)))
         if with_launch:
             rows.append(dict(call=name, shape=shape, provider="softmax_gpu+launch",
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="output folder (default perf/results/<device>/<date>/)")
     p.add_argument("--quick", action="store_true",
                    help="few short repeats (checks the harness; the figures are rough)")
+    p.add_argument("--launch", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the real calls, kernels launched (default: on CUDA)")
     args = p.parse_args(argv)
 
     from perf.env import choose_device, enable_interpreter_for_cpu, run_info
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         raise SystemExit(f"perf.host: {warning}")
     info = run_info(device)
-    rows = measure(device, with_launch=device == "cuda", quick=args.quick)
+    launch = device == "cuda" if args.launch is None else args.launch
+    rows = measure(device, with_launch=launch, quick=args.quick)
 
     from perf.report import output_stem, write_csv
     from perf.sweep import COLUMNS

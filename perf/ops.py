@@ -70,16 +70,21 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 # Largest accepted ||out - ref|| / ||ref|| against a float32 torch reference
-# computed from the same inputs. It is there to catch wrong results (unwritten
-# rows, wrong indexing: errors of order 1), not to grade rounding: torch's own
-# bf16 cross-entropy backward, which goes through a bf16 log-softmax, is off
-# by about 1-2% at large vocabularies.
+# computed from the same inputs: about what one rounding to the dtype allows
+# (bf16 keeps 8 bits: a norm-wise error near 2e-3), so that a result off by
+# more than a rounding (a wrong row factor, an unwritten chunk) is flagged,
+# not only errors of order 1. (On the H200 run of 2026-12-04 every provider
+# was within 3e-3 in bf16.)
 TOLERANCE: dict[torch.dtype, float] = {
-    torch.bfloat16: 5e-2,
-    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+    torch.float16: 2e-3,
     torch.float32: 1e-4,
     torch.float64: 1e-9,
 }
+# The cross-entropy's gradient is checked at this grad_output (the loss times
+# a constant: loss scaling, gradient accumulation), not at 1, where a backward
+# can skip its rescale: the rescale path is what the check must see.
+CHECK_GRAD_OUTPUT = 2.5
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -196,7 +201,7 @@ def _reference_chunk(family: str, backward: bool, inp: Inputs, rows: slice) -> d
             M = inp.x.shape[0]
             dx = torch.softmax(x, -1)
             dx.scatter_add_(1, t[:, None], torch.full_like(dx[:, :1], -1.0))
-            out["dx"] = dx / M
+            out["dx"] = dx * (CHECK_GRAD_OUTPUT / M)
     else:
         raise ValueError(f"no reference for family {family!r}")
     return out
@@ -295,7 +300,7 @@ class OpSpec:
         inp.x.grad = None
         out = self.call(fn, inp)
         if self.family in TARGET_FAMILIES:
-            out.backward()
+            (out * CHECK_GRAD_OUTPUT).backward()
         else:
             out.backward(inp.dy)
         result = {key: out.detach(), "dx": inp.x.grad}

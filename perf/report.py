@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from collections import defaultdict
 
 from perf.env import RunInfo
@@ -23,7 +24,8 @@ from perf.sizes import size_label
 from perf.sweep import BASELINE, COLUMNS, INTERRUPTED
 
 __all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "save_plot", "summary_markdown",
-           "banner", "CPU_WARNING"]
+           "banner", "CPU_WARNING", "implausible", "previous_run", "IMPLAUSIBLE_FRACTION",
+           "IMPLAUSIBLE_RATIO"]
 
 CPU_WARNING = ("NO GPU: these timings are MEANINGLESS. Our kernels ran in Triton's interpreter on "
                "CPU and torch ran on CPU, at toy sizes; this run only proves the harness works.")
@@ -38,6 +40,82 @@ def output_stem(out_dir: str, info: RunInfo, tag: str = "") -> str:
         k += 1
         candidate = f"{stem}_run{k}"
     return candidate
+
+
+# A memory-bound result below this fraction of the copy bandwidth, or a time
+# more than this factor away from the same provider's in the previous run of
+# the same kind on the same GPU, is flagged in the summary: a measurement to
+# explain before it is believed (a harness fault looks like this).
+IMPLAUSIBLE_FRACTION = 0.05
+IMPLAUSIBLE_RATIO = 3.0
+
+
+def _run_kind(name: str, slug: str) -> tuple[str, str] | None:
+    """(date, tag) of a run CSV named ``<slug>_<date>[_<tag>][_runK].csv``, or None."""
+    m = re.fullmatch(re.escape(slug) + r"_(\d{4}-\d{2}-\d{2})(.*?)(?:_run\d+)?\.csv", name)
+    if not m or (m.group(2) and not m.group(2).startswith("_")):
+        return None
+    return m.group(1), m.group(2)[1:]
+
+
+def previous_run(results_dir: str, slug: str, tag: str = "", exclude: str | None = None
+                 ) -> tuple[str, list[dict]] | None:
+    """The newest earlier run of this kind (same GPU slug and ``tag``) under
+    ``results_dir/<slug>/*/``: (its path, its rows), or None. ``exclude``: the
+    file just written."""
+    import glob
+
+    found = []
+    for path in glob.glob(os.path.join(results_dir, slug, "*", f"{slug}_*.csv")):
+        if exclude and os.path.abspath(path) == os.path.abspath(exclude):
+            continue
+        name = os.path.basename(path)
+        kind = _run_kind(name, slug)
+        if kind is not None and kind[1] == tag:
+            run = re.search(r"_run(\d+)\.csv$", name)
+            found.append((kind[0], int(run.group(1)) if run else 1, os.path.getmtime(path), path))
+    if not found:
+        return None
+    path = max(found)[-1]
+    rows = read_csv(path)
+    for r in rows:
+        for k in ("M", "N"):
+            r[k] = int(r[k]) if str(r.get(k, "")).isdigit() else r.get(k)
+        try:
+            r["ms"] = float(r["ms"])
+        except (TypeError, ValueError):
+            r["ms"] = math.nan
+    return path, rows
+
+
+def implausible(rows: list[dict], previous: tuple[str, list[dict]] | None = None
+                ) -> dict[tuple, str]:
+    """{(op, provider, dtype, M, N): why} for the results that look wrong as
+    measurements: a memory-bound row under IMPLAUSIBLE_FRACTION of the copy
+    bandwidth, or a time more than IMPLAUSIBLE_RATIO away (either way) from
+    the same case's in ``previous`` (:func:`previous_run`)."""
+    prev = {}
+    if previous is not None:
+        prev = {(r["op"], r["provider"], r["dtype"], r["M"], r["N"]): r["ms"]
+                for r in previous[1] if r.get("status") == "ok" and math.isfinite(r["ms"])}
+    out = {}
+    for r in rows:
+        if r["op"] == "copy" or r["status"] != "ok":
+            continue
+        key = (r["op"], r["provider"], r["dtype"], r["M"], r["N"])
+        why = []
+        bound = isinstance(r.get("vs_floor"), float) and math.isfinite(r["vs_floor"])
+        if not bound and r["frac_copy_bw"] < IMPLAUSIBLE_FRACTION:
+            why.append(f"{100 * r['frac_copy_bw']:.1f}% of the copy bandwidth")
+        before = prev.get(key)
+        if before and math.isfinite(r["ms"]) and before > 0:
+            ratio = r["ms"] / before
+            if ratio > IMPLAUSIBLE_RATIO or ratio < 1 / IMPLAUSIBLE_RATIO:
+                why.append(f"{ratio:.2g}x its time in {os.path.basename(previous[0])} "
+                           f"({before:.4g} ms)")
+        if why:
+            out[key] = "; ".join(why)
+    return out
 
 
 def _fmt(value) -> str:
@@ -194,7 +272,7 @@ def _gb(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def _cell(r: dict | None) -> str:
+def _cell(r: dict | None, flagged: bool = False) -> str:
     if r is None:
         return "—"
     s = r["status"]
@@ -214,6 +292,8 @@ def _cell(r: dict | None) -> str:
         text = f"{_gb(r['gbps'])} ({100 * r['frac_copy_bw']:.0f}%)"
     if r["correct"] is False:
         text = f"**WRONG** {text}"
+    if flagged:
+        text = f"**IMPLAUSIBLE** {text}"
     return text
 
 
@@ -222,8 +302,12 @@ def _short_reason(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu") -> str:
-    """The run as markdown: one table per op (GB/s and % of copy per provider)."""
+def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu",
+                     previous: tuple[str, list[dict]] | None = None) -> str:
+    """The run as markdown: one table per op (GB/s and % of copy per provider);
+    results that look implausible (:func:`implausible`, GPU runs only;
+    ``previous``: the earlier run to compare with) are marked and listed."""
+    flags = {} if info.meaningless_timings else implausible(rows, previous)
     lines: list[str] = [f"# softmax-gpu perf: {info.device_name}, {info.date}", ""]
     if info.meaningless_timings:
         lines += [f"> **{CPU_WARNING}**", ""]
@@ -261,9 +345,17 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu")
             cells = {r["provider"]: r for r in op_rows if (r["dtype"], r["M"], r["N"]) == k}
             mine = cells.get(ours)
             sp = mine["speedup_vs_torch"] if mine and mine["status"] == "ok" else math.nan
-            row = [k[0], str(k[1]), str(k[2])] + [_cell(cells.get(p)) for p in providers]
+            row = [k[0], str(k[1]), str(k[2])] + [
+                _cell(cells.get(p), (op, p, *k) in flags) for p in providers]
             row.append("—" if not math.isfinite(sp) else f"{sp:.2f}x")
             lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if flags:
+        lines += ["## Implausible results", "",
+                  "Measurements to explain before they are believed (under "
+                  f"{100 * IMPLAUSIBLE_FRACTION:.0f}% of copy, or over {IMPLAUSIBLE_RATIO:g}x "
+                  "away from the previous run):", ""]
+        lines += [f"- `{p}` {op} {dt} {M}x{N}: {why}" for (op, p, dt, M, N), why in flags.items()]
         lines.append("")
     lines += _goal_section(rows, info, ours)
     lines += _notes_section(rows)

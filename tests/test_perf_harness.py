@@ -196,7 +196,7 @@ def test_cudnn_splits_rows_and_sets_stream_before_each_call():
     descs = [a[1:] for n, a in fake.calls if n == "cudnnSetTensor4dDescriptor"]
     assert descs == [(pcudnn.TENSOR_NCHW, 0, 1, 5, 1, 1)]  # fp32 code 0, n=1 row, c=5, h=w=1
     fwd = [a for n, a in fake.calls if n == "cudnnSoftmaxForward"]
-    assert [a[1:3] for a in fwd] == [(pcudnn.ALGO_LOG, pcudnn.MODE_CHANNEL)] * 3
+    assert [a[1:3] for a in fwd] == [(pcudnn.ALGO_LOG, pcudnn.MODE)] * 3
     x_ptrs = [a[5].value for a in fwd]
     assert x_ptrs == [x.data_ptr() + r * 5 * 4 for r in range(3)]  # one row further each call
     alpha = ctypes.cast(fwd[0][3], ctypes.POINTER(ctypes.c_float)).contents.value
@@ -277,7 +277,7 @@ def test_cudnn_ctypes_marshalling_against_a_compiled_fake(tmp_path):
     assert get("fake_handle_ok") == 1 and get("fake_stream", ctypes.c_void_p) == 0xABC000
     assert (get("fake_fmt"), get("fake_dtype"), get("fake_n"), get("fake_c"), get("fake_h"), get("fake_w")) \
         == (0, 1, 6, 10, 1, 1)
-    assert (get("fake_algo"), get("fake_mode")) == (pcudnn.ALGO_ACCURATE, pcudnn.MODE_CHANNEL)
+    assert (get("fake_algo"), get("fake_mode")) == (pcudnn.ALGO_ACCURATE, pcudnn.MODE)
     assert get("fake_alpha", ctypes.c_double) == 1.0 and get("fake_beta", ctypes.c_double) == 0.0
     assert get("fake_src", ctypes.c_void_p) == x.data_ptr() and get("fake_dst", ctypes.c_void_p) == y.data_ptr()
 
@@ -313,6 +313,28 @@ def test_relative_error_catches_wrong_and_unwritten_outputs():
     assert spec.error(nan, inp) == math.inf
     zeros = dict(good, y=torch.zeros_like(good["y"]))
     assert spec.error(zeros, inp) == pytest.approx(1.0)
+    # a cross-entropy whose backward drops grad_output is wrong: the check's
+    # grad_output is not 1
+    class Unscaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, t):
+            ctx.save_for_backward(x, t)
+            return torch.nn.functional.cross_entropy(x, t)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            x, t = ctx.saved_tensors
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_()
+                (dx,) = torch.autograd.grad(torch.nn.functional.cross_entropy(xx, t), xx)
+            return dx, None
+
+    cfb = ops.OPS["ce_fwd_bwd"]
+    assert ops.CHECK_GRAD_OUTPUT != 1
+    for fn, ok in ((torch.nn.functional.cross_entropy, True), (Unscaled.apply, False)):
+        got = cfb.run_once(fn, cfb.make_inputs(8, 64, torch.float32, "cpu", seed=5))
+        err = cfb.error(got, cfb.make_inputs(8, 64, torch.float32, "cpu", seed=5))
+        assert (err < 1e-6) if ok else (err > 0.5), (fn, err)
     ce = ops.OPS["ce_fwd"]
     cin = ce.make_inputs(8, 64, torch.float32, "cpu", seed=4)
     loss = torch.nn.functional.cross_entropy(cin.x, cin.target)
@@ -534,7 +556,9 @@ def test_host_cost_table(tmp_path):
     from softmax_gpu.kernels import cross_entropy as kce
 
     real = kce.ce_class_single_kernel
-    assert host.main(["--device", "cpu", "--out", str(tmp_path), "--quick"]) == 0
+    # the launch rows too (on CUDA they are the default): the real calls,
+    # backward nodes included, after the stubbed ones
+    assert host.main(["--device", "cpu", "--out", str(tmp_path), "--quick", "--launch"]) == 0
     assert kce.ce_class_single_kernel is real
     (path,) = tmp_path.glob("*_host.csv")
     rows = read_csv(str(path))
@@ -543,7 +567,8 @@ def test_host_cost_table(tmp_path):
                  "cross_entropy_with_grad", "CrossEntropyLoss module fwd+grad",
                  "linear_cross_entropy fwd+bwd"):
         assert f"host:{call}" in calls
-    assert {r["provider"] for r in rows} == {"softmax_gpu", "torch"}
+    assert {r["provider"] for r in rows} == {"softmax_gpu", "torch", "softmax_gpu+launch"}
+    assert {r["op"] for r in rows if r["provider"] == "softmax_gpu+launch"} == calls
     assert all(float(r["ms"]) > 0 for r in rows)
     # the kernels are back: a real call still computes
     x = torch.randn(3, 5)
@@ -552,3 +577,37 @@ def test_host_cost_table(tmp_path):
     w, t = torch.randn(64, 16, requires_grad=True), torch.randint(0, 64, (8,))
     assert torch.allclose(softmax_gpu.linear_cross_entropy(h, w, t),
                           torch.nn.functional.cross_entropy(h @ w.T, t), atol=1e-5)
+
+
+def test_summary_flags_implausible_results(tmp_path):
+    """Under 5% of copy, or over 3x away from the same provider's previous
+    run of the same kind on the same GPU: marked in the table and listed."""
+    import dataclasses as dc
+
+    info = dc.replace(env.run_info("cpu"), device="cuda", interpreted=False,
+                      device_name="Fake GPU", device_slug="fake-gpu", date="2026-12-05")
+
+    def row(provider, frac, ms, op="softmax_fwd"):
+        return dict(op=op, provider=provider, dtype="bf16", M=64, N=4096, status="ok",
+                    frac_copy_bw=frac, gbps=frac * 4000, ms=ms, correct=True, note="",
+                    speedup_vs_torch=math.nan, vs_floor=math.nan, D="", shape_kind="grid")
+
+    copy = dict(row("torch", 1.0, 0.1), op="copy", note="")
+    rows = [copy, row("softmax_gpu", 0.9, 1.0), row("torch", 0.5, 2.0), row("cudnn", 0.01, 90.0)]
+    old = tmp_path / "fake-gpu" / "2026-12-04"
+    old.mkdir(parents=True)
+    report.write_csv([dict(r, device="Fake GPU", ms=ms) for r, ms in
+                      zip(rows, (0.1, 0.9, 7.0, 80.0))], str(old / "fake-gpu_2026-12-04.csv"))
+    report.write_csv([dict(r, device="Fake GPU") for r in rows],
+                     str(old / "fake-gpu_2026-12-04_linear.csv"))  # another kind: not compared
+    prev = report.previous_run(str(tmp_path), "fake-gpu", "")
+    assert prev[0].endswith("fake-gpu_2026-12-04.csv")
+    flags = report.implausible(rows, prev)
+    assert set(flags) == {("softmax_fwd", "cudnn", "bf16", 64, 4096),
+                          ("softmax_fwd", "torch", "bf16", 64, 4096)}
+    assert "1.0% of the copy bandwidth" in flags[("softmax_fwd", "cudnn", "bf16", 64, 4096)]
+    assert "0.29x its time" in flags[("softmax_fwd", "torch", "bf16", 64, 4096)]
+    md = report.summary_markdown(rows, info, previous=prev)
+    assert "## Implausible results" in md and md.count("**IMPLAUSIBLE**") == 2
+    # a CPU run's timings are meaningless: nothing is flagged
+    assert "IMPLAUSIBLE" not in report.summary_markdown(rows, env.run_info("cpu"), previous=prev)

@@ -392,7 +392,9 @@ def test_install_refuses_cpu_results_and_invalid_tables(tmp_path, capsys):
 
 
 def _dry_run(out: Path, **extra) -> subprocess.CompletedProcess:
-    envv = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **extra}
+    # no carried wheels (a developer's .whl/ must not change the plan)
+    envv = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
+            "WHEEL_DIR": str(out / "no-wheels"), **extra}
     envv.pop("OUT", None)
     return subprocess.run(["bash", str(ROOT / "perf" / "device_check.sh"), str(out)], cwd=ROOT,
                           env=envv, capture_output=True, text=True, timeout=120)
@@ -421,6 +423,7 @@ def test_device_check_output_limits_and_budget(tmp_path):
     with tarfile.open(tmp_path / "extras.tar.gz") as tar:
         packed = tar.getnames()
     assert "stray/a/b/deep.txt" in packed and any(n.endswith(".png") for n in packed)
+    assert any(n.endswith("_profile.csv") for n in packed) and "train_tiny_llama.json" in packed
     # every step ran to its full limit (simulated): still within the budget
     summary = (tmp_path / "device_check_summary.md").read_text()
     found = re.search(r"(\d+)s in all \(budget (\d+)s\)", summary)
@@ -429,8 +432,8 @@ def test_device_check_output_limits_and_budget(tmp_path):
     # 1.5-minute start still inside 15 minutes of device time
     assert total <= budget and budget + 10 <= 480 and 90 + 2 * (budget + 10) <= 900
     steps = re.findall(r"^\| (\w+) \| ok \| (\d+)s \| (\d+)s \|", summary, re.M)
-    assert [s[0] for s in steps] == ["info", "install", "gpu_checks", "tune", "linear_ce",
-                                     "tests", "host", "perf_quick"]
+    assert [s[0] for s in steps] == ["info", "install", "gpu_checks", "tune", "tests", "profile",
+                                     "linear_ce", "host", "llama", "perf_quick"]
     assert all(int(limit) >= 10 for _, _, limit in steps)
 
 

@@ -1,0 +1,206 @@
+"""Hardware counters of the hot kernels under Nsight Compute: ``python -m perf.profile``.
+
+Explains a tuning run's numbers: for each hot shape, the default plan and the
+plan the tuning run chose (``--table tuned_<gpu>.json``; the default alone
+without one) run once each under ``ncu --clock-control none`` (the clocks as
+found: never locked), and every kernel launch of those calls is recorded with
+
+- DRAM bytes read and written (``dram__bytes_read.sum``, ``dram__bytes_write.sum``),
+  beside the op's minimal bytes: their ratio says how often the logits were read;
+- the L2 hit rate (``lts__t_sector_hit_rate.pct``): whether a second read hit L2;
+- achieved occupancy (``sm__warps_active.avg.pct_of_peak_sustained_active``)
+  and registers per thread (``launch__registers_per_thread``);
+- the duration (``gpu__time_duration.sum``; under ncu's serialisation, so a
+  guide, not the timing of record: the tuning run's do_bench is).
+
+Two steps, so that ncu profiles only the cases:
+
+    python -m perf.profile --out DIR [--table tuned.json]     # runs ncu on itself
+    python -m perf.profile --cases --manifest FILE [--table]  # what ncu runs
+
+Writes ``<slug>_<date>_profile.csv`` (long format: one row per kernel launch:
+case, plan, kernel, metric columns, the minimal bytes) in ``--out``.
+Without ncu or a GPU it says so and exits 0 having written nothing: the
+profile is an explanation, never a gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+METRICS = {
+    "dram_read_bytes": "dram__bytes_read.sum",
+    "dram_write_bytes": "dram__bytes_write.sum",
+    "l2_hit_pct": "lts__t_sector_hit_rate.pct",
+    "occupancy_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "registers": "launch__registers_per_thread",
+    "duration_ns": "gpu__time_duration.sum",
+}
+# (perf.ops name, tuned-table op, M, N): the hot shapes, bf16
+CASES = [
+    ("ce_fwd_bwd", "cross_entropy", 131072, 4096),
+    ("ce_fwd_bwd", "cross_entropy", 16384, 32000),
+    ("ce_fwd_bwd", "cross_entropy", 16384, 128256),
+    ("softmax_fwd", "softmax", 16384, 32768),
+    ("softmax_fwd", "softmax", 2048, 262144),
+]
+COLUMNS = ["case", "op", "M", "N", "plan", "fields", "launch", "kernel", *METRICS,
+           "min_bytes", "dram_over_min", "device", "torch", "triton", "timestamp"]
+
+
+def _tuned_fields(table: str | None, table_op: str, n: int) -> dict | None:
+    """The fields the table chose for ``table_op`` at row length ``n`` (bf16), or None."""
+    if not table or not os.path.exists(table):
+        return None
+    with open(table) as f:
+        data = json.load(f)
+    entries = data.get("ops", {}).get(table_op, {}).get("2", [])
+    best = None
+    for e in entries:
+        if e.get("n", 0) <= n:
+            best = e
+    return dict(best["limits"]) if best and best.get("limits") else None
+
+
+def run_cases(manifest: str, table: str | None) -> None:
+    """Each case once with the default plan and once with the tuned one; the
+    kernels each call launched, in launch order, to ``manifest`` (CSV)."""
+    import torch
+
+    import softmax_gpu
+    from softmax_gpu import heuristics
+    from perf.ops import DTYPES, OPS
+    from perf.providers import make_providers
+
+    ours = make_providers(["softmax_gpu"])[0]
+    rows = []
+    for name, table_op, M, N in CASES:
+        op = OPS[name]
+        variants = [("default", {})]
+        tuned = _tuned_fields(table, table_op, N)
+        if tuned:
+            variants.append(("tuned", tuned))
+        for plan, fields in variants:
+            inp = op.make_inputs(M, N, DTYPES["bf16"], "cuda", seed=0)
+            with heuristics.override(**fields), softmax_gpu.record_launches() as names:
+                call, _ = op.closure(ours.function(op.family), inp)
+                call()
+                torch.cuda.synchronize()
+            for k in names:
+                rows.append(dict(case=f"{name} {M}x{N}", op=name, M=M, N=N, plan=plan,
+                                 fields=json.dumps(fields, sort_keys=True), kernel=k,
+                                 min_bytes=op.min_bytes(M, N, 2)))
+            del inp
+            torch.cuda.empty_cache()
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _ncu() -> str | None:
+    found = shutil.which("ncu")
+    if found:
+        return found
+    import glob
+
+    hits = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu") +
+                  glob.glob("/usr/local/cuda*/bin/ncu"))
+    return hits[-1] if hits else None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(str(text).replace(",", ""))
+    except ValueError:
+        return float("nan")
+
+
+def merge(manifest: str, ncu_csv: str, info) -> list[dict]:
+    """One row per profiled launch: the manifest's case and plan beside ncu's
+    metrics (ncu's raw CSV: one line per (launch, metric))."""
+    with open(manifest, newline="") as f:
+        cases = list(csv.DictReader(f))
+    with open(ncu_csv, newline="") as f:
+        lines = [ln for ln in f if ln.startswith('"')]  # ncu prints banners before the CSV
+    launches: dict[int, dict] = {}
+    for r in csv.DictReader(lines):
+        i = int(r["ID"])
+        entry = launches.setdefault(i, {"kernel": r.get("Kernel Name", "")})
+        for col, metric in METRICS.items():
+            if r.get("Metric Name") == metric:
+                entry[col] = _number(r.get("Metric Value", ""))
+    out = []
+    for i, case in enumerate(cases):
+        got = launches.get(i, {})
+        row = dict(case, launch=i, device=info.device_name, torch=info.torch,
+                   triton=info.triton, timestamp=info.timestamp)
+        for col in METRICS:
+            row[col] = got.get(col, float("nan"))
+        if got.get("kernel") and not got["kernel"].startswith(case["kernel"][:20]):
+            row["kernel"] = f"{case['kernel']} (ncu: {got['kernel']})"  # order mismatch: say so
+        moved = row["dram_read_bytes"] + row["dram_write_bytes"]
+        row["dram_over_min"] = moved / float(case["min_bytes"]) if float(case["min_bytes"]) else ""
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=".", help="folder of the profile CSV")
+    p.add_argument("--table", default=None, help="tuned table of the run (tuned_<gpu>.json)")
+    p.add_argument("--cases", action="store_true", help="(internal) run the cases once each")
+    p.add_argument("--manifest", default=None, help="(internal) where --cases writes the launches")
+    args = p.parse_args(argv)
+    if args.cases:
+        run_cases(args.manifest, args.table)
+        return 0
+    import torch
+
+    from perf import env
+    from perf.report import output_stem, write_csv
+
+    ncu = _ncu()
+    if not torch.cuda.is_available() or ncu is None:
+        print("perf.profile: no GPU or no ncu here: nothing profiled")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    info = env.run_info("cuda")
+    manifest = os.path.join(args.out, "profile_manifest.csv")
+    raw = os.path.join(args.out, "profile_ncu_raw.csv")
+    cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--csv",
+           "--kernel-name", "regex:^(ce_|softmax_|vp_)",
+           "--metrics", ",".join(METRICS.values()), "--log-file", raw,
+           sys.executable, "-m", "perf.profile", "--cases", "--manifest", manifest]
+    if args.table:
+        cmd += ["--table", args.table]
+    print(" ".join(cmd), flush=True)
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0 or not os.path.exists(manifest) or not os.path.exists(raw):
+        print(f"perf.profile: ncu exited with {proc.returncode}", file=sys.stderr)
+        return proc.returncode or 1
+    rows = merge(manifest, raw, info)
+    path = os.path.join(args.out, output_stem(args.out, info, "profile") + ".csv")
+    write_csv([dict(r, device=info.device_name) for r in rows], path, COLUMNS)
+    for name in (manifest, raw):
+        os.remove(name)
+    print("| case | plan | kernel | DRAM bytes / minimal | L2 hit % | occupancy % | registers "
+          "| µs (under ncu) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["dram_over_min"]
+        print(f"| {r['case']} | {r['plan']} | {r['kernel']} | "
+              f"{'' if ratio == '' else format(ratio, '.2f')} | {r['l2_hit_pct']:.1f} | "
+              f"{r['occupancy_pct']:.1f} | {r['registers']:.0f} | {r['duration_ns'] / 1e3:.1f} |")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
