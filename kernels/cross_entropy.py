@@ -251,7 +251,8 @@ def class_tile(X, G, W, xo, go, wo, mask, is_t, s, a, b, cw, l1p, cap,
 def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, l1p, cap,
                HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
                WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-               VEC: tl.constexpr, P: tl.constexpr, SUM: tl.constexpr = True):
+               VEC: tl.constexpr, P: tl.constexpr, SUM: tl.constexpr = True,
+               STAGES: tl.constexpr = 1):
     """The gradient pass over columns [start, end) of a kept row (see
     ``class_tile``): whole tiles unmasked, the last partial tile masked,
     VEC > 1 the head and tail of an unaligned row; returns the sum of
@@ -260,7 +261,7 @@ def class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, a, b, cw, l1p, cap
     cols = tl.arange(0, BLOCK_N)
     a0, body_end, vec_end = vec_segment(xb, start, end, VEC, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), ACC)
-    for off in range(a0, body_end, BLOCK_N):
+    for off in tl.range(a0, body_end, BLOCK_N, num_stages=STAGES):
         terms = class_tile(X, G, W, tile_offsets(xb, off, cols, sx_n, VEC),
                            tile_offsets(gb, off, cols, sg_n, VEC), off + cols, cols < BLOCK_N,
                            cols == tl.cast(t - off, tl.int32), s, a, b, cw, l1p, cap,
@@ -423,6 +424,7 @@ def ce_class_looped_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     eps, z_loss, cap, inv_dl, inv_dz, inv_l, zl2, sw = class_launch_scalars(
         DEN, use_den, C, eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, gs_hi, gs_lo,
@@ -435,7 +437,7 @@ def ce_class_looped_kernel(
         r = tl.full((), -1.0, ACC)
         if read:
             m, r = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
-                                SOFTCAP)
+                                SOFTCAP, STAGES)
         # the target's other terms after the stats pass: fewer values live across it
         t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
         l1p = log1p_acc(r)
@@ -449,7 +451,8 @@ def ce_class_looped_kernel(
             if WRITE_GRAD or SMOOTH:
                 smooth_sum = class_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, finite_max(m),
                                         a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
-                                        SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
+                                        SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0,
+                                        STAGES=STAGES)
         elif WRITE_GRAD:
             zero_fill(G, gb, sg_n, 0, C, BLOCK_N, VEC, 2 if EVICT else 0)
         loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
@@ -499,6 +502,7 @@ def ce_class_coop_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     eps, z_loss, cap, inv_dl, inv_dz, inv_l, zl2, sw = class_launch_scalars(
         DEN, use_den, C, eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, gs_hi, gs_lo,
@@ -525,7 +529,8 @@ def ce_class_coop_kernel(
                 if WRITE_GRAD or SMOOTH:
                     part = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, finite_max(m),
                                       a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
-                                      SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0)
+                                      SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0,
+                                      STAGES=STAGES)
             elif WRITE_GRAD:
                 zero_fill(G, gb, sg_n, start, end, BLOCK_N, VEC, 2 if EVICT else 0)
             tl.store(PX + item, part)
@@ -546,7 +551,7 @@ def ce_class_coop_kernel(
             r = tl.full((), -1.0, ACC)
             if read:
                 m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC,
-                                    1 if EVICT else 0, cap, SOFTCAP)
+                                    1 if EVICT else 0, cap, SOFTCAP, STAGES)
             tl.store(WS + item, m)
             tl.store(PD + item, r)
             if kept & inside & (t >= start) & (t < end):
@@ -583,6 +588,7 @@ def ce_class_backward_kernel(
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     """grad_output[r] * d loss_r / d x for every row, from the logits and the
     forward's lse: one read of the logits and one write, the gradient rounded
@@ -600,7 +606,7 @@ def ce_class_backward_kernel(
             go = tl.load(GO + row * s_go).to(ACC)
             a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l * go, zl2 * go, SMOOTH)
             class_pass(X, OUT, W, xb, ob, sx_n, so_n, 0, C, t, lse, a, b, cw, 0.0, cap,
-                       HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC, BLOCK_N, VEC, 0, False)
+                       HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC, BLOCK_N, VEC, 0, False, STAGES)
         else:
             zero_fill(OUT, ob, so_n, 0, C, BLOCK_N, VEC, 0)
 
@@ -740,6 +746,7 @@ def ce_prob_looped_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first reads, stream on the last
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     eps = scalar_arg(eps_hi, eps_lo, ACC)
     z_loss = scalar_arg(zl_hi, zl_lo, ACC)
@@ -757,7 +764,7 @@ def ce_prob_looped_kernel(
         if WRITE_GRAD:
             # sum_c y_c: the gradient's coefficient of sigma, needed before any tile is written
             sy = tl.zeros((BLOCK_N,), ACC)
-            for off in range(a0, body_end, BLOCK_N):
+            for off in tl.range(a0, body_end, BLOCK_N, num_stages=STAGES):
                 sy += prob_sum_tile(Y, W, tile_offsets(yb, off, cols, sy_n, VEC), off + cols,
                                     cols < BLOCK_N, eps, C, HAS_WEIGHT, ACC, 1 if EVICT else 0)
             if body_end < vec_end:
@@ -770,7 +777,7 @@ def ce_prob_looped_kernel(
                 a += tl.sum(prob_sum_tile(Y, W, yb + e_cols, e_cols, e_mask, eps, C, HAS_WEIGHT,
                                           ACC, 1 if EVICT else 0), 0)
         m, r = online_stats(X, xb, sx_n, 0, C, ACC, BLOCK_N, VEC, 1 if EVICT else 0, cap,
-                            SOFTCAP)
+                            SOFTCAP, STAGES)
         s = finite_max(m)
         lse = m + log1p_acc(r)
         l1p = log1p_acc(r) + (s - m)  # NaN for an all -inf row, as torch
@@ -778,7 +785,7 @@ def ce_prob_looped_kernel(
         a = (a + 2.0 * z_loss * lse) * ig * recip_rn(1.0 + r)
         acc = tl.zeros((BLOCK_N,), ACC)
         P2: tl.constexpr = 2 if EVICT else 0
-        for off in range(a0, body_end, BLOCK_N):
+        for off in tl.range(a0, body_end, BLOCK_N, num_stages=STAGES):
             acc += prob_tile(X, Y, W, G, tile_offsets(xb, off, cols, sx_n, VEC),
                              tile_offsets(yb, off, cols, sy_n, VEC),
                              tile_offsets(gb, off, cols, sg_n, VEC), off + cols, cols < BLOCK_N,
@@ -985,7 +992,7 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
         names = ("ce_class_single_kernel",)
     else:
         meta.update(VEC=row_vec(dtype, x_strides, g_strides) if write_grad else
-                    row_vec(dtype, x_strides), EVICT=cfg.evict)
+                    row_vec(dtype, x_strides), EVICT=cfg.evict, STAGES=cfg.stages)
     if cfg.path == "coop":
         kernel = ce_class_coop_kernel[(coop_grid(cfg, M),)]
         args = head + (cfg.splits, cfg.chunk, cfg.lag) + scal
@@ -1016,7 +1023,8 @@ def class_backward_launcher(M, C, inner, x_strides, o_strides, ignore_index, use
     tail = (ignore_index, int(use_den), *_scalars(eps, z_loss, cap, grad_scale))
     meta = dict(HAS_WEIGHT=has_weight, SMOOTH=eps > 0, SOFTCAP=cap > 0, ACC=acc_dtype(dtype),
                 BLOCK_N=cfg.block_n, VEC=row_vec(dtype, x_strides, o_strides),
-                num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
+                STAGES=cfg.stages, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+                **regs_meta(cfg))
     kernel = ce_class_backward_kernel[(min(M, cfg.programs or M),)]
     names = ("ce_class_backward_kernel",)
 
@@ -1043,7 +1051,7 @@ def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z
     else:
         kernel = ce_prob_looped_kernel[(min(M, cfg.programs or M),)]
         meta.update(VEC=row_vec(dtype, x_strides, y_strides, g_strides) if write_grad else
-                    row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
+                    row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict, STAGES=cfg.stages)
         names = ("ce_prob_looped_kernel",)
     args = (M, C, inner, *tail)
 

@@ -147,18 +147,26 @@ def log1p_acc(r):
 def online_combine(m_a, r_a, m_b, r_b):
     """Associative merge of two online-softmax states (max m, r = sum of
     e^(x - m) over the row minus 1; r = -1 for an empty state): the side
-    with the smaller max is rescaled, and a tie counts the other max's 1."""
+    with the larger max keeps its r and gains the other side's whole sum
+    rescaled, (1 + r) e^(m_other - m) (a tie: the other max's 1 too). Never
+    1 + (small): r keeps its own precision."""
     m = tl.maximum(m_a, m_b)
     s = finite_max(m)
     a = tl.where(m_a == float("-inf"), 0.0, exp_rel(m_a, s))
     b = tl.where(m_b == float("-inf"), 0.0, exp_rel(m_b, s))
-    return m, r_a * a + r_b * b + ((a + b) - 1.0)
+    return m, tl.where(m_a >= m_b, r_a + (1.0 + r_b) * b, r_b + (1.0 + r_a) * a)
 
 
 @triton.jit
 def row_base(rows, INNER, s_outer, s_inner):
     """Element offset (int64) of column 0 of each of ``rows`` (int64)."""
     return (rows // INNER) * s_outer + (rows % INNER) * s_inner
+
+
+@triton.jit
+def add_pair(a0, a1, b0, b1):
+    """Combine of a two-value sum reduction."""
+    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -173,8 +181,9 @@ def tile_state(x, AXIS: tl.constexpr):
     mx = tl.expand_dims(m, AXIS)
     e = exp_rel(x, finite_max(mx))
     top = (x == mx) & (tl.abs(x) < float("inf"))
-    rest = tl.sum(tl.where(top, 0.0, e), AXIS)
-    return m, rest + (tl.sum(top.to(e.dtype), AXIS) - 1.0), e
+    # the terms below the max and the count of maxima in one reduction
+    rest, count = tl.reduce((tl.where(top, 0.0, e), top.to(e.dtype)), AXIS, add_pair)
+    return m, rest + (count - 1.0), e
 
 
 @triton.jit
@@ -341,7 +350,7 @@ def edge_columns(start, a, vec_end, end, VEC: tl.constexpr):
 @triton.jit
 def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                  VEC: tl.constexpr = 1, P: tl.constexpr = 0, cap=1.0,
-                 SOFTCAP: tl.constexpr = False):
+                 SOFTCAP: tl.constexpr = False, STAGES: tl.constexpr = 1):
     """The state (max m, r = sum e^(x - m) - 1) of X[base + c*s_n] for c in
     [start, end) (``online_update``; m = -inf, r = -1 when empty).
 
@@ -349,7 +358,8 @@ def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.conste
     subtract, one multiply, one exp2 and one add into per-lane sums. Whole
     tiles are read unmasked; VEC > 1 (unit-stride rows): the head and tail of
     ``vec_segment`` first, then an aligned body. P: eviction policy of the
-    loads; SOFTCAP: the state of cap * tanh(x / cap)."""
+    loads; SOFTCAP: the state of cap * tanh(x / cap); STAGES: tiles in flight
+    (``tile_loop``)."""
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(base, start, end, VEC, BLOCK_N)
     m = tl.full((), float("-inf"), ACC)
@@ -361,7 +371,7 @@ def online_stats(X, base, s_n, start, end, ACC: tl.constexpr, BLOCK_N: tl.conste
         xe = load_logits(X, base + e_cols, e_mask, cap, SOFTCAP, ACC, P)
         m, te, c, q = online_update(m, tl.zeros((2 * VEC,), ACC), c, q, xe)
         q += tl.sum(te, 0)
-    for off in range(a, body_end, BLOCK_N):
+    for off in tl.range(a, body_end, BLOCK_N, num_stages=STAGES):
         x = load_logits(X, tile_offsets(base, off, cols, s_n, VEC), cols < BLOCK_N, cap,
                         SOFTCAP, ACC, P)
         m, t, c, q = online_update(m, t, c, q, x)
@@ -388,7 +398,7 @@ def normalize_tile(X, Y, xo, yo, mask, s, inv, l1p, LOG: tl.constexpr, ACC: tl.c
 @triton.jit
 def normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r,
                     LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                    VEC: tl.constexpr = 1, P: tl.constexpr = 0):
+                    VEC: tl.constexpr = 1, P: tl.constexpr = 0, STAGES: tl.constexpr = 1):
     """Y[c] = softmax (or log-softmax) of X[c] for c in [start, end), given the
     row's state (m, r). VEC > 1: X and Y rows congruent modulo VEC (same head)."""
     s = finite_max(m)
@@ -396,7 +406,7 @@ def normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r,
     l1p = log1p_acc(r) + (s - m)  # an all -inf row (m = -inf): NaN, as torch
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(xb, start, end, VEC, BLOCK_N)
-    for off in range(a, body_end, BLOCK_N):
+    for off in tl.range(a, body_end, BLOCK_N, num_stages=STAGES):
         normalize_tile(X, Y, tile_offsets(xb, off, cols, sx_n, VEC),
                        tile_offsets(yb, off, cols, sy_n, VEC), cols < BLOCK_N, s, inv, l1p,
                        LOG, ACC, P)
@@ -568,14 +578,16 @@ def softmax_fwd_looped_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     for r in range(tl.program_id(0), M, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
         xb = row_base(row, INNER, sx_o, sx_i)
         yb = row_base(row, INNER, sy_o, sy_i)
-        m, r = online_stats(X, xb, sx_n, 0, N, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+        m, r = online_stats(X, xb, sx_n, 0, N, ACC, BLOCK_N, VEC, 1 if EVICT else 0,
+                            STAGES=STAGES)
         normalize_store(X, Y, xb, yb, sx_n, sy_n, 0, N, m, r, LOG, ACC, BLOCK_N, VEC,
-                        2 if EVICT else 0)
+                        2 if EVICT else 0, STAGES)
 
 
 @triton.jit
@@ -592,6 +604,7 @@ def softmax_fwd_split_stats_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride rows (else 1)
     EVICT: tl.constexpr,  # evict_last on this (first) read
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -599,7 +612,8 @@ def softmax_fwd_split_stats_kernel(
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, N)
     xb = row_base(row, INNER, sx_o, sx_i)
-    m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+    m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0,
+                        STAGES=STAGES)
     tl.store(PM + pid, m)
     tl.store(PD + pid, r)
 
@@ -621,6 +635,7 @@ def softmax_fwd_split_norm_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # evict_first on this (second) read and the stores
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -631,7 +646,7 @@ def softmax_fwd_split_norm_kernel(
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
     normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC, BLOCK_N, VEC,
-                    2 if EVICT else 0)
+                    2 if EVICT else 0, STAGES)
 
 
 @triton.jit(do_not_specialize=["SPLITS", "LAG"])
@@ -653,6 +668,7 @@ def softmax_fwd_coop_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     n = M * SPLITS
     PD = WS + n
@@ -665,9 +681,10 @@ def softmax_fwd_coop_kernel(
             m, r = merge_partials(WS, PD, row, SPLITS, True)
             yb = row_base(row, INNER, sy_o, sy_i)
             normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC, BLOCK_N,
-                            VEC, 2 if EVICT else 0)
+                            VEC, 2 if EVICT else 0, STAGES)
         else:
-            m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0)
+            m, r = online_stats(X, xb, sx_n, start, end, ACC, BLOCK_N, VEC, 1 if EVICT else 0,
+                                STAGES=STAGES)
             tl.store(WS + item, m)
             tl.store(PD + item, r)
             coop_arrive(SYNC, row)
@@ -707,13 +724,13 @@ def bwd_sum_tile(Y, DY, yo, go, mask, LOG: tl.constexpr, ACC: tl.constexpr, P: t
 @triton.jit
 def bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, start, end, LOG: tl.constexpr,
                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1,
-                P: tl.constexpr = 0):
+                P: tl.constexpr = 0, STAGES: tl.constexpr = 1):
     """sum over [start, end) of dy * y (log-softmax: dy); VEC > 1: Y and DY
     rows congruent modulo VEC."""
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(yb, start, end, VEC, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), ACC)
-    for off in range(a, body_end, BLOCK_N):
+    for off in tl.range(a, body_end, BLOCK_N, num_stages=STAGES):
         acc += bwd_sum_tile(Y, DY, tile_offsets(yb, off, cols, sy_n, VEC),
                             tile_offsets(gb, off, cols, sg_n, VEC), cols < BLOCK_N, LOG, ACC, P)
     if body_end < vec_end:
@@ -738,12 +755,12 @@ def bwd_apply_tile(Y, DY, DX, yo, go, xo, mask, s, LOG: tl.constexpr, ACC: tl.co
 @triton.jit
 def bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG: tl.constexpr,
               ACC: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1,
-              P: tl.constexpr = 0):
+              P: tl.constexpr = 0, STAGES: tl.constexpr = 1):
     """DX = the backward over [start, end) given the row sum s; VEC > 1: the
     three rows congruent modulo VEC."""
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(yb, start, end, VEC, BLOCK_N)
-    for off in range(a, body_end, BLOCK_N):
+    for off in tl.range(a, body_end, BLOCK_N, num_stages=STAGES):
         bwd_apply_tile(Y, DY, DX, tile_offsets(yb, off, cols, sy_n, VEC),
                        tile_offsets(gb, off, cols, sg_n, VEC),
                        tile_offsets(xb, off, cols, sx_n, VEC), cols < BLOCK_N, s, LOG, ACC, P)
@@ -803,6 +820,7 @@ def softmax_bwd_looped_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     for r in range(tl.program_id(0), M, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
@@ -810,9 +828,9 @@ def softmax_bwd_looped_kernel(
         gb = row_base(row, INNER, sg_o, sg_i)
         xb = row_base(row, INNER, sx_o, sx_i)
         s = bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, 0, N, LOG, ACC, BLOCK_N, VEC,
-                        1 if EVICT else 0)
+                        1 if EVICT else 0, STAGES)
         bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, 0, N, s, LOG, ACC, BLOCK_N, VEC,
-                  2 if EVICT else 0)
+                  2 if EVICT else 0, STAGES)
 
 
 @triton.jit
@@ -831,6 +849,7 @@ def softmax_bwd_split_sum_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # evict_last on this (first) read
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -839,7 +858,7 @@ def softmax_bwd_split_sum_kernel(
     yb = row_base(row, INNER, sy_o, sy_i)
     gb = row_base(row, INNER, sg_o, sg_i)
     tl.store(PS + pid, bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, start, end, LOG, ACC, BLOCK_N,
-                                   VEC, 1 if EVICT else 0))
+                                   VEC, 1 if EVICT else 0, STAGES))
 
 
 @triton.jit
@@ -860,6 +879,7 @@ def softmax_bwd_split_apply_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # evict_first on this (second) read and the stores
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // SPLITS
@@ -870,7 +890,7 @@ def softmax_bwd_split_apply_kernel(
     gb = row_base(row, INNER, sg_o, sg_i)
     xb = row_base(row, INNER, sx_o, sx_i)
     bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG, ACC, BLOCK_N, VEC,
-              2 if EVICT else 0)
+              2 if EVICT else 0, STAGES)
 
 
 @triton.jit(do_not_specialize=["SPLITS", "LAG"])
@@ -894,6 +914,7 @@ def softmax_bwd_coop_kernel(
     BLOCK_N: tl.constexpr,  # tile width
     VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
     EVICT: tl.constexpr,  # eviction hints: keep on the first read, stream on the second
+    STAGES: tl.constexpr,  # tiles in flight per program (software pipelining; 1: none)
 ):
     n = M * SPLITS
     ticket = tl.atomic_add(SYNC, 1)
@@ -906,10 +927,10 @@ def softmax_bwd_coop_kernel(
             s = sum_partials(PS, row, SPLITS, True)
             xb = row_base(row, INNER, sx_o, sx_i)
             bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG, ACC, BLOCK_N,
-                      VEC, 2 if EVICT else 0)
+                      VEC, 2 if EVICT else 0, STAGES)
         else:
             tl.store(PS + item, bwd_row_sum(Y, DY, yb, gb, sy_n, sg_n, start, end, LOG, ACC,
-                                            BLOCK_N, VEC, 1 if EVICT else 0))
+                                            BLOCK_N, VEC, 1 if EVICT else 0, STAGES))
             coop_arrive(SYNC, row)
         ticket = tl.atomic_add(SYNC, 1)
 
@@ -981,7 +1002,7 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
             kernel(x, y, *args, **meta)
             return names
         return launch
-    meta.update(VEC=row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict)
+    meta.update(VEC=row_vec(dtype, x_strides, y_strides), EVICT=cfg.evict, STAGES=cfg.stages)
     if cfg.path == "looped":
         kernel = softmax_fwd_looped_kernel[(min(M, cfg.programs or M),)]
         args = (M, N, inner, *x_strides, *y_strides)
@@ -1007,8 +1028,8 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     ws = dict(size=(M, cfg.splits), dtype=_workspace_dtype(dtype))
     stats_args = (N, inner, *x_strides, cfg.splits, cfg.chunk)
     stats_meta = dict(ACC=meta["ACC"], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                      VEC=meta["VEC"], EVICT=cfg.evict, enable_fp_fusion=FP_FUSION,
-                      **regs_meta(cfg))
+                      VEC=meta["VEC"], EVICT=cfg.evict, STAGES=cfg.stages,
+                      enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     norm_args = (N, inner, *x_strides, *y_strides, cfg.splits, cfg.chunk)
     names = ("softmax_fwd_split_stats_kernel", "softmax_fwd_split_norm_kernel")
 
@@ -1037,7 +1058,8 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
             kernel(y, dy, dx, *args, **meta)
             return names
         return launch
-    meta.update(VEC=row_vec(dtype, y_strides, g_strides, x_strides), EVICT=cfg.evict)
+    meta.update(VEC=row_vec(dtype, y_strides, g_strides, x_strides), EVICT=cfg.evict,
+                STAGES=cfg.stages)
     if cfg.path == "looped":
         kernel = softmax_bwd_looped_kernel[(min(M, cfg.programs or M),)]
         args = (M, N, inner, *strides)

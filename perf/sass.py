@@ -83,6 +83,13 @@ HOT = (
     Hot("CE class + grad, looped, bf16, C=50257 (unaligned)", "ce_class_looped_kernel", "bf16",
         _CE + _EVICT, ("cross_entropy", 16384, 50257, 2, False), aligned=False,
         limits=_PERSISTENT),
+    Hot("CE class + grad, looped, 3 stages, bf16, C>=32000", "ce_class_looped_kernel", "bf16",
+        _CE + _EVICT, ("cross_entropy", 16384, 128256, 2, False),
+        limits=_PERSISTENT + (("long_stages", 3),)),
+    Hot("CE class + grad, single, 16 per thread, bf16, C=4096", "ce_class_single_kernel", "bf16",
+        _CE, ("cross_entropy", 131072, 4096, 2, False), limits=(("ce_single_ept", 16),)),
+    Hot("CE class + grad, single, bf16, C=4096", "ce_class_single_kernel", "bf16", _CE,
+        ("cross_entropy", 131072, 4096, 2, False)),
 )
 
 
@@ -110,6 +117,8 @@ def hot_variants() -> list:
             want = dict(h.flags, BLOCK_N=cfg.block_n)
             if cfg.path == heuristics.SINGLE:
                 want["ROWS"] = cfg.rows_per_program
+            else:
+                want["STAGES"] = cfg.stages
             match = [v for v in everything
                      if v.kernel == h.kernel and v.dtype == h.dtype and v.num_warps == cfg.num_warps
                      and want.items() <= dict(v.constexprs).items()]

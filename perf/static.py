@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import itertools
 import datetime
 import os
 import re
@@ -132,8 +133,8 @@ def softmax_variants() -> list[Variant]:
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         # long rows: unit-stride rows (VEC elements per 16 bytes), with and
-        # without the eviction hints (a tuning candidate)
-        walk = [dict(VEC=16 // elem, EVICT=ev) for ev in (True, False)]
+        # without the eviction hints, and pipelined (tuning candidates)
+        walk = _long_walks(elem)
         if kind == "bwd":
             logs = (False, True)
             names = {"single": [("softmax_bwd_single_kernel", ("Y", "DY", "DX"))],
@@ -164,6 +165,22 @@ def softmax_variants() -> list[Variant]:
                     out.append(Variant("softmax", name, dt, types, tuple(sorted(cx.items())),
                                        warps, path, regs))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label()))
+
+
+def _stage_choices(elem: int) -> tuple:
+    """Pipelining depths of the long-row kernels for an element size: every
+    choice for 2-byte rows (the tuned tables' dtype), none beyond 1 else."""
+    from softmax_gpu.heuristics import STAGE_CHOICES
+
+    return STAGE_CHOICES if elem == 2 else (1,)
+
+
+def _long_walks(elem: int) -> list[dict]:
+    """The long-row constexprs compiled per configuration: unit-stride rows
+    (VEC elements per 16 bytes) with the eviction hints at every pipelining
+    depth, and without the hints unpipelined."""
+    return ([dict(VEC=16 // elem, EVICT=True, STAGES=s) for s in _stage_choices(elem)] +
+            [dict(VEC=16 // elem, EVICT=False, STAGES=1)])
 
 
 def _constexpr_names(kernel: str, module: str = "softmax") -> set:
@@ -239,8 +256,7 @@ def cross_entropy_variants() -> list[Variant]:
             config_functions().all_cross_entropy_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
-        walks = [dict(ROWS=rows)] if path == "single" else \
-            [dict(VEC=16 // elem, EVICT=ev) for ev in (True, False)]
+        walks = [dict(ROWS=rows)] if path == "single" else _long_walks(elem)
         if fam == "scale":
             for in_place in (True, False):
                 out.append(Variant(
@@ -256,13 +272,15 @@ def cross_entropy_variants() -> list[Variant]:
                                       SOFTCAP=softcap).items())), warps, path, regs))
             continue
         if fam == "backward":
-            for on in ((False, True) if extras else (False,)):
+            for on, stages in itertools.product((False, True) if extras else (False,),
+                                                _stage_choices(elem)):
                 out.append(Variant(
                     "cross_entropy", "ce_class_backward_kernel", dt,
                     (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc), ("LSE", acc),
                      ("GO", acc), ("OUT", dt)),
                     tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, VEC=16 // elem, HAS_WEIGHT=on,
-                                      SMOOTH=on, SOFTCAP=on).items())), warps, path, regs))
+                                      SMOOTH=on, SOFTCAP=on, STAGES=stages).items())),
+                    warps, path, regs))
             continue
         if fam == "class":
             ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc),

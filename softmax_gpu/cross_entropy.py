@@ -28,6 +28,7 @@ backward over a retained graph writes a new tensor from it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Optional
 
@@ -77,6 +78,7 @@ class CrossEntropyConfig:
     lag: int = 0  # COOP: first passes dealt ahead of the second passes
     evict: bool = False  # eviction hints on the two reads (LOOPED, COOP)
     regs: int = 0  # register budget (maxnreg) of the long-row kernels; 0: ptxas's choice
+    stages: int = 1  # long rows: tiles in flight per program (software pipelining)
 
 
 def ce_max_single(elem_bytes: int, extras: bool = False, lim=None) -> int:
@@ -104,14 +106,15 @@ def _rows_per_program(M: int, block: int, device: torch.device, target: int) -> 
 
 def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device, lim,
                extras: bool = False) -> CrossEntropyConfig:
-    """Whole rows per program: at most 8 elements (4 for fp64) of a short row
-    per thread, so that the per-row values a thread holds stay few, half that
-    with extras (the softcap's and the weights' temporaries; rows not a
-    multiple of 16 bytes, addressed element by element, spilled at 8 under
-    16 warps); several rows share at most 8 warps (each thread then holds
-    fewer rows' values; 16 warps of 32 rows of unaligned bf16 spilled), a
-    row longer than that takes up to 16 warps alone."""
-    ept = min(block, (8 if elem_bytes <= 4 else 4) // (2 if extras else 1))
+    """Whole rows per program: ``lim.ce_single_ept`` elements (default 8;
+    half for fp64) of a short row per thread, so that the per-row values a
+    thread holds stay few, half that with extras (the softcap's and the
+    weights' temporaries; rows not a multiple of 16 bytes, addressed element
+    by element, spilled at 8 under 16 warps); several rows share at most 8
+    warps (each thread then holds fewer rows' values; 16 warps of 32 rows of
+    unaligned bf16 spilled), a row longer than that takes up to 16 warps
+    alone."""
+    ept = min(block, lim.ce_single_ept // (2 if elem_bytes > 4 else 1) // (2 if extras else 1))
     target = min(lim.target_program_elems, max(block, 256 * ept))
     rows = _rows_per_program(M, block, device, target)
     warps = max(1, min(16, block * rows // (32 * ept)))
@@ -151,10 +154,10 @@ def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
     tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
     regs = heuristics.long_row_regs(elem_bytes, _ce_weight(elem_bytes, extras, reread))
     if not reread:
-        return CrossEntropyConfig(LOOPED, tile, 1, warps, regs=regs)
+        return CrossEntropyConfig(LOOPED, tile, 1, warps, regs=regs, stages=lim.long_stages)
     plan = heuristics.long_rows(M, C, tile, C * elem_bytes, device, lim, coop, warps, regs)
     return CrossEntropyConfig(plan.path, tile, 1, warps, plan.programs, plan.splits, plan.chunk,
-                              plan.lag, plan.evict, plan.regs)
+                              plan.lag, plan.evict, plan.regs, lim.long_stages)
 
 
 def _ce_weight(elem_bytes: int, extras: bool, reread: bool) -> int:
@@ -190,7 +193,8 @@ def cross_entropy_backward_config(M: int, C: int, elem_bytes: int, device: torch
     regs = heuristics.long_row_regs(elem_bytes, int(extras))
     fit = max(1, heuristics.REGISTERS_PER_SM // (regs * 32 * warps))
     programs = max(1, min(lim.programs_per_sm, fit) * heuristics.sm_count(device))
-    return CrossEntropyConfig(LOOPED, tile, 1, warps, min(M, programs), regs=regs)
+    return CrossEntropyConfig(LOOPED, tile, 1, warps, min(M, programs), regs=regs,
+                              stages=lim.long_stages)
 
 
 def all_cross_entropy_configs() -> list[tuple]:
@@ -205,9 +209,15 @@ def all_cross_entropy_configs() -> list[tuple]:
     (tuning candidates)."""
     seen = set()
     dev = torch.device("cpu")
-    for long_path in ("auto", "persistent", "coop"):
-        with heuristics.override(sm_count=132, long_path=long_path):
-            for elem in (2, 4, 8):
+    default = heuristics.Limits()
+    # the tuning candidates of the on-chip path (tuned tables are 2-byte)
+    on_chip = itertools.product(heuristics.CE_EPT_CHOICES, (4096, 8192, 16384))
+    for long_path, (ept, per_program) in itertools.product(("auto", "persistent", "coop"),
+                                                           on_chip):
+        plain = ept == default.ce_single_ept and per_program == default.target_program_elems
+        with heuristics.override(sm_count=132, long_path=long_path, ce_single_ept=ept,
+                                 target_program_elems=per_program):
+            for elem in ((2, 4, 8) if plain else (2,)):
                 for logn in range(0, 21):
                     for M in (1, 64, 1 << 20):
                         C = 1 << logn

@@ -67,6 +67,8 @@ __all__ = [
     "TUNED_DIR",
     "ELEMENT_FIELDS",
     "TunedTableWarning",
+    "STAGE_CHOICES",
+    "CE_EPT_CHOICES",
     "device_slug",
     "tuned_path",
     "load_tuned",
@@ -144,6 +146,15 @@ class Limits:
     # Warps of the long-row kernels (looped, persistent, cooperative, split;
     # 0: from the tile, 16 elements per thread per tile, 8 with extras or fp64).
     long_warps: int = 0
+    # Tiles each long-row program keeps in flight: its tile loops software-
+    # pipelined that deep (Triton's num_stages: the next tiles' loads go to
+    # shared memory with cp.async while the current one is reduced); 1: none.
+    # One of STAGE_CHOICES (the static check compiles those).
+    long_stages: int = 1
+    # Cross-entropy on-chip path: elements of a row each thread holds (2- and
+    # 4-byte logits; fp64 half; extras half again); fewer warps per row with
+    # more.
+    ce_single_ept: int = 8
 
 
 _DEFAULT = Limits()
@@ -345,8 +356,14 @@ ELEMENT_FIELDS = frozenset({
     "ce_max_single_2byte", "ce_max_single_4byte", "ce_max_single_8byte",
 })
 # Fields that must be powers of two (or 0: automatic): the element fields and
-# the warp counts, which are not scaled.
-POW2_FIELDS = ELEMENT_FIELDS | {"long_warps"}
+# the warp and per-thread counts, which are not scaled.
+POW2_FIELDS = ELEMENT_FIELDS | {"long_warps", "ce_single_ept"}
+# The pipelining depths a plan may use (``Limits.long_stages``): what the
+# static sm_90 check compiles and a tuned table may set.
+STAGE_CHOICES = (1, 2, 3)
+# The per-thread element counts of the cross-entropy on-chip path a table may
+# set (``Limits.ce_single_ept``), likewise.
+CE_EPT_CHOICES = (8, 16, 32)
 _ANNOTATION_TYPES = {"int": int, "bool": bool, "float": float, "str": str, "None": type(None)}
 
 
@@ -397,6 +414,9 @@ def _field_problem(name: str, value) -> str | None:
             return f"has value {value!r}, below {low}"
         if name in POW2_FIELDS and value & (value - 1):
             return f"has value {value!r}, not a power of two"
+        choices = {"long_stages": STAGE_CHOICES, "ce_single_ept": CE_EPT_CHOICES}.get(name)
+        if choices and value not in choices:
+            return f"has value {value!r}, not one of {choices} (what the static check compiles)"
     return None
 
 

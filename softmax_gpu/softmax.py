@@ -61,6 +61,7 @@ class SoftmaxConfig:
     evict: bool = False  # eviction hints on the two reads (LOOPED, SPLIT, COOP)
     lag: int = 0  # COOP: first passes dealt ahead of the second passes
     regs: int = 0  # register budget (maxnreg) of the long-row kernels; 0: ptxas's choice
+    stages: int = 1  # long rows: tiles in flight per program (software pipelining)
 
 
 def softmax_config(
@@ -104,11 +105,12 @@ def softmax_config(
         if splits > 1:
             chunk = -(-tiles // splits) * tile
             splits = -(-N // chunk)
-            return SoftmaxConfig(SPLIT, tile, 1, warps, splits, chunk, evict=lim.evict, regs=regs)
+            return SoftmaxConfig(SPLIT, tile, 1, warps, splits, chunk, evict=lim.evict, regs=regs,
+                                 stages=lim.long_stages)
     plan = heuristics.long_rows(M, N, tile, reread * N * elem_bytes, device, lim, coop, warps,
                                 regs)
     return SoftmaxConfig(plan.path, tile, 1, warps, plan.splits, plan.chunk, plan.programs,
-                         plan.evict, plan.lag, plan.regs)
+                         plan.evict, plan.lag, plan.regs, lim.long_stages)
 
 
 # What each kind of call passes to softmax_config: (live_rows, reread).

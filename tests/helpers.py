@@ -42,8 +42,13 @@ LONG = {
                  coop_splits=3),
     "coop-lag": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=2,
                      coop_splits=5, evict=False),
+    # tile loops pipelined (a no-op in the interpreter; compiled on CUDA)
+    "looped-stages": dict(max_single=64, tile=16, sm_count=2, long_path="looped", long_stages=2),
+    "coop-stages": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=1,
+                        coop_splits=3, long_stages=3),
 }
-LONG_KERNEL = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop"}
+LONG_KERNEL = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop",
+               "looped-stages": "looped", "coop-stages": "coop"}
 
 
 def ce_reference(z, target, weight=None, ignore_index=-100, reduction="mean",

@@ -1227,3 +1227,32 @@ def test_confident_token_loss_is_accurate(path, dtype):
     expect = torch.log1p(others.sum(1))
     err = ((loss.double() - expect) / expect).abs().max().item()
     assert err < (2e-6 if dtype == torch.float32 else 1e-13), err
+
+
+@pytest.mark.parametrize("fields", [dict(ce_single_ept=16), dict(ce_single_ept=32),
+                                    dict(ce_single_ept=32, target_program_elems=128)])
+def test_on_chip_candidates(fields):
+    """The on-chip path's tuning candidates (more elements per thread, fewer
+    warps; two rows per program), plain and with every extra, fp32 and bf16,
+    against float64."""
+    C = 64
+    for dtype in (torch.float32, torch.bfloat16):
+        x = rand(9, C, dtype=dtype)
+        t = targets(9, C, ignore=(2,))
+        w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+        for kw in ({}, dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=4.0,
+                            reduction="sum")):
+            xs = x.clone().requires_grad_()
+            with heuristics.override(**fields):
+                cfg = CE.cross_entropy_config(9, C, x.element_size(), x.device, bool(kw))
+                assert cfg.path == "single"
+                with expect_launches(*fwd_launches("single", False, **kw)):
+                    loss = softmax_gpu.cross_entropy(xs, t, **kw)
+                (dx,) = torch.autograd.grad(loss, xs)
+            x64 = x.double().requires_grad_()
+            ref = torch_ref(x64, t, **kw)
+            (dx_ref,) = torch.autograd.grad(ref, x64)
+            assert_close(loss, ref.detach(), dtype)
+            assert_close(dx, dx_ref, dtype, scale=4.0)
+    with heuristics.override(ce_single_ept=32, target_program_elems=128, sm_count=1):
+        assert CE.cross_entropy_config(64, 64, 2, torch.device("cpu")).rows_per_program == 2

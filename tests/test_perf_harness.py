@@ -611,3 +611,34 @@ def test_summary_flags_implausible_results(tmp_path):
     assert "## Implausible results" in md and md.count("**IMPLAUSIBLE**") == 2
     # a CPU run's timings are meaningless: nothing is flagged
     assert "IMPLAUSIBLE" not in report.summary_markdown(rows, env.run_info("cpu"), previous=prev)
+
+
+def test_profile_merges_ncu_counters_with_the_cases(tmp_path):
+    """perf.profile: each profiled launch (ncu's raw CSV, one line per
+    metric, after its banner) beside the case and plan that launched it,
+    DRAM bytes over the op's minimal bytes."""
+    from perf import profile
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("case,op,M,N,plan,fields,kernel,min_bytes\n"
+                        "ce_fwd_bwd 8x16,ce_fwd_bwd,8,16,default,{},ce_class_single_kernel,1000\n"
+                        'ce_fwd_bwd 8x16,ce_fwd_bwd,8,16,tuned,"{""ce_single_ept"": 32}",'
+                        "ce_class_single_kernel,1000\n")
+    lines = ["==PROF== Connected to process 1", '"ID","Kernel Name","Metric Name","Metric Value"']
+    for i, (read, hit) in enumerate(((3000, 10.0), (1500, 55.5))):
+        for metric, value in (("dram__bytes_read.sum", read), ("dram__bytes_write.sum", 500),
+                              ("lts__t_sector_hit_rate.pct", hit),
+                              ("sm__warps_active.avg.pct_of_peak_sustained_active", 80),
+                              ("launch__registers_per_thread", 32),
+                              ("gpu__time_duration.sum", "1,234")):
+            lines.append(f'"{i}","ce_class_single_kernel","{metric}","{value}"')
+    raw = tmp_path / "raw.csv"
+    raw.write_text("\n".join(lines) + "\n")
+    rows = profile.merge(str(manifest), str(raw), env.run_info("cpu"))
+    assert [r["plan"] for r in rows] == ["default", "tuned"]
+    assert rows[0]["dram_over_min"] == pytest.approx(3.5) and rows[1]["dram_over_min"] == 2.0
+    assert rows[1]["l2_hit_pct"] == 55.5 and rows[0]["duration_ns"] == 1234.0
+    assert rows[1]["kernel"] == "ce_class_single_kernel"
+    # no GPU here: the command says so and writes nothing
+    assert profile.main(["--out", str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out").exists()

@@ -588,7 +588,7 @@ def test_long_row_plan_fits_l2():
 
 # Every path at interpreter sizes: the on-chip path, the split path, and the
 # forced long-row candidates (looped, persistent, cooperative).
-EVERY_PATH = {"single": ({}, 5, 48), "split": (dict(max_single=64, tile=16, sm_count=2), 3, 128),
+EVERY_PATH = {"single": ({}, 5, 64), "split": (dict(max_single=64, tile=16, sm_count=2), 3, 128),
               **{name: (lim, 9, 128) for name, lim in LONG.items()}}
 
 

@@ -157,6 +157,8 @@ def test_importing_the_package_reads_no_table():
     ({"max_single_2byte": 1.5}, "max_single_2byte"),
     ({"sm_count": 8}, "sm_count"),  # a fact about the device
     ({"long_warps": 6}, "long_warps"),  # warps: a power of two
+    ({"long_stages": 5}, "long_stages"),  # not a depth the static check compiles
+    ({"ce_single_ept": 64}, "ce_single_ept"),  # likewise
 ])
 def test_a_bad_field_warns_naming_file_and_field_and_is_ignored(fake_gpu, bad, field):
     folder, _ = fake_gpu
