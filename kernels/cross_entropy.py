@@ -76,13 +76,12 @@ import triton.language as tl
 
 from .softmax import (FP_FUSION, acc_dtype, coop_arrive, coop_buffers, coop_grid, coop_place,
                       coop_wait, edge_columns, exp_rel, finite_max, load_logits, load_p,
-                      log1p_acc, merge_partials, online_finish, online_stats, online_update,
-                      partial_mask, recip_rn, regs_meta, row_base, row_vec, softcap_tanh,
-                      store_p, sum_partials, tile_offsets, tile_state, vec_segment)
+                      log1p_acc, merge_partials, online_stats, partial_mask, recip_rn,
+                      regs_meta, row_base, row_vec, softcap_tanh, store_p, sum_partials,
+                      tile_offsets, tile_state, vec_segment)
 
 # Shared with the vocab-parallel kernels through this module.
-__all__ = ["load_logits", "softcap_tanh", "online_update", "online_finish", "scalar_arg",
-           "class_grad", "f64_parts"]
+__all__ = ["load_logits", "softcap_tanh", "scalar_arg", "class_grad", "f64_parts"]
 
 # ----------------------------------------------------------------------------
 # Shared jit helpers

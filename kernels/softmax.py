@@ -214,6 +214,18 @@ def online_update(m, t, c, q, x):
 
 
 @triton.jit
+def online_sum_update(m, d, x):
+    """The plain online update of a running (scalar max ``m``, per-lane sums
+    ``d`` of e^(x - m)) by tile ``x``: the sums keep the max's 1 (for
+    statistics that only need the sum itself, such as a vocabulary shard's,
+    merged by the caller). e^(x - m) is exactly 1 at the max."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    s = finite_max(m_new)
+    alpha = tl.where(m == float("-inf"), 0.0, exp_rel(m, s))
+    return m_new, d * alpha + exp_rel(x, s)
+
+
+@triton.jit
 def online_finish(t, c, q):
     """r = sum(e^(x - m)) - 1 of a running state (``online_update``); -1 when empty."""
     return tl.sum(t, 0) + q + (c - 1.0)
@@ -281,8 +293,10 @@ def recip_rn(d):
     and per-launch factors, where its cost does not count (``recip``'s fp32
     ``1.0 / d`` is the 2-ulp ``div.full``, kept for per-element use)."""
     if d.dtype == tl.float64:
-        return recip(d)
-    return tl.div_rn(1.0, d)
+        out = recip(d)
+    else:
+        out = tl.div_rn(1.0, d)
+    return out
 
 
 @triton.jit
