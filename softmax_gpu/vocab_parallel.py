@@ -66,8 +66,9 @@ from ._dispatch import backend_for, launch_device, launch_on, new_output, plan_c
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows
 from .kernels import vocab_parallel as K
-from .linear_cross_entropy import (_backprop, _check_main_grad, _check_options, _grad_buffers,
-                                   _hand_out, _logits, _scale_out, plan_rows)
+from .linear_cross_entropy import _backprop, _check_main_grad, _grad_buffers, _hand_out, _logits
+from .linear_cross_entropy import _check_options as _linear_options
+from .linear_cross_entropy import _scale_out, plan_rows
 from .softmax import SoftmaxConfig, softmax_config
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
@@ -823,7 +824,7 @@ def vocab_parallel_linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    from_options, chunking, acc32, _ = _check_options(options)
+    from_options, chunking, acc32, _ = _linear_options(options)
     if chunk_size and from_options and chunk_size != from_options:
         raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size={from_options} "
                          "disagree; pass one")
