@@ -434,7 +434,7 @@ class LinearCEOpSpec(OpSpec):
             t.requires_grad_(True)
             t.grad = None
         out = self.call(fn, inp)
-        out.backward()
+        (out * CHECK_GRAD_OUTPUT).backward()  # the backward's rescale path, as the CE ops
         result = {"loss": out.detach(), "dx": inp.x.grad, "dw": inp.w.grad}
         for t in (inp.x, inp.w):
             t.grad = None
@@ -445,7 +445,8 @@ class LinearCEOpSpec(OpSpec):
         """Relative errors against float64 (:func:`linear_ce_reference`):
         ``loss_rel_err``; ``dx_rel_err`` and ``dw_rel_err`` as
         ||out - ref|| / ||ref|| over the reference's rows of dX and
-        vocabulary rows of dW; ``max_rel_err`` the largest. inf for a
+        vocabulary rows of dW, the gradients of CHECK_GRAD_OUTPUT times the
+        loss (:meth:`run_once`); ``max_rel_err`` the largest. inf for a
         missing, misshapen or non-finite output; NaN for an unchecked
         (floor) provider."""
         nan = math.nan
@@ -464,7 +465,7 @@ class LinearCEOpSpec(OpSpec):
                 continue
             part = g[idx].double()
             if bool(torch.isfinite(part).all()):
-                r = ref[name]
+                r = ref[name] * CHECK_GRAD_OUTPUT
                 out[f"{name}_rel_err"] = float((part - r).norm() / r.norm().clamp_min(1e-300))
         out["max_rel_err"] = max(out.values())
         return out

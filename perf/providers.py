@@ -232,7 +232,8 @@ class SoftmaxGpuOverlapProvider(_LinearVariant):
 @register_provider
 class SoftmaxGpuLeanProvider(_LinearVariant):
     name = "softmax_gpu_lean"
-    description = "ours, memory first: 32 MiB chunks (chunking_method='lean')"
+    description = ("ours, memory first: chunks of logits no larger than the input "
+                   "(chunking_method='lean')")
     linear_options = {"chunking_method": "lean"}
 
 

@@ -26,8 +26,9 @@ MiB at most by default). Two opt-ins trade it differently
 (:class:`LinearCrossEntropyOptions`): ``acc_policy="balanced"`` accumulates
 a 16-bit weight's gradient in an fp32 [V, D] buffer (rounded once; costs
 3 x the weight's size more at the peak), and ``chunking_method="lean"``
-uses 32 MiB chunks. A Megatron-style fp32 ``main_grad`` gets the weight
-gradient added straight into it (no dW tensor at all).
+uses chunks no larger than the input (at least 32 MiB). A Megatron-style
+fp32 ``main_grad`` gets the weight gradient added straight into it (no dW
+tensor at all).
 
 With ``overlap`` (CUDA only), each chunk's cross-entropy runs on a side
 stream in two halves, ordered by events (no host sync, capturable in a CUDA
@@ -91,9 +92,11 @@ __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropy
 # flops against 4 V D bytes (bf16), n / 2 flops per byte, and an H200 needs
 # about 165 (790 TFLOP/s over 4.8 TB/s); 700 rows keep a 2x margin.
 CHUNK_BYTES = 192 << 20
-# The memory-first plan ("lean"): 128 rows at a 128256-wide bf16 vocabulary,
-# peak 1.04 GiB at 4096 x 4096 x 128256; its dW GEMMs are memory-bound
-# (n / 2 = 64 flops per byte), about 1.4x the default's time at that shape.
+# The memory-first plan ("lean"): chunks of logits no larger than the input
+# [N, D] itself, and at least LEAN_BYTES: 128 rows at 4096 x 4096 x 128256
+# bf16, peak 1.04 GiB; its dW GEMMs are memory-bound there (n / 2 = 64 flops
+# per byte), about 1.4x the default's time. At 16384 tokens 512 rows (as many
+# chunks as Liger's, so the same bf16 accumulation error), peak 1.23 GiB.
 LEAN_BYTES = 32 << 20
 # Chunks are balanced (equal up to this multiple of rows) rather than
 # leaving a small last chunk, and never fewer rows than MIN_ROWS.
@@ -109,14 +112,16 @@ _CHUNKINGS = ("auto", "lean")
 def chunk_rows(N: int, V: int, elem_bytes: int, budget: int = CHUNK_BYTES) -> int:
     """Rows per chunk for N tokens of a V-wide vocabulary: as many as fit
     ``budget`` bytes of logits (at least MIN_ROWS), cut into balanced chunks
-    whose size is a multiple of ROW_ALIGN when the budget allows."""
+    whose size is a multiple of ROW_ALIGN (of MIN_ROWS when the budget holds
+    fewer than 4 ROW_ALIGN rows)."""
     cap = max(MIN_ROWS, budget // max(1, V * elem_bytes))
     if N <= cap:
         return max(N, 1)
-    rows = cap // ROW_ALIGN * ROW_ALIGN or cap
+    align = ROW_ALIGN if cap >= 4 * ROW_ALIGN else MIN_ROWS
+    rows = cap // align * align
     chunks = -(-N // rows)
     per = -(-N // chunks)
-    return min(rows, -(-per // ROW_ALIGN) * ROW_ALIGN) if rows % ROW_ALIGN == 0 else per
+    return min(rows, -(-per // align) * align)
 
 
 def aspect_rows(N: int, V: int, D: int, factor: int = 1) -> int:
@@ -130,14 +135,17 @@ def aspect_rows(N: int, V: int, D: int, factor: int = 1) -> int:
 def plan_rows(N: int, V: int, x: Tensor, chunk_size: int = 0, chunking: str = "auto") -> int:
     """Rows per chunk for the [N, D] input ``x`` and a V-wide vocabulary:
     ``chunk_size`` when given (> 0), else the plan named by ``chunking``
-    ("auto": :data:`CHUNK_BYTES` of logits; "lean": :data:`LEAN_BYTES`;
-    "aspect_ratio[:k]": :func:`aspect_rows`)."""
+    ("auto": :data:`CHUNK_BYTES` of logits; "lean": as many as the input
+    ``x`` holds, at least :data:`LEAN_BYTES`; "aspect_ratio[:k]":
+    :func:`aspect_rows`)."""
     if chunk_size > 0:
         return max(1, min(chunk_size, N))
     if chunking.startswith("aspect_ratio"):
         _, _, factor = chunking.partition(":")
         return max(1, min(N, aspect_rows(N, V, x.shape[1], int(factor or 1))))
-    budget = LEAN_BYTES if chunking == "lean" else CHUNK_BYTES
+    budget = CHUNK_BYTES
+    if chunking == "lean":
+        budget = min(CHUNK_BYTES, max(LEAN_BYTES, N * x.shape[1] * x.element_size()))
     return chunk_rows(N, V, x.element_size(), budget)
 
 
@@ -152,9 +160,11 @@ class LinearCrossEntropyOptions:
         chunking_method: ``"auto"`` (or None): speed first, chunks of at most
             192 MiB of logits (704 rows at 4096 tokens x 128256 bf16; peak
             1.18 GiB at 4096 x 4096 x 128256 with the 0.98 GiB dW).
-            ``"lean"``: memory first, chunks of at most 32 MiB (128 rows
-            there; peak 1.04 GiB); the dW GEMM of so few rows is memory-bound,
-            about 1.4x the time of "auto" (predicted, see perf/NOTES.md).
+            ``"lean"``: memory first, chunks of logits no larger than the
+            input (at least 32 MiB): 128 rows there, peak 1.04 GiB; the dW
+            GEMM of so few rows is memory-bound, about 1.4x the time of
+            "auto" (predicted, see perf/NOTES.md); 512 rows at 16384 tokens
+            (peak 1.23 GiB, about 1.05x).
             ``"aspect_ratio"`` / ``"aspect_ratio:k"``: torch's rule, chunks
             whose logits are about the input's size (divided by k).
         acc_policy: how a bf16 / fp16 weight's gradient is accumulated over
@@ -1206,9 +1216,10 @@ def linear_cross_entropy(
     ``torch.compile(fullgraph=True)``.
 
     Memory beyond the gradients it returns (dX [N, D], dW [V, D]): one
-    [chunk, V] logits buffer, 192 MiB at most by default (32 MiB with
-    ``chunking_method="lean"``), plus O(N + V) vectors: 1.18 GiB in all at
-    4096 x 4096 x 128256 bf16, 1.29 GiB at 16384 tokens. The backward of
+    [chunk, V] logits buffer, 192 MiB at most by default (the input's size,
+    at least 32 MiB, with ``chunking_method="lean"``), plus O(N + V)
+    vectors: 1.18 GiB in all at 4096 x 4096 x 128256 bf16, 1.29 GiB at
+    16384 tokens (predicted from the sizes; see perf/NOTES.md). The backward of
     mean / sum scales the forward's gradients in place (traced by
     torch.compile: into new tensors). With ``reduction="none"`` the backward
     recomputes the logits (four GEMMs instead of three), and a grad_output

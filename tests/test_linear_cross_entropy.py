@@ -561,8 +561,8 @@ def test_overlap_schedule(monkeypatch):
 
 def test_chunk_plan():
     """Default chunks: as many rows as fit CHUNK_BYTES of logits (192 MiB),
-    balanced and aligned to 64 rows; "lean": LEAN_BYTES (32 MiB); torch's
-    aspect-ratio rule. The chunk of logits is what the call holds beyond its
+    balanced and aligned to 64 rows (16 for budgets of few rows); "lean": the
+    input's size, at least LEAN_BYTES (32 MiB); torch's aspect-ratio rule. The chunk of logits is what the call holds beyond its
     gradients, so it must stay within its budget at every LLM shape."""
     plan, budget, lean = lce_module.chunk_rows, lce_module.CHUNK_BYTES, lce_module.LEAN_BYTES
     assert budget == 192 << 20 and lean == 32 << 20
@@ -586,7 +586,10 @@ def test_chunk_plan():
     x = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
     assert lce_module.plan_rows(4096, 128256, x) == 704
     assert lce_module.plan_rows(4096, 128256, x, 100) == 100
-    assert lce_module.plan_rows(4096, 128256, x, 0, "lean") == 128
+    assert lce_module.plan_rows(4096, 128256, x, 0, "lean") == 128  # |x| = 32 MiB
+    x4 = torch.empty(16384, 4096, dtype=torch.bfloat16, device="meta")
+    assert lce_module.plan_rows(16384, 128256, x4, 0, "lean") == 512  # |x| = 128 MiB
+    assert plan(4096, 152064, 2, lean) == 96  # 110 fit: aligned to 16
     assert lce_module.plan_rows(4096, 128256, x, 0, "aspect_ratio:4") == 32
 
 
