@@ -95,8 +95,9 @@ CHUNK_BYTES = 192 << 20
 # The memory-first plan ("lean"): chunks of logits no larger than the input
 # [N, D] itself, and at least LEAN_BYTES: 128 rows at 4096 x 4096 x 128256
 # bf16, peak 1.04 GiB; its dW GEMMs are memory-bound there (n / 2 = 64 flops
-# per byte), about 1.4x the default's time. At 16384 tokens 512 rows (as many
-# chunks as Liger's, so the same bf16 accumulation error), peak 1.23 GiB.
+# per byte), about 1.5x the default's time (1.7x the floor). At 16384 tokens
+# 512 rows (as many chunks as Liger's, so the same bf16 accumulation error),
+# peak 1.23 GiB.
 LEAN_BYTES = 32 << 20
 # Chunks are balanced (equal up to this multiple of rows) rather than
 # leaving a small last chunk, and never fewer rows than MIN_ROWS.
@@ -162,9 +163,9 @@ class LinearCrossEntropyOptions:
             1.18 GiB at 4096 x 4096 x 128256 with the 0.98 GiB dW).
             ``"lean"``: memory first, chunks of logits no larger than the
             input (at least 32 MiB): 128 rows there, peak 1.04 GiB; the dW
-            GEMM of so few rows is memory-bound, about 1.4x the time of
+            GEMM of so few rows is memory-bound, about 1.5x the time of
             "auto" (predicted, see perf/NOTES.md); 512 rows at 16384 tokens
-            (peak 1.23 GiB, about 1.05x).
+            (peak 1.23 GiB, about the default's time).
             ``"aspect_ratio"`` / ``"aspect_ratio:k"``: torch's rule, chunks
             whose logits are about the input's size (divided by k).
         acc_policy: how a bf16 / fp16 weight's gradient is accumulated over

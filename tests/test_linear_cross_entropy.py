@@ -1,6 +1,7 @@
 """softmax_gpu.linear_cross_entropy / LinearCrossEntropyLoss: the chunked
 LM-head loss against cross_entropy(F.linear(...)) in float64 and torch's own
-F.linear_cross_entropy; fp32 weight-gradient accumulation; grad_output and
+F.linear_cross_entropy; the weight gradient accumulated in place chunk by
+chunk (fp32 on request, or into main_grad); grad_output and
 retained graphs; bad inputs; torch.compile; memory (no [N, V] tensor)."""
 
 from __future__ import annotations
