@@ -26,7 +26,13 @@ Sizes: N in {256, 1k, 4k, 8k, 16k, 32k, 64k, 128k, 256k} with M so that an
 input is ~1 GiB, and the LLM shapes 16k tokens x {32000, 50257, 128256,
 151936, 256000}; dtypes bf16, fp16, fp32. --quick runs a subset: on a GPU,
 bf16 at N in {4k, 32k} and 16k x 128256 (under 3 minutes); on CPU, M=64 and
-N in {256, 1k}.
+N in {256, 1k}. The fused linear + cross-entropy (linear_ce_fwd_bwd) runs
+the LM heads of Llama-3-8B (4096 x 128256), Qwen2-7B (3584 x 152064),
+Gemma-2-2B (2304 x 256000) and Llama-3-70B (8192 x 128256) at 4096 and
+16384 tokens (--quick: Llama-3-8B's), on hidden states of unit RMS and a
+head of std 0.02, with the peak memory and the loss / dX / dW errors
+against float64 of every provider, and the time over the three GEMMs alone
+(gemm_floor).
 
 Without a GPU everything runs on CPU: our Triton kernels in Triton's
 interpreter (TRITON_INTERPRET=1 is set before softmax_gpu is imported, unless
@@ -46,6 +52,8 @@ examples:
   python -m perf --ops softmax_fwd,ce_fwd_bwd --dtypes bf16 --shapes grid
   python -m perf --providers softmax_gpu,torch,cudnn --n 4k,32k --m 8192
   python -m perf --list
+  python -m perf --quick --ops linear_ce_fwd_bwd --rep-ms 200 --time-budget-s 60 \
+      --providers gemm_floor,softmax_gpu,softmax_gpu_overlap,softmax_gpu_lean,torch,liger,cce
 """
 
 
@@ -88,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep-ms", type=float, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--time-budget-s", type=float, default=None, metavar="S",
+                   help="start no run after S seconds of the sweep: the rest are recorded as "
+                        "skipped (the files are written as usual)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true",
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         rep_ms=min(args.rep_ms, 20) if on_cpu else args.rep_ms,
         copy_bytes=(16 << 20) if on_cpu else (1 << 30),
         unavailable={u: "forced unavailable (--unavailable)" for u in args.unavailable},
+        time_budget_s=args.time_budget_s,
     )
     n_cases = len(cfg.cases())
     print(f"ops {','.join(o.name for o in ops)} | providers {','.join(p.name for p in providers)} | "

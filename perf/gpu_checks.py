@@ -182,23 +182,30 @@ def _graph_check(res: Results, family: str, device: str, shapes) -> None:
 
 def _linear_graph_check(res: Results, device: str, shapes) -> None:
     """Capture linear_cross_entropy forward+backward (input and head
-    gradients) once per shape and reduction, replay twice on fresh data."""
+    gradients, at grad_output CHECK_GRAD_OUTPUT: the in-place rescale) once
+    per shape, reduction and stream plan (``overlap``: each chunk's
+    cross-entropy on a side stream), replay twice on fresh data."""
     import softmax_gpu
 
-    from perf.ops import OPS, dtype_name
+    from perf.ops import CHECK_GRAD_OUTPUT, OPS, dtype_name
     from perf.sizes import Shape
 
     op = OPS["linear_ce_fwd_bwd"]
+    plans = [("mean", False), ("none", False), ("mean", True), ("none", True)]
+    if not hasattr(softmax_gpu, "LinearCrossEntropyOptions"):
+        plans = plans[:2]
     for dtype, M, D, V, chunk in shapes:
-        for reduction in ("mean", "none"):
-            def fn(x, w, t, reduction=reduction):
+        for reduction, overlap in plans:
+            options = softmax_gpu.LinearCrossEntropyOptions(overlap=True) if overlap else None
+
+            def fn(x, w, t, reduction=reduction, options=options):
                 loss = softmax_gpu.linear_cross_entropy(x, w, t, reduction=reduction,
-                                                        chunk_size=chunk)
+                                                        chunk_size=chunk, options=options)
                 return loss if reduction == "mean" else loss.float().mean()
 
             how = "cuda graph" if device == "cuda" else "eager dry run (cpu)"
-            name = (f"{how} linear_cross_entropy ({reduction}) fwd+bwd {dtype_name(dtype)} "
-                    f"{M}x{D}x{V}, chunks of {chunk}")
+            name = (f"{how} linear_cross_entropy ({reduction}{', overlap' if overlap else ''}) "
+                    f"fwd+bwd {dtype_name(dtype)} {M}x{D}x{V}, chunks of {chunk}")
             shape = Shape(M, V, "custom", D)
             try:
                 static = op.shape_inputs(shape, dtype, device, seed=1)
@@ -208,7 +215,7 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
 
                 def step():
                     out = op.call(fn, static)
-                    out.backward()
+                    (out * CHECK_GRAD_OUTPUT).backward()  # as op.run_once
                     return out
 
                 def reset():
@@ -341,6 +348,11 @@ def _sync_check(res: Results) -> None:
             steps[f"linear_cross_entropy ({red})"] = (
                 lambda hidden, red=red: softmax_gpu.linear_cross_entropy(
                     hidden, lin.weight, t, reduction=red, chunk_size=512).float().mean())
+        if hasattr(softmax_gpu, "LinearCrossEntropyOptions"):
+            over = softmax_gpu.LinearCrossEntropyOptions(overlap=True)
+            steps["linear_cross_entropy (mean, overlap)"] = (
+                lambda hidden: softmax_gpu.linear_cross_entropy(
+                    hidden, lin.weight, t, chunk_size=512, options=over) * 2.5)
 
     def train_step(loss_fn):
         loss = loss_fn(h)

@@ -148,8 +148,19 @@ class SoftmaxGpuProvider(Provider):
         if family == "linear_ce":
             if not hasattr(softmax_gpu, "linear_cross_entropy"):
                 raise NotImplementedForOp("softmax_gpu.linear_cross_entropy does not exist (yet)")
-            return lambda x, w, t: softmax_gpu.linear_cross_entropy(x, w, t)
+            options = self._linear_options()
+            return lambda x, w, t: softmax_gpu.linear_cross_entropy(x, w, t, options=options)
         raise NotImplementedForOp(f"softmax_gpu has no {family}")
+
+    # the linear op's options (LinearCrossEntropyOptions fields); None: the defaults
+    linear_options: dict | None = None
+
+    def _linear_options(self):
+        import softmax_gpu
+
+        if self.linear_options is None or not hasattr(softmax_gpu, "LinearCrossEntropyOptions"):
+            return None
+        return softmax_gpu.LinearCrossEntropyOptions(**self.linear_options)
 
     _device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -166,12 +177,71 @@ class SoftmaxGpuProvider(Provider):
             c = comm_bytes(M, N, 8, torch.bfloat16)
             return (f"world size {world}; at 8 ranks (bf16) a step sends {c['ours_sent_bytes_per_rank']:.0f} B "
                     f"per rank vs {c['gather_logits_sent_bytes_per_rank']:.0f} B to all-gather the logits")
-        backend = softmax_gpu.backend_for(torch.empty(0, device=device))
+        chunks = _chunk_note(M, N, self._linear_options()) if family == "linear_ce" else ""
         if device == "cuda":
-            return ""
+            return chunks
+        backend = softmax_gpu.backend_for(torch.empty(0, device=device))
         if backend == "triton":
-            return "Triton interpreter on CPU"
-        return "torch reference path on CPU (TRITON_INTERPRET was not 1 at import)"
+            where = "Triton interpreter on CPU"
+        else:
+            where = "torch reference path on CPU (TRITON_INTERPRET was not 1 at import)"
+        return f"{chunks}; {where}" if chunks else where
+
+
+def _chunk_note(M: int, N: int, options) -> str:
+    """The chunk plan of our linear op at M tokens of an N vocabulary (bf16)."""
+    try:
+        import softmax_gpu.linear_cross_entropy  # noqa: F401
+        import sys
+
+        lce = sys.modules["softmax_gpu.linear_cross_entropy"]
+        method = getattr(options, "chunking_method", "auto") or "auto"
+        x = torch.empty((M, 4096), dtype=torch.bfloat16, device="meta")
+        rows = lce.plan_rows(M, N, x, getattr(options, "batch_chunk_size", None) or 0, method)
+    except (ImportError, AttributeError, KeyError):
+        return ""
+    return f"chunks of {rows} rows ({rows * N * 2 / 2**20:.0f} MiB of bf16 logits)"
+
+
+class _LinearVariant(Provider):
+    """softmax_gpu's linear cross-entropy with other options (the linear op only)."""
+
+    linear_options: dict = {}
+
+    def availability(self, ctx):
+        return _import_reason("softmax_gpu")
+
+    def function(self, family):
+        if family != "linear_ce":
+            raise NotImplementedForOp(f"{self.name} has only linear_ce, not {family}")
+        return SoftmaxGpuProvider.function(self, family)
+
+    _linear_options = SoftmaxGpuProvider._linear_options
+
+    def case_note(self, family, M, N, device):
+        return _chunk_note(M, N, self._linear_options()) if family == "linear_ce" else ""
+
+
+@register_provider
+class SoftmaxGpuOverlapProvider(_LinearVariant):
+    name = "softmax_gpu_overlap"
+    description = "ours, each chunk's cross-entropy on a side CUDA stream (overlap=True)"
+    linear_options = {"overlap": True}
+
+
+@register_provider
+class SoftmaxGpuLeanProvider(_LinearVariant):
+    name = "softmax_gpu_lean"
+    description = ("ours, memory first: chunks of logits no larger than the input "
+                   "(chunking_method='lean')")
+    linear_options = {"chunking_method": "lean"}
+
+
+@register_provider
+class SoftmaxGpuFp32AccProvider(_LinearVariant):
+    name = "softmax_gpu_fp32acc"
+    description = "ours, the weight gradient accumulated in fp32 (acc_policy='balanced')"
+    linear_options = {"acc_policy": "balanced"}
 
 
 @register_provider

@@ -19,8 +19,8 @@ import re
 from collections import defaultdict
 
 from perf.env import RunInfo
-from perf.ops import TOLERANCE, DTYPES
-from perf.sizes import size_label
+from perf.ops import DTYPES, LCE_REF_CLASSES, LCE_REF_ROWS, TOLERANCE
+from perf.sizes import lce_model, size_label
 from perf.sweep import BASELINE, COLUMNS, INTERRUPTED
 
 __all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "save_plot", "summary_markdown",
@@ -287,6 +287,10 @@ def _cell(r: dict | None, flagged: bool = False) -> str:
         peak = r.get("peak_mem_bytes")
         if isinstance(peak, float) and math.isfinite(peak):
             text += f", {peak / 2**30:.2f} GiB"
+        errs = [f"{k} {r[c]:.1e}" for k, c in (("dX", "dx_rel_err"), ("dW", "dw_rel_err"))
+                if isinstance(r.get(c), float) and not math.isnan(r[c])]
+        if errs:
+            text += "; " + ", ".join(errs)
         text += ")"
     else:
         text = f"{_gb(r['gbps'])} ({100 * r['frac_copy_bw']:.0f}%)"
@@ -333,20 +337,28 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu",
         lines += [f"## {op}", ""]
         hidden = sorted({r["D"] for r in op_rows if r.get("D")})
         if hidden:
-            lines += [f"Hidden size D = {', '.join(map(str, hidden))}; N is the vocabulary.", ""]
-        header = ["dtype", "M", "N"] + providers + [f"{ours} vs {BASELINE}"]
+            lines += [f"Hidden size D = {', '.join(map(str, hidden))}; N is the vocabulary. "
+                      "Cells: median ms (time over the three GEMMs alone, peak memory beyond "
+                      "the inputs including the returned dX and dW; relative errors of dX "
+                      "and dW against float64).", ""]
+        header = ["dtype", "M", "N"] + (["D"] if hidden else []) + providers + \
+            [f"{ours} vs {BASELINE}"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         keys: list[tuple] = []
         for r in op_rows:
-            k = (r["dtype"], r["M"], r["N"])
+            k = (r["dtype"], r["M"], r["N"], r.get("D", ""))
             if k not in keys:
                 keys.append(k)
         for k in keys:
-            cells = {r["provider"]: r for r in op_rows if (r["dtype"], r["M"], r["N"]) == k}
+            cells = {r["provider"]: r for r in op_rows
+                     if (r["dtype"], r["M"], r["N"], r.get("D", "")) == k}
             mine = cells.get(ours)
             sp = mine["speedup_vs_torch"] if mine and mine["status"] == "ok" else math.nan
-            row = [k[0], str(k[1]), str(k[2])] + [
-                _cell(cells.get(p), (op, p, *k) in flags) for p in providers]
+            row = [k[0], str(k[1]), str(k[2])]
+            if hidden:
+                model = lce_model(k[2], k[3]) if k[3] != "" else ""
+                row.append(f"{k[3]} ({model})" if model else str(k[3]))
+            row += [_cell(cells.get(p), (op, p, *k[:3]) in flags) for p in providers]
             row.append("—" if not math.isfinite(sp) else f"{sp:.2f}x")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -358,6 +370,7 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu",
         lines += [f"- `{p}` {op} {dt} {M}x{N}: {why}" for (op, p, dt, M, N), why in flags.items()]
         lines.append("")
     lines += _goal_section(rows, info, ours)
+    lines += _linear_goal_section(rows, info, ours)
     lines += _notes_section(rows)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -386,6 +399,40 @@ def _goal_section(rows: list[dict], info: RunInfo, ours: str) -> list[str]:
     return out + [""]
 
 
+def _linear_goal_section(rows: list[dict], info: RunInfo, ours: str) -> list[str]:
+    """The fused linear cross-entropy's goal, read off the rows: bf16, within
+    1.03x the three-GEMM floor of the same run, at a peak of at most
+    dW + dX + 0.25 GiB (1.25 / 1.35 GiB for Llama-3-8B at 4096 / 16384
+    tokens), and a dW error no worse than Liger's."""
+    if info.meaningless_timings:
+        return []
+    mine = [r for r in rows if r["op"] == "linear_ce_fwd_bwd" and r["dtype"] == "bf16"
+            and r["provider"] == ours and r["status"] == "ok"]
+    if not mine:
+        return []
+    out = ["## Goal: linear_ce_fwd_bwd bf16: <= 1.03x the floor, peak <= dW + dX + 0.25 GiB, "
+           "dW error <= Liger's", ""]
+    for r in mine:
+        D = int(r["D"]) if r.get("D") not in ("", None) else 0
+        budget = 2 * (r["N"] + r["M"]) * D + (1 << 28)
+        peak = r.get("peak_mem_bytes", math.nan)
+        liger = next((o for o in rows if o["provider"] == "liger" and o["status"] == "ok"
+                      and (o["op"], o["dtype"], o["M"], o["N"], o.get("D")) ==
+                      (r["op"], r["dtype"], r["M"], r["N"], r.get("D"))), None)
+        time_ok = math.isfinite(r["vs_floor"]) and r["vs_floor"] <= 1.03
+        mem_ok = math.isfinite(peak) and peak <= budget
+        err_ok = liger is None or not r["dw_rel_err"] > liger["dw_rel_err"]
+        verdict = "met" if time_ok and mem_ok and err_ok and r["correct"] is not False else \
+            "MISSED"
+        vs = (f"dW error {r['dw_rel_err']:.2e} vs Liger's {liger['dw_rel_err']:.2e}"
+              if liger else "no Liger row")
+        model = lce_model(r["N"], D)
+        out.append(f"- {r['M']} x {D} x {r['N']}{f' ({model})' if model else ''}: "
+                   f"{r['vs_floor']:.3f}x the floor, peak {peak / 2**30:.2f} GiB "
+                   f"(budget {budget / 2**30:.2f}), {vs}: **{verdict}**")
+    return out + [""]
+
+
 def _notes_section(rows: list[dict]) -> list[str]:
     """Skip reasons once per provider, then every other note once."""
     out: list[str] = []
@@ -408,5 +455,10 @@ def _notes_section(rows: list[dict]) -> list[str]:
         out.append(f"- `{p}` {text} ({where_text})")
     tol = ", ".join(f"{k} {TOLERANCE[v]:g}" for k, v in DTYPES.items())
     out += ["", f"Correctness: ||out - ref|| / ||ref|| against torch in float32 on the same inputs, "
-            f"once per case and provider; limits {tol}.", ""]
+            f"once per case and provider; limits {tol}."]
+    if any(r["op"] == "linear_ce_fwd_bwd" for r in rows):
+        out += ["The linear op is checked against float64 instead: the loss, dX on "
+                f"{LCE_REF_ROWS} rows and dW on {LCE_REF_CLASSES} vocabulary rows, evenly "
+                "spaced (one float64 pass over all the logits gives every row's lse)."]
+    out += [""]
     return out

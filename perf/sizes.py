@@ -23,9 +23,10 @@ __all__ = [
     "parse_size",
     "size_label",
     "LCE_TOKENS",
-    "LCE_VOCABS",
+    "LCE_MODELS",
     "LCE_HIDDEN",
     "linear_shapes",
+    "lce_model",
 ]
 
 GRID_N = (256, 1024, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
@@ -40,11 +41,14 @@ QUICK_GPU_LLM_VOCABS = (128256,)
 QUICK_CPU_M = 64
 QUICK_CPU_N = (256, 1024)
 
-# Fused linear + cross-entropy (tokens x hidden x vocabulary): the LM head.
-LCE_TOKENS = (4096, 8192, 16384)
-LCE_VOCABS = (32000, 128256, 151936)
-LCE_HIDDEN = 4096
-QUICK_GPU_LCE = ((4096, 128256),)  # the shape of the published anchors
+# Fused linear + cross-entropy (tokens x hidden x vocabulary): the LM heads of
+# real models, (name, hidden D, vocabulary N), at each token count.
+LCE_MODELS = (("llama3-8b", 4096, 128256), ("qwen2-7b", 3584, 152064),
+              ("gemma2-2b", 2304, 256000), ("llama3-70b", 8192, 128256))
+LCE_TOKENS = (4096, 16384)
+LCE_HIDDEN = 4096  # hidden size of the --n shapes
+# --quick on a GPU: the Llama-3-8B head (the published anchors) at both token counts.
+QUICK_GPU_LCE = ((4096, 128256, 4096), (16384, 128256, 4096))
 QUICK_CPU_LCE_HIDDEN = 32
 
 
@@ -100,21 +104,29 @@ def shapes_for(
 
 def linear_shapes(*, device: str, quick: bool, ns: tuple[int, ...] | None = None,
                   m: int | None = None) -> list[Shape]:
-    """Shapes of the fused linear + cross-entropy: M tokens x N vocabulary
-    with D = LCE_HIDDEN. Full: LCE_TOKENS x LCE_VOCABS; --quick on a GPU:
-    4096 x 128256; --quick on CPU: interpreter-sized (M=64, N in 256 / 1k,
-    D=32). ``ns`` replaces the vocabularies, ``m`` the token counts."""
-    hidden = QUICK_CPU_LCE_HIDDEN if quick and device != "cuda" else LCE_HIDDEN
+    """Shapes of the fused linear + cross-entropy: M tokens x N vocabulary x
+    D hidden. Full: LCE_TOKENS x LCE_MODELS; --quick on a GPU: the Llama-3-8B
+    head (4096 x 128256) at 4096 and 16384 tokens; --quick on CPU:
+    interpreter-sized (M=64, N in 256 / 1k, D=32). ``ns`` replaces the
+    vocabularies (D = LCE_HIDDEN), ``m`` the token counts."""
+    cpu_quick = quick and device != "cuda"
+    hidden = QUICK_CPU_LCE_HIDDEN if cpu_quick else LCE_HIDDEN
     if ns is not None:
-        tokens = (m,) if m else ((QUICK_CPU_M,) if quick and device != "cuda" else LCE_TOKENS[:1])
+        tokens = (m,) if m else ((QUICK_CPU_M,) if cpu_quick else LCE_TOKENS[:1])
         return [Shape(t, v, "custom", hidden) for t in tokens for v in ns]
-    if quick and device != "cuda":
-        pairs = [(m or QUICK_CPU_M, n) for n in QUICK_CPU_N]
+    if cpu_quick:
+        triples = [(m or QUICK_CPU_M, n, hidden) for n in QUICK_CPU_N]
     elif quick:
-        pairs = [(m or t, v) for t, v in QUICK_GPU_LCE]
+        triples = [t for t in QUICK_GPU_LCE if not m or t[0] == m] or \
+            [(m, v, d) for _, v, d in QUICK_GPU_LCE[:1]]
     else:
-        pairs = [(t, v) for t in ((m,) if m else LCE_TOKENS) for v in LCE_VOCABS]
-    return [Shape(t, v, "llm", hidden) for t, v in pairs]
+        triples = [(t, v, d) for t in ((m,) if m else LCE_TOKENS) for _, d, v in LCE_MODELS]
+    return [Shape(t, v, "llm", d) for t, v, d in triples]
+
+
+def lce_model(N: int, D: int) -> str:
+    """The model whose LM head is D x N (LCE_MODELS), or ''."""
+    return next((name for name, d, v in LCE_MODELS if (d, v) == (D, N)), "")
 
 
 def parse_size(text: str) -> int:

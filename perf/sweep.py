@@ -9,8 +9,13 @@ For each case and provider, in this order:
    cannot fool the check, and a wrong provider is flagged, not silently timed
    (a timing floor, which computes no loss, is left unchecked: ``correct``
    empty);
-4. peak extra memory of one more call;
-5. the timing (do_bench on CUDA).
+4. peak extra memory of one more call (a warm-up call as well);
+5. the timing (do_bench on CUDA; the op's own ``bench``: for the linear op a
+   fixed number of calls after untimed warm-ups, see ``timing.bench_calls``).
+
+Each error the op reports goes into its own column (the linear op: loss, dX
+and dW against float64). With ``time_budget_s``, runs not started when it is
+spent are recorded as skipped, with the reason.
 
 Any exception becomes an ``error`` row with the message; the sweep goes on.
 A provider that cannot run here gives ``skipped`` rows with the reason.
@@ -22,6 +27,7 @@ import dataclasses
 import gc
 import math
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -33,6 +39,7 @@ from perf.providers import NotImplementedForOp, Provider, ProviderContext
 from perf.sizes import TARGET_INPUT_BYTES, Shape, shapes_for
 
 __all__ = ["COLUMNS", "SweepConfig", "run_sweep", "run_case", "fill_speedups", "fill_floor_ratios",
+           "case_key",
            "STATUS", "INTERRUPTED", "FLOOR"]
 
 # The CSV's columns, in order. The issue's required ones, then the rest.
@@ -40,7 +47,7 @@ COLUMNS = [
     "op", "provider", "dtype", "M", "N", "ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw",
     "speedup_vs_torch", "peak_mem_bytes", "device", "torch", "triton", "cuda", "timestamp",
     "status", "correct", "max_rel_err", "note", "bytes", "copy_gbps", "shape_kind",
-    "D", "vs_floor",
+    "D", "vs_floor", "loss_rel_err", "dx_rel_err", "dw_rel_err",
 ]
 
 STATUS = ("ok", "skipped", "not_implemented", "error")
@@ -68,6 +75,7 @@ class SweepConfig:
     rep_ms: float = 100
     copy_bytes: int = 1 << 30
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
+    time_budget_s: float | None = None  # runs not started by then are recorded as skipped
 
     def shapes(self, dtype: torch.dtype, op: OpSpec | None = None) -> list[Shape]:
         """The shapes of ``op`` (default: the [M, N] grid / LLM sets) for ``dtype``."""
@@ -88,7 +96,8 @@ def _base_row(info: RunInfo, op: str, provider: str, dtype: str, M: int, N: int,
                device=info.device_name, torch=info.torch, triton=info.triton, cuda=info.cuda,
                timestamp=info.timestamp)
     for c in ("ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw", "speedup_vs_torch",
-              "peak_mem_bytes", "max_rel_err", "vs_floor"):
+              "peak_mem_bytes", "max_rel_err", "vs_floor", "loss_rel_err", "dx_rel_err",
+              "dw_rel_err"):
         row[c] = math.nan
     return row
 
@@ -145,34 +154,38 @@ def _measure(cfg: SweepConfig, op: OpSpec, fn: Callable, dtype: torch.dtype, sha
     outputs = op.run_once(fn, inputs)
     del inputs  # the provider may have written into them
     inputs = op.shape_inputs(shape, dtype, cfg.device, seed)
-    err = op.error(outputs, inputs)
+    errors = op.errors(outputs, inputs)
+    err = errors["max_rel_err"]
     del outputs
     call, grads = op.closure(fn, inputs)
-    peak = timing.peak_extra_memory(call, cfg.device)
-    ms, p20, p80 = timing.bench(call, cfg.device, grad_to_none=grads,
-                                warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms)
+    peak = timing.peak_extra_memory(call, cfg.device)  # also a warm-up call
+    ms, p20, p80 = op.bench(call, cfg.device, grads, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms)
     correct = "" if math.isnan(err) else bool(err <= TOLERANCE[dtype])  # "": not checked
-    return {"max_rel_err": err, "correct": correct, "peak_mem_bytes": peak,
+    return {**errors, "correct": correct, "peak_mem_bytes": peak,
             "ms": ms, "ms_p20": p20, "ms_p80": p80}
 
 
+def case_key(r: dict) -> tuple:
+    """What makes rows the same case: op, dtype, M, N and D (linear ops)."""
+    return (r["op"], r["dtype"], r["M"], r["N"], r.get("D", ""))
+
+
 def fill_speedups(rows: list[dict], baseline: str = BASELINE) -> None:
-    """``speedup_vs_torch`` = baseline ms / ms for rows of the same op, dtype, M and N."""
-    base = {(r["op"], r["dtype"], r["M"], r["N"]): r["ms"]
+    """``speedup_vs_torch`` = baseline ms / ms for rows of the same case."""
+    base = {case_key(r): r["ms"]
             for r in rows if r["provider"] == baseline and r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok":
-            r["speedup_vs_torch"] = timing.speedup(base.get((r["op"], r["dtype"], r["M"], r["N"]), math.nan),
-                                                   r["ms"])
+            r["speedup_vs_torch"] = timing.speedup(base.get(case_key(r), math.nan), r["ms"])
 
 
 def fill_floor_ratios(rows: list[dict], floor: str = FLOOR) -> None:
-    """``vs_floor`` = ms / the floor provider's ms for rows of the same op,
-    dtype, M and N (ops that have a floor row: the GEMM-bound linear ops)."""
-    base = {(r["op"], r["dtype"], r["M"], r["N"]): r["ms"]
+    """``vs_floor`` = ms / the floor provider's ms for rows of the same case
+    (ops that have a floor row: the GEMM-bound linear ops)."""
+    base = {case_key(r): r["ms"]
             for r in rows if r["provider"] == floor and r["status"] == "ok"}
     for r in rows:
-        key = (r["op"], r["dtype"], r["M"], r["N"])
+        key = case_key(r)
         if r["status"] == "ok" and key in base:
             r["vs_floor"] = timing.speedup(r["ms"], base[key])
 
@@ -240,14 +253,19 @@ def run_sweep(cfg: SweepConfig, info: RunInfo, *, progress: bool = True,
     cases = cfg.cases()
     total = len(cases) * len(cfg.providers)
     bar = _progress(total, len(cfg.providers), disable=not progress)
+    started = time.perf_counter()
     try:
         for index, (op, dtype, shape) in enumerate(cases):
             seed = cfg.seed * 1_000_003 + index  # the same inputs for every provider of a case
             for p in cfg.providers:
                 bar.set_description(f"{op.name} {dtype_name(dtype)} {shape.M}x{shape.N} {p.name}")
-                if reasons[p.name]:
+                over = (cfg.time_budget_s is not None
+                        and time.perf_counter() - started > cfg.time_budget_s)
+                if reasons[p.name] or over:
                     row = _base_row(info, op.name, p.name, dtype_name(dtype), shape.M, shape.N, shape.kind)
-                    row.update(status="skipped", note=reasons[p.name])
+                    row["D"] = shape.D or ""
+                    row.update(status="skipped", note=reasons[p.name] or
+                               f"time budget of {cfg.time_budget_s:g} s spent before this run")
                 else:
                     row = run_case(cfg, info, op, p, dtype, shape, seed, copy_gbps)
                     if row["status"] == "error":

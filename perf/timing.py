@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "QUANTILES",
     "bench",
+    "bench_calls",
     "peak_extra_memory",
     "measure_copy",
     "gbps",
@@ -91,6 +92,48 @@ def bench(fn: Callable[[], object], device: str, *, grad_to_none: list[torch.Ten
                        quantiles=list(QUANTILES))
         return float(res[0]), float(res[1]), float(res[2])
     return _wall_clock(fn, grad_to_none, rep_ms)
+
+
+def bench_calls(fn: Callable[[], object], device: str, *,
+                grad_to_none: list[torch.Tensor] | None = None, rep_ms: float = 100,
+                warmup: int = 2, min_reps: int = 3, max_reps: int = 20
+                ) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of single calls of ``fn``, for calls of tens of
+    milliseconds: ``warmup`` untimed calls first (the last one timed only to
+    size the run), then as many timed calls as fit ``rep_ms`` (within
+    [min_reps, max_reps]), each between CUDA events, the L2 flushed and the
+    ``grad_to_none`` gradients reset before each, outside the events. Unlike
+    do_bench, a slow first call (autotuning, compiling) runs in the warm-up
+    and cannot shrink the run to one sample. CPU: the wall-clock loop."""
+    if device != "cuda":
+        return _wall_clock(fn, grad_to_none, rep_ms, min_reps=min_reps, max_reps=max_reps)
+
+    def reset():
+        for t in grad_to_none or ():
+            t.grad = None
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # more than any L2
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for i in range(max(1, warmup)):
+        reset()
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    reps = int(min(max_reps, max(min_reps, rep_ms // estimate)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for a, b in events:
+        reset()
+        flush.zero_()
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in events)
+    return tuple(_quantile(times, q) for q in QUANTILES)  # type: ignore[return-value]
 
 
 def peak_extra_memory(fn: Callable[[], object], device: str) -> float:

@@ -15,8 +15,8 @@ reference) in ``softmax_gpu/<op>.py``:
 - :mod:`softmax_gpu.cross_entropy`: :func:`cross_entropy`,
   :func:`cross_entropy_with_grad`, :class:`CrossEntropyLoss`;
 - :mod:`softmax_gpu.linear_cross_entropy`: :func:`linear_cross_entropy`,
-  :class:`LinearCrossEntropyLoss` (the LM head's linear + cross-entropy,
-  chunked);
+  :class:`LinearCrossEntropyLoss`, :class:`LinearCrossEntropyOptions` (the
+  LM head's linear + cross-entropy, chunked);
 - :mod:`softmax_gpu.vocab_parallel`: the vocab-parallel cross-entropy,
   public as :func:`softmax_gpu.distributed.vocab_parallel_cross_entropy`.
 
@@ -63,7 +63,8 @@ _source_kernels()
 from . import distributed, heuristics  # noqa: E402
 from ._dispatch import backend_for, poison_outputs, record_launches  # noqa: E402
 from .cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad  # noqa: E402
-from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
+from .linear_cross_entropy import (LinearCrossEntropyLoss, LinearCrossEntropyOptions,  # noqa: E402
+                                   linear_cross_entropy)
 from .softmax import LogSoftmax, Softmax, log_softmax, softmax  # noqa: E402
 
 __version__ = "0.1.0"
@@ -78,6 +79,7 @@ __all__ = [
     "CrossEntropyLoss",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
+    "LinearCrossEntropyOptions",
     "backend_for",
     "record_launches",
     "poison_outputs",

@@ -4,7 +4,8 @@
 ``cross_entropy(F.linear(input, linear_weight, linear_bias), target)`` computed
 chunk by chunk over the tokens, so no [N, V] tensor ever exists.
 
-Per chunk of rows, in the forward, when a gradient is needed:
+Per chunk of rows (about 700 at an LLM vocabulary; see :func:`chunk_rows`),
+in the forward, when a gradient is needed:
 
 1. one GEMM writes the chunk's logits into a reused [chunk, V] buffer
    (``torch.mm(out=)`` / ``torch.addmm(out=)`` with the bias);
@@ -13,34 +14,53 @@ Per chunk of rows, in the forward, when a gradient is needed:
    the gradient ``sigma * sum(y) - y``, already divided by the mean's
    denominators, which are computed once from ALL the targets on the device
    (no host sync);
-3. ``dX[chunk] = dlogits @ W`` goes straight into the preallocated dX;
-   ``dW += dlogits^T @ X[chunk]`` accumulates into ONE fp32 [V, D] buffer
-   (fp64 for fp64), with bf16/fp16 operands and fp32 accumulation
-   (``mm`` / ``addmm(out_dtype=float32)`` on CUDA, the first chunk writing
-   it, the others adding with beta = 1; an fp32 copy of the chunk
-   elsewhere), cast once in the backward; the bias gradient is the column
-   sums of dlogits in fp32.
+3. ``dX[chunk] = dlogits @ W`` goes straight into the preallocated dX, and
+   ``dW += dlogits^T @ X[chunk]`` is accumulated IN PLACE in the returned
+   weight gradient itself, in the weight's dtype (cuBLAS accumulates each
+   chunk's product in fp32 and rounds the sum once per chunk, as Liger
+   does, with 4 to 8 times fewer chunks); the bias gradient is the column
+   sums in fp32.
 
-The backward of ``reduction="mean"/"sum"`` only multiplies dX, dW and db by
-grad_output (fused with dW's cast from fp32) into new tensors, never touching
-logits-sized data. ``reduction="none"`` cannot know its per-row grad_output
-in the forward, and dW sums over rows, so the forward computes only the loss
-and the backward recomputes each chunk's logits and gradient, scales the rows
-by grad_output before the GEMMs, and runs them (four GEMMs in all instead of
-three). Without a gradient (eval, no_grad) each chunk is one GEMM and the
-loss kernel.
+So the memory beyond the returned gradients is one chunk of logits (192
+MiB at most by default). Two opt-ins trade it differently
+(:class:`LinearCrossEntropyOptions`): ``acc_policy="balanced"`` accumulates
+a 16-bit weight's gradient in an fp32 [V, D] buffer (rounded once; costs
+3 x the weight's size more at the peak), and ``chunking_method="lean"``
+uses chunks no larger than the input (at least 32 MiB). A Megatron-style
+fp32 ``main_grad`` gets the weight gradient added straight into it (no dW
+tensor at all).
+
+With ``overlap`` (CUDA only), each chunk's cross-entropy runs on a side
+stream in two halves, ordered by events (no host sync, capturable in a CUDA
+graph): the first half's under the second half's logits GEMM, the second
+half's under the first half's dX GEMM.
+
+The backward of ``reduction="mean"/"sum"`` multiplies the gradients the
+forward computed by grad_output IN PLACE (a launch that touches nothing
+when grad_output is 1, e.g. ``loss.backward()`` or a scale given ahead as
+``divisor``) and hands them out; a second backward over a retained graph
+gets new tensors, and the ones handed out never change. ``reduction="none"``
+cannot know its per-row grad_output in the forward, and dW sums over rows,
+so the forward computes only the loss and the backward recomputes each
+chunk's logits and gradient, scales the rows by grad_output before the
+GEMMs, and runs them (four GEMMs in all instead of three); so does a call
+with ``main_grad``, whose weight gradient must include grad_output. Without
+a gradient (eval, no_grad) each chunk is one GEMM and the loss kernel.
 
 Eagerly the op is a ``torch.autograd.Function``; while a graph is traced
 (``torch.compile(fullgraph=True)``, make_fx) it is the ``torch.library`` ops
 ``softmax_gpu::linear_cross_entropy_*`` with fake implementations; both run
-the same passes. On CPU without ``TRITON_INTERPRET=1`` the kernels are
-replaced by a torch reference with the same semantics; everything else
-(chunking, GEMMs) is shared. :class:`_ChunkLoss` is the only code here that
-touches the cross-entropy internals (launchers, launch configs, reference).
+the same passes (traced, the backward's grad_output scaling writes new
+tensors). On CPU without ``TRITON_INTERPRET=1`` the kernels are replaced by
+a torch reference with the same semantics; everything else (chunking,
+GEMMs) is shared. :class:`_ChunkLoss` is the only code here that touches the
+cross-entropy internals (launchers, launch configs, reference).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import NamedTuple, Optional
 
@@ -53,52 +73,146 @@ from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (backend_for, launch_device, launch_on, new_output, plan_cache,
                         remember, traced)
-from .cross_entropy import (_scalar_options, check_divisor, cross_entropy_config,
-                            cross_entropy_scale_config, reference_lse_grad)
+from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
+                            cross_entropy_config, cross_entropy_scale_config, reference_lse_grad)
 from .kernels import cross_entropy as K
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions"]
 
 
 # ----------------------------------------------------------------------------
-# Chunk size
+# Chunk plan
 # ----------------------------------------------------------------------------
 
-# Rows per chunk when memory allows. dW += dlogits^T @ X[chunk] is a GEMM with
-# K = rows that reads and writes the fp32 [V, D] accumulator once per chunk:
-# 2 * V * rows * D flops against 8 * V * D bytes, i.e. rows / 4 flops per
-# byte; H100/H200 bf16 need ~300, so 4096 rows keep that GEMM compute-bound
-# with a 3x margin (the fastest published anchor, QuACK, also uses 4096).
-GEMM_ROWS = 4096
-# Largest logits chunk (bytes) the default plan allocates: 2 GiB holds 4096
-# rows of a 151936-wide bf16 vocabulary (1.2 GB); wider rows get fewer.
-CHUNK_BYTES = 2 << 30
-# Never fewer rows than this many per multiprocessor: the loss kernel runs
-# one program per row on long rows, and each chunk is one launch.
-ROWS_PER_SM = 8
-# Chunks are balanced (equal up to this multiple) rather than leaving a
-# small last chunk.
+# Largest chunk of logits (bytes) of the default plan ("auto"). The memory a
+# call needs beyond its gradients is this one buffer: at 4096 tokens x 4096
+# hidden x 128256 vocabulary in bf16 the plan is 6 chunks of 704 rows
+# (0.17 GiB), for a peak of 1.18 GiB with the 0.98 GiB dW and 0.03 GiB dX.
+# Each chunk's dW += G^T X reads and writes the [V, D] gradient once: 2 V n D
+# flops against 4 V D bytes (bf16), n / 2 flops per byte, and an H200 needs
+# about 165 (790 TFLOP/s over 4.8 TB/s); 700 rows keep a 2x margin.
+CHUNK_BYTES = 192 << 20
+# The memory-first plan ("lean"): chunks of logits no larger than the input
+# [N, D] itself, and at least LEAN_BYTES: 128 rows at 4096 x 4096 x 128256
+# bf16, peak 1.04 GiB; its dW GEMMs are memory-bound there (n / 2 = 64 flops
+# per byte), about 1.5x the default's time (1.7x the floor). At 16384 tokens
+# 512 rows (as many chunks as Liger's, so the same bf16 accumulation error),
+# peak 1.23 GiB.
+LEAN_BYTES = 32 << 20
+# Chunks are balanced (equal up to this multiple of rows) rather than
+# leaving a small last chunk, and never fewer rows than MIN_ROWS.
 ROW_ALIGN = 64
+MIN_ROWS = 16
+# Whether the chunks' cross-entropy runs on a side CUDA stream by default.
+# Off until measured: see perf/NOTES.md.
+OVERLAP = False
+
+_CHUNKINGS = ("auto", "lean")
 
 
-def chunk_rows(N: int, V: int, elem_bytes: int, sm_count: int) -> int:
-    """Rows per chunk for N tokens of a V-wide vocabulary: GEMM_ROWS, fewer
-    when a chunk of logits would exceed CHUNK_BYTES, never fewer than
-    ROWS_PER_SM per multiprocessor; then balanced so that the chunks are of
-    equal size (rounded up to ROW_ALIGN)."""
-    rows = min(GEMM_ROWS, max(ROWS_PER_SM * sm_count, CHUNK_BYTES // max(1, V * elem_bytes)))
-    if N <= rows:
+def chunk_rows(N: int, V: int, elem_bytes: int, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk for N tokens of a V-wide vocabulary: as many as fit
+    ``budget`` bytes of logits (at least MIN_ROWS), cut into balanced chunks
+    whose size is a multiple of ROW_ALIGN (of MIN_ROWS when the budget holds
+    fewer than 4 ROW_ALIGN rows)."""
+    cap = max(MIN_ROWS, budget // max(1, V * elem_bytes))
+    if N <= cap:
         return max(N, 1)
+    align = ROW_ALIGN if cap >= 4 * ROW_ALIGN else MIN_ROWS
+    rows = cap // align * align
     chunks = -(-N // rows)
     per = -(-N // chunks)
-    return min(N, -(-per // ROW_ALIGN) * ROW_ALIGN)
+    return min(rows, -(-per // align) * align)
 
 
-def _plan(N: int, V: int, x: Tensor, chunk_size: int) -> int:
-    """``chunk_size`` when given (> 0), else :func:`chunk_rows` for ``x``'s device."""
+def aspect_rows(N: int, V: int, D: int, factor: int = 1) -> int:
+    """torch's ``chunking_method="aspect_ratio:factor"``: chunks whose logits
+    are about the size of the input, ``next_pow2(ceil(N / ceil(V / D)))``,
+    divided by ``factor`` (at least one row)."""
+    rows = -(-N // max(1, -(-V // max(D, 1))))
+    return max(1, (1 << max(0, rows - 1).bit_length()) // factor)
+
+
+def plan_rows(N: int, V: int, x: Tensor, chunk_size: int = 0, chunking: str = "auto") -> int:
+    """Rows per chunk for the [N, D] input ``x`` and a V-wide vocabulary:
+    ``chunk_size`` when given (> 0), else the plan named by ``chunking``
+    ("auto": :data:`CHUNK_BYTES` of logits; "lean": as many as the input
+    ``x`` holds, at least :data:`LEAN_BYTES`; "aspect_ratio[:k]":
+    :func:`aspect_rows`)."""
     if chunk_size > 0:
         return max(1, min(chunk_size, N))
-    return chunk_rows(N, V, x.element_size(), heuristics.sm_count(x.device))
+    if chunking.startswith("aspect_ratio"):
+        _, _, factor = chunking.partition(":")
+        return max(1, min(N, aspect_rows(N, V, x.shape[1], int(factor or 1))))
+    budget = CHUNK_BYTES
+    if chunking == "lean":
+        budget = min(CHUNK_BYTES, max(LEAN_BYTES, N * x.shape[1] * x.element_size()))
+    return chunk_rows(N, V, x.element_size(), budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropyOptions:
+    """Options of :func:`linear_cross_entropy`, field names as torch's
+    ``torch.nn.LinearCrossEntropyOptions`` (which is accepted as well, as is
+    any object with some of these attributes).
+
+    Attributes:
+        batch_chunk_size: rows per chunk (None: planned by ``chunking_method``).
+        chunking_method: ``"auto"`` (or None): speed first, chunks of at most
+            192 MiB of logits (704 rows at 4096 tokens x 128256 bf16; peak
+            1.18 GiB at 4096 x 4096 x 128256 with the 0.98 GiB dW).
+            ``"lean"``: memory first, chunks of logits no larger than the
+            input (at least 32 MiB): 128 rows there, peak 1.04 GiB; the dW
+            GEMM of so few rows is memory-bound, about 1.5x the time of
+            "auto" (predicted, see perf/NOTES.md); 512 rows at 16384 tokens
+            (peak 1.23 GiB, about the default's time).
+            ``"aspect_ratio"`` / ``"aspect_ratio:k"``: torch's rule, chunks
+            whose logits are about the input's size (divided by k).
+        acc_policy: how a bf16 / fp16 weight's gradient is accumulated over
+            the chunks. ``"auto"`` / ``"compact"``: in place in the returned
+            gradient (cuBLAS adds each chunk's fp32 product and rounds once
+            per chunk: no memory beyond dW). ``"balanced"`` / ``"accurate"``:
+            in an fp32 [V, D] buffer, rounded once at the end (the error of
+            eager's single GEMM), which costs 4 V D bytes while the chunks
+            run and 6 V D bytes (the fp32 buffer and the 16-bit result) at the
+            end: 2.9 GiB instead of 1.2 at 4096 x 4096 x 128256. fp32 / fp64
+            weights always accumulate in place in their own dtype.
+        overlap: run each chunk's cross-entropy on a side CUDA stream,
+            overlapped with the GEMMs (None: the library default,
+            ``OVERLAP``). Same results bit for bit; no effect on CPU.
+    """
+
+    batch_chunk_size: Optional[int] = None
+    chunking_method: Optional[str] = "auto"
+    acc_policy: str = "auto"
+    overlap: Optional[bool] = None
+
+
+_ACC32 = {"auto": False, "compact": False, "balanced": True, "accurate": True}
+
+
+def _check_options(options) -> tuple[int, str, bool, bool]:
+    """(rows per chunk or 0, chunking, fp32 accumulation, overlap) from an
+    options object (any object; missing attributes take the defaults)."""
+    if options is None:
+        return 0, "auto", False, OVERLAP
+    chunk = _check_chunk(getattr(options, "batch_chunk_size", None), "options.batch_chunk_size")
+    method = getattr(options, "chunking_method", "auto")
+    method = "auto" if method is None else method
+    ok = method in _CHUNKINGS
+    if isinstance(method, str) and method.startswith("aspect_ratio"):
+        _, sep, factor = method.partition(":")
+        ok = method == "aspect_ratio" or (sep and factor.isdigit() and int(factor) > 0)
+    if not ok:
+        raise ValueError(f"options.chunking_method must be 'auto', 'lean', 'aspect_ratio' or "
+                         f"'aspect_ratio:k' (k > 0) or None, got {method!r}")
+    policy = getattr(options, "acc_policy", "auto")
+    if policy not in _ACC32:
+        raise ValueError(f"options.acc_policy must be one of {sorted(_ACC32)}, got {policy!r}")
+    overlap = getattr(options, "overlap", None)
+    if overlap is not None and not isinstance(overlap, bool):
+        raise ValueError(f"options.overlap must be a bool or None, got {overlap!r}")
+    return chunk, method, _ACC32[policy], OVERLAP if overlap is None else overlap
 
 
 # ----------------------------------------------------------------------------
@@ -107,7 +221,9 @@ def _plan(N: int, V: int, x: Tensor, chunk_size: int) -> int:
 
 
 class _Spec(NamedTuple):
-    """A call's options, validated (cap 0: no softcap; chunk_size 0: planned)."""
+    """A call's options, validated (cap 0: no softcap; chunk_size 0: planned
+    by ``chunking``; ``acc32``: a 16-bit weight's gradient accumulated in
+    fp32; ``overlap``: the cross-entropy on a side CUDA stream)."""
 
     ignore_index: int
     reduction: str
@@ -116,6 +232,9 @@ class _Spec(NamedTuple):
     cap: float
     chunk_size: int
     divisor: Optional[float] = None  # a number divisor (a tensor one travels beside the spec)
+    chunking: str = "auto"
+    acc32: bool = False
+    overlap: bool = False
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -190,28 +309,26 @@ class _ChunkLoss:
             remember(_LAUNCHERS, key, launch)
         return launch
 
-    def loss_(self, z: Tensor, t: Tensor, write_grad: bool,
-              hit: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """The loss of the chunk ``z`` ([n, V] contiguous logits, targets
-        ``t`` [n]) and, when ``write_grad``, its gradient written over ``z``:
-        d(sum of the chunk's row losses)/dz. Returns (row losses [n] in fp32 /
-        fp64, already divided by the global denominators; lse [n] fp32).
+    def loss_(self, z: Tensor, t: Tensor, write_grad: bool, loss: Tensor, lse: Tensor,
+              state: Tensor, hit: Optional[Tensor] = None) -> None:
+        """The loss of the chunk ``z`` ([n, V] contiguous rows, targets ``t``
+        [n]) and, when ``write_grad``, its gradient written over ``z``:
+        d(sum of the chunk's row losses)/dz. Writes ``loss`` [n] (fp32 / fp64,
+        already divided by the global denominators), ``lse`` [n] fp32 and,
+        with ``write_grad``, the kernel's per-row scratch ``state`` [n] (ACC).
         ``hit`` ([n] int8, optional) gets 1 where the row is kept and its
-        target is an argmax of its logits, from the same pass."""
-        n = z.shape[0]
-        loss = new_output((n,), self.acc, z.device)
-        lse = new_output((n,), torch.float32, z.device)
-        if n == 0:
-            return loss, lse
+        target is an argmax of its logits, from the same pass. The outputs
+        are views of tensors allocated by the caller: nothing is allocated
+        here (the call may run on a side stream)."""
+        if z.shape[0] == 0:
+            return
         if not self.triton:
             _chunk_reference(z, t, self.w, self.spec, self.den, write_grad, loss, lse, hit)
-            return loss, lse
-        state = new_output((n,), self.acc, z.device) if write_grad else loss
+            return
         launch = self._launcher("grad" if write_grad else "loss", z, hit is not None)
         launch_on(self.dev, launch, z, t, self.w if self.w is not None else loss,
-                  self.den if self.den is not None else loss, z, loss, lse, state,
-                  loss if hit is None else hit)
-        return loss, lse
+                  self.den if self.den is not None else loss, z, loss, lse,
+                  state if write_grad else loss, loss if hit is None else hit)
 
     def lse_grad_(self, z: Tensor, lse: Tensor, scale: Tensor) -> None:
         """In place: row r of the logits ``z`` becomes scale[r] * d lse_r / dz
@@ -285,48 +402,220 @@ def _logits(x: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
 
 
 # Whether this process's torch accepts mm / addmm with bf16/fp16 operands and
-# out_dtype=float32 into an fp32 ``out`` on CUDA; learnt at the first call.
+# out_dtype=float32 into an fp32 ``out`` on CUDA (addmm: with the fp32
+# accumulator itself as the added input, which older torch refuses); learnt
+# at the first call, before any launch.
 _OUT_DTYPE_OK: dict[str, bool] = {}
+# Rows of the accumulator per fp32 product when addmm refuses (64 MiB each).
+SLAB_BYTES = 64 << 20
+
+
+def _try_out_dtype(op, *args, out: Tensor) -> bool:
+    """``op(*args, out_dtype=out.dtype, out=out)`` if this torch accepts it."""
+    if not _OUT_DTYPE_OK.get(op.__name__, True):
+        return False
+    try:
+        op(*args, out_dtype=out.dtype, out=out)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):  # checked before any launch
+        _OUT_DTYPE_OK[op.__name__] = False
+        return False
 
 
 def _accumulate(acc: Tensor, a: Tensor, b: Tensor, add: bool) -> None:
-    """acc <- a @ b (``add``: acc += a @ b) with fp32 (fp64) accumulation
-    whatever a and b's dtype, without a copy of the product.
+    """acc <- a @ b (``add``: acc += a @ b), in place, without a copy of the
+    product: the GEMM accumulates in fp32 (fp64) and rounds into ``acc`` once.
 
-    Same dtype: ``mm`` / ``addmm`` with ``out=acc``. bf16/fp16 operands on
-    CUDA: cuBLAS with ``out_dtype=float32`` (beta = 1 into ``acc`` to add).
-    Where that overload is missing or refuses an fp32 ``acc`` (older torch),
-    and on CPU, the operands are copied to the accumulator's dtype first
-    (one chunk-sized copy; the products are still exact in fp32)."""
-    op = torch.addmm if add else torch.mm
-    lead = (acc,) if add else ()
+    Same dtype: ``mm`` / ``addmm_`` into ``acc`` (a bf16 ``acc`` is rounded
+    once per call). bf16/fp16 operands into an fp32 ``acc`` on CUDA: cuBLAS
+    with ``out_dtype=float32`` (beta = 1 into ``acc`` to add). Where addmm
+    refuses that (older torch), the product goes through fp32 slabs of
+    SLAB_BYTES (``mm(out_dtype=float32)``, then ``add_``: one more fp32
+    rounding and twice the accumulator's traffic). On CPU, the operands are
+    copied to the accumulator's dtype first (one chunk-sized copy; the
+    products are still exact in fp32)."""
     if a.dtype == acc.dtype:
-        op(*lead, a, b, out=acc)
-        return
-    if acc.is_cuda and _OUT_DTYPE_OK.get(op.__name__, True):
-        try:
-            op(*lead, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):  # checked before any launch
-            _OUT_DTYPE_OK[op.__name__] = False
-    op(*lead, a.to(acc.dtype), b.to(acc.dtype), out=acc)
-
-
-def _backprop(g: Tensor, x: Tensor, w: Tensor, dx: Optional[Tensor], dw: Optional[Tensor],
-              db: Optional[Tensor], add_acc: bool) -> None:
-    """From one chunk's logits gradient ``g`` [n, V]: dx (the chunk's rows) =
-    g @ w; dw = g^T @ x and db = the column sums of g, in fp32, added to the
-    accumulators when ``add_acc`` (the first chunk writes them: no zero fill,
-    no read)."""
-    if dx is not None:
-        torch.mm(g, w, out=dx)
-    if dw is not None:
-        _accumulate(dw, g.t(), x, add_acc)
-    if db is not None:
-        if add_acc:
-            db.add_(g.sum(0, dtype=db.dtype))
+        if add:
+            acc.addmm_(a, b)
         else:
-            torch.sum(g, 0, dtype=db.dtype, out=db)
+            torch.mm(a, b, out=acc)
+        return
+    if acc.is_cuda:
+        if _try_out_dtype(torch.addmm if add else torch.mm, *((acc,) if add else ()), a, b,
+                          out=acc):
+            return
+        if add:  # addmm refused the fp32 accumulator as its input: fp32 slabs
+            step = max(1, SLAB_BYTES // max(1, acc.shape[1] * acc.element_size()))
+            slab = acc.new_empty((min(step, acc.shape[0]), acc.shape[1]))
+            for r in range(0, acc.shape[0], step):
+                part = acc[r: r + step]
+                if not _try_out_dtype(torch.mm, a[r: r + step], b, out=slab[: part.shape[0]]):
+                    break  # (only ever at the first slab)
+                part.add_(slab[: part.shape[0]])
+            else:
+                return
+    a, b = a.to(acc.dtype), b.to(acc.dtype)
+    if add:
+        acc.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=acc)
+
+
+class _Grads(NamedTuple):
+    """Where one pass's gradients go: dx [N, D] (input dtype), dw [V, D] and
+    db [V] accumulators; None for a gradient not asked. ``dw_add``: dw is a
+    caller's buffer (``main_grad``) that every chunk adds into, never
+    overwrites."""
+
+    dx: Optional[Tensor]
+    dw: Optional[Tensor]
+    db: Optional[Tensor]
+    dw_add: bool = False
+
+
+def _weight_grad_dtype(w: Tensor, acc32: bool) -> torch.dtype:
+    """The dtype dW is accumulated in: the weight's, or fp32 for a 16-bit
+    weight with ``acc32``."""
+    return torch.float32 if acc32 and w.element_size() < 4 else w.dtype
+
+
+def _grad_buffers(x: Tensor, w: Tensor, b: Optional[Tensor], needs, acc32: bool = False,
+                  main_grad: Optional[Tensor] = None) -> _Grads:
+    """The gradient accumulators of one pass: dx in the input's dtype; dw in
+    the weight's dtype (fp32 for a 16-bit weight with ``acc32``), or
+    ``main_grad`` itself, added into; db in fp32 (fp64); None where not
+    needed. The chunks write every element of dx and of the first chunk's
+    dw and db (no zero fill), except for an empty batch (zeros)."""
+    N, D = x.shape
+    V = w.shape[0]
+
+    def alloc(shape, dtype):  # poisoned in the tests: the chunks must write every element
+        return new_output(shape, dtype, x.device) if N else torch.zeros(shape, dtype=dtype,
+                                                                         device=x.device)
+
+    dx = alloc((N, D), x.dtype) if needs[0] else None
+    if not needs[1]:
+        dw = None
+    elif main_grad is not None:
+        dw = main_grad
+    else:
+        dw = alloc((V, D), _weight_grad_dtype(w, acc32))
+    db = alloc((V,), _acc(x.dtype)) if needs[2] and b is not None else None
+    return _Grads(dx, dw, db, main_grad is not None)
+
+
+def _input_grad(g: Tensor, w: Tensor, out: Tensor) -> None:
+    """out <- g @ w: rows of dX from their logits gradient (input dtype)."""
+    torch.mm(g, w, out=out)
+
+
+def _backprop(g: Tensor, x: Tensor, w: Tensor, grads: _Grads, first: bool) -> None:
+    """The weight and bias gradients of one chunk's logits gradient ``g``
+    [n, V] (input rows ``x`` [n, D]):
+    dw += g^T @ x and db += the column sums of g, in place (the first chunk
+    writes them, unless dw is a caller's buffer, which is always added to)."""
+    if grads.dw is not None:
+        _accumulate(grads.dw, g.t(), x, add=grads.dw_add or not first)
+    if grads.db is not None:
+        if first:
+            torch.sum(g, 0, dtype=grads.db.dtype, out=grads.db)
+        else:
+            grads.db.add_(g.sum(0, dtype=grads.db.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Streams: where each chunk's cross-entropy runs
+# ----------------------------------------------------------------------------
+
+# One side stream per CUDA device, made at the first overlapped call (warm a
+# call up before capturing it in a CUDA graph).
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+
+
+class _Lanes:
+    """Where a chunk's memory-bound cross-entropy runs relative to its
+    compute-bound GEMMs.
+
+    Serial (CPU, or overlap off): everything in order on the current stream,
+    each chunk's cross-entropy in one piece. Overlapped (CUDA with
+    ``overlap``): each chunk is cut in two halves; the cross-entropy of a
+    half runs on a side stream once its logits GEMM is done (an event
+    recorded on the main stream), and the main stream waits for it (an event
+    recorded on the side stream) before that half's backprop GEMMs. Nothing
+    is allocated on the side stream and every side-stream launch is waited
+    for by the main stream before the pass returns, so the caching allocator
+    needs no ``record_stream`` and a CUDA graph capture forks and joins
+    cleanly. No host sync."""
+
+    def __init__(self, device: torch.device, overlap: bool):
+        self.on = overlap and device.type == "cuda"
+        if self.on:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.main = torch.cuda.current_stream(index)
+            side = _SIDE_STREAMS.get(index)
+            if side is None:
+                side = _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+            self.side = side
+
+    def parts(self, n: int) -> list[slice]:
+        """The row ranges of an n-row chunk whose cross-entropy runs as one piece."""
+        if not self.on or n < 2:
+            return [slice(0, n)]
+        return [slice(0, n // 2), slice(n // 2, n)]
+
+    def cross_entropy(self):
+        """Context for a part's cross-entropy: on the side stream after the
+        main stream's work so far (serial: a no-op)."""
+        if not self.on:
+            return contextlib.nullcontext()
+        ready = torch.cuda.Event()
+        ready.record(self.main)
+        self.side.wait_event(ready)
+        return torch.cuda.stream(self.side)
+
+    def mark(self):
+        """An event after the side stream's work so far (serial: None)."""
+        if not self.on:
+            return None
+        done = torch.cuda.Event()
+        done.record(self.side)
+        return done
+
+    def wait(self, done) -> None:
+        """The main stream waits for ``done`` (from :meth:`mark`)."""
+        if done is not None:
+            self.main.wait_event(done)
+
+
+def _sweep(x: Tensor, w: Tensor, b: Optional[Tensor], spec: _Spec, loss_fn,
+           grads: Optional[_Grads]) -> None:
+    """The chunk loop of every pass. Per chunk of rows: the logits GEMM into
+    a reused [chunk, V] buffer, ``loss_fn(z, rows)`` on each part of it (the
+    cross-entropy, in place; ``rows``: the part's rows of the call), then,
+    with ``grads``, dX[rows] = z @ W per part and dW, db accumulated over the
+    whole chunk (:func:`_backprop`). See :class:`_Lanes` for the order."""
+    N, V = x.shape[0], w.shape[0]
+    if N == 0:
+        return
+    rows = plan_rows(N, V, x, spec.chunk_size, spec.chunking)
+    buf = x.new_empty((min(rows, N), V))
+    lanes = _Lanes(x.device, spec.overlap)
+    for i, start in enumerate(range(0, N, rows)):
+        sl = slice(start, min(N, start + rows))
+        z, xs = buf[: sl.stop - start], x[sl]
+        parts = lanes.parts(sl.stop - start)
+        marks = []
+        for p in parts:
+            _logits(xs[p], w, b, z[p])
+            with lanes.cross_entropy():
+                loss_fn(z[p], slice(start + p.start, start + p.stop))
+            marks.append(lanes.mark())
+        for p, done in zip(parts, marks):
+            lanes.wait(done)
+            if grads is not None and grads.dx is not None:
+                _input_grad(z[p], w, grads.dx[start + p.start: start + p.stop])
+        if grads is not None:
+            _backprop(z, xs, w, grads, first=i == 0)
 
 
 # ----------------------------------------------------------------------------
@@ -334,94 +623,74 @@ def _backprop(g: Tensor, x: Tensor, w: Tensor, dx: Optional[Tensor], dw: Optiona
 # ----------------------------------------------------------------------------
 
 
-def _grad_buffers(x, w, b, needs):
-    """dx (input dtype), and the fp32 (fp64) dw and db accumulators; empty
-    tensors for the gradients not needed."""
-    N, D = x.shape
-    V = w.shape[0]
-    acc = _acc(x.dtype)
-
-    def alloc(shape, dtype):  # the chunks write every element (poisoned in the tests)
-        return new_output(shape, dtype, x.device) if N else torch.zeros(shape, dtype=dtype,
-                                                                         device=x.device)
-
-    dx = alloc((N, D) if needs[0] else (0,), x.dtype)
-    dw = alloc((V, D) if needs[1] else (0,), acc)
-    db = alloc((V,) if needs[2] and b is not None else (0,), acc)
-    return dx, dw, db
-
-
-def _chunks(N: int, V: int, x: Tensor, spec: _Spec):
-    """(row slices, a reused [rows, V] logits buffer)."""
-    rows = _plan(N, V, x, spec.chunk_size)
-    buf = x.new_empty((min(rows, N), V))
-    return [slice(r, min(N, r + rows)) for r in range(0, N, rows)], buf
-
-
-def _outs(dx, dw, db, rows: slice):
-    return (dx[rows] if dx.numel() else None, dw if dw.numel() else None,
-            db if db.numel() else None)
+def _precomputes(spec: _Spec, main_grad: Optional[Tensor]) -> bool:
+    """Whether the forward computes the gradients (mean / sum without
+    ``main_grad``); else the backward recomputes the logits."""
+    return spec.reduction != "none" and main_grad is None
 
 
 def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = False,
-             div_t: Optional[Tensor] = None):
-    """(loss, lse, dx, dw, db, hits): the loss (0-d for mean / sum, [N] for
-    none, in fp32 / fp64), lse [N] fp32, and for mean / sum the gradients
-    ``needs`` asks for (dx in the input's dtype, dw and db in fp32 / fp64;
-    empty otherwise), chunk by chunk; ``hits`` [N] int8 (``want_hits``: 1
-    where the row is kept and its target is an argmax; else empty). The
+             div_t: Optional[Tensor] = None, main_grad: Optional[Tensor] = None):
+    """(loss, lse, grads, hits): the loss (0-d for mean / sum, [N] for none,
+    in fp32 / fp64), lse [N] fp32, and for mean / sum without ``main_grad``
+    the gradients ``needs`` asks for (:class:`_Grads`: dx in the input's
+    dtype, dw in the weight's or fp32 with ``spec.acc32``, db in fp32 /
+    fp64; None otherwise), chunk by chunk; ``hits`` [N] int8 (``want_hits``:
+    1 where the row is kept and its target is an argmax; else empty). The
     loss and gradients are divided by the divisor (``spec.divisor`` or the
     one-element tensor ``div_t``)."""
     N = x.shape[0]
     V = w.shape[0]
     t = target.contiguous()
     kern = _ChunkLoss(x, t, weight, V, spec, div_t)
-    grad = any(needs) and spec.reduction != "none"
-    dx, dw, db = _grad_buffers(x, w, b, needs if grad else (False,) * 3)
-    slices, buf = _chunks(N, V, x, spec)
-    losses, lses = [], []
+    grad = any(needs) and _precomputes(spec, main_grad)
+    grads = _grad_buffers(x, w, b, needs, spec.acc32) if grad else None
+    loss = new_output((N,), kern.acc, x.device)
+    lse = new_output((N,), torch.float32, x.device)
+    state = new_output((N,), kern.acc, x.device) if grad else loss
     hits = new_output((N if want_hits else 0,), torch.int8, x.device)
-    for i, sl in enumerate(slices):
-        z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
-        loss, lse = kern.loss_(z, t[sl], grad, hits[sl] if want_hits else None)
-        losses.append(loss)
-        lses.append(lse)
-        if grad:
-            _backprop(z, x[sl], w, *_outs(dx, dw, db, sl), add_acc=i > 0)
-    loss = torch.cat(losses) if losses else x.new_empty(0, dtype=_acc(x.dtype))
-    lse = torch.cat(lses) if lses else x.new_empty(0, dtype=torch.float32)
+
+    def loss_fn(z, rows):
+        kern.loss_(z, t[rows], grad, loss[rows], lse[rows], state[rows],
+                   hits[rows] if want_hits else None)
+
+    _sweep(x, w, b, spec, loss_fn, grads)
     if spec.reduction != "none":
         loss = loss.sum()
         if spec.reduction == "mean" and N == 0:
             loss = loss * math.nan  # the mean of no rows, as torch
-    return loss, lse, dx, dw, db, hits
+    return loss, lse, grads, hits
 
 
 def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, needs,
-               div_t: Optional[Tensor] = None):
+               div_t: Optional[Tensor] = None, main_grad: Optional[Tensor] = None) -> _Grads:
     """The backward's pass over the chunks: recompute each chunk's logits and
-    turn them into row_scale[r] * d(loss_r)/dz (``reduction="none"``: the
-    rows are scaled before the GEMMs) or, when ``row_scale`` is None, into
+    turn them into row_scale[r] * d(loss_r)/dz (the loss's gradient: the rows
+    are scaled before the GEMMs) or, when ``row_scale`` is None, into
     lse_scale[r] * d(lse_r)/dz (``lse``: the forward's), then backpropagate
-    through the GEMMs. Returns (dx in the input's dtype, dw and db in fp32 /
-    fp64), empty where not asked."""
+    through the GEMMs. Returns the :class:`_Grads` (dw is ``main_grad``,
+    added into, when given)."""
     N = x.shape[0]
     V = w.shape[0]
     t = target.contiguous()
     loss_term = row_scale is not None
     kern = _ChunkLoss(x, t, weight, V, spec, div_t) if loss_term else \
         _ChunkLoss(x, t, None, V, spec._replace(reduction="sum", divisor=None))
-    dx, dw, db = _grad_buffers(x, w, b, needs)
-    slices, buf = _chunks(N, V, x, spec)
-    for i, sl in enumerate(slices):
-        z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
+    grads = _grad_buffers(x, w, b, needs, spec.acc32, main_grad)
+    if loss_term:  # the kernel's loss, lse and state, not used here
+        scratch = (new_output((N,), kern.acc, x.device),
+                   new_output((N,), torch.float32, x.device), new_output((N,), kern.acc, x.device))
+        row_scale = row_scale.to(kern.acc)
+
+    def loss_fn(z, rows):
         if loss_term:
-            kern.loss_(z, t[sl], True)
-            z.mul_(row_scale[sl, None])
+            kern.loss_(z, t[rows], True, *(v[rows] for v in scratch))
+            z.mul_(row_scale[rows, None])
         else:
-            kern.lse_grad_(z, lse[sl], lse_scale[sl])
-        _backprop(z, x[sl], w, *_outs(dx, dw, db, sl), add_acc=i > 0)
-    return dx, dw, db
+            kern.lse_grad_(z, lse[rows], lse_scale[rows])
+
+    _sweep(x, w, b, spec, loss_fn, grads)
+    return grads
 
 
 # ----------------------------------------------------------------------------
@@ -430,44 +699,93 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
 # softmax_gpu::linear_cross_entropy_* (opaque to the tracer, with fake
 # implementations). Both share the helpers below.
 #
-# Gradients handed out are new tensors, never changed afterwards: a later
-# backward over a retained graph computes new ones from the saved state.
+# Gradients handed out never change afterwards: the first backward of mean /
+# sum scales the forward's gradients in place and hands them out; a later
+# backward over a retained graph computes new tensors from them.
 # ----------------------------------------------------------------------------
 
 
-def _save(ctx, x, w, b, t, cw, grads, spec: _Spec, needs, div_t=None) -> None:
+def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
+    """g's rows *= go / state[row] in place where they differ; state <- go.
+    A launch that reads two scalars per row when grad_output is already
+    applied (e.g. 1 for ``loss.backward()``)."""
+    if backend_for(g) == "triton":
+        _scale_(g, state, go)
+        return
+    go = go.to(state.dtype)
+    g.mul_((go / state)[:, None])
+    state.copy_(go.expand_as(state))
+
+
+def _rescaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
+    """A new tensor: g's rows times go / state[row] (g and state untouched)."""
+    if backend_for(g) == "triton":
+        return _scaled(g, state, go)
+    return (g.to(state.dtype) * (go.to(state.dtype) / state)[:, None]).to(g.dtype)
+
+
+def _save(ctx, x, w, b, t, cw, grads: Optional[_Grads], spec: _Spec, needs, div_t=None,
+          main_grad=None) -> None:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
-    if spec.reduction == "none":  # the backward recomputes from the inputs
+    # not saved for backward: other users may add into it before this backward
+    ctx.main_grad = main_grad
+    ctx.precomputed = _precomputes(spec, main_grad)
+    ctx.states = {}  # per-row factors already applied in place (first backward)
+    if ctx.precomputed:  # the backward only scales the gradients the forward computed
+        ctx.save_for_backward(*(grads[:3] if grads is not None else (None,) * 3))
+    else:  # the backward recomputes from the inputs
         ctx.save_for_backward(x, w, b, t, cw, div_t)
-    else:  # the backward only scales the gradients the forward computed
-        ctx.save_for_backward(*grads)
 
 
-def _finish(ctx, dx, dw, db, scale: Optional[Tensor] = None):
-    """The gradients autograd receives: new tensors in the parameters' dtypes,
-    ``scale`` (grad_output) applied, dw and db cast once from fp32."""
+def _hand_out(ctx, dx, dw, db) -> tuple:
+    """The recomputed gradients as autograd gets them: in the parameters'
+    dtypes (dw and db cast from their accumulators where those differ);
+    None for the weight when its gradient went into ``main_grad``."""
     def out(g, need, dtype):
-        if not need:
-            return None
-        if scale is None:
-            return g.to(dtype)
-        return torch.mul(g, scale, out=g.new_empty(g.shape, dtype=dtype))
+        return g.to(dtype) if need and g is not None else None
 
-    return (out(dx, ctx.needs[0], ctx.dtypes[0]), out(dw, ctx.needs[1], ctx.dtypes[1]),
+    return (out(dx, ctx.needs[0], ctx.dtypes[0]),
+            out(dw, ctx.needs[1] and ctx.main_grad is None, ctx.dtypes[1]),
             out(db, ctx.needs[2], ctx.dtypes[2]))
+
+
+def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
+    """The forward's gradients times grad_output ``go``, in the parameters'
+    dtypes. Eagerly, the first backward scales dx and dw in place when they
+    are in the parameters' dtypes and hands them out; any later backward (and
+    a traced one, and the fp32 accumulators) writes new tensors."""
+    in_place = not traced(go)
+    out = []
+    for key, g, need, dtype in (("x", dx, ctx.needs[0], ctx.dtypes[0]),
+                                ("w", dw, ctx.needs[1], ctx.dtypes[1]),
+                                ("b", db, ctx.needs[2], ctx.dtypes[2])):
+        if not need or g is None:
+            out.append(None)
+        elif not in_place or g.dtype != dtype or g.dim() != 2:
+            out.append(torch.mul(g, go, out=g.new_empty(g.shape, dtype=dtype)))
+        elif key in ctx.states:  # handed out already: it stays as it is
+            out.append(_rescaled(g, ctx.states[key], go))
+        else:
+            state = ctx.states[key] = torch.ones(g.shape[0], dtype=_acc(g.dtype),
+                                                 device=g.device)
+            _rescale_(g, state, go)
+            out.append(g)
+    return tuple(out)
 
 
 def _loss_grads(ctx, d_loss, recompute) -> tuple:
     """(d input, d linear_weight, d linear_bias) from the loss's grad_output."""
     if d_loss is None or not any(ctx.needs):
         return None, None, None
-    if ctx.spec.reduction == "none":
-        x, w, b, t, cw, div_t = ctx.saved_tensors
-        return _finish(ctx, *recompute(x, w, b, t, cw, ctx.spec, d_loss.reshape(-1), None, None,
-                                       ctx.needs, div_t))
-    return _finish(ctx, *ctx.saved_tensors, scale=d_loss)
+    if ctx.precomputed:
+        return _scale_out(ctx, *ctx.saved_tensors, d_loss)
+    x, w, b, t, cw, div_t = ctx.saved_tensors
+    row_scale = d_loss.reshape(-1) if ctx.spec.reduction == "none" else \
+        d_loss.reshape(1).expand(x.shape[0])
+    return _hand_out(ctx, *recompute(x, w, b, t, cw, ctx.spec, row_scale, None, None, ctx.needs,
+                                     div_t, ctx.main_grad)[:3])
 
 
 def _lse_grads(ctx, d_lse, recompute) -> tuple:
@@ -475,14 +793,15 @@ def _lse_grads(ctx, d_lse, recompute) -> tuple:
     if d_lse is None or not any(ctx.needs):
         return None, None, None
     x, w, b, t, lse = ctx.saved_tensors
-    return _finish(ctx, *recompute(x, w, b, t, None, ctx.spec, None, lse, d_lse.reshape(-1),
-                                   ctx.needs))
+    return _hand_out(ctx, *recompute(x, w, b, t, None, ctx.spec, None, lse, d_lse.reshape(-1),
+                                     ctx.needs, None, ctx.main_grad)[:3])
 
 
-def _save_lse(ctx, x, w, b, t, lse, spec, needs) -> None:
+def _save_lse(ctx, x, w, b, t, lse, spec, needs, main_grad) -> None:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
+    ctx.main_grad = main_grad
     ctx.save_for_backward(x, w, b, t, lse)
 
 
@@ -491,31 +810,48 @@ class _LinearCEFunction(torch.autograd.Function):
     gradients); the backward scales or recomputes them."""
 
     @staticmethod
-    def forward(ctx, x, w, b, t, cw, spec, needs, want_hits, div_t):
-        loss, lse, dx, dw, db, hits = _forward(x, w, b, t, cw, spec, needs, want_hits, div_t)
+    def forward(ctx, x, w, b, t, cw, spec, needs, want_hits, div_t, main_grad):
+        loss, lse, grads, hits = _forward(x, w, b, t, cw, spec, needs, want_hits, div_t,
+                                          main_grad)
         ctx.mark_non_differentiable(lse, hits)
         ctx.set_materialize_grads(False)
-        _save(ctx, x, w, b, t, cw, (dx, dw, db), spec, needs, div_t)
+        _save(ctx, x, w, b, t, cw, grads, spec, needs, div_t, main_grad)
         return loss, lse, hits
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_loss, d_lse, d_hits):
-        return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None, None)
+        return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None, None, None)
 
 
 class _LseFunction(torch.autograd.Function):
     """A copy of the lse whose backward flows through the GEMMs."""
 
     @staticmethod
-    def forward(ctx, lse, x, w, b, t, spec, needs):
-        _save_lse(ctx, x, w, b, t, lse, spec, needs)
+    def forward(ctx, lse, x, w, b, t, spec, needs, main_grad):
+        _save_lse(ctx, x, w, b, t, lse, spec, needs, main_grad)
         return lse.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_lse):
-        return (None, *_lse_grads(ctx, d_lse, _recompute), None, None, None)
+        return (None, *_lse_grads(ctx, d_lse, _recompute), None, None, None, None)
+
+
+def _tensors(grads: Optional[_Grads], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) for an op's outputs: an empty (0,) tensor for each
+    gradient not computed, and for a dw that went into ``main_grad``."""
+    empty = lambda: x.new_empty((0,))  # noqa: E731
+    if grads is None:
+        return empty(), empty(), empty()
+    return (grads.dx if grads.dx is not None else empty(),
+            grads.dw if grads.dw is not None and not grads.dw_add else empty(),
+            grads.db if grads.db is not None else empty())
+
+
+def _present(g: Tensor) -> Optional[Tensor]:
+    """None for the (0,) marker of :func:`_tensors`."""
+    return None if g.dim() == 1 and g.numel() == 0 else g
 
 
 @torch.library.custom_op("softmax_gpu::linear_cross_entropy_forward", mutates_args=())
@@ -525,88 +861,108 @@ def linear_cross_entropy_forward(
     z_loss: float, softcap: float, chunk_size: int, need_input_grad: bool,
     need_weight_grad: bool, need_bias_grad: bool, want_hits: bool,
     divisor: Optional[float] = None, divisor_t: Optional[Tensor] = None,
+    chunking: str = "auto", acc32: bool = False, overlap: bool = False,
+    main_grad: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
 
     input [N, D], linear_weight [V, D], linear_bias [V] or None (all one
     float dtype), target [N] integer class indices, weight [V] or None.
-    softcap 0: none; chunk_size 0: planned. Returns ``(loss, lse, dx, dw, db)``:
-    loss 0-d (mean / sum) or [N] (none) in fp32 (fp64 for fp64 input), lse
-    [N] fp32, and for mean / sum when asked the gradients of the loss: dx
-    [N, D] in the input's dtype, dw [V, D] and db [V] in fp32 (fp64);
-    gradients not computed are empty; and hits [N] int8 (``want_hits``: 1
-    where the row is kept and its target is an argmax; else empty). The loss
-    and gradients are divided by ``divisor`` (or the one-element ``divisor_t``)
-    when given."""
-    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, divisor)
-    return _forward(input, linear_weight, linear_bias, target, weight, spec,
-                    (need_input_grad, need_weight_grad, need_bias_grad), want_hits, divisor_t)
+    softcap 0: none; chunk_size 0: planned by ``chunking``. Returns
+    ``(loss, lse, dx, dw, db, hits)``: loss 0-d (mean / sum) or [N] (none) in
+    fp32 (fp64 for fp64 input), lse [N] fp32, and for mean / sum without
+    ``main_grad`` (which only the backward uses) the gradients of the loss
+    when asked: dx [N, D] in the input's dtype, dw [V, D] in the weight's
+    (fp32 for a 16-bit weight with ``acc32``), db [V] in fp32 (fp64);
+    gradients not computed are empty (0,); and hits [N] int8 (``want_hits``:
+    1 where the row is kept and its target is an argmax; else empty). The
+    loss and gradients are divided by ``divisor`` (or the one-element
+    ``divisor_t``) when given."""
+    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, divisor,
+                 chunking, acc32, overlap)
+    loss, lse, grads, hits = _forward(input, linear_weight, linear_bias, target, weight, spec,
+                                      (need_input_grad, need_weight_grad, need_bias_grad),
+                                      want_hits, divisor_t, main_grad)
+    return (loss, lse, *_tensors(grads, input), hits)
 
 
-def _fake_grads(x, w, b, needs):
+def _fake_grads(x, w, b, needs, acc32, main_grad=None):
     N, D = x.shape
     V = w.shape[0]
-    acc = _acc(x.dtype)
     return (x.new_empty((N, D) if needs[0] else (0,)),
-            x.new_empty((V, D) if needs[1] else (0,), dtype=acc),
-            x.new_empty((V,) if needs[2] and b is not None else (0,), dtype=acc))
+            x.new_empty((V, D) if needs[1] and main_grad is None else (0,),
+                        dtype=_weight_grad_dtype(w, acc32)),
+            x.new_empty((V,) if needs[2] and b is not None else (0,), dtype=_acc(x.dtype)))
 
 
 @linear_cross_entropy_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
       label_smoothing, z_loss, softcap, chunk_size, need_input_grad, need_weight_grad,
-      need_bias_grad, want_hits, divisor=None, divisor_t=None):
+      need_bias_grad, want_hits, divisor=None, divisor_t=None, chunking="auto", acc32=False,
+      overlap=False, main_grad=None):
     N = input.shape[0]
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=_acc(input.dtype))
-    grad = reduction != "none"
+    grad = reduction != "none" and main_grad is None
     needs = (grad and need_input_grad, grad and need_weight_grad, grad and need_bias_grad)
     return (loss, input.new_empty((N,), dtype=torch.float32),
-            *_fake_grads(input, linear_weight, linear_bias, needs),
+            *_fake_grads(input, linear_weight, linear_bias, needs, acc32),
             input.new_empty((N if want_hits else 0,), dtype=torch.int8))
 
 
-@torch.library.custom_op("softmax_gpu::linear_cross_entropy_backward", mutates_args=())
+@torch.library.custom_op("softmax_gpu::linear_cross_entropy_backward", mutates_args=("main_grad",))
 def linear_cross_entropy_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
     weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
     z_loss: float, softcap: float, chunk_size: int, row_scale: Optional[Tensor],
     lse: Optional[Tensor], lse_scale: Optional[Tensor], need_input_grad: bool,
     need_weight_grad: bool, need_bias_grad: bool, divisor: Optional[float] = None,
-    divisor_t: Optional[Tensor] = None,
+    divisor_t: Optional[Tensor] = None, chunking: str = "auto", acc32: bool = False,
+    overlap: bool = False, main_grad: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``sum_r row_scale[r] * loss_r`` (``reduction="none"``)
-    or, when ``row_scale`` is None, of ``sum_r lse_scale[r] * lse_r``
-    (``lse``: the forward's), by recomputing each chunk of logits. Returns
-    (dx in the input's dtype, dw and db in fp32 / fp64), empty where not
-    asked."""
-    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, divisor)
-    return _recompute(input, linear_weight, linear_bias, target, weight, spec, row_scale, lse,
-                      lse_scale, (need_input_grad, need_weight_grad, need_bias_grad), divisor_t)
+    """Gradients of ``sum_r row_scale[r] * loss_r`` or, when ``row_scale`` is
+    None, of ``sum_r lse_scale[r] * lse_r`` (``lse``: the forward's), by
+    recomputing each chunk of logits. Returns (dx in the input's dtype, dw
+    in the weight's or fp32 with ``acc32``, db in fp32 / fp64), empty (0,)
+    where not asked; with ``main_grad`` the weight's gradient is added into
+    it instead (dw empty)."""
+    spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, divisor,
+                 chunking, acc32, overlap)
+    grads = _recompute(input, linear_weight, linear_bias, target, weight, spec, row_scale, lse,
+                       lse_scale, (need_input_grad, need_weight_grad, need_bias_grad), divisor_t,
+                       main_grad)
+    return _tensors(grads, input)
 
 
 @linear_cross_entropy_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
       label_smoothing, z_loss, softcap, chunk_size, row_scale, lse, lse_scale, need_input_grad,
-      need_weight_grad, need_bias_grad, divisor=None, divisor_t=None):
+      need_weight_grad, need_bias_grad, divisor=None, divisor_t=None, chunking="auto",
+      acc32=False, overlap=False, main_grad=None):
     return _fake_grads(input, linear_weight, linear_bias,
-                       (need_input_grad, need_weight_grad, need_bias_grad))
+                       (need_input_grad, need_weight_grad, need_bias_grad), acc32, main_grad)
 
 
-def _recompute_op(x, w, b, t, cw, spec, row_scale, lse, lse_scale, needs, div_t=None):
-    """:func:`_recompute` through the traced op."""
-    return linear_cross_entropy_backward(x, w, b, t, cw, *spec[:6], row_scale, lse, lse_scale,
-                                         *needs, spec.divisor, div_t)
+def _recompute_op(x, w, b, t, cw, spec, row_scale, lse, lse_scale, needs, div_t=None,
+                  main_grad=None):
+    """:func:`_recompute` through the traced op: (dx, dw, db), None where absent."""
+    out = linear_cross_entropy_backward(x, w, b, t, cw, *spec[:6], row_scale, lse, lse_scale,
+                                        *needs, spec.divisor, div_t, spec.chunking, spec.acc32,
+                                        spec.overlap, main_grad)
+    return tuple(_present(g) for g in out)
 
 
 def _op_setup(ctx, inputs, output):
-    x, w, b, t, cw, *options, nx, nw, nb, _, divisor, div_t = inputs
+    (x, w, b, t, cw, *options, nx, nw, nb, _, divisor, div_t, chunking, acc32, overlap,
+     main_grad) = inputs
     _, lse, dx, dw, db, hits = output
     ctx.mark_non_differentiable(lse, dx, dw, db, hits)
-    _save(ctx, x, w, b, t, cw, (dx, dw, db), _Spec(*options, divisor), (nx, nw, nb), div_t)
+    spec = _Spec(*options, divisor, chunking, acc32, overlap)
+    grads = _Grads(_present(dx), _present(dw), _present(db))
+    _save(ctx, x, w, b, t, cw, grads, spec, (nx, nw, nb), div_t, main_grad)
 
 
 def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db, d_hits):
-    return (*_loss_grads(ctx, d_loss, _recompute_op),) + (None,) * 14
+    return (*_loss_grads(ctx, d_loss, _recompute_op),) + (None,) * 18
 
 
 linear_cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_setup)
@@ -616,29 +972,37 @@ linear_cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_s
 def linear_cross_entropy_lse(
     lse: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
     target: Tensor, softcap: float, chunk_size: int, need_input_grad: bool,
-    need_weight_grad: bool, need_bias_grad: bool,
+    need_weight_grad: bool, need_bias_grad: bool, chunking: str = "auto", acc32: bool = False,
+    overlap: bool = False, main_grad: Optional[Tensor] = None,
 ) -> Tensor:
     """A copy of ``lse`` (the per-row log-sum-exp of the forward) whose
     backward is d(lse)/d(input, linear_weight, linear_bias): each chunk's
     logits are recomputed, turned into grad_lse[r] * softmax(z_r) and
-    backpropagated through the GEMMs. It runs only when the lse takes part in
-    what is differentiated."""
+    backpropagated through the GEMMs (the weight's part added into
+    ``main_grad`` when given). It runs only when the lse takes part in what
+    is differentiated."""
     return lse.clone()
 
 
 @linear_cross_entropy_lse.register_fake
 def _(lse, input, linear_weight, linear_bias, target, softcap, chunk_size, need_input_grad,
-      need_weight_grad, need_bias_grad):
+      need_weight_grad, need_bias_grad, chunking="auto", acc32=False, overlap=False,
+      main_grad=None):
     return torch.empty_like(lse)
 
 
+def _lse_spec(cap: float, chunk: int, chunking: str, acc32: bool, overlap: bool) -> _Spec:
+    return _Spec(-100, "sum", 0.0, 0.0, cap, chunk, None, chunking, acc32, overlap)
+
+
 def _lse_op_setup(ctx, inputs, output):
-    lse, x, w, b, t, cap, chunk, nx, nw, nb = inputs
-    _save_lse(ctx, x, w, b, t, lse, _Spec(-100, "sum", 0.0, 0.0, cap, chunk), (nx, nw, nb))
+    lse, x, w, b, t, cap, chunk, nx, nw, nb, chunking, acc32, overlap, main_grad = inputs
+    _save_lse(ctx, x, w, b, t, lse, _lse_spec(cap, chunk, chunking, acc32, overlap),
+              (nx, nw, nb), main_grad)
 
 
 def _lse_op_backward(ctx, d_lse):
-    return (None, *_lse_grads(ctx, d_lse, _recompute_op)) + (None,) * 6
+    return (None, *_lse_grads(ctx, d_lse, _recompute_op)) + (None,) * 10
 
 
 linear_cross_entropy_lse.register_autograd(_lse_op_backward, setup_context=_lse_op_setup)
@@ -708,16 +1072,33 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
         ignore_index = -100  # torch's F.linear_cross_entropy default
     eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = _check_chunk(chunk_size, "chunk_size")
-    if options is not None:
-        from_options = _check_chunk(getattr(options, "batch_chunk_size", None),
-                                    "options.batch_chunk_size")
-        if chunk and from_options and chunk != from_options:
-            raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size="
-                             f"{from_options} disagree; pass one")
-        chunk = chunk or from_options
+    from_options, chunking, acc32, overlap = _check_options(options)
+    if chunk and from_options and chunk != from_options:
+        raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size="
+                         f"{from_options} disagree; pass one")
+    chunk = chunk or from_options
     if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
         raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
-    return _Spec(ignore_index, reduction, eps, zl, cap, chunk)
+    return _Spec(ignore_index, reduction, eps, zl, cap, chunk, None, chunking, acc32, overlap)
+
+
+def _check_main_grad(main_grad, w: Tensor) -> None:
+    """``main_grad``: a contiguous floating [V, D] tensor on the weight's device."""
+    if main_grad is None:
+        return
+    if not isinstance(main_grad, Tensor):
+        raise TypeError(f"main_grad must be a tensor or None, got {type(main_grad).__name__}")
+    if not main_grad.is_floating_point():
+        raise TypeError(f"main_grad must be a floating tensor, got {main_grad.dtype}")
+    if tuple(main_grad.shape) != tuple(w.shape):
+        raise ValueError(f"main_grad must have linear_weight's shape {tuple(w.shape)}, got "
+                         f"{tuple(main_grad.shape)}")
+    if main_grad.device != w.device:
+        raise ValueError(f"main_grad is on {main_grad.device} but linear_weight is on {w.device}")
+    if not main_grad.is_contiguous():
+        raise ValueError("main_grad must be contiguous (it is accumulated into in place)")
+    if main_grad.requires_grad:
+        raise ValueError("main_grad must not require grad (it is a gradient buffer)")
 
 
 def _check_chunk(value, name: str) -> int:
@@ -746,6 +1127,7 @@ def linear_cross_entropy(
     loss_dtype: Optional[torch.dtype] = None,
     return_token_accuracy: bool = False,
     divisor: Optional[float | Tensor] = None,
+    main_grad: Optional[Tensor] = None,
 ):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target)``
     without ever holding the [N, V] logits: a drop-in for torch's
@@ -775,13 +1157,18 @@ def linear_cross_entropy(
             only when the lse is part of what is differentiated; d lse / dz
             = exp(z - lse) uses this fp32 lse, so that gradient is
             fp32-accurate even for fp64 input).
-        chunk_size: rows per chunk (default: planned from a memory budget and
-            the multiprocessor count, 4096 rows for LLM shapes).
-        options: torch's ``LinearCrossEntropyOptions`` (torch >= 2.13) or
-            any object with ``batch_chunk_size``: that is honoured as
-            ``chunk_size``; its precision and retain-graph fields do not
-            apply (the weight gradient is always accumulated in fp32, and
-            backpropagating twice always works).
+        chunk_size: rows per chunk (default: planned by
+            ``options.chunking_method``, see :class:`LinearCrossEntropyOptions`).
+        options: :class:`LinearCrossEntropyOptions`, torch's
+            ``LinearCrossEntropyOptions`` (torch >= 2.13) or any object with
+            some of the fields ``batch_chunk_size`` (honoured as
+            ``chunk_size``), ``chunking_method`` ("auto", "lean",
+            "aspect_ratio[:k]"), ``acc_policy`` (the weight gradient's
+            accumulation: in place in the weight's dtype, or in fp32 with
+            "balanced" / "accurate", whose memory cost is stated there) and
+            ``overlap`` (the cross-entropy on a side CUDA stream). torch's
+            ``acc_dtype`` and ``allow_retain_graph`` do not apply
+            (backpropagating twice always works).
         loss_dtype: dtype of the returned loss (default: the input's, as
             torch); ``torch.float32`` gives the fp32 value the kernel computed.
         return_token_accuracy: also return the token accuracy, a 0-d fp32
@@ -794,9 +1181,21 @@ def linear_cross_entropy(
             are the gradients the forward computes (mean / sum), so that a
             backward scale stated ahead (gradient accumulation's 1/k as
             ``divisor=k``, a loss scale s as ``divisor=1/s``, a token count)
-            costs the backward nothing but the final casts. A finite nonzero
-            number or a one-element tensor on the input's device (read there,
-            no host sync). It gets no gradient.
+            costs the backward nothing. A finite nonzero number or a
+            one-element tensor on the input's device (read there, no host
+            sync). It gets no gradient.
+        main_grad: a [V, D] floating buffer (Megatron's ``param.main_grad``,
+            fp32) into which the backward ADDS the gradient of
+            ``linear_weight`` (grad_output applied), accumulated in its own
+            dtype by the GEMMs (fp32 precision, no [V, D] tensor allocated);
+            ``linear_weight`` then gets no gradient from this call (its
+            ``.grad`` is not touched and hooks on its gradient accumulator do
+            not run: Megatron's DDP with ``overlap_grad_reduce`` needs the
+            parameter marked by the caller, e.g. ``grad_added_to_main_grad``
+            and a gradient of its own). Used only when ``linear_weight``
+            requires grad. The backward then recomputes the logits, as
+            ``reduction="none"`` does (four GEMMs instead of three).
+            Contiguous, on the weight's device, not requiring grad.
 
     Returns:
         the loss, then the lse with ``return_lse``, then the accuracy with
@@ -804,27 +1203,39 @@ def linear_cross_entropy(
 
     Semantics and numerics: the logits of each chunk are the input's dtype,
     rounded as F.linear rounds them; the loss and gradient arithmetic is fp32
-    (fp64 for fp64); the weight and bias gradients accumulate in fp32 over
-    the chunks and are cast once. Class indices outside [0, V) that are not
-    ignored are never used as addresses: on CUDA (and in Triton's
-    interpreter) their rows' loss and gradient are NaN (a mean becomes NaN);
-    the CPU torch path raises IndexError as torch does. No host-device sync;
-    capturable in a CUDA graph and traceable by
-    ``torch.compile(fullgraph=True)``. Memory: one [chunk, V] logits buffer,
-    the fp32 [V, D] weight-gradient accumulator, dX [N, D]. With
-    ``reduction="none"`` the backward recomputes the logits (four GEMMs
-    instead of three), and a grad_output other than 1 is applied to each
-    gradient row (one more rounding in 16-bit dtypes) before the GEMMs.
-    A gradient, once returned, is never changed by a later backward over a
-    retained graph. The gradient is not itself differentiable (no double
-    backward), and ``weight`` gets none. With fp16 input the logits'
-    gradient is stored in fp16 before the GEMMs, already divided by the
-    mean's denominator, so its smallest entries can underflow (as in torch's
-    fp16 cross-entropy); bf16 has fp32's range.
+    (fp64 for fp64). The weight gradient accumulates over the chunks IN
+    PLACE in the tensor handed out, in the weight's dtype: each chunk's
+    ``dW += G^T X`` is one GEMM with fp32 accumulation, rounded once (for a
+    bf16 weight that is about 2^-9 per chunk, as Liger's, with fewer
+    chunks; ``acc_policy="balanced"`` rounds once in all, or pass
+    ``main_grad``). The bias gradient accumulates in fp32 and is cast once.
+    Class indices outside [0, V) that are not ignored are never used as
+    addresses: on CUDA (and in Triton's interpreter) their rows' loss and
+    gradient are NaN (a mean becomes NaN); the CPU torch path raises
+    IndexError as torch does. No host-device sync; capturable in a CUDA
+    graph (warm a call up first) and traceable by
+    ``torch.compile(fullgraph=True)``.
+
+    Memory beyond the gradients it returns (dX [N, D], dW [V, D]): one
+    [chunk, V] logits buffer, 192 MiB at most by default (the input's size,
+    at least 32 MiB, with ``chunking_method="lean"``), plus O(N + V)
+    vectors: 1.18 GiB in all at 4096 x 4096 x 128256 bf16, 1.29 GiB at
+    16384 tokens (predicted from the sizes; see perf/NOTES.md). The backward of
+    mean / sum scales the forward's gradients in place (traced by
+    torch.compile: into new tensors). With ``reduction="none"`` the backward
+    recomputes the logits (four GEMMs instead of three), and a grad_output
+    other than 1 is applied to each gradient row (one more rounding in
+    16-bit dtypes) before the GEMMs. A gradient, once returned, is never
+    changed by a later backward over a retained graph. The gradient is not
+    itself differentiable (no double backward), and ``weight`` gets none.
+    With fp16 input the logits' gradient is stored in fp16 before the GEMMs,
+    already divided by the mean's denominator, so its smallest entries can
+    underflow (as in torch's fp16 cross-entropy); bf16 has fp32's range.
     """
     spec = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                        ignore_index, label_smoothing, z_loss, softcap, chunk_size, options,
                        loss_dtype)
+    _check_main_grad(main_grad, linear_weight)
     div_f, div_t = check_divisor(divisor, input)
     spec = spec._replace(divisor=div_f)
     x = input if input.dim() == 2 else input.unsqueeze(0)
@@ -832,24 +1243,26 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
+    mg = main_grad if needs[1] else None
     cap, chunk = spec.cap, spec.chunk_size
+    extra = (spec.chunking, spec.acc32, spec.overlap)
     want_hits = bool(return_token_accuracy)
     if traced(x):
         loss, lse, _, _, _, hits = linear_cross_entropy_forward(
             x, linear_weight, linear_bias, t, weight, *spec[:6], *needs, want_hits, spec.divisor,
-            div_t)
+            div_t, *extra, mg)
         if return_lse and any(needs):
             lse = linear_cross_entropy_lse(lse, x, linear_weight, linear_bias, t, cap, chunk,
-                                           *needs)
+                                           *needs, *extra, mg)
     elif any(needs):
         loss, lse, hits = _LinearCEFunction.apply(x, linear_weight, linear_bias, t, weight, spec,
-                                                  needs, want_hits, div_t)
+                                                  needs, want_hits, div_t, mg)
         if return_lse:
             lse = _LseFunction.apply(lse, x, linear_weight, linear_bias, t,
-                                     _Spec(-100, "sum", 0.0, 0.0, cap, chunk), needs)
+                                     _lse_spec(cap, chunk, *extra), needs, mg)
     else:
-        loss, lse, _, _, _, hits = _forward(x, linear_weight, linear_bias, t, weight, spec,
-                                            needs, want_hits, div_t)
+        loss, lse, _, hits = _forward(x, linear_weight, linear_bias, t, weight, spec, needs,
+                                      want_hits, div_t)
     loss = loss.to(loss_dtype or input.dtype)
     if reduction == "none":
         loss = loss.reshape(target.shape)
@@ -880,7 +1293,7 @@ class LinearCrossEntropyLoss(nn.Module):
                  label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
                  softcap: Optional[float] = None, return_lse: bool = False,
                  chunk_size: Optional[int] = None,
-                 loss_dtype: Optional[torch.dtype] = None) -> None:
+                 loss_dtype: Optional[torch.dtype] = None, use_main_grad: bool = False) -> None:
         super().__init__()
         if tuple(out_features) != ():
             raise NotImplementedError(
@@ -904,20 +1317,26 @@ class LinearCrossEntropyLoss(nn.Module):
         self.return_lse = return_lse
         self.chunk_size = chunk_size
         self.loss_dtype = loss_dtype
+        self.use_main_grad = use_main_grad
 
     def forward(self, input: Tensor, target: Tensor):
+        main_grad = None
+        if self.use_main_grad:
+            main_grad = getattr(self.linear.weight, "main_grad", None)
+            if main_grad is None:
+                raise ValueError("use_main_grad=True but linear.weight has no main_grad buffer")
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             return_lse=self.return_lse, chunk_size=self.chunk_size, options=self.options,
-            loss_dtype=self.loss_dtype)
+            loss_dtype=self.loss_dtype, main_grad=main_grad)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
                  f"bias={self.linear.bias is not None}", f"reduction={self.reduction}",
                  f"ignore_index={self.ignore_index}", f"label_smoothing={self.label_smoothing}"]
-        for name in ("z_loss", "softcap", "chunk_size", "options"):
+        for name in ("z_loss", "softcap", "chunk_size", "options", "use_main_grad"):
             value = getattr(self, name)
             if value:
                 parts.append(f"{name}={value}")

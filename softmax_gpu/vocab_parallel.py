@@ -66,7 +66,9 @@ from ._dispatch import backend_for, launch_device, launch_on, new_output, plan_c
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows
 from .kernels import vocab_parallel as K
-from .linear_cross_entropy import _backprop, _grad_buffers, _logits, chunk_rows
+from .linear_cross_entropy import _backprop, _check_main_grad, _grad_buffers, _hand_out, _logits
+from .linear_cross_entropy import _check_options as _linear_options
+from .linear_cross_entropy import _scale_out, plan_rows
 from .softmax import SoftmaxConfig, softmax_config
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
@@ -630,18 +632,21 @@ def _slices(N: int, rows: int) -> list[slice]:
 
 def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows: int,
                 needs, loss: bool, lse: Optional[Tensor] = None, g=(None, None),
-                dlse: Optional[Tensor] = None):
+                dlse: Optional[Tensor] = None, acc32: bool = False,
+                main_grad: Optional[Tensor] = None):
     """One pass over the chunks of tokens. Per chunk: the logits GEMM into a
     reused [rows, V_r] buffer; with ``loss``, the stats kernel and the two
     collectives (lse and row losses), else the forward's ``lse``; when
     gradients are asked (``needs``), the gradient of
     ``sum_r (g_l loss_r + g_z zloss_r + dlse_r lse_r)`` written over the
-    buffer, then dX[chunk] = dlogits @ W_r and dW_r, db_r accumulated in fp32.
-    dX is all-reduced over the group at the end (each rank's is its shard's
-    part). Returns (lse [N] ACC, row losses [N] ACC or None, dx, dw, db; the
-    gradients empty where not asked)."""
+    buffer, then dX[chunk] = dlogits @ W_r and dW_r, db_r accumulated in
+    place (dW_r in the weight's dtype, fp32 with ``acc32``, or added into
+    ``main_grad``; as :func:`softmax_gpu.linear_cross_entropy`). dX is
+    all-reduced over the group at the end (each rank's is its shard's part).
+    Returns (lse [N] ACC, row losses [N] ACC or None, the gradient
+    accumulators: ``_Grads``, None where not asked)."""
     N = x.shape[0]
-    dx, dw, db = _grad_buffers(x, w, b, needs)
+    grads = _grad_buffers(x, w, b, needs, acc32, main_grad)
     want = any(needs)
     buf = x.new_empty((min(rows, N), w.shape[0]))
     lses, losses = [], []
@@ -655,59 +660,54 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
             lse_c = lse[sl]
         if want:
             fn.grad_(z, sl, fn.coefs(lse_c, sl, g[0], g[1], dlse), z)
-            _backprop(z, x[sl], w, dx[sl] if needs[0] else None, dw if needs[1] else None,
-                      db if db.numel() else None, add_acc=i > 0)
-    if needs[0]:
-        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=fn.pg)
+            if grads.dx is not None:
+                torch.mm(z, w, out=grads.dx[sl])
+            _backprop(z, x[sl], w, grads, first=i == 0)
+    if grads.dx is not None:
+        dist.all_reduce(grads.dx, op=dist.ReduceOp.SUM, group=fn.pg)
     if loss:
         empty = x.new_empty(0, dtype=fn.acc)
         lse = torch.cat(lses) if lses else empty
-        return lse, torch.cat(losses) if losses else empty, dx, dw, db
-    return lse, None, dx, dw, db
+        return lse, torch.cat(losses) if losses else empty, grads
+    return lse, None, grads
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     """Forward: the chunks (with the gradients of mean / sum, as
     :func:`softmax_gpu.linear_cross_entropy`). Backward: mean / sum scale the
-    saved gradients; ``reduction="none"`` and a used lse recompute the
-    chunks' logits (no stats, no collectives but dX's all-reduce)."""
+    saved gradients (in place the first time); ``reduction="none"``, a
+    ``main_grad`` and a used lse recompute the chunks' logits (no stats, no
+    collectives but dX's all-reduce)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, fn, rows, needs, keep_inputs):
-        grad = any(needs) and fn.opts.reduction != "none"
-        lse, losses, dx, dw, db = _chunk_pass(x, w, b, fn, rows,
-                                              needs if grad else (False,) * 3, True,
-                                              g=fn.scales(None))
-        ctx.fn, ctx.rows = fn, rows
+    def forward(ctx, x, w, b, fn, rows, needs, keep_inputs, acc32, main_grad):
+        grad = any(needs) and fn.opts.reduction != "none" and main_grad is None
+        lse, losses, grads = _chunk_pass(x, w, b, fn, rows, needs if grad else (False,) * 3,
+                                         True, g=fn.scales(None), acc32=acc32)
+        ctx.fn, ctx.rows, ctx.acc32, ctx.main_grad = fn, rows, acc32, main_grad
         ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
         ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
+        ctx.precomputed, ctx.states = grad, {}
         ctx.set_materialize_grads(False)
         inputs = (x, w, b, lse) if keep_inputs or not grad else (None,) * 4
-        ctx.save_for_backward(*inputs, dx, dw, db)
+        ctx.save_for_backward(*inputs, *(grads[:3] if grad else (None,) * 3))
         return fn.reduce(losses), lse.to(torch.float32, copy=True)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_loss, d_lse):
         if (d_loss is None and d_lse is None) or not any(ctx.needs):
-            return (None,) * 7
+            return (None,) * 9
         x, w, b, lse, dx, dw, db = ctx.saved_tensors
         fn = ctx.fn
-        if d_lse is None and fn.opts.reduction != "none":
-            grads, scale = (dx, dw, db), d_loss
+        if d_lse is None and ctx.precomputed:
+            out = _scale_out(ctx, dx, dw, db, d_loss)
         else:
             g = fn.scales(d_loss) if d_loss is not None else (None, None)
-            grads = _chunk_pass(x, w, b, fn, ctx.rows, ctx.needs, False, lse, g, d_lse)[2:]
-            scale = None
-        out = []
-        for grad, need, dtype in zip(grads, ctx.needs, ctx.dtypes):
-            if not need:
-                out.append(None)
-            elif scale is None:
-                out.append(grad.to(dtype))
-            else:  # a new tensor: the saved gradient stays as it is (retain_graph)
-                out.append(torch.mul(grad, scale, out=grad.new_empty(grad.shape, dtype=dtype)))
-        return (*out, None, None, None, None)
+            grads = _chunk_pass(x, w, b, fn, ctx.rows, ctx.needs, False, lse, g, d_lse,
+                                ctx.acc32, ctx.main_grad)[2]
+            out = _hand_out(ctx, *grads[:3])
+        return (*out, None, None, None, None, None, None)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -726,6 +726,8 @@ def vocab_parallel_linear_cross_entropy(
     return_lse: bool = False,
     chunk_size: Optional[int] = None,
     loss_dtype: Optional[torch.dtype] = None,
+    options=None,
+    main_grad: Optional[Tensor] = None,
 ):
     """:func:`softmax_gpu.linear_cross_entropy` with the lm_head sharded by
     vocabulary rows across ``group``; no [N, V] tensor is ever allocated or
@@ -757,11 +759,16 @@ def vocab_parallel_linear_cross_entropy(
         return_lse: also return the per-row global log-sum-exp (of the
             softcapped logits), fp32, shaped like ``target``; differentiable
             (its gradient recomputes the chunks' logits in the backward).
-        chunk_size: rows per chunk (default: planned from a memory budget and
-            the multiprocessor count as in ``linear_cross_entropy``, with the
-            widest shard of the group so that every rank cuts the same chunks;
-            give it explicitly if the ranks' devices differ).
+        chunk_size: rows per chunk (default: planned as in
+            ``linear_cross_entropy``, from a memory budget for the widest
+            shard of the group, so that every rank cuts the same chunks).
         loss_dtype: dtype of the returned loss (default: the input's).
+        options: as :func:`softmax_gpu.linear_cross_entropy`
+            (``batch_chunk_size``, ``chunking_method``, ``acc_policy``);
+            ``overlap`` does not apply (each chunk has collectives).
+        main_grad: a [V_r, D] buffer into which the backward adds the
+            gradient of ``local_weight`` (which then gets none), as
+            ``main_grad`` of :func:`softmax_gpu.linear_cross_entropy`.
 
     Returns:
         the loss, then the lse with ``return_lse``.
@@ -770,14 +777,18 @@ def vocab_parallel_linear_cross_entropy(
     stats kernel, an all-reduce MAX of n values and an all-reduce SUM of
     k x n (k = 2, 3 with label smoothing), the row losses, and (when a
     gradient is needed, for mean / sum) the shard gradient written over the
-    buffer, dX[chunk] = dlogits @ W_r, dW_r += dlogits^T @ X[chunk] in fp32
-    (fp64 for fp64). After the chunks, one all-reduce SUM of dX [N, D] in the
+    buffer, dX[chunk] = dlogits @ W_r, dW_r += dlogits^T @ X[chunk] in place
+    in the returned gradient (as :func:`softmax_gpu.linear_cross_entropy`:
+    the weight's dtype, fp32 with ``acc_policy="balanced"``, or into
+    ``main_grad``). After the chunks, one all-reduce SUM of dX [N, D] in the
     input's dtype. The backward of mean / sum only scales the saved gradients
-    by grad_output; ``reduction="none"`` and a differentiated lse recompute
-    each chunk's logits from the saved lse (one GEMM, the gradient kernel,
-    two GEMMs; the only collective is dX's all-reduce). No host sync (after
-    the first call of a layout, as :func:`vocab_parallel_cross_entropy`).
-    Memory: one [chunk, V_r] buffer, the fp32 [V_r, D] accumulator, dX.
+    by grad_output, in place the first time; ``reduction="none"``,
+    ``main_grad`` and a differentiated lse recompute each chunk's logits from
+    the saved lse (one GEMM, the gradient kernel, two GEMMs; the only
+    collective is dX's all-reduce). No host sync (after the first call of a
+    layout, as :func:`vocab_parallel_cross_entropy`). Memory beyond the
+    returned gradients: one [chunk, V_r] buffer (192 MiB at most by
+    default) and O(N + V_r) vectors.
 
     Errors: as :func:`softmax_gpu.linear_cross_entropy` (naming the argument)
     and :func:`vocab_parallel_cross_entropy` (process group, weight shape,
@@ -813,6 +824,11 @@ def vocab_parallel_linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    from_options, chunking, acc32, _ = _linear_options(options)
+    if chunk_size and from_options and chunk_size != from_options:
+        raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size={from_options} "
+                         "disagree; pass one")
+    _check_main_grad(main_grad, local_weight)
     if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
         raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
     pg = _resolve_group(who, group)
@@ -824,17 +840,15 @@ def vocab_parallel_linear_cross_entropy(
         t = t.to(torch.int64)
     _check_targets(t, layout.vocab, ignore_index)
     N = x.shape[0]
-    if chunk_size:
-        rows = max(1, min(chunk_size, N))
-    else:
-        rows = chunk_rows(N, max(layout.widths), x.element_size(), heuristics.sm_count(x.device))
+    rows = plan_rows(N, max(layout.widths), x, chunk_size or from_options or 0, chunking)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and local_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
     fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
     if any(needs):
         loss, lse = _VocabParallelLinearCE.apply(x, local_weight, linear_bias, fn, rows, needs,
-                                                 bool(return_lse))
+                                                 bool(return_lse), acc32,
+                                                 main_grad if needs[1] else None)
     else:
         lse, losses, *_ = _chunk_pass(x, local_weight, linear_bias, fn, rows, (False,) * 3, True)
         loss, lse = fn.reduce(losses), lse.to(torch.float32)

@@ -1,10 +1,13 @@
 """softmax_gpu.linear_cross_entropy / LinearCrossEntropyLoss: the chunked
 LM-head loss against cross_entropy(F.linear(...)) in float64 and torch's own
-F.linear_cross_entropy; fp32 weight-gradient accumulation; grad_output and
+F.linear_cross_entropy; the weight gradient accumulated in place chunk by
+chunk (fp32 on request, or into main_grad); grad_output and
 retained graphs; bad inputs; torch.compile; memory (no [N, V] tensor)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import math
 
@@ -168,15 +171,61 @@ def test_options_batch_chunk_size_is_honoured():
         lce(x, w, t, options=Options(), chunk_size=7)
 
 
-def test_bf16_weight_grad_accumulates_in_fp32(monkeypatch):
-    """bf16 over 100 chunks: dW accumulates in fp32 and is rounded once, so
-    its error is that one rounding. The same run with a bf16 accumulator
-    (what drifts) is several times worse, so this test can fail.
+def _dyadic_problem(n: int, d: int = 16, v: int = 64, seed: int = 1):
+    """bf16 rows that are all the same hidden state (entries +-2^k) and the
+    same target, and a head of small dyadic entries, so that the logits are
+    exact and every row's product g^T x with its bf16 logits gradient g is
+    exact in bf16: any difference in dW comes from how the chunks are added."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = (2.0 ** torch.randint(-2, 2, (d,), generator=g)) * (torch.randint(0, 2, (d,), generator=g) * 2 - 1)
+    x = x0.to(DEVICE, torch.bfloat16).expand(n, d).contiguous().requires_grad_()
+    w = (torch.randint(-8, 9, (v, d), generator=g) / 8).to(DEVICE, torch.bfloat16).requires_grad_()
+    t = torch.full((n,), 3, dtype=torch.long, device=DEVICE)
+    return x, w, t
+
+
+def test_bf16_weight_grad_accumulates_in_place_chunk_by_chunk():
+    """Default: dW is accumulated in place in bf16, chunk after chunk in row
+    order, each chunk's product (fp32 inside the GEMM) added and rounded
+    once: bit for bit the sequence acc = round(acc + P_chunk). With
+    acc_policy="balanced" the sum is fp32 and rounded once, and with
+    main_grad it is added into the fp32 buffer chunk by chunk. 16 chunks of
+    4 identical rows: P_chunk = 4 P, exact; the sums are not."""
+    n, chunk = 64, 4
+    x, w, t = _dyadic_problem(n)
+    (p4,) = torch.autograd.grad(lce(x[:chunk], w, t[:chunk], reduction="sum"), (w,))
+    p4 = p4.float()  # 4 P, exact in bf16 (checked below through 64 P)
+    (gw,) = torch.autograd.grad(lce(x, w, t, reduction="sum", chunk_size=chunk), (w,))
+    acc = p4.bfloat16()
+    for _ in range(n // chunk - 1):
+        acc = (acc.float() + p4).bfloat16()  # one rounding per chunk, in order
+    assert gw.dtype == torch.bfloat16
+    assert torch.equal(gw, acc)
+    exact = (p4 * (n // chunk)).bfloat16()  # 64 P: exact in fp32, rounded once
+    assert not torch.equal(gw, exact)  # the test can tell the two apart
+    opts = softmax_gpu.LinearCrossEntropyOptions(acc_policy="balanced")
+    (g32,) = torch.autograd.grad(lce(x, w, t, reduction="sum", chunk_size=chunk, options=opts),
+                                 (w,))
+    assert g32.dtype == torch.bfloat16 and torch.equal(g32, exact)
+    # main_grad: fp32 additions into the caller's buffer, in row order, and no .grad
+    m0 = rand(*w.shape, dtype=torch.float32, scale=3.0)
+    main = m0.clone()
+    lce(x, w, t, reduction="sum", chunk_size=chunk, main_grad=main).backward()
+    want = m0.clone()
+    for _ in range(n // chunk):
+        want = want + p4
+    assert w.grad is None and torch.equal(main, want)
+
+
+def test_bf16_weight_grad_precision_option():
+    """Random bf16 data over 100 chunks: acc_policy="balanced" accumulates dW
+    in fp32 and rounds once, so its error is that one rounding; the default
+    (in place, one rounding per chunk) drifts several times further, so the
+    option is observable.
 
     Reference: the exact (float64) dW = G^T X of the bf16 logits gradient G
     the kernel writes (cross_entropy_with_grad on the bf16 logits of
-    F.linear: the same per-row kernel), so only the accumulation and the
-    final cast differ."""
+    F.linear: the same per-row kernel)."""
     n, d, v = 200, 16, 64
     g = torch.Generator().manual_seed(1)
     x = rand(n, d, dtype=torch.bfloat16, scale=1.0, generator=g).requires_grad_()
@@ -186,23 +235,42 @@ def test_bf16_weight_grad_accumulates_in_fp32(monkeypatch):
     ref = G.double().T @ x.detach().double()
     rounding = float((ref.bfloat16().double() - ref).norm() / ref.norm())  # the cast alone
 
-    def rel_err():
-        (gw,) = torch.autograd.grad(lce(x, w, t, reduction="sum", chunk_size=2), (w,))
+    def rel_err(policy):
+        opts = softmax_gpu.LinearCrossEntropyOptions(acc_policy=policy)
+        (gw,) = torch.autograd.grad(lce(x, w, t, reduction="sum", chunk_size=2, options=opts),
+                                    (w,))
         assert gw.dtype == torch.bfloat16
         return float((gw.double() - ref).norm() / ref.norm())
 
-    ours = rel_err()
+    fp32, default = rel_err("balanced"), rel_err("auto")
+    print(f"bf16 dW relative error over 100 chunks: fp32 accumulator {fp32:.2e}, in place "
+          f"{default:.2e}, one bf16 rounding of the exact dW {rounding:.2e}")
+    assert fp32 <= 1.5 * rounding
+    assert default > 3 * rounding
 
-    def bf16_accumulator(acc, a, b, add):
-        # the accumulator rounded to bf16 after each chunk
-        acc.copy_(acc.to(a.dtype).addmm_(a, b) if add else a @ b)
 
-    monkeypatch.setattr(lce_module, "_accumulate", bf16_accumulator)
-    drifting = rel_err()
-    print(f"bf16 dW relative error over 100 chunks: fp32 accumulator {ours:.2e}, bf16 "
-          f"accumulator {drifting:.2e}, one bf16 rounding of the exact dW {rounding:.2e}")
-    assert ours <= 1.5 * rounding
-    assert drifting > 3 * rounding
+def test_options_are_checked_and_torch_names_honoured():
+    """Options by torch's field names (any object): chunking_method,
+    acc_policy, batch_chunk_size, overlap; bad values name the field."""
+    x, w, b, t = problem(ignore=())
+    O = softmax_gpu.LinearCrossEntropyOptions
+    for bad, field in ((O(chunking_method="fast"), "chunking_method"),
+                       (O(chunking_method="aspect_ratio:0"), "chunking_method"),
+                       (O(acc_policy="fp32"), "acc_policy"),
+                       (O(overlap=1), "overlap"),
+                       (O(batch_chunk_size=0), "batch_chunk_size")):
+        with pytest.raises(ValueError, match=f"options.{field}"):
+            lce(x, w, t, options=bad)
+
+    class Torchlike:  # torch's own class has these names (and more, ignored)
+        chunking_method = "aspect_ratio:2"
+        acc_policy = "compact"
+        acc_dtype = torch.float32
+
+    rows = lce_module.aspect_rows(N, V, D, 2)
+    with softmax_gpu.record_launches() as names:
+        lce(x.detach(), w.detach(), t, options=Torchlike())
+    assert sum(n.startswith("ce_class") for n in names) == -(-N // rows)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -374,17 +442,156 @@ def test_bad_arguments_name_the_argument():
             lce(*args, **kw)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_main_grad_receives_the_weight_gradient(reduction):
+    """main_grad: the backward adds d(loss, lse)/d(linear_weight), grad_output
+    applied, into the caller's buffer; the weight gets no gradient; the
+    input and bias gradients are as without it. Frozen weight or no grad:
+    main_grad is left alone."""
+    x, w, b, t = problem()
+    m0 = rand(V, D, dtype=torch.float64, scale=2.0)
+    main = m0.clone()
+    kw = dict(linear_bias=b, reduction=reduction, chunk_size=CHUNK, label_smoothing=0.1,
+              return_lse=True)
+    loss, lse = lce(x, w, t, main_grad=main, **kw)
+    go, gl = grad_output(loss), rand(N, dtype=torch.float32)
+    torch.autograd.backward([loss, lse], [go, gl])
+    ref, ref_lse = reference(x, w, t, b, reduction=reduction, label_smoothing=0.1)
+    want = torch.autograd.grad((ref * go).sum() + (ref_lse * gl).sum(), (x, w, b),
+                               retain_graph=True)
+    assert w.grad is None
+    check(main - m0, want[1], dtype=torch.float32)  # the lse's part: fp32 sigma
+    check(x.grad, want[0], dtype=torch.float32)
+    check(b.grad, want[2], dtype=torch.float32)
+    # twice over a retained graph: added twice
+    main = m0.clone()
+    loss = lce(x, w, t, main_grad=main, **dict(kw, return_lse=False))
+    loss.backward(go, retain_graph=True)
+    loss.backward(go)
+    (once,) = torch.autograd.grad((ref * go).sum(), (w,))
+    check(main - m0, 2 * once, scale=2)
+    # a frozen weight, or no gradient at all: main_grad untouched
+    main = m0.clone()
+    w.requires_grad_(False)
+    lce(x, w, t, main_grad=main, **kw)[0].sum().backward()
+    with torch.no_grad():
+        lce(x, w, t, main_grad=main, **kw)
+    assert torch.equal(main, m0)
+
+
+def test_main_grad_errors_and_module():
+    x, w, b, t = problem()
+    V_, D_ = w.shape
+    cases = [
+        (torch.zeros(V_, D_ + 1, dtype=torch.float64), ValueError, "main_grad must have"),
+        (torch.zeros(V_, D_, dtype=torch.int32), TypeError, "main_grad must be a floating"),
+        (torch.zeros(D_, V_, dtype=torch.float64).t(), ValueError, "main_grad must be contiguous"),
+        (torch.zeros(V_, D_, dtype=torch.float64, requires_grad=True), ValueError,
+         "main_grad must not require grad"),
+        ([0.0], TypeError, "main_grad must be a tensor"),
+    ]
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            lce(x, w, t, main_grad=bad)
+    m = softmax_gpu.LinearCrossEntropyLoss(D, V, dtype=torch.float64, device=DEVICE,
+                                           chunk_size=CHUNK, use_main_grad=True)
+    with pytest.raises(ValueError, match="main_grad"):
+        m(x, t)
+    m.linear.weight.main_grad = torch.zeros(V, D, dtype=torch.float64)
+    m(x, t).backward()
+    assert m.linear.weight.grad is None and m.linear.weight.main_grad.abs().sum() > 0
+    (want,) = torch.autograd.grad(reference(x, m.linear.weight, t)[0], (m.linear.weight,))
+    check(m.linear.weight.main_grad, want)
+    assert "use_main_grad=True" in repr(m)
+
+
+def test_overlap_schedule(monkeypatch):
+    """overlap=True: each chunk's cross-entropy runs in two halves on the
+    side stream, each after its logits GEMM and before its dX GEMM, and the
+    main stream waits for every half before the chunk's dW (then reuses the
+    buffer). CUDA streams are replaced by a recorder (on CPU the real lanes
+    run serially); results as without overlap."""
+    log = []
+
+    class Lanes(lce_module._Lanes):
+        def __init__(self, device, overlap):
+            self.on = overlap
+
+        @contextlib.contextmanager
+        def _side(self):
+            log.append("side")
+            yield
+            log.append("/side")
+
+        def cross_entropy(self):
+            return self._side() if self.on else contextlib.nullcontext()
+
+        def mark(self):
+            if self.on:
+                log.append("mark")
+                return len(log)
+            return None
+
+        def wait(self, done):
+            if done is not None:
+                log.append("wait")
+
+    def spy(name, fn):
+        def run(*args, **kw):
+            log.append(name)
+            return fn(*args, **kw)
+        monkeypatch.setattr(lce_module, name, run)
+
+    x, w, b, t = problem(n=20)
+    go = grad_output(torch.empty(()))
+    want_loss = lce(x, w, t, linear_bias=b, chunk_size=8)
+    want = grads(want_loss, (x, w, b), go)
+    monkeypatch.setattr(lce_module, "_Lanes", Lanes)
+    for name in ("_logits", "_input_grad", "_backprop"):
+        spy(name, getattr(lce_module, name))
+    opts = softmax_gpu.LinearCrossEntropyOptions(overlap=True)
+    loss = lce(x, w, t, linear_bias=b, chunk_size=8, options=opts)
+    got = grads(loss, (x, w, b), go)
+    half = ["_logits", "side", "/side", "mark"]
+    chunk = half + half + ["wait", "_input_grad", "wait", "_input_grad", "_backprop"]
+    assert log == chunk * 3, log  # 8 + 8 + 4 rows
+    check(loss, want_loss)
+    for g_, r in zip(got, want):
+        check(g_, r)
+
+
 def test_chunk_plan():
-    """Default chunks: 4096 rows at LLM shapes, fewer when a chunk of logits
-    would pass the memory budget, never below 8 rows per SM, balanced."""
-    plan = lce_module.chunk_rows
-    assert plan(16384, 128256, 2, 132) == 4096
-    assert plan(16384, 151936, 2, 132) == 4096
-    assert plan(16384, 1 << 20, 2, 132) == 1024  # 2 GiB / (2 MiB per row)
-    assert plan(3168, 1 << 24, 2, 132) == 1088  # the per-SM floor (1056) wins, then aligned
-    assert plan(1000, 32000, 2, 132) == 1000  # one chunk
-    assert plan(5000, 32000, 2, 132) == 2560  # two balanced chunks, not 4096 + 904
-    assert plan(0, 32000, 2, 132) == 1
+    """Default chunks: as many rows as fit CHUNK_BYTES of logits (192 MiB),
+    balanced and aligned to 64 rows (16 for budgets of few rows); "lean": the
+    input's size, at least LEAN_BYTES (32 MiB); torch's aspect-ratio rule. The chunk of logits is what the call holds beyond its
+    gradients, so it must stay within its budget at every LLM shape."""
+    plan, budget, lean = lce_module.chunk_rows, lce_module.CHUNK_BYTES, lce_module.LEAN_BYTES
+    assert budget == 192 << 20 and lean == 32 << 20
+    assert plan(4096, 128256, 2) == 704  # 6 chunks (the last 576): 0.17 GiB of logits
+    assert plan(16384, 128256, 2) == 768  # 22 chunks
+    assert plan(4096, 128256, 2, lean) == 128  # 32 chunks: 31 MiB
+    assert plan(4096, 128256, 4) == 384  # fp32 logits: half the rows
+    assert plan(1000, 32000, 2) == 1000  # one chunk
+    assert plan(5000, 32000, 2) == 2560  # two balanced chunks, not 3136 + 1864
+    assert plan(0, 32000, 2) == 1
+    assert plan(4096, 1 << 24, 2) == lce_module.MIN_ROWS  # never fewer rows
+    for n in (4096, 16384):
+        for d, v in ((4096, 128256), (3584, 152064), (2304, 256000), (8192, 128256)):
+            for elem, cap in ((2, budget), (4, budget), (2, lean)):
+                rows = plan(n, v, elem, cap)
+                assert rows * v * elem <= cap and rows >= 64, (n, v, elem, rows)
+                chunks = -(-n // rows)
+                assert chunks * rows - n < rows  # balanced: no nearly empty chunk
+    assert lce_module.aspect_rows(4096, 128256, 4096) == 128  # torch's / Liger's rule
+    assert lce_module.aspect_rows(16384, 128256, 4096, 2) == 256
+    x = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
+    assert lce_module.plan_rows(4096, 128256, x) == 704
+    assert lce_module.plan_rows(4096, 128256, x, 100) == 100
+    assert lce_module.plan_rows(4096, 128256, x, 0, "lean") == 128  # |x| = 32 MiB
+    x4 = torch.empty(16384, 4096, dtype=torch.bfloat16, device="meta")
+    assert lce_module.plan_rows(16384, 128256, x4, 0, "lean") == 512  # |x| = 128 MiB
+    assert plan(4096, 152064, 2, lean) == 96  # 110 fit: aligned to 16
+    assert lce_module.plan_rows(4096, 128256, x, 0, "aspect_ratio:4") == 32
 
 
 def test_compile_fullgraph_training_step():
@@ -428,6 +635,41 @@ def test_opcheck():
              True)
     torch.library.opcheck(lce_module.linear_cross_entropy_backward, bargs,
                           test_utils=("test_schema", "test_faketensor"))
+    # acc32 into a fp32 dW, and main_grad (mutated: declared in the schema)
+    for main in (None, torch.zeros(V, D, dtype=torch.float64)):
+        torch.library.opcheck(lce_module.linear_cross_entropy_backward,
+                              bargs + (None, None, "lean", True, False, main),
+                              test_utils=("test_schema", "test_faketensor"))
+    fargs = args[:-1] + (False, None, None, "auto", True, False, None)
+    torch.library.opcheck(lce_module.linear_cross_entropy_forward, fargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_main_grad_and_options():
+    """torch.compile(fullgraph=True) with main_grad (mutated in the backward),
+    the fp32-accumulation and lean options, the lse: same values, input
+    gradient and main_grad as eager; the weight gets no gradient."""
+    torch._dynamo.reset()
+    x, w, _, t = problem(n=24, bias=False)
+    main = torch.zeros(V, D, dtype=torch.float64, device=DEVICE)
+    opts = softmax_gpu.LinearCrossEntropyOptions(acc_policy="balanced", chunking_method="lean")
+
+    def step(x):
+        mean, lse = lce(x, w, t, chunk_size=8, main_grad=main, return_lse=True, options=opts)
+        rows = lce(x, w, t, reduction="none", chunk_size=8, main_grad=main)
+        return 1.5 * mean + 0.1 * lse.mean() + rows.mean()
+
+    out_c = torch.compile(step, fullgraph=True)(x)
+    out_c.backward()
+    got_x, got_main = x.grad, main.clone()
+    x.grad = None
+    main.zero_()
+    out_e = step(x)
+    out_e.backward()
+    assert w.grad is None
+    check(out_c.detach(), out_e.detach(), dtype=torch.float32)
+    check(got_x, x.grad)
+    check(got_main, main)
 
 
 # --- memory -------------------------------------------------------------------------
@@ -475,6 +717,119 @@ def test_memory_no_logits_sized_tensor():
     assert largest_eager >= logits_bytes  # the measurement sees logits-sized tensors
     assert largest <= max(16 * v, v * d) * 4  # one chunk of logits / the fp32 dW accumulator
     assert peak < 0.2 * peak_eager
+
+
+class LiveTensors:
+    """Every tensor storage the torch ops inside the block create, with its
+    shape and dtype, and the peak of their bytes alive at once (freed when
+    the last tensor on a storage dies). Storages of ``known`` tensors (the
+    inputs) and their views are not counted, nor the copies Triton's
+    interpreter makes of a kernel's arguments while it runs one (not there
+    on a GPU, and held by reference cycles until collected). The eager path runs under the mode (the traced path, which a
+    dispatch mode would otherwise select, runs the same code inside an
+    opaque op, where the mode sees nothing)."""
+
+    def __init__(self, monkeypatch, *known):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        monkeypatch.setattr(lce_module, "traced", lambda t: False)
+        self.skip = {id(t.untyped_storage()) for t in known if t is not None}
+        self.live, self.held, self.peak, self.made, self.kernel = {}, 0, 0, [], 0
+        outer = self
+
+        for name in ("launch_on", "_scale_", "_scaled"):
+            def wrapped(*args, _f=getattr(lce_module, name), **kw):
+                outer.kernel += 1
+                try:
+                    return _f(*args, **kw)
+                finally:
+                    outer.kernel -= 1
+                    gc.collect()  # the interpreter's reference cycles hold the arguments
+
+            monkeypatch.setattr(lce_module, name, wrapped)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not outer.kernel or func.overloadpacket.__name__ == "empty_like":
+                    for t in torch.utils._pytree.tree_leaves(out):
+                        if isinstance(t, torch.Tensor):
+                            outer._add(t)
+                return out
+
+        self.mode = Mode()
+
+    def _add(self, t):
+        import weakref
+
+        if t.device.type == "meta":
+            return
+        s = t.untyped_storage()
+        key = id(s)
+        if key in self.skip or key in self.live:
+            return
+        self.live[key] = (s.nbytes(), weakref.ref(s, lambda _, k=key: self._free(k)))
+        self.held += s.nbytes()
+        self.peak = max(self.peak, self.held)
+        self.made.append((tuple(t.shape), t.dtype, s.nbytes()))
+
+    def _free(self, key):
+        nbytes, _ = self.live.pop(key)
+        self.held -= nbytes
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors under a dispatch mode")
+@pytest.mark.parametrize("how", ["default", "lean", "balanced", "main_grad", "none"])
+def test_memory_beyond_gradients_is_one_chunk(monkeypatch, how):
+    """bf16 forward + backward: no tensor is as large as the logits, no fp32
+    [V, D] exists unless acc_policy="balanced" asks for one, and the bytes
+    alive at once beyond the inputs never pass the returned gradients (dW
+    [V, D] and dX [N, D] in bf16; none for the weight with main_grad) plus
+    one chunk of logits and O(N + V) vectors. The eager composite, measured
+    the same way, holds several logits-sized tensors."""
+    n, d, v = 192, 32, 384
+    chunk = 8 if how == "lean" else 24
+    g = torch.Generator().manual_seed(2)
+    x = rand(n, d, dtype=torch.bfloat16, scale=1.0, generator=g).requires_grad_()
+    w = rand(v, d, dtype=torch.bfloat16, scale=0.5, generator=g).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    main = torch.zeros(v, d) if how == "main_grad" else None
+    opts = softmax_gpu.LinearCrossEntropyOptions(
+        acc_policy="balanced" if how == "balanced" else "auto")
+    with LiveTensors(monkeypatch, x, w, t, main) as live:
+        loss = lce(x, w, t, chunk_size=chunk, options=opts, main_grad=main,
+                   reduction="none" if how == "none" else "mean")
+        (loss.float().mean() if how == "none" else loss).backward()
+    logits, dw, dx = n * v * 2, v * d * 2, n * d * 2
+    slack = 24 * (n + v)  # loss, lse, per-row scratch and states (fp32)
+    expected = (0 if how == "main_grad" else dw) + dx + chunk * v * 2 + slack
+    if how == "balanced":
+        expected += 2 * dw  # the fp32 accumulator, and the bf16 result at the end
+    if how in ("balanced", "main_grad"):  # into fp32 on CPU: the chunk's operands copied
+        expected += chunk * (v + d) * 4
+    biggest = max(nbytes for _, _, nbytes in live.made)
+    fp32_vd = [m for m in live.made if m[1] == torch.float32 and math.prod(m[0]) == v * d]
+    print(f"{how}: peak {live.peak} B (expected at most {expected}), largest {biggest} B, "
+          f"logits {logits} B, fp32 [V, D] made: {len(fp32_vd)}")
+    assert biggest < logits / 2
+    assert bool(fp32_vd) == (how == "balanced")
+    assert live.peak <= expected
+    assert (w.grad is None) == (how == "main_grad")
+    if how == "main_grad":
+        assert all(math.prod(shape) < v * d for shape, _, _ in live.made)
+    # the measurement sees an eager composite's logits (and their gradient)
+    monkeypatch.undo()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with LiveTensors(monkeypatch, x2, w2, t) as eager:
+        F.cross_entropy(F.linear(x2, w2), t).backward()
+    assert eager.peak >= 2 * logits and max(b for _, _, b in eager.made) >= logits
 
 
 # --- module ----------------------------------------------------------------------------

@@ -124,15 +124,68 @@ def test_shape_sets():
 
 
 def test_linear_ce_shapes():
+    """The four LM heads (hidden x vocabulary) at 4096 and 16384 tokens; --quick
+    on a GPU: Llama-3-8B's at both token counts."""
     full = sizes.linear_shapes(device="cuda", quick=False)
-    assert [(s.M, s.N, s.D) for s in full] == [(t, v, 4096) for t in (4096, 8192, 16384)
-                                               for v in (32000, 128256, 151936)]
+    heads = [(4096, 128256), (3584, 152064), (2304, 256000), (8192, 128256)]
+    assert [(s.M, s.N, s.D) for s in full] == [(t, v, d) for t in (4096, 16384) for d, v in heads]
+    assert [sizes.lce_model(s.N, s.D) for s in full[:4]] == \
+        ["llama3-8b", "qwen2-7b", "gemma2-2b", "llama3-70b"]
     assert [(s.M, s.N, s.D) for s in sizes.linear_shapes(device="cuda", quick=True)] == \
-        [(4096, 128256, 4096)]
+        [(4096, 128256, 4096), (16384, 128256, 4096)]
+    assert [(s.M, s.N, s.D) for s in sizes.linear_shapes(device="cuda", quick=True, m=16384)] == \
+        [(16384, 128256, 4096)]
     cpu = sizes.linear_shapes(device="cpu", quick=True)
     assert [(s.M, s.N, s.D) for s in cpu] == [(64, 256, 32), (64, 1024, 32)]
     custom = sizes.linear_shapes(device="cuda", quick=False, ns=(50257,), m=2048)
     assert [(s.M, s.N, s.D, s.kind) for s in custom] == [(2048, 50257, 4096, "custom")]
+
+
+def test_linear_ce_inputs_and_float64_errors(monkeypatch):
+    """Realistic scales (hidden states of unit RMS, a head of std 0.02); the
+    errors of loss, dX and dW each against a float64 reference computed once
+    per case on subsets of rows, each in its own column."""
+    spec = ops.OPS["linear_ce_fwd_bwd"]
+    monkeypatch.setattr(ops, "LCE_REF_ROWS", 5)
+    monkeypatch.setattr(ops, "LCE_REF_CLASSES", 7)
+    shape = sizes.Shape(64, 300, "custom", 48)
+    inp = spec.shape_inputs(shape, torch.float32, "cpu", seed=3)
+    assert float(inp.x.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=0.1)
+    assert float(inp.w.std()) == pytest.approx(0.02, rel=0.1)
+    ref = ops.linear_ce_reference(inp)
+    assert ops.linear_ce_reference(spec.shape_inputs(shape, torch.float32, "cpu", seed=3)) is ref
+    assert ref["dx"].shape == (5, 48) and ref["dw"].shape == (7, 48)
+    assert ref["dx"].dtype == ref["dw"].dtype == torch.float64
+    x, w, t = inp.x.double().requires_grad_(), inp.w.double().requires_grad_(), inp.target
+    loss = torch.nn.functional.cross_entropy(x @ w.T, t)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    assert ref["loss"] == pytest.approx(float(loss), rel=1e-12)
+    torch.testing.assert_close(ref["dx"], gx[ref["rows"]], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ref["dw"], gw[ref["classes"]], rtol=1e-10, atol=1e-14)
+    go = ops.CHECK_GRAD_OUTPUT  # run_once backpropagates go * loss
+    good = {"loss": loss.float(), "dx": (go * gx).float(), "dw": (go * gw).float()}
+    e = spec.errors(good, inp)
+    assert set(e) == {"max_rel_err", "loss_rel_err", "dx_rel_err", "dw_rel_err"}
+    assert max(e.values()) < 1e-6
+    bad = spec.errors(dict(good, dw=good["dw"] * 1.01), inp)
+    assert bad["dw_rel_err"] == pytest.approx(0.01, rel=1e-3) and bad["dx_rel_err"] < 1e-6
+    assert bad["max_rel_err"] == bad["dw_rel_err"]
+    assert math.isnan(spec.errors({}, inp)["dx_rel_err"])
+
+
+def test_bench_calls_and_time_budget():
+    """Fixed-count timing (CPU: the wall-clock loop) gives ordered quantiles;
+    runs past the sweep's time budget are recorded as skipped, not lost."""
+    calls = []
+    ms, p20, p80 = timing.bench_calls(lambda: calls.append(1), "cpu", rep_ms=1)
+    assert 0 <= p20 <= ms <= p80 and len(calls) >= 3
+    cfg = sweep.SweepConfig(device="cpu", ops=ops.get_ops(["softmax_fwd"]),
+                            providers=make_providers(["torch"]), dtypes=[torch.float32],
+                            ns=(64, 128), m=8, rep_ms=1, copy_bytes=1 << 16, time_budget_s=1e-3)
+    rows = sweep.run_sweep(cfg, _info(), progress=False, log=lambda s: None)
+    runs = [r for r in rows if r["op"] == "softmax_fwd"]
+    assert [r["status"] for r in runs] == ["ok", "skipped"]  # the first starts within 1 ms
+    assert "time budget" in runs[1]["note"]
 
 
 # --- cuDNN binding (no GPU needed: a fake library) ----------------------------
@@ -463,8 +516,11 @@ def test_linear_ce_sweep_floor_ratio_and_unchecked_floor():
         assert r["correct"] is True and (r["M"], r["N"], r["D"]) == (8, 48, 4096)
         assert r["vs_floor"] == pytest.approx(r["ms"] / by["gemm_floor"]["ms"])
     assert by["wrong_linear"]["correct"] is False
+    for name in ("torch", "softmax_gpu", "wrong_linear"):
+        assert all(math.isfinite(by[name][c]) for c in ("dx_rel_err", "dw_rel_err", "loss_rel_err"))
+    assert math.isnan(by["gemm_floor"]["dw_rel_err"])
     md = report.summary_markdown(rows, _info())
-    assert "x floor" in md and "Hidden size D = 4096" in md
+    assert "x floor" in md and "Hidden size D = 4096" in md and "dW " in md
 
 
 def test_csv_refuses_mixed_devices_and_stems_do_not_collide(tmp_path):

@@ -337,9 +337,10 @@ class _Sizes:
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     if isinstance(t, torch.Tensor):
                         sizes.largest = max(sizes.largest, t.numel())
+                        sizes.made.append((tuple(t.shape), t.dtype))
                 return out
 
-        self.largest, self.mode = 0, Mode()
+        self.largest, self.made, self.mode = 0, [], Mode()
         self.mode.__enter__()
         return self
 
@@ -448,6 +449,42 @@ def _retain_graph(rank: int) -> None:
         for a, k, s in zip(first, kept, second):
             assert torch.equal(a, k)
             torch.testing.assert_close(s, -a, rtol=1e-13, atol=1e-15)
+
+
+def _linear_memory(rank: int) -> None:
+    """The linear version's weight gradient: a bf16 shard's is accumulated in
+    place in bf16 (no fp32 [V_r, D] tensor is made), acc_policy="balanced"
+    makes one (rounded once at the end), and main_grad receives it (fp32,
+    the weight gets none); every one right."""
+    from helpers import assert_close
+    from softmax_gpu import LinearCrossEntropyOptions
+    from softmax_gpu.distributed import vocab_parallel_linear_cross_entropy
+
+    c = dict(widths=(13, 24), n=21, dtype=BF16, reduction="mean", bias=True)
+    x, w, b, target, w_r, b_r, off = _make_linear(c, rank)
+    Wr, D = w_r.shape
+    rw = w.double().requires_grad_(True)
+    ref, _ = _reference(F.linear(x.detach().double(), rw, b.double()), target, c)
+    (want,) = torch.autograd.grad(ref * 2.0, (rw,))
+    want = want[off:off + Wr]
+    for policy in ("auto", "balanced"):
+        opts = LinearCrossEntropyOptions(acc_policy=policy)
+        sizes = _Sizes()
+        with sizes:
+            loss = vocab_parallel_linear_cross_entropy(x, w_r, target, linear_bias=b_r,
+                                                       chunk_size=4, options=opts)
+            loss.backward(torch.tensor(2.0, dtype=BF16))
+        fp32_w = [m for m in sizes.made if m == ((Wr, D), F32)]
+        assert bool(fp32_w) == (policy == "balanced"), (policy, sizes.made)
+        assert w_r.grad.dtype == BF16
+        assert_close(w_r.grad, want, BF16, scale=4.0)
+        x.grad = w_r.grad = b_r.grad = None
+    main = torch.zeros(Wr, D)
+    loss = vocab_parallel_linear_cross_entropy(x, w_r, target, linear_bias=b_r, chunk_size=4,
+                                               main_grad=main)
+    loss.backward(torch.tensor(2.0, dtype=BF16))
+    assert w_r.grad is None and x.grad is not None and b_r.grad is not None
+    assert_close(main, want, BF16, scale=4.0)
 
 
 def _bad_inputs(rank: int) -> None:
@@ -642,10 +679,11 @@ def test_two_ranks():
     inplace_backward, loss_dtype, each reduction, non-contiguous shards, the
     looped path, a rank holding no target; the ported flash-attention cases
     (FLASH_PARALLEL_CE); the linear version over several chunks with an
-    uneven last one; retained graphs."""
+    uneven last one; retained graphs; the linear version's weight-gradient
+    accumulation (in place in bf16, fp32 on request, into main_grad)."""
     from helpers import spawn_group
 
-    spawn_group(_worker, 2, WORLD2 + FLASH_PARALLEL_CE, LINEAR2, ("_retain_graph",))
+    spawn_group(_worker, 2, WORLD2 + FLASH_PARALLEL_CE, LINEAR2, ("_retain_graph", "_linear_memory"))
 
 
 def test_three_ranks():
