@@ -67,6 +67,30 @@ from types import SimpleNamespace
 TARGET = ("cuda", 90, 32)
 DTYPE_STR = {2: "bf16", 4: "fp32", 8: "fp64"}
 
+# Mixed-precision variants: (family, element bytes of the configuration) ->
+# (label, {pointer: element type}) compiled besides the plain one. The
+# softmax forward of fp16/bf16 input stores fp32 (torch.autocast on CUDA,
+# dtype=torch.float32) and its backward reads that fp32 output and writes the
+# input's dtype; fp16 cross-entropy with probability targets keeps its
+# gradient in fp32 until the backward rescales it into fp16.
+MIXED = {
+    ("softmax_fwd", 2): ("bf16>fp32", {"Y": "fp32"}),
+    ("softmax_bwd", 4): ("fp32>bf16", {"DX": "bf16"}),
+    ("ce_prob", 2): ("fp16>fp32", {"X": "fp16", "Y": "fp16", "G": "fp32"}),
+    ("ce_scale", 4): ("fp32>fp16", {"OUT": "fp16"}),
+}
+
+
+def _mixed(family: str, elem: int, v: "Variant", when: bool = True) -> list:
+    """``v`` and, when ``MIXED`` has an entry for (family, elem) and ``when``,
+    its mixed-precision twin (the same configuration, other pointer types)."""
+    m = MIXED.get((family, elem)) if when else None
+    if m is None:
+        return [v]
+    label, types = m
+    return [v, dataclasses.replace(v, dtype=label,
+                                   ptrs=tuple((p, types.get(p, t)) for p, t in v.ptrs))]
+
 ONE, DIV16, PLAIN = "1", "D16", "-"
 # Each int argument of every kernel: what the common call passes (module docstring).
 INT_SPEC = {
@@ -162,8 +186,9 @@ def softmax_variants() -> list[Variant]:
                         cx["LOG"] = log
                     types = tuple((p, "i32" if p == "SYNC" else
                                    acc if p in ("PM", "PD", "PS", "WS") else dt) for p in ptrs)
-                    out.append(Variant("softmax", name, dt, types, tuple(sorted(cx.items())),
-                                       warps, path, regs))
+                    out += _mixed("softmax_bwd" if kind == "bwd" else "softmax_fwd", elem,
+                                  Variant("softmax", name, dt, types, tuple(sorted(cx.items())),
+                                          warps, path, regs))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label()))
 
 
@@ -259,11 +284,12 @@ def cross_entropy_variants() -> list[Variant]:
         walks = [dict(ROWS=rows)] if path == "single" else _long_walks(elem)
         if fam == "scale":
             for in_place in (True, False):
-                out.append(Variant(
+                out += _mixed("ce_scale", elem, Variant(
                     "cross_entropy", "ce_grad_scale_kernel", dt,
                     (("G", dt), ("OUT", dt), ("STATE", acc), ("GO", acc)),
                     tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
-                                      IN_PLACE=in_place).items())), warps, path, regs))
+                                      IN_PLACE=in_place).items())), warps, path, regs),
+                    when=not in_place)
             for softcap in (False, True):
                 out.append(Variant(
                     "cross_entropy", "ce_lse_grad_kernel", dt,
@@ -293,8 +319,10 @@ def cross_entropy_variants() -> list[Variant]:
         for flags in _ce_flag_sets(fam, extras, second):
             for walk in walks:
                 cx = dict(ACC=acc, BLOCK_N=block_n, **walk, **flags)
-                out.append(Variant("cross_entropy", f"ce_{fam}_{path}_kernel", dt, ptrs,
-                                   tuple(sorted(cx.items())), warps, path, regs))
+                out += _mixed(f"ce_{fam}", elem,
+                              Variant("cross_entropy", f"ce_{fam}_{path}_kernel", dt, ptrs,
+                                      tuple(sorted(cx.items())), warps, path, regs),
+                              when=flags.get("WRITE_GRAD", False))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
 
 

@@ -18,9 +18,9 @@ import torch
 
 from .kernels import softmax as _softmax_kernels
 
-__all__ = ["backend_for", "interpreted", "traced", "record_launches", "poison_outputs",
-           "new_output", "empty_like", "device_guard", "launch_device", "launch_on", "plan_cache",
-           "remember", "clear_plans"]
+__all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
+           "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
+           "launch_on", "plan_cache", "remember", "clear_plans"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -70,6 +70,15 @@ def traced(t: torch.Tensor) -> bool:
     tensor subclass (fake, functional, DTensor, ...)."""
     return (_is_compiling() or _dispatch_modes() > 0 or type(t) not in _PLAIN_TENSORS
             or _is_functional(t))
+
+
+def autocast_on(t: torch.Tensor) -> bool:
+    """True when ``torch.autocast`` is enabled for ``t``'s device type (CUDA or
+    CPU; other devices have no autocast here). Read at call time, so a traced
+    graph sees the autocast state of the region it traces (torch.compile
+    guards on it)."""
+    dev = t.device.type
+    return (dev == "cuda" or dev == "cpu") and torch.is_autocast_enabled(dev)
 
 
 def check_device(t: torch.Tensor, name: str) -> None:

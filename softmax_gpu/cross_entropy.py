@@ -5,7 +5,12 @@ One launch reads the logits once and writes each row's loss (already divided
 by the mean's denominators, which a one-program kernel computes on the device
 beforehand), its log-sum-exp and, when autograd needs it, the gradient
 sigma * sum(y) - y. The backward then only rescales that gradient by
-grad_output, and does nothing at all when grad_output is 1.
+grad_output, and does nothing at all when grad_output is 1. fp16 logits are
+the exception (an fp16 gradient stored before grad_output is known
+underflows under a loss scale): with class targets the forward writes the
+loss and lse only and the backward forms grad_output times the gradient
+from the logits (``ce_class_backward_kernel``, as a traced graph does);
+with probability targets the forward's gradient is kept in fp32.
 
 - Launch planning: :func:`cross_entropy_config` (path, tile, rows per
   program, warps) and :func:`cross_entropy_scale_config` (the backward's
@@ -39,8 +44,8 @@ from torch.nn import _reduction
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (backend_for, empty_like, launch_device, launch_on, new_output,
-                        plan_cache, remember, traced)
+from ._dispatch import (autocast_on, backend_for, empty_like, launch_device, launch_on,
+                        new_output, plan_cache, remember, traced)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -357,12 +362,13 @@ def _num_rows(x: Tensor) -> int:
 
 
 def reference_forward(x, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                      softcap, grad_scale, with_grad, divisor=None):
+                      softcap, grad_scale, with_grad, divisor=None, grad_dtype=None):
     """The fused op's outputs in torch, for (N, C, *) logits ``x``:
     ``(loss rows already divided by the mean's denominators and the divisor,
     lse (fp32; fp64 for fp64), grad or empty, state or empty)``, as the
     kernels compute them. ``grad_scale``: a number, or a tensor of one value
-    per row (or one value); ``divisor``: None, a number or a 0-d tensor.
+    per row (or one value); ``divisor``: None, a number or a 0-d tensor;
+    ``grad_dtype``: the gradient's dtype (None: x's).
 
     Class indices outside [0, C) that are not ignore_index raise IndexError,
     as torch does (the Triton kernels give NaN rows instead)."""
@@ -422,7 +428,7 @@ def reference_forward(x, target, weight, ignore_index, reduction, label_smoothin
             grad_scale.to(acc).reshape(())
     g = torch.where(kept[:, None], g * grad_scale, 0)
     shape = (x.shape[0], *x.shape[2:], C)
-    g = g.reshape(shape).movedim(-1, 1).to(x.dtype).contiguous()
+    g = g.reshape(shape).movedim(-1, 1).to(grad_dtype or x.dtype).contiguous()
     return loss, lse, g, torch.ones(M, dtype=acc, device=x.device)
 
 
@@ -655,10 +661,12 @@ def _scale_(g: Tensor, state: Tensor, go: Tensor) -> None:
         launch_on(dev, launch, g, g, state, *_flat(go))
 
 
-def _scaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
-    """A new contiguous tensor: g's rows times go / state (g, state untouched)."""
+def _scaled(g: Tensor, state: Tensor, go: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A new contiguous tensor: g's rows times go / state (g, state untouched),
+    in ``dtype`` (None: g's; an fp32 g is rounded once, on store)."""
     dev, copy, M, launch = _aux("scaled", g)
-    out = empty_like(g)
+    out = empty_like(g) if dtype is None or dtype == g.dtype else \
+        new_output(g.shape, dtype, g.device)
     if M:
         launch_on(dev, launch, g.contiguous() if copy else g, out, state, *_flat(go))
     return out
@@ -704,16 +712,19 @@ def _weight(weight: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
 
 
 class _BackwardPlan:
-    """The traced backward of class targets: the denominators, then one pass
-    over the logits writing grad_output * the gradient."""
+    """The backward of class targets from the logits and the lse (traced
+    graphs; fp16 logits eagerly): the denominators, then one pass over the
+    logits writing grad_output * the gradient (``in_place``: over the logits,
+    which must have an in-place row view)."""
 
-    __slots__ = ("M", "acc", "dev", "copy_x", "flat_t", "den", "main")
+    __slots__ = ("M", "acc", "dev", "copy_x", "flat_t", "den", "main", "in_place")
 
     def __init__(self, x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale,
-                 divisor):
+                 divisor, in_place=False):
         self.M = _num_rows(x)
         self.acc = _acc(x.dtype)
         self.dev = launch_device(x.device)
+        self.in_place = in_place
         self.copy_x = rows_view(x, 1) is None
         r = rows_view(x.contiguous() if self.copy_x else x, 1)
         self.flat_t = target.dim() == 1 and target.stride(0) == 1
@@ -727,13 +738,14 @@ class _BackwardPlan:
         cfg = cross_entropy_backward_config(self.M, r.n, x.element_size(), x.device,
                                             has_w or eps > 0 or cap > 0)
         self.main = K.class_backward_launcher(
-            self.M, r.n, r.inner, r.strides, _contiguous_rows(x.shape).strides, ignore_index,
+            self.M, r.n, r.inner, r.strides,
+            r.strides if in_place else _contiguous_rows(x.shape).strides, ignore_index,
             use_den, eps, zl, cap, grad_scale, has_w, x.dtype, cfg)
 
     denominators = _Plan.denominators
 
     def run(self, x, target, w, lse, go, div):
-        out = empty_like(x)
+        out = x if self.in_place else empty_like(x)
         if self.M == 0:
             return out
         t = target if self.flat_t else target.reshape(-1).contiguous()
@@ -745,16 +757,18 @@ class _BackwardPlan:
 
 
 def _class_backward(x, target, weight, lse, go, ignore_index, reduction, eps, zl, cap,
-                    grad_scale, div_f, div_t) -> Tensor:
-    """grad_output * d loss / d x for class targets, from the logits and the lse."""
+                    grad_scale, div_f, div_t, in_place=False) -> Tensor:
+    """grad_output * d loss / d x for class targets, from the logits and the
+    lse: a new tensor, or written over ``x`` itself (``in_place``)."""
     divisor = _div_kind(div_f, div_t)
     key = ("backward", x.shape, x.stride(), x.dtype, x.device, target.shape, target.stride(),
            target.dtype, None if weight is None else (weight.shape, weight.dtype),
-           ignore_index, reduction, eps, zl, cap, grad_scale, divisor, heuristics.generation())
+           ignore_index, reduction, eps, zl, cap, grad_scale, divisor, in_place,
+           heuristics.generation())
     plan = _PLANS.get(key)
     if plan is None:
         plan = remember(_PLANS, key, _BackwardPlan(x, target, weight, ignore_index, reduction,
-                                                   eps, zl, cap, grad_scale, divisor))
+                                                   eps, zl, cap, grad_scale, divisor, in_place))
     return plan.run(x, target, _weight(weight, plan.acc), lse, go, div_t)
 
 
@@ -762,16 +776,20 @@ class _CrossEntropyFunction(torch.autograd.Function):
     """Eager autograd of the fused op: the forward writes the gradient (into a
     new buffer, or over the logits); the backward rescales it by grad_output
     (nothing to do when it is 1, i.e. when the scale was stated ahead as the
-    divisor)."""
+    divisor). ``wide``: the buffer is fp32 (fp16 logits with probability
+    targets), and every backward writes grad_output times it into a new
+    tensor of the logits' dtype, rounded once."""
 
     @staticmethod
-    def forward(ctx, x, target, w, plan, inplace, loss_dtype, div):
-        g = x.detach() if inplace else empty_like(x)
+    def forward(ctx, x, target, w, plan, inplace, loss_dtype, div, wide=False):
+        g = x.detach() if inplace else \
+            new_output(x.shape, torch.float32, x.device) if wide else empty_like(x)
         rows, lse, state = plan.run(x, target, w, g, div)
         if inplace:
             torch.autograd.graph.increment_version(x)  # its values are now the gradient
         ctx.save_for_backward(g, state)
         ctx.handed_out = False
+        ctx.out_dtype = x.dtype if wide else None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
         return plan.reduce(rows, loss_dtype), lse
@@ -779,16 +797,63 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_loss, d_lse):
+        none = (None,) * 7
         if d_loss is None:
-            return None, None, None, None, None, None, None
+            return (None,) + none
         g, state = ctx.saved_tensors
-        if ctx.handed_out:
+        if ctx.handed_out or ctx.out_dtype is not None:
             # a later backward over a retained graph: the gradient handed out
-            # earlier stays as it is
-            return _scaled(g, state, d_loss), None, None, None, None, None, None
+            # earlier stays as it is (wide: the fp32 buffer is never handed out)
+            return (_scaled(g, state, d_loss, ctx.out_dtype),) + none
         ctx.handed_out = True
         _scale_(g, state, d_loss)  # a no-op launch when grad_output is 1
-        return g, None, None, None, None, None, None
+        return (g,) + none
+
+
+class _DeferredCrossEntropyFunction(torch.autograd.Function):
+    """Eager autograd of fp16 logits with class targets: the forward writes the
+    loss and lse only; the backward writes grad_output times the gradient in
+    one pass over the saved logits (``ce_class_backward_kernel``), rounded
+    once from fp32, so that a grad_output known only then (a GradScaler's loss
+    scale) loses nothing to fp16 underflow. ``inplace``: the first backward
+    writes it over the logits; a later backward over a retained graph scales
+    that into a new tensor."""
+
+    @staticmethod
+    def forward(ctx, x, target, w, plan, inplace, loss_dtype, div, options):
+        rows, lse, _ = plan.run(x, target, w, None, div)
+        if inplace:
+            # kept off the saved tensors: the first backward overwrites it
+            ctx.x = x.detach()
+            ctx.save_for_backward(target, w, lse, div)
+        else:
+            ctx.save_for_backward(x, target, w, lse, div)
+        ctx.inplace, ctx.options, ctx.state = inplace, options, None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        return plan.reduce(rows, loss_dtype), lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_loss, d_lse):
+        none = (None,) * 7
+        if d_loss is None:
+            return (None,) + none
+        if ctx.inplace:
+            x, (target, w, lse, div) = ctx.x, ctx.saved_tensors
+            if ctx.state is not None:
+                return (_scaled(x, ctx.state, d_loss),) + none
+        else:
+            x, target, w, lse, div = ctx.saved_tensors
+        ignore_index, reduction, eps, zl, cap, div_f = ctx.options
+        g = _class_backward(x, target, w, lse, d_loss, ignore_index, reduction, eps, zl, cap,
+                            1.0, div_f, div, in_place=ctx.inplace)
+        if ctx.inplace:
+            torch.autograd.graph.increment_version(x)  # its values are now the gradient
+            # the factor the logits now hold, per row, for a later backward
+            ctx.state = d_loss.detach().to(lse.dtype).reshape(-1).expand(lse.shape[0]) \
+                .contiguous()
+        return (g,) + none
 
 
 class _LseFunction(torch.autograd.Function):
@@ -832,6 +897,7 @@ def cross_entropy_forward(
     input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: float, grad_scale: float, with_grad: bool,
     divisor: Optional[float] = None, divisor_t: Optional[Tensor] = None, lse_all: bool = True,
+    grad_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused cross-entropy of (N, C, *) logits over dim 1.
 
@@ -839,36 +905,40 @@ def cross_entropy_forward(
     per row, already divided by the reduction's denominators and the divisor
     (``divisor`` a float, or ``divisor_t`` a 0-d tensor) so that its sum is
     the reduced loss; ``lse`` [M] (fp32; fp64 for fp64; 0 on ignored rows
-    unless ``lse_all``); when ``with_grad``, ``grad`` of the input's shape and
-    dtype holding grad_scale * d(loss.sum())/d(input), and ``state`` [M]
-    (ones, the factor applied so far); else both are empty. ``softcap`` 0
-    means none.
+    unless ``lse_all``); when ``with_grad``, ``grad`` of the input's shape
+    and dtype (``grad_dtype`` when given: fp32 keeps an fp16 input's
+    gradient from underflowing until grad_output is applied) holding
+    grad_scale * d(loss.sum())/d(input), and ``state`` [M] (ones, the factor
+    applied so far); else both are empty. ``softcap`` 0 means none.
     """
     if backend_for(input) == "triton":
         mode = NEW_GRAD if with_grad else NO_GRAD
         plan = _plan(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                      softcap, grad_scale, mode, divisor=_div_kind(divisor, divisor_t),
                      lse_all=lse_all)
-        grad = empty_like(input) if with_grad else None
+        grad = None
+        if with_grad:
+            grad = empty_like(input) if grad_dtype in (None, input.dtype) else \
+                new_output(input.shape, grad_dtype, input.device)
         loss, lse, state = plan.run(input, target, _weight(weight, plan.acc), grad, divisor_t)
         if not with_grad:
             return loss, lse, input.new_empty(0), loss.new_empty(0)
         return loss, lse, grad, state
     return reference_forward(input, target, weight, ignore_index, reduction, label_smoothing,
                              z_loss, softcap, grad_scale, with_grad,
-                             divisor_t if divisor_t is not None else divisor)
+                             divisor_t if divisor_t is not None else divisor, grad_dtype)
 
 
 @cross_entropy_forward.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      grad_scale, with_grad, divisor=None, divisor_t=None, lse_all=True):
+      grad_scale, with_grad, divisor=None, divisor_t=None, lse_all=True, grad_dtype=None):
     M = _num_rows(input)
     acc = _acc(input.dtype)
     loss = input.new_empty((M,), dtype=acc)
     lse = input.new_empty((M,), dtype=acc)
     if with_grad:
-        return loss, lse, torch.empty(input.shape, dtype=input.dtype, device=input.device), \
-            input.new_empty((M,), dtype=acc)
+        return loss, lse, torch.empty(input.shape, dtype=grad_dtype or input.dtype,
+                                      device=input.device), input.new_empty((M,), dtype=acc)
     return loss, lse, input.new_empty(0), input.new_empty(0, dtype=acc)
 
 
@@ -898,32 +968,34 @@ def _(input, target, weight, lse, grad_output, ignore_index, reduction, label_sm
 
 
 @torch.library.custom_op("softmax_gpu::cross_entropy_scaled_grad", mutates_args=())
-def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor) -> Tensor:
+def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor,
+                              dtype: Optional[torch.dtype] = None) -> Tensor:
     """A new contiguous tensor holding each row of ``grad`` ((N, C, *), rows
     over dim 1) times grad_output[r] / state[r] (``grad_output`` [M], any
-    stride, or one value)."""
+    stride, or one value), in ``dtype`` (None: grad's)."""
     if backend_for(grad) == "triton":
-        return _scaled(grad, state, grad_output)
+        return _scaled(grad, state, grad_output, dtype)
     acc = state.dtype
     shape = (grad.shape[0], 1, *grad.shape[2:])
     f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() > 1 else \
         grad_output.to(acc).reshape(()) / state
-    return (grad.to(acc) * f.reshape(shape)).to(grad.dtype).contiguous()
+    return (grad.to(acc) * f.reshape(shape)).to(dtype or grad.dtype).contiguous()
 
 
 @cross_entropy_scaled_grad.register_fake
-def _(grad, state, grad_output):
-    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+def _(grad, state, grad_output, dtype=None):
+    return torch.empty(grad.shape, dtype=dtype or grad.dtype, device=grad.device)
 
 
 def _op_setup_context(ctx, inputs, output):
     (input, target, weight, ignore_index, reduction, eps, zl, cap, gs, with_grad,
-     divisor, divisor_t, _) = inputs
+     divisor, divisor_t, _, _) = inputs
     _, lse, grad, state = output
     ctx.with_grad = with_grad
     ctx.mark_non_differentiable(lse, grad, state)
     if with_grad:
         ctx.save_for_backward(grad, state)
+        ctx.grad_dtype = input.dtype if grad.dtype != input.dtype else None
     else:
         ctx.save_for_backward(input, target, weight, lse, divisor_t)
         ctx.options = (ignore_index, reduction, eps, zl, cap, gs, divisor)
@@ -931,10 +1003,10 @@ def _op_setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, d_loss, d_lse, d_grad, d_state):
     if d_loss is None:
-        return (None,) * 13
+        return (None,) * 14
     if ctx.with_grad:
         grad, state = ctx.saved_tensors
-        return (cross_entropy_scaled_grad(grad, state, d_loss),) + (None,) * 12
+        return (cross_entropy_scaled_grad(grad, state, d_loss, ctx.grad_dtype),) + (None,) * 13
     input, target, weight, lse, divisor_t = ctx.saved_tensors
     if target.is_floating_point():
         raise RuntimeError(
@@ -942,7 +1014,7 @@ def _op_backward(ctx, d_loss, d_lse, d_grad, d_state):
             "input.requires_grad False at the call), so there is none to backpropagate")
     ignore_index, reduction, eps, zl, cap, gs, divisor = ctx.options
     return (cross_entropy_backward(input, target, weight, lse, d_loss, ignore_index, reduction,
-                                   eps, zl, cap, gs, divisor, divisor_t),) + (None,) * 12
+                                   eps, zl, cap, gs, divisor, divisor_t),) + (None,) * 13
 
 
 cross_entropy_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -1049,6 +1121,20 @@ cross_entropy_lse.register_autograd(_lse_backward, setup_context=_lse_setup_cont
 # ----------------------------------------------------------------------------
 
 
+def _loss_dtype(input: Tensor, loss_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The returned loss's dtype: ``loss_dtype`` when given, else torch's:
+    the input's, but fp32 for fp16/bf16 logits under ``torch.autocast``
+    (which runs cross-entropy in fp32 on CUDA and CPU alike)."""
+    if loss_dtype is not None:
+        return loss_dtype
+    if input.dtype in _HALF and autocast_on(input):
+        return torch.float32
+    return input.dtype
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _as_rows_input(input: Tensor, target: Tensor):
     """(C,) input / () target seen as one row."""
     if input.dim() >= 2:
@@ -1064,20 +1150,24 @@ def _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, z
     backward makes one pass over the saved logits (3 passes over logits-sized
     data in all, the gradient rounded once); probability targets and
     ``inplace_backward``: the forward writes the gradient, which the backward
-    scales into a new tensor."""
+    scales into a new tensor. fp16 logits: never in place (the gradient is
+    formed at backward time), and probability targets' gradient is kept in
+    fp32 until then."""
     prob = check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
                                cap or None)
     x, t = _as_rows_input(input, target)
     batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])
-    if need_grad and inplace_backward:
+    half = x.dtype == torch.float16
+    if need_grad and inplace_backward and not half:
         check_inplace_rows(input)
         rows, lse, state = cross_entropy_forward_(x.detach(), t, weight, ignore_index, reduction,
                                                   eps, zl, cap, 1.0, div_f, div_t)
         rows = cross_entropy_attach_grad(x, rows, state)
     else:
+        wide = need_grad and prob and half
         rows, lse, _, _ = cross_entropy_forward(x, t, weight, ignore_index, reduction, eps, zl,
                                                 cap, 1.0, need_grad and prob, div_f, div_t,
-                                                return_lse)
+                                                return_lse, torch.float32 if wide else None)
         if return_lse and need_grad:
             lse = cross_entropy_lse(x, lse, cap)
     loss = _reduce(rows, reduction, batch, loss_dtype)
@@ -1152,8 +1242,9 @@ def cross_entropy(
             them for its backward), and they must be writable in place (no
             expanded dims).
         loss_dtype: the dtype of the returned loss (default: the input's, as
-            torch). ``torch.float32`` returns the fp32 result unrounded, as
-            trainers want their loss, without an fp32 copy of the logits.
+            torch; fp32 for fp16/bf16 logits under ``torch.autocast``).
+            ``torch.float32`` returns the fp32 result unrounded, as trainers
+            want their loss, without an fp32 copy of the logits.
         divisor: the returned loss is the reduced loss divided by it, and so
             is the gradient the forward writes: the way to state a backward
             scale ahead of time (gradient accumulation's 1/k as ``divisor=k``,
@@ -1175,11 +1266,24 @@ def cross_entropy(
     torch does. Rows whose target is ``ignore_index`` have zero loss and zero
     gradient.
 
-    With fp16 logits the gradient is stored in fp16 at forward time: a mean
-    over many rows can underflow fp16 there (torch keeps it in fp32 until
-    grad_output is applied). Prefer bf16/fp32 logits, or state the loss
-    scale as ``divisor``. A retained graph whose first backward had
-    grad_output 0 gives NaN gradients on a later backward.
+    fp16 logits (mixed-precision training with a loss scale known only at
+    backward, a ``GradScaler``'s): the gradient is never stored in fp16
+    before grad_output is applied, so nothing underflows that torch's fp32
+    gradient keeps; it is torch's fp32 gradient rounded once to fp16. With
+    class targets the forward writes the loss and lse only (one read of the
+    logits) and the backward writes grad_output times the gradient in one
+    more pass over the saved logits (``inplace_backward``: over the logits,
+    at backward time; under ``torch.compile`` into a new tensor); with
+    probability targets the forward writes the gradient in an fp32 buffer
+    (not in place) that each backward scales into a new fp16 tensor. bf16,
+    fp32 and fp64 logits keep the one-pass forward above. A retained graph
+    whose first backward had grad_output 0 gives NaN gradients on a later
+    backward of an in-place gradient.
+
+    Under ``torch.autocast`` (CUDA or CPU), as torch's policy for
+    cross-entropy: fp16/bf16 logits give an fp32 loss by default (the
+    kernels read the logits as they are and compute in fp32: no fp32 copy),
+    also under ``torch.compile``; the gradient is in the logits' dtype.
 
     Returns:
         the loss, or ``(loss, lse)`` when ``return_lse``.
@@ -1190,8 +1294,7 @@ def cross_entropy(
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
     div_f, div_t = (None, None) if divisor is None else check_divisor(divisor, input)
-    if loss_dtype is None:
-        loss_dtype = input.dtype
+    loss_dtype = _loss_dtype(input, loss_dtype)
     need_grad = input.requires_grad and torch.is_grad_enabled()
     if traced(input):
         return _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
@@ -1212,21 +1315,35 @@ def cross_entropy(
         return loss, (lse if input.dim() >= 2 else lse.reshape(()))
     x, t = _as_rows_input(input, target)
     mode = (INPLACE_GRAD if inplace_backward else NEW_GRAD) if need_grad else NO_GRAD
+    # fp16 logits: a gradient stored at forward time would underflow under a
+    # grad_output known only at backward (a loss scale). Class targets: the
+    # backward forms it from the logits and the lse; probability targets: the
+    # forward keeps it in fp32 (not in place).
+    deferred = need_grad and x.dtype == torch.float16 and not t.is_floating_point()
+    wide = need_grad and x.dtype == torch.float16 and t.is_floating_point()
+    if wide:
+        mode = NEW_GRAD
 
     def checks():
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
         if mode == INPLACE_GRAD:
             check_inplace_rows(input)
 
-    plan = _plan(x, t, weight, ignore_index, reduction, eps, zl, cap, 1.0, mode, checks,
-                 _div_kind(div_f, div_t), return_lse)
+    plan = _plan(x, t, weight, ignore_index, reduction, eps, zl, cap, 1.0,
+                 NO_GRAD if deferred else mode, checks, _div_kind(div_f, div_t), return_lse)
     w = _weight(weight, plan.acc)
-    if mode == NO_GRAD:
+    if deferred:
+        if mode == INPLACE_GRAD:
+            check_inplace_rows(input)
+        loss, lse = _DeferredCrossEntropyFunction.apply(
+            x, t, w, plan, mode == INPLACE_GRAD, loss_dtype, div_t,
+            (ignore_index, reduction, eps, zl, cap, div_f))
+    elif mode == NO_GRAD:
         rows, lse, _ = plan.run(x, t, w, None, div_t)
         loss = plan.reduce(rows, loss_dtype)
     else:
         loss, lse = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD, loss_dtype,
-                                                div_t)
+                                                div_t, wide)
     one_row = input.dim() < 2  # (C,) input: the row dims are ()
     if one_row and reduction == "none":
         loss = loss.reshape(())
@@ -1268,7 +1385,8 @@ def cross_entropy_with_grad(
 
     ``inplace=True`` writes the gradient over ``input`` (no extra memory) and
     returns it as ``grad_input`` (a detached alias of ``input``); the logits
-    are gone afterwards and must be writable in place.
+    are gone afterwards and must be writable in place. ``loss_dtype`` None:
+    the input's, fp32 for fp16/bf16 logits under ``torch.autocast``.
     """
     eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     prob = check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
@@ -1278,8 +1396,7 @@ def cross_entropy_with_grad(
     div_f, div_t = check_divisor(divisor, input)
     if inplace:
         check_inplace_rows(input)
-    if loss_dtype is None:
-        loss_dtype = input.dtype
+    loss_dtype = _loss_dtype(input, loss_dtype)
     x, t = _as_rows_input(input.detach(), target.detach())
     w = weight.detach() if weight is not None else None
     batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])

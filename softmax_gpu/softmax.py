@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor, wrap_dim
-from ._dispatch import (backend_for, check_device, empty_like, interpreted, launch_device,
-                        launch_on, plan_cache, remember, traced)
+from ._dispatch import (autocast_on, backend_for, check_device, empty_like, interpreted,
+                        launch_device, launch_on, new_output, plan_cache, remember, traced)
 from ._layout import as_rows, rows_view
 from .heuristics import MIN_BLOCK, SINGLE, SPLIT, next_pow2, warps_for
 from .kernels import softmax as K
@@ -151,15 +152,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reference_forward(x: Tensor, dim: int, log: bool) -> Tensor:
-    """softmax (or log-softmax) of ``x`` over ``dim``."""
+def reference_forward(x: Tensor, dim: int, log: bool,
+                      dtype: Optional[torch.dtype] = None) -> Tensor:
+    """softmax (or log-softmax) of ``x`` over ``dim``, in ``dtype`` (None: x's)."""
     xa = x.to(_acc(x.dtype))
     y = torch.log_softmax(xa, dim) if log else torch.softmax(xa, dim)
-    return y.to(x.dtype).contiguous()
+    return y.to(dtype or x.dtype).contiguous()
 
 
-def reference_backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
-    """Vector-Jacobian product at forward output ``y``:
+def reference_backward(y: Tensor, dy: Tensor, dim: int, log: bool,
+                       dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Vector-Jacobian product at forward output ``y``, in ``dtype`` (None: y's):
     softmax dx = y * (dy - sum(dy * y)); log-softmax dx = dy - exp(y) * sum(dy)."""
     acc = _acc(y.dtype)
     ya, ga = y.to(acc), dy.to(acc)
@@ -167,7 +170,7 @@ def reference_backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
         dx = ga - torch.exp(ya) * ga.sum(dim, keepdim=True)
     else:
         dx = ya * (ga - (ga * ya).sum(dim, keepdim=True))
-    return dx.to(y.dtype).contiguous()
+    return dx.to(dtype or y.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------
@@ -197,14 +200,22 @@ def _contiguous_probe(shape) -> Tensor:
     return torch.empty(shape, device="meta")
 
 
-def _forward(x: Tensor, dim: int, log: bool) -> Tensor:
-    """Launch the forward: a new contiguous tensor of x's shape and dtype."""
+def _output(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """A new contiguous kernel output of x's shape, in ``dtype`` (None: x's)."""
+    if dtype is None or dtype == x.dtype:
+        return empty_like(x)
+    return new_output(x.shape, dtype, x.device)
+
+
+def _forward(x: Tensor, dim: int, log: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Launch the forward: a new contiguous tensor of x's shape, in ``dtype``
+    (None: x's; fp32 for 16-bit x: the kernel reads x and stores fp32)."""
     key = (x.shape, x.stride(), x.dtype, x.device, dim, log, heuristics.generation())
     plan = _PLANS.get(key)
     if plan is None:
         plan = remember(_PLANS, key, _plan_forward(x, dim, log))
     copy, dev, launch = plan
-    y = empty_like(x)
+    y = _output(x, dtype)
     if launch is not None:
         launch_on(dev, launch, x.contiguous() if copy else x, y)
     return y
@@ -225,8 +236,10 @@ def _plan_backward(y: Tensor, dy: Tensor, dim: int, log: bool):
     return copy_y, copy_g, launch_device(y.device), launch
 
 
-def _backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
-    """Launch the backward: a new contiguous tensor, the gradient wrt the input."""
+def _backward(y: Tensor, dy: Tensor, dim: int, log: bool,
+              dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Launch the backward: a new contiguous tensor, the gradient wrt the
+    input, in ``dtype`` (None: y's; the input's 16-bit dtype for an fp32 y)."""
     if dy.dtype != y.dtype:
         dy = dy.to(y.dtype)
     key = (y.shape, y.stride(), dy.stride(), y.dtype, y.device, dim, log,
@@ -235,7 +248,7 @@ def _backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
     if plan is None:
         plan = remember(_PLANS, key, _plan_backward(y, dy, dim, log))
     copy_y, copy_g, dev, launch = plan
-    dx = empty_like(y)
+    dx = _output(y, dtype)
     if launch is not None:
         launch_on(dev, launch, y.contiguous() if copy_y else y,
                   dy.contiguous() if copy_g else dy, dx)
@@ -246,17 +259,17 @@ class _SoftmaxFunction(torch.autograd.Function):
     """Eager autograd around the launchers (no dispatcher round trip)."""
 
     @staticmethod
-    def forward(ctx, x, dim, log):
-        y = _forward(x, dim, log)
+    def forward(ctx, x, dim, log, dtype):
+        y = _forward(x, dim, log, dtype)
         ctx.save_for_backward(y)
-        ctx.dim, ctx.log = dim, log
+        ctx.dim, ctx.log, ctx.dx_dtype = dim, log, x.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return _backward(y, dy, ctx.dim, ctx.log), None, None
+        return _backward(y, dy, ctx.dim, ctx.log, ctx.dx_dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------
@@ -265,45 +278,52 @@ class _SoftmaxFunction(torch.autograd.Function):
 
 
 @torch.library.custom_op("softmax_gpu::softmax_forward", mutates_args=())
-def softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
+def softmax_forward(x: Tensor, dim: int, log: bool,
+                    dtype: Optional[torch.dtype] = None) -> Tensor:
     """softmax (log=False) or log-softmax (log=True) of ``x`` over ``dim``.
 
     x: floating tensor of at least one dim; dim in [0, x.dim()). Returns a
-    contiguous tensor of x's shape and dtype.
+    contiguous tensor of x's shape in ``dtype``: None (x's dtype), or
+    torch.float32 for fp16/bf16 ``x`` (read as it is, the result stored in
+    fp32: no fp32 copy of x).
     """
     if backend_for(x) == "triton":
-        return _forward(x, dim, log)
-    return reference_forward(x, dim, log)
+        return _forward(x, dim, log, dtype)
+    return reference_forward(x, dim, log, dtype)
 
 
 @softmax_forward.register_fake
-def _(x: Tensor, dim: int, log: bool) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _(x: Tensor, dim: int, log: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
 
 
 @torch.library.custom_op("softmax_gpu::softmax_backward", mutates_args=())
-def softmax_backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
+def softmax_backward(y: Tensor, dy: Tensor, dim: int, log: bool,
+                     dtype: Optional[torch.dtype] = None) -> Tensor:
     """Gradient wrt the input of softmax (or log-softmax) whose output is ``y``,
-    given the output gradient ``dy`` (same shape; any strides)."""
+    given the output gradient ``dy`` (same shape; any strides), in ``dtype``
+    (None: y's; the input's 16-bit dtype when y is its fp32 result)."""
     if backend_for(y) == "triton":
-        return _backward(y, dy, dim, log)
-    return reference_backward(y, dy, dim, log)
+        return _backward(y, dy, dim, log, dtype)
+    return reference_backward(y, dy, dim, log, dtype)
 
 
 @softmax_backward.register_fake
-def _(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+def _(y: Tensor, dy: Tensor, dim: int, log: bool,
+      dtype: Optional[torch.dtype] = None) -> Tensor:
+    return torch.empty(y.shape, dtype=dtype or y.dtype, device=y.device)
 
 
 def _op_setup_context(ctx, inputs, output):
-    _, dim, log = inputs
+    x, dim, log, _ = inputs
     ctx.save_for_backward(output)
     ctx.dim, ctx.log = dim, log
+    ctx.dx_dtype = x.dtype if x.dtype != output.dtype else None
 
 
 def _op_backward(ctx, grad):
     (y,) = ctx.saved_tensors
-    return softmax_backward(y, grad, ctx.dim, ctx.log), None, None
+    return softmax_backward(y, grad, ctx.dim, ctx.log, ctx.dx_dtype), None, None, None
 
 
 softmax_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -324,6 +344,9 @@ def _implicit_dim(name: str, ndim: int, stacklevel: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
     if not isinstance(input, Tensor):
         check_tensor(input, "input")
@@ -334,25 +357,32 @@ def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
         dtype, stacklevel = stacklevel, 3
     if dim is None:
         dim = _implicit_dim("log_softmax" if log else "softmax", input.dim(), stacklevel + 1)
-    if dtype is not None:
-        input = input.to(dtype)
+    if dtype is None and input.dtype in _HALF and input.device.type == "cuda" and \
+            autocast_on(input):
+        dtype = torch.float32  # torch's CUDA autocast policy for softmax / log_softmax
+    out = None  # the output dtype when it is not the (cast) input's
+    if dtype is not None and dtype != input.dtype:
+        if dtype == torch.float32 and input.dtype in _HALF:
+            out = dtype  # the kernel reads the 16-bit input and stores fp32: no copy
+        else:
+            input = input.to(dtype)
     ndim = input.dim()
     d = wrap_dim(dim, ndim)
     if input.dtype not in FLOAT_DTYPES:
         check_float(input, "input")
     if traced(input):
         if ndim == 0:
-            return softmax_forward(input.reshape(1), 0, log).reshape(())
-        return softmax_forward(input, d, log)
+            return softmax_forward(input.reshape(1), 0, log, out).reshape(())
+        return softmax_forward(input, d, log, out)
     dev = input.device.type
     if dev != "cuda" and (dev != "cpu" or not interpreted()):
         check_device(input, "input")
-        return reference_forward(input, d, log)
+        return reference_forward(input, d, log, out)
     if ndim == 0:
-        return _softmax(input.reshape(1), 0, 3, None, log).reshape(())
+        return _softmax(input.reshape(1), 0, 3, out, log).reshape(())
     if input.requires_grad and torch.is_grad_enabled():
-        return _SoftmaxFunction.apply(input, d, log)
-    return _forward(input, d, log)
+        return _SoftmaxFunction.apply(input, d, log, out)
+    return _forward(input, d, log, out)
 
 
 def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
@@ -368,8 +398,17 @@ def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
         input: tensor of any shape (0-d and empty included), float16,
             bfloat16, float32 or float64, on CUDA or CPU.
         dim: the dim to normalise over; negative counts from the end.
-        dtype: if given, ``input`` is cast to it before the op (integer
-            inputs need it).
+        dtype: if given, the result's dtype: ``input`` is cast to it before
+            the op (integer inputs need it), except fp16/bf16 ``input`` with
+            ``torch.float32``, which the kernel reads as it is and stores in
+            fp32 (no fp32 copy of the input; its gradient is in the input's
+            dtype).
+
+    Under ``torch.autocast``: torch's policy. On CUDA, fp16/bf16 ``input``
+    without ``dtype`` gives an fp32 result (torch's autocast runs softmax and
+    log_softmax in fp32), as ``dtype=torch.float32`` above; an explicit
+    ``dtype`` is kept. CPU autocast leaves softmax alone, as torch's does.
+    The same holds under ``torch.compile``.
 
     Returns:
         A contiguous tensor of ``input``'s shape and (cast) dtype. Arithmetic

@@ -45,6 +45,18 @@ def fwd_launches(path, prob, reduction="mean", weight=None, label_smoothing=0.0,
     return (main,)
 
 
+def bwd_launches(dtype, prob, reduction="mean", weight=None, label_smoothing=0.0,
+                 divisor=None, **_):
+    """The kernels one backward launches: the rescale of the forward's
+    gradient, but for fp16 logits with class targets the denominators (as
+    the forward needs them, or for a divisor) and the pass over the logits."""
+    if dtype != torch.float16 or prob:
+        return (BWD,)
+    den = reduction == "mean" or divisor is not None or \
+        (weight is not None and label_smoothing > 0)
+    return (DEN, "ce_class_backward") if den else ("ce_class_backward",)
+
+
 def torch_ref(x, target, weight=None, **kw):
     """The float64 loss of :func:`helpers.ce_reference`."""
     return ce_reference(x, target, weight, **kw)[0]
@@ -60,7 +72,7 @@ def check(x, target, path="single", dtype=None, grad_output=None, grad_scale_tol
         with expect_launches(*fwd_launches(path, prob, **kw)):
             out = softmax_gpu.cross_entropy(xs, target, **kw)
         g = torch.ones_like(out) if grad_output is None else grad_output.to(out.dtype)
-        with expect_launches(BWD):
+        with expect_launches(*bwd_launches(dtype, prob, **kw)):
             (dx,) = torch.autograd.grad(out, xs, g)
     x64 = xs.detach().double().requires_grad_()
     ref = torch_ref(x64, target, **kw)
@@ -1256,3 +1268,214 @@ def test_on_chip_candidates(fields):
             assert_close(dx, dx_ref, dtype, scale=4.0)
     with heuristics.override(ce_single_ept=32, target_program_elems=128, sm_count=1):
         assert CE.cross_entropy_config(64, 64, 2, torch.device("cpu")).rows_per_program == 2
+
+# --- fp16 mixed precision: torch.autocast, and loss scales known only at backward --------
+
+
+def fp16_ulp(ref: torch.Tensor) -> torch.Tensor:
+    """One fp16 unit in the last place at each value of the float64 ``ref``
+    (subnormals: 2^-24)."""
+    e = torch.frexp(ref.abs().clamp_min(2.0 ** -24))[1].double()
+    return torch.maximum(2.0 ** (e - 11), torch.full_like(ref, 2.0 ** -24))
+
+
+def assert_fp16_gradient(g, ref, term=None):
+    """``g`` (fp16) within one fp16 ulp of the float64 gradient ``ref``, and
+    not one element zero where ``ref`` rounded to fp16 is not (underflow).
+
+    ``term``: the size of the target's part of each element (y_c * grad_output
+    / denominator), which sigma_c * sum(y) cancels where the prediction meets
+    the (smoothed or soft) target: fp32 arithmetic, torch's included, rounds
+    both parts (sigma = exp(z - lse) to about |z - lse| fp32 ulps), so such an
+    element is allowed 32 fp32 ulps of that size more (torch's fp32 gradient
+    misses the float64 one by 2 fp16 ulps there)."""
+    assert g.dtype == torch.float16
+    g, ref = g.double().cpu(), ref.double().cpu()
+    lost = int(((g == 0) & (ref.half() != 0)).sum())
+    assert lost == 0, f"{lost} of {int((ref.half() != 0).sum())} gradient elements lost"
+    tol = fp16_ulp(ref)
+    if term is not None:
+        tol = tol + 32 * 2.0 ** -24 * term.double().cpu().abs()
+    err = (g - ref).abs() / tol
+    assert float(err.max()) <= 1.0, float(err.max())
+
+
+def target_term(x, t, go, reduction="mean", weight=None, label_smoothing=0.0, **_):
+    """|y_c| * |grad_output| / the denominator per element of (M, C) logits
+    ``x``: the part of the gradient that sigma_c * sum(y) cancels (float64)."""
+    M, C = x.shape
+    eps = label_smoothing
+    w = weight.double().cpu() if weight is not None else torch.ones(C, dtype=torch.float64)
+    if t.is_floating_point():
+        y = ((1 - eps) * t.double().cpu() + eps / C) * w
+        den = float(M) if reduction == "mean" else 1.0
+    else:
+        tc = t.cpu().long()
+        kept = tc != -100
+        y = (1 - eps) * F.one_hot(tc.clamp_min(0), C).double() * w[tc.clamp_min(0)][:, None] \
+            + eps / C * w
+        y = y * kept[:, None]
+        den = float(w[tc[kept]].sum()) if reduction == "mean" else 1.0
+    go = go.double().cpu().reshape(-1, 1) if go.numel() > 1 else go.double().cpu()
+    return y * go.abs() / den
+
+
+FP16_CASES = {
+    "class": dict(),
+    "extras": dict(weight=True, label_smoothing=0.1, z_loss=1e-3, softcap=20.0),
+    "sum-divisor": dict(reduction="sum", divisor=300.0),
+    "none": dict(reduction="none"),
+    "prob": dict(prob=True),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("case", list(FP16_CASES))
+@pytest.mark.parametrize("path", PATHS)
+def test_fp16_loss_scale_known_at_backward_loses_nothing(path, case, inplace):
+    """fp16 logits, a mean over 128 rows, and the loss times a GradScaler's
+    scale (2^10 and 2^16, and an odd one) applied only at backward: the
+    gradient is torch's fp32 gradient rounded to fp16 within one ulp, and no
+    element that float64 keeps in fp16 underflows to zero (a gradient stored
+    in fp16 at forward time and rescaled loses a third of them). Class
+    targets: the backward forms it from the logits (the forward writes no
+    gradient); probability targets: kept in fp32 until then. A retained
+    graph's second backward gives it again; a gradient handed out is never
+    changed."""
+    kw = dict(FP16_CASES[case])
+    prob = kw.pop("prob", False)
+    M, C = 128, 300
+    gen = torch.Generator().manual_seed(7)
+    x = rand(M, C, dtype=torch.float16, generator=gen)
+    t = torch.softmax(rand(M, C, generator=gen), -1) if prob else \
+        targets(M, C, ignore=(1, 50), generator=gen)
+    if kw.pop("weight", False):
+        kw["weight"] = (torch.rand(C, dtype=torch.float64, generator=gen) + 0.5).to(DEVICE)
+    div = kw.pop("divisor", None)
+    for scale in (2.0 ** 10, 2.0 ** 16, 3000.0):
+        # reduction="none": a mean's 1/M in each row's grad_output, times the scale
+        go = torch.full((), scale) if kw.get("reduction") != "none" else \
+            rand(M, scale=1.0, generator=gen).abs().cpu() * (scale / M)
+        logits = x.clone().requires_grad_()
+        h = logits * 1  # non-leaf logits, as a model's
+        with forced(path):
+            loss = softmax_gpu.cross_entropy(h, t, loss_dtype=torch.float32, divisor=div,
+                                             inplace_backward=inplace, **kw)
+            assert loss.dtype == torch.float32
+            with softmax_gpu.record_launches() as names:
+                (g1,) = torch.autograd.grad(loss, h, go.to(DEVICE), retain_graph=True)
+            keep = g1.clone()
+            (g2,) = torch.autograd.grad(loss, h, go.to(DEVICE))
+        if not prob:
+            assert any(n.startswith("ce_class_backward") for n in names), names
+        x64 = x.double().requires_grad_()
+        ref = torch_ref(x64, t, **{k: v for k, v in kw.items()})
+        if div is not None:
+            ref = ref / div
+        (dref,) = torch.autograd.grad(ref, x64, go.double().to(DEVICE))
+        term = target_term(x, t, go / (div or 1.0), **kw)
+        assert_fp16_gradient(g1, dref, term)
+        assert_fp16_gradient(g2, dref, term)
+        assert torch.equal(g1, keep)
+        assert_close(loss, ref.detach(), torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("case", ["class", "prob", "inplace"])
+def test_fp16_loss_scale_under_torch_compile(case):
+    """The same under torch.compile(fullgraph=True): the loss times 2^12 at
+    backward, every element kept, within one fp16 ulp (probability targets
+    keep the gradient in fp32; in place, fp16 takes the backward pass over
+    the logits)."""
+    torch._dynamo.reset()
+    M, C = 128, 300
+    x = rand(M, C, dtype=torch.float16)
+    t = torch.softmax(rand(M, C), -1) if case == "prob" else targets(M, C, ignore=(3,))
+
+    def step(z, t):
+        return softmax_gpu.cross_entropy(z * 1, t, loss_dtype=torch.float32,
+                                         inplace_backward=case == "inplace") * 4096.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    xs = x.clone().requires_grad_()
+    loss = compiled(xs, t)
+    loss.backward()
+    x64 = x.double().requires_grad_()
+    ref = torch_ref(x64, t) * 4096.0
+    (dref,) = torch.autograd.grad(ref, x64)
+    assert_close(loss, ref.detach(), torch.float32, scale=4096.0)
+    assert_fp16_gradient(xs.grad, dref, target_term(x, t, torch.tensor(4096.0)))
+
+
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+@torch._dynamo.config.patch(recompile_limit=64)  # one graph per dtype, target and reduction
+def test_autocast_gives_torch_loss_dtype(amp):
+    """Under torch.autocast on the test device, fp16/bf16 logits give torch's
+    fp32 loss (autocast runs cross-entropy in fp32), unrounded: equal to the
+    float64 loss of the 16-bit logits at fp32 tolerance; class and
+    probability targets, every reduction, the module, return_lse,
+    cross_entropy_with_grad, also compiled; the gradient keeps the logits'
+    dtype; an explicit loss_dtype is kept; fp32 and fp64 logits are
+    unchanged."""
+    torch._dynamo.reset()
+    C = 40
+    t = targets(6, C, ignore=(2,))
+    p = torch.softmax(rand(6, C), -1)
+    compiled = torch.compile(lambda z, t, r: softmax_gpu.cross_entropy(z, t, reduction=r),
+                             fullgraph=True, backend="aot_eager")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = rand(6, C, dtype=dtype)
+        for target in (t, p):
+            for reduction in ("mean", "none"):
+                xs = x.clone().requires_grad_()
+                with torch.autocast(DEVICE, dtype=amp):
+                    want = F.cross_entropy(xs, target.to(dtype) if target.is_floating_point()
+                                           else target, reduction=reduction)
+                    got = softmax_gpu.cross_entropy(xs, target, reduction=reduction)
+                    got_c = compiled(xs, target, reduction)
+                    mod = softmax_gpu.CrossEntropyLoss(reduction=reduction)(xs, target)
+                    kept = softmax_gpu.cross_entropy(xs, target, reduction=reduction,
+                                                     loss_dtype=dtype)
+                for out in (got, got_c, mod):
+                    assert out.dtype == want.dtype, (dtype, out.dtype, want.dtype)
+                    assert_close(out, torch_ref(x.double(), target, reduction=reduction),
+                                 out.dtype, scale=4.0)
+                assert kept.dtype == dtype
+                (dx,) = torch.autograd.grad(got.sum() + got_c.sum(), xs)
+                assert dx.dtype == dtype
+        with torch.autocast(DEVICE, dtype=amp):
+            loss, lse = softmax_gpu.cross_entropy(x, t, return_lse=True)
+            loss2, grad = softmax_gpu.cross_entropy_with_grad(x, t)
+        want = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        assert loss.dtype == loss2.dtype == want and lse.dtype == torch.float32
+        assert grad.dtype == dtype
+
+
+def test_grad_scaler_default_scale_trains():
+    """The issue's report: fp16 logits under autocast with a GradScaler at its
+    default initial scale 2^16. torch's fp32 loss makes the scaled gradient
+    finite (an fp16 loss turned 65536 into inf); the step is taken, and the
+    unscaled gradient is float64's within fp16 rounding."""
+    M, C = 64, 300
+    x = rand(M, C, dtype=torch.float16)
+    t = targets(M, C, ignore=(5,))
+    lin = torch.nn.Linear(C, C, bias=False).to(DEVICE)
+    torch.nn.init.eye_(lin.weight)
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler(DEVICE)
+    assert scaler.get_scale() == 2.0 ** 16
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        h = lin(x)
+        assert h.dtype == torch.float16  # autocast ran the linear in fp16
+        loss = softmax_gpu.cross_entropy(h, t)
+    assert loss.dtype == torch.float32
+    h.retain_grad()
+    scaler.scale(loss).backward()
+    assert bool(h.grad.isfinite().all())
+    x64 = h.detach().double().requires_grad_()
+    (dref,) = torch.autograd.grad(torch_ref(x64, t) * 2.0 ** 16, x64)
+    assert_fp16_gradient(h.grad, dref, target_term(x, t, torch.tensor(2.0 ** 16)))
+    before = lin.weight.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 16  # no inf: the step was taken
+    assert not torch.equal(lin.weight.detach(), before)

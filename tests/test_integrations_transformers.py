@@ -463,3 +463,109 @@ def test_causal_lm_loss_makes_no_fp32_copy_of_the_logits():
     with Record():
         st.causal_lm_loss(logits, labels, V)
     assert not big, big
+
+
+# --- fp16 mixed precision: autocast and a GradScaler -------------------------------
+
+
+def _fp16_amp_steps(model, device, steps=3, init_scale=2.0 ** 10):
+    """Train ``model`` a few steps as ``Trainer(fp16=True)`` does: the forward
+    under fp16 autocast, the loss scaled by a GradScaler (a GradScaler's
+    2^10) at backward, SGD. Returns (losses, parameters, final scale, the
+    fp16 gradients that reached the logits)."""
+    model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=5e-2)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale)
+    losses, logit_grads = [], []
+    for step in range(steps):
+        ids, labels = batch(seed=10 + step)
+        with torch.autocast(device, dtype=torch.float16):
+            out = model(input_ids=ids.to(device), labels=labels.to(device))
+        if out.logits is not None:
+            out.logits.register_hook(lambda g: logit_grads.append(g.detach().clone()))
+        losses.append(out.loss.detach().float().cpu())
+        scaler.scale(out.loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    params = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    return torch.stack(losses), params, scaler.get_scale(), logit_grads
+
+
+def _assert_same_fp16_training(got, ref, init):
+    losses, params, scale, grads = got
+    ref_losses, ref_params, ref_scale, ref_grads = ref
+    assert scale == ref_scale  # the same steps were taken (none skipped for an inf)
+    torch.testing.assert_close(losses, ref_losses, **LOSS_TOL)
+    for name in ref_params:
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5,
+                                   msg=name)
+    assert any(not torch.equal(ref_params[n], init[n]) for n in ref_params)  # it trained
+    # the logits' fp16 gradient (the loss scale applied): transformers' fp32
+    # gradient rounded to fp16 (within one ulp), not one element lost
+    assert len(grads) == len(ref_grads) > 0
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype == torch.float16
+        lost = int(((g == 0) & (r != 0)).sum())
+        assert lost == 0, f"{lost} of {int((r != 0).sum())} logit gradients lost"
+        ulp = 2.0 ** (torch.frexp(r.double().abs().clamp_min(2.0 ** -24))[1] - 11)
+        assert bool(((g.double() - r.double()).abs() <= ulp.clamp_min(2.0 ** -24)).all())
+
+
+def test_fp16_autocast_with_grad_scaler():
+    """fp16 mixed precision by hand on the CPU, a tiny Llama for three steps
+    (fp16 autocast, GradScaler at 2^10, SGD), the loss hook against stock
+    transformers: the same losses, scales and parameters, and the logits'
+    gradients transformers' within one fp16 ulp with none lost (a gradient
+    stored in fp16 before the loss scale lost a third of them)."""
+    init = {n: p.detach().clone() for n, p in tiny("llama", seed=5).named_parameters()}
+    ref = _fp16_amp_steps(tiny("llama", seed=5), "cpu")
+    model = st.apply(tiny("llama", seed=5), fused_linear=False)
+    _assert_same_fp16_training(_fp16_amp_steps(model, "cpu"), ref, init)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_training_on_cuda(tmp_path):
+    """The same on CUDA (the compiled kernels): the hand loop, then a real
+    Trainer(fp16=True) (autocast and its GradScaler) for two steps, with and
+    without apply(): the same logged losses and final parameters."""
+    init = {n: p.detach().clone() for n, p in tiny("llama", seed=5).named_parameters()}
+    ref = _fp16_amp_steps(tiny("llama", seed=5), "cuda")
+    model = st.apply(tiny("llama", seed=5), fused_linear=False)
+    _assert_same_fp16_training(_fp16_amp_steps(model, "cuda"), ref, init)
+
+    pytest.importorskip("accelerate")
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for i in range(8):
+        ids = torch.randint(0, V, (T,), generator=g)
+        labels = ids.clone()
+        labels[: (i * 3) % 7] = -100
+        data.append({"input_ids": ids, "labels": labels,
+                     "attention_mask": torch.ones(T, dtype=torch.long)})
+
+    def train(patch):
+        model = tiny("llama", seed=5)
+        with torch.no_grad():  # logits small enough that 2^16 scaled gradients stay finite
+            model.lm_head.weight.mul_(0.05)
+        if patch:
+            st.apply(model, fused_linear=False)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2, logging_steps=1,
+            report_to=[], save_strategy="no", fp16=True, seed=0, data_seed=0,
+            dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant",
+            optim="adamw_torch")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+
+    ref_losses, ref_params = train(False)
+    losses, params = train(True)
+    assert len(losses) == 2
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5,
+                               atol=1e-6)
+    for name in ref_params:
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5,
+                                   msg=name)

@@ -631,3 +631,131 @@ def test_log_softmax_of_a_confident_row_is_accurate(path):
     expect = torch.log_softmax(x.double(), -1)[:, 7]
     err = ((ly[:, 7].double() - expect) / expect).abs().max().item()
     assert err < 2e-6, err
+
+# --- mixed precision: fp16/bf16 input, fp32 result (dtype=, torch.autocast) -----------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["single", "looped", "split", "coop"])
+def test_half_input_fp32_result_is_read_in_place(path, dtype):
+    """``dtype=torch.float32`` with fp16/bf16 input: the kernel reads the
+    16-bit input and stores fp32 (the forward launches its kernels alone);
+    the result is the fp32 softmax of the 16-bit values, the gradient is in
+    the input's dtype (the backward reads the fp32 output), on every path."""
+    n = 37 if path == "single" else 203
+    rows = 9 if path == "coop" else path_rows(path)
+    limits = LONG["coop"] if path == "coop" else None
+    for log in (False, True):
+        x = rand(rows, n, dtype=dtype).requires_grad_()
+        dy = rand(rows, n, scale=1.0)
+        with (heuristics.override(**limits) if limits else forced(path)):
+            with expect_launches(*(("softmax_fwd_coop",) if limits else FWD[path])):
+                y = FNS[log](x, -1, dtype=torch.float32)
+            with expect_launches(*(("softmax_bwd_coop",) if limits else BWD[path])):
+                (dx,) = torch.autograd.grad(y, x, dy)
+        assert y.dtype == torch.float32 and dx.dtype == dtype
+        assert_close(y, ref(x.detach(), -1, log), torch.float32)
+        x64 = x.detach().double().requires_grad_()
+        (exact,) = torch.autograd.grad(REFS[log](x64, -1), x64, dy.double())
+        assert_close(dx, exact, scale=4 * max(1.0, float(exact.abs().max())))
+
+
+def test_half_input_fp32_result_makes_no_fp32_copy():
+    """No op converts the 16-bit input to fp32 before the kernel (the path a
+    dispatch mode sees: the torch.library op), forward and backward; the
+    op's result and gradient dtypes are right under FakeTensorMode too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = rand(6, 40, dtype=torch.float16).requires_grad_()
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for log in (False, True):
+        seen.clear()
+        with Record():
+            y = FNS[log](x, -1, dtype=torch.float32)
+            (dx,) = torch.autograd.grad(y.sum(), x)
+        copies = [f for f in seen if f in (torch.ops.aten._to_copy.default,
+                                          torch.ops.aten.copy_.default)]
+        assert not copies, copies
+        assert y.dtype == torch.float32 and dx.dtype == torch.float16
+        assert_close(y, ref(x.detach(), -1, log), torch.float32)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        xf = torch.empty(3, 5, dtype=torch.bfloat16, device=DEVICE)
+        assert SM.softmax_forward(xf, 1, False, torch.float32).dtype == torch.float32
+        yf = torch.empty(3, 5, dtype=torch.float32, device=DEVICE)
+        assert SM.softmax_backward(yf, yf, 1, True, torch.bfloat16).dtype == torch.bfloat16
+    x64 = rand(3, 7, dtype=torch.float64)
+    torch.library.opcheck(SM.softmax_forward, (rand(3, 7, dtype=torch.bfloat16), 1, True,
+                                               torch.float32))
+    torch.library.opcheck(SM.softmax_backward, (x64.float(), x64.float(), 1, False,
+                                                torch.float16))
+
+
+def _calls(x, softmax, log_softmax, module):
+    """The softmax ops on ``x`` as a model calls them."""
+    return (softmax(x, -1), log_softmax(x, 1), module(x), softmax(x, -1, dtype=torch.float16),
+            log_softmax(x, -1, dtype=torch.float32))
+
+
+def _ours_under_autocast(x, amp):
+    with torch.autocast(DEVICE, dtype=amp):
+        return _calls(x, softmax_gpu.softmax, softmax_gpu.log_softmax, softmax_gpu.Softmax(0))
+
+
+def _torch_under_autocast(x, amp):
+    with torch.autocast(DEVICE, dtype=amp):
+        return _calls(x, torch.softmax, torch.nn.functional.log_softmax, torch.nn.Softmax(0))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_autocast_follows_torch(amp, compiled):
+    """Under torch.autocast on the test device, each call returns torch's
+    dtype for the same call (CUDA's policy runs softmax / log_softmax in fp32
+    for 16-bit input unless a dtype is given; CPU's leaves them alone) and
+    the float64 values within that dtype's tolerance; the gradient has the
+    input's dtype. Eagerly and under torch.compile (the autocast region
+    inside the compiled function)."""
+    torch._dynamo.reset()
+    ours = torch.compile(_ours_under_autocast, fullgraph=True) if compiled else \
+        _ours_under_autocast
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = rand(4, 33, dtype=dtype).requires_grad_()
+        got = ours(x, amp)
+        want = _torch_under_autocast(x, amp)
+        x64 = x.detach().double()
+        refs = (torch.softmax(x64, -1), torch.log_softmax(x64, 1), torch.softmax(x64, 0),
+                torch.softmax(x64.half().double(), -1), torch.log_softmax(x64, -1))
+        for k, (g, w, r) in enumerate(zip(got, want, refs)):
+            assert g.dtype == w.dtype, (k, dtype, g.dtype, w.dtype)
+            assert_close(g, r, g.dtype)
+        (dx,) = torch.autograd.grad(sum(g.float().sum() for g in got), x)
+        assert dx.dtype == dtype and bool(dx.isfinite().all())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA autocast")
+def test_cuda_autocast_upcasts_in_the_kernel():
+    """torch.autocast("cuda"): softmax of fp16 logits is fp32 (torch's policy)
+    and allocates only its fp32 result, no fp32 copy of the input."""
+    x = rand(64, 4096, dtype=torch.float16)
+    torch.cuda.synchronize()
+    for log in (False, True):
+        FNS[log](x, -1)  # plans and compiles outside the measurement
+        with torch.autocast("cuda", dtype=torch.float16):
+            FNS[log](x, -1)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = FNS[log](x, -1)
+        torch.cuda.synchronize()
+        assert y.dtype == torch.float32
+        assert torch.cuda.max_memory_allocated() - before <= x.numel() * 4 + (1 << 16)
+        assert_close(y, ref(x, -1, log), torch.float32)

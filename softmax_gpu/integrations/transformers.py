@@ -119,6 +119,9 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int,
     Args:
         logits: [..., T, vocab_size] (any float dtype; bf16 stays bf16: no
             fp32 copy is made, the arithmetic is fp32 inside the kernel).
+            fp16 (``Trainer(fp16=True)``: autocast and a GradScaler): the
+            gradient is formed at backward, after the loss scale, as
+            transformers' fp32 gradient rounded to fp16.
         labels: [..., T] integer token ids; position t is the target of
             position t - 1 (the shift), ``ignore_index`` is skipped. Unused
             when ``shift_labels`` is given.
