@@ -164,12 +164,6 @@ def row_base(rows, INNER, s_outer, s_inner):
 
 
 @triton.jit
-def add_pair(a0, a1, b0, b1):
-    """Combine of a two-value sum reduction."""
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
 def tile_state(x, AXIS: tl.constexpr):
     """The state of whole rows held in one tile, reduced along AXIS: (m, r, e)
     with m the max, e = e^(x - m) (0 where x is -inf) and r = sum(e) - 1
@@ -181,8 +175,11 @@ def tile_state(x, AXIS: tl.constexpr):
     mx = tl.expand_dims(m, AXIS)
     e = exp_rel(x, finite_max(mx))
     top = (x == mx) & (tl.abs(x) < float("inf"))
-    # the terms below the max and the count of maxima in one reduction
-    rest, count = tl.reduce((tl.where(top, 0.0, e), top.to(e.dtype)), AXIS, add_pair)
+    # the terms below the max, and the count of maxima (two plain sums: a
+    # tuple reduction costs no fewer shuffles, and runs per element in Python
+    # in the interpreter)
+    rest = tl.sum(tl.where(top, 0.0, e), AXIS)
+    count = tl.sum(top.to(e.dtype), AXIS)
     return m, rest + (count - 1.0), e
 
 

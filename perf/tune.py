@@ -194,7 +194,7 @@ LONG_PATHS = (
 LONG_AXES = (
     Axis("long_stages", (2, 3)),  # tiles in flight per program (software pipelining)
     Axis("long_warps", (4, 16)),  # warps of the long-row kernels (default: from the tile)
-    Axis("programs_per_sm", (2, 3, 8)),  # persistent / cooperative grid per SM
+    Axis("programs_per_sm", (1, 2, 8)),  # persistent / cooperative grid per SM (capped by occupancy)
     Axis("l2_fraction", (0.125, 0.25)),  # data in flight between a row's two reads
     Axis("evict", (False,)),  # eviction hints on the two reads
     Axis("coop_splits", (2, 4)),  # chunks per row, cooperative path
