@@ -75,11 +75,14 @@ def stubbed_kernels():
         clear()
 
 
-def _time_us(fn, repeats: int = 15, min_s: float = 0.02) -> float:
-    """Median over ``repeats`` of the mean µs per call of ``fn``."""
-    for _ in range(50):
+def _time_us(fn, repeats: int = 15, min_s: float = 0.02, warmup: int = 50,
+             first_n: int = 16) -> float:
+    """Median over ``repeats`` of the mean µs per call of ``fn``, after
+    ``warmup`` untimed calls; each repeat runs n calls, n doubled from
+    ``first_n`` until one repeat takes ``min_s``."""
+    for _ in range(warmup):
         fn()
-    n = 16
+    n = first_n
     while True:  # calibrate: one repeat takes at least min_s
         t0 = time.perf_counter()
         for _ in range(n):
@@ -184,7 +187,7 @@ def _cases(device: str):
 def measure(device: str, *, with_launch: bool = False, quick: bool = False) -> list[dict]:
     """Rows (call, shape, provider, us) for every case on ``device``
     (``quick``: fewer, shorter repeats; for tests of the harness)."""
-    timing = dict(repeats=3, min_s=0.002) if quick else {}
+    timing = dict(repeats=3, min_s=0.002, warmup=1, first_n=1) if quick else {}
     rows = []
     with stubbed_kernels():
         # cases made under the stubs: their backward nodes hold stubbed plans
