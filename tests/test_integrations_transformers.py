@@ -225,11 +225,8 @@ def test_unknown_architecture_gets_the_loss_hook():
     assert_same(got, ref)
 
 
-def test_trainer_gradient_accumulation(tmp_path):
-    """A real Trainer, gradient_accumulation_steps=2, uneven kept tokens per
-    micro-batch (so num_items_in_batch matters): the same logged losses and
-    final parameters with and without apply()."""
-    pytest.importorskip("accelerate")
+def _uneven_batches() -> list[dict]:
+    """Eight sequences whose kept tokens differ (so num_items_in_batch matters)."""
     g = torch.Generator().manual_seed(3)
     data = []
     for i in range(8):
@@ -238,32 +235,54 @@ def test_trainer_gradient_accumulation(tmp_path):
         labels[: (i * 3) % 7] = -100
         data.append({"input_ids": ids, "labels": labels,
                      "attention_mask": torch.ones(T, dtype=torch.long)})
+    return data
 
-    def train(patch):
-        model = tiny("llama", seed=5)
-        if patch:
-            st.apply(model)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=2,
-            gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2, logging_steps=1,
-            report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
-            dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant",
-            optim="adamw_torch")
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
-        assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch reaches the loss
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    ref_losses, ref_params = train(False)
-    losses, params = train(True)
+def _trainer_run(out_dir, patch, *, fp16: bool = False):
+    """Two steps of a real Trainer (gradient_accumulation_steps=2) on the tiny
+    Llama, ``patch(model)`` applied first unless None: (logged losses, final
+    parameters as fp32 on the CPU). ``fp16``: Trainer(fp16=True) on CUDA, the
+    head scaled down so that 2^16-scaled gradients stay finite."""
+    model = tiny("llama", seed=5)
+    if fp16:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0.05)
+    if patch is not None:
+        patch(model)
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2, logging_steps=1,
+        report_to=[], save_strategy="no", seed=0, data_seed=0,
+        dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant",
+        optim="adamw_torch", **(dict(fp16=True) if fp16 else dict(use_cpu=True)))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_uneven_batches())
+    assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch reaches the loss
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+
+
+def _assert_same_training(run, ref):
+    """Two (losses, parameters) of _trainer_run agree."""
+    (losses, params), (ref_losses, ref_params) = run, ref
     assert len(losses) == 2
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5,
+                               atol=1e-6)
     for name in ref_params:
-        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5,
+                                   msg=name)
+
+
+def test_trainer_gradient_accumulation(tmp_path):
+    """A real Trainer, gradient_accumulation_steps=2, uneven kept tokens per
+    micro-batch (so num_items_in_batch matters): the same logged losses and
+    final parameters with and without apply()."""
+    pytest.importorskip("accelerate")
+    ref = _trainer_run(tmp_path / "plain", None)
+    _assert_same_training(_trainer_run(tmp_path / "patched", st.apply), ref)
     init = dict(tiny("llama", seed=5).named_parameters())
-    assert all(not torch.equal(ref_params[n], init[n]) for n in ("lm_head.weight",
-                                                                 "model.norm.weight"))
+    assert all(not torch.equal(ref[1][n], init[n]) for n in ("lm_head.weight",
+                                                             "model.norm.weight"))
 
 
 # --- a transformers release that changes the forward -----------------------------
@@ -535,37 +554,7 @@ def test_fp16_training_on_cuda(tmp_path):
     _assert_same_fp16_training(_fp16_amp_steps(model, "cuda"), ref, init)
 
     pytest.importorskip("accelerate")
-    g = torch.Generator().manual_seed(3)
-    data = []
-    for i in range(8):
-        ids = torch.randint(0, V, (T,), generator=g)
-        labels = ids.clone()
-        labels[: (i * 3) % 7] = -100
-        data.append({"input_ids": ids, "labels": labels,
-                     "attention_mask": torch.ones(T, dtype=torch.long)})
-
-    def train(patch):
-        model = tiny("llama", seed=5)
-        with torch.no_grad():  # logits small enough that 2^16 scaled gradients stay finite
-            model.lm_head.weight.mul_(0.05)
-        if patch:
-            st.apply(model, fused_linear=False)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=2,
-            gradient_accumulation_steps=2, max_steps=2, learning_rate=5e-2, logging_steps=1,
-            report_to=[], save_strategy="no", fp16=True, seed=0, data_seed=0,
-            dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant",
-            optim="adamw_torch")
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        return losses, {n: p.detach().float().cpu() for n, p in model.named_parameters()}
-
-    ref_losses, ref_params = train(False)
-    losses, params = train(True)
-    assert len(losses) == 2
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5,
-                               atol=1e-6)
-    for name in ref_params:
-        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5,
-                                   msg=name)
+    ref = _trainer_run(tmp_path / "plain", None, fp16=True)
+    _assert_same_training(
+        _trainer_run(tmp_path / "patched", lambda m: st.apply(m, fused_linear=False), fp16=True),
+        ref)
