@@ -29,7 +29,7 @@
 # | perf_quick | 114 s (cut), 158 s alone | rest, <= 90 s | the quick sweep at 40 ms of repeats (was 100 ms); cut short, it still writes what it measured |
 #
 # Left to CI (CPU, no GPU needed; they would cost minutes here):
-# tests/test_static_compile.py (compiles ~1900 sm_90 variants),
+# tests/test_static_compile.py (compiles ~2700 sm_90 variants),
 # test_packaging.py (builds a wheel), test_perf_harness.py, test_tune.py and
 # test_examples.py (CPU subprocess runs).
 #
