@@ -86,7 +86,14 @@ MIN_PERF=30
 MIN_STEP=10  # a step that would get less is skipped ("no time left")
 
 SIM_ELAPSED=0  # DRY_RUN: seconds the skipped steps would have taken at most
-now() { echo $(( $(date +%s) + SIM_ELAPSED )); }
+# DRY_RUN keeps time on the simulated clock alone (the script's own seconds on
+# a loaded machine would make its budget arithmetic depend on that machine).
+if [ "$DRY_RUN" = 1 ]; then
+  SIM_T0=$(date +%s)
+  now() { echo $(( SIM_T0 + SIM_ELAPSED )); }
+else
+  now() { echo $(( $(date +%s) + SIM_ELAPSED )); }
+fi
 START=$(now)
 DEADLINE=$(( START + BUDGET ))
 FAILED=0
