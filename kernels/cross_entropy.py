@@ -51,6 +51,11 @@ Paths (chosen by ``softmax_gpu.cross_entropy.cross_entropy_config``):
   of that row is written), its second pass waits for the row's partials and
   writes the chunk's gradient; the row's last second pass to finish writes
   its loss, lse, state and hit.
+- resident: a row cut into chunks of BLOCK_N columns, one program each
+  (``resident_meet``): a chunk stays in registers from its read to its
+  gradient write, so 1 read + 1 write at any row length; a chunk whose
+  program gave up waiting for its row (programs not all resident at once)
+  is read again by the row's last arrival.
 
 ``ce_grad_scale_kernel`` is the eager backward: it multiplies the saved
 gradient rows by grad_output / (the factor already applied, kept per row in
@@ -74,14 +79,16 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .softmax import (FP_FUSION, acc_dtype, coop_arrive, coop_buffers, coop_grid, coop_place,
-                      coop_wait, edge_columns, exp_rel, finite_max, load_logits, load_p,
-                      log1p_acc, merge_partials, online_stats, partial_mask, recip_rn,
-                      regs_meta, row_base, row_vec, softcap_tanh, store_p, sum_partials,
+from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, acc_dtype,
+                      coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait, edge_columns,
+                      exp_rel, finite_max, load_logits, load_p, log1p_acc, merge_partials,
+                      online_stats, partial_mask, recip_rn, regs_meta, resident_columns,
+                      resident_meet, row_base, row_vec, softcap_tanh, store_p, sum_partials,
                       tile_offsets, tile_state, vec_segment)
 
 # Shared with the vocab-parallel kernels through this module.
-__all__ = ["load_logits", "softcap_tanh", "scalar_arg", "class_grad", "f64_parts"]
+__all__ = ["load_logits", "softcap_tanh", "scalar_arg", "class_grad", "f64_parts",
+           "RESIDENT_MAX_SPLITS"]
 
 # ----------------------------------------------------------------------------
 # Shared jit helpers
@@ -560,6 +567,131 @@ def ce_class_coop_kernel(
         ticket = tl.atomic_add(SYNC, 1)
 
 
+@triton.jit(do_not_specialize=_SCALARS + ["lse_all", "SPLITS", "spin"])
+def ce_class_resident_kernel(
+    X,  # logits base pointer
+    T,  # [M] class-index targets (any integer dtype)
+    W,  # [C] class weights in ACC (read when HAS_WEIGHT)
+    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
+    LOSS,  # [M] ACC: row losses, already divided by the denominators
+    LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
+    STATE,  # [M] ACC: factor applied to each gradient row so far, set to 1 (WRITE_GRAD)
+    HIT,  # [M] int8: 1 where the row is kept and its target is an argmax (written when WRITE_HIT)
+    WS,  # [4 * M * SPLITS + M] ACC: per chunk max, r, smoothing terms, weight sum; target logit per row
+    SYNC,  # [M] int64, zero: each row's meeting word (resident_meet)
+    M,  # number of rows
+    C,  # number of classes (row length)
+    INNER,  # rows sharing one outer index
+    sx_o, sx_n, sx_i,  # logits strides: outer, along the row, inner
+    sg_o, sg_n, sg_i,  # gradient strides
+    ignore_index,  # target value whose row is skipped
+    use_den,  # 1: divide by DEN[0] / DEN[1]; 0: by 1
+    lse_all,  # 1: read ignored rows too, for their lse; 0: never read them
+    SPLITS,  # chunks per row: cdiv(C + VEC - 1, BLOCK_N), at most RESIDENT_MAX_SPLITS
+    spin,  # polls a chunk waits for its row's last chunk before leaving its write to it
+    eps_hi, eps_lo,  # label smoothing (f64_parts)
+    zl_hi, zl_lo,  # z-loss coefficient
+    cap_hi, cap_lo,  # softcap (used when SOFTCAP)
+    gs_hi, gs_lo,  # grad_scale: extra factor on the gradient
+    HAS_WEIGHT: tl.constexpr,  # class weights given
+    SMOOTH: tl.constexpr,  # label smoothing > 0
+    SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
+    WRITE_GRAD: tl.constexpr,  # write the gradient to G
+    WRITE_HIT: tl.constexpr,  # write HIT (token accuracy)
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # columns per chunk (a power of two), held in registers
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+):
+    """Program pid owns chunk pid % SPLITS of row pid // SPLITS: it reads the
+    chunk into registers, publishes its (max, r) (and the target logit, the
+    smoothing terms), meets the row's other chunks (``resident_meet``) and
+    writes the chunk's gradient from its registers; the row's last arrival
+    writes the row's loss, lse, state and hit, and the gradient of any chunk
+    whose program gave up waiting, reading that chunk again."""
+    eps, z_loss, cap, inv_dl, inv_dz, inv_l, zl2, sw = class_launch_scalars(
+        DEN, use_den, C, eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, gs_hi, gs_lo,
+        HAS_WEIGHT, SMOOTH, ACC)
+    pid = tl.program_id(0)
+    k = pid % SPLITS
+    row = (pid // SPLITS).to(tl.int64)
+    n = M * SPLITS
+    item = row * SPLITS + k
+    PD = WS + n
+    PS = WS + 2 * n
+    PW = WS + 3 * n
+    ZT = WS + 4 * n
+    xb = row_base(row, INNER, sx_o, sx_i)
+    gb = row_base(row, INNER, sg_o, sg_i)
+    t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
+    read = row_read(kept, lse_all)
+    c0, cols, cmask = resident_columns(xb, k, C, VEC, BLOCK_N)
+    mask = tl.where(read, cmask, False)
+    z = load_logits(X, tile_offsets(xb, c0, cols, sx_n, VEC), mask, cap, SOFTCAP, ACC)
+    mk, rk, e = tile_state(z, 0)
+    sk = finite_max(mk)
+    if HAS_WEIGHT:
+        w = tl.load(W + (c0 + cols), mask=cmask, other=0.0).to(ACC)
+    else:
+        w = tl.where(cmask, 1.0, 0.0).to(ACC)
+    tl.store(WS + item, mk)
+    tl.store(PD + item, rk)
+    if SMOOTH:
+        # sum_c w_c (lse - z_c) = sum_k [ sum_c w_c (s_k - z_c) + (sum_c w_c) (lse - s_k) ]:
+        # every term non-negative, none cancels
+        tl.store(PS + item, tl.sum(tl.where(mask, w * (sk - z), 0.0), 0))
+        tl.store(PW + item, tl.sum(tl.where(mask, w, 0.0), 0))
+    if kept & inside & (t >= c0) & (t < c0 + BLOCK_N):
+        # the target logit, before any gradient of the row can be written over it
+        tl.store(ZT + row, load_logits(X, xb + t * sx_n, True, cap, SOFTCAP, ACC))
+    own, last, left = resident_meet(SYNC, row, k, SPLITS, spin)
+    if own | last:
+        m, r = merge_partials(WS, PD, row, SPLITS, True)
+        s = finite_max(m)
+        l1p = log1p_acc(r)
+        lse = m + l1p
+        a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
+        ar = a * recip_rn(1.0 + r)
+        if WRITE_GRAD and own:
+            # e = e^(z - m_k): sigma * sum(y) = e * e^(m_k - m) * a / (1 + r)
+            scale = tl.where(mk == float("-inf"), 0.0, exp_rel(mk, s)) * ar
+            is_t = cols == tl.cast(t - c0, tl.int32)
+            g = class_grad(e, z, is_t, scale, b, cw, w, kept, cap, SMOOTH, SOFTCAP)
+            tl.store(G + tile_offsets(gb, c0, cols, sg_n, VEC), g.to(G.dtype.element_ty),
+                     mask=cmask)
+        if last:
+            if WRITE_GRAD:
+                h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
+                for j in range(0, SPLITS):
+                    if ((left >> j) & 1) != 0:
+                        start = tl.maximum(j * BLOCK_N - h, 0)
+                        end = tl.minimum((j + 1) * BLOCK_N - h, C)
+                        if kept:
+                            class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, ar, b, cw,
+                                       l1p, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC,
+                                       RESIDENT_TILE, VEC, 0, False)
+                        else:
+                            zero_fill(G, gb, sg_n, start, end, RESIDENT_TILE, VEC, 0)
+                tl.store(STATE + row, tl.full((), 1.0, ACC))
+            smooth_sum = tl.zeros((), ACC)
+            if SMOOTH:
+                j = tl.arange(0, PARTIALS)
+                ok = j < SPLITS
+                at = row * SPLITS + j
+                pm = tl.load(WS + at, mask=ok, other=0.0, cache_modifier=".cg")
+                ps = tl.load(PS + at, mask=ok, other=0.0, cache_modifier=".cg")
+                pw = tl.load(PW + at, mask=ok, other=0.0, cache_modifier=".cg")
+                smooth_sum = tl.sum(tl.where(ok, ps + pw * ((s - finite_max(pm)) + l1p), 0.0),
+                                    0)
+            zt = tl.load(ZT + row, mask=kept & inside, other=0.0, cache_modifier=".cg")
+            loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl,
+                                  inv_dz, SMOOTH)
+            tl.store(LOSS + row, loss)
+            tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
+            if WRITE_HIT:
+                tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+
+
 @triton.jit(do_not_specialize=_SCALARS)
 def ce_class_backward_kernel(
     X,  # logits base pointer
@@ -999,6 +1131,18 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
 
         def launch(x, t, w, den, g, loss, lse, state, hit):
             ws, sync = coop_buffers(M, cfg.splits, 3, dtype, x.device)
+            kernel(x, t, w, den, g, loss, lse, state, hit, ws, sync, *args, **meta)
+            return names
+        return launch
+    if cfg.path == "resident":
+        kernel = ce_class_resident_kernel[(M * cfg.splits,)]
+        meta.pop("EVICT")
+        meta.pop("STAGES")
+        args = head + (cfg.splits, cfg.spin) + scal
+        names = ("ce_class_resident_kernel",)
+
+        def launch(x, t, w, den, g, loss, lse, state, hit):
+            ws, sync = coop_buffers(M, cfg.splits, 4, dtype, x.device, resident=True)
             kernel(x, t, w, den, g, loss, lse, state, hit, ws, sync, *args, **meta)
             return names
         return launch

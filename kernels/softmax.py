@@ -27,6 +27,13 @@ Paths (chosen by ``softmax_gpu.softmax.softmax_config``):
   waiting program only waits for programs that are already running and never
   wait themselves: no deadlock whatever the number of resident programs (see
   ``coop_item``). Chunks in flight x chunk bytes stay inside L2.
+- resident: a row is cut into chunks of BLOCK_N columns, one program each,
+  every chunk held in registers from its read to its write (1 read + 1
+  write at any row length); a row's programs exchange their partials
+  through global memory and meet at one int64 word per row
+  (``resident_meet``). A program that waits too long leaves its chunk to the
+  row's last arrival, which reads that chunk again: no deadlock, whether or
+  not a row's programs are resident at once.
 
 Eviction hints (EVICT): the first read of a two-read path marks its lines
 evict_last (kept in L2 for the second read), the second read and the stores
@@ -536,6 +543,77 @@ def sum_partials(PS, row, SPLITS, CG: tl.constexpr):
     return tl.sum(acc, 0)
 
 
+# The resident path: a row cut into SPLITS chunks of BLOCK_N columns, one per
+# program, each chunk held in registers from its read to its write (one HBM
+# read and one write per element, whatever the row length). A row's programs
+# meet at one int64 word: the arrivals are counted in its low RESIDENT_SHIFT
+# bits, and chunk k that gave up waiting sets bit RESIDENT_SHIFT + k.
+RESIDENT_SHIFT = tl.constexpr(16)
+RESIDENT_COUNT = tl.constexpr((1 << 16) - 1)  # the arrivals' bits
+# Chunks per row on the resident path (the meeting word's bits above the
+# count, the sign bit left alone).
+RESIDENT_MAX_SPLITS = 47
+# Tile of the re-read of a chunk left to its row's last arrival: few
+# registers beside those of the arrival's own chunk.
+RESIDENT_TILE = tl.constexpr(2048)
+
+
+@triton.jit
+def resident_columns(base, k, N, VEC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(c0, cols, mask) of chunk ``k`` of a row whose column 0 is at element
+    offset ``base``: its columns c0 + cols, c0 = k * BLOCK_N - h, with h =
+    base % VEC the row's elements before its first 16-byte boundary (0 for
+    VEC 1), so that every chunk's columns start on a 16-byte boundary of the
+    row (``tile_offsets(base, c0, cols, s_n, VEC)``); mask: the columns in
+    [0, N). The host plans SPLITS = cdiv(N + VEC - 1, BLOCK_N) chunks."""
+    if VEC > 1:
+        c0 = k * BLOCK_N - (base % VEC).to(tl.int32)
+    else:
+        c0 = k * BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    c = cols + c0
+    return c0, cols, (c >= 0) & (c < N)
+
+
+@triton.jit
+def resident_meet(SYNC, row, k, SPLITS, spin):
+    """Chunk ``k``'s arrival at its row's meeting word SYNC[row] (int64, zero
+    before the launch), once its partials are stored; then at most ``spin``
+    polls for the row's other chunks. Returns (own, last, left):
+
+    - own: this program writes its chunk from its registers (every partial
+      of the row is then visible to it);
+    - last: it arrived last: it writes the row's outputs, and also the chunks
+      in ``left`` (bit j: chunk j gave up before this arrival), read again.
+
+    A chunk gives up when no last arrival came within ``spin`` polls (its
+    row's programs are not all resident at once; Triton's interpreter runs
+    programs one after the other). It records that in the word; if the last
+    arrival came first, that arrival did not see the bit, and the chunk is
+    written by its own program after all. So no chunk is written twice or
+    left out, and no program waits unboundedly. The CTA barriers and the
+    acq_rel / acquire atomics publish and acquire the partials as
+    ``coop_arrive`` / ``coop_wait`` do."""
+    tl.debug_barrier()
+    old = tl.atomic_add(SYNC + row, 1, sem="acq_rel", scope="gpu")
+    count = RESIDENT_COUNT
+    last = (old & count) == SPLITS - 1
+    left = old >> RESIDENT_SHIFT
+    own = last
+    if not last:
+        w = tl.atomic_add(SYNC + row, 0, sem="acquire", scope="gpu")
+        polls = 0
+        while ((w & count) < SPLITS) & (polls < spin):
+            w = tl.atomic_add(SYNC + row, 0, sem="acquire", scope="gpu")
+            polls += 1
+        if (w & count) < SPLITS:
+            gave_up = tl.full((), 1, tl.int64) << (RESIDENT_SHIFT + k)
+            w = tl.atomic_add(SYNC + row, gave_up, sem="acq_rel", scope="gpu")
+        own = (w & count) >= SPLITS
+    tl.debug_barrier()
+    return own, last, left
+
+
 # ----------------------------------------------------------------------------
 # Forward kernels
 # ----------------------------------------------------------------------------
@@ -700,6 +778,64 @@ def softmax_fwd_coop_kernel(
             tl.store(PD + item, r)
             coop_arrive(SYNC, row)
         ticket = tl.atomic_add(SYNC, 1)
+
+
+@triton.jit(do_not_specialize=["SPLITS", "spin"])
+def softmax_fwd_resident_kernel(
+    X,  # input base pointer
+    Y,  # output base pointer
+    WS,  # [2 * M * SPLITS + M] ACC workspace: partial maxima, then partial r
+    SYNC,  # [M] int64, zero: each row's meeting word (resident_meet)
+    M,  # number of rows
+    N,  # row length
+    INNER,  # rows sharing one outer index
+    sx_o, sx_n, sx_i,  # input strides
+    sy_o, sy_n, sy_i,  # output strides
+    SPLITS,  # chunks per row: cdiv(N + VEC - 1, BLOCK_N), at most RESIDENT_MAX_SPLITS
+    spin,  # polls a chunk waits for its row's last chunk before leaving its write to it
+    LOG: tl.constexpr,  # log-softmax instead of softmax
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # columns per chunk (a power of two), held in registers
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+):
+    """Program pid owns chunk pid % SPLITS of row pid // SPLITS: it reads the
+    chunk into registers, publishes its (max, r), meets the row's other
+    chunks (``resident_meet``) and writes the chunk's output from its
+    registers; the row's last arrival also writes any chunk whose program
+    gave up waiting, reading it again."""
+    pid = tl.program_id(0)
+    k = pid % SPLITS
+    row = (pid // SPLITS).to(tl.int64)
+    item = row * SPLITS + k
+    PD = WS + M * SPLITS
+    xb = row_base(row, INNER, sx_o, sx_i)
+    yb = row_base(row, INNER, sy_o, sy_i)
+    c0, cols, cmask = resident_columns(xb, k, N, VEC, BLOCK_N)
+    x = tl.load(X + tile_offsets(xb, c0, cols, sx_n, VEC), mask=cmask,
+                other=float("-inf")).to(ACC)
+    mk, rk, e = tile_state(x, 0)
+    tl.store(WS + item, mk)
+    tl.store(PD + item, rk)
+    own, last, left = resident_meet(SYNC, row, k, SPLITS, spin)
+    if own | last:
+        m, r = merge_partials(WS, PD, row, SPLITS, True)
+        if own:
+            s = finite_max(m)
+            if LOG:
+                # (x - m) - log1p(r): exactly 0 at the max of a one-element row
+                y = (x - s) - (log1p_acc(r) + (s - m))
+            else:
+                # e = e^(x - m_k): e^(x - m) / sum = e * e^(m_k - m) / (1 + r)
+                y = e * (tl.where(mk == float("-inf"), 0.0, exp_rel(mk, s)) * recip_rn(1.0 + r))
+            tl.store(Y + tile_offsets(yb, c0, cols, sy_n, VEC), y.to(Y.dtype.element_ty),
+                     mask=cmask)
+        if last:
+            h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
+            for j in range(0, SPLITS):
+                if ((left >> j) & 1) != 0:
+                    normalize_store(X, Y, xb, yb, sx_n, sy_n, tl.maximum(j * BLOCK_N - h, 0),
+                                    tl.minimum((j + 1) * BLOCK_N - h, N), m, r, LOG, ACC,
+                                    RESIDENT_TILE, VEC)
 
 
 # ----------------------------------------------------------------------------
@@ -946,6 +1082,54 @@ def softmax_bwd_coop_kernel(
         ticket = tl.atomic_add(SYNC, 1)
 
 
+@triton.jit(do_not_specialize=["SPLITS", "spin"])
+def softmax_bwd_resident_kernel(
+    Y,  # forward output
+    DY,  # incoming gradient
+    DX,  # gradient to write
+    PS,  # [M * SPLITS] ACC workspace: partial row sums
+    SYNC,  # [M] int64, zero: each row's meeting word (resident_meet)
+    M,  # number of rows
+    N,  # row length
+    INNER,  # rows sharing one outer index
+    sy_o, sy_n, sy_i,  # Y strides
+    sg_o, sg_n, sg_i,  # DY strides
+    sx_o, sx_n, sx_i,  # DX strides
+    SPLITS,  # chunks per row: cdiv(N + VEC - 1, BLOCK_N), at most RESIDENT_MAX_SPLITS
+    spin,  # polls a chunk waits for its row's last chunk before leaving its write to it
+    LOG: tl.constexpr,  # log-softmax backward
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_N: tl.constexpr,  # columns per chunk (a power of two), held in registers
+    VEC: tl.constexpr,  # elements per 16 bytes for unit-stride, congruent rows (else 1)
+):
+    """The resident forward's layout (``softmax_fwd_resident_kernel``) for the
+    backward: a chunk's y and dy stay in registers while its partial row sum
+    meets the others."""
+    pid = tl.program_id(0)
+    k = pid % SPLITS
+    row = (pid // SPLITS).to(tl.int64)
+    yb = row_base(row, INNER, sy_o, sy_i)
+    gb = row_base(row, INNER, sg_o, sg_i)
+    xb = row_base(row, INNER, sx_o, sx_i)
+    c0, cols, cmask = resident_columns(yb, k, N, VEC, BLOCK_N)
+    y = tl.load(Y + tile_offsets(yb, c0, cols, sy_n, VEC), mask=cmask, other=0.0).to(ACC)
+    dy = tl.load(DY + tile_offsets(gb, c0, cols, sg_n, VEC), mask=cmask, other=0.0).to(ACC)
+    tl.store(PS + row * SPLITS + k, tl.sum(bwd_terms(y, dy, LOG), 0))
+    own, last, left = resident_meet(SYNC, row, k, SPLITS, spin)
+    if own | last:
+        s = sum_partials(PS, row, SPLITS, True)
+        if own:
+            tl.store(DX + tile_offsets(xb, c0, cols, sx_n, VEC),
+                     bwd_value(y, dy, s, LOG).to(DX.dtype.element_ty), mask=cmask)
+        if last:
+            h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
+            for j in range(0, SPLITS):
+                if ((left >> j) & 1) != 0:
+                    bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n,
+                              tl.maximum(j * BLOCK_N - h, 0), tl.minimum((j + 1) * BLOCK_N - h, N),
+                              s, LOG, ACC, RESIDENT_TILE, VEC)
+
+
 # ----------------------------------------------------------------------------
 # Launchers. The host plans a launch once per call signature (shapes, strides,
 # dtype, device) and keeps the callable these return; a call then only passes
@@ -982,11 +1166,15 @@ def regs_meta(cfg) -> dict:
     return {"maxnreg": cfg.regs} if cfg.regs else {}
 
 
-def coop_buffers(M: int, splits: int, slots: int, dtype: torch.dtype, device):
+def coop_buffers(M: int, splits: int, slots: int, dtype: torch.dtype, device,
+                 resident: bool = False):
     """(workspace, sync) of a cooperative launch: ``slots`` ACC values per
     chunk item (M * splits items) plus ``M`` more, and the zeroed int32 ticket
-    and per-row counters."""
+    and per-row counters; ``resident``: the zeroed int64 meeting word of each
+    row (``resident_meet``) instead."""
     ws = torch.empty(slots * M * splits + M, dtype=_workspace_dtype(dtype), device=device)
+    if resident:
+        return ws, torch.zeros(M, dtype=torch.int64, device=device)
     return ws, torch.zeros(1 + M, dtype=torch.int32, device=device)
 
 
@@ -1021,6 +1209,18 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
 
         def launch(x, y):
             kernel(x, y, *args, **meta)
+            return names
+        return launch
+    if cfg.path == "resident":
+        kernel = softmax_fwd_resident_kernel[(M * cfg.splits,)]
+        args = (M, N, inner, *x_strides, *y_strides, cfg.splits, cfg.spin)
+        names = ("softmax_fwd_resident_kernel",)
+        meta.pop("EVICT")
+        meta.pop("STAGES")
+
+        def launch(x, y):
+            ws, sync = coop_buffers(M, cfg.splits, 2, dtype, x.device, resident=True)
+            kernel(x, y, ws, sync, *args, **meta)
             return names
         return launch
     if cfg.path == "coop":
@@ -1078,6 +1278,18 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
 
         def launch(y, dy, dx):
             kernel(y, dy, dx, *args, **meta)
+            return names
+        return launch
+    if cfg.path == "resident":
+        kernel = softmax_bwd_resident_kernel[(M * cfg.splits,)]
+        args = (M, N, inner, *strides, cfg.splits, cfg.spin)
+        names = ("softmax_bwd_resident_kernel",)
+        meta.pop("EVICT")
+        meta.pop("STAGES")
+
+        def launch(y, dy, dx):
+            ws, sync = coop_buffers(M, cfg.splits, 1, dtype, y.device, resident=True)
+            kernel(y, dy, dx, ws, sync, *args, **meta)
             return names
         return launch
     if cfg.path == "coop":

@@ -53,7 +53,11 @@ GPU_LONG = [("cross_entropy", torch.bfloat16, 2048, 256000),
             ("cross_entropy", torch.bfloat16, 4096, 128256),
             ("softmax", torch.bfloat16, 2048, 262144)]
 CPU_LONG = [("cross_entropy", torch.bfloat16, 9, 300), ("softmax", torch.float32, 9, 300)]
-LONG_PATHS = ("looped", "persistent", "coop")
+# name -> Limits fields; "resident, no wait": every chunk but a row's last gives
+# up at once (its write left to the row's last arrival, racing the others)
+LONG_PATHS = {"looped": dict(long_path="looped"), "persistent": dict(long_path="persistent"),
+              "coop": dict(long_path="coop"), "resident": dict(long_path="resident"),
+              "resident, no wait": dict(long_path="resident", resident_spin=0)}
 LONG_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 GRAD_OUTPUT = 2.5
 # linear_cross_entropy: (dtype, tokens, hidden, vocabulary, chunk_size)
@@ -264,9 +268,13 @@ def _row_report(got: torch.Tensor, ref: torch.Tensor) -> str:
 
 
 def _long_row_check(res: Results, device: str, cases) -> None:
-    """Every long-row path, forward+backward at grad_output != 1 against float64."""
+    """Every long-row path, forward+backward at grad_output != 1 against float64,
+    with every kernel output poisoned with NaN first (a row or an element a
+    kernel leaves unwritten, e.g. a row's loss or its gradient factor, shows
+    as NaN instead of a stale buffer's value)."""
     import softmax_gpu
     from softmax_gpu import heuristics
+    from softmax_gpu._dispatch import poison_outputs
 
     small = {} if device == "cuda" else dict(max_single=64, tile=16, sm_count=2)
     for family, dtype, M, N in cases:
@@ -286,7 +294,7 @@ def _long_row_check(res: Results, device: str, cases) -> None:
                     f"grad_output {GRAD_OUTPUT if family == 'cross_entropy' else 'random'}")
             try:
                 xs = x.clone().requires_grad_()
-                with heuristics.override(long_path=path, **small):
+                with heuristics.override(**LONG_PATHS[path], **small), poison_outputs():
                     if family == "cross_entropy":
                         out = softmax_gpu.cross_entropy(xs, t)
                         (out * GRAD_OUTPUT).backward()

@@ -97,7 +97,7 @@ INT_SPEC = {
     **dict.fromkeys(("INNER", "sx_n", "sy_n", "sg_n", "so_n", "use_den", "s_t", "s_dlse"), ONE),
     **dict.fromkeys(("M", "N", "C", "W", "sx_o", "sx_i", "sy_o", "sy_i", "sg_o", "sg_i", "so_o",
                      "so_i", "CHUNK", "OFF", "V", "den_rows", "s_go", "s_g"), DIV16),
-    **dict.fromkeys(("SPLITS", "LAG", "lse_all", "use_div", "div_hi", "div_lo", "ignore_index",
+    **dict.fromkeys(("SPLITS", "LAG", "spin", "lse_all", "use_div", "div_hi", "div_lo", "ignore_index",
                      "IGNORE", "eps_hi", "eps_lo", "zl_hi", "zl_lo",
                      "cap_hi", "cap_lo", "gs_hi", "gs_lo"), PLAIN),
 }
@@ -158,12 +158,14 @@ def softmax_variants() -> list[Variant]:
         acc = "fp64" if elem == 8 else "fp32"
         # long rows: unit-stride rows (VEC elements per 16 bytes), with and
         # without the eviction hints, and pipelined (tuning candidates)
-        walk = _long_walks(elem)
+        walk = _walks(path, elem)
         if kind == "bwd":
             logs = (False, True)
             names = {"single": [("softmax_bwd_single_kernel", ("Y", "DY", "DX"))],
                      "looped": [("softmax_bwd_looped_kernel", ("Y", "DY", "DX"))],
                      "coop": [("softmax_bwd_coop_kernel", ("Y", "DY", "DX", "PS", "SYNC"))],
+                     "resident": [("softmax_bwd_resident_kernel",
+                                   ("Y", "DY", "DX", "PS", "SYNC"))],
                      "split": [("softmax_bwd_split_sum_kernel", ("Y", "DY", "PS")),
                                ("softmax_bwd_split_apply_kernel", ("Y", "DY", "DX", "PS"))]}
         else:
@@ -171,6 +173,7 @@ def softmax_variants() -> list[Variant]:
             names = {"single": [("softmax_fwd_single_kernel", ("X", "Y"))],
                      "looped": [("softmax_fwd_looped_kernel", ("X", "Y"))],
                      "coop": [("softmax_fwd_coop_kernel", ("X", "Y", "WS", "SYNC"))],
+                     "resident": [("softmax_fwd_resident_kernel", ("X", "Y", "WS", "SYNC"))],
                      "split": [("softmax_fwd_split_norm_kernel", ("X", "Y", "PM", "PD"))] +
                               ([("softmax_fwd_split_stats_kernel", ("X", "PM", "PD"))]
                                if kind == "fwd" else [])}
@@ -184,7 +187,8 @@ def softmax_variants() -> list[Variant]:
                     cx = dict(ACC=acc, BLOCK_N=block_n, **extra)
                     if log is not None:
                         cx["LOG"] = log
-                    types = tuple((p, "i32" if p == "SYNC" else
+                    types = tuple((p, ("i64" if path == "resident" else "i32") if p == "SYNC"
+                                   else
                                    acc if p in ("PM", "PD", "PS", "WS") else dt) for p in ptrs)
                     out += _mixed("softmax_bwd" if kind == "bwd" else "softmax_fwd", elem,
                                   Variant("softmax", name, dt, types, tuple(sorted(cx.items())),
@@ -206,6 +210,15 @@ def _long_walks(elem: int) -> list[dict]:
     depth, and without the hints unpipelined."""
     return ([dict(VEC=16 // elem, EVICT=True, STAGES=s) for s in _stage_choices(elem)] +
             [dict(VEC=16 // elem, EVICT=False, STAGES=1)])
+
+
+def _walks(path: str, elem: int) -> list[dict]:
+    """The constexprs beyond the configuration's own that a long-row path
+    compiles: the resident kernels hold their chunk in registers (unit-stride
+    rows only: VEC), the others walk tiles (``_long_walks``)."""
+    if path == "resident":
+        return [dict(VEC=16 // elem)]
+    return _long_walks(elem)
 
 
 def _constexpr_names(kernel: str, module: str = "softmax") -> set:
@@ -281,7 +294,7 @@ def cross_entropy_variants() -> list[Variant]:
             config_functions().all_cross_entropy_configs():
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
-        walks = [dict(ROWS=rows)] if path == "single" else _long_walks(elem)
+        walks = [dict(ROWS=rows)] if path == "single" else _walks(path, elem)
         if fam == "scale":
             for in_place in (True, False):
                 out += _mixed("ce_scale", elem, Variant(
@@ -311,8 +324,8 @@ def cross_entropy_variants() -> list[Variant]:
         if fam == "class":
             ptrs = (("X", dt), ("T", "i64"), ("W", acc), ("DEN", acc),
                     ("G", dt), ("LOSS", acc), ("LSE", acc), ("STATE", acc), ("HIT", "i8"))
-            if path == "coop":
-                ptrs += (("WS", acc), ("SYNC", "i32"))
+            if path in ("coop", "resident"):
+                ptrs += (("WS", acc), ("SYNC", "i64" if path == "resident" else "i32"))
         else:
             ptrs = (("X", dt), ("Y", dt), ("W", acc), ("DEN", acc), ("G", dt), ("LOSS", acc),
                     ("LSE", acc), ("STATE", acc))

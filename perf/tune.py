@@ -178,15 +178,44 @@ def _pipelined(name, stages):
     return fields
 
 
+def _rowloop_warps(warps):
+    """One program per row with ``warps`` warps per tile (4: 32 elements a
+    thread of a 4096 tile)."""
+
+    def fields(shape, lim):
+        return {"long_path": "looped", "long_warps": warps}
+
+    fields.__name__ = f"_rowloop_warps_{warps}"
+    return fields
+
+
+def _resident(chunk):
+    """The resident path with chunks of ``chunk`` columns (at most the op's
+    on-chip limit, so on a CPU run the scaled one)."""
+
+    def fields(shape, lim):
+        return {"long_path": "resident", "resident_chunk": chunk}
+
+    fields.__name__ = f"_resident_{chunk}"
+    return fields
+
+
 # The forced long-row paths come first: with max_candidates they are the
-# comparison a table most needs (one program per row against the persistent
-# and cooperative grids, each with its tile loads pipelined), before the
-# one-field variations of the default plan.
+# comparison a table most needs, before the one-field variations of the
+# default plan: chunks held in registers (one read; the default chunk and two
+# smaller, more programs per multiprocessor), one program per row (the
+# fastest on 2026-12-04 at most vocabularies, also with 32 elements a thread
+# per tile, the fastest at 3 of 5), then the persistent and cooperative grids,
+# each also with its tile loads pipelined.
 LONG_PATHS = (
+    Path("resident", _long_path("resident"), combine=False),
+    Path("resident+chunk=8192", _resident(8192), combine=False),
+    Path("resident+chunk=4096", _resident(4096), combine=False),
     Path("rowloop", _long_path("looped"), combine=False),
+    Path("rowloop+warps=4", _rowloop_warps(4), combine=False),
     Path("rowloop+stages=3", _pipelined("looped", 3), combine=False),
-    Path("persistent+stages=3", _pipelined("persistent", 3), combine=False),
     Path("coop+stages=3", _pipelined("coop", 3), combine=False),
+    Path("persistent+stages=3", _pipelined("persistent", 3), combine=False),
     Path("persistent", _long_path("persistent"), combine=False),
     Path("coop", _long_path("coop"), combine=False),
 )

@@ -44,8 +44,8 @@ from torch.nn import _reduction
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (autocast_on, backend_for, empty_like, launch_device, launch_on,
-                        new_output, plan_cache, remember, traced)
+from ._dispatch import (autocast_on, backend_for, empty_like, interpreted, launch_device,
+                        launch_on, new_output, plan_cache, remember, traced)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -84,6 +84,7 @@ class CrossEntropyConfig:
     evict: bool = False  # eviction hints on the two reads (LOOPED, COOP)
     regs: int = 0  # register budget (maxnreg) of the long-row kernels; 0: ptxas's choice
     stages: int = 1  # long rows: tiles in flight per program (software pipelining)
+    spin: int = 0  # RESIDENT: polls a chunk waits for its row (resident_spin; 0 interpreted)
 
 
 def ce_max_single(elem_bytes: int, extras: bool = False, lim=None) -> int:
@@ -156,6 +157,10 @@ def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
     block = next_pow2(C)
     if block <= ce_max_single(elem_bytes, extras, lim):
         return _ce_single(M, block, elem_bytes, device, lim, extras)
+    if reread and coop and lim.long_path == heuristics.RESIDENT:
+        plan = _ce_resident(M, C, elem_bytes, device, lim, extras)
+        if plan is not None:
+            return plan
     tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
     regs = heuristics.long_row_regs(elem_bytes, _ce_weight(elem_bytes, extras, reread))
     if not reread:
@@ -163,6 +168,27 @@ def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
     plan = heuristics.long_rows(M, C, tile, C * elem_bytes, device, lim, coop, warps, regs)
     return CrossEntropyConfig(plan.path, tile, 1, warps, plan.programs, plan.splits, plan.chunk,
                               plan.lag, plan.evict, plan.regs, lim.long_stages)
+
+
+def _ce_resident(M: int, C: int, elem_bytes: int, device: torch.device, lim,
+                 extras: bool) -> Optional[CrossEntropyConfig]:
+    """The resident plan (``ce_class_resident_kernel``): chunks of
+    ``lim.resident_chunk`` columns (``heuristics.resident_chunk``), each a
+    program laid out as the on-chip path lays out one row of that length;
+    None (the other long-row plans) for fp64 (its chunks spill), when a row
+    takes more than RESIDENT_MAX_SPLITS chunks or the M x chunks items
+    overflow int32."""
+    if elem_bytes > 4:
+        return None
+    chunk = min(heuristics.resident_chunk(lim, ce_max_single(elem_bytes, extras, lim)),
+                next_pow2(C))
+    splits = -(-(C + 16 // elem_bytes - 1) // chunk)
+    if splits > K.RESIDENT_MAX_SPLITS or 5 * M * splits + M >= heuristics.MAX_COOP_COUNT:
+        return None
+    warps = _ce_single(1, chunk, elem_bytes, device, lim, extras).num_warps
+    return CrossEntropyConfig(heuristics.RESIDENT, chunk, 1, warps, splits=splits, chunk=chunk,
+                              regs=heuristics.resident_regs(chunk, warps, elem_bytes, extras),
+                              spin=0 if interpreted() else lim.resident_spin)
 
 
 def _ce_weight(elem_bytes: int, extras: bool, reread: bool) -> int:
@@ -217,11 +243,11 @@ def all_cross_entropy_configs() -> list[tuple]:
     default = heuristics.Limits()
     # the tuning candidates of the on-chip path (tuned tables are 2-byte)
     on_chip = itertools.product(heuristics.CE_EPT_CHOICES, (4096, 8192, 16384))
-    for long_path, (ept, per_program) in itertools.product(("auto", "persistent", "coop"),
-                                                           on_chip):
+    for (long_path, chunk), (ept, per_program) in itertools.product(
+            heuristics.LONG_PATH_CHOICES, on_chip):
         plain = ept == default.ce_single_ept and per_program == default.target_program_elems
         with heuristics.override(sm_count=132, long_path=long_path, ce_single_ept=ept,
-                                 target_program_elems=per_program):
+                                 target_program_elems=per_program, resident_chunk=chunk):
             for elem in ((2, 4, 8) if plain else (2,)):
                 for logn in range(0, 21):
                     for M in (1, 64, 1 << 20):

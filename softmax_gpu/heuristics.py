@@ -57,6 +57,7 @@ __all__ = [
     "LOOPED",
     "SPLIT",
     "COOP",
+    "RESIDENT",
     "l2_bytes",
     "LongRows",
     "long_rows",
@@ -69,6 +70,7 @@ __all__ = [
     "TunedTableWarning",
     "STAGE_CHOICES",
     "CE_EPT_CHOICES",
+    "LONG_PATH_CHOICES",
     "device_slug",
     "tuned_path",
     "load_tuned",
@@ -80,6 +82,7 @@ SINGLE = "single"  # the whole row is one tile in registers: 1 read + 1 write
 LOOPED = "looped"  # one program per row, online (max, sum) pass then normalise
 SPLIT = "split"  # a row is cut across programs; partials merge, then normalise
 COOP = "coop"  # a row is cut into chunks shared by the programs of one persistent launch
+RESIDENT = "resident"  # a row is cut into chunks held in registers, one program each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +132,10 @@ class Limits:
     # pid, pid + G, ...: G rows in flight); "coop" (a row cut into chunks that
     # the programs of one persistent launch share, exchanging (max, sum)
     # through global memory: G chunks in flight); "split" (softmax only: two
-    # launches, for few rows).
+    # launches, for few rows); "resident" (cross-entropy with class targets:
+    # a row cut into chunks of resident_chunk columns, one program each, every
+    # chunk kept in registers between its statistics and its write, one read;
+    # elsewhere "auto").
     long_path: str = "auto"
     # Programs per multiprocessor of the persistent and cooperative grids.
     programs_per_sm: int = 4
@@ -155,6 +161,12 @@ class Limits:
     # 4-byte logits; fp64 half; extras half again); fewer warps per row with
     # more.
     ce_single_ept: int = 8
+    # Resident path: columns per chunk (a power of two; 0: the op's on-chip
+    # row limit; at most that and MAX_RESIDENT_CHUNK), and the polls a chunk's program waits for its row's other
+    # chunks before leaving its write to the row's last arrival (which then
+    # reads that chunk again; Triton's interpreter never waits).
+    resident_chunk: int = 0
+    resident_spin: int = 4096
 
 
 _DEFAULT = Limits()
@@ -267,6 +279,31 @@ MAX_COOP_COUNT = 1 << 31
 REGISTERS_PER_SM = 65536
 
 
+# Longest chunk of the resident path (a chunk and its gradient or output in
+# registers, and the re-read of a chunk left to a row's last arrival, in one
+# kernel: the sm_90 static check found spills at 32768 and, beyond the
+# on-chip limits, with the cross-entropy's extras).
+MAX_RESIDENT_CHUNK = 16384
+
+
+def resident_regs(chunk: int, num_warps: int, elem_bytes: int, heavy: bool) -> int:
+    """Register budget of a resident kernel: 64 (two programs, two chunks'
+    loads in flight, per multiprocessor at 16 warps) for 2-byte chunks of up
+    to 16 elements a thread of a light kernel (no cross-entropy extras, not
+    a backward), where ptxas fits it without a spill (static check: the
+    others spilled 8-264 B at 64), else the on-chip budget (``single_regs``)."""
+    if elem_bytes == 2 and not heavy and chunk <= 16 * 32 * num_warps:
+        return min(64, single_regs(num_warps))
+    return single_regs(num_warps)
+
+
+def resident_chunk(lim: Limits, on_chip: int) -> int:
+    """Columns per chunk of the resident path: ``lim.resident_chunk`` (0: the
+    op's on-chip row limit ``on_chip``), at most ``on_chip`` and
+    MAX_RESIDENT_CHUNK."""
+    return min(lim.resident_chunk or on_chip, on_chip, MAX_RESIDENT_CHUNK)
+
+
 def single_regs(num_warps: int) -> int:
     """Register budget of an on-chip kernel of ``num_warps`` warps: the most
     one program can have (128 at 16 warps, else 255). Without a budget
@@ -308,8 +345,8 @@ def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device
     fit in l2_fraction x L2, the looped kernels on min(M, G) programs
     (persistent when M > G); otherwise the cooperative path (``coop``; else
     the same persistent grid), with the fewest chunks per row whose G chunks
-    in flight fit. ``lim.long_path`` forces a path ("split" is the
-    caller's)."""
+    in flight fit. ``lim.long_path`` forces a path ("split" and "resident"
+    are the caller's; a caller without them gets one program per row)."""
     fit = max(1, REGISTERS_PER_SM // (regs * 32 * warps))
     grid = max(1, min(lim.programs_per_sm, fit) * sm_count(device))
     budget = lim.l2_fraction * l2_bytes(device, lim)
@@ -355,7 +392,7 @@ _UNTUNABLE = frozenset({"sm_count"})
 # field of that kind is added here.
 ELEMENT_FIELDS = frozenset({
     "max_single_2byte", "max_single_4byte", "max_single_8byte", "tile", "target_program_elems",
-    "ce_max_single_2byte", "ce_max_single_4byte", "ce_max_single_8byte",
+    "ce_max_single_2byte", "ce_max_single_4byte", "ce_max_single_8byte", "resident_chunk",
 })
 # Fields that must be powers of two (or 0: automatic): the element fields and
 # the warp and per-thread counts, which are not scaled.
@@ -366,6 +403,11 @@ STAGE_CHOICES = (1, 2, 3)
 # The per-thread element counts of the cross-entropy on-chip path a table may
 # set (``Limits.ce_single_ept``), likewise.
 CE_EPT_CHOICES = (8, 16, 32)
+# The (long_path, resident_chunk) pairs a plan may force: what the static
+# sm_90 check compiles (resident chunks: 0, the op's on-chip limit capped at
+# MAX_RESIDENT_CHUNK, and two smaller, as the tuner forces them).
+LONG_PATH_CHOICES = (("auto", 0), ("persistent", 0), ("coop", 0), ("resident", 0),
+                     ("resident", 8192), ("resident", 4096))
 _ANNOTATION_TYPES = {"int": int, "bool": bool, "float": float, "str": str, "None": type(None)}
 
 

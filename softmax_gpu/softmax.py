@@ -63,6 +63,7 @@ class SoftmaxConfig:
     lag: int = 0  # COOP: first passes dealt ahead of the second passes
     regs: int = 0  # register budget (maxnreg) of the long-row kernels; 0: ptxas's choice
     stages: int = 1  # long rows: tiles in flight per program (software pipelining)
+    spin: int = 0  # RESIDENT: polls a chunk waits for its row (resident_spin; 0 interpreted)
 
 
 def softmax_config(
@@ -95,6 +96,17 @@ def softmax_config(
         warps = warps_for(block * rows)
         return SoftmaxConfig(SINGLE, block, rows, warps, 1, block,
                              regs=heuristics.single_regs(warps))
+    if coop and lim.long_path == heuristics.RESIDENT and elem_bytes <= 4:
+        # chunks laid out as the on-chip path lays out a row of that length
+        # (fp64: none, its chunks spill)
+        chunk = min(heuristics.resident_chunk(lim, max(1, cap // live_rows)), block)
+        splits = -(-(N + 16 // elem_bytes - 1) // chunk)
+        if splits <= K.RESIDENT_MAX_SPLITS and 3 * M * splits + M < heuristics.MAX_COOP_COUNT:
+            warps = warps_for(chunk)
+            return SoftmaxConfig(heuristics.RESIDENT, chunk, 1, warps, splits, chunk,
+                                 regs=heuristics.resident_regs(chunk, warps, elem_bytes,
+                                                               reread > 1),
+                                 spin=0 if interpreted() else lim.resident_spin)
     tile = min(lim.tile if elem_bytes <= 4 else max(1, lim.tile // 2), block)
     warps = lim.long_warps or warps_for(tile)
     programs = lim.split_programs_per_sm * heuristics.sm_count(device)
@@ -129,8 +141,8 @@ def all_softmax_configs() -> list[tuple]:
     ``Limits.long_path`` can force (tuning candidates)."""
     seen = set()
     dev = torch.device("cpu")
-    for long_path in ("auto", "persistent", "coop"):
-        with heuristics.override(sm_count=132, long_path=long_path):
+    for long_path, chunk in heuristics.LONG_PATH_CHOICES:
+        with heuristics.override(sm_count=132, long_path=long_path, resident_chunk=chunk):
             for elem in (2, 4, 8):
                 for kind, (live, reread) in CALL_KINDS.items():
                     for logn in range(0, 21):

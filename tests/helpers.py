@@ -46,9 +46,22 @@ LONG = {
     "looped-stages": dict(max_single=64, tile=16, sm_count=2, long_path="looped", long_stages=2),
     "coop-stages": dict(max_single=64, tile=16, sm_count=2, long_path="coop", programs_per_sm=1,
                         coop_splits=3, long_stages=3),
+    # chunks of 32 columns in registers, one program each (4 to 7 per row here;
+    # in the interpreter every chunk but a row's last gives up waiting, and the
+    # last arrival reads them again)
+    "resident": dict(max_single=64, tile=16, sm_count=2, long_path="resident", resident_chunk=32),
 }
 LONG_KERNEL = {"looped": "looped", "persistent": "looped", "coop": "coop", "coop-lag": "coop",
-               "looped-stages": "looped", "coop-stages": "coop"}
+               "looped-stages": "looped", "coop-stages": "coop", "resident": "resident"}
+
+
+def long_kernel(candidate: str, dtype: torch.dtype) -> str:
+    """The kernel family a forced long-row candidate launches for ``dtype``:
+    LONG_KERNEL's, but fp64 has no resident kernel (its chunks spill) and
+    walks each row in one program."""
+    if candidate == "resident" and dtype == torch.float64:
+        return "looped"
+    return LONG_KERNEL[candidate]
 
 
 def ce_reference(z, target, weight=None, ignore_index=-100, reduction="mean",

@@ -23,8 +23,8 @@ import triton.language as tl
 import softmax_gpu
 from softmax_gpu import heuristics
 from softmax_gpu.kernels.cross_entropy import softcap_tanh
-from helpers import (DEVICE, FLOAT_DTYPES, LONG, LONG_KERNEL, assert_close, ce_reference,
-                     expect_launches, forced, rand, run_python)
+from helpers import (DEVICE, FLOAT_DTYPES, LONG, assert_close, ce_reference, expect_launches,
+                     forced, long_kernel, rand, run_python)
 
 CE = sys.modules["softmax_gpu.cross_entropy"]  # the module (its name is shadowed by the function)
 
@@ -866,7 +866,7 @@ def test_loss_dtype():
 
 # --- long rows: persistent, cooperative, unaligned rows, ignored rows ---------------
 
-# LONG, LONG_KERNEL: the forced long-row candidates (helpers).
+# LONG, long_kernel: the forced long-row candidates (helpers).
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -880,7 +880,7 @@ def test_long_row_candidates(candidate, dtype):
     x = rand(9, C, dtype=dtype)
     t = targets(9, C, ignore=(1, 5))
     w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
-    kern = f"ce_class_{LONG_KERNEL[candidate]}"
+    kern = f"ce_class_{long_kernel(candidate, dtype)}"
     for kw in ({}, dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=4.0,
                         reduction="sum")):
         xs = x.clone().requires_grad_()
@@ -898,7 +898,7 @@ def test_long_row_candidates(candidate, dtype):
         assert_close(lse, torch.logsumexp(z64, 1), torch.float32)
 
 
-@pytest.mark.parametrize("candidate", ["persistent", "coop"])
+@pytest.mark.parametrize("candidate", ["persistent", "coop", "resident"])
 def test_long_rows_in_place_and_token_hits(candidate):
     """In place (the gradient written over the logits: a coop second pass
     must not overwrite what another chunk's first pass reads, and the target
@@ -924,14 +924,14 @@ def test_long_rows_in_place_and_token_hits(candidate):
     assert abs(float(acc) - float(want)) < 1e-6
 
 
-@pytest.mark.parametrize("path", ["single", "looped", "coop"])
+@pytest.mark.parametrize("path", ["single", "looped", "coop", "resident"])
 def test_ignored_rows_are_never_read(path):
     """Logits of ignored rows are never read: NaN there changes nothing (loss,
     gradient, the other rows' lse), their gradient rows are written as
     zeros, and their internal lse is 0 unless every row's lse is asked for
     (return_lse), when they are read (and the lse is NaN, as torch's)."""
     C = 37 if path == "single" else 120
-    lim = {} if path == "single" else LONG["coop" if path == "coop" else "persistent"]
+    lim = {} if path == "single" else LONG[path if path in ("coop", "resident") else "persistent"]
     x = rand(7, C)
     t = targets(7, C, ignore=(0, 4))
     poisoned = x.clone()
@@ -1142,6 +1142,26 @@ def test_row_length_is_checked():
     x = torch.empty(2, 2**31, device="meta")
     with pytest.raises(ValueError, match="2\\^31"):
         softmax_gpu.cross_entropy(x, torch.empty(2, dtype=torch.long, device="meta"))
+
+
+def test_resident_plan_falls_back_past_its_chunk_count():
+    """A forced resident plan takes at most RESIDENT_MAX_SPLITS chunks per row
+    (the meeting word's bits), for class targets only; longer rows, and
+    probability targets, take the other long-row plans."""
+    from softmax_gpu.kernels.cross_entropy import RESIDENT_MAX_SPLITS
+
+    cpu = torch.device("cpu")
+    with heuristics.override(sm_count=2, long_path="resident", resident_chunk=64, max_single=64,
+                             tile=16):
+        n = 64 * RESIDENT_MAX_SPLITS - 7  # cdiv(n + 7, 64) chunks for 2-byte rows
+        fits = CE.cross_entropy_config(4, n, 2, cpu)
+        assert fits.path == heuristics.RESIDENT and fits.splits == RESIDENT_MAX_SPLITS
+        assert CE.cross_entropy_config(4, n + 1, 2, cpu).path != heuristics.RESIDENT
+        assert CE.cross_entropy_config(4, n, 2, cpu, True, coop=False).path != heuristics.RESIDENT
+        # the interpreter never waits (its programs run one after the other)
+        from softmax_gpu._dispatch import interpreted
+
+        assert fits.spin == (0 if interpreted() else heuristics.Limits().resident_spin)
 
 
 def test_config_reads_limits_for(monkeypatch):

@@ -17,15 +17,15 @@ from hypothesis import strategies as st
 
 import softmax_gpu
 from softmax_gpu import _layout, heuristics
-from softmax_gpu.kernels.softmax import coop_item
+from softmax_gpu.kernels.softmax import RESIDENT_MAX_SPLITS, coop_item, resident_meet
 from helpers import (
     DEVICE,
     FLOAT_DTYPES,
     LONG,
-    LONG_KERNEL,
     assert_close,
     expect_launches,
     forced,
+    long_kernel,
     path_rows,
     rand,
     run_python,
@@ -453,7 +453,7 @@ def test_rows_beyond_2_pow_31_every_path():
 
 # --- long rows: persistent, cooperative, unaligned rows -------------------------------
 
-# LONG, LONG_KERNEL: the forced long-row candidates (helpers).
+# LONG, long_kernel: the forced long-row candidates (helpers).
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -464,7 +464,7 @@ def test_long_row_candidates_forward_and_backward(candidate, n, dtype):
     and log-softmax, against float64; rows of 100 and 203 columns are not a
     multiple of 16 bytes, so the head / aligned body / tail walk runs (VEC >
     1) on most rows, and a persistent grid of 2 programs walks 9 rows."""
-    kern = LONG_KERNEL[candidate]
+    kern = long_kernel(candidate, dtype)
     for log in (False, True):
         x = rand(9, n, dtype=dtype).requires_grad_()
         dy = rand(9, n, dtype=dtype)
@@ -479,7 +479,7 @@ def test_long_row_candidates_forward_and_backward(candidate, n, dtype):
         assert_close(dx, dx_ref, scale=4 * max(1.0, float(dx_ref.abs().max())))
 
 
-@pytest.mark.parametrize("candidate", ["persistent", "coop"])
+@pytest.mark.parametrize("candidate", ["persistent", "coop", "resident"])
 def test_long_rows_at_every_alignment(candidate):
     """Rows read from slices starting at every element offset modulo 16 bytes
     (x[:, k:], x's rows and y's rows not congruent: the walk falls back to
@@ -526,6 +526,58 @@ def test_coop_ticket_order_never_waits_on_a_later_ticket():
                 row = i // splits
                 assert all(firsts[j] < k for j in range(row * splits, (row + 1) * splits)), \
                     (rows, splits, lag, i)
+
+
+@triton.jit
+def _meet_in_order(SYNC, KS, OUT, SPLITS, spin, STEPS: tl.constexpr):
+    """Arrivals of chunks KS[0], KS[1], ... of row 0, one after the other (as
+    Triton's interpreter runs a launch's programs): OUT[i] = (own, last, left)."""
+    for i in range(STEPS):
+        own, last, left = resident_meet(SYNC, 0, tl.load(KS + i), SPLITS, spin)
+        tl.store(OUT + 3 * i, own.to(tl.int64))
+        tl.store(OUT + 3 * i + 1, last.to(tl.int64))
+        tl.store(OUT + 3 * i + 2, left)
+
+
+def test_resident_meet_hands_every_chunk_to_exactly_one_writer():
+    """The resident path's meeting word (``resident_meet``): chunks arriving
+    one after the other, none able to wait for a later one, give up; the
+    last arrival then holds exactly their bits, and writes them and its own.
+    A word whose other chunks have all arrived makes the arrival the last.
+    Each chunk has exactly one writer: itself (own) or the last arrival."""
+    for order in ([2, 0, 1], [0, 1, 2, 3, 4], [4, 3, 2, 1, 0], list(range(RESIDENT_MAX_SPLITS))):
+        splits = len(order)
+        sync = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        out = torch.full((3 * splits,), -1, dtype=torch.int64, device=DEVICE)
+        ks = torch.tensor(order, dtype=torch.int32, device=DEVICE)
+        _meet_in_order[(1,)](sync, ks, out, splits, 0, STEPS=splits)
+        own, last, left = out.view(-1, 3).cpu().t().tolist()
+        assert last == [0] * (splits - 1) + [1] and own == last, order
+        assert left[-1] == sum(1 << k for k in order[:-1]), order
+        writers = {k: "self" for k, o in zip(order, own) if o}
+        writers.update({k: "last" for k in range(splits) if (left[-1] >> k) & 1})
+        assert sorted(writers) == list(range(splits)), order
+        assert sync.item() == splits | (left[-1] << 16)
+    # the others arrived (two of them gave up): this arrival is the last, and owns
+    sync = torch.tensor([3 | (0b101 << 16)], dtype=torch.int64, device=DEVICE)
+    out = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
+    _meet_in_order[(1,)](sync, torch.tensor([1], dtype=torch.int32, device=DEVICE), out, 4, 8,
+                         STEPS=1)
+    assert out.cpu().tolist() == [1, 1, 0b101]
+
+
+def test_resident_plans_fall_back_past_their_chunk_count():
+    """A forced resident plan takes at most RESIDENT_MAX_SPLITS chunks per row
+    (the meeting word's bits); longer rows take the other long-row plans."""
+    cpu = torch.device("cpu")
+    with heuristics.override(sm_count=2, long_path="resident", resident_chunk=64, max_single=64,
+                             tile=16):
+        n = 64 * RESIDENT_MAX_SPLITS - 7  # cdiv(n + 7, 64) chunks for 2-byte rows
+        fits = SM.softmax_config(4, n, 2, cpu, coop=True)
+        assert fits.path == heuristics.RESIDENT and fits.splits == RESIDENT_MAX_SPLITS
+        assert SM.softmax_config(4, n + 1, 2, cpu, coop=True).path != heuristics.RESIDENT
+        # the vocab-parallel shard kernels (coop=False) have no resident kernel
+        assert SM.softmax_config(4, n, 2, cpu).path != heuristics.RESIDENT
 
 
 def test_int32_bounds_rows_and_cooperative_counts():

@@ -91,9 +91,11 @@ def _typical_calls():
     t = torch.randint(0, N, (M,))
     dy = torch.randn(M, N, dtype=torch.bfloat16)
     coop = dict(max_single=64, tile=256, long_path="coop", coop_splits=2)
+    resident = dict(max_single=1024, tile=256, long_path="resident")  # chunks of 1024, 512
     for limits in ({}, dict(max_single=64, tile=256), dict(max_single=64, tile=256, sm_count=64),
-                   coop):
-        with heuristics.override(**limits):  # single, looped, split and cooperative paths
+                   coop, resident):
+        # single, looped, split, cooperative and resident paths
+        with heuristics.override(**limits):
             for fn in (softmax_gpu.softmax, softmax_gpu.log_softmax):
                 fn(x, dim=-1).backward(dy)
             softmax_gpu.cross_entropy(x, t).backward()

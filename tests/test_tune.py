@@ -239,6 +239,9 @@ def test_candidates_are_distinct_plans_defaults_first():
     assert "path=coop" in long[0].plan
     assert {c.name for c in long} >= {"default", "rowloop", "persistent", "tile=2048",
                                       "programs_per_sm=1", "evict=False", "coop_splits=2"}
+    # chunks held in registers, at the default chunk and smaller ones
+    resident = [c for c in long if c.name.startswith("resident")]
+    assert resident and all("path=resident" in c.plan for c in resident)
     assert "onchip" not in {c.name for c in long}  # 128256 is beyond the on-chip limit
     assert any("num_warps=4" in c.plan for c in long if c.name == "long_warps=4")
     assert len(tune.candidates(tune.SOFTMAX, Shape(16384, 32768), "cpu", gpu, limit=2)) == 2
