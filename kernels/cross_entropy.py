@@ -310,6 +310,43 @@ def zero_fill(G, gb, sg_n, start, end, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
         store_p(G + gb + e_cols, tl.zeros((2 * VEC,), G.dtype.element_ty), e_mask, P)
 
 
+@triton.jit
+def class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept, s, ar, b, cw, l1p, cap,
+                   HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+                   WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                   VEC: tl.constexpr, P: tl.constexpr, STAGES: tl.constexpr = 1):
+    """The second pass over columns [start, end) of a row: a kept row's
+    gradient (``class_pass``, when WRITE_GRAD or SMOOTH; ar: the gradient's a /
+    (1 + r)), an ignored row's zeros (``zero_fill``, never reading its
+    logits); returns the smoothing terms' sum (0 for an ignored row)."""
+    total = tl.zeros((), ACC)
+    if kept:
+        if WRITE_GRAD or SMOOTH:
+            total = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, ar, b, cw, l1p, cap,
+                               HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, P,
+                               STAGES=STAGES)
+    elif WRITE_GRAD:
+        zero_fill(G, gb, sg_n, start, end, BLOCK_N, VEC, P)
+    return total
+
+
+@triton.jit
+def class_row_outputs(LOSS, LSE, STATE, HIT, row, m, l1p, zt, wt, smooth_sum, kept, inside, read,
+                      eps, C, z_loss, inv_dl, inv_dz, SMOOTH: tl.constexpr,
+                      WRITE_GRAD: tl.constexpr, WRITE_HIT: tl.constexpr, ACC: tl.constexpr):
+    """A long row's outputs, once its state (m, l1p), target logit and
+    smoothing sum are known: its loss (``class_row_loss``), its lse (0 unless
+    read), its gradient factor 1 (WRITE_GRAD) and its hit (WRITE_HIT)."""
+    loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
+                          SMOOTH)
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, tl.where(read, m + l1p, 0.0).to(LSE.dtype.element_ty))
+    if WRITE_GRAD:
+        tl.store(STATE + row, tl.full((), 1.0, ACC))
+    if WRITE_HIT:
+        tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+
+
 # ----------------------------------------------------------------------------
 # Class-index targets
 # ----------------------------------------------------------------------------
@@ -452,23 +489,12 @@ def ce_class_looped_kernel(
         zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
         gb = row_base(row, INNER, sg_o, sg_i)
-        smooth_sum = tl.zeros((), ACC)
-        if kept:
-            if WRITE_GRAD or SMOOTH:
-                smooth_sum = class_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, finite_max(m),
-                                        a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
-                                        SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0,
-                                        STAGES=STAGES)
-        elif WRITE_GRAD:
-            zero_fill(G, gb, sg_n, 0, C, BLOCK_N, VEC, 2 if EVICT else 0)
-        loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv_dz,
-                              SMOOTH)
-        tl.store(LOSS + row, loss)
-        tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
-        if WRITE_GRAD:
-            tl.store(STATE + row, tl.full((), 1.0, ACC))
-        if WRITE_HIT:
-            tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+        smooth_sum = class_row_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, kept, finite_max(m),
+                                    a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
+                                    SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0,
+                                    STAGES)
+        class_row_outputs(LOSS, LSE, STATE, HIT, row, m, l1p, zt, wt, smooth_sum, kept, inside,
+                          read, eps, C, z_loss, inv_dl, inv_dz, SMOOTH, WRITE_GRAD, WRITE_HIT, ACC)
 
 
 @triton.jit(do_not_specialize=_SCALARS + ["lse_all", "SPLITS", "LAG"])
@@ -530,28 +556,18 @@ def ce_class_coop_kernel(
             lse = m + l1p
             a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
             gb = row_base(row, INNER, sg_o, sg_i)
-            part = tl.zeros((), ACC)
-            if kept:
-                if WRITE_GRAD or SMOOTH:
-                    part = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, finite_max(m),
-                                      a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
-                                      SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0,
-                                      STAGES=STAGES)
-            elif WRITE_GRAD:
-                zero_fill(G, gb, sg_n, start, end, BLOCK_N, VEC, 2 if EVICT else 0)
+            part = class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept, finite_max(m),
+                                  a * recip_rn(1.0 + r), b, cw, l1p, cap, HAS_WEIGHT, SMOOTH,
+                                  SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, 2 if EVICT else 0,
+                                  STAGES)
             tl.store(PX + item, part)
             if coop_arrive(SYNC, row) == 2 * SPLITS - 1:
                 # the row's last second pass: every partial is in, write the row's outputs
                 smooth_sum = sum_partials(PX, row, SPLITS, True)
                 zt = tl.load(ZT + row, mask=kept & inside, other=0.0, cache_modifier=".cg")
-                loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl,
-                                      inv_dz, SMOOTH)
-                tl.store(LOSS + row, loss)
-                tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
-                if WRITE_GRAD:
-                    tl.store(STATE + row, tl.full((), 1.0, ACC))
-                if WRITE_HIT:
-                    tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+                class_row_outputs(LOSS, LSE, STATE, HIT, row, m, l1p, zt, wt, smooth_sum, kept,
+                                  inside, read, eps, C, z_loss, inv_dl, inv_dz, SMOOTH, WRITE_GRAD,
+                                  WRITE_HIT, ACC)
         else:
             m = tl.full((), float("-inf"), ACC)
             r = tl.full((), -1.0, ACC)
@@ -666,30 +682,24 @@ def ce_class_resident_kernel(
                     if ((left >> j) & 1) != 0:
                         start = tl.maximum(j * BLOCK_N - h, 0)
                         end = tl.minimum((j + 1) * BLOCK_N - h, C)
-                        if kept:
-                            class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, ar, b, cw,
-                                       l1p, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC,
-                                       RESIDENT_TILE, VEC, 0, False)
-                        else:
-                            zero_fill(G, gb, sg_n, start, end, RESIDENT_TILE, VEC, 0)
-                tl.store(STATE + row, tl.full((), 1.0, ACC))
+                        class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept, s, ar,
+                                       b, cw, l1p, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC,
+                                       RESIDENT_TILE, VEC, 0)
             smooth_sum = tl.zeros((), ACC)
             if SMOOTH:
                 j = tl.arange(0, PARTIALS)
-                ok = j < SPLITS
-                at = row * SPLITS + j
-                pm = tl.load(WS + at, mask=ok, other=0.0, cache_modifier=".cg")
-                ps = tl.load(PS + at, mask=ok, other=0.0, cache_modifier=".cg")
-                pw = tl.load(PW + at, mask=ok, other=0.0, cache_modifier=".cg")
-                smooth_sum = tl.sum(tl.where(ok, ps + pw * ((s - finite_max(pm)) + l1p), 0.0),
-                                    0)
+                for off in range(0, SPLITS, PARTIALS):
+                    ok = off + j < SPLITS
+                    at = row * SPLITS + off + j
+                    pm = tl.load(WS + at, mask=ok, other=0.0, cache_modifier=".cg")
+                    ps = tl.load(PS + at, mask=ok, other=0.0, cache_modifier=".cg")
+                    pw = tl.load(PW + at, mask=ok, other=0.0, cache_modifier=".cg")
+                    smooth_sum += tl.sum(
+                        tl.where(ok, ps + pw * ((s - finite_max(pm)) + l1p), 0.0), 0)
             zt = tl.load(ZT + row, mask=kept & inside, other=0.0, cache_modifier=".cg")
-            loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl,
-                                  inv_dz, SMOOTH)
-            tl.store(LOSS + row, loss)
-            tl.store(LSE + row, tl.where(read, lse, 0.0).to(LSE.dtype.element_ty))
-            if WRITE_HIT:
-                tl.store(HIT + row, (kept & inside & (zt >= m)).to(tl.int8))
+            class_row_outputs(LOSS, LSE, STATE, HIT, row, m, l1p, zt, wt, smooth_sum, kept, inside,
+                              read, eps, C, z_loss, inv_dl, inv_dz, SMOOTH, WRITE_GRAD, WRITE_HIT,
+                              ACC)
 
 
 @triton.jit(do_not_specialize=_SCALARS)

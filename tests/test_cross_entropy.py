@@ -1144,6 +1144,29 @@ def test_row_length_is_checked():
         softmax_gpu.cross_entropy(x, torch.empty(2, dtype=torch.long, device="meta"))
 
 
+def test_resident_rows_of_many_chunks():
+    """The resident path with more chunks per row than one step of the
+    partials' merge takes (44 > 32): loss, gradient and lse with class
+    weights, label smoothing and ignored rows, against float64."""
+    C = 1400  # cdiv(1400 + 7, 32) = 44 chunks of 32 bf16 columns
+    x = rand(3, C, dtype=torch.bfloat16)
+    t = targets(3, C, ignore=(1,))
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
+    kw = dict(weight=w, label_smoothing=0.1)
+    with heuristics.override(**LONG["resident"]):
+        assert CE.cross_entropy_config(3, C, 2, x.device, True).splits == 44
+        xs = x.clone().requires_grad_()
+        with expect_launches(DEN, "ce_class_resident"):
+            loss, lse = softmax_gpu.cross_entropy(xs, t, return_lse=True, **kw)
+        (dx,) = torch.autograd.grad(loss, xs)
+    x64 = x.double().requires_grad_()
+    ref = torch_ref(x64, t, **kw)
+    (dx_ref,) = torch.autograd.grad(ref, x64)
+    assert_close(loss, ref.detach(), torch.bfloat16)
+    assert_close(dx, dx_ref, torch.bfloat16, scale=4.0)
+    assert_close(lse, torch.logsumexp(x.double(), 1), torch.float32)
+
+
 def test_resident_plan_falls_back_past_its_chunk_count():
     """A forced resident plan takes at most RESIDENT_MAX_SPLITS chunks per row
     (the meeting word's bits), for class targets only; longer rows, and

@@ -566,6 +566,22 @@ def test_resident_meet_hands_every_chunk_to_exactly_one_writer():
     assert out.cpu().tolist() == [1, 1, 0b101]
 
 
+def test_resident_rows_of_many_chunks():
+    """The resident path with more chunks per row than one step of the
+    partials' merge takes (44 > 32), forward and backward, against float64."""
+    x = rand(3, 1400, dtype=torch.bfloat16).requires_grad_()
+    dy = rand(3, 1400, dtype=torch.bfloat16)
+    for log in (False, True):
+        with heuristics.override(**LONG["resident"]):
+            with expect_launches("softmax_fwd_resident"):
+                y = FNS[log](x, -1)
+            with expect_launches("softmax_bwd_resident"):
+                (dx,) = torch.autograd.grad(y, x, dy)
+        assert_close(y, ref(x.detach().double(), -1, log))
+        dx_ref = SM.reference_backward(y.detach().double(), dy.double(), 1, log)
+        assert_close(dx, dx_ref, scale=4 * max(1.0, float(dx_ref.abs().max())))
+
+
 def test_resident_plans_fall_back_past_their_chunk_count():
     """A forced resident plan takes at most RESIDENT_MAX_SPLITS chunks per row
     (the meeting word's bits); longer rows take the other long-row plans."""
