@@ -286,7 +286,8 @@ class Candidate:
 def _scaled(field: str, value, scale: int):
     from softmax_gpu import heuristics
 
-    if scale > 1 and field in heuristics.ELEMENT_FIELDS and isinstance(value, int):
+    # 0 stays 0: an element field's "automatic" (resident_chunk)
+    if scale > 1 and field in heuristics.ELEMENT_FIELDS and isinstance(value, int) and value:
         return max(1, value // scale)
     return value
 

@@ -307,7 +307,9 @@ def test_a_candidate_with_an_unknown_field_is_an_error_row(monkeypatch):
     by = {r["candidate"]: r for r in rows[1:]}
     assert by["no_such_field=1"]["status"] == "error" and not by["no_such_field=1"]["chosen"]
     assert "unplanned" in by["no_such_field=1"]["plan"]
-    assert by["tile=32"]["chosen"] is True
+    assert by["tile=32"]["chosen"] is True, [
+        (r["candidate"], r["status"], r["correct"], r["ms"], r["chosen"], r["note"][:80])
+        for r in rows[1:]]
 
 
 def test_choice_keeps_the_defaults_within_min_gain_and_none_when_all_wrong():
