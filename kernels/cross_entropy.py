@@ -83,8 +83,8 @@ from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, a
                       coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait, edge_columns,
                       exp_rel, finite_max, load_logits, load_p, log1p_acc, merge_partials,
                       online_stats, partial_mask, recip_rn, regs_meta, resident_columns,
-                      resident_meet, row_base, row_vec, softcap_tanh, store_p, sum_partials,
-                      tile_offsets, tile_state, vec_segment)
+                      resident_meet, resident_span, row_base, row_vec, softcap_tanh, store_p,
+                      sum_partials, tile_offsets, tile_state, vec_segment)
 
 # Shared with the vocab-parallel kernels through this module.
 __all__ = ["load_logits", "softcap_tanh", "scalar_arg", "class_grad", "f64_parts",
@@ -677,11 +677,9 @@ def ce_class_resident_kernel(
                      mask=cmask)
         if last:
             if WRITE_GRAD:
-                h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
                 for j in range(0, SPLITS):
                     if ((left >> j) & 1) != 0:
-                        start = tl.maximum(j * BLOCK_N - h, 0)
-                        end = tl.minimum((j + 1) * BLOCK_N - h, C)
+                        start, end = resident_span(j, k, c0, C, BLOCK_N)
                         class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept, s, ar,
                                        b, cw, l1p, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC,
                                        RESIDENT_TILE, VEC, 0)

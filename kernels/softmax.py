@@ -576,6 +576,15 @@ def resident_columns(base, k, N, VEC: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def resident_span(j, k, c0, N, BLOCK_N: tl.constexpr):
+    """Columns [start, end) of chunk ``j`` of the row whose chunk ``k`` starts
+    at column c0 (``resident_columns``): what the row's last arrival reads
+    again for a chunk left to it."""
+    h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
+    return tl.maximum(j * BLOCK_N - h, 0), tl.minimum((j + 1) * BLOCK_N - h, N)
+
+
+@triton.jit
 def resident_meet(SYNC, row, k, SPLITS, spin):
     """Chunk ``k``'s arrival at its row's meeting word SYNC[row] (int64, zero
     before the launch), once its partials are stored; then at most ``spin``
@@ -830,11 +839,10 @@ def softmax_fwd_resident_kernel(
             tl.store(Y + tile_offsets(yb, c0, cols, sy_n, VEC), y.to(Y.dtype.element_ty),
                      mask=cmask)
         if last:
-            h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
             for j in range(0, SPLITS):
                 if ((left >> j) & 1) != 0:
-                    normalize_store(X, Y, xb, yb, sx_n, sy_n, tl.maximum(j * BLOCK_N - h, 0),
-                                    tl.minimum((j + 1) * BLOCK_N - h, N), m, r, LOG, ACC,
+                    start, end = resident_span(j, k, c0, N, BLOCK_N)
+                    normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC,
                                     RESIDENT_TILE, VEC)
 
 
@@ -1122,12 +1130,11 @@ def softmax_bwd_resident_kernel(
             tl.store(DX + tile_offsets(xb, c0, cols, sx_n, VEC),
                      bwd_value(y, dy, s, LOG).to(DX.dtype.element_ty), mask=cmask)
         if last:
-            h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
             for j in range(0, SPLITS):
                 if ((left >> j) & 1) != 0:
-                    bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n,
-                              tl.maximum(j * BLOCK_N - h, 0), tl.minimum((j + 1) * BLOCK_N - h, N),
-                              s, LOG, ACC, RESIDENT_TILE, VEC)
+                    start, end = resident_span(j, k, c0, N, BLOCK_N)
+                    bwd_apply(Y, DY, DX, yb, gb, xb, sy_n, sg_n, sx_n, start, end, s, LOG, ACC,
+                              RESIDENT_TILE, VEC)
 
 
 # ----------------------------------------------------------------------------

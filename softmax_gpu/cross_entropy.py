@@ -182,8 +182,8 @@ def _ce_resident(M: int, C: int, elem_bytes: int, device: torch.device, lim,
         return None
     chunk = min(heuristics.resident_chunk(lim, ce_max_single(elem_bytes, extras, lim)),
                 next_pow2(C))
-    splits = -(-(C + 16 // elem_bytes - 1) // chunk)
-    if splits > K.RESIDENT_MAX_SPLITS or 5 * M * splits + M >= heuristics.MAX_COOP_COUNT:
+    splits = heuristics.resident_splits(M, C, chunk, elem_bytes, 4, K.RESIDENT_MAX_SPLITS)
+    if splits is None:
         return None
     warps = _ce_single(1, chunk, elem_bytes, device, lim, extras).num_warps
     return CrossEntropyConfig(heuristics.RESIDENT, chunk, 1, warps, splits=splits, chunk=chunk,

@@ -297,6 +297,18 @@ def resident_regs(chunk: int, num_warps: int, elem_bytes: int, heavy: bool) -> i
     return single_regs(num_warps)
 
 
+def resident_splits(M: int, N: int, chunk: int, elem_bytes: int, slots: int,
+                    max_splits: int) -> int | None:
+    """Chunks per row of a resident plan: cdiv(N + VEC - 1, chunk) (a row's
+    chunks start on its 16-byte boundaries, VEC elements apart), or None
+    when that is more than ``max_splits`` (the meeting word's bits) or the
+    ``slots`` x M x chunks workspace offsets overflow int32."""
+    splits = -(-(N + max(1, 16 // elem_bytes) - 1) // chunk)
+    if splits > max_splits or slots * M * splits + M >= MAX_COOP_COUNT:
+        return None
+    return splits
+
+
 def resident_chunk(lim: Limits, on_chip: int) -> int:
     """Columns per chunk of the resident path: ``lim.resident_chunk`` (0: the
     op's on-chip row limit ``on_chip``), at most ``on_chip`` and

@@ -100,8 +100,8 @@ def softmax_config(
         # chunks laid out as the on-chip path lays out a row of that length
         # (fp64: none, its chunks spill)
         chunk = min(heuristics.resident_chunk(lim, max(1, cap // live_rows)), block)
-        splits = -(-(N + 16 // elem_bytes - 1) // chunk)
-        if splits <= K.RESIDENT_MAX_SPLITS and 3 * M * splits + M < heuristics.MAX_COOP_COUNT:
+        splits = heuristics.resident_splits(M, N, chunk, elem_bytes, 2, K.RESIDENT_MAX_SPLITS)
+        if splits is not None:
             warps = warps_for(chunk)
             return SoftmaxConfig(heuristics.RESIDENT, chunk, 1, warps, splits, chunk,
                                  regs=heuristics.resident_regs(chunk, warps, elem_bytes,
