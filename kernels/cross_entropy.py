@@ -223,11 +223,19 @@ def class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH: tl.constexpr):
 def class_grad(sigma, z, is_t, a, b, cw, w, kept, cap, SMOOTH: tl.constexpr,
                SOFTCAP: tl.constexpr):
     """Gradient tile; zero on ignored rows whatever the logits hold."""
-    g = sigma * a - tl.where(is_t, b, 0.0)
-    if SMOOTH:
-        g = g - cw * w
-    g = softcap_grad(g, z, cap, SOFTCAP)
-    return tl.where(kept, g, 0.0)
+    if SMOOTH or SOFTCAP:
+        g = sigma * a - tl.where(is_t, b, 0.0)
+        if SMOOTH:
+            g = g - cw * w
+        g = softcap_grad(g, z, cap, SOFTCAP)
+        g = tl.where(kept, g, 0.0)
+    else:
+        # an ignored row: sigma (NaN where the row holds NaN or +inf) and
+        # the row's coefficients (NaN: its target is outside [0, C)) left
+        # out, in fp32, before the multiply
+        g = tl.where(kept, sigma, 0.0) * tl.where(kept, a, 0.0) - \
+            tl.where(is_t, tl.where(kept, b, 0.0), 0.0)
+    return g
 
 
 @triton.jit
@@ -426,9 +434,10 @@ def ce_class_single_kernel(
         tl.store(HIT + rows, (kept & inside & (zt >= m)).to(tl.int8), mask=rmask)
     if WRITE_GRAD:
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
+        ar = a * recip_rn(1.0 + r)
         is_t = cols[None, :] == t.to(tl.int32)[:, None]
-        g = class_grad(e, z, is_t, (a * recip_rn(1.0 + r))[:, None], b[:, None], cw, w,
-                       kept[:, None], cap, SMOOTH, SOFTCAP)
+        g = class_grad(e, z, is_t, ar[:, None], b[:, None], cw, w, kept[:, None], cap, SMOOTH,
+                       SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
         tl.store(G + gb[:, None] + cols[None, :].to(tl.int64) * sg_n, g.to(G.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])

@@ -179,14 +179,16 @@ def tile_state(x, AXIS: tl.constexpr):
     (a confident row) and log(sum e) = log1p(r). An all -inf row: m = -inf,
     r = -1; a row holding +inf: r = NaN (its term inf - inf), as torch."""
     m = tl.max(x, AXIS)
-    mx = tl.expand_dims(m, AXIS)
-    e = exp_rel(x, finite_max(mx))
-    top = (x == mx) & (tl.abs(x) < float("inf"))
+    diff = x - finite_max(tl.expand_dims(m, AXIS))
+    e = tl.exp2(diff * LOG2E)
+    # the maxima: a difference of exactly 0 (x == m, finite; an -inf row's
+    # -inf and a +inf's NaN are not), one compare per element
+    top = diff == 0.0
     # the terms below the max, and the count of maxima (two plain sums: a
     # tuple reduction costs no fewer shuffles, and runs per element in Python
     # in the interpreter)
     rest = tl.sum(tl.where(top, 0.0, e), AXIS)
-    count = tl.sum(top.to(e.dtype), AXIS)
+    count = tl.sum(tl.where(top, 1.0, 0.0).to(e.dtype), AXIS)
     return m, rest + (count - 1.0), e
 
 

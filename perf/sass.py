@@ -88,7 +88,12 @@ HOT = (
         limits=_PERSISTENT + (("long_stages", 3),)),
     Hot("CE class + grad, single, 16 per thread, bf16, C=4096", "ce_class_single_kernel", "bf16",
         _CE, ("cross_entropy", 131072, 4096, 2, False), limits=(("ce_single_ept", 16),)),
+    Hot("CE class + grad, single, 32 per thread, bf16, C=4096", "ce_class_single_kernel", "bf16",
+        _CE, ("cross_entropy", 131072, 4096, 2, False), limits=(("ce_single_ept", 32),)),
     Hot("CE class + grad, single, bf16, C=4096", "ce_class_single_kernel", "bf16", _CE,
+        ("cross_entropy", 131072, 4096, 2, False)),
+    Hot("CE class, loss only, single, bf16, C=4096", "ce_class_single_kernel", "bf16",
+        _CE[:3] + (("WRITE_GRAD", False), ("WRITE_HIT", False)),
         ("cross_entropy", 131072, 4096, 2, False)),
 )
 

@@ -944,11 +944,18 @@ def test_ignored_rows_are_never_read(path):
         _, lse, _, _ = CE.cross_entropy_forward(poisoned, t, None, -100, "mean", 0.0, 0.0, 0.0,
                                                 1.0, False, None, None, False)
         _, lse_all = softmax_gpu.cross_entropy(poisoned, t, return_lse=True)
+        # read for their lse, ignored rows holding NaN and +inf still get zeros
+        read = poisoned.clone()
+        read[4] = float("inf")
+        read.requires_grad_()
+        softmax_gpu.cross_entropy(read, t, return_lse=True)[0].backward()
     x64 = x.double().requires_grad_()
     (dx_ref,) = torch.autograd.grad(torch_ref(x64, t), x64)
     assert_close(loss, torch_ref(x.double(), t))
     assert torch.equal(xs.grad[[0, 4]], torch.zeros_like(xs.grad[[0, 4]]))
     assert_close(xs.grad, dx_ref, scale=4.0)
+    assert torch.equal(read.grad[[0, 4]], torch.zeros_like(read.grad[[0, 4]]))
+    assert_close(read.grad, dx_ref, scale=4.0)
     assert torch.equal(lse[[0, 4]].cpu(), torch.zeros(2, dtype=lse.dtype))
     assert lse_all[[0, 4]].isnan().all() and lse_all[[1, 2, 3, 5, 6]].isfinite().all()
 
