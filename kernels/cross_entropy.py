@@ -222,19 +222,17 @@ def class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH: tl.constexpr):
 @triton.jit
 def class_grad(sigma, z, is_t, a, b, cw, w, kept, cap, SMOOTH: tl.constexpr,
                SOFTCAP: tl.constexpr):
-    """Gradient tile; zero on ignored rows whatever the logits hold."""
-    if SMOOTH or SOFTCAP:
-        g = sigma * a - tl.where(is_t, b, 0.0)
-        if SMOOTH:
-            g = g - cw * w
-        g = softcap_grad(g, z, cap, SOFTCAP)
-        g = tl.where(kept, g, 0.0)
-    else:
-        # an ignored row: sigma (NaN where the row holds NaN or +inf) and
-        # the row's coefficients (NaN: its target is outside [0, C)) left
-        # out, in fp32, before the multiply
-        g = tl.where(kept, sigma, 0.0) * tl.where(kept, a, 0.0) - \
-            tl.where(is_t, tl.where(kept, b, 0.0), 0.0)
+    """Gradient tile; zero on ignored rows whatever the logits hold: their
+    sigma (NaN where the row holds NaN or +inf) and coefficients (NaN: a
+    target outside [0, C)) are left out in fp32 before the multiply (a
+    select of the finished gradient would follow the low-precision pack),
+    and the softcap's factor (NaN for a NaN logit) after it."""
+    g = tl.where(kept, sigma, 0.0) * tl.where(kept, a, 0.0) - \
+        tl.where(is_t, tl.where(kept, b, 0.0), 0.0)
+    if SMOOTH:
+        g = g - tl.where(kept, cw, 0.0) * w
+    if SOFTCAP:
+        g = tl.where(kept, softcap_grad(g, z, cap, SOFTCAP), 0.0)
     return g
 
 

@@ -179,11 +179,11 @@ def tile_state(x, AXIS: tl.constexpr):
     (a confident row) and log(sum e) = log1p(r). An all -inf row: m = -inf,
     r = -1; a row holding +inf: r = NaN (its term inf - inf), as torch."""
     m = tl.max(x, AXIS)
-    diff = x - finite_max(tl.expand_dims(m, AXIS))
-    e = tl.exp2(diff * LOG2E)
+    s = finite_max(tl.expand_dims(m, AXIS))
+    e = exp_rel(x, s)
     # the maxima: a difference of exactly 0 (x == m, finite; an -inf row's
     # -inf and a +inf's NaN are not), one compare per element
-    top = diff == 0.0
+    top = (x - s) == 0.0
     # the terms below the max, and the count of maxima (two plain sums: a
     # tuple reduction costs no fewer shuffles, and runs per element in Python
     # in the interpreter)
