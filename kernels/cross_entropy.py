@@ -25,7 +25,9 @@ Each row's loss is written already divided by the reduction's denominator
 and by the caller's divisor (class targets: DEN[0] for the loss, DEN[1] for
 the z-loss, which ``ce_denominators_kernel`` fills on the device before the
 main launch: for the mean the sum of w_t over kept rows and the number of
-kept rows, else 1, each times the divisor; probability targets: den_rows
+kept rows, else 1, each times the divisor; it also writes their correctly
+rounded reciprocals, DEN[3] and DEN[4], which the class kernels multiply
+by, so no program repeats the divisions; probability targets: den_rows
 (the number of rows for the mean, else 1) times DEN[0] when a divisor is
 given), so ``LOSS.sum()`` is the reduced loss, and the gradient is written
 already scaled the same way (times grad_scale). An all-ignored batch divides
@@ -90,6 +92,11 @@ from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, a
 __all__ = ["load_logits", "softcap_tanh", "scalar_arg", "class_grad", "f64_parts",
            "RESIDENT_MAX_SPLITS"]
 
+# The class-target launch's DEN tensor: [loss denominator, z-loss denominator,
+# sum of the class weights, 1 / loss denominator, 1 / z-loss denominator].
+DEN_LEN = 5
+DEN_INV = tl.constexpr(3)  # where the reciprocals start
+
 # ----------------------------------------------------------------------------
 # Shared jit helpers
 # ----------------------------------------------------------------------------
@@ -139,15 +146,6 @@ def row_read(kept, lse_all):
 
 
 @triton.jit
-def class_denominators(DEN, use_den, ACC: tl.constexpr):
-    """(loss denominator, z-loss denominator): DEN[0], DEN[1] when use_den, else 1."""
-    on = use_den != 0
-    dl = tl.load(DEN, mask=on, other=1.0).to(ACC)
-    dz = tl.load(DEN + 1, mask=on, other=1.0).to(ACC)
-    return dl, dz
-
-
-@triton.jit
 def smooth_weight_sum(DEN, C, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                       ACC: tl.constexpr):
     """sum_c w_c: DEN[2] with class weights and smoothing, else C."""
@@ -176,11 +174,12 @@ def class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, C, z_loss, inv_dl, inv
 @triton.jit
 def class_scales(DEN, use_den, z_loss, gs, ACC: tl.constexpr):
     """The row-independent factors of a launch: (1 / dl, 1 / dz, gs / dl,
-    2 z_loss gs / dz) with (dl, dz) = ``class_denominators`` (divisions done
-    once, outside the row loops)."""
-    dl, dz = class_denominators(DEN, use_den, ACC)
-    inv_dl = recip_rn(dl)
-    inv_dz = recip_rn(dz)
+    2 z_loss gs / dz), with 1 / dl and 1 / dz the loss and z-loss
+    denominators' reciprocals DEN[3], DEN[4] when use_den (formed once per
+    launch by ``ce_denominators_kernel``), else 1."""
+    on = use_den != 0
+    inv_dl = tl.load(DEN + DEN_INV, mask=on, other=1.0).to(ACC)
+    inv_dz = tl.load(DEN + DEN_INV + 1, mask=on, other=1.0).to(ACC)
     return inv_dl, inv_dz, gs * inv_dl, (2.0 * z_loss * gs) * inv_dz
 
 
@@ -367,7 +366,7 @@ def ce_class_single_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [DEN_LEN] ACC: denominators and their reciprocals (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
@@ -447,7 +446,7 @@ def ce_class_looped_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [DEN_LEN] ACC: denominators and their reciprocals (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
@@ -509,7 +508,7 @@ def ce_class_coop_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [DEN_LEN] ACC: denominators and their reciprocals (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
@@ -595,7 +594,7 @@ def ce_class_resident_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [DEN_LEN] ACC: denominators and their reciprocals (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     G,  # gradient base pointer; may be X itself (written when WRITE_GRAD)
     LOSS,  # [M] ACC: row losses, already divided by the denominators
     LSE,  # [M] row log-sum-exp (fp32, or ACC); 0 for ignored rows unless lse_all
@@ -712,7 +711,7 @@ def ce_class_backward_kernel(
     X,  # logits base pointer
     T,  # [M] class-index targets (any integer dtype)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
-    DEN,  # [3] ACC: loss and z-loss denominators (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [DEN_LEN] ACC: denominators and their reciprocals (read when use_den), sum of w (HAS_WEIGHT and SMOOTH)
     LSE,  # [M] ACC row log-sum-exp from the forward
     GO,  # [M] grad_output of the row losses (any stride: s_go)
     OUT,  # gradient wrt the logits, written
@@ -1013,7 +1012,7 @@ def ce_denominators_kernel(
     T,  # [M] class-index targets (any integer dtype; read when COUNT)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
     DIV,  # [1] the divisor (any float dtype; read when DIV_PTR)
-    DEN,  # [3] ACC out: loss denominator, z-loss denominator, sum of all w (HAS_WEIGHT and SMOOTH)
+    DEN,  # [DEN_LEN] ACC out: loss and z-loss denominators, sum of all w (HAS_WEIGHT and SMOOTH), 1 / each denominator
     M,  # number of rows
     C,  # number of classes
     ignore_index,  # target value whose row is not counted
@@ -1049,8 +1048,12 @@ def ce_denominators_kernel(
             wtot = tl.sum(wsum, 0)
         else:
             wtot = n
-    tl.store(DEN, wtot * div)
-    tl.store(DEN + 1, n * div)
+    dl = wtot * div
+    dz = n * div
+    tl.store(DEN, dl)
+    tl.store(DEN + 1, dz)
+    tl.store(DEN + DEN_INV, recip_rn(dl))
+    tl.store(DEN + DEN_INV + 1, recip_rn(dz))
     if HAS_WEIGHT and SMOOTH:
         sw = tl.zeros((BLOCK,), ACC)
         for off in range(0, C, BLOCK):
@@ -1230,8 +1233,9 @@ def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype, count=T
     """``launch(t, w, div, den)``: den[0] <- (sum of w_t over kept rows, the
     kept count without weights; 1 unless ``count``) times the divisor,
     den[1] <- (the kept count; 1 unless ``count``) times the divisor, den[2]
-    <- sum of w (with weights and smoothing). ``divisor``: None (1), a float,
-    or "tensor" (read from ``div``, a 1-element tensor)."""
+    <- sum of w (with weights and smoothing), den[3], den[4] <- 1 / den[0],
+    1 / den[1], correctly rounded (den: ``DEN_LEN`` values). ``divisor``:
+    None (1), a float, or "tensor" (read from ``div``, a 1-element tensor)."""
     kernel = ce_denominators_kernel[(1,)]
     from_ptr = isinstance(divisor, str)
     args = (M, C, ignore_index, *f64_parts(1.0 if divisor is None or from_ptr else divisor))

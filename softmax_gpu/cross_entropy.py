@@ -611,7 +611,7 @@ class _Plan:
         """The DEN tensor of a launch (``placeholder`` when there is none)."""
         if self.den is None:
             return placeholder
-        den = new_output((3,), self.acc, placeholder.device)
+        den = new_output((K.DEN_LEN,), self.acc, placeholder.device)
         launch_on(self.dev, self.den, t, den if w is None else w, den if div is None else div,
                   den)
         return den

@@ -279,7 +279,7 @@ class _ChunkLoss:
             return
         self.dev = launch_device(x.device)
         if self.use_den or (self.w is not None and spec.eps > 0):
-            self.den = new_output((3,), acc, x.device)
+            self.den = new_output((K.DEN_LEN,), acc, x.device)
             launch = K.denominators_launcher(
                 t.shape[0], V, spec.ignore_index, self.w is not None, spec.eps > 0, x.dtype,
                 count=self.mean, divisor="tensor" if div_t is not None else spec.divisor)
