@@ -78,11 +78,12 @@ whatever the values), and ``scalar_arg`` rebuilds it in ACC.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
 from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, acc_dtype,
-                      coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait, edge_columns,
+                      arrive, coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait, edge_columns,
                       exp_rel, finite_max, load_logits, load_p, log1p_acc, merge_partials,
                       online_stats, partial_mask, recip_rn, regs_meta, resident_columns,
                       resident_meet, resident_span, row_base, row_vec, softcap_tanh, store_p,
@@ -1007,59 +1008,101 @@ def ce_grad_scale_kernel(
 # ----------------------------------------------------------------------------
 
 
+@triton.jit
+def block_sums(T, W, start, end, C, ignore_index, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """(kept rows, sum of their w_t) over targets T[start:end], in BLOCK steps."""
+    count = tl.zeros((BLOCK,), ACC)
+    wsum = tl.zeros((BLOCK,), ACC)
+    for off in range(start, end, BLOCK):
+        rows = off + tl.arange(0, BLOCK).to(tl.int64)
+        inb = rows < end
+        t = tl.load(T + rows, mask=inb, other=0).to(tl.int64)
+        kept = inb & (t != ignore_index)
+        count += kept.to(ACC)
+        if HAS_WEIGHT:
+            use = kept & (t >= 0) & (t < C)
+            wsum += tl.load(W + t, mask=use, other=0.0).to(ACC)
+    return tl.sum(count, 0), tl.sum(wsum, 0)
+
+
+@triton.jit
+def weight_sum(W, start, end, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Sum of the class weights W[start:end], in BLOCK steps."""
+    sw = tl.zeros((BLOCK,), ACC)
+    for off in range(start, end, BLOCK):
+        cols = off + tl.arange(0, BLOCK).to(tl.int64)
+        sw += tl.load(W + cols, mask=cols < end, other=0.0).to(ACC)
+    return tl.sum(sw, 0)
+
+
 @triton.jit(do_not_specialize=["div_hi", "div_lo"])
 def ce_denominators_kernel(
     T,  # [M] class-index targets (any integer dtype; read when COUNT)
     W,  # [C] class weights in ACC (read when HAS_WEIGHT)
     DIV,  # [1] the divisor (any float dtype; read when DIV_PTR)
     DEN,  # [DEN_LEN] ACC out: loss and z-loss denominators, sum of all w (HAS_WEIGHT and SMOOTH), 1 / each denominator
+    WS,  # [3 x programs] ACC: each program's partial sums (read and written with several programs)
+    SYNC,  # [1] int32, zero before the launch: programs finished (used with several programs)
     M,  # number of rows
     C,  # number of classes
     ignore_index,  # target value whose row is not counted
     div_hi, div_lo,  # the divisor as a float (f64_parts; 1 without one) unless DIV_PTR
+    row_span,  # rows each program sums (a multiple of BLOCK)
+    class_span,  # class weights each program sums (a multiple of BLOCK)
     HAS_WEIGHT: tl.constexpr,  # class weights given (else w_t = 1 on kept rows)
     SMOOTH: tl.constexpr,  # also write the sum of the class weights
     COUNT: tl.constexpr,  # the mean: sum of w_t over kept rows, kept rows (else 1, 1)
     DIV_PTR: tl.constexpr,  # the divisor is DIV[0] (a tensor), not div_hi / div_lo
     ACC: tl.constexpr,  # accumulation dtype
-    BLOCK: tl.constexpr,  # rows (and classes) per step
+    BLOCK: tl.constexpr,  # rows (and classes) per step; at least the program count
 ):
-    # One program: a fixed summation order, so the loss is the same run to run.
-    if DIV_PTR:
-        div = tl.load(DIV).to(ACC)
-    else:
-        div = scalar_arg(div_hi, div_lo, ACC)
-    n = tl.zeros((), ACC) + 1.0
-    wtot = tl.zeros((), ACC) + 1.0
+    # Program p sums rows [p row_span, (p + 1) row_span) and classes likewise;
+    # with several programs, each stores its partials and the last to arrive
+    # adds them up in program order. The order of every sum is fixed by the
+    # shape, so the loss is the same run to run.
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n = tl.zeros((), ACC)
+    wtot = tl.zeros((), ACC)
+    sw = tl.zeros((), ACC)
     if COUNT:
-        count = tl.zeros((BLOCK,), ACC)
-        wsum = tl.zeros((BLOCK,), ACC)
-        for off in range(0, M, BLOCK):
-            rows = off + tl.arange(0, BLOCK).to(tl.int64)
-            inb = rows < M
-            t = tl.load(T + rows, mask=inb, other=0).to(tl.int64)
-            kept = inb & (t != ignore_index)
-            count += kept.to(ACC)
-            if HAS_WEIGHT:
-                use = kept & (t >= 0) & (t < C)
-                wsum += tl.load(W + t, mask=use, other=0.0).to(ACC)
-        n = tl.sum(count, 0)
-        if HAS_WEIGHT:
-            wtot = tl.sum(wsum, 0)
-        else:
-            wtot = n
-    dl = wtot * div
-    dz = n * div
-    tl.store(DEN, dl)
-    tl.store(DEN + 1, dz)
-    tl.store(DEN + DEN_INV, recip_rn(dl))
-    tl.store(DEN + DEN_INV + 1, recip_rn(dz))
+        r0 = pid.to(tl.int64) * row_span
+        n, wtot = block_sums(T, W, r0, tl.minimum(r0 + row_span, M), C, ignore_index, HAS_WEIGHT,
+                             ACC, BLOCK)
     if HAS_WEIGHT and SMOOTH:
-        sw = tl.zeros((BLOCK,), ACC)
-        for off in range(0, C, BLOCK):
-            cols = off + tl.arange(0, BLOCK).to(tl.int64)
-            sw += tl.load(W + cols, mask=cols < C, other=0.0).to(ACC)
-        tl.store(DEN + 2, tl.sum(sw, 0))
+        c0 = pid.to(tl.int64) * class_span
+        sw = weight_sum(W, c0, tl.minimum(c0 + class_span, C), ACC, BLOCK)
+    last = programs == 1
+    if not last:
+        tl.store(WS + pid, n)
+        tl.store(WS + programs + pid, wtot)
+        tl.store(WS + 2 * programs + pid, sw)
+        last = arrive(SYNC) == programs - 1
+        if last:
+            k = tl.arange(0, BLOCK)
+            ok = k < programs
+            n = tl.sum(tl.load(WS + k, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+            wtot = tl.sum(tl.load(WS + programs + k, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+            sw = tl.sum(tl.load(WS + 2 * programs + k, mask=ok, other=0.0, cache_modifier=".cg"),
+                        0)
+    if last:
+        if DIV_PTR:
+            div = tl.load(DIV).to(ACC)
+        else:
+            div = scalar_arg(div_hi, div_lo, ACC)
+        if not COUNT:  # sum or none: both denominators are the divisor alone
+            n = tl.zeros((), ACC) + 1.0
+        if not (COUNT and HAS_WEIGHT):
+            wtot = n
+        dl = wtot * div
+        dz = n * div
+        tl.store(DEN, dl)
+        tl.store(DEN + 1, dz)
+        tl.store(DEN + DEN_INV, recip_rn(dl))
+        tl.store(DEN + DEN_INV + 1, recip_rn(dz))
+        if HAS_WEIGHT and SMOOTH:
+            tl.store(DEN + 2, sw)
 
 
 # ----------------------------------------------------------------------------
@@ -1222,30 +1265,49 @@ def prob_launcher(M, C, inner, x_strides, y_strides, g_strides, den_rows, eps, z
     return launch
 
 
-# One program: nothing to gain from occupancy, so a generous register budget
-# (without one, ptxas 12.8 spilled 8 bytes of the fp64 variant for a second
-# program per SM that never exists).
+# Few programs, each streaming its slice: nothing to gain from occupancy, so a
+# generous register budget (without one, ptxas 12.8 spilled 8 bytes of the
+# fp64 variant for a second program per SM that never exists).
 DENOMINATORS_REGS = 128
+DENOMINATORS_BLOCK = 1024  # rows (classes) per step, and the most programs of a launch
 
 
 def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype, count=True,
-                          divisor=None):
+                          divisor=None, *, serial_steps):
     """``launch(t, w, div, den)``: den[0] <- (sum of w_t over kept rows, the
     kept count without weights; 1 unless ``count``) times the divisor,
     den[1] <- (the kept count; 1 unless ``count``) times the divisor, den[2]
     <- sum of w (with weights and smoothing), den[3], den[4] <- 1 / den[0],
     1 / den[1], correctly rounded (den: ``DEN_LEN`` values). ``divisor``:
-    None (1), a float, or "tensor" (read from ``div``, a 1-element tensor)."""
-    kernel = ce_denominators_kernel[(1,)]
+    None (1), a float, or "tensor" (read from ``div``, a 1-element tensor).
+    One program walks the targets it counts (the mean) and the weights it
+    sums (weights and smoothing) in steps of ``DENOMINATORS_BLOCK``, one
+    memory round trip each, while they are at most ``serial_steps`` steps;
+    beyond, one program per step (at most ``DENOMINATORS_BLOCK``) shares
+    them, and each launch allocates their partials and a zeroed int32
+    counter."""
+    B = DENOMINATORS_BLOCK
+    steps = max(triton.cdiv(M, B) if count else 0,
+                triton.cdiv(C, B) if has_weight and smooth else 0, 1)
+    programs = 1 if steps <= serial_steps else min(steps, B)
+    row_span = triton.cdiv(triton.cdiv(max(M, 1), programs), B) * B
+    class_span = triton.cdiv(triton.cdiv(max(C, 1), programs), B) * B
+    kernel = ce_denominators_kernel[(programs,)]
     from_ptr = isinstance(divisor, str)
-    args = (M, C, ignore_index, *f64_parts(1.0 if divisor is None or from_ptr else divisor))
-    meta = dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, COUNT=count, DIV_PTR=from_ptr,
-                ACC=acc_dtype(dtype), BLOCK=1024, num_warps=4, enable_fp_fusion=FP_FUSION,
-                maxnreg=DENOMINATORS_REGS)
+    args = (M, C, ignore_index, *f64_parts(1.0 if divisor is None or from_ptr else divisor),
+            row_span, class_span)
+    acc = acc_dtype(dtype)
+    meta = dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, COUNT=count, DIV_PTR=from_ptr, ACC=acc,
+                BLOCK=B, num_warps=4, enable_fp_fusion=FP_FUSION, maxnreg=DENOMINATORS_REGS)
     names = ("ce_denominators_kernel",)
 
     def launch(t, w, div, den):
-        kernel(t, w, div, den, *args, **meta)
+        if programs == 1:  # neither read nor written
+            ws, sync = den, den.view(torch.int32)
+        else:
+            ws = torch.empty(3 * programs, dtype=den.dtype, device=den.device)
+            sync = torch.zeros(1, dtype=torch.int32, device=den.device)
+        kernel(t, w, div, den, ws, sync, *args, **meta)
         return names
     return launch
 

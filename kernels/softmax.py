@@ -295,9 +295,10 @@ def recip(d):
 
 @triton.jit
 def recip_rn(d):
-    """1 / d correctly rounded (fp32: ``div.rn``; fp64: ``recip``), for per-row
-    and per-launch factors, where its cost does not count (``recip``'s fp32
-    ``1.0 / d`` is the 2-ulp ``div.full``, kept for per-element use)."""
+    """1 / d for per-row and per-launch factors, where its cost does not
+    count: fp32 correctly rounded (``div.rn``; ``recip``'s fp32 ``1.0 / d`` is
+    the 2-ulp ``div.full``, kept for per-element use); fp64 ``recip``, within
+    an ulp (an fp64 division's subroutine call makes ptxas spill around it)."""
     if d.dtype == tl.float64:
         out = recip(d)
     else:
@@ -483,15 +484,23 @@ def coop_place(ticket, n, LAG, SPLITS, CHUNK, N):
 
 
 @triton.jit
-def coop_arrive(SYNC, row):
-    """Count one finished pass of ``row`` (SYNC[1 + row]) and return the count
-    before it. The CTA barrier and the release make this program's earlier
-    global writes (its partials) visible to whoever acquires the count; the
-    acquire side makes the other programs' partials visible to this one."""
+def arrive(WORD):
+    """Add 1 to the int32 counter at WORD and return its value before. The CTA
+    barrier and the release make this program's earlier global writes (its
+    partials) visible to whoever acquires the count; the acquire side makes
+    the other programs' partials visible to this one (read them with ``.cg``
+    loads: L2, never a stale L1 line)."""
     tl.debug_barrier()
-    old = tl.atomic_add(SYNC + 1 + row, 1, sem="acq_rel", scope="gpu")
+    old = tl.atomic_add(WORD, 1, sem="acq_rel", scope="gpu")
     tl.debug_barrier()
     return old
+
+
+@triton.jit
+def coop_arrive(SYNC, row):
+    """Count one finished pass of ``row`` (SYNC[1 + row], ``arrive``) and
+    return the count before it."""
+    return arrive(SYNC + 1 + row)
 
 
 @triton.jit

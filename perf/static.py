@@ -28,7 +28,8 @@ a new argument needs a decision here):
 - row lengths ``N`` / ``C`` / ``W`` (shard width) and row counts ``M``
   (batch x sequence) are multiples of 16 (hidden sizes; vocabularies 32000,
   128256, 151936, 256000), hence also ``CHUNK`` (a multiple of the tile),
-  ``OFF`` (rank x shard width) and ``V``;
+  ``OFF`` (rank x shard width) and ``V``; the denominators' ``row_span`` and
+  ``class_span`` are multiples of 1024;
 - cross-entropy with ``reduction="mean"`` (the default): ``use_den`` = 1
   (constant), ``den_rows`` = M; its backward gets a broadcast scalar
   grad_output (``s_go`` = 0), the vocab-parallel gradient one scale for all
@@ -96,7 +97,8 @@ ONE, DIV16, PLAIN = "1", "D16", "-"
 INT_SPEC = {
     **dict.fromkeys(("INNER", "sx_n", "sy_n", "sg_n", "so_n", "use_den", "s_t", "s_dlse"), ONE),
     **dict.fromkeys(("M", "N", "C", "W", "sx_o", "sx_i", "sy_o", "sy_i", "sg_o", "sg_i", "so_o",
-                     "so_i", "CHUNK", "OFF", "V", "den_rows", "s_go", "s_g"), DIV16),
+                     "so_i", "CHUNK", "OFF", "V", "den_rows", "s_go", "s_g", "row_span",
+                     "class_span"), DIV16),
     **dict.fromkeys(("SPLITS", "LAG", "spin", "lse_all", "use_div", "div_hi", "div_lo", "ignore_index",
                      "IGNORE", "eps_hi", "eps_lo", "zl_hi", "zl_lo",
                      "cap_hi", "cap_lo", "gs_hi", "gs_lo"), PLAIN),
@@ -286,7 +288,8 @@ def cross_entropy_variants() -> list[Variant]:
                 for div_ptr in (False, True):
                     out.append(Variant(
                         "cross_entropy", "ce_denominators_kernel", DTYPE_STR[elem],
-                        (("T", "i64"), ("W", acc), ("DIV", acc), ("DEN", acc)),
+                        (("T", "i64"), ("W", acc), ("DIV", acc), ("DEN", acc), ("WS", acc),
+                         ("SYNC", "i32")),
                         tuple(sorted(dict(ACC=acc, BLOCK=1024, HAS_WEIGHT=has_w, SMOOTH=smooth,
                                           COUNT=count, DIV_PTR=div_ptr).items())), 4, "single",
                         _denominators_regs()))

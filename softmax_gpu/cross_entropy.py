@@ -587,7 +587,7 @@ class _Plan:
             y_rows = _contiguous_rows(target.shape) if self.copy_y else rows_view(target, 1)
             if divisor is not None:
                 self.den = K.denominators_launcher(0, self.C, 0, False, False, x.dtype,
-                                                   count=False, divisor=div)
+                                                   count=False, divisor=div, serial_steps=1)
             self.main = K.prob_launcher(
                 self.M, self.C, r.inner, r.strides, y_rows.strides, g_rows.strides,
                 self.M if reduction == "mean" else 1, eps, zl, cap, grad_scale, has_w, write,
@@ -598,8 +598,9 @@ class _Plan:
         self.flat_t = target.dim() == 1 and target.stride(0) == 1
         use_den = reduction == "mean" or divisor is not None
         if use_den or (has_w and eps > 0):
-            self.den = K.denominators_launcher(self.M, self.C, ignore_index, has_w, eps > 0,
-                                               x.dtype, count=reduction == "mean", divisor=div)
+            self.den = K.denominators_launcher(
+                self.M, self.C, ignore_index, has_w, eps > 0, x.dtype, count=reduction == "mean",
+                divisor=div, serial_steps=_den_serial_steps(x, self.C))
         self.main = K.class_launcher(
             self.M, self.C, r.inner, r.strides, g_rows.strides, ignore_index, use_den, eps,
             zl, cap, grad_scale, has_w, write, x.dtype, cfg, lse_all=lse_all)
@@ -645,6 +646,11 @@ class _Plan:
     def reduce(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
         """The row losses (already divided by the mean's denominators), reduced."""
         return _reduce(rows, self.reduction, self.batch, dtype)
+
+
+def _den_serial_steps(x: Tensor, C: int) -> int:
+    """The denominators launch's ``serial_steps`` for logits ``x`` of C classes."""
+    return heuristics.limits_for("cross_entropy", x.device, x.element_size(), C).den_serial_steps
 
 
 # Row-wise backward launchers over a (N, C, *) layout, memoised:
@@ -759,8 +765,9 @@ class _BackwardPlan:
         div = "tensor" if isinstance(divisor, torch.dtype) else divisor
         self.den = None
         if use_den or (has_w and eps > 0):
-            self.den = K.denominators_launcher(self.M, r.n, ignore_index, has_w, eps > 0,
-                                               x.dtype, count=reduction == "mean", divisor=div)
+            self.den = K.denominators_launcher(
+                self.M, r.n, ignore_index, has_w, eps > 0, x.dtype, count=reduction == "mean",
+                divisor=div, serial_steps=_den_serial_steps(x, r.n))
         cfg = cross_entropy_backward_config(self.M, r.n, x.element_size(), x.device,
                                             has_w or eps > 0 or cap > 0)
         self.main = K.class_backward_launcher(

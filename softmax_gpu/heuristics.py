@@ -167,6 +167,11 @@ class Limits:
     # reads that chunk again; Triton's interpreter never waits).
     resident_chunk: int = 0
     resident_spin: int = 4096
+    # The mean's denominators (one launch before a cross-entropy with class
+    # targets): the steps of 1024 targets (or class weights) one program
+    # walks alone, a memory round trip each; beyond, a program per step (at
+    # most 1024), whose partials the last to finish adds up.
+    den_serial_steps: int = 4
 
 
 _DEFAULT = Limits()

@@ -282,7 +282,9 @@ class _ChunkLoss:
             self.den = new_output((K.DEN_LEN,), acc, x.device)
             launch = K.denominators_launcher(
                 t.shape[0], V, spec.ignore_index, self.w is not None, spec.eps > 0, x.dtype,
-                count=self.mean, divisor="tensor" if div_t is not None else spec.divisor)
+                count=self.mean, divisor="tensor" if div_t is not None else spec.divisor,
+                serial_steps=heuristics.limits_for("cross_entropy", x.device, x.element_size(),
+                                                   V).den_serial_steps)
             launch_on(self.dev, launch, t, self.w if self.w is not None else self.den,
                       div_t if div_t is not None else self.den, self.den)
 

@@ -111,6 +111,59 @@ def test_every_argument_combination(weighted, ignore, reduction, label_smoothing
           label_smoothing=label_smoothing)
 
 
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("divisor", [None, 3.0, "tensor"])
+@pytest.mark.parametrize("weighted, smooth", [(False, False), (True, False), (True, True)])
+def test_denominators_split_over_programs(weighted, smooth, divisor, acc):
+    """The denominators launch (kept rows, their weight, the sum of the class
+    weights, times the divisor, and the two reciprocals) spread over several
+    programs (more steps of 1024 targets or weights than ``serial_steps``)
+    against one program and float64: counts exact, sums to ACC's rounding,
+    reciprocals correctly rounded (``recip_rn``), the same bits run to run."""
+    from softmax_gpu.kernels import cross_entropy as K
+
+    M, C = 5000, 3000  # 5 and 3 steps
+    t = targets(M, C, ignore=range(0, M, 7))
+    w = (torch.rand(C, dtype=torch.float64) + 0.2).to(device=DEVICE, dtype=acc)
+    div_t = torch.tensor([3.0], dtype=acc, device=DEVICE)
+    div = 1.0 if divisor is None else 3.0
+    kept = (t != -100).cpu()
+    for count in (True, False):
+        runs = []
+        for steps in (1 << 30, 1, 1):
+            den = torch.full((K.DEN_LEN,), float("nan"), dtype=acc, device=DEVICE)
+            launch = K.denominators_launcher(M, C, -100, weighted, smooth, acc, count=count,
+                                             divisor=divisor, serial_steps=steps)
+            launch(t, w if weighted else den, div_t if divisor == "tensor" else den, den)
+            runs.append(den.cpu())
+        one, split, again = runs
+        torch.testing.assert_close(split, again, rtol=0, atol=0, equal_nan=True)
+        n = float(kept.sum()) if count else 1.0
+        wt = float((w.double().cpu()[t.cpu().clamp(min=0)] * kept).sum()) if count and weighted \
+            else n
+        for den in (one, split):
+            assert float(den[1]) == n * div  # an integer count, exact
+            assert math.isclose(float(den[0]), wt * div, rel_tol=4 * torch.finfo(acc).eps)
+            if acc == torch.float32:  # correctly rounded reciprocals (fp64: within an ulp)
+                assert torch.equal(den[3:5], 1.0 / den[0:2])
+            else:
+                assert torch.allclose(den[3:5], 1.0 / den[0:2], rtol=2 * torch.finfo(acc).eps,
+                                      atol=0)
+            if weighted and smooth:
+                assert math.isclose(float(den[2]), float(w.double().sum()),
+                                    rel_tol=4 * torch.finfo(acc).eps)
+
+
+def test_mean_with_denominators_from_several_programs():
+    """A weighted, smoothed mean whose denominators several programs add up
+    (den_serial_steps=1: 1500 rows and 1100 classes are two steps each)
+    against float64 torch, forward and backward."""
+    M, C = 1500, 1100
+    w = (torch.rand(C, dtype=torch.float64) + 0.2).to(DEVICE)
+    with heuristics.override(den_serial_steps=1):
+        check(rand(M, C), targets(M, C, ignore=range(0, M, 5)), weight=w, label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("path", PATHS)
 def test_dtypes_and_paths(path, dtype):
