@@ -61,9 +61,10 @@ Paths (chosen by ``softmax_gpu.cross_entropy.cross_entropy_config``):
 
 ``ce_grad_scale_kernel`` is the eager backward: it multiplies the saved
 gradient rows by grad_output / (the factor already applied, kept per row in
-STATE) and returns at once, touching nothing but two scalars per row, when
-that ratio is 1 (the usual ``loss.backward()``, and any grad_output stated
-ahead as the divisor). Its out-of-place variant (IN_PLACE=False) serves a
+STATE), a persistent grid of programs each taking a contiguous group of rows,
+and a program returns at once, touching nothing but two scalars per row,
+when that ratio is 1 for its whole group (the usual ``loss.backward()``, and
+any grad_output stated ahead as the divisor). Its out-of-place variant (IN_PLACE=False) serves a
 retained graph's later backwards. ``ce_class_backward_kernel`` is the
 backward of a traced graph (torch.compile): the forward saved the lse, and
 one pass over the logits writes the gradient times grad_output, rounded once.
@@ -959,7 +960,7 @@ def ce_prob_looped_kernel(
 # ----------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])
 def ce_grad_scale_kernel(
     G,  # gradient written by the forward
     OUT,  # where the scaled rows go: G itself when IN_PLACE
@@ -971,36 +972,52 @@ def ce_grad_scale_kernel(
     sg_o, sg_n, sg_i,  # G strides
     so_o, so_n, so_i,  # OUT strides
     s_go,  # grad_output stride (0 when expanded from a scalar)
+    group,  # rows per program, contiguous (a multiple of ROWS)
     IN_PLACE: tl.constexpr,  # rescale G in place, skipping rows whose factor is right
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # tile width (>= C when ROWS > 1)
-    ROWS: tl.constexpr,  # rows per program
+    ROWS: tl.constexpr,  # rows per tile
+    CHECK: tl.constexpr,  # rows whose factors one step of the in-place check reads
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    rmask = rows < M
-    go = tl.load(GO + rows * s_go, mask=rmask, other=1.0).to(ACC)
-    done = tl.load(STATE + rows, mask=rmask, other=1.0)
+    first = tl.program_id(0).to(tl.int64) * group
+    end = tl.minimum(first + group, M)
     if IN_PLACE:
-        todo = rmask & (go != done)
-        if tl.max(todo.to(tl.int32), 0) == 0:
-            return  # every row already holds grad_output times its gradient
-        tl.store(STATE + rows, go, mask=todo)
-    else:
-        todo = rmask
-    # go / done correctly rounded: exactly 1 where the factor is already applied
-    if done.dtype == tl.float64:
-        factor = go / done
-    else:
-        factor = tl.div_rn(go, done)
-    gb = row_base(rows, INNER, sg_o, sg_i)
-    ob = row_base(rows, INNER, so_o, so_i)
+        # the usual backward: every factor already right, so the group is
+        # done after reading two scalars a row, CHECK rows at a time
+        pending = 0
+        for r_off in range(first, end, CHECK):
+            r = r_off + tl.arange(0, CHECK).to(tl.int64)
+            ok = r < end
+            want = tl.load(GO + r * s_go, mask=ok, other=1.0).to(ACC)
+            have = tl.load(STATE + r, mask=ok, other=1.0)
+            pending += tl.sum((ok & (want != have)).to(tl.int32), 0)
+        if pending == 0:
+            return
     cols = tl.arange(0, BLOCK_N)
-    for off in range(0, C, BLOCK_N):
-        mask = todo[:, None] & (cols < C - off)[None, :]
-        c64 = (off + cols)[None, :].to(tl.int64)
-        g = tl.load(G + gb[:, None] + c64 * sg_n, mask=mask, other=0.0).to(ACC)
-        tl.store(OUT + ob[:, None] + c64 * so_n, (g * factor[:, None]).to(OUT.dtype.element_ty),
-                 mask=mask)
+    for r0 in range(first, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS).to(tl.int64)
+        rmask = rows < end
+        go = tl.load(GO + rows * s_go, mask=rmask, other=1.0).to(ACC)
+        done = tl.load(STATE + rows, mask=rmask, other=1.0)
+        if IN_PLACE:
+            todo = rmask & (go != done)
+            tl.store(STATE + rows, go, mask=todo)
+        else:
+            todo = rmask
+        if tl.max(todo.to(tl.int32), 0) != 0:
+            # go / done correctly rounded: exactly 1 where the factor is already applied
+            if done.dtype == tl.float64:
+                factor = go / done
+            else:
+                factor = tl.div_rn(go, done)
+            gb = row_base(rows, INNER, sg_o, sg_i)
+            ob = row_base(rows, INNER, so_o, so_i)
+            for off in range(0, C, BLOCK_N):
+                mask = todo[:, None] & (cols < C - off)[None, :]
+                c64 = (off + cols)[None, :].to(tl.int64)
+                g = tl.load(G + gb[:, None] + c64 * sg_n, mask=mask, other=0.0).to(ACC)
+                tl.store(OUT + ob[:, None] + c64 * so_n,
+                         (g * factor[:, None]).to(OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------
@@ -1312,20 +1329,30 @@ def denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype, count=T
     return launch
 
 
+def scale_check(num_warps: int) -> int:
+    """Rows whose factors one step of the in-place rescale's check reads: 4 a thread."""
+    return 4 * 32 * num_warps
+
+
 def grad_scale_launcher(M, C, inner, g_strides, o_strides, in_place, dtype, cfg):
     """``launch(g, out, state, go, s_go)``: out[row] = g[row] * go[row] / state[row].
     ``in_place`` (out is g): rows whose factor is already right are untouched
     and state <- go; else every row of ``out`` is written and state is left
-    alone. ``s_go``: grad_output's stride (0 for one value for every row)."""
-    kernel = ce_grad_scale_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
+    alone. ``s_go``: grad_output's stride (0 for one value for every row).
+    ``cfg.programs`` (0: one per tile of ``cfg.rows_per_program`` rows)
+    programs share the rows in contiguous groups."""
+    rows = cfg.rows_per_program
+    programs = max(1, min(cfg.programs or M, triton.cdiv(M, rows)))
+    group = triton.cdiv(triton.cdiv(M, programs), rows) * rows
+    kernel = ce_grad_scale_kernel[(triton.cdiv(M, group),)]
     args = (M, C, inner, *g_strides, *o_strides)
-    meta = dict(IN_PLACE=in_place, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n,
-                ROWS=cfg.rows_per_program, num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+    meta = dict(IN_PLACE=in_place, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, ROWS=rows,
+                CHECK=scale_check(cfg.num_warps), num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
                 **regs_meta(cfg))
     names = ("ce_grad_scale_kernel",)
 
     def launch(g, out, state, go, s_go):
-        kernel(g, out, state, go, *args, s_go, **meta)
+        kernel(g, out, state, go, *args, s_go, group, **meta)
         return names
     return launch
 

@@ -36,7 +36,8 @@ a new argument needs a decision here):
   rows (``s_g`` = 0); targets are contiguous (``s_t`` = 1), and so is the
   gradient of a returned lse (``s_dlse`` = 1);
 - never specialised: ``ignore_index`` / ``IGNORE`` (-100), ``SPLITS`` and
-  ``LAG`` (the cooperative path's chunk count and ticket lag), the flags
+  ``LAG`` (the cooperative path's chunk count and ticket lag), ``group``
+  (the rescale's rows per program), the flags
   ``lse_all`` / ``use_div`` and the float bit patterns that the cross-entropy
   kernels mark ``do_not_specialize``;
 - the long-row kernels walk unit-stride rows: ``VEC`` = 16 bytes / element
@@ -99,8 +100,8 @@ INT_SPEC = {
     **dict.fromkeys(("M", "N", "C", "W", "sx_o", "sx_i", "sy_o", "sy_i", "sg_o", "sg_i", "so_o",
                      "so_i", "CHUNK", "OFF", "V", "den_rows", "s_go", "s_g", "row_span",
                      "class_span"), DIV16),
-    **dict.fromkeys(("SPLITS", "LAG", "spin", "lse_all", "use_div", "div_hi", "div_lo", "ignore_index",
-                     "IGNORE", "eps_hi", "eps_lo", "zl_hi", "zl_lo",
+    **dict.fromkeys(("SPLITS", "LAG", "spin", "group", "lse_all", "use_div", "div_hi", "div_lo",
+                     "ignore_index", "IGNORE", "eps_hi", "eps_lo", "zl_hi", "zl_lo",
                      "cap_hi", "cap_lo", "gs_hi", "gs_lo"), PLAIN),
 }
 
@@ -260,6 +261,12 @@ _CE_FLAGS = {
 }
 
 
+def _scale_check(num_warps: int) -> int:
+    from softmax_gpu.kernels.cross_entropy import scale_check
+
+    return scale_check(num_warps)
+
+
 def _denominators_regs() -> int:
     from softmax_gpu.kernels.cross_entropy import DENOMINATORS_REGS
 
@@ -303,8 +310,9 @@ def cross_entropy_variants() -> list[Variant]:
                 out += _mixed("ce_scale", elem, Variant(
                     "cross_entropy", "ce_grad_scale_kernel", dt,
                     (("G", dt), ("OUT", dt), ("STATE", acc), ("GO", acc)),
-                    tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows,
-                                      IN_PLACE=in_place).items())), warps, path, regs),
+                    tuple(sorted(dict(ACC=acc, BLOCK_N=block_n, ROWS=rows, IN_PLACE=in_place,
+                                      CHECK=_scale_check(warps)).items())), warps, path,
+                    regs),
                     when=not in_place)
             for softcap in (False, True):
                 out.append(Variant(

@@ -205,12 +205,16 @@ def cross_entropy_scale_config(M: int, C: int, elem_bytes: int,
     """Launch parameters of the row-wise backward kernels (the rescale of the
     saved gradient, the lse's gradient): rows up to one tile are whole
     (several per program, as the on-chip path), longer rows are looped one
-    per program."""
+    per program. ``programs``: the rescale's persistent grid (programs_per_sm
+    x SMs; each takes a contiguous group of rows, so a backward with nothing
+    to rescale is one wave, not one program per row)."""
     lim = heuristics.limits_for("cross_entropy", device, elem_bytes, C)
     block = next_pow2(C)
     if block <= lim.tile:
-        return _ce_single(M, block, elem_bytes, device, lim)
-    return CrossEntropyConfig(LOOPED, lim.tile, 1, warps_for(lim.tile))
+        cfg = _ce_single(M, block, elem_bytes, device, lim)
+    else:
+        cfg = CrossEntropyConfig(LOOPED, lim.tile, 1, warps_for(lim.tile))
+    return dataclasses.replace(cfg, programs=lim.programs_per_sm * heuristics.sm_count(device))
 
 
 def cross_entropy_backward_config(M: int, C: int, elem_bytes: int, device: torch.device,

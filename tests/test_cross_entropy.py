@@ -357,6 +357,33 @@ def test_non_uniform_grad_output_reduction_none(path):
     check(rand(6, C), torch.softmax(rand(6, C), -1), path, reduction="none", grad_output=g)
 
 
+@pytest.mark.parametrize("late", [None, 1, 319, 320, 599])
+@pytest.mark.parametrize("sms", [1, 2])
+def test_rescale_checks_whole_groups_of_rows(sms, late):
+    """The in-place rescale's programs each take a contiguous group of rows
+    (here 1 program of all 600 rows, or 2 of 320 and 280; tiles of 32 rows,
+    one warp, so a program's check reads 128 rows' factors a step, 5 or 3
+    steps): a group with nothing to do is left alone, and one differing row
+    anywhere is found and rescaled by itself, its factor recorded."""
+    M, C = 600, 8
+    g = rand(M, C)
+    state = torch.ones(M, device=DEVICE)
+    state[::7] = 0.0  # 0 / 0 would make these rows NaN if they were touched
+    go = state.clone()
+    if late is not None:
+        go[late] = 2.5
+    buf = g.clone()
+    with heuristics.override(sm_count=sms, programs_per_sm=1, target_program_elems=256):
+        with expect_launches(BWD):
+            CE._scale_(buf, state, go)
+    rest = torch.ones(M, dtype=torch.bool)
+    if late is not None:
+        rest[late] = False
+        assert_close(buf[late], g[late].double() * 2.5)
+    assert torch.equal(buf[rest.to(DEVICE)], g[rest.to(DEVICE)])
+    assert torch.equal(state, go)
+
+
 def test_backward_skips_rows_whose_factor_is_right():
     """The rescale reads grad_output and the factor already applied and does
     nothing where they agree: rows with state == grad_output are not touched
