@@ -1343,7 +1343,7 @@ def grad_scale_launcher(M, C, inner, g_strides, o_strides, in_place, dtype, cfg)
     programs share the rows in contiguous groups."""
     rows = cfg.rows_per_program
     programs = max(1, min(cfg.programs or M, triton.cdiv(M, rows)))
-    group = triton.cdiv(triton.cdiv(M, programs), rows) * rows
+    group = max(1, triton.cdiv(triton.cdiv(M, programs), rows)) * rows  # M = 0: one empty program
     kernel = ce_grad_scale_kernel[(triton.cdiv(M, group),)]
     args = (M, C, inner, *g_strides, *o_strides)
     meta = dict(IN_PLACE=in_place, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, ROWS=rows,
