@@ -25,9 +25,9 @@ Each row's loss is written already divided by the reduction's denominator
 and by the caller's divisor (class targets: DEN[0] for the loss, DEN[1] for
 the z-loss, which ``ce_denominators_kernel`` fills on the device before the
 main launch: for the mean the sum of w_t over kept rows and the number of
-kept rows, else 1, each times the divisor; it also writes their correctly
-rounded reciprocals, DEN[3] and DEN[4], which the class kernels multiply
-by, so no program repeats the divisions; probability targets: den_rows
+kept rows, else 1, each times the divisor; it also writes their
+reciprocals (``recip_rn``), DEN[3] and DEN[4], which the class kernels
+multiply by, so no program repeats the divisions; probability targets: den_rows
 (the number of rows for the mean, else 1) times DEN[0] when a divisor is
 given), so ``LOSS.sum()`` is the reduced loss, and the gradient is written
 already scaled the same way (times grad_scale). An all-ignored batch divides
@@ -64,8 +64,8 @@ gradient rows by grad_output / (the factor already applied, kept per row in
 STATE), a persistent grid of programs each taking a contiguous group of rows,
 and a program returns at once, touching nothing but two scalars per row,
 when that ratio is 1 for its whole group (the usual ``loss.backward()``, and
-any grad_output stated ahead as the divisor). Its out-of-place variant (IN_PLACE=False) serves a
-retained graph's later backwards. ``ce_class_backward_kernel`` is the
+any grad_output stated ahead as the divisor). Its out-of-place variant
+(IN_PLACE=False) serves a retained graph's later backwards. ``ce_class_backward_kernel`` is the
 backward of a traced graph (torch.compile): the forward saved the lse, and
 one pass over the logits writes the gradient times grad_output, rounded once.
 
@@ -84,11 +84,11 @@ import triton
 import triton.language as tl
 
 from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, acc_dtype,
-                      arrive, coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait, edge_columns,
-                      exp_rel, finite_max, load_logits, load_p, log1p_acc, merge_partials,
-                      online_stats, partial_mask, recip_rn, regs_meta, resident_columns,
-                      resident_meet, resident_span, row_base, row_vec, softcap_tanh, store_p,
-                      sum_partials, tile_offsets, tile_state, vec_segment)
+                      arrive, coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait,
+                      edge_columns, exp_rel, finite_max, load_logits, load_p, log1p_acc,
+                      merge_partials, online_stats, partial_mask, recip_rn, regs_meta,
+                      resident_columns, resident_meet, resident_span, row_base, row_vec,
+                      softcap_tanh, store_p, sum_partials, tile_offsets, tile_state, vec_segment)
 
 # Shared with the vocab-parallel kernels through this module.
 __all__ = ["load_logits", "softcap_tanh", "scalar_arg", "class_grad", "f64_parts",

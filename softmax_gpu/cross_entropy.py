@@ -77,7 +77,7 @@ class CrossEntropyConfig:
     block_n: int  # tile width in elements (a power of two; >= C on the single path)
     rows_per_program: int  # rows one program owns (SINGLE; else 1)
     num_warps: int
-    programs: int = 0  # grid of a persistent LOOPED / a COOP launch (0: one program per row)
+    programs: int = 0  # grid of a persistent LOOPED / COOP launch, or the rescale's (0: per row)
     splits: int = 1  # COOP: chunks per row
     chunk: int = 0  # COOP: columns per chunk, a multiple of block_n
     lag: int = 0  # COOP: first passes dealt ahead of the second passes
