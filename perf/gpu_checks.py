@@ -13,10 +13,12 @@
    way, its input and head gradients compared.
 2. **Long rows at grad_output != 1, against float64.** The cross-entropy
    (mean, ``(loss * 2.5).backward()``, the in-place rescale of the saved
-   gradient) and softmax forward+backward at LLM sizes on every long-row
-   path (one program per row, the persistent grid, the cooperative path),
-   at the bf16 limit of one rounding (1e-2 on the norm); a failure prints
-   which rows are wrong and by how much.
+   gradient) and softmax forward+backward at LLM sizes on the default plan
+   and on every long-row path (one program per row, the persistent grid,
+   the cooperative path, the resident chunks with and without waiting), at
+   the bf16 limit of one rounding (1e-2 on the norm); a failure prints
+   which rows are wrong, by what scale, in which columns and, for the
+   cross-entropy, what their target element holds.
 3. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
    + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy, and
    softmax_gpu.linear_cross_entropy on the hidden states -> backward ->
@@ -53,10 +55,10 @@ GPU_LONG = [("cross_entropy", torch.bfloat16, 2048, 256000),
             ("cross_entropy", torch.bfloat16, 4096, 128256),
             ("softmax", torch.bfloat16, 2048, 262144)]
 CPU_LONG = [("cross_entropy", torch.bfloat16, 9, 300), ("softmax", torch.float32, 9, 300)]
-# name -> Limits fields; "resident, no wait": every chunk but a row's last gives
+# name -> Limits fields ("default": the plan a call gets); "resident, no wait": every chunk but a row's last gives
 # up at once (its write left to the row's last arrival, racing the others)
-LONG_PATHS = {"looped": dict(long_path="looped"), "persistent": dict(long_path="persistent"),
-              "coop": dict(long_path="coop"), "resident": dict(long_path="resident"),
+LONG_PATHS = {"default": {}, "looped": dict(long_path="looped"),
+              "persistent": dict(long_path="persistent"), "coop": dict(long_path="coop"), "resident": dict(long_path="resident"),
               "resident, no wait": dict(long_path="resident", resident_spin=0)}
 LONG_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 GRAD_OUTPUT = 2.5
@@ -255,16 +257,36 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
                 res.add(name, False, f"{type(exc).__name__}: {exc}")
 
 
-def _row_report(got: torch.Tensor, ref: torch.Tensor) -> str:
-    """Which rows of ``got`` are off from ``ref`` (relative row norms)."""
-    diff = (got.double() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)
+def _row_report(got: torch.Tensor, ref: torch.Tensor, target: torch.Tensor | None = None,
+                shown: int = 4) -> str:
+    """Which rows of ``got`` are off from ``ref`` (relative row norms over 5e-2),
+    and how, for the first ``shown`` of them: the row's scale against ``ref``
+    (<got, ref> / <ref, ref>: 0.40 at grad_output 2.5 is a row left unscaled,
+    2.5 one scaled twice), the columns that differ (first, last and how many:
+    a cooperative or resident chunk shows as one aligned range), and with
+    ``target`` (class indices) the target element's ratio got / ref."""
+    got, ref = got.detach().double(), ref.detach().double()
+    diff = (got - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)
     bad = (diff > 5e-2) | ~torch.isfinite(diff)
     n = int(bad.sum())
     if not n:
         return f"worst row {float(diff.max()):.2e}"
-    rows = bad.nonzero().flatten()[:8].tolist()
-    return (f"{n} of {got.shape[0]} rows off by > 5e-2 (first {rows}, worst "
-            f"{float(diff[bad].max()):.2e})")
+    rows = bad.nonzero().flatten()
+    parts = []
+    for r in rows[:shown].tolist():
+        g, f = got[r], ref[r]
+        scale = float((g * f).sum() / (f * f).sum().clamp_min(1e-300))
+        off = ((g - f).abs() > 2e-2 * f.abs() + 1e-3 * float(f.abs().max())) | ~torch.isfinite(g)
+        cols = off.nonzero().flatten()
+        where = (f"cols {int(cols[0])}..{int(cols[-1])} ({cols.numel()} off)" if cols.numel()
+                 else "no column off")
+        part = f"row {r}: {float(diff[r]):.2e}, scale {scale:.3g}, {where}"
+        if target is not None:
+            t = int(target[r])
+            part += f", target {t}: {float(g[t]):.4g} / {float(f[t]):.4g}"
+        parts.append(part)
+    return (f"{n} of {got.shape[0]} rows off by > 5e-2 (rows {rows[:8].tolist()}); "
+            + "; ".join(parts))
 
 
 def _long_row_check(res: Results, device: str, cases) -> None:
@@ -306,7 +328,8 @@ def _long_row_check(res: Results, device: str, cases) -> None:
                 ok = e_out <= limit and e_dx <= limit
                 detail = f"rel err vs float64: out {e_out:.2e}, grad {e_dx:.2e} (limit {limit:g})"
                 if not ok:
-                    detail += "; grad " + _row_report(xs.grad, x64.grad)
+                    detail += "; grad " + _row_report(
+                        xs.grad, x64.grad, t if family == "cross_entropy" else None)
                 res.add(name, ok, detail)
                 del xs, out
             except Exception as exc:

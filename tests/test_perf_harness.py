@@ -16,6 +16,7 @@ import ctypes
 import datetime
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -399,6 +400,39 @@ def test_relative_error_catches_wrong_and_unwritten_outputs():
     assert ce.error({"loss": loss}, cin) < 1e-6
     assert ce.error({"loss": loss * 1.1}, cin) == pytest.approx(0.1, rel=1e-3)
     assert not bool((cin.x == 0).all())  # inputs are random, never zeros
+
+
+def test_long_row_check_names_how_rows_are_wrong(monkeypatch):
+    """The GPU script's long-row check, at its CPU size: every path passes;
+    with the backward's rescale dropped every path fails, and the report names
+    the rows, their scale (1 / grad_output: left unscaled) and their target
+    element. The report alone locates a wrong chunk of columns."""
+    import importlib
+
+    from perf import gpu_checks
+
+    ref = torch.randn(6, 100, dtype=torch.float64)
+    got = ref.clone()
+    got[2] *= 0.4
+    got[4, 50:75] *= 1.2
+    rep = gpu_checks._row_report(got, ref, torch.tensor([1, 2, 3, 4, 60, 6]))
+    assert rep.startswith("2 of 6 rows off") and "rows [2, 4]" in rep, rep
+    assert "row 2: 6.00e-01, scale 0.4, cols 0..99 (100 off)" in rep, rep
+    assert "row 4:" in rep and "cols 50..74 (25 off), target 60:" in rep, rep
+    assert gpu_checks._row_report(ref.clone(), ref).startswith("worst row"), rep
+
+    case = [("cross_entropy", torch.bfloat16, 9, 300)]
+    res = gpu_checks.Results()
+    gpu_checks._long_row_check(res, "cpu", case)
+    assert res.ok and len(res.items) == len(gpu_checks.LONG_PATHS), res.table()
+    ce = importlib.import_module("softmax_gpu.cross_entropy")
+    monkeypatch.setattr(ce, "_scale_", lambda g, state, go: None)
+    res = gpu_checks.Results()
+    gpu_checks._long_row_check(res, "cpu", case)
+    assert len(res.items) == len(gpu_checks.LONG_PATHS), res.table()
+    for row in res.items:
+        assert row[1] is False and "9 of 9 rows off" in row[2], res.table()
+        assert re.search(r"row 0: [^;]*, scale 0\.(4|39\d), [^;]*target \d+: ", row[2]), row
 
 
 def test_linear_ce_check_catches_wrong_results():
