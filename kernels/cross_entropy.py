@@ -87,8 +87,9 @@ from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, a
                       arrive, coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait,
                       edge_columns, exp_rel, finite_max, load_logits, load_p, log1p_acc,
                       merge_partials, online_stats, partial_mask, recip_rn, regs_meta,
-                      resident_columns, resident_meet, resident_span, row_base, row_vec,
-                      softcap_tanh, store_p, sum_partials, tile_offsets, tile_state, vec_segment)
+                      resident_columns, resident_launch_splits, resident_meet, resident_span,
+                      row_base, row_vec, softcap_tanh, store_p, sum_partials, tile_offsets,
+                      tile_state, vec_segment)
 
 # Shared with the vocab-parallel kernels through this module.
 __all__ = ["load_logits", "softcap_tanh", "scalar_arg", "class_grad", "f64_parts",
@@ -612,7 +613,7 @@ def ce_class_resident_kernel(
     ignore_index,  # target value whose row is skipped
     use_den,  # 1: divide by DEN[0] / DEN[1]; 0: by 1
     lse_all,  # 1: read ignored rows too, for their lse; 0: never read them
-    SPLITS,  # chunks per row: cdiv(C + VEC - 1, BLOCK_N), at most RESIDENT_MAX_SPLITS
+    SPLITS,  # chunks per row (resident_launch_splits), at most RESIDENT_MAX_SPLITS
     spin,  # polls a chunk waits for its row's last chunk before leaving its write to it
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient
@@ -1213,14 +1214,16 @@ def class_launcher(M, C, inner, x_strides, g_strides, ignore_index, use_den, eps
             return names
         return launch
     if cfg.path == "resident":
-        kernel = ce_class_resident_kernel[(M * cfg.splits,)]
+        splits = resident_launch_splits(C, cfg.block_n, meta["VEC"], x_strides,
+                                        *((g_strides,) if write_grad else ()))
+        kernel = ce_class_resident_kernel[(M * splits,)]
         meta.pop("EVICT")
         meta.pop("STAGES")
-        args = head + (cfg.splits, cfg.spin) + scal
+        args = head + (splits, cfg.spin) + scal
         names = ("ce_class_resident_kernel",)
 
         def launch(x, t, w, den, g, loss, lse, state, hit):
-            ws, sync = coop_buffers(M, cfg.splits, 4, dtype, x.device, resident=True)
+            ws, sync = coop_buffers(M, splits, 4, dtype, x.device, resident=True)
             kernel(x, t, w, den, g, loss, lse, state, hit, ws, sync, *args, **meta)
             return names
         return launch

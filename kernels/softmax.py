@@ -576,7 +576,8 @@ def resident_columns(base, k, N, VEC: tl.constexpr, BLOCK_N: tl.constexpr):
     base % VEC the row's elements before its first 16-byte boundary (0 for
     VEC 1), so that every chunk's columns start on a 16-byte boundary of the
     row (``tile_offsets(base, c0, cols, s_n, VEC)``); mask: the columns in
-    [0, N). The host plans SPLITS = cdiv(N + VEC - 1, BLOCK_N) chunks."""
+    [0, N). The host launches SPLITS = cdiv(N + h, BLOCK_N) chunks, h at
+    most VEC - 1 (``resident_launch_splits``)."""
     if VEC > 1:
         c0 = k * BLOCK_N - (base % VEC).to(tl.int32)
     else:
@@ -811,7 +812,7 @@ def softmax_fwd_resident_kernel(
     INNER,  # rows sharing one outer index
     sx_o, sx_n, sx_i,  # input strides
     sy_o, sy_n, sy_i,  # output strides
-    SPLITS,  # chunks per row: cdiv(N + VEC - 1, BLOCK_N), at most RESIDENT_MAX_SPLITS
+    SPLITS,  # chunks per row (resident_launch_splits), at most RESIDENT_MAX_SPLITS
     spin,  # polls a chunk waits for its row's last chunk before leaving its write to it
     LOG: tl.constexpr,  # log-softmax instead of softmax
     ACC: tl.constexpr,  # accumulation dtype
@@ -1114,7 +1115,7 @@ def softmax_bwd_resident_kernel(
     sy_o, sy_n, sy_i,  # Y strides
     sg_o, sg_n, sg_i,  # DY strides
     sx_o, sx_n, sx_i,  # DX strides
-    SPLITS,  # chunks per row: cdiv(N + VEC - 1, BLOCK_N), at most RESIDENT_MAX_SPLITS
+    SPLITS,  # chunks per row (resident_launch_splits), at most RESIDENT_MAX_SPLITS
     spin,  # polls a chunk waits for its row's last chunk before leaving its write to it
     LOG: tl.constexpr,  # log-softmax backward
     ACC: tl.constexpr,  # accumulation dtype
@@ -1178,6 +1179,19 @@ def row_vec(dtype: torch.dtype, *strides) -> int:
     return vec
 
 
+def resident_launch_splits(N: int, block_n: int, vec: int, *strides) -> int:
+    """Chunks per row of a resident launch (``resident_columns``) over rows of
+    length N walked with ``vec`` (``row_vec``) and the (outer, along-row,
+    inner) ``strides`` of each tensor: cdiv(N, block_n) when every row starts
+    on a 16-byte boundary of the data (VEC 1, or outer and inner strides
+    multiples of VEC: no head), else cdiv(N + VEC - 1, block_n), the
+    planned count (``heuristics.resident_splits``; a power-of-two row would
+    otherwise get an empty last chunk, a program that only meets)."""
+    if all(o % vec == 0 and i % vec == 0 for o, _, i in strides):
+        return -(-N // block_n)
+    return -(-(N + vec - 1) // block_n)
+
+
 def regs_meta(cfg) -> dict:
     """Launch options from a config: its register budget (``maxnreg``; see
     ``softmax_gpu.heuristics.long_row_regs`` / ``single_regs``), if any."""
@@ -1230,14 +1244,15 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
             return names
         return launch
     if cfg.path == "resident":
-        kernel = softmax_fwd_resident_kernel[(M * cfg.splits,)]
-        args = (M, N, inner, *x_strides, *y_strides, cfg.splits, cfg.spin)
+        splits = resident_launch_splits(N, cfg.block_n, meta["VEC"], x_strides, y_strides)
+        kernel = softmax_fwd_resident_kernel[(M * splits,)]
+        args = (M, N, inner, *x_strides, *y_strides, splits, cfg.spin)
         names = ("softmax_fwd_resident_kernel",)
         meta.pop("EVICT")
         meta.pop("STAGES")
 
         def launch(x, y):
-            ws, sync = coop_buffers(M, cfg.splits, 2, dtype, x.device, resident=True)
+            ws, sync = coop_buffers(M, splits, 2, dtype, x.device, resident=True)
             kernel(x, y, ws, sync, *args, **meta)
             return names
         return launch
@@ -1299,14 +1314,16 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
             return names
         return launch
     if cfg.path == "resident":
-        kernel = softmax_bwd_resident_kernel[(M * cfg.splits,)]
-        args = (M, N, inner, *strides, cfg.splits, cfg.spin)
+        splits = resident_launch_splits(N, cfg.block_n, meta["VEC"], y_strides, g_strides,
+                                        x_strides)
+        kernel = softmax_bwd_resident_kernel[(M * splits,)]
+        args = (M, N, inner, *strides, splits, cfg.spin)
         names = ("softmax_bwd_resident_kernel",)
         meta.pop("EVICT")
         meta.pop("STAGES")
 
         def launch(y, dy, dx):
-            ws, sync = coop_buffers(M, cfg.splits, 1, dtype, y.device, resident=True)
+            ws, sync = coop_buffers(M, splits, 1, dtype, y.device, resident=True)
             kernel(y, dy, dx, ws, sync, *args, **meta)
             return names
         return launch

@@ -88,7 +88,8 @@ def run_cases(manifest: str, table: str | None) -> None:
             variants.append(("tuned", tuned))
         for plan, fields in variants:
             inp = op.make_inputs(M, N, DTYPES["bf16"], "cuda", seed=0)
-            with heuristics.override(**fields), softmax_gpu.record_launches() as names:
+            with heuristics.override(op=table_op, **fields), \
+                    softmax_gpu.record_launches() as names:
                 call, _ = op.closure(ours.function(op.family), inp)
                 call()
                 torch.cuda.synchronize()

@@ -114,9 +114,9 @@ def hot_variants() -> list:
         with heuristics.override(sm_count=132, **dict(h.limits)):
             op, M, N, elem, extra = h.config
             if op == "softmax":
-                live, reread = CALL_KINDS[extra]
+                live, reread, table_op = CALL_KINDS[extra]
                 cfg = fns.softmax_config(M, N, elem, torch.device("cpu"), live, reread=reread,
-                                         coop=True)
+                                         coop=True, op=table_op)
             else:
                 cfg = fns.cross_entropy_config(M, N, elem, torch.device("cpu"), extra)
             want = dict(h.flags, BLOCK_N=cfg.block_n)

@@ -5,14 +5,18 @@ On the hot shapes, bf16:
 - ``ce_fwd_bwd`` at 131072 rows x 4096 and 16384 rows x {32000, 50257,
   128256, 151936, 256000} (first: the op the library exists for);
 - ``softmax_fwd`` at N in {4096, 16384, 32768, 65536, 262144}, M so that an
-  input is 1 GiB (``--target-gib``), as the harness's grid,
+  input is 1 GiB (``--target-gib``), as the harness's grid;
+- ``softmax_fwd_bwd`` (the backward's plans) and ``log_softmax_fwd`` at N =
+  32768 (two rows held on chip: long rows there, where the softmax forward
+  is on chip),
 
 every candidate is timed against the others in the same run, with the
 device-to-device copy bandwidth measured in the same run (``frac_copy_bw``).
 
 A candidate is a dict of :class:`softmax_gpu.heuristics.Limits` fields, in
-force through ``heuristics.override(**fields)`` for its whole measurement (its
-launch plan is made once and memoised, as in a real run). The candidates of a
+force for its table op's plans only, through ``heuristics.override(op=...,
+**fields)``, for its whole measurement (as an installed table entry would be;
+its launch plan is made once and memoised, as in a real run). The candidates of a
 shape are its op's :class:`Space`: every path (the heuristic's own choice,
 and each forced path that applies to the shape) alone and with each value of
 each :class:`Axis` (one field at a time), deduplicated by the launch plan they
@@ -123,11 +127,13 @@ class Path:
 class Space:
     """The candidates of one tuned-table op, timed on ``perf_op``."""
 
-    table_op: str  # heuristics.TUNED_OPS: "softmax" or "cross_entropy"
+    table_op: str  # heuristics.TUNED_OPS entry whose plans the candidates move
     perf_op: str  # perf.ops name of the timed op
     paths: tuple
     axes: tuple
     plan: Callable  # (M, N, device) -> the launch plan (for deduplication)
+    lengths: tuple = ()  # softmax family: row lengths on a GPU (rows: the 1 GiB grid)
+    cpu_lengths: tuple = ()  # the same on CPU (limits scaled by CPU_SCALE)
 
 
 def _pow2(n: int) -> int:
@@ -230,10 +236,17 @@ LONG_AXES = (
 )
 
 
-def _softmax_plan(M, N, device):
-    from softmax_gpu.softmax import softmax_config
+def _softmax_plan(kind):
+    """The launch plan of a softmax-family call of ``kind`` (``CALL_KINDS``)."""
 
-    return softmax_config(M, N, ELEM, device, coop=True)
+    def plan(M, N, device):
+        from softmax_gpu.softmax import CALL_KINDS, softmax_config
+
+        live, reread, op = CALL_KINDS[kind]
+        return softmax_config(M, N, ELEM, device, live, reread=reread, coop=True, op=op)
+
+    plan.__name__ = f"_softmax_plan_{kind}"
+    return plan
 
 
 def _ce_plan(M, N, device):
@@ -243,19 +256,32 @@ def _ce_plan(M, N, device):
 
 
 # One Axis line per tunable field, one Path line per forced path.
+SOFTMAX_PATHS = LONG_PATHS + (
+    Path("split", _long_path("split"), combine=False),
+    Path("heuristic", _heuristic),
+    Path("looped", _softmax_looped),
+)
+SOFTMAX_AXES = (
+    Axis("tile", (2048, 4096, 8192, 16384)),  # looped / split tile (and its warps)
+    Axis("target_program_elems", (4096, 8192, 16384)),  # rows per program, on chip
+    Axis("split_programs_per_sm", (2, 4, 8, 16)),  # when few rows split across programs
+) + LONG_AXES
 SOFTMAX = Space(
-    table_op="softmax", perf_op="softmax_fwd",
-    paths=LONG_PATHS + (
-        Path("split", _long_path("split"), combine=False),
-        Path("heuristic", _heuristic),
-        Path("looped", _softmax_looped),
-    ),
-    axes=(
-        Axis("tile", (2048, 4096, 8192, 16384)),  # looped / split tile (and its warps)
-        Axis("target_program_elems", (4096, 8192, 16384)),  # rows per program, on chip
-        Axis("split_programs_per_sm", (2, 4, 8, 16)),  # when few rows split across programs
-    ) + LONG_AXES,
-    plan=_softmax_plan,
+    table_op="softmax", perf_op="softmax_fwd", paths=SOFTMAX_PATHS, axes=SOFTMAX_AXES,
+    plan=_softmax_plan("fwd"), lengths=SOFTMAX_N, cpu_lengths=CPU_SOFTMAX_N,
+)
+# The backward and the log-softmax forward keep two rows on chip: at 32768
+# they are long rows where the softmax forward is not (2026-12-04: softmax
+# fwd+bwd 0.79 against Liger's 0.91, log-softmax fwd 0.61 against torch's
+# 0.72). The backward is timed as fwd+bwd; its candidates move the backward's
+# plan only (the forward at 32768 is on chip either way).
+SOFTMAX_BACKWARD = Space(
+    table_op="softmax_backward", perf_op="softmax_fwd_bwd", paths=SOFTMAX_PATHS,
+    axes=SOFTMAX_AXES, plan=_softmax_plan("bwd"), lengths=(32768,), cpu_lengths=(128,),
+)
+LOG_SOFTMAX = Space(
+    table_op="log_softmax", perf_op="log_softmax_fwd", paths=SOFTMAX_PATHS,
+    axes=SOFTMAX_AXES, plan=_softmax_plan("log_fwd"), lengths=(32768,), cpu_lengths=(128,),
 )
 CROSS_ENTROPY = Space(
     table_op="cross_entropy", perf_op="ce_fwd_bwd",
@@ -273,7 +299,7 @@ CROSS_ENTROPY = Space(
     plan=_ce_plan,
 )
 # The cross-entropy first: a run cut short by its time limit has measured it.
-SPACES = {s.table_op: s for s in (CROSS_ENTROPY, SOFTMAX)}
+SPACES = {s.table_op: s for s in (CROSS_ENTROPY, SOFTMAX, SOFTMAX_BACKWARD, LOG_SOFTMAX)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +352,7 @@ def candidates(space: Space, shape, device, base: dict | None = None, scale: int
         out, seen = [], set()
         for c in raw:
             try:
-                with heuristics.override(**c.fields):
+                with heuristics.override(op=space.table_op, **c.fields):
                     plan = space.plan(shape.M, shape.N, dev)
                 text = _plan_text(plan)
             except Exception as exc:  # kept: its run records the failure
@@ -383,8 +409,8 @@ class TuneConfig:
     def shapes(self, space: Space) -> list:
         from perf.sizes import Shape, grid_rows
 
-        if space.table_op == "softmax":
-            ns = self.ns or (CPU_SOFTMAX_N if self.on_cpu else SOFTMAX_N)
+        if space.table_op != "cross_entropy":
+            ns = self.ns or (space.cpu_lengths if self.on_cpu else space.lengths)
             rows = (lambda n: self.m or (CPU_ROWS if self.on_cpu
                                          else grid_rows(n, ELEM, self.target_bytes)))
             return [Shape(rows(n), n, "grid") for n in ns]
@@ -423,7 +449,8 @@ def _measure(cfg: TuneConfig, info, space: Space, shape, cand: Candidate, provid
     sweep_cfg = sweep.SweepConfig(device=cfg.device, ops=[], providers=[provider],
                                   dtypes=[DTYPES[DTYPE_NAME]], warmup_ms=cfg.warmup_ms,
                                   rep_ms=cfg.rep_ms)
-    with heuristics.override(**{**cfg.base(), **cand.fields}), record_launches() as names:
+    with heuristics.override(**cfg.base()), \
+            heuristics.override(op=space.table_op, **cand.fields), record_launches() as names:
         got = sweep.run_case(sweep_cfg, info, OPS[space.perf_op], provider, DTYPES[DTYPE_NAME],
                              shape, seed, copy_gbps)
     row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
@@ -732,8 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default auto: CUDA if torch sees a GPU, else CPU (tiny shapes, interpreter)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default perf/results/<gpu-name>/<date>/)")
-    p.add_argument("--ops", default="cross_entropy,softmax", metavar="LIST",
-                   help="tuned-table ops to tune, in this order (default cross_entropy,softmax)")
+    p.add_argument("--ops", default=",".join(SPACES), metavar="LIST",
+                   help=f"tuned-table ops to tune, in this order (default {','.join(SPACES)})")
     p.add_argument("--n", default=None, metavar="LIST",
                    help="replace the row lengths (softmax N, cross-entropy vocabularies), e.g. 4k,50257")
     p.add_argument("--m", type=int, default=None, help="fix the row count M")

@@ -176,6 +176,8 @@ class Limits:
 
 _DEFAULT = Limits()
 _active = _DEFAULT
+# Limits in force for one tuned-table op only (``override(op=...)``).
+_per_op: dict = {}
 # Bumped whenever the limits in force change: the ops memoise their launch
 # plans per call signature and include this number in the key.
 _generation = 0
@@ -192,20 +194,33 @@ def generation() -> int:
 
 
 @contextlib.contextmanager
-def override(*, max_single: int | None = None, **kwargs) -> Iterator[Limits]:
-    """Temporarily replace limits. ``max_single`` sets all three element sizes."""
-    global _active, _generation
+def override(*, op: str | None = None, max_single: int | None = None,
+             **kwargs) -> Iterator[Limits]:
+    """Temporarily replace limits. ``max_single`` sets all three element sizes.
+
+    ``op`` (one of :data:`TUNED_OPS`): the replaced limits apply to that op's
+    launch plans only (:func:`limits_for`), as one entry of a tuned table
+    would, on top of the limits in force when the block is entered; the other
+    ops keep those. Inside any override no tuned table is read."""
+    global _active, _per_op, _generation
     if max_single is not None:
         kwargs.update(
             max_single_2byte=max_single, max_single_4byte=max_single, max_single_8byte=max_single
         )
-    previous = _active
-    _active = dataclasses.replace(previous, **kwargs)
+    previous, previous_ops = _active, _per_op
+    if op is None:
+        _active = dataclasses.replace(previous, **kwargs)
+        new = _active
+    else:
+        if op not in TUNED_OPS:
+            raise ValueError(f"override: op must be one of {TUNED_OPS}, got {op!r}")
+        new = dataclasses.replace(previous_ops.get(op, previous), **kwargs)
+        _per_op = {**previous_ops, op: new}
     _generation += 1
     try:
-        yield _active
+        yield new
     finally:
-        _active = previous
+        _active, _per_op = previous, previous_ops
         _generation += 1
 
 
@@ -392,10 +407,12 @@ def long_rows(M: int, N: int, tile: int, reread_bytes: int, device: torch.device
 # Tuned tables: measured limits per GPU, op and row length
 # ----------------------------------------------------------------------------
 
-# The ops a table holds: "softmax" applies to every softmax-family launch plan
-# (softmax and log-softmax, forward and backward, vocabulary-parallel softmax
-# pieces), "cross_entropy" to the cross-entropy plans.
-TUNED_OPS = ("softmax", "cross_entropy")
+# The ops a table holds, each tuned on its own timed op: "softmax" applies to
+# the softmax forward plans (and the vocabulary-parallel softmax pieces),
+# "log_softmax" to the log-softmax forward's, "softmax_backward" to the
+# backward's (softmax and log-softmax: two row tensors read), and
+# "cross_entropy" to the cross-entropy plans.
+TUNED_OPS = ("softmax", "log_softmax", "softmax_backward", "cross_entropy")
 # softmax_gpu/tuned/<gpu-slug>.json, installed with the package.
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 TUNED_SCHEMA = 1
@@ -584,18 +601,19 @@ def clear_tuned() -> None:
 
 def limits_for(op: str, device: torch.device, elem_bytes: int, n: int) -> Limits:
     """The limits to plan one launch with: :func:`limits` with the running
-    GPU's tuned overrides for ``op`` (``"softmax"`` or ``"cross_entropy"``),
-    the element size and row length ``n`` applied (the entry of the nearest
-    tuned row length at or below ``n``, else the smallest).
+    GPU's tuned overrides for ``op`` (one of :data:`TUNED_OPS`), the element
+    size and row length ``n`` applied (the entry of the nearest tuned row
+    length at or below ``n``, else the smallest).
 
-    Plain :func:`limits` inside :func:`override` (tests and sweeps keep
-    control), for non-CUDA devices, and where the GPU has no table, no entry
-    for this op and element size, or an entry that failed validation.
+    Inside :func:`override` (tests, sweeps and the tuner keep control) the
+    limits it put in force for ``op``, without any table; plain
+    :func:`limits` for non-CUDA devices, and where the GPU has no table, no
+    entry for this op and element size, or an entry that failed validation.
     """
-    lim = _active
     if op not in TUNED_OPS:
         raise ValueError(f"limits_for: op must be one of {TUNED_OPS}, got {op!r}")
-    if lim is not _DEFAULT:
+    lim = _per_op.get(op, _active)
+    if _active is not _DEFAULT or _per_op:
         return lim
     if not isinstance(device, torch.device):
         device = torch.device(device)

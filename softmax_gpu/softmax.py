@@ -68,7 +68,7 @@ class SoftmaxConfig:
 
 def softmax_config(
     M: int, N: int, elem_bytes: int, device: torch.device, live_rows: int = 1, *,
-    reread: int = 1, coop: bool = False,
+    reread: int = 1, coop: bool = False, op: str = "softmax",
 ) -> SoftmaxConfig:
     """Pick the path and launch parameters for an [M, N] row-wise reduction.
 
@@ -79,9 +79,11 @@ def softmax_config(
     the long-row paths read twice (forward 1, backward 2: y and dy).
     ``coop``: the caller has the cooperative kernels (the softmax ops do; the
     vocab-parallel shard kernels do not), so the plan may cut long rows across
-    programs (:func:`softmax_gpu.heuristics.long_rows`).
+    programs (:func:`softmax_gpu.heuristics.long_rows`). ``op``: the tuned
+    table's op whose limits apply (``CALL_KINDS``; "softmax" also for the
+    vocabulary-parallel pieces).
     """
-    lim = heuristics.limits_for("softmax", device, elem_bytes, N)
+    lim = heuristics.limits_for(op, device, elem_bytes, N)
     block = next_pow2(N)
     cap = heuristics.by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte,
                              lim.max_single_8byte)
@@ -126,8 +128,9 @@ def softmax_config(
                          plan.evict, plan.lag, plan.regs, lim.long_stages)
 
 
-# What each kind of call passes to softmax_config: (live_rows, reread).
-CALL_KINDS = {"fwd": (1, 1), "log_fwd": (2, 1), "bwd": (2, 2)}
+# What each kind of call passes to softmax_config: (live_rows, reread, op).
+CALL_KINDS = {"fwd": (1, 1, "softmax"), "log_fwd": (2, 1, "log_softmax"),
+              "bwd": (2, 2, "softmax_backward")}
 
 
 def all_softmax_configs() -> list[tuple]:
@@ -144,11 +147,11 @@ def all_softmax_configs() -> list[tuple]:
     for long_path, chunk in heuristics.LONG_PATH_CHOICES:
         with heuristics.override(sm_count=132, long_path=long_path, resident_chunk=chunk):
             for elem in (2, 4, 8):
-                for kind, (live, reread) in CALL_KINDS.items():
+                for kind, (live, reread, op) in CALL_KINDS.items():
                     for logn in range(0, 21):
                         for logm in range(0, 25):
                             c = softmax_config(1 << logm, 1 << logn, elem, dev, live,
-                                               reread=reread, coop=True)
+                                               reread=reread, coop=True, op=op)
                             seen.add((c.path, c.block_n, c.rows_per_program, c.num_warps, elem,
                                       kind, c.regs))
     return sorted(seen)
@@ -200,8 +203,9 @@ def _plan_forward(x: Tensor, dim: int, log: bool):
     copy = rows_view(x, dim) is None
     xv, rows = as_rows(x.contiguous() if copy else x, dim)
     y_strides = rows_view(_contiguous_probe(x.shape), dim).strides
-    cfg = softmax_config(rows.m, rows.n, x.element_size(), x.device, 2 if log else 1,
-                         coop=True)
+    live, reread, op = CALL_KINDS["log_fwd" if log else "fwd"]
+    cfg = softmax_config(rows.m, rows.n, x.element_size(), x.device, live, reread=reread,
+                         coop=True, op=op)
     launch = K.softmax_forward_launcher(rows.m, rows.n, rows.inner, rows.strides, y_strides,
                                         cfg, log, x.dtype)
     return copy, launch_device(x.device), launch
@@ -241,8 +245,9 @@ def _plan_backward(y: Tensor, dy: Tensor, dim: int, log: bool):
     _, yrows = as_rows(y.contiguous() if copy_y else y, dim)
     _, grows = as_rows(dy.contiguous() if copy_g else dy, dim)
     x_strides = rows_view(_contiguous_probe(y.shape), dim).strides
-    cfg = softmax_config(yrows.m, yrows.n, y.element_size(), y.device, 2, reread=2,
-                         coop=True)
+    live, reread, op = CALL_KINDS["bwd"]
+    cfg = softmax_config(yrows.m, yrows.n, y.element_size(), y.device, live, reread=reread,
+                         coop=True, op=op)
     launch = K.softmax_backward_launcher(yrows.m, yrows.n, yrows.inner, yrows.strides,
                                          grows.strides, x_strides, cfg, log, y.dtype)
     return copy_y, copy_g, launch_device(y.device), launch

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import softmax_gpu
 from softmax_gpu import _layout, heuristics
-from softmax_gpu.kernels.softmax import RESIDENT_MAX_SPLITS, coop_item, resident_meet
+from softmax_gpu.kernels.softmax import (RESIDENT_MAX_SPLITS, coop_item, resident_launch_splits,
+                                         resident_meet)
 from helpers import (
     DEVICE,
     FLOAT_DTYPES,
@@ -582,6 +583,35 @@ def test_resident_rows_of_many_chunks():
         assert_close(dx, dx_ref, scale=4 * max(1.0, float(dx_ref.abs().max())))
 
 
+def test_resident_rows_on_16_byte_boundaries_take_no_empty_chunk():
+    """Rows that all start on a 16-byte boundary (no head) are cut into
+    cdiv(N, chunk) chunks, not the cdiv(N + VEC - 1, chunk) that rows with a
+    head need (a power-of-two row had an empty last chunk, a program that
+    only met its row); forward and backward against float64 at both."""
+    assert resident_launch_splits(128, 32, 8, (128, 1, 0)) == 4
+    assert resident_launch_splits(128, 32, 8, (128, 1, 0), (256, 1, 0)) == 4
+    assert resident_launch_splits(128, 32, 8, (132, 1, 0)) == 5  # heads of 4: cdiv(135, 32)
+    assert resident_launch_splits(128, 32, 8, (128, 1, 0), (132, 1, 0)) == 5
+    assert resident_launch_splits(129, 32, 8, (136, 1, 0)) == 5
+    assert resident_launch_splits(128, 32, 1, (384, 3, 1)) == 4
+    # no heads (4 chunks); rows of 126 with heads of 0-6 (cdiv(133, 32) = 5
+    # chunks: 4 leave the tail of a row with a head unwritten); x and y not
+    # congruent (VEC 1: no heads)
+    for n, pad in ((128, 128), (126, 126), (128, 132)):
+        base = rand(6, pad, dtype=torch.bfloat16)
+        x = base[:, :n].requires_grad_()
+        dy = rand(6, n, dtype=torch.bfloat16)
+        for log in (False, True):
+            with heuristics.override(**LONG["resident"]):
+                with expect_launches("softmax_fwd_resident"):
+                    y = FNS[log](x, -1)
+                with expect_launches("softmax_bwd_resident"):
+                    (dx,) = torch.autograd.grad(y, x, dy)
+            assert_close(y, ref(x.detach().double(), -1, log))
+            dx_ref = SM.reference_backward(y.detach().double(), dy.double(), 1, log)
+            assert_close(dx, dx_ref, scale=4 * max(1.0, float(dx_ref.abs().max())))
+
+
 def test_resident_plans_fall_back_past_their_chunk_count():
     """A forced resident plan takes at most RESIDENT_MAX_SPLITS chunks per row
     (the meeting word's bits); longer rows take the other long-row plans."""
@@ -628,6 +658,16 @@ def test_config_reads_limits_for(monkeypatch):
     assert seen and seen[0] == ("softmax", 2, 1000)
     assert cfg.path == heuristics.COOP and cfg.splits == 2 and cfg.regs > 0
     assert SM.softmax_config(4096, 1000, 2, torch.device("cpu")).path == heuristics.LOOPED
+    # each call kind plans with its own table op: the forward, the
+    # log-softmax forward and the backward (of either) are tuned apart
+    seen.clear()
+    SM._plan_forward(torch.randn(3, 40), -1, False)
+    SM._plan_forward(torch.randn(3, 41), -1, True)
+    SM._plan_backward(torch.randn(3, 42), torch.randn(3, 42), -1, False)
+    SM._plan_backward(torch.randn(3, 43), torch.randn(3, 43), -1, True)
+    assert seen == [("softmax", 4, 40), ("log_softmax", 4, 41), ("softmax_backward", 4, 42),
+                    ("softmax_backward", 4, 43)]
+    assert {op for _, _, op in SM.CALL_KINDS.values()} <= set(heuristics.TUNED_OPS)
 
 
 def test_long_row_plan_fits_l2():
@@ -639,8 +679,8 @@ def test_long_row_plan_fits_l2():
         lim = heuristics.limits()
         budget = lim.l2_fraction * heuristics.l2_bytes(dev)
         for n in (65536, 131072, 262144):
-            for kind, (live, reread) in SM.CALL_KINDS.items():
-                cfg = SM.softmax_config(16384, n, 2, dev, live, reread=reread, coop=True)
+            for kind, (live, reread, op) in SM.CALL_KINDS.items():
+                cfg = SM.softmax_config(16384, n, 2, dev, live, reread=reread, coop=True, op=op)
                 if cfg.path == heuristics.SINGLE:
                     continue
                 per_row = reread * n * 2

@@ -121,6 +121,39 @@ def test_override_ignores_the_table(fake_gpu):
     assert heuristics.limits_for("softmax", GPU, 2, 65536).tile == 8192
 
 
+def test_override_of_one_op_moves_only_its_plans(fake_gpu):
+    """override(op=...) puts fields in force for one table op (what the tuner
+    times: an installed entry's effect), on top of the enclosing limits; the
+    other ops keep those, and no table is read meanwhile."""
+    folder, _ = fake_gpu
+    _write(folder, _table(GOOD))
+    with heuristics.override(sm_count=2) as outer:
+        with heuristics.override(op="softmax_backward", tile=16, long_path="resident") as lim:
+            assert heuristics.limits_for("softmax_backward", GPU, 2, 65536) is lim
+            assert (lim.tile, lim.long_path, lim.sm_count) == (16, "resident", 2)
+            for op in ("softmax", "log_softmax", "cross_entropy"):
+                assert heuristics.limits_for(op, GPU, 2, 65536) is outer
+            assert heuristics.limits() is outer
+        assert heuristics.limits_for("softmax_backward", GPU, 2, 65536) is outer
+    with heuristics.override(op="log_softmax", tile=32):
+        # the table is not read for the other ops either
+        assert heuristics.limits_for("softmax", GPU, 2, 65536) == heuristics.Limits()
+    assert heuristics.limits_for("softmax", GPU, 2, 65536).tile == 8192
+    with pytest.raises(ValueError, match="op must be one of"):
+        with heuristics.override(op="attention", tile=16):
+            pass
+
+
+def test_each_softmax_kind_reads_only_its_own_entries(fake_gpu):
+    """The forward's entries ("softmax") do not move the log-softmax forward
+    or the backward: each has its own op in a table, or the defaults."""
+    folder, _ = fake_gpu
+    _write(folder, _table({**GOOD, "log_softmax": {"2": [{"n": 32768, "limits": {"tile": 2048}}]}}))
+    assert heuristics.limits_for("softmax", GPU, 2, 65536).tile == 8192
+    assert heuristics.limits_for("log_softmax", GPU, 2, 65536).tile == 2048
+    assert heuristics.limits_for("softmax_backward", GPU, 2, 65536) is heuristics.limits()
+
+
 def test_tables_are_read_lazily_once_per_device(fake_gpu):
     folder, calls = fake_gpu
     _write(folder, _table(GOOD))
@@ -245,6 +278,14 @@ def test_candidates_are_distinct_plans_defaults_first():
     assert "onchip" not in {c.name for c in long}  # 128256 is beyond the on-chip limit
     assert any("num_warps=4" in c.plan for c in long if c.name == "long_warps=4")
     assert len(tune.candidates(tune.SOFTMAX, Shape(16384, 32768), "cpu", gpu, limit=2)) == 2
+    # the backward and the log-softmax forward at 32768: long rows (two rows
+    # on chip do not fit), where the forward's candidates are on chip only
+    for space in (tune.SOFTMAX_BACKWARD, tune.LOG_SOFTMAX):
+        two = tune.candidates(space, Shape(16384, 32768), "cpu", gpu)
+        assert "path=single" not in two[0].plan, (space.table_op, two[0])
+        assert len({c.plan for c in two}) == len(two)
+        assert {"default", "resident", "rowloop"} <= {c.name for c in two}, space.table_op
+        assert any("path=resident" in c.plan for c in two if c.name == "resident")
 
 
 # --- the tuning run -------------------------------------------------------------
@@ -260,7 +301,8 @@ class FakeSoftmax(Provider):
         assert family == "softmax"
 
         def f(x):
-            tile = heuristics.limits().tile
+            # the candidate's fields are in force for its table op only
+            tile = heuristics.limits_for("softmax", x.device, x.element_size(), x.shape[-1]).tile
             if tile == 64:
                 return torch.zeros_like(x)  # wrong
             if tile == 8:
@@ -353,15 +395,16 @@ def test_tune_command_end_to_end_on_cpu(tmp_path):
     names = sorted(os.listdir(tmp_path))
     date = next(n for n in names if n.endswith("_tune.csv")).split("_")[1]
     stem = f"cpu_{date}_tune"
-    assert names == sorted([f"{stem}.csv", f"{stem}_summary.md", f"{stem}_softmax.png",
-                            f"{stem}_cross_entropy.png", "tuned_cpu.json"])
+    assert names == sorted([f"{stem}.csv", f"{stem}_summary.md", "tuned_cpu.json"] +
+                           [f"{stem}_{op}.png" for op in tune.SPACES])
     with open(tmp_path / f"{stem}.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == tune.TUNE_COLUMNS
         rows = list(reader)
     assert rows[0]["op"] == "copy"
     ours = rows[1:]
-    assert {r["op"] for r in ours} == {"softmax_fwd", "ce_fwd_bwd"}
+    assert {r["op"] for r in ours} == {"softmax_fwd", "ce_fwd_bwd", "softmax_fwd_bwd",
+                                       "log_softmax_fwd"}
     assert all(r["status"] == "ok" and r["correct"] == "True" and float(r["ms"]) > 0 for r in ours)
     assert all(r["kernels"] and r["device"].startswith("cpu") for r in ours)
     sm = [r for r in ours if r["op"] == "softmax_fwd"]
@@ -369,7 +412,7 @@ def test_tune_command_end_to_end_on_cpu(tmp_path):
     assert any("looped" in r["kernels"] for r in sm) and any("single" in r["kernels"] for r in sm)
     assert sum(r["chosen"] == "True" for r in sm) == 1
     table = json.loads((tmp_path / "tuned_cpu.json").read_text())
-    assert table["meaningless"] is True and set(table["ops"]) == {"softmax", "cross_entropy"}
+    assert table["meaningless"] is True and set(table["ops"]) == set(tune.SPACES)
     assert "MEANINGLESS" in (tmp_path / f"{stem}_summary.md").read_text()
     after = sorted(os.listdir(tune.INSTALL_DIR)) if tune.INSTALL_DIR.exists() else []
     assert after == installed_before
