@@ -34,6 +34,7 @@ script itself without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import traceback
@@ -55,7 +56,8 @@ GPU_LONG = [("cross_entropy", torch.bfloat16, 2048, 256000),
             ("cross_entropy", torch.bfloat16, 4096, 128256),
             ("softmax", torch.bfloat16, 2048, 262144)]
 CPU_LONG = [("cross_entropy", torch.bfloat16, 9, 300), ("softmax", torch.float32, 9, 300)]
-# name -> Limits fields ("default": the plan a call gets); "resident, no wait": every chunk but a row's last gives
+# name -> Limits fields ("default": the plan a call gets, the tuned table's
+# on a GPU that has one); "resident, no wait": every chunk but a row's last gives
 # up at once (its write left to the row's last arrival, racing the others)
 LONG_PATHS = {"default": {}, "looped": dict(long_path="looped"),
               "persistent": dict(long_path="persistent"), "coop": dict(long_path="coop"), "resident": dict(long_path="resident"),
@@ -316,7 +318,10 @@ def _long_row_check(res: Results, device: str, cases) -> None:
                     f"grad_output {GRAD_OUTPUT if family == 'cross_entropy' else 'random'}")
             try:
                 xs = x.clone().requires_grad_()
-                with heuristics.override(**LONG_PATHS[path], **small), poison_outputs():
+                # the default plan as a call gets it: with the GPU's tuned table
+                fields = {**LONG_PATHS[path], **small}
+                plan = heuristics.override(**fields) if fields else contextlib.nullcontext()
+                with plan, poison_outputs():
                     if family == "cross_entropy":
                         out = softmax_gpu.cross_entropy(xs, t)
                         (out * GRAD_OUTPUT).backward()

@@ -134,6 +134,7 @@ class Space:
     plan: Callable  # (M, N, device) -> the launch plan (for deduplication)
     lengths: tuple = ()  # softmax family: row lengths on a GPU (rows: the 1 GiB grid)
     cpu_lengths: tuple = ()  # the same on CPU (limits scaled by CPU_SCALE)
+    upto: int = 0  # rows this long and longer plan with the defaults (an empty entry; 0: none)
 
 
 def _pow2(n: int) -> int:
@@ -275,13 +276,16 @@ SOFTMAX = Space(
 # fwd+bwd 0.79 against Liger's 0.91, log-softmax fwd 0.61 against torch's
 # 0.72). The backward is timed as fwd+bwd; its candidates move the backward's
 # plan only (the forward at 32768 is on chip either way).
+# Tuned at 32768 only, their entries end at 65536 (longer rows: the defaults).
 SOFTMAX_BACKWARD = Space(
     table_op="softmax_backward", perf_op="softmax_fwd_bwd", paths=SOFTMAX_PATHS,
     axes=SOFTMAX_AXES, plan=_softmax_plan("bwd"), lengths=(32768,), cpu_lengths=(128,),
+    upto=65536,
 )
 LOG_SOFTMAX = Space(
     table_op="log_softmax", perf_op="log_softmax_fwd", paths=SOFTMAX_PATHS,
     axes=SOFTMAX_AXES, plan=_softmax_plan("log_fwd"), lengths=(32768,), cpu_lengths=(128,),
+    upto=65536,
 )
 CROSS_ENTROPY = Space(
     table_op="cross_entropy", perf_op="ce_fwd_bwd",
@@ -298,8 +302,10 @@ CROSS_ENTROPY = Space(
     ),
     plan=_ce_plan,
 )
-# The cross-entropy first: a run cut short by its time limit has measured it.
-SPACES = {s.table_op: s for s in (CROSS_ENTROPY, SOFTMAX, SOFTMAX_BACKWARD, LOG_SOFTMAX)}
+# The cross-entropy first, then the two kinds behind a peer: a run cut short
+# by its time limit has measured them (the softmax forward is at copy speed
+# up to 16384).
+SPACES = {s.table_op: s for s in (CROSS_ENTROPY, SOFTMAX_BACKWARD, LOG_SOFTMAX, SOFTMAX)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,6 +593,11 @@ def table_json(rows: list[dict], info, csv_name: str, min_gain: float) -> dict:
             entry.update(default_ms=default["ms"], default_frac_copy_bw=default["frac_copy_bw"])
         entry.update(measured_at=f"{op} {DTYPE_NAME} {M}x{N}")
         ops.setdefault(table_op, {}).setdefault(str(ELEM), []).append(entry)
+    for table_op, by_elem in ops.items():
+        space, entries = SPACES.get(table_op), by_elem[str(ELEM)]
+        if space is not None and space.upto and entries[-1]["n"] < space.upto:
+            entries.append({"n": space.upto, "limits": {},
+                            "note": "longer than the tuned rows: the defaults"})
     copy = next((r for r in rows if r["op"] == "copy"), None)
     return {
         "schema": 1,

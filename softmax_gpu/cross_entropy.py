@@ -78,7 +78,7 @@ class CrossEntropyConfig:
     rows_per_program: int  # rows one program owns (SINGLE; else 1)
     num_warps: int
     programs: int = 0  # grid of a persistent LOOPED / COOP launch, or the rescale's (0: per row)
-    splits: int = 1  # COOP: chunks per row
+    splits: int = 1  # COOP: chunks per row; RESIDENT: at most (resident_launch_splits)
     chunk: int = 0  # COOP: columns per chunk, a multiple of block_n
     lag: int = 0  # COOP: first passes dealt ahead of the second passes
     evict: bool = False  # eviction hints on the two reads (LOOPED, COOP)

@@ -56,7 +56,7 @@ class SoftmaxConfig:
     block_n: int  # tile width in elements (a power of two)
     rows_per_program: int  # rows one program owns (SINGLE only; else 1)
     num_warps: int
-    splits: int  # programs per row (SPLIT), chunks per row (COOP); else 1
+    splits: int  # programs (SPLIT) / chunks (COOP; RESIDENT: at most) per row; else 1
     chunk: int  # columns per split program / chunk, a multiple of block_n (SPLIT, COOP)
     programs: int = 0  # grid of a persistent LOOPED / a COOP launch (0: one program per row)
     evict: bool = False  # eviction hints on the two reads (LOOPED, SPLIT, COOP)

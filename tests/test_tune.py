@@ -413,6 +413,12 @@ def test_tune_command_end_to_end_on_cpu(tmp_path):
     assert sum(r["chosen"] == "True" for r in sm) == 1
     table = json.loads((tmp_path / "tuned_cpu.json").read_text())
     assert table["meaningless"] is True and set(table["ops"]) == set(tune.SPACES)
+    # the kinds tuned at one length end there: longer rows keep the defaults
+    for op in ("softmax_backward", "log_softmax"):
+        entries = table["ops"][op]["2"]
+        assert [e["n"] for e in entries] == [64, tune.SPACES[op].upto], entries
+        assert entries[-1]["limits"] == {}
+    assert [e["n"] for e in table["ops"]["softmax"]["2"]] == [64]
     assert "MEANINGLESS" in (tmp_path / f"{stem}_summary.md").read_text()
     after = sorted(os.listdir(tune.INSTALL_DIR)) if tune.INSTALL_DIR.exists() else []
     assert after == installed_before
