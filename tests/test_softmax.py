@@ -567,11 +567,9 @@ def test_resident_meet_hands_every_chunk_to_exactly_one_writer():
     assert out.cpu().tolist() == [1, 1, 0b101]
 
 
-def test_resident_rows_of_many_chunks():
-    """The resident path with more chunks per row than one step of the
-    partials' merge takes (44 > 32), forward and backward, against float64."""
-    x = rand(3, 1400, dtype=torch.bfloat16).requires_grad_()
-    dy = rand(3, 1400, dtype=torch.bfloat16)
+def _resident_against_float64(x, dy):
+    """Softmax and log-softmax of x (requires grad), forward and backward
+    with dy, on the resident path, against float64."""
     for log in (False, True):
         with heuristics.override(**LONG["resident"]):
             with expect_launches("softmax_fwd_resident"):
@@ -581,6 +579,13 @@ def test_resident_rows_of_many_chunks():
         assert_close(y, ref(x.detach().double(), -1, log))
         dx_ref = SM.reference_backward(y.detach().double(), dy.double(), 1, log)
         assert_close(dx, dx_ref, scale=4 * max(1.0, float(dx_ref.abs().max())))
+
+
+def test_resident_rows_of_many_chunks():
+    """The resident path with more chunks per row than one step of the
+    partials' merge takes (44 > 32), forward and backward, against float64."""
+    _resident_against_float64(rand(3, 1400, dtype=torch.bfloat16).requires_grad_(),
+                              rand(3, 1400, dtype=torch.bfloat16))
 
 
 def test_resident_rows_on_16_byte_boundaries_take_no_empty_chunk():
@@ -598,18 +603,8 @@ def test_resident_rows_on_16_byte_boundaries_take_no_empty_chunk():
     # chunks: 4 leave the tail of a row with a head unwritten); x and y not
     # congruent (VEC 1: no heads)
     for n, pad in ((128, 128), (126, 126), (128, 132)):
-        base = rand(6, pad, dtype=torch.bfloat16)
-        x = base[:, :n].requires_grad_()
-        dy = rand(6, n, dtype=torch.bfloat16)
-        for log in (False, True):
-            with heuristics.override(**LONG["resident"]):
-                with expect_launches("softmax_fwd_resident"):
-                    y = FNS[log](x, -1)
-                with expect_launches("softmax_bwd_resident"):
-                    (dx,) = torch.autograd.grad(y, x, dy)
-            assert_close(y, ref(x.detach().double(), -1, log))
-            dx_ref = SM.reference_backward(y.detach().double(), dy.double(), 1, log)
-            assert_close(dx, dx_ref, scale=4 * max(1.0, float(dx_ref.abs().max())))
+        x = rand(6, pad, dtype=torch.bfloat16)[:, :n].requires_grad_()
+        _resident_against_float64(x, rand(6, n, dtype=torch.bfloat16))
 
 
 def test_resident_plans_fall_back_past_their_chunk_count():
