@@ -411,7 +411,9 @@ def test_long_row_check_names_how_rows_are_wrong(monkeypatch):
 
     from perf import gpu_checks
 
-    ref = torch.randn(6, 100, dtype=torch.float64)
+    # no element near 0: every element of a scaled row or range is off
+    ref = (torch.arange(600, dtype=torch.float64).reshape(6, 100) % 7 + 1) * \
+        torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(300).reshape(6, 100)
     got = ref.clone()
     got[2] *= 0.4
     got[4, 50:75] *= 1.2
