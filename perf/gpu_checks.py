@@ -18,7 +18,11 @@
    the cooperative path, the resident chunks with and without waiting), at
    the bf16 limit of one rounding (1e-2 on the norm); a failure prints
    which rows are wrong, by what scale, in which columns and, for the
-   cross-entropy, what their target element holds.
+   cross-entropy, what their target element holds. Each path runs three
+   times: a path that merges in a fixed order gives the same bits every
+   run, so a later run whose bits differ from the first is a race, reported
+   by rows; the resident paths (whose last bits depend on which chunks
+   waited) have each run checked against float64 instead.
 3. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
    + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy, and
    softmax_gpu.linear_cross_entropy on the hidden states -> backward ->
@@ -63,6 +67,8 @@ LONG_PATHS = {"default": {}, "looped": dict(long_path="looped"),
               "persistent": dict(long_path="persistent"), "coop": dict(long_path="coop"), "resident": dict(long_path="resident"),
               "resident, no wait": dict(long_path="resident", resident_spin=0)}
 LONG_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+# runs per path: the first against float64, the others bit for bit against it
+LONG_REPEATS = 3
 GRAD_OUTPUT = 2.5
 # linear_cross_entropy: (dtype, tokens, hidden, vocabulary, chunk_size)
 GPU_LINEAR_SHAPES = [(torch.bfloat16, 4096, 1024, 32000, 1024)]
@@ -291,14 +297,16 @@ def _row_report(got: torch.Tensor, ref: torch.Tensor, target: torch.Tensor | Non
             + "; ".join(parts))
 
 
-def _long_row_check(res: Results, device: str, cases) -> None:
+def _long_row_check(res: Results, device: str, cases, repeats: int = LONG_REPEATS) -> None:
     """Every long-row path, forward+backward at grad_output != 1 against float64,
     with every kernel output poisoned with NaN first (a row or an element a
     kernel leaves unwritten, e.g. a row's loss or its gradient factor, shows
-    as NaN instead of a stale buffer's value)."""
+    as NaN instead of a stale buffer's value). ``repeats`` runs per path: the
+    first against float64, the others against it bit for bit (on the
+    resident paths, against float64 again)."""
     import softmax_gpu
     from softmax_gpu import heuristics
-    from softmax_gpu._dispatch import poison_outputs
+    from softmax_gpu._dispatch import poison_outputs, record_launches
 
     small = {} if device == "cuda" else dict(max_single=64, tile=16, sm_count=2)
     for family, dtype, M, N in cases:
@@ -317,30 +325,70 @@ def _long_row_check(res: Results, device: str, cases) -> None:
             name = (f"long rows, {path}: {family} fwd+bwd {str(dtype)[6:]} {M}x{N}, "
                     f"grad_output {GRAD_OUTPUT if family == 'cross_entropy' else 'random'}")
             try:
-                xs = x.clone().requires_grad_()
                 # the default plan as a call gets it: with the GPU's tuned table
                 fields = {**LONG_PATHS[path], **small}
-                plan = heuristics.override(**fields) if fields else contextlib.nullcontext()
-                with plan, poison_outputs():
-                    if family == "cross_entropy":
-                        out = softmax_gpu.cross_entropy(xs, t)
-                        (out * GRAD_OUTPUT).backward()
-                    else:
-                        out = softmax_gpu.softmax(xs, -1)
-                        out.backward(dy)
-                e_out, e_dx = _rel(out, ref), _rel(xs.grad, x64.grad)
                 limit = LONG_LIMIT[dtype]
-                ok = e_out <= limit and e_dx <= limit
-                detail = f"rel err vs float64: out {e_out:.2e}, grad {e_dx:.2e} (limit {limit:g})"
-                if not ok:
-                    detail += "; grad " + _row_report(
-                        xs.grad, x64.grad, t if family == "cross_entropy" else None)
+                first, ok, detail = None, True, ""
+                for k in range(1, repeats + 1):
+                    xs = x.clone().requires_grad_()
+                    plan = heuristics.override(**fields) if fields else contextlib.nullcontext()
+                    with plan, poison_outputs(), record_launches() as names:
+                        if family == "cross_entropy":
+                            out = softmax_gpu.cross_entropy(xs, t)
+                            (out * GRAD_OUTPUT).backward()
+                        else:
+                            out = softmax_gpu.softmax(xs, -1)
+                            out.backward(dy)
+                    out, grad = out.detach(), xs.grad
+                    del xs
+                    if first is None:
+                        first = (out, grad)
+                        e_out, e_dx = _rel(out, ref), _rel(grad, x64.grad)
+                        ok = e_out <= limit and e_dx <= limit
+                        detail = (f"rel err vs float64: out {e_out:.2e}, grad {e_dx:.2e} "
+                                  f"(limit {limit:g})")
+                        if not ok:
+                            detail += "; grad " + _row_report(
+                                grad, x64.grad, t if family == "cross_entropy" else None)
+                        continue
+                    if any("resident" in n for n in names):
+                        # a chunk left to its row's last arrival is normalised
+                        # on a second read, its last bits not those of the
+                        # register path: which chunks wait varies run to run
+                        e_k = _rel(grad, x64.grad)
+                        if not e_k <= limit:
+                            ok = False
+                            detail += (f"; run {k}: grad {e_k:.2e}; " + _row_report(
+                                grad, x64.grad, t if family == "cross_entropy" else None))
+                    else:
+                        # the other paths merge in a fixed order: a run whose
+                        # bits differ from the first shows a race
+                        differs = _bits_differ(*first, out, grad)
+                        if differs:
+                            ok = False
+                            detail += f"; run {k} of {repeats} differs from run 1: {differs}"
+                    del out, grad
                 res.add(name, ok, detail)
-                del xs, out
+                del first
             except Exception as exc:
                 traceback.print_exc()
                 res.add(name, False, f"{type(exc).__name__}: {exc}")
         del x, x64, ref
+
+
+def _bits_differ(out_a, grad_a, out_b, grad_b) -> str:
+    """'' when two runs' outputs and gradients are the same bits (NaN where
+    NaN), else how many elements and which rows of the gradient differ."""
+    def same(a, b):
+        return (a == b) | (torch.isnan(a) & torch.isnan(b))
+
+    bad = ~same(grad_a, grad_b)
+    n, rows = int(bad.sum()), bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten()
+    out_n = int((~same(out_a, out_b)).sum())
+    if not n and not out_n:
+        return ""
+    return (f"{out_n} output and {n} gradient elements, gradient rows {rows[:8].tolist()}"
+            f"{' ...' if rows.numel() > 8 else ''}")
 
 
 def _sync_check(res: Results) -> None:

@@ -425,17 +425,39 @@ def test_long_row_check_names_how_rows_are_wrong(monkeypatch):
 
     case = [("cross_entropy", torch.bfloat16, 9, 300)]
     res = gpu_checks.Results()
-    gpu_checks._long_row_check(res, "cpu", case)
+    gpu_checks._long_row_check(res, "cpu", case, repeats=1)
     assert res.ok and len(res.items) == len(gpu_checks.LONG_PATHS), res.table()
     ce = importlib.import_module("softmax_gpu.cross_entropy")
-    monkeypatch.setattr(ce, "_scale_", lambda g, state, go: None)
-    res = gpu_checks.Results()
-    gpu_checks._long_row_check(res, "cpu", case)
+    with monkeypatch.context() as mp:
+        mp.setattr(ce, "_scale_", lambda g, state, go: None)
+        res = gpu_checks.Results()
+        gpu_checks._long_row_check(res, "cpu", case, repeats=1)
     assert len(res.items) == len(gpu_checks.LONG_PATHS), res.table()
     for row in res.items:
         assert row[1] is False and "9 of 9 rows off" in row[2], res.table()
         found = re.search(r"row 0: [^;]*, scale ([0-9.]+), [^;]*target \d+: ", row[2])
         assert found and abs(float(found.group(1)) - 0.4) < 0.01, row
+    # a race: each path's second run comes out different
+    real, calls = ce._scale_, []
+
+    def racy(g, state, go):
+        real(g, state, go)
+        calls.append(1)
+        if len(calls) % 3 == 2:
+            g.mul_(1.03)
+
+    monkeypatch.setattr(ce, "_scale_", racy)
+    res = gpu_checks.Results()
+    gpu_checks._long_row_check(res, "cpu", case, repeats=3)
+    assert len(calls) == 3 * len(gpu_checks.LONG_PATHS)
+    for name, ok, detail in res.items:
+        assert ok is False, res.table()
+        if "resident" in name:
+            assert "; run 2: grad" in detail, detail
+        else:
+            assert "run 2 of 3 differs from run 1: 0 output and " in detail, detail
+            assert "gradient rows [0, 1, 2, 3, 4, 5, 6, 7] ..." in detail, detail
+        assert "run 3" not in detail, detail
 
 
 def test_linear_ce_check_catches_wrong_results():
