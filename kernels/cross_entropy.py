@@ -84,8 +84,8 @@ import triton
 import triton.language as tl
 
 from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, acc_dtype,
-                      arrive, coop_arrive, coop_buffers, coop_grid, coop_place, coop_wait,
-                      edge_columns, exp_rel, finite_max, load_logits, load_p, log1p_acc,
+                      arrive, chunk_factor, coop_arrive, coop_buffers, coop_grid, coop_place,
+                      coop_wait, edge_columns, exp_rel, finite_max, load_logits, load_p, log1p_acc,
                       merge_partials, online_stats, partial_mask, recip_rn, regs_meta,
                       resident_columns, resident_launch_splits, resident_meet, resident_span,
                       row_base, row_vec, softcap_tanh, store_p, sum_partials, tile_offsets,
@@ -322,17 +322,19 @@ def zero_fill(G, gb, sg_n, start, end, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
 def class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept, s, ar, b, cw, l1p, cap,
                    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
                    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                   VEC: tl.constexpr, P: tl.constexpr, STAGES: tl.constexpr = 1):
+                   VEC: tl.constexpr, P: tl.constexpr, STAGES: tl.constexpr = 1,
+                   SUM: tl.constexpr = True):
     """The second pass over columns [start, end) of a row: a kept row's
     gradient (``class_pass``, when WRITE_GRAD or SMOOTH; ar: the gradient's a /
     (1 + r)), an ignored row's zeros (``zero_fill``, never reading its
-    logits); returns the smoothing terms' sum (0 for an ignored row)."""
+    logits); returns the smoothing terms' sum (0 for an ignored row, or
+    without SUM)."""
     total = tl.zeros((), ACC)
     if kept:
         if WRITE_GRAD or SMOOTH:
             total = class_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, s, ar, b, cw, l1p, cap,
                                HAS_WEIGHT, SMOOTH, SOFTCAP, WRITE_GRAD, ACC, BLOCK_N, VEC, P,
-                               STAGES=STAGES)
+                               SUM=SUM, STAGES=STAGES)
     elif WRITE_GRAD:
         zero_fill(G, gb, sg_n, start, end, BLOCK_N, VEC, P)
     return total
@@ -679,7 +681,7 @@ def ce_class_resident_kernel(
         ar = a * recip_rn(1.0 + r)
         if WRITE_GRAD and own:
             # e = e^(z - m_k): sigma * sum(y) = e * e^(m_k - m) * a / (1 + r)
-            scale = tl.where(mk == float("-inf"), 0.0, exp_rel(mk, s)) * ar
+            scale = chunk_factor(mk, s, ar)
             is_t = cols == tl.cast(t - c0, tl.int32)
             g = class_grad(e, z, is_t, scale, b, cw, w, kept, cap, SMOOTH, SOFTCAP)
             tl.store(G + tile_offsets(gb, c0, cols, sg_n, VEC), g.to(G.dtype.element_ty),
@@ -689,9 +691,13 @@ def ce_class_resident_kernel(
                 for j in range(0, SPLITS):
                     if ((left >> j) & 1) != 0:
                         start, end = resident_span(j, k, c0, C, BLOCK_N)
-                        class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept, s, ar,
-                                       b, cw, l1p, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC,
-                                       RESIDENT_TILE, VEC, 0)
+                        # from chunk j's own max, as its program would have (the
+                        # smoothing sum comes from the partials)
+                        mj = tl.load(WS + row * SPLITS + j, cache_modifier=".cg")
+                        class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept,
+                                       finite_max(mj), chunk_factor(mj, s, ar), b, cw, l1p, cap,
+                                       HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC, RESIDENT_TILE,
+                                       VEC, 0, SUM=False)
             smooth_sum = tl.zeros((), ACC)
             if SMOOTH:
                 j = tl.arange(0, PARTIALS)

@@ -423,8 +423,17 @@ def normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r,
     """Y[c] = softmax (or log-softmax) of X[c] for c in [start, end), given the
     row's state (m, r). VEC > 1: X and Y rows congruent modulo VEC (same head)."""
     s = finite_max(m)
-    inv = recip_rn(1.0 + r)
     l1p = log1p_acc(r) + (s - m)  # an all -inf row (m = -inf): NaN, as torch
+    normalize_span(X, Y, xb, yb, sx_n, sy_n, start, end, s, recip_rn(1.0 + r), l1p, LOG, ACC,
+                   BLOCK_N, VEC, P, STAGES)
+
+
+@triton.jit
+def normalize_span(X, Y, xb, yb, sx_n, sy_n, start, end, s, inv, l1p,
+                   LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                   VEC: tl.constexpr = 1, P: tl.constexpr = 0, STAGES: tl.constexpr = 1):
+    """``normalize_tile`` over columns [start, end): Y = e^(X - s) * inv, or
+    (LOG) (X - s) - l1p."""
     cols = tl.arange(0, BLOCK_N)
     a, body_end, vec_end = vec_segment(xb, start, end, VEC, BLOCK_N)
     for off in tl.range(a, body_end, BLOCK_N, num_stages=STAGES):
@@ -594,6 +603,16 @@ def resident_span(j, k, c0, N, BLOCK_N: tl.constexpr):
     again for a chunk left to it."""
     h = k * BLOCK_N - c0  # the row's columns before its first 16-byte boundary
     return tl.maximum(j * BLOCK_N - h, 0), tl.minimum((j + 1) * BLOCK_N - h, N)
+
+
+@triton.jit
+def chunk_factor(mk, s, f):
+    """The factor that takes a chunk's e^(x - m_k) (its own max m_k, as
+    ``tile_state`` forms it) to the row's e^(x - m) * f (s: the row's finite
+    max): e^(m_k - m) * f, 0 for a chunk of -inf only. A chunk written from
+    registers and one read again by its row's last arrival both use it, so
+    which of them wrote it never shows in the bits."""
+    return tl.where(mk == float("-inf"), 0.0, exp_rel(mk, s)) * f
 
 
 @triton.jit
@@ -847,15 +866,22 @@ def softmax_fwd_resident_kernel(
                 y = (x - s) - (log1p_acc(r) + (s - m))
             else:
                 # e = e^(x - m_k): e^(x - m) / sum = e * e^(m_k - m) / (1 + r)
-                y = e * (tl.where(mk == float("-inf"), 0.0, exp_rel(mk, s)) * recip_rn(1.0 + r))
+                y = e * chunk_factor(mk, s, recip_rn(1.0 + r))
             tl.store(Y + tile_offsets(yb, c0, cols, sy_n, VEC), y.to(Y.dtype.element_ty),
                      mask=cmask)
         if last:
             for j in range(0, SPLITS):
                 if ((left >> j) & 1) != 0:
                     start, end = resident_span(j, k, c0, N, BLOCK_N)
-                    normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC,
-                                    RESIDENT_TILE, VEC)
+                    if LOG:
+                        normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC,
+                                        RESIDENT_TILE, VEC)
+                    else:
+                        # from chunk j's own max, as its program would have
+                        mj = tl.load(WS + row * SPLITS + j, cache_modifier=".cg")
+                        normalize_span(X, Y, xb, yb, sx_n, sy_n, start, end, finite_max(mj),
+                                       chunk_factor(mj, finite_max(m), recip_rn(1.0 + r)),
+                                       0.0, LOG, ACC, RESIDENT_TILE, VEC)
 
 
 # ----------------------------------------------------------------------------

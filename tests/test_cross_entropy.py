@@ -1254,6 +1254,26 @@ def test_resident_rows_of_many_chunks():
     assert_close(lse, torch.logsumexp(x.double(), 1), torch.float32)
 
 
+@pytest.mark.parametrize("kw", [{}, dict(label_smoothing=0.1, softcap=5.0)])
+def test_resident_chunk_bits_do_not_depend_on_who_wrote_it(kw):
+    """A chunk left to its row's last arrival (read again) gets the same
+    gradient bits as one written from its program's registers: rows of four
+    equal chunks of 32 (the first raised, holding the max and the target);
+    in the interpreter chunks 0-2 are left to chunk 3, the last arrival."""
+    P = torch.randn(5, 32, device=DEVICE)
+    x = torch.cat([P + 3.3, P, P, P], 1)
+    t = torch.randint(0, 32, (5,), device=DEVICE)
+    with heuristics.override(**LONG["resident"]):
+        xs = x.clone().requires_grad_()
+        with expect_launches(DEN, "ce_class_resident"):
+            loss = softmax_gpu.cross_entropy(xs, t, **kw)
+        (g,) = torch.autograd.grad(loss, xs)
+    assert torch.equal(g[:, 32:64], g[:, 96:128]) and torch.equal(g[:, 64:96], g[:, 96:128])
+    x64 = x.double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(torch_ref(x64, t, **kw), x64)
+    assert_close(g, g_ref, torch.float32)
+
+
 def test_resident_plan_falls_back_past_its_chunk_count():
     """A forced resident plan takes at most RESIDENT_MAX_SPLITS chunks per row
     (the meeting word's bits), for class targets only; longer rows, and

@@ -607,6 +607,21 @@ def test_resident_rows_on_16_byte_boundaries_take_no_empty_chunk():
         _resident_against_float64(x, rand(6, n, dtype=torch.bfloat16))
 
 
+def test_resident_chunk_bits_do_not_depend_on_who_wrote_it():
+    """A chunk left to its row's last arrival (read again) gets the same bits
+    as one written from its program's registers: rows of four equal chunks
+    of 32 (the first raised, holding the max); in the interpreter chunks 0-2
+    are left to chunk 3, the last arrival."""
+    P = torch.randn(16, 32, device=DEVICE)
+    x = torch.cat([P + 3.3, P, P, P], 1)
+    for log in (False, True):
+        with heuristics.override(**LONG["resident"]):
+            with expect_launches("softmax_fwd_resident"):
+                y = FNS[log](x, -1)
+        assert torch.equal(y[:, 32:64], y[:, 96:128]) and torch.equal(y[:, 64:96], y[:, 96:128])
+        assert_close(y, ref(x, -1, log))
+
+
 def test_resident_plans_fall_back_past_their_chunk_count():
     """A forced resident plan takes at most RESIDENT_MAX_SPLITS chunks per row
     (the meeting word's bits); longer rows take the other long-row plans."""
