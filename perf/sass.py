@@ -105,8 +105,6 @@ def hot_variants() -> list:
 
     from softmax_gpu import heuristics
 
-    from softmax_gpu.softmax import CALL_KINDS
-
     fns = static.config_functions()
     everything = static.all_variants()
     out = []
@@ -114,9 +112,7 @@ def hot_variants() -> list:
         with heuristics.override(sm_count=132, **dict(h.limits)):
             op, M, N, elem, extra = h.config
             if op == "softmax":
-                live, reread, table_op = CALL_KINDS[extra]
-                cfg = fns.softmax_config(M, N, elem, torch.device("cpu"), live, reread=reread,
-                                         coop=True, op=table_op)
+                cfg = fns.call_config(extra, M, N, elem, torch.device("cpu"))
             else:
                 cfg = fns.cross_entropy_config(M, N, elem, torch.device("cpu"), extra)
             want = dict(h.flags, BLOCK_N=cfg.block_n)

@@ -138,15 +138,16 @@ class Variant:
 def config_functions() -> SimpleNamespace:
     """The heuristics' config functions and their enumerations of what they
     can pick: the one place in perf/ that names them. Each lives with its op:
-    softmax_gpu.softmax (softmax_config, all_softmax_configs),
+    softmax_gpu.softmax (softmax_config, call_config, all_softmax_configs),
     softmax_gpu.cross_entropy (cross_entropy_config, all_cross_entropy_configs)
     and softmax_gpu.vocab_parallel (shard_config)."""
     from softmax_gpu.cross_entropy import all_cross_entropy_configs, cross_entropy_config
-    from softmax_gpu.softmax import all_softmax_configs, softmax_config
+    from softmax_gpu.softmax import all_softmax_configs, call_config, softmax_config
     from softmax_gpu.vocab_parallel import shard_config
 
     return SimpleNamespace(
         softmax_config=softmax_config,
+        call_config=call_config,
         all_softmax_configs=all_softmax_configs,
         cross_entropy_config=cross_entropy_config,
         all_cross_entropy_configs=all_cross_entropy_configs,

@@ -241,10 +241,9 @@ def _softmax_plan(kind):
     """The launch plan of a softmax-family call of ``kind`` (``CALL_KINDS``)."""
 
     def plan(M, N, device):
-        from softmax_gpu.softmax import CALL_KINDS, softmax_config
+        from softmax_gpu.softmax import call_config
 
-        live, reread, op = CALL_KINDS[kind]
-        return softmax_config(M, N, ELEM, device, live, reread=reread, coop=True, op=op)
+        return call_config(kind, M, N, ELEM, device)
 
     plan.__name__ = f"_softmax_plan_{kind}"
     return plan

@@ -133,6 +133,14 @@ CALL_KINDS = {"fwd": (1, 1, "softmax"), "log_fwd": (2, 1, "log_softmax"),
               "bwd": (2, 2, "softmax_backward")}
 
 
+def call_config(kind: str, M: int, N: int, elem_bytes: int,
+                device: torch.device) -> SoftmaxConfig:
+    """The plan of a softmax op's call of ``kind`` ("fwd", "log_fwd" or "bwd":
+    ``CALL_KINDS``) over [M, N] rows, with the cooperative kernels."""
+    live, reread, op = CALL_KINDS[kind]
+    return softmax_config(M, N, elem_bytes, device, live, reread=reread, coop=True, op=op)
+
+
 def all_softmax_configs() -> list[tuple]:
     """Every (path, block_n, rows_per_program, num_warps, elem_bytes, kind,
     regs) the defaults can pick, for the static compile check; ``kind``: "fwd"
@@ -147,11 +155,10 @@ def all_softmax_configs() -> list[tuple]:
     for long_path, chunk in heuristics.LONG_PATH_CHOICES:
         with heuristics.override(sm_count=132, long_path=long_path, resident_chunk=chunk):
             for elem in (2, 4, 8):
-                for kind, (live, reread, op) in CALL_KINDS.items():
+                for kind in CALL_KINDS:
                     for logn in range(0, 21):
                         for logm in range(0, 25):
-                            c = softmax_config(1 << logm, 1 << logn, elem, dev, live,
-                                               reread=reread, coop=True, op=op)
+                            c = call_config(kind, 1 << logm, 1 << logn, elem, dev)
                             seen.add((c.path, c.block_n, c.rows_per_program, c.num_warps, elem,
                                       kind, c.regs))
     return sorted(seen)
@@ -203,9 +210,7 @@ def _plan_forward(x: Tensor, dim: int, log: bool):
     copy = rows_view(x, dim) is None
     xv, rows = as_rows(x.contiguous() if copy else x, dim)
     y_strides = rows_view(_contiguous_probe(x.shape), dim).strides
-    live, reread, op = CALL_KINDS["log_fwd" if log else "fwd"]
-    cfg = softmax_config(rows.m, rows.n, x.element_size(), x.device, live, reread=reread,
-                         coop=True, op=op)
+    cfg = call_config("log_fwd" if log else "fwd", rows.m, rows.n, x.element_size(), x.device)
     launch = K.softmax_forward_launcher(rows.m, rows.n, rows.inner, rows.strides, y_strides,
                                         cfg, log, x.dtype)
     return copy, launch_device(x.device), launch
@@ -245,9 +250,7 @@ def _plan_backward(y: Tensor, dy: Tensor, dim: int, log: bool):
     _, yrows = as_rows(y.contiguous() if copy_y else y, dim)
     _, grows = as_rows(dy.contiguous() if copy_g else dy, dim)
     x_strides = rows_view(_contiguous_probe(y.shape), dim).strides
-    live, reread, op = CALL_KINDS["bwd"]
-    cfg = softmax_config(yrows.m, yrows.n, y.element_size(), y.device, live, reread=reread,
-                         coop=True, op=op)
+    cfg = call_config("bwd", yrows.m, yrows.n, y.element_size(), y.device)
     launch = K.softmax_backward_launcher(yrows.m, yrows.n, yrows.inner, yrows.strides,
                                          grows.strides, x_strides, cfg, log, y.dtype)
     return copy_y, copy_g, launch_device(y.device), launch

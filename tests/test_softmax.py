@@ -690,7 +690,7 @@ def test_long_row_plan_fits_l2():
         budget = lim.l2_fraction * heuristics.l2_bytes(dev)
         for n in (65536, 131072, 262144):
             for kind, (live, reread, op) in SM.CALL_KINDS.items():
-                cfg = SM.softmax_config(16384, n, 2, dev, live, reread=reread, coop=True, op=op)
+                cfg = SM.call_config(kind, 16384, n, 2, dev)
                 if cfg.path == heuristics.SINGLE:
                     continue
                 per_row = reread * n * 2
