@@ -83,8 +83,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, acc_dtype,
-                      arrive, chunk_factor, coop_arrive, coop_buffers, coop_grid, coop_place,
+from .softmax import (FP_FUSION, PARTIALS, RESIDENT_MAX_SPLITS, RESIDENT_TILE, acc_dtype, arrive,
+                      chunk_factor, chunk_shift, coop_arrive, coop_buffers, coop_grid, coop_place,
                       coop_wait, edge_columns, exp_rel, finite_max, load_logits, load_p, log1p_acc,
                       merge_partials, online_stats, partial_mask, recip_rn, regs_meta,
                       resident_columns, resident_launch_splits, resident_meet, resident_span,
@@ -691,13 +691,12 @@ def ce_class_resident_kernel(
                 for j in range(0, SPLITS):
                     if ((left >> j) & 1) != 0:
                         start, end = resident_span(j, k, c0, C, BLOCK_N)
-                        # from chunk j's own max, as its program would have (the
-                        # smoothing sum comes from the partials)
-                        mj = tl.load(WS + row * SPLITS + j, cache_modifier=".cg")
-                        class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept,
-                                       finite_max(mj), chunk_factor(mj, s, ar), b, cw, l1p, cap,
-                                       HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC, RESIDENT_TILE,
-                                       VEC, 0, SUM=False)
+                        # as chunk j's program would have (the smoothing sum
+                        # comes from the partials)
+                        sj, fj = chunk_shift(WS, row, j, SPLITS, s, ar)
+                        class_row_pass(X, G, W, xb, gb, sx_n, sg_n, start, end, t, kept, sj, fj,
+                                       b, cw, l1p, cap, HAS_WEIGHT, SMOOTH, SOFTCAP, True, ACC,
+                                       RESIDENT_TILE, VEC, 0, SUM=False)
             smooth_sum = tl.zeros((), ACC)
             if SMOOTH:
                 j = tl.arange(0, PARTIALS)
@@ -1356,8 +1355,8 @@ def grad_scale_launcher(M, C, inner, g_strides, o_strides, in_place, dtype, cfg)
     kernel = ce_grad_scale_kernel[(triton.cdiv(M, group),)]
     args = (M, C, inner, *g_strides, *o_strides)
     meta = dict(IN_PLACE=in_place, ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, ROWS=rows,
-                CHECK=scale_check(cfg.num_warps), num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
-                **regs_meta(cfg))
+                CHECK=scale_check(cfg.num_warps), num_warps=cfg.num_warps,
+                enable_fp_fusion=FP_FUSION, **regs_meta(cfg))
     names = ("ce_grad_scale_kernel",)
 
     def launch(g, out, state, go, s_go):

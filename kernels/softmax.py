@@ -616,6 +616,16 @@ def chunk_factor(mk, s, f):
 
 
 @triton.jit
+def chunk_shift(PM, row, j, SPLITS, s, f):
+    """(s_j, factor) for chunk j of ``row`` written by another program than its
+    own: its finite max from the partial maxima PM[row * SPLITS + j] and
+    ``chunk_factor``, so that e^(x - s_j) * factor are the bits its program
+    would have written."""
+    mj = tl.load(PM + row * SPLITS + j, cache_modifier=".cg")
+    return finite_max(mj), chunk_factor(mj, s, f)
+
+
+@triton.jit
 def resident_meet(SYNC, row, k, SPLITS, spin):
     """Chunk ``k``'s arrival at its row's meeting word SYNC[row] (int64, zero
     before the launch), once its partials are stored; then at most ``spin``
@@ -877,11 +887,11 @@ def softmax_fwd_resident_kernel(
                         normalize_store(X, Y, xb, yb, sx_n, sy_n, start, end, m, r, LOG, ACC,
                                         RESIDENT_TILE, VEC)
                     else:
-                        # from chunk j's own max, as its program would have
-                        mj = tl.load(WS + row * SPLITS + j, cache_modifier=".cg")
-                        normalize_span(X, Y, xb, yb, sx_n, sy_n, start, end, finite_max(mj),
-                                       chunk_factor(mj, finite_max(m), recip_rn(1.0 + r)),
-                                       0.0, LOG, ACC, RESIDENT_TILE, VEC)
+                        # as chunk j's program would have
+                        sj, fj = chunk_shift(WS, row, j, SPLITS, finite_max(m),
+                                             recip_rn(1.0 + r))
+                        normalize_span(X, Y, xb, yb, sx_n, sy_n, start, end, sj, fj, 0.0, LOG,
+                                       ACC, RESIDENT_TILE, VEC)
 
 
 # ----------------------------------------------------------------------------

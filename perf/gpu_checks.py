@@ -63,7 +63,8 @@ CPU_LONG = [("cross_entropy", torch.bfloat16, 9, 300), ("softmax", torch.float32
 # on a GPU that has one); "resident, no wait": every chunk but a row's last gives
 # up at once (its write left to the row's last arrival, racing the others)
 LONG_PATHS = {"default": {}, "looped": dict(long_path="looped"),
-              "persistent": dict(long_path="persistent"), "coop": dict(long_path="coop"), "resident": dict(long_path="resident"),
+              "persistent": dict(long_path="persistent"), "coop": dict(long_path="coop"),
+              "resident": dict(long_path="resident"),
               "resident, no wait": dict(long_path="resident", resident_spin=0)}
 LONG_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 # runs per path: the first against float64, the others bit for bit against it
