@@ -135,6 +135,9 @@ class Space:
     lengths: tuple = ()  # softmax family: row lengths on a GPU (rows: the 1 GiB grid)
     cpu_lengths: tuple = ()  # the same on CPU (limits scaled by CPU_SCALE)
     upto: int = 0  # rows this long and longer plan with the defaults (an empty entry; 0: none)
+    # (shape, limits) -> the fields that take a row the defaults keep on chip
+    # off it, added to the forced long-row paths' (None: not at this shape)
+    off_chip: Callable = lambda shape, lim: None
 
 
 def _pow2(n: int) -> int:
@@ -255,6 +258,21 @@ def _ce_plan(M, N, device):
     return cross_entropy_config(M, N, ELEM, device)
 
 
+def _softmax_off_chip(shape, lim):
+    """The forward at its on-chip limit (one 16-warp program per SM, 0.82 of
+    copy at 32768 on 2026-12-04) off chip, so that the forced long-row paths
+    run there too (resident: two chunks of half the row, two programs per SM)."""
+    block = _pow2(shape.N)
+    return {"max_single_2byte": block // 2} if block >= lim.max_single_2byte else None
+
+
+def _log_softmax_off_chip(shape, lim):
+    """The log-softmax forward's 32-warp on-chip rows (``wide_single``) off
+    chip: its long-row plans as before that (resident: chunks of half the
+    forward's limit)."""
+    return {"wide_single": False}
+
+
 # One Axis line per tunable field, one Path line per forced path.
 SOFTMAX_PATHS = LONG_PATHS + (
     Path("split", _long_path("split"), combine=False),
@@ -269,6 +287,7 @@ SOFTMAX_AXES = (
 SOFTMAX = Space(
     table_op="softmax", perf_op="softmax_fwd", paths=SOFTMAX_PATHS, axes=SOFTMAX_AXES,
     plan=_softmax_plan("fwd"), lengths=SOFTMAX_N, cpu_lengths=CPU_SOFTMAX_N,
+    off_chip=_softmax_off_chip,
 )
 # The backward and the log-softmax forward keep two rows on chip: at 32768
 # they are long rows where the softmax forward is not (2026-12-04: softmax
@@ -284,7 +303,7 @@ SOFTMAX_BACKWARD = Space(
 LOG_SOFTMAX = Space(
     table_op="log_softmax", perf_op="log_softmax_fwd", paths=SOFTMAX_PATHS,
     axes=SOFTMAX_AXES, plan=_softmax_plan("log_fwd"), lengths=(32768,), cpu_lengths=(128,),
-    upto=65536,
+    upto=65536, off_chip=_log_softmax_off_chip,
 )
 CROSS_ENTROPY = Space(
     table_op="cross_entropy", perf_op="ce_fwd_bwd",
@@ -341,10 +360,15 @@ def candidates(space: Space, shape, device, base: dict | None = None, scale: int
     dev = torch.device(device)
     raw = [Candidate(DEFAULT, {})]
     with heuristics.override(**(base or {})) as lim:
+        with heuristics.override(op=space.table_op):
+            on_chip = getattr(space.plan(shape.M, shape.N, dev), "path", "") == heuristics.SINGLE
+        off = space.off_chip(shape, lim) if on_chip else None
         for path in space.paths:
             pf = path.fields(shape, lim)
             if pf is None:
                 continue
+            if off and "long_path" in pf:  # forced long rows: also where on chip by default
+                pf = {**pf, **off}
             if pf:
                 raw.append(Candidate(path.name, dict(pf)))
             if not path.combine:

@@ -92,14 +92,19 @@ class Limits:
     # 64 fp32 registers per thread for the tile at 16 warps (512 threads; the
     # cap is 128 registers per thread at that size) -> 32768 elements; fp64
     # takes two registers per value. A kernel that holds two row-sized arrays
-    # (log-softmax forward: x and e; backward: y and dy) gets half.
-    # Static check (perf/results/static/): bf16 backward at 32768 spilled 248 B
-    # of stack, log-softmax forward at 32768 40 B, and the fp32 forward at
-    # 32768 8 B (the fp32 loads need more address registers than bf16's);
-    # at the limits below nothing spills.
+    # (backward: y and dy) gets half, unless it can spread them over 32 warps
+    # (``wide_single``). Static check (perf/results/static/): bf16 backward at
+    # 32768 spilled 248 B of stack, and the fp32 forward at 32768 8 B (the
+    # fp32 loads need more address registers than bf16's); at the limits
+    # below nothing spills.
     max_single_2byte: int = 32768
     max_single_4byte: int = 16384
     max_single_8byte: int = 16384
+    # The log-softmax forward may spread a row over 32 warps (half the values
+    # a thread) and so stay on chip up to the limits above with 2- and 4-byte
+    # elements (bf16 at 32768: 63 registers, no spill; the softmax backward
+    # still spills there, and fp64). False: half the limits, as the backward.
+    wide_single: bool = True
     # Tile (elements) of the looped and split paths.
     tile: int = 4096
     # Elements a program of the on-chip path should own when rows are short:

@@ -68,7 +68,7 @@ class SoftmaxConfig:
 
 def softmax_config(
     M: int, N: int, elem_bytes: int, device: torch.device, live_rows: int = 1, *,
-    reread: int = 1, coop: bool = False, op: str = "softmax",
+    reread: int = 1, coop: bool = False, op: str = "softmax", wide: bool = False,
 ) -> SoftmaxConfig:
     """Pick the path and launch parameters for an [M, N] row-wise reduction.
 
@@ -81,13 +81,17 @@ def softmax_config(
     vocab-parallel shard kernels do not), so the plan may cut long rows across
     programs (:func:`softmax_gpu.heuristics.long_rows`). ``op``: the tuned
     table's op whose limits apply (``CALL_KINDS``; "softmax" also for the
-    vocabulary-parallel pieces).
+    vocabulary-parallel pieces). ``wide``: the on-chip kernel may spread a
+    row over twice the warps (32), holding half the values a thread, so
+    that with 2- and 4-byte elements it takes rows up to the forward's limit
+    whatever ``live_rows`` (the log-softmax forward; ``Limits.wide_single``).
     """
     lim = heuristics.limits_for(op, device, elem_bytes, N)
     block = next_pow2(N)
     cap = heuristics.by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte,
                              lim.max_single_8byte)
-    if block <= max(1, cap // live_rows):
+    narrow = max(1, cap // live_rows)
+    if block <= narrow or (wide and lim.wide_single and elem_bytes <= 4 and block <= cap):
         block = max(block, MIN_BLOCK)
         # Short rows: several rows per program, unless that would leave fewer
         # than ~2 programs per multiprocessor. Two choices only (1 or the
@@ -95,7 +99,7 @@ def softmax_config(
         rows = max(1, lim.target_program_elems // block)
         if rows > 1 and -(-M // rows) < 2 * heuristics.sm_count(device):
             rows = 1
-        warps = warps_for(block * rows)
+        warps = warps_for(block * rows) * (2 if block > narrow else 1)
         return SoftmaxConfig(SINGLE, block, rows, warps, 1, block,
                              regs=heuristics.single_regs(warps))
     if coop and lim.long_path == heuristics.RESIDENT and elem_bytes <= 4:
@@ -128,17 +132,18 @@ def softmax_config(
                          plan.evict, plan.lag, plan.regs, lim.long_stages)
 
 
-# What each kind of call passes to softmax_config: (live_rows, reread, op).
-CALL_KINDS = {"fwd": (1, 1, "softmax"), "log_fwd": (2, 1, "log_softmax"),
-              "bwd": (2, 2, "softmax_backward")}
+# What each kind of call passes to softmax_config: (live_rows, reread, op, wide).
+CALL_KINDS = {"fwd": (1, 1, "softmax", False), "log_fwd": (2, 1, "log_softmax", True),
+              "bwd": (2, 2, "softmax_backward", False)}
 
 
 def call_config(kind: str, M: int, N: int, elem_bytes: int,
                 device: torch.device) -> SoftmaxConfig:
     """The plan of a softmax op's call of ``kind`` ("fwd", "log_fwd" or "bwd":
     ``CALL_KINDS``) over [M, N] rows, with the cooperative kernels."""
-    live, reread, op = CALL_KINDS[kind]
-    return softmax_config(M, N, elem_bytes, device, live, reread=reread, coop=True, op=op)
+    live, reread, op, wide = CALL_KINDS[kind]
+    return softmax_config(M, N, elem_bytes, device, live, reread=reread, coop=True, op=op,
+                          wide=wide)
 
 
 def all_softmax_configs() -> list[tuple]:

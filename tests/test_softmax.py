@@ -653,6 +653,35 @@ def test_int32_bounds_rows_and_cooperative_counts():
         assert wide.path == heuristics.LOOPED and wide.programs > 0
 
 
+def test_log_softmax_forward_is_on_chip_at_the_forwards_limit():
+    """The log-softmax forward holds two rows' values (x and e^(x - m)) where
+    the softmax forward holds one: it keeps rows up to the forward's on-chip
+    limit by spreading them over 32 warps (bf16 32768: 64 registers; the sm_90
+    static check compiles every plan), never the backward (its bf16 32768
+    spills) nor fp64; ``wide_single=False`` halves its limit again."""
+    cpu = torch.device("cpu")
+    with heuristics.override(sm_count=132):
+        for elem, n in ((2, 32768), (4, 16384)):
+            log = SM.call_config("log_fwd", 16384, n, elem, cpu)
+            fwd = SM.call_config("fwd", 16384, n, elem, cpu)
+            assert (log.path, log.block_n) == (fwd.path, fwd.block_n) == (heuristics.SINGLE, n)
+            assert (log.num_warps, log.regs) == (2 * fwd.num_warps, 64) == (32, 64)
+            assert SM.call_config("bwd", 16384, n, elem, cpu).path != heuristics.SINGLE
+            # shorter rows: as before, 16 warps at most
+            half = SM.call_config("log_fwd", 16384, n // 2, elem, cpu)
+            assert half.path == heuristics.SINGLE and half.num_warps <= 16
+            with heuristics.override(wide_single=False):
+                assert SM.call_config("log_fwd", 16384, n, elem, cpu).path != heuristics.SINGLE
+        assert SM.call_config("log_fwd", 16384, 16384, 8, cpu).path != heuristics.SINGLE
+        assert SM.call_config("log_fwd", 16384, 65536, 2, cpu).path != heuristics.SINGLE
+    # the plan the interpreter runs: a row past half the on-chip limit
+    x = rand(6, 100, dtype=torch.bfloat16)
+    with heuristics.override(max_single=128):
+        assert SM.call_config("log_fwd", 6, 100, 2, cpu).path == heuristics.SINGLE
+        got = softmax_gpu.log_softmax(x, -1)
+    assert_close(got, ref(x, -1, True), torch.bfloat16)
+
+
 def test_config_reads_limits_for(monkeypatch):
     """softmax_config plans with heuristics.limits_for("softmax", ...) (the
     tuned table's entry point): what it returns decides the path."""
@@ -677,7 +706,7 @@ def test_config_reads_limits_for(monkeypatch):
     SM._plan_backward(torch.randn(3, 43), torch.randn(3, 43), -1, True)
     assert seen == [("softmax", 4, 40), ("log_softmax", 4, 41), ("softmax_backward", 4, 42),
                     ("softmax_backward", 4, 43)]
-    assert {op for _, _, op in SM.CALL_KINDS.values()} <= set(heuristics.TUNED_OPS)
+    assert {kind[2] for kind in SM.CALL_KINDS.values()} <= set(heuristics.TUNED_OPS)
 
 
 def test_long_row_plan_fits_l2():
@@ -689,7 +718,7 @@ def test_long_row_plan_fits_l2():
         lim = heuristics.limits()
         budget = lim.l2_fraction * heuristics.l2_bytes(dev)
         for n in (65536, 131072, 262144):
-            for kind, (live, reread, op) in SM.CALL_KINDS.items():
+            for kind, (live, reread, op, wide) in SM.CALL_KINDS.items():
                 cfg = SM.call_config(kind, 16384, n, 2, dev)
                 if cfg.path == heuristics.SINGLE:
                     continue
@@ -706,7 +735,8 @@ def test_long_row_plan_fits_l2():
 
 # Every path at interpreter sizes: the on-chip path, the split path, and the
 # forced long-row candidates (looped, persistent, cooperative).
-EVERY_PATH = {"single": ({}, 5, 64), "split": (dict(max_single=64, tile=16, sm_count=2), 3, 128),
+EVERY_PATH = {"single": ({}, 5, 64), "wide": (dict(max_single=128), 5, 128),
+              "split": (dict(max_single=64, tile=16, sm_count=2), 3, 128),
               **{name: (lim, 9, 128) for name, lim in LONG.items()}}
 
 
@@ -734,6 +764,15 @@ def test_row_maximum_is_exact_on_every_path(path, dtype):
     one = rand(M, 1, dtype=dtype)
     assert torch.equal(softmax_gpu.log_softmax(one, -1), torch.zeros_like(one))
     assert torch.equal(softmax_gpu.softmax(one, -1), torch.ones_like(one))
+    # beside the max, its neighbour one ulp below: its term rounds to exactly
+    # 1 in fp32 and fp64 (counted with the max, not summed), not in 16 bits
+    near = torch.full((M, N), -math.inf, dtype=dtype)
+    near[:, 3] = 0.1
+    near[:, N // 2] = torch.nextafter(near[:, 3], near[:, 0])
+    with heuristics.override(**lim):
+        for log in (False, True):
+            got = softmax_gpu.log_softmax(near, -1) if log else softmax_gpu.softmax(near, -1)
+            assert_close(got, ref(near, -1, log), dtype)
 
 
 @pytest.mark.parametrize("path", list(EVERY_PATH))

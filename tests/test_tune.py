@@ -278,14 +278,31 @@ def test_candidates_are_distinct_plans_defaults_first():
     assert "onchip" not in {c.name for c in long}  # 128256 is beyond the on-chip limit
     assert any("num_warps=4" in c.plan for c in long if c.name == "long_warps=4")
     assert len(tune.candidates(tune.SOFTMAX, Shape(16384, 32768), "cpu", gpu, limit=2)) == 2
-    # the backward and the log-softmax forward at 32768: long rows (two rows
-    # on chip do not fit), where the forward's candidates are on chip only
-    for space in (tune.SOFTMAX_BACKWARD, tune.LOG_SOFTMAX):
-        two = tune.candidates(space, Shape(16384, 32768), "cpu", gpu)
-        assert "path=single" not in two[0].plan, (space.table_op, two[0])
-        assert len({c.plan for c in two}) == len(two)
-        assert {"default", "resident", "rowloop"} <= {c.name for c in two}, space.table_op
-        assert any("path=resident" in c.plan for c in two if c.name == "resident")
+    # at 32768 the backward's rows are long (two rows on chip do not fit);
+    # the forward and the log-softmax forward (32 warps) are on chip, and
+    # their forced long-row paths take the row off chip to run there too
+    # (the forward: two resident chunks of 16384; the log-softmax forward:
+    # its long-row plans without the 32 warps, the old default among them)
+    two = tune.candidates(tune.SOFTMAX_BACKWARD, Shape(16384, 32768), "cpu", gpu)
+    assert "path=single" not in two[0].plan, two[0]
+    for space, off in ((tune.SOFTMAX, {"max_single_2byte": 16384}),
+                       (tune.LOG_SOFTMAX, {"wide_single": False})):
+        got = tune.candidates(space, Shape(16384, 32768), "cpu", gpu)
+        assert "path=single" in got[0].plan and "block_n=32768" in got[0].plan, space.table_op
+        forced = [c for c in got if "long_path" in c.fields]
+        assert forced and all(c.fields.items() >= off.items() and "path=single" not in c.plan
+                              for c in forced), space.table_op
+        assert [c.name for c in got[:11]] == ["default"] + [c.name for c in forced[:10]]
+        # not at the rows the defaults keep on chip with room to spare
+        short = tune.candidates(space, Shape(16384, 16384), "cpu", gpu)
+        assert not any("long_path" in c.fields for c in short), space.table_op
+    assert "num_warps=32" in tune.candidates(tune.LOG_SOFTMAX, Shape(16384, 32768), "cpu",
+                                             gpu)[0].plan
+    for space in (tune.SOFTMAX, tune.SOFTMAX_BACKWARD, tune.LOG_SOFTMAX):
+        got = tune.candidates(space, Shape(16384, 32768), "cpu", gpu)
+        assert len({c.plan for c in got}) == len(got)
+        assert {"default", "resident", "rowloop"} <= {c.name for c in got}, space.table_op
+        assert any("path=resident block_n=16384" in c.plan for c in got if c.name == "resident")
 
 
 # --- the tuning run -------------------------------------------------------------
