@@ -437,12 +437,19 @@ def ce_class_single_kernel(
     if WRITE_GRAD:
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
         ar = a * recip_rn(1.0 + r)
-        is_t = cols[None, :] == t.to(tl.int32)[:, None]
-        g = class_grad(e, z, is_t, ar[:, None], b[:, None], cw, w, kept[:, None], cap, SMOOTH,
+        # the row without its target's -b (no column compare per element: the
+        # column indices would stay live in registers), then, once every
+        # thread's store is ordered before it (CTA barrier), the target's
+        # element over it: the same class_grad of the same logit, the bits a
+        # select in the tile would give
+        g = class_grad(e, z, False, ar[:, None], b[:, None], cw, w, kept[:, None], cap, SMOOTH,
                        SOFTCAP)
         gb = row_base(rows, INNER, sg_o, sg_i)
         tl.store(G + gb[:, None] + cols[None, :].to(tl.int64) * sg_n, g.to(G.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
+        tl.debug_barrier()
+        gt = class_grad(exp_rel(zt, s), zt, True, ar, b, cw, wt, kept, cap, SMOOTH, SOFTCAP)
+        tl.store(G + gb + t * sg_n, gt.to(G.dtype.element_ty), mask=rmask & kept & inside)
         tl.store(STATE + rows, tl.full((ROWS,), 1.0, ACC), mask=rmask)
 
 

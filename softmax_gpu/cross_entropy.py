@@ -263,6 +263,16 @@ def all_cross_entropy_configs() -> list[tuple]:
                                 seen.add((fam, extras, c.path, c.block_n, c.rows_per_program,
                                           c.num_warps, elem, reread or c.path == SINGLE,
                                           c.regs))
+                        if elem == 2 and C > default.ce_max_single_2byte and \
+                                C <= default.max_single_2byte:
+                            # the tuner's on-chip candidate (perf.tune "onchip"): class
+                            # targets without extras, the rows past the default limit
+                            with heuristics.override(ce_max_single_2byte=C):
+                                for reread in (True, False):
+                                    c = cross_entropy_config(M, C, elem, dev, reread=reread)
+                                    seen.add(("class", False, c.path, c.block_n,
+                                              c.rows_per_program, c.num_warps, elem, True,
+                                              c.regs))
                         c = cross_entropy_scale_config(M, C, elem, dev)
                         seen.add(("scale", False, c.path, c.block_n, c.rows_per_program,
                                   c.num_warps, elem, True, c.regs))
