@@ -171,23 +171,29 @@ def row_base(rows, INNER, s_outer, s_inner):
 
 
 @triton.jit
-def tile_state(x, AXIS: tl.constexpr):
+def tile_state(x, AXIS: tl.constexpr, FROM_E: tl.constexpr = False):
     """The state of whole rows held in one tile, reduced along AXIS: (m, r, e)
     with m the max, e = e^(x - m) (0 where x is -inf) and r = sum(e) - 1
-    formed without that 1: the terms equal to 1 (the maxima, and any term
-    that rounds to 1) are left out of the sum and counted instead, so r
-    keeps its own precision when it is small (a confident row) and
-    log(sum e) = log1p(r). An all -inf row: m = -inf, r = -1; a row holding
-    +inf: r = NaN (its term inf - inf), as torch."""
+    formed without that 1: the terms equal to the max are left out of the
+    sum and counted instead, so r keeps its own precision when it is small
+    (a confident row) and log(sum e) = log1p(r). An all -inf row: m = -inf,
+    r = -1; a row holding +inf: r = NaN (its term inf - inf), as torch.
+
+    FROM_E: the terms counted are those with e == 1 exactly (the maxima, and
+    any term that rounds to 1, whose 1 is then counted rather than summed:
+    the same r), so that x is dead once e is formed: fewer registers where a
+    thread holds many values under a tight budget (the log-softmax forward's
+    32-warp rows: bf16 32768 fits 64 registers, 16 B of spill without), more
+    elsewhere (its 4096 rows: 48 -> 56; python -m perf.static)."""
     m = tl.max(x, AXIS)
     s = finite_max(tl.expand_dims(m, AXIS))
     e = exp_rel(x, s)
-    # the terms counted: e == 1 exactly (x == m gives 2^0; an -inf row's 0
-    # and a +inf's NaN are not), one compare per element. Taken from e, not
-    # from x - s: x is then dead once e is formed (an on-chip row of 64 values
-    # a thread: the log-softmax forward at 32 warps fits 64 registers, 16 B
-    # of spill before; same instruction count, python -m perf.sass)
-    top = e == 1.0
+    # the maxima: a difference of exactly 0 (x == m, finite; an -inf row's
+    # -inf and a +inf's NaN are not), one compare per element
+    if FROM_E:
+        top = e == 1.0
+    else:
+        top = (x - s) == 0.0
     # the terms below the max, and the count of maxima (two plain sums: a
     # tuple reduction costs no fewer shuffles, and runs per element in Python
     # in the interpreter)
@@ -686,6 +692,7 @@ def softmax_fwd_single_kernel(
     ACC: tl.constexpr,  # accumulation dtype (fp32, or fp64 for fp64 input)
     BLOCK_N: tl.constexpr,  # power of two >= N
     ROWS: tl.constexpr,  # rows per program
+    WIDE: tl.constexpr = False,  # a row over 32 warps (``wide_rows``): 64 registers a thread
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -696,7 +703,7 @@ def softmax_fwd_single_kernel(
                 other=float("-inf")).to(ACC)
     if LOG:
         # (x - m) - log1p(r): exactly 0 at the max of a one-element row
-        m, r, e = tile_state(x, 1)
+        m, r, e = tile_state(x, 1, WIDE)
         s = finite_max(m)
         y = (x - s[:, None]) - (log1p_acc(r) + (s - m))[:, None]
     else:
@@ -1255,6 +1262,13 @@ def coop_grid(cfg, M: int) -> int:
     return max(1, min(cfg.programs, M * cfg.splits))
 
 
+def wide_rows(num_warps: int) -> bool:
+    """Whether an on-chip launch spreads its rows over more than 16 warps (the
+    log-softmax forward's longest rows, ``softmax_config(wide=True)``): its
+    kernel then has 64 registers a thread and takes the leanest forms."""
+    return num_warps > 16
+
+
 def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype):
     """``launch(x, y)``: y <- softmax(x) (or log-softmax) over M rows of length N.
 
@@ -1266,7 +1280,7 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     if cfg.path == "single":
         kernel = softmax_fwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         args = (M, N, inner, *x_strides, *y_strides)
-        meta["ROWS"] = cfg.rows_per_program
+        meta.update(ROWS=cfg.rows_per_program, WIDE=wide_rows(cfg.num_warps))
         names = ("softmax_fwd_single_kernel",)
 
         def launch(x, y):

@@ -156,6 +156,8 @@ def config_functions() -> SimpleNamespace:
 
 
 def softmax_variants() -> list[Variant]:
+    from softmax_gpu.kernels.softmax import wide_rows
+
     out = []
     for path, block_n, rows, warps, elem, kind, regs in config_functions().all_softmax_configs():
         dt = DTYPE_STR[elem]
@@ -183,7 +185,8 @@ def softmax_variants() -> list[Variant]:
                                if kind == "fwd" else [])}
         for name, ptrs in names[path]:
             if path == "single":
-                extras = [dict(ROWS=rows)]
+                extras = [dict(ROWS=rows, **({"WIDE": wide_rows(warps)}
+                                             if "WIDE" in _constexpr_names(name) else {}))]
             else:
                 extras = walk
             for extra in extras:

@@ -99,7 +99,8 @@ def softmax_config(
         rows = max(1, lim.target_program_elems // block)
         if rows > 1 and -(-M // rows) < 2 * heuristics.sm_count(device):
             rows = 1
-        warps = warps_for(block * rows) * (2 if block > narrow else 1)
+        # past the narrow limit: 32 warps (half the values a thread of 16)
+        warps = 32 if block > narrow else warps_for(block * rows)
         return SoftmaxConfig(SINGLE, block, rows, warps, 1, block,
                              regs=heuristics.single_regs(warps))
     if coop and lim.long_path == heuristics.RESIDENT and elem_bytes <= 4:
