@@ -81,10 +81,10 @@ def softmax_config(
     vocab-parallel shard kernels do not), so the plan may cut long rows across
     programs (:func:`softmax_gpu.heuristics.long_rows`). ``op``: the tuned
     table's op whose limits apply (``CALL_KINDS``; "softmax" also for the
-    vocabulary-parallel pieces). ``wide``: the on-chip kernel may spread a
-    row over twice the warps (32), holding half the values a thread, so
-    that with 2- and 4-byte elements it takes rows up to the forward's limit
-    whatever ``live_rows`` (the log-softmax forward; ``Limits.wide_single``).
+    vocabulary-parallel pieces). ``wide``: the on-chip kernel may spread one
+    row over 32 warps, holding half the values a thread of 16, so that with
+    2- and 4-byte elements it takes rows up to the forward's limit whatever
+    ``live_rows`` (the log-softmax forward; ``Limits.wide_single``).
     """
     lim = heuristics.limits_for(op, device, elem_bytes, N)
     block = next_pow2(N)
@@ -99,8 +99,9 @@ def softmax_config(
         rows = max(1, lim.target_program_elems // block)
         if rows > 1 and -(-M // rows) < 2 * heuristics.sm_count(device):
             rows = 1
-        # past the narrow limit: 32 warps (half the values a thread of 16)
-        warps = 32 if block > narrow else warps_for(block * rows)
+        warps = warps_for(block * rows)
+        if block > narrow:  # one row on 32 warps: half the values a thread of 16
+            rows, warps = 1, 32
         return SoftmaxConfig(SINGLE, block, rows, warps, 1, block,
                              regs=heuristics.single_regs(warps))
     if coop and lim.long_path == heuristics.RESIDENT and elem_bytes <= 4:
