@@ -1003,6 +1003,7 @@ def softmax_bwd_single_kernel(
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # power of two >= N
     ROWS: tl.constexpr,  # rows per program
+    WIDE: tl.constexpr = False,  # a row over 32 warps (``wide_rows``): 64 registers a thread
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols32 = tl.arange(0, BLOCK_N)[None, :]
@@ -1011,9 +1012,17 @@ def softmax_bwd_single_kernel(
     yb = row_base(rows, INNER, sy_o, sy_i)
     gb = row_base(rows, INNER, sg_o, sg_i)
     xb = row_base(rows, INNER, sx_o, sx_i)
-    y = tl.load(Y + yb[:, None] + cols * sy_n, mask=mask, other=0.0).to(ACC)
+    y = tl.load(Y + yb[:, None] + cols * sy_n, mask=mask, other=0.0,
+                eviction_policy="evict_last" if WIDE else "").to(ACC)
     dy = tl.load(DY + gb[:, None] + cols * sg_n, mask=mask, other=0.0).to(ACC)
     s = tl.sum(bwd_terms(y, dy, LOG), 1)
+    if WIDE:
+        # y read again (from L1, kept there by the first read's hint), so that
+        # only dy is live across the row sum: bf16 32768 at 60 registers, no
+        # spill (held, y and dy spill 56 B); the log-softmax backward reads y
+        # here only, the first read being dead
+        y = tl.load(Y + yb[:, None] + cols * sy_n, mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(ACC)
     dx = bwd_value(y, dy, s[:, None], LOG)
     tl.store(DX + xb[:, None] + cols * sx_n, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -1264,8 +1273,9 @@ def coop_grid(cfg, M: int) -> int:
 
 def wide_rows(num_warps: int) -> bool:
     """Whether an on-chip launch spreads its rows over more than 16 warps (the
-    log-softmax forward's longest rows, ``softmax_config(wide=True)``): its
-    kernel then has 64 registers a thread and takes the leanest forms."""
+    longest rows of the log-softmax forward and of the backward,
+    ``softmax_config(wide=True)``): its kernel then has 64 registers a thread
+    and takes the leanest forms."""
     return num_warps > 16
 
 
@@ -1349,7 +1359,7 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
     if cfg.path == "single":
         kernel = softmax_bwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         args = (M, N, inner, *strides)
-        meta["ROWS"] = cfg.rows_per_program
+        meta.update(ROWS=cfg.rows_per_program, WIDE=wide_rows(cfg.num_warps))
         names = ("softmax_bwd_single_kernel",)
 
         def launch(y, dy, dx):

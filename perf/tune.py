@@ -266,10 +266,10 @@ def _softmax_off_chip(shape, lim):
     return {"max_single_2byte": block // 2} if block >= lim.max_single_2byte else None
 
 
-def _log_softmax_off_chip(shape, lim):
-    """The log-softmax forward's 32-warp on-chip rows (``wide_single``) off
-    chip: its long-row plans as before that (resident: chunks of half the
-    forward's limit)."""
+def _wide_off_chip(shape, lim):
+    """The 32-warp on-chip rows (``wide_single``) of the log-softmax forward
+    and the backward off chip: their long-row plans as before those (resident:
+    chunks of half the forward's limit)."""
     return {"wide_single": False}
 
 
@@ -290,20 +290,21 @@ SOFTMAX = Space(
     off_chip=_softmax_off_chip,
 )
 # The backward and the log-softmax forward keep two rows on chip: at 32768
-# they are long rows where the softmax forward is not (2026-12-04: softmax
+# they were long rows where the softmax forward is not (2026-12-04: softmax
 # fwd+bwd 0.79 against Liger's 0.91, log-softmax fwd 0.61 against torch's
-# 0.72). The backward is timed as fwd+bwd; its candidates move the backward's
-# plan only (the forward at 32768 is on chip either way).
+# 0.72); now on chip on 32 warps, with those long-row plans as candidates.
+# The backward is timed as fwd+bwd; its candidates move the backward's plan
+# only (the forward at 32768 is on chip either way).
 # Tuned at 32768 only, their entries end at 65536 (longer rows: the defaults).
 SOFTMAX_BACKWARD = Space(
     table_op="softmax_backward", perf_op="softmax_fwd_bwd", paths=SOFTMAX_PATHS,
     axes=SOFTMAX_AXES, plan=_softmax_plan("bwd"), lengths=(32768,), cpu_lengths=(128,),
-    upto=65536,
+    upto=65536, off_chip=_wide_off_chip,
 )
 LOG_SOFTMAX = Space(
     table_op="log_softmax", perf_op="log_softmax_fwd", paths=SOFTMAX_PATHS,
     axes=SOFTMAX_AXES, plan=_softmax_plan("log_fwd"), lengths=(32768,), cpu_lengths=(128,),
-    upto=65536, off_chip=_log_softmax_off_chip,
+    upto=65536, off_chip=_wide_off_chip,
 )
 CROSS_ENTROPY = Space(
     table_op="cross_entropy", perf_op="ce_fwd_bwd",

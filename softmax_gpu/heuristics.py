@@ -100,10 +100,11 @@ class Limits:
     max_single_2byte: int = 32768
     max_single_4byte: int = 16384
     max_single_8byte: int = 16384
-    # The log-softmax forward may spread a row over 32 warps (half the values
-    # a thread) and so stay on chip up to the limits above with 2- and 4-byte
-    # elements (bf16 at 32768: 63 registers, no spill; the softmax backward
-    # still spills there, and fp64). False: half the limits, as the backward.
+    # The log-softmax forward and the backward may spread a row over 32 warps
+    # (half the values a thread) and so stay on chip up to the limits above
+    # with 2- and 4-byte elements (bf16 at 32768, no spill: the log-softmax
+    # forward 63 registers, the backward 60 with y read twice, from L1 the
+    # second time; fp64 spills). False: half the limits.
     wide_single: bool = True
     # Tile (elements) of the looped and split paths.
     tile: int = 4096

@@ -84,7 +84,8 @@ def softmax_config(
     vocabulary-parallel pieces). ``wide``: the on-chip kernel may spread one
     row over 32 warps, holding half the values a thread of 16, so that with
     2- and 4-byte elements it takes rows up to the forward's limit whatever
-    ``live_rows`` (the log-softmax forward; ``Limits.wide_single``).
+    ``live_rows`` (the log-softmax forward and the backward;
+    ``Limits.wide_single``).
     """
     lim = heuristics.limits_for(op, device, elem_bytes, N)
     block = next_pow2(N)
@@ -136,7 +137,7 @@ def softmax_config(
 
 # What each kind of call passes to softmax_config: (live_rows, reread, op, wide).
 CALL_KINDS = {"fwd": (1, 1, "softmax", False), "log_fwd": (2, 1, "log_softmax", True),
-              "bwd": (2, 2, "softmax_backward", False)}
+              "bwd": (2, 2, "softmax_backward", True)}
 
 
 def call_config(kind: str, M: int, N: int, elem_bytes: int,

@@ -653,35 +653,44 @@ def test_int32_bounds_rows_and_cooperative_counts():
         assert wide.path == heuristics.LOOPED and wide.programs > 0
 
 
-def test_log_softmax_forward_is_on_chip_at_the_forwards_limit():
-    """The log-softmax forward holds two rows' values (x and e^(x - m)) where
-    the softmax forward holds one: it keeps rows up to the forward's on-chip
-    limit by spreading them over 32 warps (bf16 32768: 64 registers; the sm_90
-    static check compiles every plan), never the backward (its bf16 32768
-    spills) nor fp64; ``wide_single=False`` halves its limit again."""
+@pytest.mark.parametrize("kind", ["log_fwd", "bwd"])
+def test_two_row_kinds_are_on_chip_at_the_forwards_limit(kind):
+    """The log-softmax forward (x and e^(x - m)) and both backwards (y and
+    dy) hold two rows' values where the softmax forward holds one: they keep
+    rows up to the forward's on-chip limit by spreading them over 32 warps
+    (bf16 32768: the log-softmax forward 63 registers, the backward 60 with y
+    read twice; the sm_90 static check compiles every plan), never fp64;
+    ``wide_single=False`` halves their limit again."""
     cpu = torch.device("cpu")
     with heuristics.override(sm_count=132):
         for elem, n in ((2, 32768), (4, 16384)):
-            log = SM.call_config("log_fwd", 16384, n, elem, cpu)
+            two = SM.call_config(kind, 16384, n, elem, cpu)
             fwd = SM.call_config("fwd", 16384, n, elem, cpu)
-            assert (log.path, log.block_n) == (fwd.path, fwd.block_n) == (heuristics.SINGLE, n)
-            assert (log.num_warps, log.regs) == (2 * fwd.num_warps, 64) == (32, 64)
-            assert SM.call_config("bwd", 16384, n, elem, cpu).path != heuristics.SINGLE
+            assert (two.path, two.block_n) == (fwd.path, fwd.block_n) == (heuristics.SINGLE, n)
+            assert (two.num_warps, two.regs) == (2 * fwd.num_warps, 64) == (32, 64)
             # shorter rows: as before, 16 warps at most
-            half = SM.call_config("log_fwd", 16384, n // 2, elem, cpu)
+            half = SM.call_config(kind, 16384, n // 2, elem, cpu)
             assert half.path == heuristics.SINGLE and half.num_warps <= 16
             with heuristics.override(wide_single=False):
-                assert SM.call_config("log_fwd", 16384, n, elem, cpu).path != heuristics.SINGLE
-        assert SM.call_config("log_fwd", 16384, 16384, 8, cpu).path != heuristics.SINGLE
-        assert SM.call_config("log_fwd", 16384, 65536, 2, cpu).path != heuristics.SINGLE
+                assert SM.call_config(kind, 16384, n, elem, cpu).path != heuristics.SINGLE
+        assert SM.call_config(kind, 16384, 16384, 8, cpu).path != heuristics.SINGLE
+        assert SM.call_config(kind, 16384, 65536, 2, cpu).path != heuristics.SINGLE
     # the plan the interpreter runs: a row past half the on-chip limit, on
-    # 32 warps, so the kernel's 32-warp form (maxima from e == 1) runs
-    x = rand(6, 100, dtype=torch.bfloat16)
-    with heuristics.override(max_single=128):
-        wide = SM.call_config("log_fwd", 6, 100, 2, cpu)
-        assert (wide.path, wide.num_warps) == (heuristics.SINGLE, 32)
-        got = softmax_gpu.log_softmax(x, -1)
-    assert_close(got, ref(x, -1, True), torch.bfloat16)
+    # 32 warps, so the kernels' 32-warp forms run (the forward's maxima from
+    # e == 1, the backward's second read of y)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = rand(6, 100, dtype=dtype).requires_grad_()
+        dy = rand(6, 100, dtype=dtype, scale=1.0)
+        with heuristics.override(max_single=128):
+            wide = SM.call_config(kind, 6, 100, dtype.itemsize, cpu)
+            assert (wide.path, wide.num_warps) == (heuristics.SINGLE, 32)
+            for log in (False, True):
+                y = FNS[log](x, -1)
+                assert_close(y, ref(x.detach(), -1, log), dtype)
+                with expect_launches(*BWD["single"]):
+                    (dx,) = torch.autograd.grad(y, x, dy)
+                dx_ref = SM.reference_backward(y.detach().double(), dy.double(), 1, log)
+                assert_close(dx, dx_ref, scale=float(dy.abs().max()) * 4)
 
 
 def test_config_reads_limits_for(monkeypatch):

@@ -278,15 +278,13 @@ def test_candidates_are_distinct_plans_defaults_first():
     assert "onchip" not in {c.name for c in long}  # 128256 is beyond the on-chip limit
     assert any("num_warps=4" in c.plan for c in long if c.name == "long_warps=4")
     assert len(tune.candidates(tune.SOFTMAX, Shape(16384, 32768), "cpu", gpu, limit=2)) == 2
-    # at 32768 the backward's rows are long (two rows on chip do not fit);
-    # the forward and the log-softmax forward (32 warps) are on chip, and
-    # their forced long-row paths take the row off chip to run there too
-    # (the forward: two resident chunks of 16384; the log-softmax forward:
-    # its long-row plans without the 32 warps, the old default among them)
-    two = tune.candidates(tune.SOFTMAX_BACKWARD, Shape(16384, 32768), "cpu", gpu)
-    assert "path=single" not in two[0].plan, two[0]
+    # at 32768 the forward, and the log-softmax forward and the backward (32
+    # warps), are on chip; their forced long-row paths take the row off chip
+    # to run there too (the forward: two resident chunks of 16384; the two
+    # others: their long-row plans without the 32 warps, the old defaults)
     for space, off in ((tune.SOFTMAX, {"max_single_2byte": 16384}),
-                       (tune.LOG_SOFTMAX, {"wide_single": False})):
+                       (tune.LOG_SOFTMAX, {"wide_single": False}),
+                       (tune.SOFTMAX_BACKWARD, {"wide_single": False})):
         got = tune.candidates(space, Shape(16384, 32768), "cpu", gpu)
         assert "path=single" in got[0].plan and "block_n=32768" in got[0].plan, space.table_op
         forced = [c for c in got if "long_path" in c.fields]
@@ -296,8 +294,9 @@ def test_candidates_are_distinct_plans_defaults_first():
         # not at the rows the defaults keep on chip with room to spare
         short = tune.candidates(space, Shape(16384, 16384), "cpu", gpu)
         assert not any("long_path" in c.fields for c in short), space.table_op
-    assert "num_warps=32" in tune.candidates(tune.LOG_SOFTMAX, Shape(16384, 32768), "cpu",
-                                             gpu)[0].plan
+    for space in (tune.LOG_SOFTMAX, tune.SOFTMAX_BACKWARD):
+        assert "num_warps=32" in tune.candidates(space, Shape(16384, 32768), "cpu",
+                                                 gpu)[0].plan, space.table_op
     for space in (tune.SOFTMAX, tune.SOFTMAX_BACKWARD, tune.LOG_SOFTMAX):
         got = tune.candidates(space, Shape(16384, 32768), "cpu", gpu)
         assert len({c.plan for c in got}) == len(got)
