@@ -19,7 +19,7 @@ import re
 from collections import defaultdict
 
 from perf.env import RunInfo
-from perf.ops import DTYPES, LCE_REF_CLASSES, LCE_REF_ROWS, TOLERANCE
+from perf.ops import DTYPES, LCE_REF_CLASSES, LCE_REF_ROWS, OFF_TARGET_TOLERANCE, TOLERANCE
 from perf.sizes import lce_model, size_label
 from perf.sweep import BASELINE, COLUMNS, INTERRUPTED
 
@@ -287,7 +287,8 @@ def _cell(r: dict | None, flagged: bool = False) -> str:
         peak = r.get("peak_mem_bytes")
         if isinstance(peak, float) and math.isfinite(peak):
             text += f", {peak / 2**30:.2f} GiB"
-        errs = [f"{k} {r[c]:.1e}" for k, c in (("dX", "dx_rel_err"), ("dW", "dw_rel_err"))
+        errs = [f"{k} {r[c]:.1e}" for k, c in (("dX", "dx_rel_err"), ("dW", "dw_rel_err"),
+                                               ("dW off target", "dw_off_target_rel_err"))
                 if isinstance(r.get(c), float) and not math.isnan(r[c])]
         if errs:
             text += "; " + ", ".join(errs)
@@ -403,7 +404,8 @@ def _linear_goal_section(rows: list[dict], info: RunInfo, ours: str) -> list[str
     """The fused linear cross-entropy's goal, read off the rows: bf16, within
     1.03x the three-GEMM floor of the same run, at a peak of at most
     dW + dX + 0.25 GiB (1.25 / 1.35 GiB for Llama-3-8B at 4096 / 16384
-    tokens), and a dW error no worse than Liger's."""
+    tokens), and a dW error no worse than Liger's, on the whole and off the
+    targets."""
     if info.meaningless_timings:
         return []
     mine = [r for r in rows if r["op"] == "linear_ce_fwd_bwd" and r["dtype"] == "bf16"
@@ -421,11 +423,16 @@ def _linear_goal_section(rows: list[dict], info: RunInfo, ours: str) -> list[str
                       (r["op"], r["dtype"], r["M"], r["N"], r.get("D"))), None)
         time_ok = math.isfinite(r["vs_floor"]) and r["vs_floor"] <= 1.03
         mem_ok = math.isfinite(peak) and peak <= budget
-        err_ok = liger is None or not r["dw_rel_err"] > liger["dw_rel_err"]
+        # dW's error on the whole and on the rows no token targets (the
+        # softmax part alone, which the targeted rows' -x hide in the whole)
+        errs = ("dw_rel_err", "dw_off_target_rel_err")
+        err_ok = liger is None or not any(r.get(c, math.nan) > liger.get(c, math.nan)
+                                          for c in errs)
         verdict = "met" if time_ok and mem_ok and err_ok and r["correct"] is not False else \
             "MISSED"
-        vs = (f"dW error {r['dw_rel_err']:.2e} vs Liger's {liger['dw_rel_err']:.2e}"
-              if liger else "no Liger row")
+        vs = (f"dW error {r['dw_rel_err']:.2e} vs Liger's {liger['dw_rel_err']:.2e}, off "
+              f"target {r.get('dw_off_target_rel_err', math.nan):.2e} vs "
+              f"{liger.get('dw_off_target_rel_err', math.nan):.2e}" if liger else "no Liger row")
         model = lce_model(r["N"], D)
         out.append(f"- {r['M']} x {D} x {r['N']}{f' ({model})' if model else ''}: "
                    f"{r['vs_floor']:.3f}x the floor, peak {peak / 2**30:.2f} GiB "
@@ -454,8 +461,11 @@ def _notes_section(rows: list[dict]) -> list[str]:
         where_text = ", ".join(where[:6]) + (f" and {len(where) - 6} more" if len(where) > 6 else "")
         out.append(f"- `{p}` {text} ({where_text})")
     tol = ", ".join(f"{k} {TOLERANCE[v]:g}" for k, v in DTYPES.items())
+    off = ", ".join(f"{k} {OFF_TARGET_TOLERANCE[v]:g}" for k, v in DTYPES.items())
     out += ["", f"Correctness: ||out - ref|| / ||ref|| against torch in float32 on the same inputs, "
-            f"once per case and provider; limits {tol}."]
+            f"once per case and provider; limits {tol}. The cross-entropy's gradient off its "
+            f"targets also on its own (the targets carry most of the norm at long rows); "
+            f"limits {off}."]
     if any(r["op"] == "linear_ce_fwd_bwd" for r in rows):
         out += ["The linear op is checked against float64 instead: the loss, dX on "
                 f"{LCE_REF_ROWS} rows and dW on {LCE_REF_CLASSES} vocabulary rows, evenly "

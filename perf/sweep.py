@@ -5,7 +5,8 @@ For each case and provider, in this order:
 1. the provider's function for the op's family (or a ``not_implemented`` row);
 2. one call on fresh seeded inputs (this is also the compile / JIT warm-up);
 3. its outputs against torch in float32 on a fresh copy of the same inputs
-   (``max_rel_err``, ``correct``): a provider that writes into its inputs
+   (``max_rel_err``, the cross-entropy's ``off_target_rel_err``, ``correct``:
+   ``perf.ops.verdict``): a provider that writes into its inputs
    cannot fool the check, and a wrong provider is flagged, not silently timed
    (a timing floor, which computes no loss, is left unchecked: ``correct``
    empty);
@@ -34,7 +35,7 @@ import torch
 
 from perf import timing
 from perf.env import RunInfo
-from perf.ops import TOLERANCE, OpSpec, dtype_name
+from perf.ops import OpSpec, dtype_name, verdict, wrong_note
 from perf.providers import NotImplementedForOp, Provider, ProviderContext
 from perf.sizes import TARGET_INPUT_BYTES, Shape, shapes_for
 
@@ -47,7 +48,8 @@ COLUMNS = [
     "op", "provider", "dtype", "M", "N", "ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw",
     "speedup_vs_torch", "peak_mem_bytes", "device", "torch", "triton", "cuda", "timestamp",
     "status", "correct", "max_rel_err", "note", "bytes", "copy_gbps", "shape_kind",
-    "D", "vs_floor", "loss_rel_err", "dx_rel_err", "dw_rel_err",
+    "D", "vs_floor", "loss_rel_err", "dx_rel_err", "dw_rel_err", "off_target_rel_err",
+    "dw_off_target_rel_err",
 ]
 
 STATUS = ("ok", "skipped", "not_implemented", "error")
@@ -97,7 +99,7 @@ def _base_row(info: RunInfo, op: str, provider: str, dtype: str, M: int, N: int,
                timestamp=info.timestamp)
     for c in ("ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw", "speedup_vs_torch",
               "peak_mem_bytes", "max_rel_err", "vs_floor", "loss_rel_err", "dx_rel_err",
-              "dw_rel_err"):
+              "dw_rel_err", "off_target_rel_err", "dw_off_target_rel_err"):
         row[c] = math.nan
     return row
 
@@ -143,7 +145,7 @@ def run_case(cfg: SweepConfig, info: RunInfo, op: OpSpec, provider: Provider, dt
     row["gbps"] = timing.gbps(row["bytes"], row["ms"])
     row["frac_copy_bw"] = timing.fraction(row["gbps"], copy_gbps)
     if row["correct"] is False:
-        row["note"] = _join(f"WRONG: rel err {row['max_rel_err']:.3g} > {TOLERANCE[dtype]:g}", note)
+        row["note"] = _join(wrong_note(row, dtype), note)
     return row
 
 
@@ -155,12 +157,11 @@ def _measure(cfg: SweepConfig, op: OpSpec, fn: Callable, dtype: torch.dtype, sha
     del inputs  # the provider may have written into them
     inputs = op.shape_inputs(shape, dtype, cfg.device, seed)
     errors = op.errors(outputs, inputs)
-    err = errors["max_rel_err"]
     del outputs
     call, grads = op.closure(fn, inputs)
     peak = timing.peak_extra_memory(call, cfg.device)  # also a warm-up call
     ms, p20, p80 = op.bench(call, cfg.device, grads, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms)
-    correct = "" if math.isnan(err) else bool(err <= TOLERANCE[dtype])  # "": not checked
+    correct = verdict(errors, dtype)  # "": not checked
     return {**errors, "correct": correct, "peak_mem_bytes": peak,
             "ms": ms, "ms_p20": p20, "ms_p80": p80}
 
@@ -271,8 +272,8 @@ def run_sweep(cfg: SweepConfig, info: RunInfo, *, progress: bool = True,
                     if row["status"] == "error":
                         bar.write(f"  ERROR {p.name} {op.name} {row['dtype']} {shape.M}x{shape.N}: {row['note']}")
                     elif row["correct"] is False:
-                        bar.write(f"  WRONG {p.name} {op.name} {row['dtype']} {shape.M}x{shape.N}: "
-                                  f"rel err {row['max_rel_err']:.3g}")
+                        bar.write(f"  {p.name} {op.name} {row['dtype']} {shape.M}x{shape.N}: "
+                                  f"{wrong_note(row, dtype)}")
                 rows.append(row)
                 bar.update(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `timeout` (see perf.cli)

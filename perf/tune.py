@@ -91,8 +91,8 @@ CPU_SM_COUNT = 2
 TUNE_COLUMNS = [
     "op", "table_op", "dtype", "M", "N", "candidate", "fields", "plan", "kernels", "ms", "ms_p20",
     "ms_p80", "gbps", "frac_copy_bw", "vs_default", "chosen", "status", "correct", "max_rel_err",
-    "peak_mem_bytes", "device", "torch", "triton", "cuda", "timestamp", "note", "bytes",
-    "copy_gbps",
+    "off_target_rel_err", "peak_mem_bytes", "device", "torch", "triton", "cuda", "timestamp",
+    "note", "bytes", "copy_gbps",
 ]
 DEFAULT = "default"
 
@@ -459,7 +459,7 @@ def _row_base(info, op: str, table_op: str, M: int, N: int, cand: Candidate | No
                torch=info.torch, triton=info.triton, cuda=info.cuda, timestamp=info.timestamp,
                chosen=False)
     for c in ("ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw", "vs_default", "max_rel_err",
-              "peak_mem_bytes"):
+              "off_target_rel_err", "peak_mem_bytes"):
         row[c] = math.nan
     if cand is not None:
         row.update(candidate=cand.name, fields=json.dumps(cand.fields, sort_keys=True),
@@ -485,7 +485,8 @@ def _measure(cfg: TuneConfig, info, space: Space, shape, cand: Candidate, provid
                              shape, seed, copy_gbps)
     row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
     for k in ("ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw", "status", "correct",
-              "max_rel_err", "peak_mem_bytes", "note", "bytes", "copy_gbps"):
+              "max_rel_err", "off_target_rel_err", "peak_mem_bytes", "note", "bytes",
+              "copy_gbps"):
         row[k] = got[k]
     row["kernels"] = " ".join(sorted(set(names)))
     return row

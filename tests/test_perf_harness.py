@@ -167,7 +167,8 @@ def test_linear_ce_inputs_and_float64_errors(monkeypatch):
     go = ops.CHECK_GRAD_OUTPUT  # run_once backpropagates go * loss
     good = {"loss": loss.float(), "dx": (go * gx).float(), "dw": (go * gw).float()}
     e = spec.errors(good, inp)
-    assert set(e) == {"max_rel_err", "loss_rel_err", "dx_rel_err", "dw_rel_err"}
+    assert set(e) == {"max_rel_err", "loss_rel_err", "dx_rel_err", "dw_rel_err",
+                      "dw_off_target_rel_err"}
     assert max(e.values()) < 1e-6
     bad = spec.errors(dict(good, dw=good["dw"] * 1.01), inp)
     assert bad["dw_rel_err"] == pytest.approx(0.01, rel=1e-3) and bad["dx_rel_err"] < 1e-6
@@ -394,6 +395,26 @@ def test_relative_error_catches_wrong_and_unwritten_outputs():
         got = cfb.run_once(fn, cfb.make_inputs(8, 64, torch.float32, "cpu", seed=5))
         err = cfb.error(got, cfb.make_inputs(8, 64, torch.float32, "cpu", seed=5))
         assert (err < 1e-6) if ok else (err > 0.5), (fn, err)
+    # the gradient off the targets is judged on its own: at long rows the
+    # targets carry nearly all of the norm, so every other element 10% off
+    # hides under the bf16 limit in the whole gradient's norm
+    good = cfb.run_once(torch.nn.functional.cross_entropy,
+                        cfb.make_inputs(4, 32768, torch.float32, "cpu", seed=6))
+    cin = cfb.make_inputs(4, 32768, torch.float32, "cpu", seed=6)
+    soft = torch.where(ops.off_target(torch.ones_like(good["dx"]), cin.target) > 0,
+                       good["dx"] * 1.1, good["dx"])
+    errs = cfb.errors(dict(good, dx=soft), cin)
+    assert errs["max_rel_err"] < ops.TOLERANCE[torch.bfloat16], errs
+    assert errs["off_target_rel_err"] == pytest.approx(0.1, rel=1e-3)
+    assert ops.verdict(errs, torch.bfloat16) is False
+    assert "off-target rel err 0.1 > " in ops.wrong_note(errs, torch.bfloat16)
+    # torch's own bf16 cross-entropy, whose gradient is exp of a bf16
+    # log-softmax, is within the off-target limit (and so never flagged)
+    bf = cfb.make_inputs(16, 32768, torch.bfloat16, "cpu", seed=7)
+    errs = cfb.errors(cfb.run_once(torch.nn.functional.cross_entropy, bf),
+                      cfb.make_inputs(16, 32768, torch.bfloat16, "cpu", seed=7))
+    assert 2e-3 < errs["off_target_rel_err"] < ops.OFF_TARGET_TOLERANCE[torch.bfloat16], errs
+    assert ops.verdict(errs, torch.bfloat16) is True
     ce = ops.OPS["ce_fwd"]
     cin = ce.make_inputs(8, 64, torch.float32, "cpu", seed=4)
     loss = torch.nn.functional.cross_entropy(cin.x, cin.target)
@@ -437,6 +458,18 @@ def test_long_row_check_names_how_rows_are_wrong(monkeypatch):
         assert row[1] is False and "9 of 9 rows off" in row[2], res.table()
         found = re.search(r"row 0: [^;]*, scale ([0-9.]+), [^;]*target \d+: ", row[2])
         assert found and abs(float(found.group(1)) - 0.4) < 0.01, row
+    # every element off its target 10% high (they are the positive ones):
+    # the off-target error is reported on its own, larger than the whole
+    # gradient's
+    real = ce._scale_
+    with monkeypatch.context() as mp:
+        mp.setattr(ce, "_scale_", lambda g, state, go: (real(g, state, go),
+                                                          g.mul_(torch.where(g > 0, 1.1, 1.0))))
+        res = gpu_checks.Results()
+        gpu_checks._long_row_check(res, "cpu", case[:1], repeats=1)
+    for row in res.items:
+        whole, off = re.search(r"grad ([0-9.e+-]+), grad off target ([0-9.e+-]+)", row[2]).groups()
+        assert row[1] is False and float(whole) < float(off) and abs(float(off) - 0.1) < 0.01, row
     # a race: each path's second run comes out different
     real, calls = ce._scale_, []
 
@@ -470,6 +503,20 @@ def test_linear_ce_check_catches_wrong_results():
     assert spec.error(dict(good, dx=torch.full_like(good["dx"], math.nan)), fresh) == math.inf
     assert spec.error(dict(good, dw=None), fresh) == math.inf
     assert math.isnan(spec.error({}, fresh))  # the floor: nothing to check
+    # the dW rows of classes no token targets (the softmax part alone) are
+    # reported on their own; at realistic scales the targeted rows carry
+    # nearly all of dW's norm, so a 10% error in every untargeted row
+    # hardly moves dw_rel_err
+    shape = sizes.Shape(64, 4096, "custom", 64)
+    good = spec.run_once(eager, spec.shape_inputs(shape, torch.float32, "cpu", seed=4))
+    fresh = spec.shape_inputs(shape, torch.float32, "cpu", seed=4)
+    hit = torch.zeros(4096, dtype=torch.bool)
+    hit[fresh.target] = True
+    soft = torch.where(hit[:, None], good["dw"], good["dw"] * 1.1)
+    errs = spec.errors(dict(good, dw=soft), fresh)
+    assert errs["dw_off_target_rel_err"] == pytest.approx(0.1, rel=1e-3), errs
+    assert errs["dw_rel_err"] < 1e-2 and errs["max_rel_err"] < 1e-2, errs
+    assert spec.errors(good, fresh)["dw_off_target_rel_err"] < 1e-5
 
 
 # --- the sweep in-process, with fake providers ------------------------------------
