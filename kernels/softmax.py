@@ -183,8 +183,9 @@ def tile_state(x, AXIS: tl.constexpr, FROM_E: tl.constexpr = False):
     any term that rounds to 1, whose 1 is then counted rather than summed:
     the same r), so that x is dead once e is formed: fewer registers where a
     thread holds many values under a tight budget (the log-softmax forward's
-    32-warp rows: bf16 32768 fits 64 registers, 16 B of spill without), more
-    elsewhere (its 4096 rows: 48 -> 56; python -m perf.static)."""
+    ``LEAN`` rows: bf16 32768 on 32 warps fits 64 registers, 16 B of spill
+    without), more elsewhere (its 4096 rows: 48 -> 56; python -m
+    perf.static)."""
     m = tl.max(x, AXIS)
     s = finite_max(tl.expand_dims(m, AXIS))
     e = exp_rel(x, s)
@@ -692,7 +693,7 @@ def softmax_fwd_single_kernel(
     ACC: tl.constexpr,  # accumulation dtype (fp32, or fp64 for fp64 input)
     BLOCK_N: tl.constexpr,  # power of two >= N
     ROWS: tl.constexpr,  # rows per program
-    WIDE: tl.constexpr = False,  # a row over 32 warps (``wide_rows``): 64 registers a thread
+    LEAN: tl.constexpr = False,  # a budget of 64 registers a thread (``lean_forms``)
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -703,7 +704,7 @@ def softmax_fwd_single_kernel(
                 other=float("-inf")).to(ACC)
     if LOG:
         # (x - m) - log1p(r): exactly 0 at the max of a one-element row
-        m, r, e = tile_state(x, 1, WIDE)
+        m, r, e = tile_state(x, 1, LEAN)
         s = finite_max(m)
         y = (x - s[:, None]) - (log1p_acc(r) + (s - m))[:, None]
     else:
@@ -1003,7 +1004,7 @@ def softmax_bwd_single_kernel(
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_N: tl.constexpr,  # power of two >= N
     ROWS: tl.constexpr,  # rows per program
-    WIDE: tl.constexpr = False,  # a row over 32 warps (``wide_rows``): 64 registers a thread
+    LEAN: tl.constexpr = False,  # a budget of 64 registers a thread (``lean_forms``)
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols32 = tl.arange(0, BLOCK_N)[None, :]
@@ -1013,14 +1014,15 @@ def softmax_bwd_single_kernel(
     gb = row_base(rows, INNER, sg_o, sg_i)
     xb = row_base(rows, INNER, sx_o, sx_i)
     y = tl.load(Y + yb[:, None] + cols * sy_n, mask=mask, other=0.0,
-                eviction_policy="evict_last" if WIDE else "").to(ACC)
+                eviction_policy="evict_last" if LEAN else "").to(ACC)
     dy = tl.load(DY + gb[:, None] + cols * sg_n, mask=mask, other=0.0).to(ACC)
     s = tl.sum(bwd_terms(y, dy, LOG), 1)
-    if WIDE:
+    if LEAN:
         # y read again (from L1, kept there by the first read's hint), so that
-        # only dy is live across the row sum: bf16 32768 at 60 registers, no
-        # spill (held, y and dy spill 56 B); the log-softmax backward reads y
-        # here only, the first read being dead
+        # only dy is live across the row sum: bf16 32768 on 32 warps at 60
+        # registers, 16384 on 16 at 62, no spill (held, y and dy spill 56 and
+        # 64 B); the log-softmax backward reads y here only, the first read
+        # being dead
         y = tl.load(Y + yb[:, None] + cols * sy_n, mask=mask, other=0.0,
                     eviction_policy="evict_first").to(ACC)
     dx = bwd_value(y, dy, s[:, None], LOG)
@@ -1271,12 +1273,13 @@ def coop_grid(cfg, M: int) -> int:
     return max(1, min(cfg.programs, M * cfg.splits))
 
 
-def wide_rows(num_warps: int) -> bool:
-    """Whether an on-chip launch spreads its rows over more than 16 warps (the
-    longest rows of the log-softmax forward and of the backward,
-    ``softmax_config(wide=True)``): its kernel then has 64 registers a thread
-    and takes the leanest forms."""
-    return num_warps > 16
+def lean_forms(regs: int) -> bool:
+    """Whether an on-chip launch with the register budget ``regs`` (maxnreg;
+    0: none) takes its kernel's lean forms: at 64 registers a thread or
+    fewer, which the plans give the longest rows of the log-softmax forward
+    and of the backward (``softmax_config(wide=True)``: one row on 32
+    warps, or two 16-warp programs per SM)."""
+    return 0 < regs <= 64
 
 
 def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype):
@@ -1290,7 +1293,7 @@ def softmax_forward_launcher(M, N, inner, x_strides, y_strides, cfg, log, dtype)
     if cfg.path == "single":
         kernel = softmax_fwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         args = (M, N, inner, *x_strides, *y_strides)
-        meta.update(ROWS=cfg.rows_per_program, WIDE=wide_rows(cfg.num_warps))
+        meta.update(ROWS=cfg.rows_per_program, LEAN=lean_forms(cfg.regs))
         names = ("softmax_fwd_single_kernel",)
 
         def launch(x, y):
@@ -1359,7 +1362,7 @@ def softmax_backward_launcher(M, N, inner, y_strides, g_strides, x_strides, cfg,
     if cfg.path == "single":
         kernel = softmax_bwd_single_kernel[(triton.cdiv(M, cfg.rows_per_program),)]
         args = (M, N, inner, *strides)
-        meta.update(ROWS=cfg.rows_per_program, WIDE=wide_rows(cfg.num_warps))
+        meta.update(ROWS=cfg.rows_per_program, LEAN=lean_forms(cfg.regs))
         names = ("softmax_bwd_single_kernel",)
 
         def launch(y, dy, dx):

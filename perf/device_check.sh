@@ -20,7 +20,7 @@
 # | install    | 4 s, 4 s       |  12 s | pip install -e . offline (--no-deps --no-build-isolation) |
 # | wheels     | 1 s, 0 s       |   8 s | only when .whl/ exists (liger-kernel, cut-cross-entropy) |
 # | gpu_checks | 23 s, 26 s     |  45 s | CUDA graphs, no-sync steps, and now the default plan and every long-row path at grad_output != 1 against float64 at LLM sizes (new: ~18 s more, estimated) |
-# | tune       | 67 s, 54 s     |  70 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured (now also the backward and log-softmax at 32768, after the cross-entropy: ~22 candidates more, ~12 s, estimated; the softmax forward, last, is what a short run skips) |
+# | tune       | 67 s, 54 s     |  70 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured (now also the backward and log-softmax at 32768, after the cross-entropy: ~22 candidates more, ~12 s, estimated, and at 16384 two each, ~2 s; the softmax forward, last, is what a short run skips) |
 # | tests      | 93 s, 80 s     |  95 s | the suite on CUDA over 12 xdist workers (compile-bound); the CPU-only files are left to CI |
 # | profile    | new            |  22 s | python -m perf.profile: ncu counters of the hot kernels, default and tuned plans (estimated) |
 # | linear_ce  | 46 s, 40 s     |  50 s | the Llama-3-8B head at 4096 and 16384 tokens against the GEMM floor and the peers (its --quick set, stopped by --time-budget-s 38; torch.compile left out: its compile alone took ~30 s) |

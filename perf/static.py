@@ -156,7 +156,7 @@ def config_functions() -> SimpleNamespace:
 
 
 def softmax_variants() -> list[Variant]:
-    from softmax_gpu.kernels.softmax import wide_rows
+    from softmax_gpu.kernels.softmax import lean_forms
 
     out = []
     for path, block_n, rows, warps, elem, kind, regs in config_functions().all_softmax_configs():
@@ -185,8 +185,8 @@ def softmax_variants() -> list[Variant]:
                                if kind == "fwd" else [])}
         for name, ptrs in names[path]:
             if path == "single":
-                extras = [dict(ROWS=rows, **({"WIDE": wide_rows(warps)}
-                                             if "WIDE" in _constexpr_names(name) else {}))]
+                extras = [dict(ROWS=rows, **({"LEAN": lean_forms(regs)}
+                                             if "LEAN" in _constexpr_names(name) else {}))]
             else:
                 extras = walk
             for extra in extras:

@@ -138,6 +138,9 @@ class Space:
     # (shape, limits) -> the fields that take a row the defaults keep on chip
     # off it, added to the forced long-row paths' (None: not at this shape)
     off_chip: Callable = lambda shape, lim: None
+    # the forced paths also where the defaults keep rows on chip and
+    # ``off_chip`` gives None (False: there the defaults and the axes only)
+    forced_on_chip: bool = True
 
 
 def _pow2(n: int) -> int:
@@ -267,10 +270,11 @@ def _softmax_off_chip(shape, lim):
 
 
 def _wide_off_chip(shape, lim):
-    """The 32-warp on-chip rows (``wide_single``) of the log-softmax forward
-    and the backward off chip: their long-row plans as before those (resident:
-    chunks of half the forward's limit)."""
-    return {"wide_single": False}
+    """The 32-warp on-chip rows (``wide_single``, past half the forward's
+    limit; the tuner's rows are bf16, ``ELEM``) of the log-softmax forward
+    and the backward off chip: their long-row plans as before those
+    (resident: chunks of half the forward's limit)."""
+    return {"wide_single": False} if _pow2(shape.N) > lim.max_single_2byte // 2 else None
 
 
 # One Axis line per tunable field, one Path line per forced path.
@@ -293,18 +297,24 @@ SOFTMAX = Space(
 # they were long rows where the softmax forward is not (2026-12-04: softmax
 # fwd+bwd 0.79 against Liger's 0.91, log-softmax fwd 0.61 against torch's
 # 0.72); now on chip on 32 warps, with those long-row plans as candidates.
-# The backward is timed as fwd+bwd; its candidates move the backward's plan
-# only (the forward at 32768 is on chip either way).
-# Tuned at 32768 only, their entries end at 65536 (longer rows: the defaults).
+# At 16384 they ran one 16-warp program per SM; now two (``lean_single``),
+# with one as the only candidate there (no forced paths: the forward's
+# space ranks those rows). The backward is timed as fwd+bwd; its
+# candidates move the backward's plan only (the forward is the same in all).
+# Tuned at 16384 and 32768 only, their entries end at 65536 (longer rows:
+# the defaults).
+TWO_ROW_AXES = SOFTMAX_AXES + (
+    Axis("lean_single", (False,)),  # 16-warp rows: one program per SM, plain forms
+)
 SOFTMAX_BACKWARD = Space(
     table_op="softmax_backward", perf_op="softmax_fwd_bwd", paths=SOFTMAX_PATHS,
-    axes=SOFTMAX_AXES, plan=_softmax_plan("bwd"), lengths=(32768,), cpu_lengths=(128,),
-    upto=65536, off_chip=_wide_off_chip,
+    axes=TWO_ROW_AXES, plan=_softmax_plan("bwd"), lengths=(16384, 32768),
+    cpu_lengths=(64, 128), upto=65536, off_chip=_wide_off_chip, forced_on_chip=False,
 )
 LOG_SOFTMAX = Space(
     table_op="log_softmax", perf_op="log_softmax_fwd", paths=SOFTMAX_PATHS,
-    axes=SOFTMAX_AXES, plan=_softmax_plan("log_fwd"), lengths=(32768,), cpu_lengths=(128,),
-    upto=65536, off_chip=_wide_off_chip,
+    axes=TWO_ROW_AXES, plan=_softmax_plan("log_fwd"), lengths=(16384, 32768),
+    cpu_lengths=(64, 128), upto=65536, off_chip=_wide_off_chip, forced_on_chip=False,
 )
 CROSS_ENTROPY = Space(
     table_op="cross_entropy", perf_op="ce_fwd_bwd",
@@ -364,9 +374,10 @@ def candidates(space: Space, shape, device, base: dict | None = None, scale: int
         with heuristics.override(op=space.table_op):
             on_chip = getattr(space.plan(shape.M, shape.N, dev), "path", "") == heuristics.SINGLE
         off = space.off_chip(shape, lim) if on_chip else None
+        unforced = on_chip and off is None and not space.forced_on_chip
         for path in space.paths:
             pf = path.fields(shape, lim)
-            if pf is None:
+            if pf is None or (unforced and pf):
                 continue
             if off and "long_path" in pf:  # forced long rows: also where on chip by default
                 pf = {**pf, **off}

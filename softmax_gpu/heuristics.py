@@ -106,6 +106,15 @@ class Limits:
     # forward 63 registers, the backward 60 with y read twice, from L1 the
     # second time; fp64 spills). False: half the limits.
     wide_single: bool = True
+    # Below those, the same kinds' longest 2-byte rows on 16 warps (half the
+    # limit above: 16384) budget 64 registers a thread, so that two programs
+    # share an SM, with the kernels' lean forms (bf16 16384, no spill: the
+    # log-softmax forward 84 -> 64 registers, the backward 83 -> 62; the
+    # forward there runs two programs per SM at 54, 0.95-0.98 of copy on
+    # 2026-12-04, where one per SM at 32768 ran 0.82). Not fp32 at 8192: its
+    # plain kernels already fit two (48-52 registers). False: one program per
+    # SM, 128 registers, the plain forms.
+    lean_single: bool = True
     # Tile (elements) of the looped and split paths.
     tile: int = 4096
     # Elements a program of the on-chip path should own when rows are short:
@@ -344,7 +353,7 @@ def resident_chunk(lim: Limits, on_chip: int) -> int:
 
 def single_regs(num_warps: int) -> int:
     """Register budget of an on-chip kernel of ``num_warps`` warps: the most
-    one program can have (128 at 16 warps, else 255). Without a budget
+    one program can have (128 at 16 warps, 64 at 32, else 255). Without a budget
     ptxas 12.8 sometimes spills a few bytes to fit one more program per SM
     (the static check found such spills in 8- and 16-warp configurations);
     with one it allocates what the code needs (the light kernels' count

@@ -85,14 +85,17 @@ def softmax_config(
     row over 32 warps, holding half the values a thread of 16, so that with
     2- and 4-byte elements it takes rows up to the forward's limit whatever
     ``live_rows`` (the log-softmax forward and the backward;
-    ``Limits.wide_single``).
+    ``Limits.wide_single``); below those, its longest 16-warp rows budget 64
+    registers, two programs per SM (``Limits.lean_single``). Both take the
+    kernels' lean forms (``lean_forms``).
     """
     lim = heuristics.limits_for(op, device, elem_bytes, N)
     block = next_pow2(N)
     cap = heuristics.by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte,
                              lim.max_single_8byte)
     narrow = max(1, cap // live_rows)
-    if block <= narrow or (wide and lim.wide_single and elem_bytes <= 4 and block <= cap):
+    lean = wide and elem_bytes <= 4
+    if block <= narrow or (lean and lim.wide_single and block <= cap):
         block = max(block, MIN_BLOCK)
         # Short rows: several rows per program, unless that would leave fewer
         # than ~2 programs per multiprocessor. Two choices only (1 or the
@@ -101,10 +104,13 @@ def softmax_config(
         if rows > 1 and -(-M // rows) < 2 * heuristics.sm_count(device):
             rows = 1
         warps = warps_for(block * rows)
+        regs = heuristics.single_regs(warps)
         if block > narrow:  # one row on 32 warps: half the values a thread of 16
             rows, warps = 1, 32
-        return SoftmaxConfig(SINGLE, block, rows, warps, 1, block,
-                             regs=heuristics.single_regs(warps))
+            regs = heuristics.single_regs(warps)
+        elif lean and lim.lean_single and elem_bytes == 2 and 2 * block > narrow and warps == 16:
+            regs //= 2  # two programs per SM (the kernels' lean forms)
+        return SoftmaxConfig(SINGLE, block, rows, warps, 1, block, regs=regs)
     if coop and lim.long_path == heuristics.RESIDENT and elem_bytes <= 4:
         # chunks laid out as the on-chip path lays out a row of that length
         # (fp64: none, its chunks spill)
@@ -157,11 +163,13 @@ def all_softmax_configs() -> list[tuple]:
     power-of-two row lengths and row counts, element sizes and call kinds,
     with the cooperative path allowed as the softmax ops plan, so the check
     cannot drift from the heuristics; long rows also with each path that
-    ``Limits.long_path`` can force (tuning candidates)."""
+    ``Limits.long_path`` can force, and on-chip rows without
+    ``Limits.lean_single`` (tuning candidates)."""
     seen = set()
     dev = torch.device("cpu")
-    for long_path, chunk in heuristics.LONG_PATH_CHOICES:
-        with heuristics.override(sm_count=132, long_path=long_path, resident_chunk=chunk):
+    choices = [dict(long_path=p, resident_chunk=c) for p, c in heuristics.LONG_PATH_CHOICES]
+    for fields in choices + [dict(lean_single=False)]:
+        with heuristics.override(sm_count=132, **fields):
             for elem in (2, 4, 8):
                 for kind in CALL_KINDS:
                     for logn in range(0, 21):

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 import softmax_gpu
 from softmax_gpu import _layout, heuristics
-from softmax_gpu.kernels.softmax import (RESIDENT_MAX_SPLITS, coop_item, resident_launch_splits,
-                                         resident_meet)
+from softmax_gpu.kernels.softmax import (RESIDENT_MAX_SPLITS, coop_item, lean_forms,
+                                         resident_launch_splits, resident_meet)
 from helpers import (
     DEVICE,
     FLOAT_DTYPES,
@@ -660,7 +660,10 @@ def test_two_row_kinds_are_on_chip_at_the_forwards_limit(kind):
     rows up to the forward's on-chip limit by spreading them over 32 warps
     (bf16 32768: the log-softmax forward 63 registers, the backward 60 with y
     read twice; the sm_90 static check compiles every plan), never fp64;
-    ``wide_single=False`` halves their limit again."""
+    ``wide_single=False`` halves their limit again. Below that, their
+    longest 16-warp rows of 2-byte elements budget 64 registers (two
+    programs per SM), and ``lean_single=False`` gives them 128 again; both
+    budgets of 64 take the kernels' lean forms."""
     cpu = torch.device("cpu")
     with heuristics.override(sm_count=132):
         for elem, n in ((2, 32768), (4, 16384)):
@@ -668,11 +671,21 @@ def test_two_row_kinds_are_on_chip_at_the_forwards_limit(kind):
             fwd = SM.call_config("fwd", 16384, n, elem, cpu)
             assert (two.path, two.block_n) == (fwd.path, fwd.block_n) == (heuristics.SINGLE, n)
             assert (two.num_warps, two.regs) == (2 * fwd.num_warps, 64) == (32, 64)
-            # shorter rows: as before, 16 warps at most
+            # shorter rows: 16 warps at most; two programs per SM at 16 with
+            # 2-byte elements (fp32's plain kernels fit two already)
             half = SM.call_config(kind, 16384, n // 2, elem, cpu)
-            assert half.path == heuristics.SINGLE and half.num_warps <= 16
+            lean = 64 if elem == 2 else 128
+            assert (half.path, half.num_warps, half.regs) == (heuristics.SINGLE, 16, lean)
+            assert lean_forms(two.regs) and lean_forms(half.regs) == (elem == 2)
+            quarter = SM.call_config(kind, 16384, n // 4, elem, cpu)
+            assert quarter.regs > 64 and not lean_forms(quarter.regs)
+            with heuristics.override(lean_single=False):
+                plain = SM.call_config(kind, 16384, n // 2, elem, cpu)
+                assert (plain.num_warps, plain.regs) == (16, 128), plain
             with heuristics.override(wide_single=False):
                 assert SM.call_config(kind, 16384, n, elem, cpu).path != heuristics.SINGLE
+        # the forward keeps its budget (one row-sized array: no lean forms)
+        assert SM.call_config("fwd", 16384, 16384, 2, cpu).regs == 128
         assert SM.call_config(kind, 16384, 16384, 8, cpu).path != heuristics.SINGLE
         assert SM.call_config(kind, 16384, 65536, 2, cpu).path != heuristics.SINGLE
     # the plan the interpreter runs: a row past half the on-chip limit, on

@@ -294,6 +294,14 @@ def test_candidates_are_distinct_plans_defaults_first():
         # not at the rows the defaults keep on chip with room to spare
         short = tune.candidates(space, Shape(16384, 16384), "cpu", gpu)
         assert not any("long_path" in c.fields for c in short), space.table_op
+        # there the two-row kinds' default is two 16-warp programs per SM
+        # (64 registers); one per SM (128) is the only candidate (the forward
+        # ranks the forced paths at those rows)
+        if space is not tune.SOFTMAX:
+            names = {c.name: c.plan for c in short}
+            assert list(names) == ["default", "lean_single=False"], names
+            assert "regs=64" in names["default"] and "num_warps=16" in names["default"]
+            assert "regs=128" in names["lean_single=False"], names
     for space in (tune.LOG_SOFTMAX, tune.SOFTMAX_BACKWARD):
         assert "num_warps=32" in tune.candidates(space, Shape(16384, 32768), "cpu",
                                                  gpu)[0].plan, space.table_op
