@@ -49,7 +49,7 @@ COLUMNS = [
     "speedup_vs_torch", "peak_mem_bytes", "device", "torch", "triton", "cuda", "timestamp",
     "status", "correct", "max_rel_err", "note", "bytes", "copy_gbps", "shape_kind",
     "D", "vs_floor", "loss_rel_err", "dx_rel_err", "dw_rel_err", "off_target_rel_err",
-    "dw_off_target_rel_err",
+    "dw_off_target_rel_err", "rounding_err", "off_target_rounding_err",
 ]
 
 STATUS = ("ok", "skipped", "not_implemented", "error")
@@ -99,7 +99,8 @@ def _base_row(info: RunInfo, op: str, provider: str, dtype: str, M: int, N: int,
                timestamp=info.timestamp)
     for c in ("ms", "ms_p20", "ms_p80", "gbps", "frac_copy_bw", "speedup_vs_torch",
               "peak_mem_bytes", "max_rel_err", "vs_floor", "loss_rel_err", "dx_rel_err",
-              "dw_rel_err", "off_target_rel_err", "dw_off_target_rel_err"):
+              "dw_rel_err", "off_target_rel_err", "dw_off_target_rel_err", "rounding_err",
+              "off_target_rounding_err"):
         row[c] = math.nan
     return row
 
