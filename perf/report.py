@@ -465,7 +465,9 @@ def _notes_section(rows: list[dict]) -> list[str]:
     out += ["", f"Correctness: ||out - ref|| / ||ref|| against torch in float32 on the same inputs, "
             f"once per case and provider; limits {tol}. The cross-entropy's gradient off its "
             f"targets also on its own (the targets carry most of the norm at long rows); "
-            f"limits {off}."]
+            f"limits {off}. Each limit is raised to twice the error of the reference rounded "
+            f"once to the dtype where that is larger (columns rounding_err, "
+            f"off_target_rounding_err)."]
     if any(r["op"] == "linear_ce_fwd_bwd" for r in rows):
         out += ["The linear op is checked against float64 instead: the loss, dX on "
                 f"{LCE_REF_ROWS} rows and dW on {LCE_REF_CLASSES} vocabulary rows, evenly "
