@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import time
 import warnings
 from pathlib import Path
 
@@ -317,7 +316,10 @@ def test_candidates_are_distinct_plans_defaults_first():
 
 class FakeSoftmax(Provider):
     """torch.softmax, with the candidate's limits deciding its behaviour: wrong
-    (and fastest) at tile 64, raising at tile 8, fast at tile 32, slow otherwise."""
+    (and fastest) at tile 64, raising at tile 8, fast at tile 32, slow
+    otherwise. Its times come from :func:`tile_clock`, not the wall clock,
+    which a loaded machine can reorder (a 10 ms sleep for the slow ones was
+    outrun by a descheduled fast one)."""
 
     name = "fake_softmax"
 
@@ -325,24 +327,40 @@ class FakeSoftmax(Provider):
         assert family == "softmax"
 
         def f(x):
-            # the candidate's fields are in force for its table op only
-            tile = heuristics.limits_for("softmax", x.device, x.element_size(), x.shape[-1]).tile
+            tile = _tile()
             if tile == 64:
                 return torch.zeros_like(x)  # wrong
             if tile == 8:
                 raise RuntimeError("does not compile")
-            if tile != 32:
-                time.sleep(0.01)
             return torch.softmax(x.float(), -1).to(x.dtype)
 
         return f
+
+
+def _tile() -> int:
+    # the candidate's fields are in force for its table op only
+    return heuristics.limits_for("softmax", torch.device("cpu"), 2, 256).tile
+
+
+@pytest.fixture
+def tile_clock(monkeypatch):
+    """The tuner's timings, by the tile in force: 0.5 ms at 64 (FakeSoftmax's
+    wrong one), 1 ms at 32, 10 ms at any other."""
+    from perf import timing
+
+    def bench(fn, device, *, grad_to_none=None, warmup_ms=25, rep_ms=100):
+        fn()
+        ms = {64: 0.5, 32: 1.0}.get(_tile(), 10.0)
+        return ms, ms, ms
+
+    monkeypatch.setattr(timing, "bench", bench)
 
 
 def _cpu_info():
     return env.run_info("cpu")
 
 
-def test_tuning_never_chooses_a_wrong_or_failing_candidate():
+def test_tuning_never_chooses_a_wrong_or_failing_candidate(tile_clock):
     cfg = tune.TuneConfig(device="cpu", spaces=[tune.SOFTMAX], ns=(256,), m=8, rep_ms=1,
                           copy_bytes=1 << 16)
     info = _cpu_info()
@@ -363,7 +381,7 @@ def test_tuning_never_chooses_a_wrong_or_failing_candidate():
     assert table["meaningless"] is True and table["slug"] == "cpu"
 
 
-def test_a_candidate_with_an_unknown_field_is_an_error_row(monkeypatch):
+def test_a_candidate_with_an_unknown_field_is_an_error_row(tile_clock):
     space = tune.Space(table_op="softmax", perf_op="softmax_fwd", paths=tune.SOFTMAX.paths,
                        axes=(tune.Axis("no_such_field", (1,)), tune.Axis("tile", (8192,))),  # 32 on CPU
                        plan=tune.SOFTMAX.plan)
@@ -397,7 +415,7 @@ def test_choice_keeps_the_defaults_within_min_gain_and_none_when_all_wrong():
     assert best["candidate"] == "a"  # the defaults failed: the fastest correct one
 
 
-def test_time_limit_skips_the_rest_and_still_chooses():
+def test_time_limit_skips_the_rest_and_still_chooses(tile_clock):
     cfg = tune.TuneConfig(device="cpu", spaces=[tune.SOFTMAX], ns=(256,), m=8, rep_ms=1,
                           copy_bytes=1 << 16, time_limit=0.0)
     rows = tune.run_tuning(cfg, _cpu_info(), provider=FakeSoftmax(), log=lambda s: None)
