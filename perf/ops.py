@@ -233,6 +233,14 @@ def off_target(grad: Tensor, target: Tensor) -> Tensor:
     return grad.scatter(1, target.clamp(0, grad.shape[1] - 1)[:, None], 0.0)
 
 
+OFF = "off target"  # relative_errors' key of the gradient off its targets
+
+
+def _norm_rel(got: Tensor, want: Tensor) -> float:
+    """||got - want|| / ||want|| (a zero ``want``: the difference's norm)."""
+    return float((got - want).norm() / want.norm().clamp_min(1e-300))
+
+
 def relative_errors(family: str, backward: bool, outputs: dict[str, Tensor],
                     inp: Inputs) -> dict[str, float]:
     """``max_rel_err``: the largest ``||out - ref|| / ||ref||`` over the
@@ -296,9 +304,6 @@ def relative_errors(family: str, backward: bool, outputs: dict[str, Tensor],
     if any(math.isnan(v) for v in [*errors, *floors, *out.values()]):
         return inf
     return out
-
-
-OFF = "off target"  # relative_errors' key of the gradient off its targets
 
 
 def relative_error(family: str, backward: bool, outputs: dict[str, Tensor], inp: Inputs) -> float:
@@ -579,28 +584,27 @@ class LinearCEOpSpec(OpSpec):
         ref = linear_ce_reference(inp)
         dx, dw, loss = outputs.get("dx"), outputs.get("dw"), outputs.get("loss")
         out = {"loss_rel_err": math.inf, "dx_rel_err": math.inf, "dw_rel_err": math.inf}
-        off = math.inf
         if loss is not None:
             got = float(loss.double().reshape(()))
             if math.isfinite(got):
                 out["loss_rel_err"] = abs(got - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
+        parts = {}  # name -> (the output's checked rows in float64, the reference's)
         for name, g, shape, idx in (("dx", dx, inp.x.shape, ref["rows"]),
                                     ("dw", dw, inp.w.shape, ref["classes"])):
             if g is None or g.shape != shape:
                 continue
             part = g[idx].double()
             if bool(torch.isfinite(part).all()):
-                r = ref[name] * CHECK_GRAD_OUTPUT
-                out[f"{name}_rel_err"] = float((part - r).norm() / r.norm().clamp_min(1e-300))
-                soft = ref["untargeted"]
-                if name == "dw" and bool(soft.any()):
-                    off = float((part[soft] - r[soft]).norm() / r[soft].norm().clamp_min(1e-300))
-                elif name == "dw":
-                    off = nan  # every sampled class is some token's target
+                parts[name] = (part, ref[name] * CHECK_GRAD_OUTPUT)
+                out[f"{name}_rel_err"] = _norm_rel(*parts[name])
         out["max_rel_err"] = max(out.values())
         # reported beside, not judged: a peer's documented approximation
-        # (gradient filtering) shows here, and is not called wrong
-        out["dw_off_target_rel_err"] = off
+        # (gradient filtering) shows here, and is not called wrong; NaN when
+        # every sampled class is some token's target
+        soft = ref["untargeted"]
+        got, want = parts.get("dw", (None, None))
+        out["dw_off_target_rel_err"] = (math.inf if got is None else nan if not bool(soft.any())
+                                        else _norm_rel(got[soft], want[soft]))
         return out
 
     def error(self, outputs, inp) -> float:

@@ -94,8 +94,8 @@ def softmax_config(
     cap = heuristics.by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte,
                              lim.max_single_8byte)
     narrow = max(1, cap // live_rows)
-    lean = wide and elem_bytes <= 4
-    if block <= narrow or (lean and lim.wide_single and block <= cap):
+    two_row = wide and elem_bytes <= 4  # the kinds that may take the lean plans
+    if block <= narrow or (two_row and lim.wide_single and block <= cap):
         block = max(block, MIN_BLOCK)
         # Short rows: several rows per program, unless that would leave fewer
         # than ~2 programs per multiprocessor. Two choices only (1 or the
@@ -104,11 +104,11 @@ def softmax_config(
         if rows > 1 and -(-M // rows) < 2 * heuristics.sm_count(device):
             rows = 1
         warps = warps_for(block * rows)
-        regs = heuristics.single_regs(warps)
         if block > narrow:  # one row on 32 warps: half the values a thread of 16
             rows, warps = 1, 32
-            regs = heuristics.single_regs(warps)
-        elif lean and lim.lean_single and elem_bytes == 2 and 2 * block > narrow and warps == 16:
+        regs = heuristics.single_regs(warps)
+        if two_row and lim.lean_single and elem_bytes == 2 and narrow < 2 * block <= 2 * narrow \
+                and warps == 16:
             regs //= 2  # two programs per SM (the kernels' lean forms)
         return SoftmaxConfig(SINGLE, block, rows, warps, 1, block, regs=regs)
     if coop and lim.long_path == heuristics.RESIDENT and elem_bytes <= 4:
