@@ -13,8 +13,9 @@ derivative. Class weights (HAS_WEIGHT, only with label smoothing) are the
 GLOBAL [V] vector; a shard reads its slice CW[OFF : OFF + W] (the weight of a
 row's target is applied by the host).
 
-Two kernels (each in a single and a looped variant), launched around the
-host's collectives (:mod:`softmax_gpu.vocab_parallel`):
+Two shard kernels (each in a single and a looped variant), launched around
+the host's collectives (:mod:`softmax_gpu.vocab_parallel`), and two per-row
+kernels between them (one launch each, instead of a score of small torch ops):
 
 - stats: per row, this shard's online-softmax state (max m, sum d of
   e^(z - m)), the target logit z_t where this rank owns the target (0
@@ -29,6 +30,13 @@ host's collectives (:mod:`softmax_gpu.vocab_parallel`):
   (the cross-entropy kernels' ``class_grad``), and 0 on rows whose three
   coefficients are 0 (ignored rows with no lse gradient), whatever the
   logits hold.
+- rows (after the collectives): each row's global lse and loss from the
+  global (max, sum), target logit and smoothing sum, through the
+  cross-entropy kernels' ``class_target`` and ``class_row_loss`` (divided by
+  the mean's denominators, ``ce_denominators_kernel``'s DEN).
+- coefs (backward): the gradient kernel's per-row terms (lse, a, b, c) from
+  the lse, the targets, the loss's grad_output (one value, or one per row)
+  and the lse's gradient, through ``class_scales`` and ``class_grad_coefs``.
 
 Paths (from ``softmax_gpu.vocab_parallel.shard_config``; its split path is run
 as looped, since a vocab shard has as many rows as there are tokens):
@@ -47,11 +55,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cross_entropy import class_grad, f64_parts, load_logits, scalar_arg, softcap_tanh
+from .cross_entropy import (DEN_LEN, class_grad, class_grad_coefs, class_row_loss, class_scales,
+                            class_target, f64_parts, load_logits, scalar_arg,
+                            smooth_weight_sum, softcap_tanh)
 from .softmax import (FP_FUSION, acc_dtype, exp_rel, finite_max, online_sum_update, regs_meta,
                       row_base)
 
-__all__ = ["stats_launcher", "grad_launcher", "stats_rows", "COEF_ROWS"]
+__all__ = ["stats_launcher", "grad_launcher", "rows_launcher", "coefs_launcher", "stats_rows",
+           "COEF_ROWS", "DEN_LEN"]
 
 # Rows of the per-row terms the gradient kernel reads: lse, a, b, c.
 COEF_ROWS = 4
@@ -264,6 +275,101 @@ def vp_grad_looped_kernel(
         tl.store(DX + yb + cols * sy_n, dx.to(DX.dtype.element_ty), mask=cmask)
 
 
+@triton.jit(do_not_specialize=["eps_hi", "eps_lo", "zl_hi", "zl_lo"])
+def vp_rows_kernel(
+    MG,  # [M] global row maxima (ACC)
+    ST,  # [K, M] global sums (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w z
+    T,  # [M] global target ids (int64)
+    CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
+    DEN,  # [DEN_LEN] denominators (ACC; read when use_den, and with weights and smoothing)
+    LSE,  # [M] out: global lse (ACC)
+    LSE32,  # [M] out: the same lse in fp32 (the caller's copy)
+    LOSS,  # [M] out: row losses (ACC), divided by the mean's denominators
+    M,  # number of rows
+    s_t,  # target stride
+    V,  # global vocabulary size
+    IGNORE,  # ignore_index
+    use_den,  # 1: divide by DEN's denominators (the mean), 0: by 1
+    eps_hi, eps_lo,  # label smoothing (f64_parts)
+    zl_hi, zl_lo,  # z-loss coefficient (f64_parts)
+    HAS_WEIGHT: tl.constexpr,  # class weights CW
+    SMOOTH: tl.constexpr,  # label smoothing: ST holds the sum of w z
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK: tl.constexpr,  # rows per program
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    rmask = rows < M
+    _, kept, _, wt = class_target(T, CW, rows * s_t, rmask, V, IGNORE, HAS_WEIGHT, ACC)
+    eps = scalar_arg(eps_hi, eps_lo, ACC)
+    z_loss = scalar_arg(zl_hi, zl_lo, ACC)
+    inv_dl, inv_dz, _, _ = class_scales(DEN, use_den, z_loss, 1.0, ACC)
+    m = tl.load(MG + rows, mask=rmask, other=0.0).to(ACC)
+    # an all -inf row (d = 0): lse -inf, as torch's logsumexp
+    l1p = tl.log(tl.load(ST + rows, mask=rmask, other=1.0).to(ACC))
+    zt = tl.load(ST + M + rows, mask=rmask, other=0.0).to(ACC)
+    lse = m + l1p
+    smooth_sum = tl.zeros_like(lse)
+    if SMOOTH:
+        sw = smooth_weight_sum(DEN, V, HAS_WEIGHT, SMOOTH, ACC)
+        smooth_sum = sw * lse - tl.load(ST + 2 * M + rows, mask=rmask, other=0.0).to(ACC)
+    loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, V, z_loss, inv_dl, inv_dz,
+                          SMOOTH)
+    tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rmask)
+    tl.store(LSE32 + rows, lse.to(tl.float32), mask=rmask)
+    tl.store(LOSS + rows, loss.to(LOSS.dtype.element_ty), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["eps_hi", "eps_lo", "zl_hi", "zl_lo"])
+def vp_coefs_kernel(
+    LSE,  # [M] global lse (ACC)
+    T,  # [M] global target ids (int64)
+    CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
+    DEN,  # [DEN_LEN] denominators (ACC; read when use_den, and with weights and smoothing)
+    G,  # the loss's grad_output: one value (s_g 0) or one per row (read when HAS_G)
+    DLSE,  # [M] gradient of the returned lse (read when HAS_DLSE)
+    COEF,  # [4, M] out (ACC): lse, a, b, c
+    M,  # number of rows
+    s_t,  # target stride
+    s_g,  # grad_output stride (0: one value for every row)
+    s_dlse,  # lse gradient stride
+    V,  # global vocabulary size
+    IGNORE,  # ignore_index
+    use_den,  # 1: the loss was divided by DEN's denominators (the mean), 0: by 1
+    eps_hi, eps_lo,  # label smoothing (f64_parts)
+    zl_hi, zl_lo,  # z-loss coefficient (f64_parts)
+    HAS_WEIGHT: tl.constexpr,  # class weights CW
+    SMOOTH: tl.constexpr,  # label smoothing
+    HAS_G: tl.constexpr,  # the loss has a gradient (else a, b, c come from the lse's alone)
+    HAS_DLSE: tl.constexpr,  # the returned lse has a gradient
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK: tl.constexpr,  # rows per program
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    rmask = rows < M
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC)
+    a = tl.zeros_like(lse)
+    b = tl.zeros_like(lse)
+    c = tl.zeros_like(lse)
+    if HAS_G:
+        _, kept, _, wt = class_target(T, CW, rows * s_t, rmask, V, IGNORE, HAS_WEIGHT, ACC)
+        eps = scalar_arg(eps_hi, eps_lo, ACC)
+        z_loss = scalar_arg(zl_hi, zl_lo, ACC)
+        g = tl.load(G + rows * s_g, mask=rmask, other=0.0).to(ACC)
+        _, _, inv_l, zl2 = class_scales(DEN, use_den, z_loss, g, ACC)
+        sw = smooth_weight_sum(DEN, V, HAS_WEIGHT, SMOOTH, ACC)
+        ga, gb, gc = class_grad_coefs(lse, wt, sw, eps, V, inv_l, zl2, SMOOTH)
+        # 0 on ignored rows even where the factors are inf or NaN (an all-ignored mean)
+        a = tl.where(kept, ga, 0.0)
+        b = tl.where(kept, gb, 0.0)
+        c = tl.where(kept, gc, 0.0)
+    if HAS_DLSE:
+        a += tl.load(DLSE + rows * s_dlse, mask=rmask, other=0.0).to(ACC)
+    tl.store(COEF + rows, lse, mask=rmask)
+    tl.store(COEF + M + rows, a, mask=rmask)
+    tl.store(COEF + 2 * M + rows, b, mask=rmask)
+    tl.store(COEF + 3 * M + rows, c, mask=rmask)
+
+
 # ----------------------------------------------------------------------------
 # Launchers. The host plans a launch once per call signature and keeps the
 # callable these return (a SoftmaxConfig for an [M, W] shard); a call then
@@ -312,5 +418,48 @@ def grad_launcher(M, W, inner, x_strides, dx_strides, s_t, off, smooth, has_weig
 
     def launch(x, t, coef, cw, dx):
         kernel(x, t, coef, cw, dx, *args, **meta)
+        return names
+    return launch
+
+
+# Rows per program of the per-row kernels (a thread per row).
+ROWS_BLOCK = 512
+ROWS_WARPS = 4
+
+
+def _row_meta(has_weight, smooth, dtype):
+    return dict(HAS_WEIGHT=has_weight, SMOOTH=smooth, ACC=acc_dtype(dtype), BLOCK=ROWS_BLOCK,
+                num_warps=ROWS_WARPS, enable_fp_fusion=FP_FUSION)
+
+
+def rows_launcher(M, s_t, V, ignore, use_den, eps, z_loss, has_weight, dtype):
+    """``launch(mg, st, t, cw, den, lse, lse32, loss)``: per row the global lse
+    (ACC and fp32) and loss (ACC, divided by ``den``'s denominators when
+    ``use_den``) from the global maxima ``mg`` and sums ``st`` [k, M];
+    ``cw`` and ``den`` may be placeholders when unused."""
+    kernel = vp_rows_kernel[(max(1, triton.cdiv(M, ROWS_BLOCK)),)]
+    args = (M, s_t, V, ignore, int(use_den), *f64_parts(eps), *f64_parts(z_loss))
+    meta = _row_meta(has_weight, eps > 0, dtype)
+    names = ("vp_rows_kernel",)
+
+    def launch(mg, st, t, cw, den, lse, lse32, loss):
+        kernel(mg, st, t, cw, den, lse, lse32, loss, *args, **meta)
+        return names
+    return launch
+
+
+def coefs_launcher(M, s_t, V, ignore, use_den, eps, z_loss, has_weight, has_g, has_dlse, dtype):
+    """``launch(lse, t, cw, den, g, dlse, coef, s_g, s_dlse)``: coef [4, M] <-
+    (lse, a, b, c), the gradient kernel's per-row terms of
+    ``sum_r (g_r loss_r + dlse_r lse_r)``; ``g`` one value (``s_g`` 0) or
+    one per row, unused without ``has_g``, as ``dlse`` without ``has_dlse``."""
+    kernel = vp_coefs_kernel[(max(1, triton.cdiv(M, ROWS_BLOCK)),)]
+    args = (M, s_t)
+    tail = (V, ignore, int(use_den), *f64_parts(eps), *f64_parts(z_loss))
+    meta = dict(_row_meta(has_weight, eps > 0, dtype), HAS_G=has_g, HAS_DLSE=has_dlse)
+    names = ("vp_coefs_kernel",)
+
+    def launch(lse, t, cw, den, g, dlse, coef, s_g, s_dlse):
+        kernel(lse, t, cw, den, g, dlse, coef, *args, s_g, s_dlse, *tail, **meta)
         return names
     return launch

@@ -24,6 +24,9 @@ Calls: fwd = no gradient needed; fwd+grad = the input requires grad (autograd
 records the op); fwd+bwd = forward, then ``torch.autograd.grad`` of it (the
 backward's cost through the autograd engine is the difference of the last
 two); bwd node = the op's backward node called directly, without the engine.
+The vocab-parallel rows run in the caller's process group, else in a group
+of one rank made for the measurement (no collective runs at one rank), with
+the whole vocabulary as the shard, beside ``F.cross_entropy``.
 """
 
 from __future__ import annotations
@@ -181,24 +184,48 @@ def _cases(device: str):
         ("linear_cross_entropy fwd+bwd", f"{M}x16 @ {N}x16 fp32",
          lce_fwd_bwd(sg.linear_cross_entropy), lce_fwd_bwd(eager_lce)),
     ]
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the group measure() made (or the caller's)
+        from softmax_gpu.distributed import vocab_parallel_cross_entropy as vp_ce
+
+        vp_shape = f"{shape}, {dist.get_world_size()} rank(s)"
+        cases += [
+            ("vocab_parallel_ce fwd+grad", vp_shape, lambda: vp_ce(xg, t),
+             lambda: F.cross_entropy(xg, t)),
+            ("vocab_parallel_ce fwd+bwd", vp_shape, fwd_bwd(vp_ce, t),
+             fwd_bwd(F.cross_entropy, t)),
+        ]
     return cases
 
 
 def measure(device: str, *, with_launch: bool = False, quick: bool = False) -> list[dict]:
     """Rows (call, shape, provider, us) for every case on ``device``
     (``quick``: fewer, shorter repeats; for tests of the harness)."""
+    import torch.distributed as dist
+
+    from perf.vocab_parallel import ensure_group
+
     timing = dict(repeats=3, min_s=0.002, warmup=1, first_n=1) if quick else {}
     rows = []
-    with stubbed_kernels():
-        # cases made under the stubs: their backward nodes hold stubbed plans
+    # the vocab-parallel op needs a group: the caller's, else one rank of our
+    # own (no collective at one rank), destroyed afterwards
+    _, _, created = ensure_group(device)
+    try:
+        with stubbed_kernels():
+            # cases made under the stubs: their backward nodes hold stubbed plans
+            for name, shape, ours, theirs in _cases(device):
+                rows.append(dict(call=name, shape=shape, provider="softmax_gpu",
+                                 us=_time_us(ours, **timing)))
         for name, shape, ours, theirs in _cases(device):
-            rows.append(dict(call=name, shape=shape, provider="softmax_gpu",
-                             us=_time_us(ours, **timing)))
-    for name, shape, ours, theirs in _cases(device):
-        rows.append(dict(call=name, shape=shape, provider="torch", us=_time_us(theirs, **timing)))
-        if with_launch:
-            rows.append(dict(call=name, shape=shape, provider="softmax_gpu+launch",
-                             us=_time_us(ours, **timing)))
+            rows.append(dict(call=name, shape=shape, provider="torch",
+                             us=_time_us(theirs, **timing)))
+            if with_launch:
+                rows.append(dict(call=name, shape=shape, provider="softmax_gpu+launch",
+                                 us=_time_us(ours, **timing)))
+    finally:
+        if created:
+            dist.destroy_process_group()
     return rows
 
 

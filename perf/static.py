@@ -370,7 +370,7 @@ def vocab_parallel_variants() -> list[Variant]:
     """The shard kernels (softmax_gpu.kernels.vocab_parallel) for every
     configuration the shard config can pick (row counts from one row to a
     linear-CE chunk and beyond; with and without extras), each with the flag
-    sets above."""
+    sets above; the per-row kernels (rows, coefs) with each option set."""
     import itertools
 
     import torch
@@ -398,6 +398,25 @@ def vocab_parallel_variants() -> list[Variant]:
                             out.append(Variant("vocab_parallel", name, dt, ptrs,
                                                tuple(sorted(cx.items())), c.num_warps, c.path,
                                                c.regs))
+    from softmax_gpu.kernels.vocab_parallel import ROWS_BLOCK, ROWS_WARPS
+
+    # The per-row kernels: no data pointer (their dtype is the accumulation's),
+    # every option set they run with.
+    for acc in ("fp32", "fp64"):
+        for has_w, smooth in ((False, False), (False, True), (True, True)):
+            cx = dict(ACC=acc, BLOCK=ROWS_BLOCK, HAS_WEIGHT=has_w, SMOOTH=smooth)
+            ptrs = (("MG", acc), ("ST", acc), ("T", "i64"), ("CW", acc), ("DEN", acc),
+                    ("LSE", acc), ("LSE32", "fp32"), ("LOSS", acc))
+            out.append(Variant("vocab_parallel", "vp_rows_kernel", acc, ptrs,
+                               tuple(sorted(cx.items())), ROWS_WARPS, "rows"))
+            ptrs = (("LSE", acc), ("T", "i64"), ("CW", acc), ("DEN", acc),
+                    ("G", "bf16" if acc == "fp32" else acc),
+                    ("DLSE", "fp32"), ("COEF", acc))
+            for has_g, has_dlse in ((True, False), (True, True), (False, True)):
+                out.append(Variant("vocab_parallel", "vp_coefs_kernel", acc, ptrs,
+                                   tuple(sorted(dict(cx, HAS_G=has_g,
+                                                     HAS_DLSE=has_dlse).items())),
+                                   ROWS_WARPS, "rows"))
     return sorted(set(out), key=lambda v: (v.kernel, v.dtype, v.label(), v.constexprs))
 
 

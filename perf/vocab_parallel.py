@@ -24,9 +24,11 @@ lm_head does), so both columns include it; ``linear_comm_bytes`` reports
 the parts.
 
 Timing: run standalone, the module initialises a single-rank process group
-(NCCL on a GPU, gloo on CPU) on 127.0.0.1 and says so: the collectives run
-but move nothing between GPUs, so the time is our kernels plus the per-call
-collective overhead, a lower bound for a multi-GPU step. With ``--shard-of
+(NCCL on a GPU, gloo on CPU) on 127.0.0.1 and says so. A group of one rank
+runs no collective (the op skips them), so the time is our kernels and host
+work alone, a lower bound for a multi-GPU step, which adds two latency-bound
+all-reduces of [N]-sized vectors per call (per chunk for the linear
+version) and the linear version's dX all-reduce. With ``--shard-of
 TP`` it times a rank's V/TP-wide shard instead of the whole vocabulary (the
 per-rank kernel work at tensor parallelism TP). Under ``torchrun`` it uses
 the launched group and each rank times its own shard of V. On CPU the
@@ -309,9 +311,8 @@ def main(argv=None) -> int:
                else "the launched process group")
         print(f"\n## timings: world size {world} ({backend}, {how})\n")
         if world == 1:
-            print("World size 1: the collectives run but move no data between devices, so these "
-                  "are our kernels plus the per-call collective overhead, a lower bound for a "
-                  "multi-GPU step." + (f" Each case times a V/{args.shard_of} shard." if
+            print("World size 1: the op runs no collective, so these are our kernels and host "
+                  "work alone, a lower bound for a multi-GPU step." + (f" Each case times a V/{args.shard_of} shard." if
                                        args.shard_of > 1 else ""))
         if device != "cuda" or env.run_info(device).interpreted:
             print("CPU / Triton interpreter: the timings only exercise the code.")

@@ -65,6 +65,7 @@ from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import backend_for, launch_device, launch_on, new_output, plan_cache, remember
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows
+from .kernels import cross_entropy as _CE
 from .kernels import vocab_parallel as K
 from .linear_cross_entropy import _backprop, _check_main_grad, _grad_buffers, _hand_out, _logits
 from .linear_cross_entropy import _check_options as _linear_options
@@ -356,15 +357,38 @@ class _ShardLoss:
     ALL the targets, on the device), the stats of a block of rows, their
     collectives and row losses, and the gradient's per-row terms.
 
+    With the kernels (``backend_for`` the targets: CUDA, or the interpreter)
+    the denominators are one ``ce_denominators_kernel`` launch, each block's
+    lse and row losses one ``vp_rows_kernel`` launch and its gradient terms
+    one ``vp_coefs_kernel`` launch; the torch reference forms the same terms
+    from torch ops. A group of one rank runs no collective: its shard's
+    statistics are the rows' (bit for bit what the collectives would give,
+    and lse -inf for a row of -inf logits).
+
     ``rows`` arguments are slices of the call's N rows (a chunk, or all)."""
 
     def __init__(self, t: Tensor, weight: Optional[Tensor], pg, layout: _Layout, opts: _Opts,
                  dtype: torch.dtype):
-        self.t, self.pg, self.layout, self.opts = t, pg, layout, opts
+        self.pg, self.layout, self.opts = pg, layout, opts
         self.acc = acc = _acc(dtype)
+        self.dtype = dtype
         V = layout.vocab
         self.smooth = opts.eps > 0
         self.cw = weight.to(acc).contiguous() if weight is not None else None
+        self.kernels = backend_for(t) == "triton"
+        if self.kernels:
+            self.t = t = t.contiguous()
+            self.dev = launch_device(t.device)
+            self.use_den = opts.reduction == "mean"
+            self.den = None
+            if self.use_den or (self.cw is not None and self.smooth):
+                self.den = new_output((K.DEN_LEN,), acc, t.device)
+                launch = _den_launcher(t.numel(), V, opts.ignore, self.cw is not None,
+                                       self.smooth, self.use_den, dtype, t.device)
+                launch_on(self.dev, launch, t, self.den if self.cw is None else self.cw,
+                          self.den, self.den)
+            return
+        self.t = t
         self.kept = kept = t != opts.ignore
         inside = (t >= 0) & (t < V)
         if self.cw is None:
@@ -385,15 +409,27 @@ class _ShardLoss:
         return _shard_stats(x, self.t[rows], lay.off, lay.vocab, o.ignore, self.smooth, o.cap,
                             self.cw)
 
-    def combine(self, mx: Tensor, st: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
-        """The two collectives, then (global lse [n], row losses [n]) in ACC;
-        for the mean each row is already divided by the denominators, so that
-        the sum of the rows is the loss."""
+    def combine(self, mx: Tensor, st: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """The two collectives, then (global lse [n] in ACC, row losses [n] in
+        ACC, the lse in fp32: a copy for the caller); for the mean each row is
+        already divided by the denominators, so that the sum of the rows is
+        the loss."""
         pg, o, V = self.pg, self.opts, self.layout.vocab
-        mg = mx.clone()
-        dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=pg)
-        st[0].mul_(torch.exp(mx - mg))
-        dist.all_reduce(st, op=dist.ReduceOp.SUM, group=pg)
+        if len(self.layout.widths) > 1:
+            mg = mx.clone()
+            dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=pg)
+            st[0].mul_(torch.exp(mx - mg))
+            dist.all_reduce(st, op=dist.ReduceOp.SUM, group=pg)
+        else:
+            mg = mx
+        if self.kernels:
+            n, dev = mx.shape[0], mx.device
+            lse, loss = new_output((n,), self.acc, dev), new_output((n,), self.acc, dev)
+            lse32 = new_output((n,), torch.float32, dev)
+            launch_on(self.dev, self._row_launch("rows", n), mg, st, self.t[rows],
+                      mg if self.cw is None else self.cw, mg if self.den is None else self.den,
+                      lse, lse32, loss)
+            return lse, loss, lse32
         lse = mg + torch.log(st[0])
         kept, w_t = self.kept[rows], self.w_t[rows]
         ce = w_t * (lse - st[1])
@@ -404,7 +440,7 @@ class _ShardLoss:
         if o.reduction == "mean":  # an all-ignored batch gives 0 / 0 = NaN, as torch
             ce = ce / self.dl
             zl = zl / self.dz if zl is not None else None
-        return lse, ce if zl is None else ce + zl
+        return lse, ce if zl is None else ce + zl, lse.to(torch.float32, copy=True)
 
     def reduce(self, rows: Tensor) -> Tensor:
         """The loss from all the row losses (already divided for the mean)."""
@@ -415,12 +451,26 @@ class _ShardLoss:
             loss = loss * math.nan  # the mean of no rows, as torch
         return loss
 
-    def scales(self, grad: Optional[Tensor]):
+    def _row_launch(self, kind: str, n: int, has_g: bool = False, has_dlse: bool = False):
+        """The memoised per-row launch (``vp_rows_kernel`` or ``vp_coefs_kernel``) for n rows."""
+        o = self.opts
+        key = (kind, n, self.layout.vocab, o.ignore, self.use_den, o.eps, o.z,
+               self.cw is not None, has_g, has_dlse, self.dtype)
+        launch = _LAUNCHERS.get(key)
+        if launch is None:
+            args = (n, 1, self.layout.vocab, o.ignore, self.use_den, o.eps, o.z,
+                    self.cw is not None)
+            launch = (K.rows_launcher(*args, self.dtype) if kind == "rows" else
+                      K.coefs_launcher(*args, has_g, has_dlse, self.dtype))
+            remember(_LAUNCHERS, key, launch)
+        return launch
+
+    def _scales(self, grad):
         """(g_l, g_z): the factors of the loss's terms (cross-entropy, z-loss)
-        in each row's gradient, from the loss's grad_output (None: 1); 0-d,
-        or [N] for ``reduction="none"``."""
-        if grad is None:
-            grad = torch.ones((), dtype=self.acc, device=self.t.device)
+        in each row's gradient, from the loss's grad_output (a tensor, or the
+        float 1.0); 0-d, or [N] for ``reduction="none"`` (torch reference)."""
+        if not isinstance(grad, Tensor):
+            grad = torch.full((), grad, dtype=self.acc, device=self.t.device)
         g = grad.to(self.acc)
         if self.opts.reduction == "none":
             g = g.reshape(-1)
@@ -429,18 +479,34 @@ class _ShardLoss:
             return g, g
         return g / self.dl, g / self.dz
 
-    def coefs(self, lse: Tensor, rows: slice, g_l: Optional[Tensor], g_z: Optional[Tensor],
-              dlse: Optional[Tensor]) -> Tensor:
+    def coefs(self, lse: Tensor, rows: slice, grad, dlse: Optional[Tensor]) -> Tensor:
         """The gradient kernel's per-row terms [4, n] (lse, a, b, c) of
-        ``sum_r (g_l loss_r + g_z zloss_r + dlse_r lse_r)`` for the call's
-        ``rows``, so that dz = a sigma - b [c == t] - c w_c."""
+        ``sum_r (g_r loss_r + dlse_r lse_r)`` for the call's ``rows``, so that
+        dz = a sigma - b [c == t] - c w_c; ``grad``: the loss's grad_output
+        (0-d, or [N] for ``reduction="none"``), the float 1.0, or None when
+        the loss has no gradient."""
+        if self.kernels:
+            n, dev = lse.shape[0], lse.device
+            g = grad
+            if isinstance(g, Tensor) and g.dim():
+                g = g.reshape(-1)[rows]
+            elif g is not None and not isinstance(g, Tensor):
+                g = torch.full((), g, dtype=self.acc, device=dev)
+            d = dlse.reshape(-1)[rows] if dlse is not None else None
+            coef = new_output((K.COEF_ROWS, n), self.acc, dev)
+            launch_on(self.dev, self._row_launch("coefs", n, g is not None, d is not None),
+                      lse, self.t[rows], lse if self.cw is None else self.cw,
+                      lse if self.den is None else self.den, lse if g is None else g,
+                      lse if d is None else d, coef, g.stride(0) if g is not None and g.dim()
+                      else 0, d.stride(0) if d is not None else 0)
+            return coef
         o, V = self.opts, self.layout.vocab
         pick = (lambda v: v[rows] if v is not None and v.dim() else v)
-        g_l, g_z = pick(g_l), pick(g_z)
         zero = torch.zeros_like(lse)
-        if g_l is None:
+        if grad is None:
             a, b, c = zero, zero, zero
         else:
+            g_l, g_z = (pick(v) for v in self._scales(grad))
             # 0 on ignored rows even where g_l is inf or NaN (an all-ignored mean)
             kept, w_t = self.kept[rows], self.w_t[rows]
             b = torch.where(kept, g_l * ((1.0 - o.eps) * w_t), 0.0)
@@ -462,6 +528,20 @@ class _ShardLoss:
                            self.cw, out)
 
 
+def _den_launcher(M: int, V: int, ignore: int, has_weight: bool, smooth: bool, count: bool,
+                  dtype: torch.dtype, device: torch.device):
+    """The memoised ``ce_denominators_kernel`` launch of a call's M targets:
+    DEN <- (sum of w_t, kept rows, sum of w, their reciprocals)."""
+    key = ("den", M, V, ignore, has_weight, smooth, count, dtype, device)
+    launch = _LAUNCHERS.get(key)
+    if launch is None:
+        steps = heuristics.limits_for("cross_entropy", device, torch.finfo(dtype).bits // 8,
+                                      V).den_serial_steps
+        launch = remember(_LAUNCHERS, key, _CE.denominators_launcher(
+            M, V, ignore, has_weight, smooth, dtype, count, serial_steps=steps))
+    return launch
+
+
 _ALL = slice(None)
 
 
@@ -472,11 +552,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, inplace, loss_dtype):
         mx, st = fn.stats(x, _ALL)
-        lse, rows = fn.combine(mx, st, _ALL)
+        lse, rows, lse32 = fn.combine(mx, st, _ALL)
         ctx.save_for_backward(x, lse)
         ctx.fn, ctx.inplace, ctx.done = fn, inplace, False
         ctx.set_materialize_grads(False)
-        return fn.reduce(rows).to(loss_dtype), lse.to(torch.float32, copy=True)
+        return fn.reduce(rows).to(loss_dtype), lse32
 
     @staticmethod
     @once_differentiable
@@ -492,8 +572,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             ctx.done = True
         x, lse = ctx.saved_tensors
         fn = ctx.fn
-        g_l, g_z = fn.scales(d_loss) if d_loss is not None else (None, None)
-        coef = fn.coefs(lse, _ALL, g_l, g_z, d_lse)
+        coef = fn.coefs(lse, _ALL, d_loss, d_lse)
         dx = fn.grad_(x, _ALL, coef, x if ctx.inplace else None)
         if ctx.inplace:
             torch.autograd.graph.increment_version(x)  # its values are now the gradient
@@ -631,7 +710,7 @@ def _slices(N: int, rows: int) -> list[slice]:
 
 
 def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows: int,
-                needs, loss: bool, lse: Optional[Tensor] = None, g=(None, None),
+                needs, loss: bool, lse: Optional[Tensor] = None, grad=None,
                 dlse: Optional[Tensor] = None, acc32: bool = False,
                 main_grad: Optional[Tensor] = None):
     """One pass over the chunks of tokens. Per chunk: the logits GEMM into a
@@ -639,7 +718,8 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
     collectives (lse and row losses), else the forward's ``lse``; when
     gradients are asked (``needs``), the gradient of
     ``sum_r (g_l loss_r + g_z zloss_r + dlse_r lse_r)`` written over the
-    buffer, then dX[chunk] = dlogits @ W_r and dW_r, db_r accumulated in
+    buffer (``grad``: the loss's grad_output, the float 1.0, or None; see
+    :meth:`_ShardLoss.coefs`), then dX[chunk] = dlogits @ W_r and dW_r, db_r accumulated in
     place (dW_r in the weight's dtype, fp32 with ``acc32``, or added into
     ``main_grad``; as :func:`softmax_gpu.linear_cross_entropy`). dX is
     all-reduced over the group at the end (each rank's is its shard's part).
@@ -653,17 +733,17 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
     for i, sl in enumerate(_slices(N, rows)):
         z = _logits(x[sl], w, b, buf[: sl.stop - sl.start])
         if loss:
-            lse_c, rows_c = fn.combine(*fn.stats(z, sl), sl)
+            lse_c, rows_c, _ = fn.combine(*fn.stats(z, sl), sl)
             lses.append(lse_c)
             losses.append(rows_c)
         else:
             lse_c = lse[sl]
         if want:
-            fn.grad_(z, sl, fn.coefs(lse_c, sl, g[0], g[1], dlse), z)
+            fn.grad_(z, sl, fn.coefs(lse_c, sl, grad, dlse), z)
             if grads.dx is not None:
                 torch.mm(z, w, out=grads.dx[sl])
             _backprop(z, x[sl], w, grads, first=i == 0)
-    if grads.dx is not None:
+    if grads.dx is not None and len(fn.layout.widths) > 1:
         dist.all_reduce(grads.dx, op=dist.ReduceOp.SUM, group=fn.pg)
     if loss:
         empty = x.new_empty(0, dtype=fn.acc)
@@ -683,7 +763,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     def forward(ctx, x, w, b, fn, rows, needs, keep_inputs, acc32, main_grad):
         grad = any(needs) and fn.opts.reduction != "none" and main_grad is None
         lse, losses, grads = _chunk_pass(x, w, b, fn, rows, needs if grad else (False,) * 3,
-                                         True, g=fn.scales(None), acc32=acc32)
+                                         True, grad=1.0, acc32=acc32)
         ctx.fn, ctx.rows, ctx.acc32, ctx.main_grad = fn, rows, acc32, main_grad
         ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
         ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
@@ -703,8 +783,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if d_lse is None and ctx.precomputed:
             out = _scale_out(ctx, dx, dw, db, d_loss)
         else:
-            g = fn.scales(d_loss) if d_loss is not None else (None, None)
-            grads = _chunk_pass(x, w, b, fn, ctx.rows, ctx.needs, False, lse, g, d_lse,
+            grads = _chunk_pass(x, w, b, fn, ctx.rows, ctx.needs, False, lse, d_loss, d_lse,
                                 ctx.acc32, ctx.main_grad)[2]
             out = _hand_out(ctx, *grads[:3])
         return (*out, None, None, None, None, None, None)

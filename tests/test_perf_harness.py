@@ -741,8 +741,11 @@ def test_host_cost_table(tmp_path):
     calls = {r["op"] for r in rows}
     for call in ("softmax fwd", "log_softmax fwd+bwd", "cross_entropy fwd+grad",
                  "cross_entropy_with_grad", "CrossEntropyLoss module fwd+grad",
-                 "linear_cross_entropy fwd+bwd"):
+                 "linear_cross_entropy fwd+bwd", "vocab_parallel_ce fwd+bwd"):
         assert f"host:{call}" in calls
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the one-rank group it made is gone
     assert {r["provider"] for r in rows} == {"softmax_gpu", "torch", "softmax_gpu+launch"}
     assert {r["op"] for r in rows if r["provider"] == "softmax_gpu+launch"} == calls
     assert all(float(r["ms"]) > 0 for r in rows)

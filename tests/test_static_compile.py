@@ -81,6 +81,14 @@ def _vocab_parallel_shard_calls(x, t, off, vocab):
     D._shard_stats(x, t, off, vocab, -100, True)
     coef = torch.ones(4, t.numel())  # per-row terms: lse, a, b, c
     D._shard_grad(x, t, coef, off, True)
+    # the per-row kernels between them (one rank: no collective), the mean's
+    # one grad_output and a returned lse's gradient
+    W = x.shape[-1]
+    fn = D._ShardLoss(t, None, None, D._Layout(0, W, (W,)), D._Opts(-100, "mean", 0.1, 0.0, 0.0),
+                      x.dtype)
+    mx, st = fn.stats(x, D._ALL)
+    lse, _, _ = fn.combine(mx, st, D._ALL)
+    fn.coefs(lse, D._ALL, torch.ones((), dtype=x.dtype), torch.ones(t.numel()))
 
 
 def _typical_calls():

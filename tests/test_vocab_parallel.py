@@ -126,6 +126,14 @@ LINEAR3 = [
          targets_on=(0,)),
 ]
 
+# One rank: the cases above with the whole vocabulary on it (no collective runs).
+def _one_rank(c: dict) -> dict:
+    return {k: v for k, v in c.items() if k != "targets_on"} | {"widths": (sum(c["widths"]),)}
+
+
+WORLD1 = [_one_rank(c) for c in WORLD2 + WORLD3 if not c.get("neg_inf")]
+LINEAR1 = [_one_rank(c) for c in LINEAR2 + LINEAR3]
+
 LOOPED = dict(max_single=16, tile=16, sm_count=2)
 
 
@@ -180,8 +188,8 @@ def _make_case(c: dict, rank: int):
         shard = buf[..., :W]
     elif layout == "transposed":  # columns contiguous: stride along the row is the row count
         shard = shard.t().contiguous().t()
-    else:
-        shard = shard.contiguous()
+    else:  # a copy: with one rank the shard is the whole of full, which inplace overwrites
+        shard = shard.clone(memory_format=torch.contiguous_format)
     return full, target, shard, off
 
 
@@ -245,7 +253,9 @@ def _run_case(rank: int, c: dict, interpret: bool) -> None:
         if interpret:
             cfg = shard_config(target.numel(), W, x.element_size(), x.device, _extras(c))
             kind = "single" if cfg.path == "single" else "looped"
-            names = (f"vp_stats_{kind}",) + ((f"vp_grad_{kind}",) if W else ())
+            den = c["reduction"] == "mean" or (c.get("weight") and c.get("eps", 0.0) > 0)
+            names = (("ce_denominators",) if den else ()) + (
+                f"vp_stats_{kind}", "vp_rows", "vp_coefs") + ((f"vp_grad_{kind}",) if W else ())
             launches = expect_launches(*names)
         else:
             launches = contextlib.nullcontext()
@@ -588,6 +598,42 @@ def _torch_path(rank: int) -> None:
         D.backend_for = backend
 
 
+def _no_collective(rank: int) -> None:
+    """One rank: no collective runs (the shard's statistics are the rows'), in
+    both backends, and a row of -inf logits has lse -inf, as torch's."""
+    import torch.distributed as dist
+
+    import softmax_gpu.vocab_parallel as D
+    from softmax_gpu.distributed import (vocab_parallel_cross_entropy,
+                                         vocab_parallel_linear_cross_entropy)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective ran in a group of one rank")
+
+    x = torch.randn(4, 37, dtype=torch.float64)
+    x[2] = -math.inf
+    t = torch.tensor([3, 0, 5, -100])
+    h, w = torch.randn(5, 8, requires_grad=True), torch.randn(37, 8, requires_grad=True)
+    backend, real = D.backend_for, dist.all_reduce
+    dist.all_reduce = refuse
+    try:
+        for torch_path in (False, True):
+            if torch_path:
+                D.backend_for = lambda t: "torch"
+            xg = x.clone().requires_grad_(True)
+            loss, lse = vocab_parallel_cross_entropy(xg, t, reduction="none", return_lse=True)
+            loss.sum().backward()
+            assert torch.equal(lse[2], torch.tensor(-math.inf)), lse
+            torch.testing.assert_close(lse, torch.logsumexp(x, -1).float())
+            ref = F.cross_entropy(x, t, reduction="none")
+            torch.testing.assert_close(loss[[0, 1, 3]], ref[[0, 1, 3]])
+            vocab_parallel_linear_cross_entropy(h, w, torch.tensor([1, 2, 3, 4, -100]),
+                                                chunk_size=2).backward()
+    finally:
+        dist.all_reduce = real
+        D.backend_for = backend
+
+
 def _init_child(rank, world, port, interpret, backend="gloo"):
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before softmax_gpu is imported
@@ -648,7 +694,7 @@ def _cuda_worker(rank, world, port, interpret):
         (ref + ref_lse.mean()).backward()
         for inplace in (False, True):
             x = full.cuda().requires_grad_(True)
-            with expect_launches("vp_stats", "vp_grad"):
+            with expect_launches("ce_denominators", "vp_stats", "vp_rows", "vp_coefs", "vp_grad"):
                 loss, lse = vocab_parallel_cross_entropy(
                     x, t.cuda(), weight=_class_weights(V).cuda(), label_smoothing=c["eps"],
                     z_loss=c["z"], softcap=c["cap"], return_lse=True, inplace_backward=inplace)
@@ -656,6 +702,17 @@ def _cuda_worker(rank, world, port, interpret):
             assert_close(loss.cpu(), ref.detach(), dtype)
             assert_close(lse.cpu(), ref_lse.detach(), F32)
             assert_close(x.grad.cpu(), xr.grad, dtype, scale=2.0)
+    # no host sync once the layout is known (one rank: no collective either)
+    x, tc, cw = full.cuda().requires_grad_(True), t.cuda(), _class_weights(V).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, lse = vocab_parallel_cross_entropy(
+            x, tc, weight=cw, label_smoothing=c["eps"], z_loss=c["z"], softcap=c["cap"],
+            return_lse=True)
+        (loss + lse.mean()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     xin = torch.randn(300, 64, device="cuda", dtype=BF16, requires_grad=True)
     w = torch.randn(5000, 64, device="cuda", dtype=BF16, requires_grad=True)
     t = torch.randint(0, 5000, (300,), device="cuda")
@@ -684,6 +741,14 @@ def test_two_ranks():
     from helpers import spawn_group
 
     spawn_group(_worker, 2, WORLD2 + FLASH_PARALLEL_CE, LINEAR2, ("_retain_graph", "_linear_memory"))
+
+
+def test_one_rank():
+    """A group of one rank: the two-rank and three-rank cases with the whole
+    vocabulary on it, and no collective at all."""
+    from helpers import spawn_group
+
+    spawn_group(_worker, 1, WORLD1, LINEAR1, ("_no_collective",))
 
 
 def test_three_ranks():
