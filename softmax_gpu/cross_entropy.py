@@ -612,9 +612,8 @@ class _Plan:
         self.flat_t = target.dim() == 1 and target.stride(0) == 1
         use_den = reduction == "mean" or divisor is not None
         if use_den or (has_w and eps > 0):
-            self.den = K.denominators_launcher(
-                self.M, self.C, ignore_index, has_w, eps > 0, x.dtype, count=reduction == "mean",
-                divisor=div, serial_steps=_den_serial_steps(x, self.C))
+            self.den = denominators_plan(self.M, self.C, ignore_index, has_w, eps > 0, x.dtype,
+                                         x.device, count=reduction == "mean", divisor=div)
         self.main = K.class_launcher(
             self.M, self.C, r.inner, r.strides, g_rows.strides, ignore_index, use_den, eps,
             zl, cap, grad_scale, has_w, write, x.dtype, cfg, lse_all=lse_all)
@@ -662,9 +661,15 @@ class _Plan:
         return _reduce(rows, self.reduction, self.batch, dtype)
 
 
-def _den_serial_steps(x: Tensor, C: int) -> int:
-    """The denominators launch's ``serial_steps`` for logits ``x`` of C classes."""
-    return heuristics.limits_for("cross_entropy", x.device, x.element_size(), C).den_serial_steps
+def denominators_plan(M: int, C: int, ignore_index: int, has_weight: bool, smooth: bool,
+                      dtype: torch.dtype, device: torch.device, *, count: bool = True,
+                      divisor=None):
+    """The ``ce_denominators_kernel`` launch (``K.denominators_launcher``) for M
+    targets over C classes of ``dtype`` logits on ``device``, its serial steps
+    from the heuristics' limits; ``divisor``: None, a float, or "tensor"."""
+    steps = heuristics.limits_for("cross_entropy", device, dtype.itemsize, C).den_serial_steps
+    return K.denominators_launcher(M, C, ignore_index, has_weight, smooth, dtype, count, divisor,
+                                   serial_steps=steps)
 
 
 # Row-wise backward launchers over a (N, C, *) layout, memoised:
@@ -779,9 +784,8 @@ class _BackwardPlan:
         div = "tensor" if isinstance(divisor, torch.dtype) else divisor
         self.den = None
         if use_den or (has_w and eps > 0):
-            self.den = K.denominators_launcher(
-                self.M, r.n, ignore_index, has_w, eps > 0, x.dtype, count=reduction == "mean",
-                divisor=div, serial_steps=_den_serial_steps(x, r.n))
+            self.den = denominators_plan(self.M, r.n, ignore_index, has_w, eps > 0, x.dtype,
+                                         x.device, count=reduction == "mean", divisor=div)
         cfg = cross_entropy_backward_config(self.M, r.n, x.element_size(), x.device,
                                             has_w or eps > 0 or cap > 0)
         self.main = K.class_backward_launcher(

@@ -74,7 +74,8 @@ from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (backend_for, launch_device, launch_on, new_output, plan_cache,
                         remember, traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
-                            cross_entropy_config, cross_entropy_scale_config, reference_lse_grad)
+                            cross_entropy_config, cross_entropy_scale_config, denominators_plan,
+                            reference_lse_grad)
 from .kernels import cross_entropy as K
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions"]
@@ -280,11 +281,10 @@ class _ChunkLoss:
         self.dev = launch_device(x.device)
         if self.use_den or (self.w is not None and spec.eps > 0):
             self.den = new_output((K.DEN_LEN,), acc, x.device)
-            launch = K.denominators_launcher(
+            launch = denominators_plan(
                 t.shape[0], V, spec.ignore_index, self.w is not None, spec.eps > 0, x.dtype,
-                count=self.mean, divisor="tensor" if div_t is not None else spec.divisor,
-                serial_steps=heuristics.limits_for("cross_entropy", x.device, x.element_size(),
-                                                   V).den_serial_steps)
+                x.device, count=self.mean,
+                divisor="tensor" if div_t is not None else spec.divisor)
             launch_on(self.dev, launch, t, self.w if self.w is not None else self.den,
                       div_t if div_t is not None else self.den, self.den)
 

@@ -64,8 +64,7 @@ from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import backend_for, launch_device, launch_on, new_output, plan_cache, remember
 from ._layout import as_rows
-from .cross_entropy import _scalar_options, check_inplace_rows
-from .kernels import cross_entropy as _CE
+from .cross_entropy import _scalar_options, check_inplace_rows, denominators_plan
 from .kernels import vocab_parallel as K
 from .linear_cross_entropy import _backprop, _check_main_grad, _grad_buffers, _hand_out, _logits
 from .linear_cross_entropy import _check_options as _linear_options
@@ -87,6 +86,11 @@ class _Layout(NamedTuple):
     off: int  # global id of this rank's first column
     vocab: int  # global vocabulary V
     widths: tuple  # every rank's width, in rank order
+
+    @property
+    def alone(self) -> bool:
+        """A group of one rank: its shard is the vocabulary, and no collective runs."""
+        return len(self.widths) == 1
 
 
 class _Opts(NamedTuple):
@@ -415,7 +419,7 @@ class _ShardLoss:
         already divided by the denominators, so that the sum of the rows is
         the loss."""
         pg, o, V = self.pg, self.opts, self.layout.vocab
-        if len(self.layout.widths) > 1:
+        if not self.layout.alone:
             mg = mx.clone()
             dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=pg)
             st[0].mul_(torch.exp(mx - mg))
@@ -467,10 +471,8 @@ class _ShardLoss:
 
     def _scales(self, grad):
         """(g_l, g_z): the factors of the loss's terms (cross-entropy, z-loss)
-        in each row's gradient, from the loss's grad_output (a tensor, or the
-        float 1.0); 0-d, or [N] for ``reduction="none"`` (torch reference)."""
-        if not isinstance(grad, Tensor):
-            grad = torch.full((), grad, dtype=self.acc, device=self.t.device)
+        in each row's gradient, from the loss's grad_output; 0-d, or [N] for
+        ``reduction="none"`` (torch reference)."""
         g = grad.to(self.acc)
         if self.opts.reduction == "none":
             g = g.reshape(-1)
@@ -479,19 +481,16 @@ class _ShardLoss:
             return g, g
         return g / self.dl, g / self.dz
 
-    def coefs(self, lse: Tensor, rows: slice, grad, dlse: Optional[Tensor]) -> Tensor:
+    def coefs(self, lse: Tensor, rows: slice, grad: Optional[Tensor],
+              dlse: Optional[Tensor]) -> Tensor:
         """The gradient kernel's per-row terms [4, n] (lse, a, b, c) of
         ``sum_r (g_r loss_r + dlse_r lse_r)`` for the call's ``rows``, so that
         dz = a sigma - b [c == t] - c w_c; ``grad``: the loss's grad_output
-        (0-d, or [N] for ``reduction="none"``), the float 1.0, or None when
-        the loss has no gradient."""
+        (0-d, or [N] for ``reduction="none"``), or None when the loss has no
+        gradient."""
         if self.kernels:
             n, dev = lse.shape[0], lse.device
-            g = grad
-            if isinstance(g, Tensor) and g.dim():
-                g = g.reshape(-1)[rows]
-            elif g is not None and not isinstance(g, Tensor):
-                g = torch.full((), g, dtype=self.acc, device=dev)
+            g = grad.reshape(-1)[rows] if grad is not None and grad.dim() else grad
             d = dlse.reshape(-1)[rows] if dlse is not None else None
             coef = new_output((K.COEF_ROWS, n), self.acc, dev)
             launch_on(self.dev, self._row_launch("coefs", n, g is not None, d is not None),
@@ -532,13 +531,12 @@ def _den_launcher(M: int, V: int, ignore: int, has_weight: bool, smooth: bool, c
                   dtype: torch.dtype, device: torch.device):
     """The memoised ``ce_denominators_kernel`` launch of a call's M targets:
     DEN <- (sum of w_t, kept rows, sum of w, their reciprocals)."""
-    key = ("den", M, V, ignore, has_weight, smooth, count, dtype, device)
+    key = ("den", M, V, ignore, has_weight, smooth, count, dtype, device,
+           heuristics.generation())
     launch = _LAUNCHERS.get(key)
     if launch is None:
-        steps = heuristics.limits_for("cross_entropy", device, torch.finfo(dtype).bits // 8,
-                                      V).den_serial_steps
-        launch = remember(_LAUNCHERS, key, _CE.denominators_launcher(
-            M, V, ignore, has_weight, smooth, dtype, count, serial_steps=steps))
+        launch = remember(_LAUNCHERS, key, denominators_plan(M, V, ignore, has_weight, smooth,
+                                                             dtype, device, count=count))
     return launch
 
 
@@ -718,7 +716,7 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
     collectives (lse and row losses), else the forward's ``lse``; when
     gradients are asked (``needs``), the gradient of
     ``sum_r (g_l loss_r + g_z zloss_r + dlse_r lse_r)`` written over the
-    buffer (``grad``: the loss's grad_output, the float 1.0, or None; see
+    buffer (``grad``: the loss's grad_output, or None; see
     :meth:`_ShardLoss.coefs`), then dX[chunk] = dlogits @ W_r and dW_r, db_r accumulated in
     place (dW_r in the weight's dtype, fp32 with ``acc32``, or added into
     ``main_grad``; as :func:`softmax_gpu.linear_cross_entropy`). dX is
@@ -743,7 +741,7 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
             if grads.dx is not None:
                 torch.mm(z, w, out=grads.dx[sl])
             _backprop(z, x[sl], w, grads, first=i == 0)
-    if grads.dx is not None and len(fn.layout.widths) > 1:
+    if grads.dx is not None and not fn.layout.alone:
         dist.all_reduce(grads.dx, op=dist.ReduceOp.SUM, group=fn.pg)
     if loss:
         empty = x.new_empty(0, dtype=fn.acc)
@@ -762,8 +760,10 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, fn, rows, needs, keep_inputs, acc32, main_grad):
         grad = any(needs) and fn.opts.reduction != "none" and main_grad is None
+        # the gradients for a grad_output of 1, scaled in the backward
+        one = torch.ones((), dtype=fn.acc, device=x.device) if grad else None
         lse, losses, grads = _chunk_pass(x, w, b, fn, rows, needs if grad else (False,) * 3,
-                                         True, grad=1.0, acc32=acc32)
+                                         True, grad=one, acc32=acc32)
         ctx.fn, ctx.rows, ctx.acc32, ctx.main_grad = fn, rows, acc32, main_grad
         ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
         ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
