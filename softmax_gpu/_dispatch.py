@@ -12,6 +12,7 @@ identical semantics.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
 
 import torch
@@ -20,7 +21,7 @@ from .kernels import softmax as _softmax_kernels
 
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
-           "launch_on", "plan_cache", "remember", "clear_plans"]
+           "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -35,6 +36,38 @@ def interpreted() -> bool:
     return _INTERPRETED
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run these kernels, or None.
+
+    Triton before 3.7 turns a loop bound held by a kernel argument into an int
+    with ``int()`` of a one-element numpy array, which numpy 2.4 made a
+    TypeError: under that pair every kernel with such a loop fails."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run "
+                f"softmax_gpu's kernels under numpy {numpy_version}: Triton before 3.7 "
+                "converts loop bounds with int() of a one-element array, an error since "
+                "numpy 2.4. Install numpy<2.4 or triton>=3.7 (compiled kernels on a GPU "
+                "are not affected)")
+    return None
+
+
+def _interpreter_check() -> str | None:
+    if not _INTERPRETED:
+        return None
+    import numpy
+    import triton
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
+_INTERPRETER_PROBLEM = _interpreter_check()
+
+
 def backend_for(tensor: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"``: the path a call on ``tensor`` takes.
 
@@ -42,14 +75,19 @@ def backend_for(tensor: torch.Tensor) -> str:
     - CPU tensors with ``TRITON_INTERPRET=1`` set before import: ``"triton"``
       (the same kernels, run by Triton's interpreter).
     - Any other CPU tensor: ``"torch"``, a reference implementation.
+
+    Raises RuntimeError (:func:`interpreter_problem`) where the kernels would
+    run in an interpreter that cannot run them.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(tensor).__name__}")
     dev = tensor.device.type
-    if dev == "cuda":
+    if dev == "cuda" or (dev == "cpu" and _INTERPRETED):
+        if _INTERPRETER_PROBLEM is not None:
+            raise RuntimeError(_INTERPRETER_PROBLEM)
         return "triton"
     if dev == "cpu":
-        return "triton" if _INTERPRETED else "torch"
+        return "torch"
     if dev == "meta":
         return "torch"
     raise ValueError(

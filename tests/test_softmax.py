@@ -311,6 +311,25 @@ def test_backend_for():
         softmax_gpu.backend_for("cpu")
 
 
+def test_interpreter_problem_named(monkeypatch):
+    """Triton < 3.7's interpreter under numpy >= 2.4 cannot run a loop whose
+    bound is a kernel argument: a clear error at the first launch, not the
+    interpreter's TypeError from inside a kernel."""
+    from softmax_gpu import _dispatch
+
+    problem = _dispatch.interpreter_problem
+    assert problem("3.6.0", "2.4.6") and "numpy<2.4" in problem("3.6.0", "2.4.6")
+    assert problem("3.6.0", "2.3.5") is None
+    assert problem("3.7.0", "2.4.0") is None and problem("3.9.0", "2.5.5") is None
+    assert problem("3.6.0+git1a2b", "2.4.0rc1") is not None
+    monkeypatch.setattr(_dispatch, "_INTERPRETED", True)
+    monkeypatch.setattr(_dispatch, "_INTERPRETER_PROBLEM", problem("3.6.0", "2.4.6"))
+    for device in {DEVICE, "cpu"}:
+        with pytest.raises(RuntimeError, match="Triton 3.6.0's interpreter"):
+            softmax_gpu.backend_for(torch.empty(1, device=device))
+    assert softmax_gpu.backend_for(torch.empty(1, device="meta")) == "torch"
+
+
 # --- torch.library ops, compile, modules ---------------------------------------
 
 
