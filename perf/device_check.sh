@@ -18,7 +18,7 @@
 # |------------|----------------|-------|--------------|
 # | info       | 9 s, 15 s (cut)|  20 s | nvidia-smi; the first import of torch and triton on a fresh machine |
 # | install    | 4 s, 4 s       |  12 s | pip install -e . offline (--no-deps --no-build-isolation) |
-# | wheels     | 1 s, 0 s       |   8 s | only when .whl/ exists (liger-kernel, cut-cross-entropy) |
+# | wheels     | 1 s, 0 s       |   8 s | only when .whl/ exists (liger-kernel, cut-cross-entropy: bash perf/fetch_wheels.sh) |
 # | gpu_checks | 23 s, 26 s     |  45 s | CUDA graphs, no-sync steps, and now the default plan and every long-row path at grad_output != 1 against float64 at LLM sizes (new: ~18 s more, estimated) |
 # | tune       | 67 s, 54 s     |  70 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured (now also the backward and log-softmax at 32768, after the cross-entropy: ~22 candidates more, ~12 s, estimated, and at 16384 two each, ~2 s; the softmax forward, last, is what a short run skips) |
 # | tests      | 93 s, 80 s     |  95 s | the suite on CUDA over 12 xdist workers (compile-bound); the CPU-only files are left to CI |
