@@ -74,6 +74,15 @@ def stats_rows(smooth: bool) -> int:
 
 
 @triton.jit
+def plane(rows, M, K: tl.constexpr):
+    """The offsets of ``rows`` (int64) in row K of a [k, M] array: K * M + rows,
+    summed in int64 one M at a time (K * M of int32 arguments could wrap)."""
+    for _ in tl.static_range(K):
+        rows += M
+    return rows
+
+
+@triton.jit
 def shard_target_logit(X, T, xb, sx_n, rows, row_mask, s_t, OFF, W, V, IGNORE, cap,
                        SOFTCAP: tl.constexpr, ACC: tl.constexpr):
     """Each row's (softcapped) target logit where this shard owns the target,
@@ -134,11 +143,11 @@ def vp_stats_single_kernel(
                             SOFTCAP, ACC)
     tl.store(MX + rows, m.to(MX.dtype.element_ty), mask=row_mask)
     tl.store(ST + rows, d.to(ST.dtype.element_ty), mask=row_mask)
-    tl.store(ST + M + rows, tx.to(ST.dtype.element_ty), mask=row_mask)
+    tl.store(ST + plane(rows, M, 1), tx.to(ST.dtype.element_ty), mask=row_mask)
     if SMOOTH:
         w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)
         xs = tl.sum(tl.where(mask, w[None, :] * z, 0.0), 1)
-        tl.store(ST + 2 * M + rows, xs.to(ST.dtype.element_ty), mask=row_mask)
+        tl.store(ST + plane(rows, M, 2), xs.to(ST.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
@@ -180,9 +189,9 @@ def vp_stats_looped_kernel(
                             SOFTCAP, ACC)
     tl.store(MX + row, m.to(MX.dtype.element_ty))
     tl.store(ST + row, tl.sum(d, 0).to(ST.dtype.element_ty))
-    tl.store(ST + M + row, tx.to(ST.dtype.element_ty))
+    tl.store(ST + plane(row, M, 1), tx.to(ST.dtype.element_ty))
     if SMOOTH:
-        tl.store(ST + 2 * M + row, tl.sum(s, 0).to(ST.dtype.element_ty))
+        tl.store(ST + plane(row, M, 2), tl.sum(s, 0).to(ST.dtype.element_ty))
 
 
 @triton.jit
@@ -191,9 +200,9 @@ def grad_row_terms(T, COEF, rows, row_mask, M, s_t, OFF, ACC: tl.constexpr):
     c, live); live is False where a, b and c are all 0 (that row's gradient is 0)."""
     t = tl.load(T + rows * s_t, mask=row_mask, other=0).to(tl.int64)
     lse = tl.load(COEF + rows, mask=row_mask, other=0.0).to(ACC)
-    a = tl.load(COEF + M + rows, mask=row_mask, other=0.0).to(ACC)
-    b = tl.load(COEF + 2 * M + rows, mask=row_mask, other=0.0).to(ACC)
-    c = tl.load(COEF + 3 * M + rows, mask=row_mask, other=0.0).to(ACC)
+    a = tl.load(COEF + plane(rows, M, 1), mask=row_mask, other=0.0).to(ACC)
+    b = tl.load(COEF + plane(rows, M, 2), mask=row_mask, other=0.0).to(ACC)
+    c = tl.load(COEF + plane(rows, M, 3), mask=row_mask, other=0.0).to(ACC)
     live = (a != 0.0) | (b != 0.0) | (c != 0.0)
     return t - OFF, lse, a, b, c, live
 
@@ -223,11 +232,6 @@ def vp_grad_single_kernel(
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < M
-    # the per-row terms as [ROWS, 1] columns, never expanded from 1-D: with
-    # 1-D terms expanded to the tile, Triton 3.6 failed to compile the fp64
-    # kernel at ROWS >= 32 (its layout pass gave the target mask two layouts)
-    tcol, lse, a, b, c, live = grad_row_terms(T, COEF, rows[:, None], row_mask[:, None], M,
-                                              s_t, OFF, ACC)
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
     cmask = cols < W
     mask = row_mask[:, None] & cmask[None, :]
@@ -235,6 +239,13 @@ def vp_grad_single_kernel(
     yb = row_base(rows, INNER, sy_o, sy_i)
     z = load_logits(X, xb[:, None] + cols[None, :] * sx_n, mask, cap, SOFTCAP, ACC)
     w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)[None, :]
+    # the per-row terms as [ROWS, 1] columns, never expanded from 1-D: with
+    # 1-D terms expanded to the tile, Triton 3.6 failed to compile the fp64
+    # kernel at ROWS >= 32 (its layout pass gave the target mask two layouts).
+    # Read after the tile's loads are issued: before them, bf16 at 16384 with
+    # every extra spilled 24 B at 128 registers (sm_90 static check, Triton 3.9)
+    tcol, lse, a, b, c, live = grad_row_terms(T, COEF, rows[:, None], row_mask[:, None], M,
+                                              s_t, OFF, ACC)
     dx = class_grad(tl.exp(z - lse), z, cols[None, :] == tcol, a, b, c, w, live, cap, SMOOTH,
                     SOFTCAP)
     tl.store(DX + yb[:, None] + cols[None, :] * sy_n, dx.to(DX.dtype.element_ty), mask=mask)
@@ -306,12 +317,12 @@ def vp_rows_kernel(
     m = tl.load(MG + rows, mask=rmask, other=0.0).to(ACC)
     # an all -inf row (d = 0): lse -inf, as torch's logsumexp
     l1p = tl.log(tl.load(ST + rows, mask=rmask, other=1.0).to(ACC))
-    zt = tl.load(ST + M + rows, mask=rmask, other=0.0).to(ACC)
+    zt = tl.load(ST + plane(rows, M, 1), mask=rmask, other=0.0).to(ACC)
     lse = m + l1p
     smooth_sum = tl.zeros_like(lse)
     if SMOOTH:
         sw = smooth_weight_sum(DEN, V, HAS_WEIGHT, SMOOTH, ACC)
-        smooth_sum = sw * lse - tl.load(ST + 2 * M + rows, mask=rmask, other=0.0).to(ACC)
+        smooth_sum = sw * lse - tl.load(ST + plane(rows, M, 2), mask=rmask, other=0.0).to(ACC)
     loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, V, z_loss, inv_dl, inv_dz,
                           SMOOTH)
     tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rmask)
@@ -365,9 +376,9 @@ def vp_coefs_kernel(
     if HAS_DLSE:
         a += tl.load(DLSE + rows * s_dlse, mask=rmask, other=0.0).to(ACC)
     tl.store(COEF + rows, lse, mask=rmask)
-    tl.store(COEF + M + rows, a, mask=rmask)
-    tl.store(COEF + 2 * M + rows, b, mask=rmask)
-    tl.store(COEF + 3 * M + rows, c, mask=rmask)
+    tl.store(COEF + plane(rows, M, 1), a, mask=rmask)
+    tl.store(COEF + plane(rows, M, 2), b, mask=rmask)
+    tl.store(COEF + plane(rows, M, 3), c, mask=rmask)
 
 
 # ----------------------------------------------------------------------------

@@ -9,8 +9,10 @@ import torch
 from ._dispatch import check_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Longest row the kernels address with int32 column indices.
-MAX_ROW = (1 << 31) - 1
+# Longest row the kernels address with int32 column indices, less one tile
+# of 2^16 (more than any loop's step): a loop's last step over a row must not
+# wrap its int32 counter past 2^31 - 1.
+MAX_ROW = (1 << 31) - (1 << 16)
 
 
 def check_tensor(t, name: str) -> None:
@@ -28,10 +30,12 @@ def check_float(t: torch.Tensor, name: str) -> None:
 
 
 def check_row_length(n: int, what: str) -> None:
-    """Rows the kernels reduce over hold at most 2^31 - 1 elements (their
-    column indices are int32); ``what`` names the argument and the dim."""
+    """Rows the kernels reduce over hold at most 2^31 - 2^16 elements (their
+    column indices and loop counters are int32); ``what`` names the argument
+    and the dim."""
     if n > MAX_ROW:
-        raise ValueError(f"{what} has {n} elements; rows of at most 2^31 - 1 are supported")
+        raise ValueError(f"{what} has {n} elements; rows of at most 2^31 - 2^16 "
+                         f"({MAX_ROW}) are supported")
 
 
 def wrap_dim(dim, ndim: int, name: str = "dim") -> int:

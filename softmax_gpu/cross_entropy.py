@@ -301,6 +301,8 @@ def _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
     if ignore_index.__class__ is not int:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     eps = _number(label_smoothing, "label_smoothing")
@@ -367,12 +369,13 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     return prob
 
 
-def check_inplace_rows(input, name: str = "input") -> None:
-    """The gradient can be written over ``input``: every row has an in-place
-    view and no two logits share memory (no expanded, stride-0 dims)."""
+def check_inplace_rows(input, name: str = "input", dim: int = 1) -> None:
+    """The gradient can be written over ``input``: its rows along ``dim`` (the
+    classes: 1 for (N, C, *) logits, -1 for vocabulary-last ones) have an
+    in-place view and no two logits share memory (no expanded, stride-0 dims)."""
     x = input if input.dim() >= 2 else input.unsqueeze(0)
     overlapping = any(st == 0 and s > 1 for s, st in zip(x.shape, x.stride()))
-    if overlapping or rows_view(x, 1) is None:
+    if overlapping or rows_view(x, dim % x.dim()) is None:
         raise ValueError(
             f"{name} cannot take the gradient in place: its layout (shape {tuple(input.shape)}, "
             f"strides {tuple(input.stride())}) has expanded or non-collapsible dims; pass a "

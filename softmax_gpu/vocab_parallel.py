@@ -21,7 +21,8 @@ Per forward (per chunk for the linear version), on every rank of ``group``
 1. shard widths: an all-gather of one int64 per rank gives this rank's column
    offset and the global vocabulary. It is cached per (group, local width,
    ``vocab_size``), so it runs (and syncs the host, to read the widths) on the
-   first call of a layout only; see :func:`clear_width_cache`.
+   first call of a layout only; see :func:`clear_width_cache`. A group of one
+   rank runs none: its width is the vocabulary.
 2. the stats kernel reads the shard once: per row its max m, sum d of
    e^(z - m), its target logit where this rank owns the target (else 0), and
    with label smoothing the sum of w_c z_c over its columns (z: the logits,
@@ -121,10 +122,13 @@ def _shard_layout(who: str, pg, width: int, vocab_size, device: torch.device) ->
     hit = cache.get(key)
     if hit is None:
         world = dist.get_world_size(pg)
-        mine = torch.full((1,), width, dtype=torch.int64, device=device)
-        parts = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(parts, mine, group=pg)
-        widths = tuple(int(w) for w in torch.cat(parts).tolist())  # host sync, first call only
+        if world == 1:  # no collective, no sync
+            widths = (width,)
+        else:
+            mine = torch.full((1,), width, dtype=torch.int64, device=device)
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine, group=pg)
+            widths = tuple(int(w) for w in torch.cat(parts).tolist())  # host sync, first call only
         rank = dist.get_rank(pg)
         hit = _Layout(sum(widths[:rank]), sum(widths), widths)
         cache[key] = hit
@@ -346,7 +350,9 @@ def _shard_grad(x: Tensor, t: Tensor, coef: Tensor, off: int, smooth: bool, cap:
     if out.numel() == 0:
         return out
     xv, _ = as_rows(x, x.dim() - 1)
-    ov = out if out is x else as_rows(out, out.dim() - 1)[0]
+    if out is x and xv is not x:  # check_inplace_rows(dim=-1) rules this out
+        raise RuntimeError("the shard has no in-place row view: its gradient cannot go over it")
+    ov = xv if out is x else as_rows(out, out.dim() - 1)[0]
     coef = coef.contiguous()
     launch = _launcher("grad", xv, t, ov, off, 0, 0, smooth, cw is not None, cap)
     launch_on(launch_device(x.device), launch, xv, t, coef, cw if cw is not None else coef, ov)
@@ -422,7 +428,8 @@ class _ShardLoss:
         if not self.layout.alone:
             mg = mx.clone()
             dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=pg)
-            st[0].mul_(torch.exp(mx - mg))
+            # a row of -inf on every rank: d stays 0 (exp(-inf - -inf) would be NaN)
+            st[0].mul_(torch.exp(mx - mg.clamp_min(torch.finfo(mg.dtype).min)))
             dist.all_reduce(st, op=dist.ReduceOp.SUM, group=pg)
         else:
             mg = mx
@@ -662,7 +669,8 @@ def vocab_parallel_cross_entropy(
     Host syncs: one on the first call of a (group, local width, vocab_size)
     layout, to read the gathered widths; none after that. Collectives per
     call: an all-reduce MAX of N values and an all-reduce SUM of k x N
-    (k = 2, or 3 with label smoothing); none in the backward.
+    (k = 2, or 3 with label smoothing); none in the backward. A group of one
+    rank runs no collective and never syncs.
     """
     who = "vocab_parallel_cross_entropy"
     x = local_logits
@@ -683,7 +691,7 @@ def vocab_parallel_cross_entropy(
         raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if inplace_backward and need_grad:
-        check_inplace_rows(x, "local_logits")
+        check_inplace_rows(x, "local_logits", dim=-1)
     check_row_length(x.shape[-1], "local_logits' last dim")
     pg = _resolve_group(who, group)
     layout = _shard_layout(who, pg, x.shape[-1], vocab_size, x.device)
@@ -815,10 +823,10 @@ def vocab_parallel_linear_cross_entropy(
     Every rank calls it with the same (replicated) ``input`` and ``target``
     and its own rows of the projection: rank r holds the rows
     [offset_r, offset_r + V_r) of the [V, D] weight (uneven shards allowed,
-    even empty ones; offsets from the group's widths, in rank order). Each
-    rank gets the same loss, bit for bit, as the single-device
-    ``linear_cross_entropy`` of the concatenated weight and bias, and the
-    gradients of ``input`` (the full one, summed over the group: do not
+    even empty ones; offsets from the group's widths, in rank order). Every
+    rank gets the same loss, bit for bit: the single-device
+    ``linear_cross_entropy`` of the concatenated weight and bias up to the
+    order of its fp32 sums (a few ulps), and the gradients of ``input`` (the full one, summed over the group: do not
     all-reduce it again), of its ``local_weight`` and of its ``linear_bias``.
 
     Args:

@@ -618,6 +618,9 @@ def test_bad_arguments():
         ce(torch.tensor(1.0, device=DEVICE), torch.tensor(0, device=DEVICE))
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         ce(x, t, ignore_index=1.5)
+    for big in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+            ce(x, t, ignore_index=big)
     with pytest.raises(TypeError, match="grad_scale must be a number"):
         softmax_gpu.cross_entropy_with_grad(x, t, grad_scale="2")
 

@@ -656,15 +656,18 @@ def test_resident_plans_fall_back_past_their_chunk_count():
 
 
 def test_int32_bounds_rows_and_cooperative_counts():
-    """Column indices are int32: a row of 2^31 elements is refused by name
-    (checked on the meta device, where the plan is made without storage);
+    """Column indices and loop counters are int32: a row longer than
+    2^31 - 2^16 elements (a loop's last tile step would wrap) is refused by
+    name (checked on the meta device, where the plan is made without storage);
     the cooperative path's int32 ticket counts bound its item count, so a
     forced cooperative plan with too many chunk items walks the rows on the
     persistent grid instead."""
     big = torch.empty(1, 2**31, device="meta", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"input's dim 1 has 2147483648 elements"):
         SM._plan_forward(big, 1, False)
-    SM._plan_forward(torch.empty(2, 2**31 - 1, device="meta", dtype=torch.bfloat16), 1, False)
+    with pytest.raises(ValueError, match=r"has 2147418113 elements.*2\^31 - 2\^16"):
+        SM._plan_forward(torch.empty(2, 2**31 - 2**16 + 1, device="meta"), 1, False)
+    SM._plan_forward(torch.empty(2, 2**31 - 2**16, device="meta", dtype=torch.bfloat16), 1, False)
     cpu = torch.device("cpu")
     with heuristics.override(sm_count=132, long_path="coop", tile=16, max_single=16):
         assert SM.softmax_config(1 << 20, 4096, 2, cpu, coop=True).path == heuristics.COOP

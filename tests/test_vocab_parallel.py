@@ -614,8 +614,9 @@ def _no_collective(rank: int) -> None:
     x[2] = -math.inf
     t = torch.tensor([3, 0, 5, -100])
     h, w = torch.randn(5, 8, requires_grad=True), torch.randn(37, 8, requires_grad=True)
-    backend, real = D.backend_for, dist.all_reduce
-    dist.all_reduce = refuse
+    backend, real, gather = D.backend_for, dist.all_reduce, dist.all_gather
+    D.clear_width_cache()  # the layout is new: not even the widths are gathered
+    dist.all_reduce = dist.all_gather = refuse
     try:
         for torch_path in (False, True):
             if torch_path:
@@ -630,7 +631,58 @@ def _no_collective(rank: int) -> None:
             vocab_parallel_linear_cross_entropy(h, w, torch.tensor([1, 2, 3, 4, -100]),
                                                 chunk_size=2).backward()
     finally:
-        dist.all_reduce = real
+        dist.all_reduce, dist.all_gather = real, gather
+        D.backend_for = backend
+
+
+def _inplace_4d(rank: int) -> None:
+    """inplace_backward over [B, S, H, V] logits whose vocabulary dim is padded
+    (their rows along the last dim have an in-place view, though dim 1 does
+    not collapse with the dims after it): the gradient lands in the logits'
+    own storage, the padding untouched, equal to torch's."""
+    from helpers import assert_close
+    from softmax_gpu.distributed import vocab_parallel_cross_entropy
+
+    V = 5
+    g = torch.Generator().manual_seed(3)
+    buf = torch.full((2, 3, 2, V + 3), math.nan, dtype=F64)
+    buf[..., :V] = torch.randn(2, 3, 2, V, generator=g, dtype=F64)
+    t = torch.randint(0, V, (2, 3, 2), generator=g)
+    ref = buf[..., :V].clone().requires_grad_(True)
+    F.cross_entropy(ref.reshape(-1, V), t.reshape(-1), reduction="sum").backward()
+    x = buf[..., :V].requires_grad_(True)
+    vocab_parallel_cross_entropy(x, t, reduction="sum", inplace_backward=True).backward()
+    assert_close(x.grad, ref.grad, F64)
+    assert torch.equal(buf[..., :V], x.grad)  # written over the logits' storage
+    assert buf[..., V:].isnan().all()
+
+
+def _neg_inf_everywhere(rank: int) -> None:
+    """A row of -inf logits on every rank: lse -inf (torch.logsumexp's), not
+    NaN, with either backend; the other rows as torch."""
+    import softmax_gpu.vocab_parallel as D
+    from softmax_gpu.distributed import vocab_parallel_cross_entropy
+
+    widths = (4, 5)
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(3, sum(widths), generator=g, dtype=F64)
+    full[1] = -math.inf
+    t = torch.tensor([2, -100, 7])
+    off = sum(widths[:rank])
+    backend = D.backend_for
+    try:
+        for torch_path in (False, True):
+            if torch_path:
+                D.backend_for = lambda t: "torch"
+            x = full[:, off:off + widths[rank]].clone().requires_grad_(True)
+            loss, lse = vocab_parallel_cross_entropy(x, t, reduction="none", return_lse=True)
+            loss.sum().backward()
+            assert torch.equal(lse[1], torch.tensor(-math.inf)), (torch_path, lse)
+            torch.testing.assert_close(lse, torch.logsumexp(full, -1).float())
+            ref = F.cross_entropy(full[[0, 2]], t[[0, 2]], reduction="none")
+            torch.testing.assert_close(loss[[0, 2]], ref)
+            assert loss[1] == 0 and (x.grad[1] == 0).all() and x.grad.isfinite().all()
+    finally:
         D.backend_for = backend
 
 
@@ -737,18 +789,21 @@ def test_two_ranks():
     looped path, a rank holding no target; the ported flash-attention cases
     (FLASH_PARALLEL_CE); the linear version over several chunks with an
     uneven last one; retained graphs; the linear version's weight-gradient
-    accumulation (in place in bf16, fp32 on request, into main_grad)."""
+    accumulation (in place in bf16, fp32 on request, into main_grad); a row
+    of -inf on every rank."""
     from helpers import spawn_group
 
-    spawn_group(_worker, 2, WORLD2 + FLASH_PARALLEL_CE, LINEAR2, ("_retain_graph", "_linear_memory"))
+    spawn_group(_worker, 2, WORLD2 + FLASH_PARALLEL_CE, LINEAR2,
+                ("_retain_graph", "_linear_memory", "_neg_inf_everywhere"))
 
 
 def test_one_rank():
     """A group of one rank: the two-rank and three-rank cases with the whole
-    vocabulary on it, and no collective at all."""
+    vocabulary on it, and no collective at all (not even the widths' gather);
+    the gradient in place over 4-d logits with a padded vocabulary."""
     from helpers import spawn_group
 
-    spawn_group(_worker, 1, WORLD1, LINEAR1, ("_no_collective",))
+    spawn_group(_worker, 1, WORLD1, LINEAR1, ("_no_collective", "_inplace_4d"))
 
 
 def test_three_ranks():
@@ -798,6 +853,13 @@ def test_no_process_group_is_a_clear_error():
     (dict(x=torch.zeros(3, 5, dtype=torch.int32)), TypeError, "local_logits must be a floating"),
     (dict(x=torch.zeros(1, 5).expand(3, 5), inplace_backward=True), ValueError,
      "local_logits cannot take the gradient in place"),
+    (dict(ignore_index=2**63), ValueError, "ignore_index must fit in int64"),
+    # leading dims that do not collapse into one row index (a [B, S+1, V]
+    # buffer's [:, :S], a transposed [S, B, V]): no in-place row view
+    (dict(x=torch.zeros(2, 4, 5)[:, :3], target=torch.zeros(2, 3, dtype=torch.long),
+          inplace_backward=True), ValueError, "local_logits cannot take the gradient in place"),
+    (dict(x=torch.zeros(3, 2, 5).transpose(0, 1), target=torch.zeros(2, 3, dtype=torch.long),
+          inplace_backward=True), ValueError, "local_logits cannot take the gradient in place"),
 ])
 def test_argument_errors(kwargs, exc, match):
     """Checked before any collective (no group needed to see them)."""
@@ -895,6 +957,31 @@ def test_shard_kernels_match_torch_reference(path, dtype, opts):
         assert out is x
         torch.testing.assert_close(x.double(), dx.double(), atol=0, rtol=0, equal_nan=True)
         assert buf[:, :4].isfinite().all() and buf[:, 4 + W:].isfinite().all()
+
+
+def test_row_planes_are_int64_offsets():
+    """The [k, M] per-row arrays are addressed at K * M + row in int64: with
+    M above 2^31 / 3 rows a K * M of the int32 argument would wrap (to
+    -1894967296 at M = 8e8)."""
+    import triton
+    import triton.language as tl
+
+    from helpers import DEVICE
+    from softmax_gpu.kernels import vocab_parallel
+
+    # the jit resolves names in this module's globals, where softmax_gpu is
+    # not imported at import time (see the module docstring)
+    globals()["_vp_kernels"] = vocab_parallel
+
+    @triton.jit
+    def offsets(OUT, M, K: tl.constexpr):
+        rows = tl.arange(0, 4).to(tl.int64)
+        tl.store(OUT + rows, _vp_kernels.plane(rows, M, K))  # noqa: F821
+
+    for M, K in ((800_000_000, 3), (1_100_000_000, 2), (7, 3)):
+        out = torch.empty(4, dtype=torch.int64, device=DEVICE)
+        offsets[(1,)](out, M, K)
+        assert out.tolist() == [K * M + r for r in range(4)], (M, K, out)
 
 
 def test_empty_shard_and_no_rows():
