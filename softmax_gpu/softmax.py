@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor, wrap_dim
@@ -302,9 +301,10 @@ class _SoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the gradient is differentiable
+            return softmax_backward(y, dy, ctx.dim, ctx.log, ctx.dx_dtype), None, None, None
         return _backward(y, dy, ctx.dim, ctx.log, ctx.dx_dtype), None, None, None
 
 
@@ -348,6 +348,40 @@ def softmax_backward(y: Tensor, dy: Tensor, dim: int, log: bool,
 def _(y: Tensor, dy: Tensor, dim: int, log: bool,
       dtype: Optional[torch.dtype] = None) -> Tensor:
     return torch.empty(y.shape, dtype=dtype or y.dtype, device=y.device)
+
+
+def reference_double_backward(y: Tensor, dy: Tensor, g: Tensor, dim: int,
+                              log: bool) -> tuple[Tensor, Tensor]:
+    """Gradients wrt ``y`` and ``dy`` of sum(g * dx), dx the backward above
+    (differentiable torch ops, so every further order works):
+    softmax: g (dy - <dy, y>) - dy <g, y> and y (g - <g, y>);
+    log-softmax: -g e^y sum(dy) and g - <g, e^y>."""
+    acc = _acc(y.dtype)
+    ya, da, ga = y.to(acc), dy.to(acc), g.to(acc)
+    if log:
+        p = torch.exp(ya)
+        gy = -ga * p * da.sum(dim, keepdim=True)
+        gdy = ga - (ga * p).sum(dim, keepdim=True)
+    else:
+        gp = (ga * ya).sum(dim, keepdim=True)
+        gy = ga * (da - (da * ya).sum(dim, keepdim=True)) - da * gp
+        gdy = ya * (ga - gp)
+    return gy.to(y.dtype), gdy.to(dy.dtype)
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    y, dy, dim, log, _ = inputs
+    ctx.save_for_backward(y, dy)
+    ctx.dim, ctx.log = dim, log
+
+
+def _bwd_backward(ctx, g):
+    y, dy = ctx.saved_tensors
+    gy, gdy = reference_double_backward(y, dy, g, ctx.dim, ctx.log)
+    return gy, gdy, None, None, None
+
+
+softmax_backward.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -449,7 +483,10 @@ def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
     Returns:
         A contiguous tensor of ``input``'s shape and (cast) dtype. Arithmetic
         is fp32 (fp64 for fp64). Rows that are entirely -inf give NaN, as in
-        torch. Differentiable; the backward is ``y * (dy - sum(dy * y))``.
+        torch. Differentiable; the backward is ``y * (dy - sum(dy * y))``,
+        and under ``create_graph=True`` the gradient is differentiable too
+        (gradient penalties, Hessian-vector products; the second order in
+        torch ops).
     """
     return _softmax(input, dim, _stacklevel, dtype, False)
 

@@ -253,6 +253,33 @@ def test_gradcheck_float64(path):
     assert torch.autograd.gradcheck(lambda t: softmax_gpu.log_softmax(t, 1), (xs,))
 
 
+@pytest.mark.parametrize("path", ["single", "looped"])
+def test_double_backward(path):
+    """create_graph=True gives a differentiable gradient (gradient penalties,
+    Hessian-vector products): gradgradcheck in fp64, eager and through the
+    torch.library op, and a penalty's gradient equal to torch's. Before, the
+    gradient came back without a graph and the penalty's term was silently
+    dropped."""
+    n = 7 if path == "single" else 70
+    x = rand(3, n, dtype=torch.float64, scale=1.0).requires_grad_()
+    xs = rand(2, 5, 3, dtype=torch.float64, scale=1.0).requires_grad_()
+    with forced(path):
+        for f in (softmax_gpu.softmax, softmax_gpu.log_softmax):
+            assert torch.autograd.gradgradcheck(lambda t: f(t, -1), (x,), fast_mode=True)
+            assert torch.autograd.gradgradcheck(lambda t: f(t, 1), (xs,), fast_mode=True)
+            op = (lambda t: SM.softmax_forward(t, 1, f is softmax_gpu.log_softmax))
+            assert torch.autograd.gradgradcheck(op, (x,), fast_mode=True)
+            v = rand(3, n, dtype=torch.float64)
+            grads = []
+            for fn in (f, getattr(torch, f.__name__)):
+                xx = x.detach().clone().requires_grad_()
+                y = fn(xx, 1)
+                (g,) = torch.autograd.grad(y, xx, v, create_graph=True)
+                ((y * v).sum() + (g * g).sum()).backward()
+                grads.append(xx.grad)
+            assert_close(grads[0], grads[1], torch.float64)
+
+
 @pytest.mark.parametrize("path", ["single", "looped", "split"])
 def test_jacobian_is_diag_sigma_minus_outer(path):
     """The seed: d sigma_j / d z_k = sigma_j (delta_jk - sigma_k), j != k included."""
