@@ -12,6 +12,7 @@ identical semantics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import Iterator
 
@@ -21,7 +22,8 @@ from .kernels import softmax as _softmax_kernels
 
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
-           "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem"]
+           "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
+           "first_order"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -93,6 +95,38 @@ def backend_for(tensor: torch.Tensor) -> str:
     raise ValueError(
         f"unsupported device {tensor.device}: softmax_gpu runs on CUDA or CPU tensors"
     )
+
+
+def first_order(backward):
+    """Decorates an ``autograd.Function.backward`` whose gradients are not
+    themselves differentiable: as torch's ``once_differentiable`` (the body
+    runs without grad), but under ``create_graph=True`` every gradient it
+    returns raises when differentiated, whether or not the incoming gradient
+    requires grad. (``once_differentiable`` checks only that: a gradient
+    penalty of a loss whose grad_output is a constant got a gradient without
+    a graph, and its term was silently dropped.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        single = not isinstance(out, tuple)
+        outs = (out,) if single else out
+        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+        if not tensors:
+            return out
+        err = torch._C._functions.DelayedError(
+            f"{backward.__qualname__}: this gradient is not differentiable (no double "
+            "backward): compute the loss with torch's op where create_graph=True must "
+            "reach through it", len(tensors))
+        marked = err(*[t.detach().requires_grad_(t.is_floating_point()) for t in tensors])
+        marked = iter(marked if isinstance(marked, tuple) else (marked,))
+        outs = tuple(next(marked) if isinstance(o, torch.Tensor) else o for o in outs)
+        return outs[0] if single else outs
+
+    return wrapper
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

@@ -39,13 +39,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn import _reduction
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (autocast_on, backend_for, empty_like, interpreted, launch_device,
-                        launch_on, new_output, plan_cache, remember, traced)
+from ._dispatch import (autocast_on, backend_for, empty_like, first_order, interpreted,
+                        launch_device, launch_on, new_output, plan_cache, remember, traced)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -849,7 +848,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return plan.reduce(rows, loss_dtype), lse
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, d_loss, d_lse):
         none = (None,) * 7
         if d_loss is None:
@@ -888,7 +887,7 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
         return plan.reduce(rows, loss_dtype), lse
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, d_loss, d_lse):
         none = (None,) * 7
         if d_loss is None:
@@ -920,7 +919,7 @@ class _LseFunction(torch.autograd.Function):
         return lse.to(torch.float32, copy=True)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, dlse):
         x, lse = ctx.saved_tensors
         return _lse_grad(x, lse, dlse, ctx.cap), None, None
@@ -1175,14 +1174,18 @@ cross_entropy_lse.register_autograd(_lse_backward, setup_context=_lse_setup_cont
 # ----------------------------------------------------------------------------
 
 
-def _loss_dtype(input: Tensor, loss_dtype: Optional[torch.dtype]) -> torch.dtype:
+def _loss_dtype(input: Tensor, loss_dtype: Optional[torch.dtype], target=None) -> torch.dtype:
     """The returned loss's dtype: ``loss_dtype`` when given, else torch's:
-    the input's, but fp32 for fp16/bf16 logits under ``torch.autocast``
-    (which runs cross-entropy in fp32 on CUDA and CPU alike)."""
+    the input's, promoted with floating (probability) targets' (bf16 logits
+    with fp32 probabilities give fp32), and fp32 for fp16/bf16 logits under
+    ``torch.autocast`` (which runs cross-entropy in fp32 on CUDA and CPU
+    alike)."""
     if loss_dtype is not None:
         return loss_dtype
     if input.dtype in _HALF and autocast_on(input):
         return torch.float32
+    if isinstance(target, Tensor) and target.is_floating_point():
+        return torch.promote_types(input.dtype, target.dtype)
     return input.dtype
 
 
@@ -1296,7 +1299,8 @@ def cross_entropy(
             them for its backward), and they must be writable in place (no
             expanded dims).
         loss_dtype: the dtype of the returned loss (default: the input's, as
-            torch; fp32 for fp16/bf16 logits under ``torch.autocast``).
+            torch, promoted with probability targets' dtype; fp32 for
+            fp16/bf16 logits under ``torch.autocast``).
             ``torch.float32`` returns the fp32 result unrounded, as trainers
             want their loss, without an fp32 copy of the logits.
         divisor: the returned loss is the reduced loss divided by it, and so
@@ -1348,7 +1352,7 @@ def cross_entropy(
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
     div_f, div_t = (None, None) if divisor is None else check_divisor(divisor, input)
-    loss_dtype = _loss_dtype(input, loss_dtype)
+    loss_dtype = _loss_dtype(input, loss_dtype, target)
     need_grad = input.requires_grad and torch.is_grad_enabled()
     if traced(input):
         return _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
@@ -1363,6 +1367,8 @@ def cross_entropy(
         loss, lse = reference_loss(x, t, weight, ignore_index, reduction, eps, zl, cap,
                                    div_t if div_t is not None else div_f)
         loss = loss.to(loss_dtype)
+        if input.dim() < 2 and reduction == "none":  # (C,) input: the row dims are ()
+            loss = loss.reshape(())
         if not return_lse:
             return loss
         lse = lse.to(torch.float32)
@@ -1450,7 +1456,7 @@ def cross_entropy_with_grad(
     div_f, div_t = check_divisor(divisor, input)
     if inplace:
         check_inplace_rows(input)
-    loss_dtype = _loss_dtype(input, loss_dtype)
+    loss_dtype = _loss_dtype(input, loss_dtype, target)
     x, t = _as_rows_input(input.detach(), target.detach())
     w = weight.detach() if weight is not None else None
     batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])

@@ -67,12 +67,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (backend_for, launch_device, launch_on, new_output, plan_cache,
-                        remember, traced)
+from ._dispatch import (autocast_on, backend_for, first_order, launch_device, launch_on,
+                        new_output, plan_cache, remember, traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
                             cross_entropy_config, cross_entropy_scale_config, denominators_plan,
                             reference_lse_grad)
@@ -236,6 +235,10 @@ class _Spec(NamedTuple):
     chunking: str = "auto"
     acc32: bool = False
     overlap: bool = False
+    # the GEMMs' dtype when it is not the weight's (torch.autocast): the
+    # weight and bias are cast once per pass, their gradients accumulate in
+    # their own dtypes
+    gemm: Optional[torch.dtype] = None
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -599,6 +602,9 @@ def _sweep(x: Tensor, w: Tensor, b: Optional[Tensor], spec: _Spec, loss_fn,
     N, V = x.shape[0], w.shape[0]
     if N == 0:
         return
+    if spec.gemm is not None:  # autocast: the GEMMs in its dtype, as F.linear's
+        w = w.to(spec.gemm)
+        b = b.to(spec.gemm) if b is not None else None
     rows = plan_rows(N, V, x, spec.chunk_size, spec.chunking)
     buf = x.new_empty((min(rows, N), V))
     lanes = _Lanes(x.device, spec.overlap)
@@ -715,7 +721,9 @@ def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
         _scale_(g, state, go)
         return
     go = go.to(state.dtype)
-    g.mul_((go / state)[:, None])
+    # through .data, as the kernel writes it: no version bump of the saved
+    # tensor, which a later backward over a retained graph unpacks again
+    g.data.mul_((go / state)[:, None])
     state.copy_(go.expand_as(state))
 
 
@@ -821,7 +829,7 @@ class _LinearCEFunction(torch.autograd.Function):
         return loss, lse, hits
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, d_loss, d_lse, d_hits):
         return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None, None, None)
 
@@ -835,7 +843,7 @@ class _LseFunction(torch.autograd.Function):
         return lse.clone()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, d_lse):
         return (None, *_lse_grads(ctx, d_lse, _recompute), None, None, None, None)
 
@@ -993,8 +1001,9 @@ def _(lse, input, linear_weight, linear_bias, target, softcap, chunk_size, need_
     return torch.empty_like(lse)
 
 
-def _lse_spec(cap: float, chunk: int, chunking: str, acc32: bool, overlap: bool) -> _Spec:
-    return _Spec(-100, "sum", 0.0, 0.0, cap, chunk, None, chunking, acc32, overlap)
+def _lse_spec(cap: float, chunk: int, chunking: str, acc32: bool, overlap: bool,
+              gemm: Optional[torch.dtype] = None) -> _Spec:
+    return _Spec(-100, "sum", 0.0, 0.0, cap, chunk, None, chunking, acc32, overlap, gemm)
 
 
 def _lse_op_setup(ctx, inputs, output):
@@ -1015,18 +1024,34 @@ linear_cross_entropy_lse.register_autograd(_lse_op_backward, setup_context=_lse_
 # ----------------------------------------------------------------------------
 
 
-def _check_same(t: Tensor, name: str, x: Tensor) -> None:
-    """``t`` has the input's dtype and device (F.linear's requirement)."""
+def _check_same(t: Tensor, name: str, x: Tensor, gemm: Optional[torch.dtype] = None) -> None:
+    """``t`` has the input's dtype and device (F.linear's requirement), or
+    under torch.autocast (``gemm``: its dtype) a dtype autocast casts to it."""
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
+    if gemm is not None and t.dtype in _AUTOCAST_CASTS:
+        return
     if t.dtype != x.dtype:
         raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {t.dtype}")
 
 
+# The dtypes torch.autocast casts to its own for F.linear (not fp64).
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs F.linear in on ``x``'s device; None when
+    autocast is off there, or for fp64 ``x`` (which autocast leaves alone)."""
+    if x.dtype not in _AUTOCAST_CASTS or not autocast_on(x):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
 def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                label_smoothing, z_loss, softcap, chunk_size, options, loss_dtype):
+                label_smoothing, z_loss, softcap, chunk_size, options, loss_dtype, gemm=None):
     """Validate; return the call's :class:`_Spec` (floats; softcap 0: none;
-    chunk_size 0: planned)."""
+    chunk_size 0: planned; ``gemm``: torch.autocast's dtype, the input
+    already cast to it)."""
     check_tensor(input, "input")
     check_float(input, "input")
     if input.dim() not in (1, 2):
@@ -1045,12 +1070,12 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     if V == 0:
         raise ValueError("linear_weight has no rows: there are no classes")
     check_row_length(V, "linear_weight's dim 0 (classes)")
-    _check_same(linear_weight, "linear_weight", input)
+    _check_same(linear_weight, "linear_weight", input, gemm)
     if linear_bias is not None:
         check_tensor(linear_bias, "linear_bias")
         if tuple(linear_bias.shape) != (V,):
             raise ValueError(f"linear_bias must have shape ({V},), got {tuple(linear_bias.shape)}")
-        _check_same(linear_bias, "linear_bias", input)
+        _check_same(linear_bias, "linear_bias", input, gemm)
     check_tensor(target, "target")
     batch = tuple(input.shape[:-1])
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -1081,7 +1106,10 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     chunk = chunk or from_options
     if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
         raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
-    return _Spec(ignore_index, reduction, eps, zl, cap, chunk, None, chunking, acc32, overlap)
+    casts = gemm is not None and (linear_weight.dtype != gemm or (
+        linear_bias is not None and linear_bias.dtype != gemm))
+    return _Spec(ignore_index, reduction, eps, zl, cap, chunk, None, chunking, acc32, overlap,
+                 gemm if casts else None)
 
 
 def _check_main_grad(main_grad, w: Tensor) -> None:
@@ -1139,7 +1167,7 @@ def linear_cross_entropy(
         input: (N, D) or (D,) hidden states; float16, bfloat16, float32 or
             float64, on CUDA or CPU.
         linear_weight: (V, D) projection (the LM head), the input's dtype and
-            device.
+            device (under ``torch.autocast``: any dtype it casts, see below).
         target: (N,) or () integer class indices (any integer dtype); rows
             equal to ``ignore_index`` count for nothing.
         linear_bias: (V,) bias of the projection, or None.
@@ -1230,13 +1258,34 @@ def linear_cross_entropy(
     16-bit dtypes) before the GEMMs. A gradient, once returned, is never
     changed by a later backward over a retained graph. The gradient is not
     itself differentiable (no double backward), and ``weight`` gets none.
+    Under ``torch.autocast`` (CUDA or CPU), torch's policy for
+    ``F.linear_cross_entropy`` (``F.linear`` in the autocast dtype, the
+    cross-entropy in fp32): fp32 / fp16 / bf16 input, weight and bias are
+    cast to the autocast dtype for the GEMMs (the input once, with autograd;
+    the weight and bias once per pass, as autocast's own copies), the loss is
+    fp32 unless ``loss_dtype`` says otherwise, and every gradient has its
+    parameter's dtype. An fp32 weight's gradient (autocast training with fp32
+    parameters) is accumulated by the 16-bit GEMMs straight into fp32, the
+    gradient handed out: no 16-bit [V, D] gradient exists and none is rounded
+    to 16 bits (torch's is). fp64 input is left alone, as autocast does.
+    Under ``torch.compile`` the weight and bias are cast before the op and
+    their gradients go back through the casts.
     With fp16 input the logits' gradient is stored in fp16 before the GEMMs,
     already divided by the mean's denominator, so its smallest entries can
     underflow (as in torch's fp16 cross-entropy); bf16 has fp32's range.
     """
+    gemm = _autocast_dtype(input) if isinstance(input, Tensor) else None
+    if gemm is not None:  # torch.autocast: F.linear in its dtype, the cross-entropy in fp32
+        loss_dtype = loss_dtype or torch.float32
+        if input.dtype != gemm:
+            input = input.to(gemm)
     spec = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                        ignore_index, label_smoothing, z_loss, softcap, chunk_size, options,
-                       loss_dtype)
+                       loss_dtype, gemm)
+    if spec.gemm is not None and traced(input):  # the ops take one dtype: cast before them
+        linear_weight = linear_weight.to(gemm)
+        linear_bias = linear_bias.to(gemm) if linear_bias is not None else None
+        spec = spec._replace(gemm=None)
     _check_main_grad(main_grad, linear_weight)
     div_f, div_t = check_divisor(divisor, input)
     spec = spec._replace(divisor=div_f)
@@ -1261,7 +1310,7 @@ def linear_cross_entropy(
                                                   needs, want_hits, div_t, mg)
         if return_lse:
             lse = _LseFunction.apply(lse, x, linear_weight, linear_bias, t,
-                                     _lse_spec(cap, chunk, *extra), needs, mg)
+                                     _lse_spec(cap, chunk, *extra, spec.gemm), needs, mg)
     else:
         loss, lse, _, hits = _forward(x, linear_weight, linear_bias, t, weight, spec, needs,
                                       want_hits, div_t)

@@ -59,11 +59,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import backend_for, launch_device, launch_on, new_output, plan_cache, remember
+from ._dispatch import (backend_for, first_order, launch_device, launch_on, new_output,
+                        plan_cache, remember)
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows, denominators_plan
 from .kernels import vocab_parallel as K
@@ -564,7 +564,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return fn.reduce(rows).to(loss_dtype), lse32
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, d_loss, d_lse):
         if d_loss is None and d_lse is None:
             return None, None, None, None
@@ -782,7 +782,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return fn.reduce(losses), lse.to(torch.float32, copy=True)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, d_loss, d_lse):
         if (d_loss is None and d_lse is None) or not any(ctx.needs):
             return (None,) * 9

@@ -187,8 +187,10 @@ def test_k_dim_inputs(path):
     check(rand(3, C, 4), targets(0, C, shape=(3, 4)), path, reduction="none")
 
 
-def test_one_dim_input():
-    """(C,) logits with a 0-d target (and (C,) probabilities): one row, 0-d results."""
+def test_one_dim_input(monkeypatch):
+    """(C,) logits with a 0-d target (and (C,) probabilities): one row, 0-d results,
+    also through the differentiable composite (probabilities that require grad)
+    and the torch reference path, which returned (1,) for reduction="none"."""
     x = rand(11)
     t = torch.tensor(4, device=DEVICE)
     for reduction in ("mean", "sum", "none"):
@@ -198,6 +200,15 @@ def test_one_dim_input():
     out, _ = check(x, p, reduction="none")
     assert out.shape == ()
     assert torch.isnan(softmax_gpu.cross_entropy(x, torch.tensor(-100, device=DEVICE)))
+    for backend in ("as is", "torch"):
+        if backend == "torch":
+            monkeypatch.setattr(CE, "backend_for", lambda tensor: "torch")
+        for target in (t, p, p.clone().requires_grad_()):
+            for reduction in ("mean", "none"):
+                ours = softmax_gpu.cross_entropy(x, target, reduction=reduction)
+                ref = F.cross_entropy(x, target, reduction=reduction)
+                assert ours.shape == ref.shape == (), (backend, target.dtype, reduction)
+                assert_close(ours.detach(), ref.detach(), x.dtype)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -1633,3 +1644,46 @@ def test_grad_scaler_default_scale_trains():
     scaler.update()
     assert scaler.get_scale() == 2.0 ** 16  # no inf: the step was taken
     assert not torch.equal(lin.weight.detach(), before)
+
+
+@pytest.mark.parametrize("case", ["grad", "deferred", "lse"])
+def test_no_silent_double_backward(case):
+    """The gradient is not differentiable: under create_graph=True it is right
+    (first order) and differentiating it raises, even where grad_output is a
+    constant (torch's once_differentiable let that through as a constant, and
+    a gradient penalty's term was silently dropped). The torch reference (CPU
+    without the interpreter) is a differentiable composite instead."""
+    dtype = torch.float16 if case == "deferred" else torch.float64
+    x = rand(5, 11, dtype=dtype).requires_grad_()
+    t = torch.randint(0, 11, (5,), device=DEVICE)
+    if case == "lse":
+        loss, lse = softmax_gpu.cross_entropy(x, t, return_lse=True)
+        out, ref_out = lse.sum(), torch.logsumexp(x.double(), 1).sum()
+    else:
+        out = softmax_gpu.cross_entropy(x, t)
+        ref_out = F.cross_entropy(x.double(), t)
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    (ref,) = torch.autograd.grad(ref_out, x)
+    assert_close(g.detach(), ref, dtype)
+    if softmax_gpu.backend_for(x) == "torch":
+        (g * g).sum().backward()  # torch's double backward
+        return
+    with pytest.raises(RuntimeError, match="this gradient is not differentiable"):
+        (g.float() * g.float()).sum().backward()
+
+
+def test_probability_targets_promote_the_loss_dtype():
+    """As torch: the loss of bf16 logits with fp32 probabilities is fp32, of fp32
+    logits with fp64 probabilities fp64 (the gradient keeps the logits' dtype)."""
+    for xd, pd in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+                   (torch.float16, torch.bfloat16), (torch.float32, torch.float32)):
+        x = rand(4, 9, dtype=xd).requires_grad_()
+        p = torch.softmax(rand(4, 9), -1).to(pd)
+        for reduction in ("mean", "none"):
+            ours = softmax_gpu.cross_entropy(x, p, reduction=reduction)
+            ref = F.cross_entropy(x, p, reduction=reduction)
+            assert ours.dtype == ref.dtype, (xd, pd, ours.dtype, ref.dtype)
+            assert_close(ours.detach(), F.cross_entropy(x.double(), p.double(),
+                                                         reduction=reduction), xd)
+        ours.sum().backward()
+        assert x.grad.dtype == xd

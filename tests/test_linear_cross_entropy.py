@@ -273,10 +273,15 @@ def test_options_are_checked_and_torch_names_honoured():
     assert sum(n.startswith("ce_class") for n in names) == -(-N // rows)
 
 
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_grad_output_and_retain_graph(reduction):
+def test_grad_output_and_retain_graph(reduction, backend, monkeypatch):
     """Backward twice over a retained graph, with different grad_outputs: each
-    result is right, and results already returned never change."""
+    result is right, and results already returned never change; with the
+    kernels and on the torch reference path (which scaled a saved gradient
+    in place with a version bump, so that a second backward raised)."""
+    if backend == "torch":
+        monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
     x, w, b, t = problem(n=20)
     loss = lce(x, w, t, linear_bias=b, reduction=reduction, chunk_size=CHUNK, z_loss=0.01)
     ref, _ = reference(x, w, t, b, reduction=reduction, z_loss=0.01)
@@ -905,3 +910,52 @@ def test_token_accuracy(path):
         _, acc = softmax_gpu.linear_cross_entropy(x, w, none, linear_bias=b,
                                                   return_token_accuracy=True)
         assert float(acc) == 0.0
+
+
+def test_no_silent_double_backward():
+    """As the cross-entropy: under create_graph=True the gradients are right
+    and differentiating them raises instead of dropping the term."""
+    x, w, b, t = problem(n=12, v=20)
+    (gx, gw) = torch.autograd.grad(lce(x, w, t, linear_bias=b), (x, w), create_graph=True)
+    (rx, rw) = torch.autograd.grad(F.cross_entropy(F.linear(x, w, b), t), (x, w))
+    assert_close(gx.detach(), rx, torch.float64)
+    assert_close(gw.detach(), rw, torch.float64)
+    if softmax_gpu.backend_for(x) == "torch":
+        return
+    with pytest.raises(RuntimeError, match="this gradient is not differentiable"):
+        (gx * gx).sum().backward()
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("params", ["fp32", "amp"])
+def test_autocast_follows_torch(amp, params):
+    """Under torch.autocast, torch's policy for F.linear_cross_entropy (F.linear
+    in the autocast dtype, the cross-entropy in fp32): an fp32 loss by default,
+    the logits rounded as the autocast GEMM rounds them, every gradient in its
+    parameter's dtype. fp32 parameters (autocast training): the GEMMs use
+    their autocast-dtype copies and the weight's gradient is accumulated in
+    fp32 (no rounding to the autocast dtype, unlike torch's, and no
+    16-bit [V, D] gradient); 16-bit parameters: unchanged dtypes."""
+    dev = DEVICE if DEVICE == "cuda" else "cpu"
+    x, w, b, t = problem(n=21, dtype=torch.float32)
+    if params == "amp":
+        x, w, b = (p.detach().to(amp).requires_grad_() for p in (x, w, b))
+    with torch.autocast(dev, dtype=amp):
+        loss = lce(x, w, t, linear_bias=b, chunk_size=CHUNK, reduction="sum")
+        assert lce(x, w, t, linear_bias=b, loss_dtype=amp).dtype == amp  # asked for
+    assert loss.dtype == torch.float32
+    loss.backward()
+    z = F.linear(x.detach().to(amp), w.detach().to(amp), b.detach().to(amp))
+    ref = F.cross_entropy(z.double(), t, reduction="sum")
+    assert_close(loss.detach(), ref, torch.float32)
+    xr, wr, br = (p.detach().to(amp).double().requires_grad_() for p in (x, w, b))
+    F.cross_entropy(F.linear(xr, wr, br), t, reduction="sum").backward()
+    xt, wt, bt = (p.detach().clone().requires_grad_() for p in (x, w, b))
+    with torch.autocast(dev, dtype=amp):  # torch's own op, for its error
+        F.cross_entropy(F.linear(xt, wt, bt), t, reduction="sum").backward()
+    for p, r, o in ((x, xr, xt), (w, wr, wt), (b, br, bt)):
+        assert p.grad.dtype == p.dtype == o.grad.dtype
+        ours, theirs = ((g.double() - r.grad).norm() for g in (p.grad, o.grad))
+        assert ours <= 2 * theirs + 1e-6 * r.grad.norm(), (ours, theirs)
+    if params == "fp32":  # accumulated in fp32: not all representable in the autocast dtype
+        assert not torch.equal(w.grad, w.grad.to(amp).float())
