@@ -23,7 +23,7 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order"]
+           "first_order", "transformed"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -77,12 +77,16 @@ def backend_for(tensor: torch.Tensor) -> str:
     - CPU tensors with ``TRITON_INTERPRET=1`` set before import: ``"triton"``
       (the same kernels, run by Triton's interpreter).
     - Any other CPU tensor: ``"torch"``, a reference implementation.
+    - A tensor inside a ``torch.func`` transform (``vmap``, ``grad``,
+      ``jvp``, ...): ``"torch"`` (see :func:`transformed`).
 
     Raises RuntimeError (:func:`interpreter_problem`) where the kernels would
     run in an interpreter that cannot run them.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(tensor).__name__}")
+    if _functorch_wrapped(tensor):
+        return "torch"
     dev = tensor.device.type
     if dev == "cuda" or (dev == "cpu" and _INTERPRETED):
         if _INTERPRETER_PROBLEM is not None:
@@ -127,6 +131,17 @@ def first_order(backward):
         return outs[0] if single else outs
 
     return wrapper
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def transformed(t: torch.Tensor) -> bool:
+    """True for a tensor inside a ``torch.func`` transform (``vmap``, ``grad``,
+    ``jvp``, ``jacrev``, ...): the kernels cannot read its storage, so the
+    ops take their torch reference there (the same semantics, composed of
+    torch ops that every transform supports)."""
+    return not _is_compiling() and _functorch_wrapped(t)  # never traced by dynamo
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

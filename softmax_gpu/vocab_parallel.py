@@ -63,7 +63,7 @@ from torch import Tensor
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (backend_for, first_order, launch_device, launch_on, new_output,
-                        plan_cache, remember)
+                        plan_cache, remember, transformed)
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows, denominators_plan
 from .kernels import vocab_parallel as K
@@ -156,6 +156,12 @@ def _resolve_group(who: str, group):
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> _Opts:
     eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return _Opts(ignore_index, reduction, eps, zl, cap)
+
+
+def _check_untransformed(who: str, t, name: str) -> None:
+    if isinstance(t, Tensor) and transformed(t):
+        raise RuntimeError(f"{who}: {name} is inside a torch.func transform (vmap, grad, jvp, "
+                           "...), which its collectives do not support")
 
 
 def _check_target(target: Tensor, batch: tuple, like: Tensor, name: str) -> None:
@@ -675,6 +681,7 @@ def vocab_parallel_cross_entropy(
     who = "vocab_parallel_cross_entropy"
     x = local_logits
     check_tensor(x, "local_logits")
+    _check_untransformed(who, x, "local_logits")
     check_float(x, "local_logits")
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"local_logits must be a CUDA or CPU tensor, got device {x.device}")
@@ -883,6 +890,8 @@ def vocab_parallel_linear_cross_entropy(
     """
     who = "vocab_parallel_linear_cross_entropy"
     check_tensor(input, "input")
+    _check_untransformed(who, input, "input")
+    _check_untransformed(who, local_weight, "local_weight")
     check_float(input, "input")
     if input.device.type not in ("cuda", "cpu"):
         raise ValueError(f"input must be a CUDA or CPU tensor, got device {input.device}")

@@ -1687,3 +1687,21 @@ def test_probability_targets_promote_the_loss_dtype():
                                                          reduction=reduction), xd)
         ours.sum().backward()
         assert x.grad.dtype == xd
+
+
+def test_torch_func_transforms():
+    """torch.func.grad and vmap of the cross-entropy take its torch reference
+    (the same semantics); the linear version, whose chunked passes write
+    gradients in place, says it does not run there."""
+    x = rand(4, 9, dtype=torch.float64)
+    t = torch.randint(0, 9, (4,), device=DEVICE)
+    w = torch.rand(9, dtype=torch.float64, device=DEVICE) + 0.5
+    for kw in (dict(), dict(weight=w, label_smoothing=0.1)):
+        ours = torch.func.grad(lambda a: softmax_gpu.cross_entropy(a, t, **kw))(x)
+        assert_close(ours, torch.func.grad(lambda a: F.cross_entropy(a, t, **kw))(x),
+                     torch.float64)
+    per_row = torch.func.vmap(lambda a, b: softmax_gpu.cross_entropy(a, b))(x, t)
+    assert_close(per_row, F.cross_entropy(x, t, reduction="none"), torch.float64)
+    W = rand(9, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="inside a torch.func transform"):
+        torch.func.grad(lambda a: softmax_gpu.linear_cross_entropy(a, W, t))(rand(4, 5))

@@ -989,3 +989,18 @@ def test_cuda_autocast_upcasts_in_the_kernel():
         assert y.dtype == torch.float32
         assert torch.cuda.max_memory_allocated() - before <= x.numel() * 4 + (1 << 16)
         assert_close(y, ref(x, -1, log), torch.float32)
+
+
+def test_torch_func_transforms():
+    """Inside torch.func transforms (vmap, jvp, grad, hessian) the kernels cannot
+    read the wrapped tensors: the ops take their torch reference, equal to
+    torch's; before, the launch failed with 'Cannot access storage'."""
+    x, v = rand(3, 6, dtype=torch.float64), rand(3, 6, dtype=torch.float64)
+    for ours, theirs in ((softmax_gpu.softmax, torch.softmax),
+                         (softmax_gpu.log_softmax, torch.log_softmax)):
+        for transform in (
+                lambda f: torch.func.vmap(lambda a: f(a, 0))(x),
+                lambda f: torch.func.jvp(lambda a: f(a, 1), (x,), (v,))[1],
+                lambda f: torch.func.grad(lambda a: (f(a, 1) * v).sum())(x),
+                lambda f: torch.func.hessian(lambda a: (f(a, 0) * v[0]).sum())(x[0])):
+            assert_close(transform(ours), transform(theirs), torch.float64)
