@@ -78,7 +78,9 @@ def check(x, target, path="single", dtype=None, grad_output=None, grad_scale_tol
     ref = torch_ref(x64, target, **kw)
     (dx_ref,) = torch.autograd.grad(ref, x64, g.double())
     ref = ref.detach()
-    assert out.dtype == dtype and out.shape == ref.shape
+    # probability targets promote the loss's dtype, as torch's
+    assert out.dtype == (torch.promote_types(dtype, target.dtype) if prob else dtype)
+    assert out.shape == ref.shape
     assert dx.dtype == dtype and dx.shape == xs.shape
     assert_close(out, ref, dtype)
     assert_close(dx, dx_ref, dtype, scale=grad_scale_tol * max(1.0, float(g.abs().max())))
