@@ -80,20 +80,16 @@ def backend_for(tensor: torch.Tensor) -> str:
     - A tensor inside a ``torch.func`` transform (``vmap``, ``grad``,
       ``jvp``, ...): ``"torch"`` (see :func:`transformed`).
 
-    Raises RuntimeError (:func:`interpreter_problem`) where the kernels would
-    run in an interpreter that cannot run them.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(tensor).__name__}")
     if _functorch_wrapped(tensor):
         return "torch"
     dev = tensor.device.type
-    if dev == "cuda" or (dev == "cpu" and _INTERPRETED):
-        if _INTERPRETER_PROBLEM is not None:
-            raise RuntimeError(_INTERPRETER_PROBLEM)
+    if dev == "cuda":
         return "triton"
     if dev == "cpu":
-        return "torch"
+        return "triton" if _INTERPRETED else "torch"
     if dev == "meta":
         return "torch"
     raise ValueError(
@@ -247,12 +243,20 @@ def launch_device(device: torch.device) -> int | None:
 def launch_on(index: int | None, launch, *tensors) -> None:
     """Run a planned ``launch(*tensors)`` with CUDA device ``index`` current
     (from :func:`launch_device`; None on CPU), and record the kernel names it
-    returns. The device is switched only when it is not already current."""
-    if index is None or index == torch.cuda.current_device():
-        names = launch(*tensors)
-    else:
-        with torch.cuda.device(index):
+    returns. The device is switched only when it is not already current.
+    Where the kernels run in an interpreter that cannot run them
+    (:func:`interpreter_problem`), the interpreter's error is raised as a
+    RuntimeError that says why."""
+    try:
+        if index is None or index == torch.cuda.current_device():
             names = launch(*tensors)
+        else:
+            with torch.cuda.device(index):
+                names = launch(*tensors)
+    except Exception as e:
+        if _INTERPRETER_PROBLEM is not None and "0-dimensional arrays" in str(e):
+            raise RuntimeError(_INTERPRETER_PROBLEM) from e
+        raise
     if _recorder is not None:
         _recorder.extend(names)
 

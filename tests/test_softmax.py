@@ -349,12 +349,18 @@ def test_interpreter_problem_named(monkeypatch):
     assert problem("3.6.0", "2.3.5") is None
     assert problem("3.7.0", "2.4.0") is None and problem("3.9.0", "2.5.5") is None
     assert problem("3.6.0+git1a2b", "2.4.0rc1") is not None
-    monkeypatch.setattr(_dispatch, "_INTERPRETED", True)
     monkeypatch.setattr(_dispatch, "_INTERPRETER_PROBLEM", problem("3.6.0", "2.4.6"))
-    for device in {DEVICE, "cpu"}:
-        with pytest.raises(RuntimeError, match="Triton 3.6.0's interpreter"):
-            softmax_gpu.backend_for(torch.empty(1, device=device))
-    assert softmax_gpu.backend_for(torch.empty(1, device="meta")) == "torch"
+    # the path is still the kernels' (a static compile needs no interpreter)...
+    assert softmax_gpu.backend_for(torch.empty(1, device=DEVICE)) == "triton"
+
+    def interpreter_fails(*tensors):  # what the old interpreter raises from a kernel
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    # ...and the interpreter's error at a launch says why and what mends it
+    with pytest.raises(RuntimeError, match="Triton 3.6.0's interpreter.*numpy<2.4"):
+        _dispatch.launch_on(None, interpreter_fails)
+    with pytest.raises(ValueError, match="other"):  # any other error passes through
+        _dispatch.launch_on(None, lambda: (_ for _ in ()).throw(ValueError("other")))
 
 
 # --- torch.library ops, compile, modules ---------------------------------------
