@@ -23,7 +23,7 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order", "transformed"]
+           "first_order", "transformed", "any_transformed"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -138,6 +138,12 @@ def transformed(t: torch.Tensor) -> bool:
     ops take their torch reference there (the same semantics, composed of
     torch ops that every transform supports)."""
     return not _is_compiling() and _functorch_wrapped(t)  # never traced by dynamo
+
+
+def any_transformed(*tensors) -> bool:
+    """:func:`transformed` for any of ``tensors`` (None and non-tensors skipped)."""
+    return not _is_compiling() and any(
+        isinstance(t, torch.Tensor) and _functorch_wrapped(t) for t in tensors)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

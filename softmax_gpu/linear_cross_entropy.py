@@ -1275,7 +1275,8 @@ def linear_cross_entropy(
     underflow (as in torch's fp16 cross-entropy); bf16 has fp32's range.
     """
     for name, v in (("input", input), ("linear_weight", linear_weight),
-                    ("linear_bias", linear_bias)):
+                    ("linear_bias", linear_bias), ("target", target), ("weight", weight),
+                    ("divisor", divisor)):
         if isinstance(v, Tensor) and transformed(v):
             raise RuntimeError(
                 f"linear_cross_entropy: {name} is inside a torch.func transform (vmap, grad, "

@@ -681,7 +681,8 @@ def vocab_parallel_cross_entropy(
     who = "vocab_parallel_cross_entropy"
     x = local_logits
     check_tensor(x, "local_logits")
-    _check_untransformed(who, x, "local_logits")
+    for name, v in (("local_logits", x), ("target", target), ("weight", weight)):
+        _check_untransformed(who, v, name)
     check_float(x, "local_logits")
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"local_logits must be a CUDA or CPU tensor, got device {x.device}")
@@ -890,8 +891,9 @@ def vocab_parallel_linear_cross_entropy(
     """
     who = "vocab_parallel_linear_cross_entropy"
     check_tensor(input, "input")
-    _check_untransformed(who, input, "input")
-    _check_untransformed(who, local_weight, "local_weight")
+    for name, v in (("input", input), ("local_weight", local_weight), ("target", target),
+                    ("linear_bias", linear_bias), ("weight", weight)):
+        _check_untransformed(who, v, name)
     check_float(input, "input")
     if input.device.type not in ("cuda", "cpu"):
         raise ValueError(f"input must be a CUDA or CPU tensor, got device {input.device}")

@@ -1704,6 +1704,13 @@ def test_torch_func_transforms():
                      torch.float64)
     per_row = torch.func.vmap(lambda a, b: softmax_gpu.cross_entropy(a, b))(x, t)
     assert_close(per_row, F.cross_entropy(x, t, reduction="none"), torch.float64)
+    # a transform that wraps only the targets, or only the class weights
+    ts = torch.randint(0, 9, (3, 4), device=DEVICE)
+    assert_close(torch.func.vmap(lambda b: softmax_gpu.cross_entropy(x, b))(ts),
+                 torch.func.vmap(lambda b: F.cross_entropy(x, b))(ts), torch.float64)
+    ws = torch.rand(2, 9, dtype=torch.float64, device=DEVICE) + 0.5
+    assert_close(torch.func.vmap(lambda c: softmax_gpu.cross_entropy(x, t, weight=c))(ws),
+                 torch.func.vmap(lambda c: F.cross_entropy(x, t, weight=c))(ws), torch.float64)
     W = rand(9, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="inside a torch.func transform"):
         torch.func.grad(lambda a: softmax_gpu.linear_cross_entropy(a, W, t))(rand(4, 5))
