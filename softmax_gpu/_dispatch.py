@@ -23,7 +23,7 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order", "transformed", "any_transformed"]
+           "first_order", "transformed", "refuse_transformed"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -70,7 +70,7 @@ def _interpreter_check() -> str | None:
 _INTERPRETER_PROBLEM = _interpreter_check()
 
 
-def backend_for(tensor: torch.Tensor) -> str:
+def backend_for(tensor: torch.Tensor, name: str = "tensor") -> str:
     """``"triton"`` or ``"torch"``: the path a call on ``tensor`` takes.
 
     - CUDA tensors: ``"triton"`` (compiled kernels).
@@ -80,21 +80,19 @@ def backend_for(tensor: torch.Tensor) -> str:
     - A tensor inside a ``torch.func`` transform (``vmap``, ``grad``,
       ``jvp``, ...): ``"torch"`` (see :func:`transformed`).
 
+    Any other device is a ValueError that names the argument (``name``).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(tensor).__name__}")
-    if _functorch_wrapped(tensor):
+    if _functorch_wrapped(tensor) and not _is_compiling():
         return "torch"
     dev = tensor.device.type
     if dev == "cuda":
         return "triton"
     if dev == "cpu":
         return "triton" if _INTERPRETED else "torch"
-    if dev == "meta":
-        return "torch"
-    raise ValueError(
-        f"unsupported device {tensor.device}: softmax_gpu runs on CUDA or CPU tensors"
-    )
+    check_device(tensor, name)  # meta passes: shapes only
+    return "torch"
 
 
 def first_order(backward):
@@ -132,18 +130,27 @@ def first_order(backward):
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def transformed(t: torch.Tensor) -> bool:
-    """True for a tensor inside a ``torch.func`` transform (``vmap``, ``grad``,
-    ``jvp``, ``jacrev``, ...): the kernels cannot read its storage, so the
-    ops take their torch reference there (the same semantics, composed of
-    torch ops that every transform supports)."""
-    return not _is_compiling() and _functorch_wrapped(t)  # never traced by dynamo
+def transformed(*tensors) -> bool:
+    """True when any of ``tensors`` (None and non-tensors skipped) is inside a
+    ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...):
+    the kernels cannot read its storage, so the ops take their torch
+    reference there (the same semantics, composed of torch ops that every
+    transform supports). Never asked while dynamo traces."""
+    if _is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _functorch_wrapped(t):
+            return True
+    return False
 
 
-def any_transformed(*tensors) -> bool:
-    """:func:`transformed` for any of ``tensors`` (None and non-tensors skipped)."""
-    return not _is_compiling() and any(
-        isinstance(t, torch.Tensor) and _functorch_wrapped(t) for t in tensors)
+def refuse_transformed(who: str, why: str, **tensors) -> None:
+    """RuntimeError naming the first of ``tensors`` that is inside a
+    ``torch.func`` transform, for the ops that cannot run there (``why``)."""
+    for name, t in tensors.items():
+        if transformed(t):
+            raise RuntimeError(f"{who}: {name} is inside a torch.func transform (vmap, grad, "
+                               f"jvp, ...), {why}")
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

@@ -43,9 +43,9 @@ from torch.nn import _reduction
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (any_transformed, autocast_on, backend_for, empty_like, first_order,
-                        interpreted, launch_device, launch_on, new_output, plan_cache, remember,
-                        traced)
+from ._dispatch import (autocast_on, backend_for, empty_like, first_order, interpreted,
+                        launch_device, launch_on, new_output, plan_cache, remember, traced,
+                        transformed)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -1359,7 +1359,7 @@ def cross_entropy(
         return _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
                                      cap, return_lse, inplace_backward, loss_dtype, need_grad,
                                      div_f, div_t)
-    if backend_for(input) == "torch" or any_transformed(target, weight, div_t) or (
+    if backend_for(input) == "torch" or transformed(target, weight, div_t) or (
             target.requires_grad and torch.is_grad_enabled() and target.is_floating_point()):
         # the CPU reference (also inside torch.func transforms, whichever
         # argument they wrap), and probability targets that require grad: a

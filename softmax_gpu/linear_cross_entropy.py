@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (autocast_on, backend_for, first_order, launch_device, launch_on,
-                        new_output, plan_cache, remember, traced, transformed)
+                        new_output, plan_cache, refuse_transformed, remember, traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
                             cross_entropy_config, cross_entropy_scale_config, denominators_plan,
                             reference_lse_grad)
@@ -1274,14 +1274,10 @@ def linear_cross_entropy(
     already divided by the mean's denominator, so its smallest entries can
     underflow (as in torch's fp16 cross-entropy); bf16 has fp32's range.
     """
-    for name, v in (("input", input), ("linear_weight", linear_weight),
-                    ("linear_bias", linear_bias), ("target", target), ("weight", weight),
-                    ("divisor", divisor)):
-        if isinstance(v, Tensor) and transformed(v):
-            raise RuntimeError(
-                f"linear_cross_entropy: {name} is inside a torch.func transform (vmap, grad, "
-                "jvp, ...), which the chunked passes and their in-place gradients do not "
-                "support; use softmax_gpu.cross_entropy(F.linear(...), ...) there")
+    refuse_transformed("linear_cross_entropy", "which the chunked passes and their in-place "
+                       "gradients do not support; use softmax_gpu.cross_entropy(F.linear(...), "
+                       "...) there", input=input, linear_weight=linear_weight,
+                       linear_bias=linear_bias, target=target, weight=weight, divisor=divisor)
     gemm = _autocast_dtype(input) if isinstance(input, Tensor) else None
     if gemm is not None:  # torch.autocast: F.linear in its dtype, the cross-entropy in fp32
         loss_dtype = loss_dtype or torch.float32

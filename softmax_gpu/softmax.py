@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor, wrap_dim
-from ._dispatch import (autocast_on, backend_for, check_device, empty_like, interpreted,
-                        launch_device, launch_on, new_output, plan_cache, remember, traced,
-                        transformed)
+from ._dispatch import (autocast_on, backend_for, empty_like, interpreted,
+                        launch_device, launch_on, new_output, plan_cache, remember, traced)
 from ._layout import as_rows, rows_view
 from .heuristics import MIN_BLOCK, SINGLE, SPLIT, next_pow2, warps_for
 from .kernels import softmax as K
@@ -445,9 +444,7 @@ def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
         if ndim == 0:
             return softmax_forward(input.reshape(1), 0, log, out).reshape(())
         return softmax_forward(input, d, log, out)
-    dev = input.device.type
-    if (dev != "cuda" and (dev != "cpu" or not interpreted())) or transformed(input):
-        check_device(input, "input")
+    if backend_for(input, "input") == "torch":  # CPU without the interpreter, meta, torch.func
         return reference_forward(input, d, log, out)
     if ndim == 0:
         return _softmax(input.reshape(1), 0, 3, out, log).reshape(())

@@ -63,7 +63,7 @@ from torch import Tensor
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (backend_for, first_order, launch_device, launch_on, new_output,
-                        plan_cache, remember, transformed)
+                        plan_cache, refuse_transformed, remember)
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows, denominators_plan
 from .kernels import vocab_parallel as K
@@ -158,10 +158,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) ->
     return _Opts(ignore_index, reduction, eps, zl, cap)
 
 
-def _check_untransformed(who: str, t, name: str) -> None:
-    if isinstance(t, Tensor) and transformed(t):
-        raise RuntimeError(f"{who}: {name} is inside a torch.func transform (vmap, grad, jvp, "
-                           "...), which its collectives do not support")
+_COLLECTIVES = "which its collectives do not support"
 
 
 def _check_target(target: Tensor, batch: tuple, like: Tensor, name: str) -> None:
@@ -681,8 +678,7 @@ def vocab_parallel_cross_entropy(
     who = "vocab_parallel_cross_entropy"
     x = local_logits
     check_tensor(x, "local_logits")
-    for name, v in (("local_logits", x), ("target", target), ("weight", weight)):
-        _check_untransformed(who, v, name)
+    refuse_transformed(who, _COLLECTIVES, local_logits=x, target=target, weight=weight)
     check_float(x, "local_logits")
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"local_logits must be a CUDA or CPU tensor, got device {x.device}")
@@ -891,9 +887,8 @@ def vocab_parallel_linear_cross_entropy(
     """
     who = "vocab_parallel_linear_cross_entropy"
     check_tensor(input, "input")
-    for name, v in (("input", input), ("local_weight", local_weight), ("target", target),
-                    ("linear_bias", linear_bias), ("weight", weight)):
-        _check_untransformed(who, v, name)
+    refuse_transformed(who, _COLLECTIVES, input=input, local_weight=local_weight,
+                       target=target, linear_bias=linear_bias, weight=weight)
     check_float(input, "input")
     if input.device.type not in ("cuda", "cpu"):
         raise ValueError(f"input must be a CUDA or CPU tensor, got device {input.device}")
