@@ -17,6 +17,7 @@ import re
 from typing import Iterator
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .kernels import softmax as _softmax_kernels
 
@@ -78,13 +79,14 @@ def backend_for(tensor: torch.Tensor, name: str = "tensor") -> str:
       (the same kernels, run by Triton's interpreter).
     - Any other CPU tensor: ``"torch"``, a reference implementation.
     - A tensor inside a ``torch.func`` transform (``vmap``, ``grad``,
-      ``jvp``, ...): ``"torch"`` (see :func:`transformed`).
+      ``jvp``, ...) or carrying a forward-mode tangent
+      (``torch.autograd.forward_ad``): ``"torch"`` (see :func:`transformed`).
 
     Any other device is a ValueError that names the argument (``name``).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(tensor).__name__}")
-    if _functorch_wrapped(tensor) and not _is_compiling():
+    if (_functorch_wrapped(tensor) or _dual(tensor)) and not _is_compiling():
         return "torch"
     dev = tensor.device.type
     if dev == "cuda":
@@ -128,29 +130,42 @@ def first_order(backward):
 
 
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_unpack_dual = torch._VF._unpack_dual
+
+
+def _dual(t: torch.Tensor) -> bool:
+    """True when ``t`` carries a tangent of the active
+    ``torch.autograd.forward_ad`` dual level (none is active almost always,
+    and that test is one attribute read)."""
+    level = _forward_ad._current_level
+    return level >= 0 and _unpack_dual(t, level).tangent is not None
 
 
 def transformed(*tensors) -> bool:
     """True when any of ``tensors`` (None and non-tensors skipped) is inside a
-    ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...):
-    the kernels cannot read its storage, so the ops take their torch
-    reference there (the same semantics, composed of torch ops that every
-    transform supports). Never asked while dynamo traces."""
+    ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...)
+    or is a forward-mode dual tensor (``torch.autograd.forward_ad``): the
+    kernels cannot read a wrapper's storage, and a kernel's output would
+    carry no tangent, so the ops take their torch reference there (the same
+    semantics, composed of torch ops that every transform and forward-mode AD
+    support). Never asked while dynamo traces."""
     if _is_compiling():
         return False
     for t in tensors:
-        if isinstance(t, torch.Tensor) and _functorch_wrapped(t):
+        if isinstance(t, torch.Tensor) and (_functorch_wrapped(t) or _dual(t)):
             return True
     return False
 
 
 def refuse_transformed(who: str, why: str, **tensors) -> None:
     """RuntimeError naming the first of ``tensors`` that is inside a
-    ``torch.func`` transform, for the ops that cannot run there (``why``)."""
+    ``torch.func`` transform or carries a forward-mode tangent, for the ops
+    that cannot run there (``why``)."""
     for name, t in tensors.items():
         if transformed(t):
             raise RuntimeError(f"{who}: {name} is inside a torch.func transform (vmap, grad, "
-                               f"jvp, ...), {why}")
+                               f"jvp, ...) or carries a forward-mode tangent "
+                               f"(torch.autograd.forward_ad), {why}")
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

@@ -1714,3 +1714,34 @@ def test_torch_func_transforms():
     W = rand(9, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="inside a torch.func transform"):
         torch.func.grad(lambda a: softmax_gpu.linear_cross_entropy(a, W, t))(rand(4, 5))
+
+
+def test_forward_mode_ad():
+    """Forward-mode AD (torch.autograd.forward_ad): dual logits or a dual
+    probability target take the torch reference, whose loss carries the
+    tangent, equal to torch's; the kernels' loss carried none (read as a zero
+    tangent). The linear version says it does not run there."""
+    import torch.autograd.forward_ad as fwAD
+    x, v = rand(5, 9, dtype=torch.float64), rand(5, 9, dtype=torch.float64)
+    t = torch.randint(0, 9, (5,), device=DEVICE)
+    t[1] = -100
+    w = torch.rand(9, dtype=torch.float64, device=DEVICE) + 0.5
+    p = torch.softmax(rand(5, 9, dtype=torch.float64), 1)
+    for kw in (dict(), dict(weight=w, label_smoothing=0.1), dict(reduction="sum", weight=w),
+               dict(reduction="none")):
+        def run(f):
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(f(fwAD.make_dual(x, v), t, **kw))
+        got, want = run(softmax_gpu.cross_entropy), run(F.cross_entropy)
+        assert got.tangent is not None, kw
+        assert_close(got.primal, want.primal, torch.float64)
+        assert_close(got.tangent, want.tangent, torch.float64)
+    with fwAD.dual_level():  # a dual probability target, plain logits
+        got = fwAD.unpack_dual(softmax_gpu.cross_entropy(x, fwAD.make_dual(p, v)))
+        want = fwAD.unpack_dual(F.cross_entropy(x, fwAD.make_dual(p, v)))
+    assert_close(got.tangent, want.tangent, torch.float64)
+    W = rand(9, 5, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="input is inside a torch.func transform .* or carries a forward-mode tangent"):
+        softmax_gpu.linear_cross_entropy(fwAD.make_dual(rand(4, 5, dtype=torch.float64),
+                                                        rand(4, 5, dtype=torch.float64)), W,
+                                         t[:4].clamp_min(0))

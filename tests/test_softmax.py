@@ -1010,3 +1010,25 @@ def test_torch_func_transforms():
                 lambda f: torch.func.grad(lambda a: (f(a, 1) * v).sum())(x),
                 lambda f: torch.func.hessian(lambda a: (f(a, 0) * v[0]).sum())(x[0])):
             assert_close(transform(ours), transform(theirs), torch.float64)
+
+
+def test_forward_mode_ad():
+    """A forward-mode dual tensor (torch.autograd.forward_ad) takes the torch
+    reference, whose result carries the tangent; the kernels' result carried
+    none, which forward AD reads as a zero tangent (silently wrong)."""
+    import torch.autograd.forward_ad as fwAD
+    x, v = rand(3, 6, dtype=torch.float64), rand(3, 6, dtype=torch.float64)
+    for ours, theirs in ((softmax_gpu.softmax, torch.softmax),
+                         (softmax_gpu.log_softmax, torch.log_softmax)):
+        for dim in (0, 1):
+            with fwAD.dual_level():
+                got = fwAD.unpack_dual(ours(fwAD.make_dual(x, v), dim))
+                want = fwAD.unpack_dual(theirs(fwAD.make_dual(x, v), dim))
+            assert got.tangent is not None
+            assert_close(got.primal, want.primal, torch.float64)
+            assert_close(got.tangent, want.tangent, torch.float64)
+    # inside a dual level, a plain tensor still runs the kernels
+    with fwAD.dual_level():
+        assert softmax_gpu._dispatch.backend_for(x) == ("triton" if DEVICE == "cuda" or
+                                                        softmax_gpu._dispatch.interpreted()
+                                                        else "torch")
