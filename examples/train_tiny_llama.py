@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="default 300 (4 with --smoke)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny model (vocab 256, 1 layer, 2x32 tokens) for a few steps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch", type=int, default=8)
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.steps is None:
         args.steps = 4 if args.smoke else 300
     if args.smoke:
@@ -193,12 +195,12 @@ def main(argv=None) -> dict:
     for mode in args.modes:
         results[mode] = train(mode, args, batches)
         print(f"  {mode}: done ({results[mode]['step_ms']:.1f} ms/step)")
+        if args.json:  # after every mode: a run stopped early keeps the modes it finished
+            with open(args.json, "w") as f:
+                json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f)
     report(results, args)
     if args.out:
         plot(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f)
     return results
 
 

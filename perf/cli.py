@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ops {','.join(o.name for o in ops)} | providers {','.join(p.name for p in providers)} | "
           f"dtypes {','.join(dtype_names)} | {n_cases} cases | out {out_dir}")
 
-    def _stop(signum, frame):  # `timeout` sends SIGTERM: stop and write what was measured
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
+    env.sigterm_interrupts()  # `timeout`: stop and write what was measured
     t0 = time.perf_counter()
     rows = run_sweep(cfg, info, progress=not args.no_progress)
     # Writing the files must not be cut by a second SIGTERM (`timeout --kill-after` still can).

@@ -8,25 +8,32 @@
 # lent machine gives (~1.5 + 6.8 + 6.8 < 15). Every step runs under
 # `timeout`, and no step runs past the deadline minus the minimum kept for the
 # steps after it: even when every step runs to its limit the script ends by
-# BUDGET (plus at most 10 s of kill grace). The limits below sum to BUDGET.
+# BUDGET (plus at most 10 s of kill grace). The limits of the steps up to
+# llama sum to 390 s: the quick sweep runs only on what is left, so on a GPU
+# it is a second call (below).
 #
 # Time per step: MEASURED on an H200 on 2026-12-04 (two whole runs of this
 # script, perf/results/nvidia-h200/2026-12-04/device_check*.log), then the
-# limit given for this version of the step:
+# limit given for this version of the step. Every step writes what it
+# measured as it goes, or when `timeout` stops it:
 #
 # | step       | measured       | limit | what it does |
 # |------------|----------------|-------|--------------|
-# | info       | 9 s, 15 s (cut)|  20 s | nvidia-smi; the first import of torch and triton on a fresh machine |
 # | install    | 4 s, 4 s       |  12 s | pip install -e . offline (--no-deps --no-build-isolation) |
 # | wheels     | 1 s, 0 s       |   8 s | only when .whl/ exists (liger-kernel, cut-cross-entropy: bash perf/fetch_wheels.sh) |
-# | gpu_checks | 23 s, 26 s     |  45 s | CUDA graphs, no-sync steps, and now the default plan and every long-row path at grad_output != 1 against float64 at LLM sizes (new: ~18 s more, estimated) |
-# | tune       | 67 s, 54 s     |  70 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured (now also the backward and log-softmax at 32768, after the cross-entropy: ~22 candidates more, ~12 s, estimated, and at 16384 two each, ~2 s; the softmax forward, last, is what a short run skips) |
-# | tests      | 93 s, 80 s     |  95 s | the suite on CUDA over 12 xdist workers (compile-bound); the CPU-only files are left to CI |
-# | profile    | new            |  22 s | python -m perf.profile: ncu counters of the hot kernels, default and tuned plans (estimated) |
-# | linear_ce  | 46 s, 40 s     |  50 s | the Llama-3-8B head at 4096 and 16384 tokens against the GEMM floor and the peers (its --quick set, stopped by --time-budget-s 38; torch.compile left out: its compile alone took ~30 s) |
-# | host       | 12 s (crashed) |  20 s | python -m perf.host: host cost per call, stubbed and launched |
-# | llama      | new            |  15 s | examples/train_tiny_llama.py, 15 steps per mode: a trainer's step time and peak memory (estimated) |
-# | perf_quick | 114 s (cut), 158 s alone | rest, <= 90 s | the quick sweep at 40 ms of repeats (was 100 ms); cut short, it still writes what it measured |
+# | info       | 9 s, 15 s (cut)|  15 s | nvidia-smi; the first import of torch and triton; the peers the wheels brought |
+# | gpu_checks | 23 s, 26 s     |  60 s | no-sync steps, CUDA graphs, then every long-row path at grad_output != 1 against float64 at LLM sizes, twice each (those last: ~20 first compiles, ~25 s more, estimated); a table row per check as it ends |
+# | tune       | 67 s, 54 s     |  60 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured; stops at a fault that leaves the CUDA context unusable |
+# | tests      | 93 s, 80 s     | 130 s | the suite on CUDA over 12 xdist workers (compile-bound), 715 tests where those runs had 474; SIGINT at the limit, so pytest still prints the failures and writes tests_junit.xml |
+# | profile    | new            |  30 s | python -m perf.profile: ncu counters (base units) of 3 hot shapes, installed and tuned plans (estimated) |
+# | linear_ce  | 46 s, 40 s     |  35 s | the Llama-3-8B head at 4096 and 16384 tokens against the GEMM floor and the peers (its --quick set, stopped by --time-budget-s 23; torch.compile left out: its compile alone took ~30 s) |
+# | host       | 12 s (crashed) |  15 s | python -m perf.host --brief: host cost per call, stubbed and launched (~0.05 s a row, 63 rows; the CSV grows row by row) |
+# | llama      | new            |  25 s | examples/train_tiny_llama.py, 10 steps per mode, 2 layers: a trainer's step time and peak memory (estimated; the JSON is written after each mode) |
+# | perf_quick | 114 s (cut), 158 s alone | rest, <= 240 s | the quick sweep at 40 ms of repeats, the cross-entropy first; cut short, it still writes what it measured |
+#
+# The quick sweep, on a GPU: right after the first call, on the warm machine,
+#   SKIP_STEPS="gpu_checks tune tests profile linear_ce host llama" bash perf/device_check.sh "$OUT"
+# (~250 s: install, wheels and info again, then the sweep alone).
 #
 # Left to CI (CPU, no GPU needed; they would cost minutes here):
 # tests/test_static_compile.py (compiles ~2700 sm_90 variants),
@@ -67,23 +74,25 @@ export PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"  # the checks fail loudly without a GPU; DEVICE=auto for a CPU dry run
 DRY_RUN="${DRY_RUN:-0}"
 
-T_INFO=${T_INFO:-20}
+T_INFO=${T_INFO:-15}
 T_INSTALL=${T_INSTALL:-12}
 T_WHEELS=${T_WHEELS:-8}
-T_CHECKS=${T_CHECKS:-45}
-T_TUNE=${T_TUNE:-70}
-T_TESTS=${T_TESTS:-95}
-T_PROFILE=${T_PROFILE:-22}
-T_LINEAR=${T_LINEAR:-50}
-T_HOST=${T_HOST:-20}
-T_LLAMA=${T_LLAMA:-15}
-T_PERF=${T_PERF:-90}
+T_CHECKS=${T_CHECKS:-60}
+T_TUNE=${T_TUNE:-60}
+T_TESTS=${T_TESTS:-130}
+T_PROFILE=${T_PROFILE:-30}
+T_LINEAR=${T_LINEAR:-35}
+T_HOST=${T_HOST:-15}
+T_LLAMA=${T_LLAMA:-25}
+T_PERF=${T_PERF:-240}
 BUDGET=${BUDGET:-395}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
-# The least time worth giving a step: kept free for it by the steps before it.
-MIN_CHECKS=25 MIN_TUNE=45 MIN_TESTS=60 MIN_PROFILE=12 MIN_LINEAR=20 MIN_HOST=12 MIN_LLAMA=10
-MIN_PERF=30
+# The least time worth giving a step: kept free for it by the steps before it
+# (none for the quick sweep: it takes what is left).
+MIN_TUNE=40 MIN_TESTS=90 MIN_PROFILE=20 MIN_LINEAR=25 MIN_HOST=10 MIN_LLAMA=15
+MIN_PERF=0
 MIN_STEP=10  # a step that would get less is skipped ("no time left")
+MIN_PERF_RUN=60  # ... and the quick sweep below this (it would measure a few runs)
 
 SIM_ELAPSED=0  # DRY_RUN: seconds the skipped steps would have taken at most
 # DRY_RUN keeps time on the simulated clock alone (the script's own seconds on
@@ -119,7 +128,8 @@ dry_outputs() {
     host) touch "$OUT_DIR/${s}_host.csv" ;;
     profile) touch "$OUT_DIR/${s}_profile.csv" ;;
     llama) touch "$OUT_DIR/train_tiny_llama.json" "$OUT_DIR/train_tiny_llama.png" ;;
-    tests) mkdir -p "$OUT_DIR/stray/a/b" && touch "$OUT_DIR/stray/a/b/deep.txt" ;;
+    tests) mkdir -p "$OUT_DIR/stray/a/b" && touch "$OUT_DIR/stray/a/b/deep.txt" \
+                                                  "$OUT_DIR/tests_junit.xml" ;;
     perf_quick)
       touch "$OUT_DIR/${s}.csv" "$OUT_DIR/${s}_summary.md"
       for op in softmax_fwd ce_fwd_bwd softmax_fwd_bwd ce_fwd log_softmax_fwd vocab_parallel; do
@@ -138,25 +148,36 @@ run_step() {
     STEPS+=("| $name | skipped | 0s | - |")
     return 0
   fi
-  if [ "$lim" -lt "$MIN_STEP" ]; then
+  local floor=$MIN_STEP
+  [ "$name" = perf_quick ] && floor=$MIN_PERF_RUN
+  if [ "$lim" -lt "$floor" ]; then
+    if [ "$name" = perf_quick ]; then  # planned: on a GPU the quick sweep is a second call
+      echo "===== $name: not run: no time left; run it in a second call (see the header)" | tee -a "$LOG"
+      STEPS+=("| $name | not run (a second call: see the header) | 0s | ${lim}s |")
+      return 0
+    fi
     echo "===== $name: NOT RUN: no time left (${lim}s before the budget's deadline)" | tee -a "$LOG"
     STEPS+=("| $name | NOT RUN (no time left) | 0s | ${lim}s |")
     FAILED=1
     return 1
   fi
   t0=$(now)
+  # the signal at the limit: TERM, or the step's SIGNAL_<name> (INT for pytest,
+  # which then still prints its failures)
+  local sig_var="SIGNAL_$name"
+  local sig=${!sig_var:-TERM}
   echo "===== $name (limit ${lim}s): $*" | tee -a "$LOG"
   if [ "$DRY_RUN" = 1 ]; then
     dry_outputs "$name"
     SIM_ELAPSED=$(( SIM_ELAPSED + lim ))
     rc=0
   else
-    timeout --kill-after=10 "$lim" "$@" 2>&1 | tee -a "$LOG"
+    timeout -s "$sig" --kill-after=10 "$lim" "$@" 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
   fi
   dt=$(( $(now) - t0 ))
   if [ "$rc" -eq 0 ]; then word=ok
-  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then word="TIMEOUT (rc $rc)"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then word="TIMEOUT (rc $rc; what it wrote is kept)"
   else word="FAILED (rc $rc)"
   fi
   [ "$rc" -eq 0 ] || FAILED=1
@@ -200,7 +221,6 @@ install_wheels() {
 export -f install_wheels
 export WHEEL_DIR
 
-run_step info "$(limit "$T_INFO" 0)" bash -c device_info
 run_step install "$(limit "$T_INSTALL" 0)" "$PY" -m pip install --no-deps --no-build-isolation -e .
 if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
   if run_step wheels "$(limit "$T_WHEELS" 0)" bash -c install_wheels; then
@@ -209,6 +229,7 @@ if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
 else
   echo "no $WHEEL_DIR/ folder: liger / quack / cut-cross-entropy run only if the image has them" | tee -a "$LOG"
 fi
+run_step info "$(limit "$T_INFO" 0)" bash -c device_info  # after the wheels: it lists the peers
 AFTER_CHECKS=$((MIN_TUNE + MIN_TESTS + MIN_PROFILE + MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF))
 
 run_step gpu_checks "$(limit "$T_CHECKS" "$AFTER_CHECKS")" "$PY" -m perf.gpu_checks --device "$DEVICE"
@@ -225,8 +246,10 @@ run_step tune "$lim" "$PY" -m perf.tune --device "$DEVICE" --out "$OUT_DIR" \
 XDIST=""
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 12 --dist load"; fi
 # shellcheck disable=SC2086
-run_step tests "$(limit "$T_TESTS" $((MIN_PROFILE + MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF)))" \
-  "$PY" -m pytest -q -p no:cacheprovider $XDIST --durations=15 \
+SIGNAL_tests=INT run_step tests \
+  "$(limit "$T_TESTS" $((MIN_PROFILE + MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF)))" \
+  "$PY" -m pytest -q -p no:cacheprovider $XDIST --durations=15 -rfE \
+  --junitxml="$OUT_DIR/tests_junit.xml" \
   --ignore=tests/test_static_compile.py --ignore=tests/test_packaging.py \
   --ignore=tests/test_perf_harness.py --ignore=tests/test_tune.py --ignore=tests/test_examples.py
 
@@ -245,18 +268,18 @@ run_step linear_ce "$lim" "$PY" -m perf --quick --device "$DEVICE" --out "$OUT_D
   --providers gemm_floor,softmax_gpu,torch,cce,liger,softmax_gpu_overlap,softmax_gpu_lean
 
 run_step host "$(limit "$T_HOST" $((MIN_LLAMA + MIN_PERF)))" "$PY" -m perf.host --device "$DEVICE" \
-  --out "$OUT_DIR"
+  --brief --out "$OUT_DIR"
 
 # A trainer's step: transformers' Llama plain, hooked and fused (step time,
 # peak memory, loss curves).
-run_step llama "$(limit "$T_LLAMA" "$MIN_PERF")" "$PY" examples/train_tiny_llama.py --steps 15 \
+run_step llama "$(limit "$T_LLAMA" "$MIN_PERF")" "$PY" examples/train_tiny_llama.py --steps 10 --layers 2 \
   --device "$DEVICE" --out "$OUT_DIR/train_tiny_llama.png" --json "$OUT_DIR/train_tiny_llama.json"
 
 # The quick sweep takes what is left (at most T_PERF); when `timeout` stops
 # it, it still writes the CSV and summary of what it measured.
 run_step perf_quick "$(limit "$T_PERF" 0)" "$PY" -m perf --quick --device "$DEVICE" \
   --out "$OUT_DIR" --no-progress --warmup-ms 10 --rep-ms 40 \
-  --ops softmax_fwd,ce_fwd_bwd,softmax_fwd_bwd,ce_fwd,log_softmax_fwd,vocab_parallel
+  --ops ce_fwd_bwd,vocab_parallel,softmax_fwd_bwd,log_softmax_fwd,ce_fwd,softmax_fwd
 
 # The tables of the run, into the log and device_check_summary.md.
 newest() { ls -t "$@" 2>/dev/null | head -1; }

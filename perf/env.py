@@ -13,11 +13,13 @@ import dataclasses
 import datetime
 import os
 import platform
+import signal
 import sys
 
 import torch
 
-__all__ = ["RunInfo", "choose_device", "enable_interpreter_for_cpu", "run_info", "slug"]
+__all__ = ["RunInfo", "choose_device", "enable_interpreter_for_cpu", "run_info", "slug",
+           "sigterm_interrupts"]
 
 
 def choose_device(requested: str = "auto") -> str:
@@ -52,6 +54,19 @@ def enable_interpreter_for_cpu(device: str) -> str | None:
         return ("TRITON_INTERPRET is set to something other than 1: softmax_gpu runs "
                 "its torch reference path on CPU, not the Triton kernels")
     return None
+
+
+def sigterm_interrupts() -> None:
+    """Turn the first SIGTERM (what ``timeout`` sends) into a
+    KeyboardInterrupt, so that a run stops and writes what it measured; a
+    second SIGTERM is ignored (the caller sets ``SIG_IGN`` itself around
+    writing its files, and ``SIG_DFL`` after)."""
+
+    def _stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
 
 
 def slug(name: str) -> str:

@@ -18,16 +18,20 @@
    the cooperative path, the resident chunks with and without waiting), at
    the bf16 limit of one rounding (1e-2 on the norm); a failure prints
    which rows are wrong, by what scale, in which columns and, for the
-   cross-entropy, what their target element holds. Each path runs three
-   times: every path merges in a fixed order and forms each element one way,
-   so a later run whose bits differ from the first is a race, reported by
-   rows.
+   cross-entropy, what their target element holds. Each path runs twice:
+   every path merges in a fixed order and forms each element one way, so a
+   second run whose bits differ from the first is a race, reported by rows.
 3. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
    + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy, and
    softmax_gpu.linear_cross_entropy on the hidden states -> backward ->
    SGD update) runs under ``torch.cuda.set_sync_debug_mode("error")``, so any
    op that synchronises the host raises. A deliberate ``.item()`` first
    proves the detector is armed.
+
+They run in the order 3, 1, 2 (the long rows, the heaviest, last), and
+each result is a row of one markdown table, printed as the check ends. After
+a failure that left the CUDA context unusable (a kernel fault is sticky) the
+remaining checks are not run, and the table says why.
 
 Exit status 0 when every check passes, 1 otherwise. ``--device cpu`` runs the
 same comparisons eagerly on CPU (no capture, no sync check) to test the
@@ -44,7 +48,7 @@ import traceback
 
 import torch
 
-from perf import env
+from perf import env, timing
 
 __all__ = ["main"]
 
@@ -68,7 +72,7 @@ LONG_PATHS = {"default": {}, "looped": dict(long_path="looped"),
               "resident, no wait": dict(long_path="resident", resident_spin=0)}
 LONG_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 # runs per path: the first against float64, the others bit for bit against it
-LONG_REPEATS = 3
+LONG_REPEATS = 2
 GRAD_OUTPUT = 2.5
 # linear_cross_entropy: (dtype, tokens, hidden, vocabulary, chunk_size)
 GPU_LINEAR_SHAPES = [(torch.bfloat16, 4096, 1024, 32000, 1024)]
@@ -76,25 +80,29 @@ CPU_LINEAR_SHAPES = [(torch.float32, 40, 16, 96, 16)]
 
 
 class Results:
-    """PASS/FAIL lines, printed as they come and as a table at the end."""
+    """The checks' markdown table, a row printed as each check ends (a run cut
+    short by its time limit keeps the rows it reached)."""
+
+    HEAD = "| check | result | detail |\n|---|---|---|"
 
     def __init__(self):
         self.items: list[tuple[str, bool, str]] = []
+        print(self.HEAD, flush=True)
 
     @staticmethod
     def _word(ok: bool | None) -> str:
-        return "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        return "SKIP" if ok is None else ("PASS" if ok else "**FAIL**")
 
     def add(self, name: str, ok: bool | None, detail: str = "") -> None:
         """ok: True (pass), False (fail) or None (skipped, with the reason in detail)."""
         self.items.append((name, ok, detail))
-        print(f"{self._word(ok)}  {name}  {detail}", flush=True)
+        print(self._row(name, ok, detail), flush=True)
+
+    def _row(self, name, ok, detail) -> str:
+        return f"| {name} | {self._word(ok)} | {detail} |"
 
     def table(self) -> str:
-        lines = ["| check | result | detail |", "|---|---|---|"]
-        lines += [f"| {n} | {self._word(ok) if ok is not False else '**FAIL**'} | {d} |"
-                  for n, ok, d in self.items]
-        return "\n".join(lines)
+        return "\n".join([self.HEAD] + [self._row(*item) for item in self.items])
 
     @property
     def ok(self) -> bool:
@@ -468,27 +476,40 @@ def main(argv: list[str] | None = None) -> int:
     env.enable_interpreter_for_cpu(device)
     import softmax_gpu
 
-    res = Results()
     shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
     print(f"gpu_checks on {device}: torch {torch.__version__}, "
           f"cross_entropy {'present' if hasattr(softmax_gpu, 'cross_entropy') else 'absent'}", flush=True)
-    _graph_check(res, "softmax", device, shapes)
+    res = Results()
+    # The quick checks first and the long rows (the heaviest, and paths that
+    # never ran on a GPU) last: a run cut by its time limit has the rest.
+    checks = []
+    if device == "cuda":
+        checks.append(lambda: _sync_check(res))
+    checks.append(lambda: _graph_check(res, "softmax", device, shapes))
     if hasattr(softmax_gpu, "cross_entropy"):
-        _graph_check(res, "cross_entropy", device, shapes)
+        checks.append(lambda: _graph_check(res, "cross_entropy", device, shapes))
     else:
         res.add("cuda graph cross_entropy", None, "skipped: softmax_gpu.cross_entropy does not exist (yet)")
-    _long_row_check(res, device, GPU_LONG if device == "cuda" else CPU_LONG)
     if hasattr(softmax_gpu, "linear_cross_entropy"):
-        _linear_graph_check(res, device, GPU_LINEAR_SHAPES if device == "cuda" else CPU_LINEAR_SHAPES)
+        checks.append(lambda: _linear_graph_check(
+            res, device, GPU_LINEAR_SHAPES if device == "cuda" else CPU_LINEAR_SHAPES))
     else:
         res.add("cuda graph linear_cross_entropy", None,
                 "skipped: softmax_gpu.linear_cross_entropy does not exist (yet)")
-    if device == "cuda":
-        _sync_check(res)
-    else:
+    checks.append(lambda: _long_row_check(res, device, GPU_LONG if device == "cuda" else CPU_LONG))
+    for check in checks:
+        failed = sum(ok is False for _, ok, _ in res.items)
+        check()
+        lost = timing.device_lost(device) if sum(
+            ok is False for _, ok, _ in res.items) > failed else None
+        if lost:  # sticky: every later check would fail the same way
+            res.add("the checks after this one", False, f"not run: {lost}")
+            break
+    if device != "cuda":
         print("(--device cpu: no CUDA graph capture and no sync check; comparisons only)")
-    print()
-    print(res.table())
+    print(f"{sum(ok is True for _, ok, _ in res.items)} passed, "
+          f"{sum(ok is False for _, ok, _ in res.items)} failed, "
+          f"{sum(ok is None for _, ok, _ in res.items)} skipped")
     return 0 if res.ok else 1
 
 

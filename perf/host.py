@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import statistics
 import sys
 import time
@@ -145,7 +146,8 @@ def _cases(device: str):
                 y = f(xg, -1)
                 fn = y.grad_fn
                 holder.update(y=y, fn=fn.apply if hasattr(fn, "apply") else fn)  # Python / C++
-            holder["fn"](dy)
+            with torch.no_grad():  # as the engine runs it (grad mode on means create_graph)
+                holder["fn"](dy)
         return run
 
     shape = f"{M}x{N} fp32"
@@ -199,15 +201,31 @@ def _cases(device: str):
     return cases
 
 
-def measure(device: str, *, with_launch: bool = False, quick: bool = False) -> list[dict]:
-    """Rows (call, shape, provider, us) for every case on ``device``
-    (``quick``: fewer, shorter repeats; for tests of the harness)."""
+# _time_us settings: "full" (the default), "brief" (a timed step of the
+# device check: ~0.05 s a row), "quick" (tests of the harness; rough figures)
+TIMINGS = {"full": {}, "brief": dict(repeats=5, min_s=0.005, warmup=10),
+           "quick": dict(repeats=3, min_s=0.002, warmup=1, first_n=1)}
+
+
+def measure(device: str, *, with_launch: bool = False, quick: bool = False,
+            timing: str | None = None, rows: list | None = None,
+            on_row=None) -> list[dict]:
+    """Rows (call, shape, provider, us) for every case on ``device``,
+    appended to ``rows`` (and passed to ``on_row``) as each is measured, so
+    that an interrupted run keeps them. ``timing``: a :data:`TIMINGS` key
+    (``quick=True`` is ``"quick"``)."""
     import torch.distributed as dist
 
     from perf.vocab_parallel import ensure_group
 
-    timing = dict(repeats=3, min_s=0.002, warmup=1, first_n=1) if quick else {}
-    rows = []
+    settings = TIMINGS[timing or ("quick" if quick else "full")]
+    rows = [] if rows is None else rows
+
+    def add(name, shape, provider, fn):
+        rows.append(dict(call=name, shape=shape, provider=provider, us=_time_us(fn, **settings)))
+        if on_row:
+            on_row(rows[-1])
+
     # the vocab-parallel op needs a group: the caller's, else one rank of our
     # own (no collective at one rank), destroyed afterwards
     _, _, created = ensure_group(device)
@@ -215,14 +233,11 @@ def measure(device: str, *, with_launch: bool = False, quick: bool = False) -> l
         with stubbed_kernels():
             # cases made under the stubs: their backward nodes hold stubbed plans
             for name, shape, ours, theirs in _cases(device):
-                rows.append(dict(call=name, shape=shape, provider="softmax_gpu",
-                                 us=_time_us(ours, **timing)))
+                add(name, shape, "softmax_gpu", ours)
         for name, shape, ours, theirs in _cases(device):
-            rows.append(dict(call=name, shape=shape, provider="torch",
-                             us=_time_us(theirs, **timing)))
+            add(name, shape, "torch", theirs)
             if with_launch:
-                rows.append(dict(call=name, shape=shape, provider="softmax_gpu+launch",
-                                 us=_time_us(ours, **timing)))
+                add(name, shape, "softmax_gpu+launch", ours)
     finally:
         if created:
             dist.destroy_process_group()
@@ -255,10 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="output folder (default perf/results/<device>/<date>/)")
     p.add_argument("--quick", action="store_true",
                    help="few short repeats (checks the harness; the figures are rough)")
+    p.add_argument("--brief", action="store_true",
+                   help="fewer, shorter repeats than the default (a timed step: ~0.05 s a row)")
     p.add_argument("--launch", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the real calls, kernels launched (default: on CUDA)")
     args = p.parse_args(argv)
 
+    from perf import env
     from perf.env import choose_device, enable_interpreter_for_cpu, run_info
 
     device = choose_device(args.device)
@@ -267,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"perf.host: {warning}")
     info = run_info(device)
     launch = device == "cuda" if args.launch is None else args.launch
-    rows = measure(device, with_launch=launch, quick=args.quick)
 
     from perf.report import output_stem, write_csv
     from perf.sweep import COLUMNS
@@ -275,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or os.path.join("perf", "results", info.device_slug, info.date)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, output_stem(out_dir, info, "host") + ".csv")
-    csv_rows = []
-    for r in rows:
+
+    def csv_row(r):
         row = {c: "" for c in COLUMNS}
         row.update(op=f"host:{r['call']}", provider=r["provider"], dtype="fp32", M=8, N=64,
                    ms=r["us"] / 1e3, device=info.device_name, torch=info.torch,
@@ -286,12 +303,28 @@ def main(argv: list[str] | None = None) -> int:
                          if r["provider"] == "softmax_gpu" else
                          "real eager call, Triton launcher included"
                          if r["provider"] == "softmax_gpu+launch" else "torch's own call"))
-        csv_rows.append(row)
-    write_csv(csv_rows, path)
-    print(f"host cost per call on {info.device_name} (torch {info.torch}, triton {info.triton})")
+        return row
+
+    def on_row(r):  # the CSV holds every row measured so far
+        print(f"  {r['call']} [{r['provider']}]: {r['us']:.1f} us", flush=True)
+        write_csv([csv_row(x) for x in rows], path + ".part")
+        os.replace(path + ".part", path)  # never a half-written CSV
+
+    rows: list[dict] = []
+    env.sigterm_interrupts()  # `timeout`: stop; the CSV already holds what was measured
+    interrupted = False
+    try:
+        measure(device, with_launch=launch, timing="quick" if args.quick else
+                "brief" if args.brief else "full", rows=rows, on_row=on_row)
+    except KeyboardInterrupt:
+        interrupted = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"host cost per call on {info.device_name} (torch {info.torch}, triton {info.triton})"
+          + (": INTERRUPTED, the rows measured before" if interrupted else ""))
     print(_table(rows))
     print(f"wrote {path}")
-    return 0
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

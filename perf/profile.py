@@ -1,8 +1,8 @@
 """Hardware counters of the hot kernels under Nsight Compute: ``python -m perf.profile``.
 
-Explains a tuning run's numbers: for each hot shape, the default plan and the
-plan the tuning run chose (``--table tuned_<gpu>.json``; the default alone
-without one) run once each under ``ncu --clock-control none`` (the clocks as
+Explains a tuning run's numbers: for each hot shape, the plan a call gets
+(``installed``: the library's tuned table for the GPU, else its defaults) and
+the plan the tuning run chose (``--table tuned_<gpu>.json``) run once each under ``ncu --clock-control none`` (the clocks as
 found: never locked), and every kernel launch of those calls is recorded with
 
 - DRAM bytes read and written (``dram__bytes_read.sum``, ``dram__bytes_write.sum``),
@@ -12,6 +12,9 @@ found: never locked), and every kernel launch of those calls is recorded with
   and registers per thread (``launch__registers_per_thread``);
 - the duration (``gpu__time_duration.sum``; under ncu's serialisation, so a
   guide, not the timing of record: the tuning run's do_bench is).
+
+Values are read in base units (``--print-units base``: bytes, ns); a scaled
+unit is converted, and an unknown one reads as NaN, never as a wrong number.
 
 Two steps, so that ncu profiles only the cases:
 
@@ -27,6 +30,7 @@ profile is an explanation, never a gate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -42,12 +46,17 @@ METRICS = {
     "registers": "launch__registers_per_thread",
     "duration_ns": "gpu__time_duration.sum",
 }
-# (perf.ops name, tuned-table op, M, N): the hot shapes, bf16
+# ncu's units (--print-units base asks for the first of each; a scaled one
+# is converted): the factor to bytes, nanoseconds, percent, registers
+UNITS = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12,
+         "kibyte": 2**10, "mibyte": 2**20, "gibyte": 2**30,
+         "nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
+         "%": 1, "register/thread": 1, "": 1}
+# (perf.ops name, tuned-table op, M, N): the hot shapes, bf16 (each one is
+# replayed by ncu pass by pass over GiB-sized buffers: few of them)
 CASES = [
     ("ce_fwd_bwd", "cross_entropy", 131072, 4096),
-    ("ce_fwd_bwd", "cross_entropy", 16384, 32000),
     ("ce_fwd_bwd", "cross_entropy", 16384, 128256),
-    ("softmax_fwd", "softmax", 16384, 32768),
     ("softmax_fwd", "softmax", 2048, 262144),
 ]
 COLUMNS = ["case", "op", "M", "N", "plan", "fields", "launch", "kernel", *METRICS,
@@ -69,7 +78,7 @@ def _tuned_fields(table: str | None, table_op: str, n: int) -> dict | None:
 
 
 def run_cases(manifest: str, table: str | None) -> None:
-    """Each case once with the default plan and once with the tuned one; the
+    """Each case once with the installed plan and once with the tuned one; the
     kernels each call launched, in launch order, to ``manifest`` (CSV)."""
     import torch
 
@@ -82,20 +91,24 @@ def run_cases(manifest: str, table: str | None) -> None:
     rows = []
     for name, table_op, M, N in CASES:
         op = OPS[name]
-        variants = [("default", {})]
+        # "installed": the plan a call gets (the library's tuned table for
+        # this GPU, if it has one; no override, which would bypass it);
+        # "tuned": the table this run's tuning step wrote
+        variants = [("installed", None)]
         tuned = _tuned_fields(table, table_op, N)
         if tuned:
             variants.append(("tuned", tuned))
         for plan, fields in variants:
             inp = op.make_inputs(M, N, DTYPES["bf16"], "cuda", seed=0)
-            with heuristics.override(op=table_op, **fields), \
-                    softmax_gpu.record_launches() as names:
+            over = (heuristics.override(op=table_op, **fields) if fields is not None
+                    else contextlib.nullcontext())
+            with over, softmax_gpu.record_launches() as names:
                 call, _ = op.closure(ours.function(op.family), inp)
                 call()
                 torch.cuda.synchronize()
             for k in names:
                 rows.append(dict(case=f"{name} {M}x{N}", op=name, M=M, N=N, plan=plan,
-                                 fields=json.dumps(fields, sort_keys=True), kernel=k,
+                                 fields=json.dumps(fields or {}, sort_keys=True), kernel=k,
                                  min_bytes=op.min_bytes(M, N, 2)))
             del inp
             torch.cuda.empty_cache()
@@ -116,11 +129,14 @@ def _ncu() -> str | None:
     return hits[-1] if hits else None
 
 
-def _number(text: str) -> float:
+def _number(text: str, unit: str = "") -> float:
+    """ncu's value in base units (bytes, ns, %): NaN for an unknown unit."""
+    factor = UNITS.get(str(unit).strip().lower())
     try:
-        return float(str(text).replace(",", ""))
+        value = float(str(text).replace(",", ""))
     except ValueError:
         return float("nan")
+    return value * factor if factor is not None else float("nan")
 
 
 def merge(manifest: str, ncu_csv: str, info) -> list[dict]:
@@ -136,7 +152,7 @@ def merge(manifest: str, ncu_csv: str, info) -> list[dict]:
         entry = launches.setdefault(i, {"kernel": r.get("Kernel Name", "")})
         for col, metric in METRICS.items():
             if r.get("Metric Name") == metric:
-                entry[col] = _number(r.get("Metric Value", ""))
+                entry[col] = _number(r.get("Metric Value", ""), r.get("Metric Unit", ""))
     out = []
     for i, case in enumerate(cases):
         got = launches.get(i, {})
@@ -176,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = os.path.join(args.out, "profile_manifest.csv")
     raw = os.path.join(args.out, "profile_ncu_raw.csv")
     cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--csv",
+           "--print-units", "base",
            "--kernel-name", "regex:^(ce_|softmax_|vp_)",
            "--metrics", ",".join(METRICS.values()), "--log-file", raw,
            sys.executable, "-m", "perf.profile", "--cases", "--manifest", manifest]

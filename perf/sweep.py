@@ -256,6 +256,7 @@ def run_sweep(cfg: SweepConfig, info: RunInfo, *, progress: bool = True,
     total = len(cases) * len(cfg.providers)
     bar = _progress(total, len(cfg.providers), disable=not progress)
     started = time.perf_counter()
+    lost = None  # why the device became unusable (every later run is skipped)
     try:
         for index, (op, dtype, shape) in enumerate(cases):
             seed = cfg.seed * 1_000_003 + index  # the same inputs for every provider of a case
@@ -263,15 +264,19 @@ def run_sweep(cfg: SweepConfig, info: RunInfo, *, progress: bool = True,
                 bar.set_description(f"{op.name} {dtype_name(dtype)} {shape.M}x{shape.N} {p.name}")
                 over = (cfg.time_budget_s is not None
                         and time.perf_counter() - started > cfg.time_budget_s)
-                if reasons[p.name] or over:
+                if reasons[p.name] or over or lost:
                     row = _base_row(info, op.name, p.name, dtype_name(dtype), shape.M, shape.N, shape.kind)
                     row["D"] = shape.D or ""
-                    row.update(status="skipped", note=reasons[p.name] or
+                    row.update(status="skipped", note=reasons[p.name] or lost or
                                f"time budget of {cfg.time_budget_s:g} s spent before this run")
                 else:
                     row = run_case(cfg, info, op, p, dtype, shape, seed, copy_gbps)
                     if row["status"] == "error":
                         bar.write(f"  ERROR {p.name} {op.name} {row['dtype']} {shape.M}x{shape.N}: {row['note']}")
+                        lost = timing.device_lost(cfg.device)
+                        if lost:
+                            copy_row["note"] = _join(copy_row["note"], f"RUN CUT SHORT: {lost}")
+                            bar.write(f"  {lost}: every later run is skipped")
                     elif row["correct"] is False:
                         bar.write(f"  {p.name} {op.name} {row['dtype']} {shape.M}x{shape.N}: "
                                   f"{wrong_note(row, dtype)}")

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = [
+    "device_lost",
     "QUANTILES",
     "bench",
     "bench_calls",
@@ -26,6 +27,21 @@ __all__ = [
 ]
 
 QUANTILES = (0.5, 0.2, 0.8)
+
+
+def device_lost(device: str) -> str | None:
+    """After an error: on CUDA, why the process's CUDA context is unusable (a
+    kernel fault or a device-side assert is sticky: every later call in the
+    process fails the same way), else None. A run stops at the first such
+    error instead of recording every later case as failed."""
+    if device != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).cpu()
+    except Exception as exc:  # torch.AcceleratorError, RuntimeError("CUDA error: ...")
+        return f"CUDA context lost: {type(exc).__name__}: {exc}"[:300]
+    return None
 
 
 def gbps(nbytes: float, ms: float) -> float:

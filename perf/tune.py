@@ -215,15 +215,14 @@ def _resident(chunk):
 
 # The forced long-row paths come first: with max_candidates they are the
 # comparison a table most needs, before the one-field variations of the
-# default plan: chunks held in registers (one read; the default chunk and two
-# smaller, more programs per multiprocessor), one program per row (the
-# fastest on 2026-12-04 at most vocabularies, also with 32 elements a thread
-# per tile, the fastest at 3 of 5), then the persistent and cooperative grids,
-# each also with its tile loads pipelined.
+# default plan: one program per row (the fastest on 2026-12-04 at most
+# vocabularies, also with 32 elements a thread per tile, the fastest at 3 of
+# 5), the persistent and cooperative grids, each also with its tile loads
+# pipelined, then chunks held in registers (one read; the default chunk and
+# two smaller, more programs per multiprocessor). Those last never ran on a
+# GPU: a fault there (sticky for the process) stops the run after the proven
+# paths of the shape were measured.
 LONG_PATHS = (
-    Path("resident", _long_path("resident"), combine=False),
-    Path("resident+chunk=8192", _resident(8192), combine=False),
-    Path("resident+chunk=4096", _resident(4096), combine=False),
     Path("rowloop", _long_path("looped"), combine=False),
     Path("rowloop+warps=4", _rowloop_warps(4), combine=False),
     Path("rowloop+stages=3", _pipelined("looped", 3), combine=False),
@@ -231,6 +230,9 @@ LONG_PATHS = (
     Path("persistent+stages=3", _pipelined("persistent", 3), combine=False),
     Path("persistent", _long_path("persistent"), combine=False),
     Path("coop", _long_path("coop"), combine=False),
+    Path("resident", _long_path("resident"), combine=False),
+    Path("resident+chunk=8192", _resident(8192), combine=False),
+    Path("resident+chunk=4096", _resident(4096), combine=False),
 )
 # Fields of the long-row plan (the grid, the L2 share in flight, the hints).
 LONG_AXES = (
@@ -536,37 +538,41 @@ def run_tuning(cfg: TuneConfig, info, *, provider=None, log: Callable[[str], Non
             work.append((space, shape, seed, candidates(space, shape, cfg.device, cfg.base(),
                                                         cfg.scale, cfg.max_candidates)))
     stop = ""
-    for space, shape, seed, cands in work:
-        log(f"{space.perf_op} {DTYPE_NAME} {shape.M}x{shape.N}: {len(cands)} candidates")
-        for cand in cands:
-            if not stop and cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit:
-                stop = f"time limit ({cfg.time_limit:.0f} s) reached"
-            row = None
-            if not stop:
-                try:
-                    row = _measure(cfg, info, space, shape, cand, provider, copy_gbps, seed)
-                except KeyboardInterrupt:
-                    stop = "run interrupted"
-                except Exception as exc:  # e.g. override() rejecting a field: the candidate's fault
+    try:  # (the inner handlers stop at a candidate; this one anywhere else)
+        for space, shape, seed, cands in work:
+            log(f"{space.perf_op} {DTYPE_NAME} {shape.M}x{shape.N}: {len(cands)} candidates")
+            for cand in cands:
+                if not stop and cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit:
+                    stop = f"time limit ({cfg.time_limit:.0f} s) reached"
+                row = None
+                if not stop:
+                    try:
+                        row = _measure(cfg, info, space, shape, cand, provider, copy_gbps, seed)
+                    except KeyboardInterrupt:
+                        stop = "run interrupted"
+                    except Exception as exc:  # e.g. override() rejecting a field: the candidate's fault
+                        row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
+                        row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:400])
+                        stop = timing.device_lost(cfg.device) or ""  # a fault: nothing later can run
+                if row is None:
                     row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
-                    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:400])
-            if row is None:
-                row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
-                row.update(status="skipped", note=stop)
-            rows.append(row)
-            if row["status"] != "skipped":
-                verdict = ("ERROR " + row["note"] if row["status"] == "error" else
-                           "WRONG" if row["correct"] is False else "ok")
-                log(f"  {cand.name:40s} {row['ms']:9.4g} ms  {row['frac_copy_bw']:6.3g} of copy"
-                    f"  {verdict}  [{cand.plan}]")
-        try:
-            gc.collect()
-            if cfg.device == "cuda":
-                import torch
+                    row.update(status="skipped", note=stop)
+                rows.append(row)
+                if row["status"] != "skipped":
+                    verdict = ("ERROR " + row["note"] if row["status"] == "error" else
+                               "WRONG" if row["correct"] is False else "ok")
+                    log(f"  {cand.name:40s} {row['ms']:9.4g} ms  {row['frac_copy_bw']:6.3g} of copy"
+                        f"  {verdict}  [{cand.plan}]")
+            try:
+                gc.collect()
+                if cfg.device == "cuda":
+                    import torch
 
-                torch.cuda.empty_cache()
-        except KeyboardInterrupt:
-            stop = stop or "run interrupted"
+                    torch.cuda.empty_cache()
+            except KeyboardInterrupt:
+                stop = stop or "run interrupted"
+    except KeyboardInterrupt:
+        stop = stop or "run interrupted"
     if stop:
         copy["note"] += f"; RUN CUT SHORT: {stop}"
         log(f"{stop}: the remaining candidates are recorded as skipped")
@@ -871,11 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.meaningless_timings:
         print(report.banner(report.CPU_WARNING))
 
-    def _stop(signum, frame):  # `timeout` sends SIGTERM: stop and write what was measured
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
+    env.sigterm_interrupts()  # `timeout`: stop and write what was measured
     t0 = time.perf_counter()
     rows = run_tuning(cfg, info, log=lambda s: print(s, flush=True))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # writing the files is not cut short

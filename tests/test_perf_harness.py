@@ -818,6 +818,20 @@ def test_profile_merges_ncu_counters_with_the_cases(tmp_path):
     assert rows[0]["dram_over_min"] == pytest.approx(3.5) and rows[1]["dram_over_min"] == 2.0
     assert rows[1]["l2_hit_pct"] == 55.5 and rows[0]["duration_ns"] == 1234.0
     assert rows[1]["kernel"] == "ce_class_single_kernel"
+    # ncu's scaled units (its default) are converted to bytes and ns; an
+    # unknown unit gives NaN, never a number off by a power of ten
+    lines = ['"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
+    for metric, unit, value in (("dram__bytes_read.sum", "Kbyte", "3"),
+                                ("dram__bytes_write.sum", "byte", "500"),
+                                ("lts__t_sector_hit_rate.pct", "%", "10"),
+                                ("gpu__time_duration.sum", "usecond", "1.5"),
+                                ("launch__registers_per_thread", "furlong", "32")):
+        lines.append(f'"0","ce_class_single_kernel","{metric}","{unit}","{value}"')
+    raw.write_text("\n".join(lines) + "\n")
+    rows = profile.merge(str(manifest), str(raw), env.run_info("cpu"))
+    assert rows[0]["dram_over_min"] == pytest.approx(3.5)
+    assert rows[0]["duration_ns"] == pytest.approx(1500.0) and rows[0]["l2_hit_pct"] == 10.0
+    assert math.isnan(rows[0]["registers"])
     # no GPU here: the command says so and writes nothing
     assert profile.main(["--out", str(tmp_path / "out")]) == 0
     assert not (tmp_path / "out").exists()
