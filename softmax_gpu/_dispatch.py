@@ -24,7 +24,7 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order", "transformed", "refuse_transformed"]
+           "first_order", "transformed", "refuse_transformed", "batched_grad"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -155,6 +155,18 @@ def transformed(*tensors) -> bool:
         if isinstance(t, torch.Tensor) and (_functorch_wrapped(t) or _dual(t)):
             return True
     return False
+
+
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def batched_grad(grad) -> bool:
+    """True when a backward's incoming gradient is batched (autograd's
+    ``is_grads_batched``, ``jacobian(vectorize=True)``, which use the legacy
+    vmap) or inside a ``torch.func`` transform: the kernels cannot read it, so
+    the backward takes torch ops. Never asked while dynamo traces."""
+    return (isinstance(grad, torch.Tensor) and not _is_compiling()
+            and (_functorch_wrapped(grad) or _legacy_batched(grad)))
 
 
 def refuse_transformed(who: str, why: str, **tensors) -> None:

@@ -45,7 +45,7 @@ from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (autocast_on, backend_for, empty_like, first_order, interpreted,
                         launch_device, launch_on, new_output, plan_cache, remember, traced,
-                        transformed)
+                        transformed, batched_grad)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -342,7 +342,7 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
                 f"target has the input's shape {tuple(input.shape)}, so it is read as class "
                 f"probabilities and must be floating, got {target.dtype}")
     else:
-        batch = (input.shape[0], *input.shape[2:]) if input.dim() >= 2 else ()
+        batch = _row_dims(input)
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(
                 f"target must hold integer class indices of shape {tuple(batch)}, or "
@@ -745,7 +745,7 @@ def _plan(x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale, 
     argument checks) runs before a new plan is made. ``divisor``: None, a
     float or a tensor divisor's dtype."""
     key = (x.shape, x.stride(), x.dtype, x.device, target.shape, target.stride(), target.dtype,
-           None if weight is None else (weight.shape, weight.dtype, weight.device),
+           target.device, None if weight is None else (weight.shape, weight.dtype, weight.device),
            ignore_index, reduction, eps, zl, cap, grad_scale, mode, divisor, lse_all,
            heuristics.generation())
     plan = _PLANS.get(key)
@@ -755,6 +755,12 @@ def _plan(x, target, weight, ignore_index, reduction, eps, zl, cap, grad_scale, 
         plan = remember(_PLANS, key, _Plan(x, target, weight, ignore_index, reduction, eps, zl,
                                            cap, grad_scale, mode, divisor, lse_all))
     return plan
+
+
+def _row_dims(input: Tensor) -> tuple:
+    """The shape of the per-row loss and lse: the input's without its class
+    dim 1, ``()`` for a (C,) input (as torch's ``reduction="none"``)."""
+    return (input.shape[0], *input.shape[2:]) if input.dim() >= 2 else ()
 
 
 def _weight(weight: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
@@ -855,6 +861,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if d_loss is None:
             return (None,) + none
         g, state = ctx.saved_tensors
+        if batched_grad(d_loss):  # batched (is_grads_batched, vmap of a backward): torch ops
+            return (reference_scaled(g, state, d_loss, ctx.out_dtype),) + none
         if ctx.handed_out or ctx.out_dtype is not None:
             # a later backward over a retained graph: the gradient handed out
             # earlier stays as it is (wide: the fp32 buffer is never handed out)
@@ -877,8 +885,9 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, target, w, plan, inplace, loss_dtype, div, options):
         rows, lse, _ = plan.run(x, target, w, None, div)
         if inplace:
-            # kept off the saved tensors: the first backward overwrites it
-            ctx.x = x.detach()
+            # kept off the saved tensors (the first backward overwrites them),
+            # with their version, checked by every backward as autograd would
+            ctx.x, ctx.version = x.detach(), x._version
             ctx.save_for_backward(target, w, lse, div)
         else:
             ctx.save_for_backward(x, target, w, lse, div)
@@ -895,11 +904,21 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
             return (None,) + none
         if ctx.inplace:
             x, (target, w, lse, div) = ctx.x, ctx.saved_tensors
-            if ctx.state is not None:
-                return (_scaled(x, ctx.state, d_loss),) + none
+            if x._version != ctx.version + (ctx.state is not None):
+                raise RuntimeError(
+                    "softmax_gpu.cross_entropy(..., inplace_backward=True): the logits were "
+                    "modified in place after the loss was computed (or the gradient this "
+                    "backward wrote over them was), so the gradient cannot be formed from "
+                    "them; compute the loss without inplace_backward, or after the change")
         else:
             x, target, w, lse, div = ctx.saved_tensors
+        batched = batched_grad(d_loss)  # is_grads_batched, vmap of a backward: torch ops
+        if ctx.state is not None:  # in place: the logits hold the gradient already
+            return ((reference_scaled if batched else _scaled)(x, ctx.state, d_loss),) + none
         ignore_index, reduction, eps, zl, cap, div_f = ctx.options
+        if batched:
+            return (reference_class_grad(x, target, w, d_loss, ignore_index, reduction, eps, zl,
+                                         cap, 1.0, div if div is not None else div_f),) + none
         g = _class_backward(x, target, w, lse, d_loss, ignore_index, reduction, eps, zl, cap,
                             1.0, div_f, div, in_place=ctx.inplace)
         if ctx.inplace:
@@ -923,6 +942,8 @@ class _LseFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, dlse):
         x, lse = ctx.saved_tensors
+        if batched_grad(dlse):  # batched: torch ops
+            return reference_lse_grad(x, lse, dlse, ctx.cap), None, None
         return _lse_grad(x, lse, dlse, ctx.cap), None, None
 
 
@@ -1009,10 +1030,18 @@ def cross_entropy_backward(
     if backend_for(input) == "triton":
         return _class_backward(input, target, weight, lse, grad_output, ignore_index, reduction,
                                label_smoothing, z_loss, softcap, grad_scale, divisor, divisor_t)
+    return reference_class_grad(input, target, weight, grad_output, ignore_index, reduction,
+                                label_smoothing, z_loss, softcap, grad_scale,
+                                divisor_t if divisor_t is not None else divisor)
+
+
+def reference_class_grad(input, target, weight, grad_output, ignore_index, reduction,
+                         label_smoothing, z_loss, softcap, grad_scale, divisor) -> Tensor:
+    """:func:`cross_entropy_backward` in torch ops, from the logits (also for
+    a batched ``grad_output``)."""
     go = grad_output.reshape(-1) if grad_output.numel() > 1 else grad_output.reshape(())
     return reference_forward(input, target, weight, ignore_index, reduction, label_smoothing,
-                             z_loss, softcap, go * grad_scale, True,
-                             divisor_t if divisor_t is not None else divisor)[2]
+                             z_loss, softcap, go * grad_scale, True, divisor)[2]
 
 
 @cross_entropy_backward.register_fake
@@ -1029,6 +1058,13 @@ def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor,
     stride, or one value), in ``dtype`` (None: grad's)."""
     if backend_for(grad) == "triton":
         return _scaled(grad, state, grad_output, dtype)
+    return reference_scaled(grad, state, grad_output, dtype)
+
+
+def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
+                     dtype: Optional[torch.dtype] = None) -> Tensor:
+    """:func:`cross_entropy_scaled_grad` in torch ops (also for a batched
+    ``grad_output``: ``is_grads_batched``, vmap over a backward)."""
     acc = state.dtype
     shape = (grad.shape[0], 1, *grad.shape[2:])
     f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() > 1 else \
@@ -1214,7 +1250,7 @@ def _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, z
     prob = check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
                                cap or None)
     x, t = _as_rows_input(input, target)
-    batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])
+    batch = _row_dims(input)
     half = x.dtype == torch.float16
     if need_grad and inplace_backward and not half:
         check_inplace_rows(input)
@@ -1281,6 +1317,17 @@ def cross_entropy(
     ``torch.compile(fullgraph=True)``. A gradient, once returned by a
     backward, is never changed by a later backward over a retained graph.
 
+    A limit of that design (eager, on the kernels' path): the first backward
+    scales the saved gradient in place by grad_output, so a row whose
+    grad_output was 0 (or inf / NaN) there has no gradient left, and a later
+    backward over the retained graph gives NaN in that row. That is the
+    per-row loop of ``torch.autograd.functional.jacobian`` (its default
+    ``vectorize=False``) and ``gradcheck`` with ``reduction="none"``: use
+    ``jacobian(..., vectorize=True)``, ``torch.func.jacrev`` or
+    ``autograd.grad(..., is_grads_batched=True)`` there, which take one
+    backward (and work), or torch's op. Training (one backward per graph,
+    any grad_output) is not affected.
+
     Extras (keyword-only):
         z_loss: adds ``z_loss * lse**2`` per non-ignored row, reduced like the
             loss but, for the mean, over the number of non-ignored rows
@@ -1335,9 +1382,9 @@ def cross_entropy(
     at backward time; under ``torch.compile`` into a new tensor); with
     probability targets the forward writes the gradient in an fp32 buffer
     (not in place) that each backward scales into a new fp16 tensor. bf16,
-    fp32 and fp64 logits keep the one-pass forward above. A retained graph
-    whose first backward had grad_output 0 gives NaN gradients on a later
-    backward of an in-place gradient.
+    fp32 and fp64 logits keep the one-pass forward above. With
+    ``inplace_backward``, a retained graph whose first backward had
+    grad_output 0 gives NaN gradients on a later backward (as above).
 
     Under ``torch.autocast`` (CUDA or CPU), as torch's policy for
     cross-entropy: fp16/bf16 logits give an fp32 loss by default (the
@@ -1355,15 +1402,16 @@ def cross_entropy(
     div_f, div_t = (None, None) if divisor is None else check_divisor(divisor, input)
     loss_dtype = _loss_dtype(input, loss_dtype, target)
     need_grad = input.requires_grad and torch.is_grad_enabled()
-    if traced(input):
+    target_grad = target.requires_grad and torch.is_grad_enabled() and target.is_floating_point()
+    if traced(input) and not target_grad:
         return _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
                                      cap, return_lse, inplace_backward, loss_dtype, need_grad,
                                      div_f, div_t)
-    if backend_for(input) == "torch" or transformed(target, weight, div_t) or (
-            target.requires_grad and torch.is_grad_enabled() and target.is_floating_point()):
-        # the CPU reference (also inside torch.func transforms, whichever
-        # argument they wrap), and probability targets that require grad: a
-        # differentiable torch composite
+    if target_grad or backend_for(input) == "torch" or transformed(target, weight, div_t):
+        # probability targets that require grad: a differentiable torch
+        # composite (also while a graph is traced: the op's autograd has no
+        # gradient for the target); the CPU reference (also inside
+        # torch.func transforms, whichever argument they wrap)
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
         x, t = _as_rows_input(input, target)
         loss, lse = reference_loss(x, t, weight, ignore_index, reduction, eps, zl, cap,
@@ -1373,8 +1421,7 @@ def cross_entropy(
             loss = loss.reshape(())
         if not return_lse:
             return loss
-        lse = lse.to(torch.float32)
-        return loss, (lse if input.dim() >= 2 else lse.reshape(()))
+        return loss, lse.to(torch.float32).reshape(_row_dims(input))
     x, t = _as_rows_input(input, target)
     mode = (INPLACE_GRAD if inplace_backward else NEW_GRAD) if need_grad else NO_GRAD
     # fp16 logits: a gradient stored at forward time would underflow under a
@@ -1406,13 +1453,12 @@ def cross_entropy(
     else:
         loss, lse = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD, loss_dtype,
                                                 div_t, wide)
-    one_row = input.dim() < 2  # (C,) input: the row dims are ()
-    if one_row and reduction == "none":
+    if input.dim() < 2 and reduction == "none":  # (C,) input: the row dims are ()
         loss = loss.reshape(())
     if not return_lse:
         return loss
     lse = _LseFunction.apply(x, lse, cap) if mode == NEW_GRAD else lse.to(torch.float32)
-    return loss, lse.reshape(() if one_row else plan.batch)
+    return loss, lse.reshape(_row_dims(input))
 
 
 def cross_entropy_with_grad(
@@ -1451,7 +1497,7 @@ def cross_entropy_with_grad(
     the input's, fp32 for fp16/bf16 logits under ``torch.autocast``.
     """
     eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    prob = check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+    check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
         raise TypeError(f"grad_scale must be a number, got {type(grad_scale).__name__}")
     gs = float(grad_scale)
@@ -1461,7 +1507,7 @@ def cross_entropy_with_grad(
     loss_dtype = _loss_dtype(input, loss_dtype, target)
     x, t = _as_rows_input(input.detach(), target.detach())
     w = weight.detach() if weight is not None else None
-    batch = tuple(t.shape) if not prob else (x.shape[0], *x.shape[2:])
+    batch = _row_dims(input)
     if inplace:
         rows, lse, _ = cross_entropy_forward_(x, t, w, ignore_index, reduction, eps, zl, cap, gs,
                                               div_f, div_t)

@@ -1745,3 +1745,111 @@ def test_forward_mode_ad():
         softmax_gpu.linear_cross_entropy(fwAD.make_dual(rand(4, 5, dtype=torch.float64),
                                                         rand(4, 5, dtype=torch.float64)), W,
                                          t[:4].clamp_min(0))
+
+
+def test_batched_grad_outputs_take_torch_ops():
+    """autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True)
+    hand the backward a batched grad_output, which the kernels cannot read:
+    the backwards take torch ops there and match torch (before: 'Cannot
+    access storage of BatchedTensorImpl')."""
+    x = rand(3, 7, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([0, 6, 2], device=DEVICE)
+    for kw in (dict(reduction="none"), dict(), dict(label_smoothing=0.1, reduction="sum")):
+        v = rand(4, *(() if kw.get("reduction") != "none" else (3,)), dtype=torch.float64)
+        ours = torch.autograd.grad(softmax_gpu.cross_entropy(x, t, **kw), x, v,
+                                   is_grads_batched=True)[0]
+        ref = torch.autograd.grad(F.cross_entropy(x, t, **kw), x, v, is_grads_batched=True)[0]
+        assert_close(ours, ref, torch.float64)
+    jac = torch.autograd.functional.jacobian(
+        lambda a: softmax_gpu.cross_entropy(a, t, reduction="none"), x.detach(), vectorize=True)
+    ref = torch.autograd.functional.jacobian(
+        lambda a: F.cross_entropy(a, t, reduction="none"), x.detach(), vectorize=True)
+    assert_close(jac, ref, torch.float64)
+    # the lse's gradient, and fp16 logits (the gradient formed at backward)
+    _, lse = softmax_gpu.cross_entropy(x, t, return_lse=True)
+    v = rand(2, 3, dtype=torch.float32)
+    ours = torch.autograd.grad(lse, x, v, is_grads_batched=True)[0]
+    ref = torch.autograd.grad(torch.logsumexp(x, 1).float(), x, v, is_grads_batched=True)[0]
+    assert_close(ours, ref, torch.float64)
+    for inplace in (False, True):
+        h = rand(3, 7, dtype=torch.float16).requires_grad_()
+        loss = softmax_gpu.cross_entropy(h * 1, t, inplace_backward=inplace)
+        ours = torch.autograd.grad(loss, h, torch.tensor([1.0, 2.0], device=DEVICE,
+                                                         dtype=loss.dtype),
+                                   is_grads_batched=True)[0]
+        ref = F.cross_entropy(h.double(), t)
+        ref = torch.autograd.grad(ref, h, torch.tensor([1.0, 2.0], device=DEVICE,
+                                                       dtype=torch.float64),
+                                  is_grads_batched=True)[0]
+        assert_close(ours, ref, torch.float16)
+
+
+def test_compiled_probability_targets_get_their_gradient():
+    """Distillation under torch.compile: probability targets that require grad
+    get their gradient, as torch's (before: silently None)."""
+    x0, s0 = rand(4, 6), rand(4, 6)
+
+    def run(fn, compiled):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+
+        def f(a, b):
+            return fn(a, torch.softmax(b, 1))
+
+        f = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+        f(x, s).backward()
+        return x.grad, s.grad
+
+    torch._dynamo.reset()
+    ours, ref = run(softmax_gpu.cross_entropy, True), run(F.cross_entropy, False)
+    assert ours[1] is not None
+    assert_close(ours[0], ref[0], torch.float32)
+    assert_close(ours[1], ref[1], torch.float32)
+
+
+def test_one_row_input_shapes_on_every_path():
+    """A (C,) input with reduction="none": loss and lse are 0-d, as torch's,
+    eagerly, under torch.compile and from cross_entropy_with_grad."""
+    x = rand(6)
+    for target in (torch.tensor(2, device=DEVICE), torch.softmax(rand(6), 0)):
+        want = F.cross_entropy(x, target, reduction="none").shape
+        assert want == ()
+        eager = softmax_gpu.cross_entropy(x, target, reduction="none", return_lse=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            lambda a, b: softmax_gpu.cross_entropy(a, b, reduction="none", return_lse=True),
+            fullgraph=True, backend="aot_eager")(x, target)
+        loss, grad, lse = softmax_gpu.cross_entropy_with_grad(x, target, reduction="none",
+                                                              return_lse=True)
+        for got in (*eager, *compiled, loss, lse):
+            assert got.shape == want
+        assert grad.shape == x.shape
+
+
+def test_target_on_another_device_named_after_a_cached_plan():
+    """The plan cache keys the target's device: a target on the wrong device
+    is a ValueError naming it even after a valid call of the same shapes
+    (before: it reached the kernel)."""
+    x = rand(4, 9)
+    t = torch.randint(0, 9, (4,), device=DEVICE)
+    softmax_gpu.cross_entropy(x, t)
+    with pytest.raises(ValueError, match="target"):
+        softmax_gpu.cross_entropy(x, t.to("meta"))
+
+
+@pytest.mark.parametrize("case", ["two losses", "logits changed"])
+def test_fp16_inplace_backward_refuses_changed_logits(case):
+    """fp16 logits with inplace_backward form the gradient from the logits at
+    backward time: if they changed since the loss (another in-place loss's
+    backward, or the caller), that backward raises, as autograd does for
+    bf16 / fp32; before, it formed a wrong gradient silently."""
+    x = rand(4, 9, dtype=torch.float16).requires_grad_()
+    t = torch.randint(0, 9, (4,), device=DEVICE)
+    logits = x * 1
+    loss = softmax_gpu.cross_entropy(logits, t, inplace_backward=True)
+    if case == "two losses":
+        loss = loss + softmax_gpu.cross_entropy(logits, t.flip(0), inplace_backward=True)
+    else:
+        with torch.no_grad():
+            logits.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified"):
+        loss.backward()

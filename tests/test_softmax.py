@@ -1032,3 +1032,21 @@ def test_forward_mode_ad():
         assert softmax_gpu._dispatch.backend_for(x) == ("triton" if DEVICE == "cuda" or
                                                         softmax_gpu._dispatch.interpreted()
                                                         else "torch")
+
+
+def test_batched_grad_outputs_take_torch_ops():
+    """autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True)
+    hand the backward a batched dy, which the kernels cannot read: the
+    backward takes torch ops there and matches torch (before: 'Cannot access
+    storage of BatchedTensorImpl')."""
+    x = rand(3, 6, dtype=torch.float64).requires_grad_()
+    v = rand(4, 3, 6, dtype=torch.float64)
+    for ours, theirs in ((softmax_gpu.softmax, torch.softmax),
+                         (softmax_gpu.log_softmax, torch.log_softmax)):
+        got = torch.autograd.grad(ours(x, 1), x, v, is_grads_batched=True)[0]
+        want = torch.autograd.grad(theirs(x, 1), x, v, is_grads_batched=True)[0]
+        assert_close(got, want, torch.float64)
+        got = torch.autograd.functional.jacobian(lambda a: ours(a, 0), x.detach(),
+                                                 vectorize=True)
+        want = torch.autograd.functional.jacobian(lambda a: theirs(a, 0), x.detach())
+        assert_close(got, want, torch.float64)
