@@ -72,7 +72,7 @@ from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (autocast_on, backend_for, first_order, launch_device, launch_on,
                         new_output, plan_cache, refuse_transformed, remember, traced)
-from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
+from .cross_entropy import (_scalar_options, _scale_, check_divisor,
                             cross_entropy_config, cross_entropy_scale_config, denominators_plan,
                             reference_lse_grad)
 from .kernels import cross_entropy as K
@@ -631,10 +631,15 @@ def _sweep(x: Tensor, w: Tensor, b: Optional[Tensor], spec: _Spec, loss_fn,
 # ----------------------------------------------------------------------------
 
 
-def _precomputes(spec: _Spec, main_grad: Optional[Tensor]) -> bool:
+def _precomputes(spec: _Spec, main_grad: Optional[Tensor], x: Tensor) -> bool:
     """Whether the forward computes the gradients (mean / sum without
-    ``main_grad``); else the backward recomputes the logits."""
-    return spec.reduction != "none" and main_grad is None
+    ``main_grad``, GEMMs not in fp16); else the backward recomputes the
+    logits. In fp16 the gradients are formed after grad_output (a loss
+    scale known only then) is applied, so that nothing underflows that
+    torch's fp32-formed gradient keeps: one more GEMM (the logits again)
+    at backward time."""
+    return (spec.reduction != "none" and main_grad is None
+            and (spec.gemm or x.dtype) != torch.float16)
 
 
 def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = False,
@@ -651,7 +656,7 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = Fals
     V = w.shape[0]
     t = target.contiguous()
     kern = _ChunkLoss(x, t, weight, V, spec, div_t)
-    grad = any(needs) and _precomputes(spec, main_grad)
+    grad = any(needs) and _precomputes(spec, main_grad, x)
     grads = _grad_buffers(x, w, b, needs, spec.acc32) if grad else None
     loss = new_output((N,), kern.acc, x.device)
     lse = new_output((N,), torch.float32, x.device)
@@ -682,6 +687,15 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
     V = w.shape[0]
     t = target.contiguous()
     loss_term = row_scale is not None
+    # mean / sum: grad_output (one value) folded into the divisor, so that the
+    # kernel forms the scaled gradient in fp32 and rounds it once (no fp16
+    # underflow before a loss scale) and no pass scales the chunk afterwards
+    folded = loss_term and spec.reduction != "none" and N > 0
+    if folded:
+        acc = _acc(x.dtype)
+        base = div_t.to(acc).reshape(()) if div_t is not None else \
+            torch.full((), spec.divisor or 1.0, dtype=acc, device=x.device)
+        div_t, spec = base / row_scale[0].to(acc), spec._replace(divisor=None)
     kern = _ChunkLoss(x, t, weight, V, spec, div_t) if loss_term else \
         _ChunkLoss(x, t, None, V, spec._replace(reduction="sum", divisor=None))
     grads = _grad_buffers(x, w, b, needs, spec.acc32, main_grad)
@@ -693,7 +707,8 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
     def loss_fn(z, rows):
         if loss_term:
             kern.loss_(z, t[rows], True, *(v[rows] for v in scratch))
-            z.mul_(row_scale[rows, None])
+            if not folded:
+                z.mul_(row_scale[rows, None])
         else:
             kern.lse_grad_(z, lse[rows], lse_scale[rows])
 
@@ -709,7 +724,7 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
 #
 # Gradients handed out never change afterwards: the first backward of mean /
 # sum scales the forward's gradients in place and hands them out; a later
-# backward over a retained graph computes new tensors from them.
+# backward over a retained graph recomputes new ones from the inputs.
 # ----------------------------------------------------------------------------
 
 
@@ -727,26 +742,29 @@ def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
     state.copy_(go.expand_as(state))
 
 
-def _rescaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
-    """A new tensor: g's rows times go / state[row] (g and state untouched)."""
-    if backend_for(g) == "triton":
-        return _scaled(g, state, go)
-    return (g.to(state.dtype) * (go.to(state.dtype) / state)[:, None]).to(g.dtype)
-
-
 def _save(ctx, x, w, b, t, cw, grads: Optional[_Grads], spec: _Spec, needs, div_t=None,
-          main_grad=None) -> None:
+          main_grad=None, eager: bool = True) -> None:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
     # not saved for backward: other users may add into it before this backward
     ctx.main_grad = main_grad
-    ctx.precomputed = _precomputes(spec, main_grad)
-    ctx.states = {}  # per-row factors already applied in place (first backward)
-    if ctx.precomputed:  # the backward only scales the gradients the forward computed
-        ctx.save_for_backward(*(grads[:3] if grads is not None else (None,) * 3))
-    else:  # the backward recomputes from the inputs
-        ctx.save_for_backward(x, w, b, t, cw, div_t)
+    ctx.precomputed = _precomputes(spec, main_grad, x)
+    ctx.states = {}  # per-row factors applied in place (first backward)
+    # The inputs, kept by reference (no copy): the backward recomputes from
+    # them; with precomputed gradients, a later backward over a retained
+    # graph does (the first scaled them in place and handed them out: a
+    # grad_output of 0 or inf/NaN there leaves nothing to rescale, and the
+    # caller may change what it was handed). Eagerly the precomputed
+    # gradients are held off the saved tensors and dropped by the first
+    # backward; a traced graph saves them and scales them into new tensors.
+    inputs = (x, w, b, t, cw, div_t)
+    precomputed = tuple(grads[:3]) if grads is not None else (None,) * 3
+    ctx.grads = precomputed if ctx.precomputed and eager else None
+    if ctx.precomputed and not eager:
+        ctx.save_for_backward(*precomputed, *inputs)
+    else:
+        ctx.save_for_backward(*inputs)
 
 
 def _hand_out(ctx, dx, dw, db) -> tuple:
@@ -763,9 +781,9 @@ def _hand_out(ctx, dx, dw, db) -> tuple:
 
 def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
     """The forward's gradients times grad_output ``go``, in the parameters'
-    dtypes. Eagerly, the first backward scales dx and dw in place when they
-    are in the parameters' dtypes and hands them out; any later backward (and
-    a traced one, and the fp32 accumulators) writes new tensors."""
+    dtypes. Eagerly (the first backward) dx and dw are scaled in place when
+    they are in the parameters' dtypes and handed out; a traced backward and
+    the fp32 accumulators write new tensors."""
     in_place = not traced(go)
     out = []
     for key, g, need, dtype in (("x", dx, ctx.needs[0], ctx.dtypes[0]),
@@ -775,8 +793,6 @@ def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
             out.append(None)
         elif not in_place or g.dtype != dtype or g.dim() != 2:
             out.append(torch.mul(g, go, out=g.new_empty(g.shape, dtype=dtype)))
-        elif key in ctx.states:  # handed out already: it stays as it is
-            out.append(_rescaled(g, ctx.states[key], go))
         else:
             state = ctx.states[key] = torch.ones(g.shape[0], dtype=_acc(g.dtype),
                                                  device=g.device)
@@ -789,9 +805,13 @@ def _loss_grads(ctx, d_loss, recompute) -> tuple:
     """(d input, d linear_weight, d linear_bias) from the loss's grad_output."""
     if d_loss is None or not any(ctx.needs):
         return None, None, None
-    if ctx.precomputed:
-        return _scale_out(ctx, *ctx.saved_tensors, d_loss)
-    x, w, b, t, cw, div_t = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    if ctx.grads is not None:  # eager, the first backward: scale them and hand them out
+        grads, ctx.grads = ctx.grads, None
+        return _scale_out(ctx, *grads, d_loss)
+    if ctx.precomputed and len(saved) == 9:  # traced: new tensors from them
+        return _scale_out(ctx, *saved[:3], d_loss)
+    x, w, b, t, cw, div_t = saved[-6:]
     row_scale = d_loss.reshape(-1) if ctx.spec.reduction == "none" else \
         d_loss.reshape(1).expand(x.shape[0])
     return _hand_out(ctx, *recompute(x, w, b, t, cw, ctx.spec, row_scale, None, None, ctx.needs,
@@ -968,7 +988,7 @@ def _op_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, dx, dw, db, hits)
     spec = _Spec(*options, divisor, chunking, acc32, overlap)
     grads = _Grads(_present(dx), _present(dw), _present(db))
-    _save(ctx, x, w, b, t, cw, grads, spec, (nx, nw, nb), div_t, main_grad)
+    _save(ctx, x, w, b, t, cw, grads, spec, (nx, nw, nb), div_t, main_grad, eager=False)
 
 
 def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db, d_hits):
@@ -1270,9 +1290,16 @@ def linear_cross_entropy(
     to 16 bits (torch's is). fp64 input is left alone, as autocast does.
     Under ``torch.compile`` the weight and bias are cast before the op and
     their gradients go back through the casts.
-    With fp16 input the logits' gradient is stored in fp16 before the GEMMs,
-    already divided by the mean's denominator, so its smallest entries can
-    underflow (as in torch's fp16 cross-entropy); bf16 has fp32's range.
+    With fp16 GEMMs (fp16 input, or fp16 autocast) the forward computes the
+    loss only, and the backward recomputes each chunk's logits and forms its
+    gradient with grad_output (a GradScaler's loss scale) and the mean's
+    denominator applied in fp32, rounded to fp16 once before the GEMMs: no
+    entry underflows that torch's gradient, formed after the scale, keeps.
+    That costs the fp16 backward one more GEMM (the logits again, ~1.33x the
+    three-GEMM floor); bf16 (fp32's range) and fp32 keep the gradients the
+    forward computes. A later backward over a retained graph recomputes the
+    gradients from the inputs (the first hands out the forward's, scaled in
+    place).
     """
     refuse_transformed("linear_cross_entropy", "which the chunked passes and their in-place "
                        "gradients do not support; use softmax_gpu.cross_entropy(F.linear(...), "
