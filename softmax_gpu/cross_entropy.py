@@ -43,9 +43,9 @@ from torch.nn import _reduction
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (autocast_on, backend_for, empty_like, first_order, interpreted,
-                        launch_device, launch_on, new_output, plan_cache, remember, traced,
-                        transformed, batched_grad)
+from ._dispatch import (autocast_on, backend_for, batched_grad, empty_like, first_order,
+                        interpreted, launch_device, launch_on, new_output, plan_cache, remember,
+                        traced, transformed)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K

@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor, wrap_dim
-from ._dispatch import (autocast_on, backend_for, empty_like, interpreted,
-                        launch_device, launch_on, new_output, plan_cache, remember, traced,
-                        transformed, batched_grad)
+from ._dispatch import (autocast_on, backend_for, batched_grad, empty_like, interpreted,
+                        launch_device, launch_on, new_output, plan_cache, remember, traced)
 from ._layout import as_rows, rows_view
 from .heuristics import MIN_BLOCK, SINGLE, SPLIT, next_pow2, warps_for
 from .kernels import softmax as K
