@@ -813,7 +813,7 @@ def vocab_parallel_linear_cross_entropy(
     linear_bias: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
@@ -915,6 +915,8 @@ def vocab_parallel_linear_cross_entropy(
         raise ValueError(f"linear_bias must have shape ({Vr},) (this rank's slice), got "
                          f"{tuple(linear_bias.shape)}")
     _check_target(target, tuple(input.shape[:-1]), input, "input")
+    if ignore_index is None:
+        ignore_index = -100  # torch's F.linear_cross_entropy default, as linear_cross_entropy
     opts = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     _check_class_weight(weight, input, "input")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)

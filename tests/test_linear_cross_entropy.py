@@ -1023,3 +1023,20 @@ def test_fp16_loss_scale_known_at_backward(amp):
     for ours, theirs, ref in ((gx, tx, x64.grad), (gw, tw, w64.grad)):
         assert err(ours, ref) <= 1.5 * err(theirs, ref), (err(ours, ref), err(theirs, ref))
         assert not bool(((ours == 0) & (ref != 0)).any())
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape propagation, e.g. a model built on the meta device):
+    forward and backward give meta results of torch's shapes (before: an
+    unnamed '.item() cannot be called on meta tensors')."""
+    x = torch.empty(4, 8, device="meta", requires_grad=True)
+    w = torch.empty(10, 8, device="meta", requires_grad=True)
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    for reduction in ("mean", "none"):
+        loss = lce(x, w, t, reduction=reduction)
+        assert loss.device.type == "meta"
+        assert loss.shape == F.cross_entropy(torch.empty(4, 10, device="meta"), t,
+                                             reduction=reduction).shape
+        loss.sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == w.shape
+        x.grad = w.grad = None

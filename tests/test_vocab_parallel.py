@@ -635,6 +635,28 @@ def _no_collective(rank: int) -> None:
         D.backend_for = backend
 
 
+def _linear_second_backward(rank: int) -> None:
+    """The linear version: a later backward over a retained graph after a first
+    one with grad_output 0 recomputes from the inputs, equal to torch's
+    (before: NaN everywhere); ``ignore_index=None`` is torch's -100, as in
+    softmax_gpu.linear_cross_entropy."""
+    from helpers import assert_close
+    from softmax_gpu.distributed import vocab_parallel_linear_cross_entropy as vpl
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 8, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, dtype=F64, requires_grad=True)
+    t = torch.tensor([3, 0, 10, -100, 7, 1])
+    for reduction in ("mean", "sum"):
+        loss = vpl(h, w, t, reduction=reduction, ignore_index=None)
+        ref = F.cross_entropy(F.linear(h, w), t, reduction=reduction)
+        assert_close(loss.detach(), ref.detach(), F64)
+        zero = torch.autograd.grad(0.0 * loss, (h, w), retain_graph=True)
+        assert not any(bool(z.any()) for z in zero)
+        for got, want in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+            assert_close(got, want, F64)
+
+
 def _inplace_4d(rank: int) -> None:
     """inplace_backward over [B, S, H, V] logits whose vocabulary dim is padded
     (their rows along the last dim have an in-place view, though dim 1 does
@@ -803,7 +825,8 @@ def test_one_rank():
     the gradient in place over 4-d logits with a padded vocabulary."""
     from helpers import spawn_group
 
-    spawn_group(_worker, 1, WORLD1, LINEAR1, ("_no_collective", "_inplace_4d"))
+    spawn_group(_worker, 1, WORLD1, LINEAR1,
+                ("_no_collective", "_inplace_4d", "_linear_second_backward"))
 
 
 def test_three_ranks():
