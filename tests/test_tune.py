@@ -538,6 +538,19 @@ def test_device_check_output_limits_and_budget(tmp_path):
     assert "| perf_quick | not run (a second call" in summary
 
 
+def test_device_check_installs_carried_wheels(tmp_path):
+    """With wheels carried in .whl/ the wheels step runs (its limit once fell
+    below the least time a step is given, so it was never run)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "peer-1.0-py3-none-any.whl").write_bytes(b"")
+    proc = _dry_run(tmp_path / "out", WHEEL_DIR=str(wheels))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "device_check_summary.md").read_text()
+    assert re.search(r"^\| wheels \| ok \|", summary, re.M), summary
+    assert int(re.search(r"(\d+)s in all", summary).group(1)) <= 395
+
+
 def test_device_check_second_call_runs_the_quick_sweep(tmp_path):
     """The header's second call: the quick sweep alone, in the same budget."""
     proc = _dry_run(tmp_path, SKIP_STEPS="gpu_checks tune tests profile linear_ce host llama")
