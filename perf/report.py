@@ -217,6 +217,9 @@ def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[s
             if wrong:
                 ax.scatter([r["N"] for r in wrong], [r[metric] for r in wrong], marker="x", color="red",
                            s=120, zorder=5, label=f"{p}: WRONG result")
+        if not ns:  # nothing measured (a run cut short): no plot, not a crash
+            plt.close(fig)
+            continue
         if metric == "vs_floor":
             ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="three-GEMM floor")
         elif math.isfinite(copy):

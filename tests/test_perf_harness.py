@@ -835,3 +835,20 @@ def test_profile_merges_ncu_counters_with_the_cases(tmp_path):
     # no GPU here: the command says so and writes nothing
     assert profile.main(["--out", str(tmp_path / "out")]) == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_plots_skip_a_case_with_nothing_measured(tmp_path):
+    """A run cut short can leave a case whose every row was skipped: its plot
+    is left out, where matplotlib's log axis used to raise and lose the
+    other plots (seen on a dry run of the device check's linear step)."""
+    pytest.importorskip("matplotlib")
+    info = env.run_info("cpu")
+    base = dict(correct=True, shape_kind="llm", note="", gbps=1.0, vs_floor=1.1)
+    rows = [dict(_row("copy", "torch", 1.0, M=256, N=16384), shape_kind="roofline",
+                 gbps=10.0, note="", correct=None),
+            dict(_row("linear_ce_fwd_bwd", "gemm_floor", 1.0, dtype="fp32", N=256), **base),
+            dict(_row("linear_ce_fwd_bwd", "softmax_gpu", 1.1, dtype="fp32", N=256), **base),
+            dict(_row("linear_ce_fwd_bwd", "softmax_gpu", math.nan, status="skipped",
+                      dtype="bf16", N=256), **base)]
+    paths = report.plot_all(rows, str(tmp_path), "run", info)
+    assert [os.path.basename(p) for p in paths] == ["run_linear_ce_fwd_bwd_fp32.png"]
