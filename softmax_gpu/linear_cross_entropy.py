@@ -72,7 +72,7 @@ from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (autocast_on, backend_for, first_order, launch_device, launch_on,
                         new_output, plan_cache, refuse_transformed, remember, traced)
-from .cross_entropy import (_scalar_options, _scale_, check_divisor,
+from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
                             cross_entropy_config, cross_entropy_scale_config, denominators_plan,
                             reference_lse_grad)
 from .kernels import cross_entropy as K
@@ -631,15 +631,14 @@ def _sweep(x: Tensor, w: Tensor, b: Optional[Tensor], spec: _Spec, loss_fn,
 # ----------------------------------------------------------------------------
 
 
-def _precomputes(spec: _Spec, main_grad: Optional[Tensor], x: Tensor) -> bool:
+def _precomputes(reduction: str, main_grad: Optional[Tensor], gemm: torch.dtype) -> bool:
     """Whether the forward computes the gradients (mean / sum without
-    ``main_grad``, GEMMs not in fp16); else the backward recomputes the
-    logits. In fp16 the gradients are formed after grad_output (a loss
+    ``main_grad``, GEMMs in ``gemm`` not fp16); else the backward recomputes
+    the logits. In fp16 the gradients are formed after grad_output (a loss
     scale known only then) is applied, so that nothing underflows that
     torch's fp32-formed gradient keeps: one more GEMM (the logits again)
     at backward time."""
-    return (spec.reduction != "none" and main_grad is None
-            and (spec.gemm or x.dtype) != torch.float16)
+    return reduction != "none" and main_grad is None and gemm != torch.float16
 
 
 def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = False,
@@ -656,7 +655,7 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = Fals
     V = w.shape[0]
     t = target.contiguous()
     kern = _ChunkLoss(x, t, weight, V, spec, div_t)
-    grad = any(needs) and _precomputes(spec, main_grad, x)
+    grad = any(needs) and _precomputes(spec.reduction, main_grad, spec.gemm or x.dtype)
     grads = _grad_buffers(x, w, b, needs, spec.acc32) if grad else None
     loss = new_output((N,), kern.acc, x.device)
     lse = new_output((N,), torch.float32, x.device)
@@ -724,7 +723,7 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
 #
 # Gradients handed out never change afterwards: the first backward of mean /
 # sum scales the forward's gradients in place and hands them out; a later
-# backward over a retained graph recomputes new ones from the inputs.
+# backward over a retained graph computes new tensors from them.
 # ----------------------------------------------------------------------------
 
 
@@ -742,29 +741,26 @@ def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
     state.copy_(go.expand_as(state))
 
 
+def _rescaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
+    """A new tensor: g's rows times go / state[row] (g and state untouched)."""
+    if backend_for(g) == "triton":
+        return _scaled(g, state, go)
+    return (g.to(state.dtype) * (go.to(state.dtype) / state)[:, None]).to(g.dtype)
+
+
 def _save(ctx, x, w, b, t, cw, grads: Optional[_Grads], spec: _Spec, needs, div_t=None,
-          main_grad=None, eager: bool = True) -> None:
+          main_grad=None) -> None:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
     # not saved for backward: other users may add into it before this backward
     ctx.main_grad = main_grad
-    ctx.precomputed = _precomputes(spec, main_grad, x)
-    ctx.states = {}  # per-row factors applied in place (first backward)
-    # The inputs, kept by reference (no copy): the backward recomputes from
-    # them; with precomputed gradients, a later backward over a retained
-    # graph does (the first scaled them in place and handed them out: a
-    # grad_output of 0 or inf/NaN there leaves nothing to rescale, and the
-    # caller may change what it was handed). Eagerly the precomputed
-    # gradients are held off the saved tensors and dropped by the first
-    # backward; a traced graph saves them and scales them into new tensors.
-    inputs = (x, w, b, t, cw, div_t)
-    precomputed = tuple(grads[:3]) if grads is not None else (None,) * 3
-    ctx.grads = precomputed if ctx.precomputed and eager else None
-    if ctx.precomputed and not eager:
-        ctx.save_for_backward(*precomputed, *inputs)
-    else:
-        ctx.save_for_backward(*inputs)
+    ctx.precomputed = _precomputes(spec.reduction, main_grad, spec.gemm or x.dtype)
+    ctx.states = {}  # per-row factors already applied in place (first backward)
+    if ctx.precomputed:  # the backward only scales the gradients the forward computed
+        ctx.save_for_backward(*(grads[:3] if grads is not None else (None,) * 3))
+    else:  # the backward recomputes from the inputs
+        ctx.save_for_backward(x, w, b, t, cw, div_t)
 
 
 def _hand_out(ctx, dx, dw, db) -> tuple:
@@ -781,9 +777,9 @@ def _hand_out(ctx, dx, dw, db) -> tuple:
 
 def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
     """The forward's gradients times grad_output ``go``, in the parameters'
-    dtypes. Eagerly (the first backward) dx and dw are scaled in place when
-    they are in the parameters' dtypes and handed out; a traced backward and
-    the fp32 accumulators write new tensors."""
+    dtypes. Eagerly, the first backward scales dx and dw in place when they
+    are in the parameters' dtypes and hands them out; any later backward (and
+    a traced one, and the fp32 accumulators) writes new tensors."""
     in_place = not traced(go)
     out = []
     for key, g, need, dtype in (("x", dx, ctx.needs[0], ctx.dtypes[0]),
@@ -793,6 +789,8 @@ def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
             out.append(None)
         elif not in_place or g.dtype != dtype or g.dim() != 2:
             out.append(torch.mul(g, go, out=g.new_empty(g.shape, dtype=dtype)))
+        elif key in ctx.states:  # handed out already: it stays as it is
+            out.append(_rescaled(g, ctx.states[key], go))
         else:
             state = ctx.states[key] = torch.ones(g.shape[0], dtype=_acc(g.dtype),
                                                  device=g.device)
@@ -805,13 +803,9 @@ def _loss_grads(ctx, d_loss, recompute) -> tuple:
     """(d input, d linear_weight, d linear_bias) from the loss's grad_output."""
     if d_loss is None or not any(ctx.needs):
         return None, None, None
-    saved = ctx.saved_tensors
-    if ctx.grads is not None:  # eager, the first backward: scale them and hand them out
-        grads, ctx.grads = ctx.grads, None
-        return _scale_out(ctx, *grads, d_loss)
-    if ctx.precomputed and len(saved) == 9:  # traced: new tensors from them
-        return _scale_out(ctx, *saved[:3], d_loss)
-    x, w, b, t, cw, div_t = saved[-6:]
+    if ctx.precomputed:
+        return _scale_out(ctx, *ctx.saved_tensors, d_loss)
+    x, w, b, t, cw, div_t = ctx.saved_tensors
     row_scale = d_loss.reshape(-1) if ctx.spec.reduction == "none" else \
         d_loss.reshape(1).expand(x.shape[0])
     return _hand_out(ctx, *recompute(x, w, b, t, cw, ctx.spec, row_scale, None, None, ctx.needs,
@@ -919,10 +913,12 @@ def linear_cross_entropy_forward(
 def _fake_grads(x, w, b, needs, acc32, main_grad=None):
     N, D = x.shape
     V = w.shape[0]
-    return (x.new_empty((N, D) if needs[0] else (0,)),
-            x.new_empty((V, D) if needs[1] and main_grad is None else (0,),
-                        dtype=_weight_grad_dtype(w, acc32)),
-            x.new_empty((V,) if needs[2] and b is not None else (0,), dtype=_acc(x.dtype)))
+    empty = x.new_empty((0,))  # as _tensors: a gradient not computed, in x's dtype
+    return (x.new_empty((N, D)) if needs[0] else empty,
+            x.new_empty((V, D), dtype=_weight_grad_dtype(w, acc32))
+            if needs[1] and main_grad is None else empty.clone(),
+            x.new_empty((V,), dtype=_acc(x.dtype))
+            if needs[2] and b is not None else empty.clone())
 
 
 @linear_cross_entropy_forward.register_fake
@@ -932,7 +928,7 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
       overlap=False, main_grad=None):
     N = input.shape[0]
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=_acc(input.dtype))
-    grad = reduction != "none" and main_grad is None
+    grad = _precomputes(reduction, main_grad, input.dtype)  # the op's input: cast already
     needs = (grad and need_input_grad, grad and need_weight_grad, grad and need_bias_grad)
     return (loss, input.new_empty((N,), dtype=torch.float32),
             *_fake_grads(input, linear_weight, linear_bias, needs, acc32),
@@ -988,7 +984,7 @@ def _op_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, dx, dw, db, hits)
     spec = _Spec(*options, divisor, chunking, acc32, overlap)
     grads = _Grads(_present(dx), _present(dw), _present(db))
-    _save(ctx, x, w, b, t, cw, grads, spec, (nx, nw, nb), div_t, main_grad, eager=False)
+    _save(ctx, x, w, b, t, cw, grads, spec, (nx, nw, nb), div_t, main_grad)
 
 
 def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db, d_hits):
@@ -1297,9 +1293,10 @@ def linear_cross_entropy(
     entry underflows that torch's gradient, formed after the scale, keeps.
     That costs the fp16 backward one more GEMM (the logits again, ~1.33x the
     three-GEMM floor); bf16 (fp32's range) and fp32 keep the gradients the
-    forward computes. A later backward over a retained graph recomputes the
-    gradients from the inputs (the first hands out the forward's, scaled in
-    place).
+    forward computes (mean / sum), which the first backward scales in place
+    and hands out: a later backward over a retained graph scales them into
+    new tensors, so rows whose first grad_output was 0 have none left (NaN),
+    as for :func:`softmax_gpu.cross_entropy`.
     """
     refuse_transformed("linear_cross_entropy", "which the chunked passes and their in-place "
                        "gradients do not support; use softmax_gpu.cross_entropy(F.linear(...), "

@@ -765,14 +765,12 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
 class _VocabParallelLinearCE(torch.autograd.Function):
     """Forward: the chunks (with the gradients of mean / sum, as
     :func:`softmax_gpu.linear_cross_entropy`). Backward: mean / sum scale the
-    forward's gradients in place and hand them out (the first backward that
-    uses them; they are held off the saved tensors and dropped then);
-    ``reduction="none"``, a ``main_grad``, a used lse and any later backward
-    over a retained graph recompute the chunks' logits from the inputs (no
-    stats, no collectives but dX's all-reduce)."""
+    saved gradients (in place the first time); ``reduction="none"``, a
+    ``main_grad`` and a used lse recompute the chunks' logits (no stats, no
+    collectives but dX's all-reduce)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, fn, rows, needs, acc32, main_grad):
+    def forward(ctx, x, w, b, fn, rows, needs, keep_inputs, acc32, main_grad):
         grad = any(needs) and fn.opts.reduction != "none" and main_grad is None
         # the gradients for a grad_output of 1, scaled in the backward
         one = torch.ones((), dtype=fn.acc, device=x.device) if grad else None
@@ -782,26 +780,25 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
         ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
         ctx.precomputed, ctx.states = grad, {}
-        ctx.grads = tuple(grads[:3]) if grad else None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, w, b, lse)
+        inputs = (x, w, b, lse) if keep_inputs or not grad else (None,) * 4
+        ctx.save_for_backward(*inputs, *(grads[:3] if grad else (None,) * 3))
         return fn.reduce(losses), lse.to(torch.float32, copy=True)
 
     @staticmethod
     @first_order
     def backward(ctx, d_loss, d_lse):
         if (d_loss is None and d_lse is None) or not any(ctx.needs):
-            return (None,) * 8
-        x, w, b, lse = ctx.saved_tensors
+            return (None,) * 9
+        x, w, b, lse, dx, dw, db = ctx.saved_tensors
         fn = ctx.fn
-        if d_lse is None and ctx.grads is not None:
-            grads, ctx.grads = ctx.grads, None
-            out = _scale_out(ctx, *grads, d_loss)
+        if d_lse is None and ctx.precomputed:
+            out = _scale_out(ctx, dx, dw, db, d_loss)
         else:
             grads = _chunk_pass(x, w, b, fn, ctx.rows, ctx.needs, False, lse, d_loss, d_lse,
                                 ctx.acc32, ctx.main_grad)[2]
             out = _hand_out(ctx, *grads[:3])
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -945,7 +942,8 @@ def vocab_parallel_linear_cross_entropy(
     fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
     if any(needs):
         loss, lse = _VocabParallelLinearCE.apply(x, local_weight, linear_bias, fn, rows, needs,
-                                                 acc32, main_grad if needs[1] else None)
+                                                 bool(return_lse), acc32,
+                                                 main_grad if needs[1] else None)
     else:
         lse, losses, *_ = _chunk_pass(x, local_weight, linear_bias, fn, rows, (False,) * 3, True)
         loss, lse = fn.reduce(losses), lse.to(torch.float32)

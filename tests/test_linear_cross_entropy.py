@@ -648,6 +648,10 @@ def test_opcheck():
     fargs = args[:-1] + (False, None, None, "auto", True, False, None)
     torch.library.opcheck(lce_module.linear_cross_entropy_forward, fargs,
                           test_utils=("test_schema", "test_faketensor"))
+    # fp16: the forward computes the loss only (the backward forms the gradients)
+    hargs = (x.detach().half(), w.detach().half(), b.detach().half()) + args[3:]
+    torch.library.opcheck(lce_module.linear_cross_entropy_forward, hargs,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_main_grad_and_options():
@@ -959,32 +963,6 @@ def test_autocast_follows_torch(amp, params):
         assert ours <= 2 * theirs + 1e-6 * r.grad.norm(), (ours, theirs)
     if params == "fp32":  # accumulated in fp32: not all representable in the autocast dtype
         assert not torch.equal(w.grad, w.grad.to(amp).float())
-
-
-@pytest.mark.parametrize("backend", ["kernels", "torch"])
-def test_later_backward_after_a_zero_grad_output(backend, monkeypatch):
-    """A first backward with grad_output 0 (or a handed-out gradient the caller
-    then changes in place) leaves the forward's gradients unusable: a later
-    backward over the retained graph recomputes them from the inputs, exact
-    (before: every element NaN, or an 'inplace operation' error)."""
-    if backend == "torch":
-        monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
-    x, w, b, t = problem(n=20)
-    for reduction in ("mean", "sum"):
-        loss = lce(x, w, t, linear_bias=b, reduction=reduction, chunk_size=CHUNK)
-        ref, _ = reference(x, w, t, b, reduction=reduction)
-        zero = torch.autograd.grad(0.0 * loss, (x, w, b), retain_graph=True)
-        assert all(not bool(g.any()) for g in zero)
-        for g, r in zip(torch.autograd.grad(loss, (x, w, b), retain_graph=True),
-                        torch.autograd.grad(ref, (x, w, b), retain_graph=True)):
-            check(g, r)
-        loss = lce(x, w, t, linear_bias=b, reduction=reduction, chunk_size=CHUNK)
-        first = torch.autograd.grad(loss, (x, w), retain_graph=True)
-        for g in first:
-            g.mul_(0.5)  # the caller's gradient clipping, say
-        for g, r in zip(torch.autograd.grad(2 * loss, (x, w)),
-                        torch.autograd.grad(2 * ref, (x, w))):
-            check(g, r, scale=2)
 
 
 @pytest.mark.parametrize("amp", [False, True])
