@@ -763,7 +763,7 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
-    """Forward: the chunks (with the gradients of mean / sum, as
+    """Forward: the chunks (with the gradients of mean / sum, not in fp16, as
     :func:`softmax_gpu.linear_cross_entropy`). Backward: mean / sum scale the
     saved gradients (in place the first time); ``reduction="none"``, a
     ``main_grad`` and a used lse recompute the chunks' logits (no stats, no
@@ -771,7 +771,10 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, fn, rows, needs, keep_inputs, acc32, main_grad):
-        grad = any(needs) and fn.opts.reduction != "none" and main_grad is None
+        # fp16: the gradients formed at backward time, after grad_output (a
+        # loss scale), as softmax_gpu.linear_cross_entropy does: no underflow
+        grad = (any(needs) and fn.opts.reduction != "none" and main_grad is None
+                and x.dtype != torch.float16)
         # the gradients for a grad_output of 1, scaled in the backward
         one = torch.ones((), dtype=fn.acc, device=x.device) if grad else None
         lse, losses, grads = _chunk_pass(x, w, b, fn, rows, needs if grad else (False,) * 3,
