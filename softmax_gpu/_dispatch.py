@@ -24,7 +24,7 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order", "transformed", "refuse_transformed", "batched_grad"]
+           "first_order", "transformed", "refuse_transformed"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -86,7 +86,7 @@ def backend_for(tensor: torch.Tensor, name: str = "tensor") -> str:
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for expects a torch.Tensor, got {type(tensor).__name__}")
-    if (_functorch_wrapped(tensor) or _dual(tensor)) and not _is_compiling():
+    if _wrapped(tensor) and not _is_compiling():
         return "torch"
     dev = tensor.device.type
     if dev == "cuda":
@@ -141,32 +141,29 @@ def _dual(t: torch.Tensor) -> bool:
     return level >= 0 and _unpack_dual(t, level).tangent is not None
 
 
-def transformed(*tensors) -> bool:
-    """True when any of ``tensors`` (None and non-tensors skipped) is inside a
-    ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...)
-    or is a forward-mode dual tensor (``torch.autograd.forward_ad``): the
-    kernels cannot read a wrapper's storage, and a kernel's output would
-    carry no tangent, so the ops take their torch reference there (the same
-    semantics, composed of torch ops that every transform and forward-mode AD
-    support). Never asked while dynamo traces."""
-    if _is_compiling():
-        return False
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and (_functorch_wrapped(t) or _dual(t)):
-            return True
-    return False
-
-
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
-def batched_grad(grad) -> bool:
-    """True when a backward's incoming gradient is batched (autograd's
-    ``is_grads_batched``, ``jacobian(vectorize=True)``, which use the legacy
-    vmap) or inside a ``torch.func`` transform: the kernels cannot read it, so
-    the backward takes torch ops. Never asked while dynamo traces."""
-    return (isinstance(grad, torch.Tensor) and not _is_compiling()
-            and (_functorch_wrapped(grad) or _legacy_batched(grad)))
+def _wrapped(t: torch.Tensor) -> bool:
+    return _functorch_wrapped(t) or _legacy_batched(t) or _dual(t)
+
+
+def transformed(*tensors) -> bool:
+    """True when any of ``tensors`` (None and non-tensors skipped) is inside a
+    ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...),
+    is batched by autograd's own vmap (a backward's grad_output under
+    ``is_grads_batched`` or ``jacobian(vectorize=True)``) or is a
+    forward-mode dual tensor (``torch.autograd.forward_ad``): the kernels
+    cannot read a wrapper's storage, and a kernel's output would carry no
+    tangent, so the ops (forward and backward) take torch ops there (the
+    same semantics, composed of torch ops that every transform and
+    forward-mode AD support). Never asked while dynamo traces."""
+    if _is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _wrapped(t):
+            return True
+    return False
 
 
 def refuse_transformed(who: str, why: str, **tensors) -> None:

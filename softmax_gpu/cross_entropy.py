@@ -43,7 +43,7 @@ from torch.nn import _reduction
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (autocast_on, backend_for, batched_grad, empty_like, first_order,
+from ._dispatch import (autocast_on, backend_for, empty_like, first_order,
                         interpreted, launch_device, launch_on, new_output, plan_cache, remember,
                         traced, transformed)
 from ._layout import Rows, rows_view
@@ -861,7 +861,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if d_loss is None:
             return (None,) + none
         g, state = ctx.saved_tensors
-        if batched_grad(d_loss):  # batched (is_grads_batched, vmap of a backward): torch ops
+        if transformed(d_loss):  # batched (is_grads_batched, vmap of a backward): torch ops
             return (reference_scaled(g, state, d_loss, ctx.out_dtype),) + none
         if ctx.handed_out or ctx.out_dtype is not None:
             # a later backward over a retained graph: the gradient handed out
@@ -912,7 +912,7 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
                     "them; compute the loss without inplace_backward, or after the change")
         else:
             x, target, w, lse, div = ctx.saved_tensors
-        batched = batched_grad(d_loss)  # is_grads_batched, vmap of a backward: torch ops
+        batched = transformed(d_loss)  # is_grads_batched, vmap of a backward: torch ops
         if ctx.state is not None:  # in place: the logits hold the gradient already
             return ((reference_scaled if batched else _scaled)(x, ctx.state, d_loss),) + none
         ignore_index, reduction, eps, zl, cap, div_f = ctx.options
@@ -942,7 +942,7 @@ class _LseFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, dlse):
         x, lse = ctx.saved_tensors
-        if batched_grad(dlse):  # batched: torch ops
+        if transformed(dlse):  # batched: torch ops
             return reference_lse_grad(x, lse, dlse, ctx.cap), None, None
         return _lse_grad(x, lse, dlse, ctx.cap), None, None
 

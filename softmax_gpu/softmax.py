@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor, wrap_dim
-from ._dispatch import (autocast_on, backend_for, batched_grad, empty_like, interpreted,
-                        launch_device, launch_on, new_output, plan_cache, remember, traced)
+from ._dispatch import (autocast_on, backend_for, empty_like, interpreted,
+                        launch_device, launch_on, new_output, plan_cache, remember, traced,
+                        transformed)
 from ._layout import as_rows, rows_view
 from .heuristics import MIN_BLOCK, SINGLE, SPLIT, next_pow2, warps_for
 from .kernels import softmax as K
@@ -303,7 +304,7 @@ class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        if batched_grad(dy):  # a batched grad_output (is_grads_batched, vmap of a backward)
+        if transformed(dy):  # a batched grad_output (is_grads_batched, vmap of a backward)
             return reference_backward(y, dy, ctx.dim, ctx.log, ctx.dx_dtype), None, None, None
         if torch.is_grad_enabled():  # create_graph: the gradient is differentiable
             return softmax_backward(y, dy, ctx.dim, ctx.log, ctx.dx_dtype), None, None, None
