@@ -101,6 +101,10 @@ class Results:
     def _row(self, name, ok, detail) -> str:
         return f"| {name} | {self._word(ok)} | {detail} |"
 
+    def count(self, ok: bool | None) -> int:
+        """How many checks passed (True), failed (False) or were skipped (None)."""
+        return sum(o is ok for _, o, _ in self.items)
+
     def table(self) -> str:
         return "\n".join([self.HEAD] + [self._row(*item) for item in self.items])
 
@@ -498,18 +502,15 @@ def main(argv: list[str] | None = None) -> int:
                 "skipped: softmax_gpu.linear_cross_entropy does not exist (yet)")
     checks.append(lambda: _long_row_check(res, device, GPU_LONG if device == "cuda" else CPU_LONG))
     for check in checks:
-        failed = sum(ok is False for _, ok, _ in res.items)
+        before = res.count(False)
         check()
-        lost = timing.device_lost(device) if sum(
-            ok is False for _, ok, _ in res.items) > failed else None
+        lost = timing.device_lost(device) if res.count(False) > before else None
         if lost:  # sticky: every later check would fail the same way
             res.add("the checks after this one", False, f"not run: {lost}")
             break
     if device != "cuda":
         print("(--device cpu: no CUDA graph capture and no sync check; comparisons only)")
-    print(f"{sum(ok is True for _, ok, _ in res.items)} passed, "
-          f"{sum(ok is False for _, ok, _ in res.items)} failed, "
-          f"{sum(ok is None for _, ok, _ in res.items)} skipped")
+    print(f"{res.count(True)} passed, {res.count(False)} failed, {res.count(None)} skipped")
     return 0 if res.ok else 1
 
 

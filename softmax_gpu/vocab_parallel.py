@@ -69,7 +69,7 @@ from .cross_entropy import _scalar_options, check_inplace_rows, denominators_pla
 from .kernels import vocab_parallel as K
 from .linear_cross_entropy import _backprop, _check_main_grad, _grad_buffers, _hand_out, _logits
 from .linear_cross_entropy import _check_options as _linear_options
-from .linear_cross_entropy import _scale_out, plan_rows
+from .linear_cross_entropy import _precomputes, _scale_out, plan_rows
 from .softmax import SoftmaxConfig, softmax_config
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
@@ -771,10 +771,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, fn, rows, needs, keep_inputs, acc32, main_grad):
-        # fp16: the gradients formed at backward time, after grad_output (a
-        # loss scale), as softmax_gpu.linear_cross_entropy does: no underflow
-        grad = (any(needs) and fn.opts.reduction != "none" and main_grad is None
-                and x.dtype != torch.float16)
+        # as softmax_gpu.linear_cross_entropy (fp16: formed at backward time)
+        grad = any(needs) and _precomputes(fn.opts.reduction, main_grad, x.dtype)
         # the gradients for a grad_output of 1, scaled in the backward
         one = torch.ones((), dtype=fn.acc, device=x.device) if grad else None
         lse, losses, grads = _chunk_pass(x, w, b, fn, rows, needs if grad else (False,) * 3,
