@@ -200,7 +200,7 @@ def _graph_check(res: Results, family: str, device: str, shapes) -> None:
                 worst_eager = max(worst_eager, _rel(out, eager[key]), _rel(grad, eager["dx"]))
                 worst_ref = max(worst_ref, op.error({key: out.detach(), "dx": grad}, fresh))
             _verdict(res, name, dtype, worst_ref, worst_eager)
-            del graph, static
+            graph = static = None  # free the captured graph's pool
         except Exception as exc:
             traceback.print_exc()
             res.add(name, False, f"{type(exc).__name__}: {exc}")
@@ -271,7 +271,7 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
                     worst_eager = max(worst_eager, *(_rel(got[k], eager[k]) for k in got))
                     worst_ref = max(worst_ref, op.error(got, fresh))  # "none": its mean is checked
                 _verdict(res, name, dtype, worst_ref, worst_eager)
-                del graph, static
+                graph = static = None  # free the captured graph's pool
             except Exception as exc:
                 traceback.print_exc()
                 res.add(name, False, f"{type(exc).__name__}: {exc}")

@@ -538,10 +538,17 @@ def run_tuning(cfg: TuneConfig, info, *, provider=None, log: Callable[[str], Non
             work.append((space, shape, seed, candidates(space, shape, cfg.device, cfg.base(),
                                                         cfg.scale, cfg.max_candidates)))
     stop = ""
+
+    def skipped(space, shape, cand):
+        row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
+        row.update(status="skipped", note=stop)
+        return row
+
+    done = set()  # (work index, candidate index) of every row appended
     try:  # (the inner handlers stop at a candidate; this one anywhere else)
-        for space, shape, seed, cands in work:
+        for wi, (space, shape, seed, cands) in enumerate(work):
             log(f"{space.perf_op} {DTYPE_NAME} {shape.M}x{shape.N}: {len(cands)} candidates")
-            for cand in cands:
+            for ci, cand in enumerate(cands):
                 if not stop and cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit:
                     stop = f"time limit ({cfg.time_limit:.0f} s) reached"
                 row = None
@@ -555,9 +562,9 @@ def run_tuning(cfg: TuneConfig, info, *, provider=None, log: Callable[[str], Non
                         row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:400])
                         stop = timing.device_lost(cfg.device) or ""  # a fault: nothing later can run
                 if row is None:
-                    row = _row_base(info, space.perf_op, space.table_op, shape.M, shape.N, cand)
-                    row.update(status="skipped", note=stop)
+                    row = skipped(space, shape, cand)
                 rows.append(row)
+                done.add((wi, ci))
                 if row["status"] != "skipped":
                     verdict = ("ERROR " + row["note"] if row["status"] == "error" else
                                "WRONG" if row["correct"] is False else "ok")
@@ -573,6 +580,10 @@ def run_tuning(cfg: TuneConfig, info, *, provider=None, log: Callable[[str], Non
                 stop = stop or "run interrupted"
     except KeyboardInterrupt:
         stop = stop or "run interrupted"
+    for wi, (space, shape, _, cands) in enumerate(work):  # those an interrupt jumped over
+        for ci, cand in enumerate(cands):
+            if (wi, ci) not in done:
+                rows.append(skipped(space, shape, cand))
     if stop:
         copy["note"] += f"; RUN CUT SHORT: {stop}"
         log(f"{stop}: the remaining candidates are recorded as skipped")

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn import _reduction
 
 from . import heuristics
-from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
+from ._checks import check_float, check_row_length, check_tensor
 from ._dispatch import (autocast_on, backend_for, empty_like, first_order,
                         interpreted, launch_device, launch_on, new_output, plan_cache, remember,
                         traced, transformed)

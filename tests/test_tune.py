@@ -424,6 +424,28 @@ def test_time_limit_skips_the_rest_and_still_chooses(tile_clock):
     assert not any(r["chosen"] for r in rows)
 
 
+def test_an_interrupt_between_candidates_still_records_every_candidate(tile_clock):
+    """Ctrl-C landing outside a measurement (here in the log line after the
+    first candidate): that candidate's row stays, every other is ``skipped``."""
+    cfg = tune.TuneConfig(device="cpu", spaces=[tune.SOFTMAX], ns=(256,), m=8, rep_ms=1,
+                          copy_bytes=1 << 16)
+    expected = len(tune.candidates(tune.SOFTMAX, cfg.shapes(tune.SOFTMAX)[0], "cpu", cfg.base(),
+                                   cfg.scale, cfg.max_candidates))
+    assert expected > 1
+
+    def log(line):
+        if "of copy" in line:
+            raise KeyboardInterrupt
+
+    rows = tune.run_tuning(cfg, _cpu_info(), provider=FakeSoftmax(), log=log)
+    ours = rows[1:]
+    assert len(ours) == expected, [r["candidate"] for r in ours]
+    assert len({r["candidate"] for r in ours}) == expected
+    assert ours[0]["status"] == "ok"
+    assert all(r["status"] == "skipped" and "interrupted" in r["note"] for r in ours[1:])
+    assert "CUT SHORT" in rows[0]["note"]
+
+
 def test_tune_command_end_to_end_on_cpu(tmp_path):
     """python -m perf.tune on CPU: Triton's interpreter, tiny shapes, the
     MEANINGLESS banner, every file, and nothing written to softmax_gpu/tuned/."""
