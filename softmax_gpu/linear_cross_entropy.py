@@ -935,15 +935,18 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
             input.new_empty((N if want_hits else 0,), dtype=torch.int8))
 
 
+# No argument has a default: torch 2.11 drops trailing arguments equal to
+# their defaults before it bumps the mutated one's version (an IndexError
+# there when main_grad is None).
 @torch.library.custom_op("softmax_gpu::linear_cross_entropy_backward", mutates_args=("main_grad",))
 def linear_cross_entropy_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
     weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float,
     z_loss: float, softcap: float, chunk_size: int, row_scale: Optional[Tensor],
     lse: Optional[Tensor], lse_scale: Optional[Tensor], need_input_grad: bool,
-    need_weight_grad: bool, need_bias_grad: bool, divisor: Optional[float] = None,
-    divisor_t: Optional[Tensor] = None, chunking: str = "auto", acc32: bool = False,
-    overlap: bool = False, main_grad: Optional[Tensor] = None,
+    need_weight_grad: bool, need_bias_grad: bool, divisor: Optional[float],
+    divisor_t: Optional[Tensor], chunking: str, acc32: bool, overlap: bool,
+    main_grad: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_r row_scale[r] * loss_r`` or, when ``row_scale`` is
     None, of ``sum_r lse_scale[r] * lse_r`` (``lse``: the forward's), by
@@ -962,8 +965,7 @@ def linear_cross_entropy_backward(
 @linear_cross_entropy_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
       label_smoothing, z_loss, softcap, chunk_size, row_scale, lse, lse_scale, need_input_grad,
-      need_weight_grad, need_bias_grad, divisor=None, divisor_t=None, chunking="auto",
-      acc32=False, overlap=False, main_grad=None):
+      need_weight_grad, need_bias_grad, divisor, divisor_t, chunking, acc32, overlap, main_grad):
     return _fake_grads(input, linear_weight, linear_bias,
                        (need_input_grad, need_weight_grad, need_bias_grad), acc32, main_grad)
 

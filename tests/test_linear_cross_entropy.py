@@ -638,7 +638,8 @@ def test_opcheck():
     bargs = (x.detach(), w.detach(), b.detach(), t, None, -100, "none", 0.0, 0.0, 3.0, 5,
              rand(12, dtype=torch.float64), rand(12), rand(12, dtype=torch.float64), True, True,
              True)
-    torch.library.opcheck(lce_module.linear_cross_entropy_backward, bargs,
+    torch.library.opcheck(lce_module.linear_cross_entropy_backward,
+                          bargs + (None, None, "auto", False, False, None),
                           test_utils=("test_schema", "test_faketensor"))
     # acc32 into a fp32 dW, and main_grad (mutated: declared in the schema)
     for main in (None, torch.zeros(V, D, dtype=torch.float64)):

@@ -187,3 +187,25 @@ def test_pypi_kernels_and_transformers_import_from_the_root(tmp_path):
     for argv in runs:
         out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=_env())
         assert out.returncode == 0, (argv[1:3], out.stdout[-2000:], out.stderr[-2000:])
+
+
+def test_no_mutated_op_argument_has_a_default():
+    """Every softmax_gpu op that writes an argument declares it without a
+    default. torch 2.11 (the GPU image's) drops trailing arguments equal to
+    their defaults before bumping the mutated argument's version, which then
+    fails with an IndexError (torch.compile of a training step)."""
+    import torch
+
+    import softmax_gpu  # noqa: F401  (registers the ops)
+
+    ns = torch.ops.softmax_gpu
+    mutating = []
+    for name in dir(ns):
+        op = getattr(ns, name, None)
+        if not hasattr(op, "default"):
+            continue
+        for a in op.default._schema.arguments:
+            if a.alias_info is not None and a.alias_info.is_write:
+                mutating.append(name)
+                assert not a.has_default_value(), f"softmax_gpu::{name}: {a.name} has a default"
+    assert "linear_cross_entropy_backward" in mutating and "cross_entropy_forward_" in mutating
