@@ -41,10 +41,12 @@ when grad_output is 1, e.g. ``loss.backward()`` or a scale given ahead as
 ``divisor``) and hands them out; a second backward over a retained graph
 gets new tensors, and the ones handed out never change. ``reduction="none"``
 cannot know its per-row grad_output in the forward, and dW sums over rows,
-so the forward computes only the loss and the backward recomputes each
-chunk's logits and gradient, scales the rows by grad_output before the
-GEMMs, and runs them (four GEMMs in all instead of three); so does a call
-with ``main_grad``, whose weight gradient must include grad_output. Without
+so the forward computes only the loss (and the lse) and the backward
+recomputes each chunk's logits, turns them into grad_output times the
+gradient in one pass from the forward's lse (``ce_class_backward_kernel``,
+rounded once), and runs the GEMMs (four in all instead of three); so does
+a call with ``main_grad``, whose weight gradient must include grad_output,
+and any call with fp16 GEMMs (a loss scale known only at backward). Without
 a gradient (eval, no_grad) each chunk is one GEMM and the loss kernel.
 
 Eagerly the op is a ``torch.autograd.Function``; while a graph is traced
@@ -73,8 +75,8 @@ from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
 from ._dispatch import (autocast_on, backend_for, first_order, launch_device, launch_on,
                         new_output, plan_cache, refuse_transformed, remember, traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
-                            cross_entropy_config, cross_entropy_scale_config, denominators_plan,
-                            reference_lse_grad)
+                            cross_entropy_backward_config, cross_entropy_config,
+                            cross_entropy_scale_config, denominators_plan, reference_lse_grad)
 from .kernels import cross_entropy as K
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions"]
@@ -300,12 +302,17 @@ class _ChunkLoss:
         launch = _LAUNCHERS.get(key)
         if launch is None:
             strides = (z.stride(0), z.stride(1), 0)
+            extras = has_w or sp.eps > 0 or sp.cap > 0
             if kind == "lse":
                 cfg = cross_entropy_scale_config(n, self.V, z.element_size(), z.device)
                 launch = K.lse_grad_launcher(n, self.V, 1, strides, strides, sp.cap, self.dtype,
                                              cfg)
+            elif kind == "backward":
+                cfg = cross_entropy_backward_config(n, self.V, z.element_size(), z.device, extras)
+                launch = K.class_backward_launcher(n, self.V, 1, strides, strides,
+                                                   sp.ignore_index, self.use_den, sp.eps,
+                                                   sp.z_loss, sp.cap, 1.0, has_w, self.dtype, cfg)
             else:
-                extras = has_w or sp.eps > 0 or sp.cap > 0
                 cfg = cross_entropy_config(n, self.V, z.element_size(), z.device, extras,
                                            reread=kind == "grad" or sp.eps > 0)
                 launch = K.class_launcher(n, self.V, 1, strides, strides, sp.ignore_index,
@@ -319,7 +326,7 @@ class _ChunkLoss:
         """The loss of the chunk ``z`` ([n, V] contiguous rows, targets ``t``
         [n]) and, when ``write_grad``, its gradient written over ``z``:
         d(sum of the chunk's row losses)/dz. Writes ``loss`` [n] (fp32 / fp64,
-        already divided by the global denominators), ``lse`` [n] fp32 and,
+        already divided by the global denominators), ``lse`` [n] (the same) and,
         with ``write_grad``, the kernel's per-row scratch ``state`` [n] (ACC).
         ``hit`` ([n] int8, optional) gets 1 where the row is kept and its
         target is an argmax of its logits, from the same pass. The outputs
@@ -334,6 +341,23 @@ class _ChunkLoss:
         launch_on(self.dev, launch, z, t, self.w if self.w is not None else loss,
                   self.den if self.den is not None else loss, z, loss, lse,
                   state if write_grad else loss, loss if hit is None else hit)
+
+    def grad_(self, z: Tensor, t: Tensor, lse: Tensor, go: Tensor) -> None:
+        """In place: row r of the chunk ``z`` ([n, V] contiguous rows, targets
+        ``t`` [n]) becomes go[r] * d loss_r / dz (divided by the global
+        denominators), from the forward's ``lse`` [n] (fp32 / fp64): one read
+        and one write, formed in fp32 (fp64) and rounded once, so that no
+        small entry is lost before grad_output scales it (fp16)."""
+        if z.shape[0] == 0:
+            return
+        if not self.triton:
+            scratch = go.new_empty(go.shape, dtype=self.acc)
+            _chunk_reference(z, t, self.w, self.spec, self.den, True, scratch,
+                             torch.empty_like(lse), go=go)
+            return
+        launch_on(self.dev, self._launcher("backward", z), z, t,
+                  self.w if self.w is not None else lse, self.den if self.den is not None else lse,
+                  lse, go, z, go.stride(0) if go.numel() > 1 else 0)
 
     def lse_grad_(self, z: Tensor, lse: Tensor, scale: Tensor) -> None:
         """In place: row r of the logits ``z`` becomes scale[r] * d lse_r / dz
@@ -359,11 +383,14 @@ def _reference_denominators(t: Tensor, weight: Optional[Tensor], ignore_index: i
     return (w_t * kept).sum(), count
 
 
-def _chunk_reference(z, t, weight, spec, den, write_grad, loss, lse, hit=None) -> None:
-    """Torch reference of :meth:`_ChunkLoss.loss_` (the CPU path without the
-    interpreter), dividing by the global denominators ``den`` (mean): fills
-    ``loss`` and ``lse``, and ``z`` with the gradient. Targets outside [0, V)
-    that are not ignored raise IndexError, as torch does."""
+def _chunk_reference(z, t, weight, spec, den, write_grad, loss, lse, hit=None,
+                     go=None) -> None:
+    """Torch reference of :meth:`_ChunkLoss.loss_` and (``go``: the rows'
+    grad_output, applied before the gradient is rounded) :meth:`_ChunkLoss.grad_`
+    (the CPU path without the interpreter), dividing by the global
+    denominators ``den`` (mean): fills ``loss`` and ``lse``, and ``z`` with
+    the gradient. Targets outside [0, V) that are not ignored raise
+    IndexError, as torch does."""
     n, V = z.shape
     acc = loss.dtype
     x = z.to(acc)
@@ -391,6 +418,8 @@ def _chunk_reference(z, t, weight, spec, den, write_grad, loss, lse, hit=None) -
         g = torch.softmax(x, 1) * (y.sum(1) / dl + 2 * zl / dz)[:, None] - y / dl
         if spec.cap > 0:
             g = g * (1 - (x / spec.cap) ** 2)
+        if go is not None:
+            g = g * go.to(acc)[:, None]
         z.copy_(torch.where(kept[:, None], g, 0))
 
 
@@ -644,7 +673,7 @@ def _precomputes(reduction: str, main_grad: Optional[Tensor], gemm: torch.dtype)
 def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = False,
              div_t: Optional[Tensor] = None, main_grad: Optional[Tensor] = None):
     """(loss, lse, grads, hits): the loss (0-d for mean / sum, [N] for none,
-    in fp32 / fp64), lse [N] fp32, and for mean / sum without ``main_grad``
+    in fp32 / fp64), lse [N] (the same), and for mean / sum without ``main_grad``
     the gradients ``needs`` asks for (:class:`_Grads`: dx in the input's
     dtype, dw in the weight's or fp32 with ``spec.acc32``, db in fp32 /
     fp64; None otherwise), chunk by chunk; ``hits`` [N] int8 (``want_hits``:
@@ -658,7 +687,7 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = Fals
     grad = any(needs) and _precomputes(spec.reduction, main_grad, spec.gemm or x.dtype)
     grads = _grad_buffers(x, w, b, needs, spec.acc32) if grad else None
     loss = new_output((N,), kern.acc, x.device)
-    lse = new_output((N,), torch.float32, x.device)
+    lse = new_output((N,), kern.acc, x.device)
     state = new_output((N,), kern.acc, x.device) if grad else loss
     hits = new_output((N if want_hits else 0,), torch.int8, x.device)
 
@@ -677,37 +706,23 @@ def _forward(x, w, b, target, weight, spec: _Spec, needs, want_hits: bool = Fals
 def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, needs,
                div_t: Optional[Tensor] = None, main_grad: Optional[Tensor] = None) -> _Grads:
     """The backward's pass over the chunks: recompute each chunk's logits and
-    turn them into row_scale[r] * d(loss_r)/dz (the loss's gradient: the rows
-    are scaled before the GEMMs) or, when ``row_scale`` is None, into
-    lse_scale[r] * d(lse_r)/dz (``lse``: the forward's), then backpropagate
-    through the GEMMs. Returns the :class:`_Grads` (dw is ``main_grad``,
-    added into, when given)."""
-    N = x.shape[0]
+    turn them into row_scale[r] * d(loss_r)/dz (the loss's gradient) or, when
+    ``row_scale`` is None, into lse_scale[r] * d(lse_r)/dz, both from the
+    forward's ``lse`` [N] (fp32 / fp64) in one pass over the chunk (grad_output
+    applied in fp32 before the single rounding: nothing underflows in fp16
+    that torch's fp32-formed gradient keeps), then backpropagate through the
+    GEMMs. Returns the :class:`_Grads` (dw is ``main_grad``, added into,
+    when given)."""
     V = w.shape[0]
     t = target.contiguous()
     loss_term = row_scale is not None
-    # mean / sum: grad_output (one value) folded into the divisor, so that the
-    # kernel forms the scaled gradient in fp32 and rounds it once (no fp16
-    # underflow before a loss scale) and no pass scales the chunk afterwards
-    folded = loss_term and spec.reduction != "none" and N > 0
-    if folded:
-        acc = _acc(x.dtype)
-        base = div_t.to(acc).reshape(()) if div_t is not None else \
-            torch.full((), spec.divisor or 1.0, dtype=acc, device=x.device)
-        div_t, spec = base / row_scale[0].to(acc), spec._replace(divisor=None)
     kern = _ChunkLoss(x, t, weight, V, spec, div_t) if loss_term else \
         _ChunkLoss(x, t, None, V, spec._replace(reduction="sum", divisor=None))
     grads = _grad_buffers(x, w, b, needs, spec.acc32, main_grad)
-    if loss_term:  # the kernel's loss, lse and state, not used here
-        scratch = (new_output((N,), kern.acc, x.device),
-                   new_output((N,), torch.float32, x.device), new_output((N,), kern.acc, x.device))
-        row_scale = row_scale.to(kern.acc)
 
     def loss_fn(z, rows):
         if loss_term:
-            kern.loss_(z, t[rows], True, *(v[rows] for v in scratch))
-            if not folded:
-                z.mul_(row_scale[rows, None])
+            kern.grad_(z, t[rows], lse[rows], row_scale[rows])
         else:
             kern.lse_grad_(z, lse[rows], lse_scale[rows])
 
@@ -748,7 +763,7 @@ def _rescaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
     return (g.to(state.dtype) * (go.to(state.dtype) / state)[:, None]).to(g.dtype)
 
 
-def _save(ctx, x, w, b, t, cw, grads: Optional[_Grads], spec: _Spec, needs, div_t=None,
+def _save(ctx, x, w, b, t, cw, lse, grads: Optional[_Grads], spec: _Spec, needs, div_t=None,
           main_grad=None) -> None:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
@@ -759,8 +774,8 @@ def _save(ctx, x, w, b, t, cw, grads: Optional[_Grads], spec: _Spec, needs, div_
     ctx.states = {}  # per-row factors already applied in place (first backward)
     if ctx.precomputed:  # the backward only scales the gradients the forward computed
         ctx.save_for_backward(*(grads[:3] if grads is not None else (None,) * 3))
-    else:  # the backward recomputes from the inputs
-        ctx.save_for_backward(x, w, b, t, cw, div_t)
+    else:  # the backward recomputes from the inputs and the forward's lse
+        ctx.save_for_backward(x, w, b, t, cw, div_t, lse)
 
 
 def _hand_out(ctx, dx, dw, db) -> tuple:
@@ -805,10 +820,10 @@ def _loss_grads(ctx, d_loss, recompute) -> tuple:
         return None, None, None
     if ctx.precomputed:
         return _scale_out(ctx, *ctx.saved_tensors, d_loss)
-    x, w, b, t, cw, div_t = ctx.saved_tensors
+    x, w, b, t, cw, div_t, lse = ctx.saved_tensors
     row_scale = d_loss.reshape(-1) if ctx.spec.reduction == "none" else \
         d_loss.reshape(1).expand(x.shape[0])
-    return _hand_out(ctx, *recompute(x, w, b, t, cw, ctx.spec, row_scale, None, None, ctx.needs,
+    return _hand_out(ctx, *recompute(x, w, b, t, cw, ctx.spec, row_scale, lse, None, ctx.needs,
                                      div_t, ctx.main_grad)[:3])
 
 
@@ -839,7 +854,7 @@ class _LinearCEFunction(torch.autograd.Function):
                                           main_grad)
         ctx.mark_non_differentiable(lse, hits)
         ctx.set_materialize_grads(False)
-        _save(ctx, x, w, b, t, cw, grads, spec, needs, div_t, main_grad)
+        _save(ctx, x, w, b, t, cw, lse, grads, spec, needs, div_t, main_grad)
         return loss, lse, hits
 
     @staticmethod
@@ -894,7 +909,7 @@ def linear_cross_entropy_forward(
     float dtype), target [N] integer class indices, weight [V] or None.
     softcap 0: none; chunk_size 0: planned by ``chunking``. Returns
     ``(loss, lse, dx, dw, db, hits)``: loss 0-d (mean / sum) or [N] (none) in
-    fp32 (fp64 for fp64 input), lse [N] fp32, and for mean / sum without
+    fp32 (fp64 for fp64 input), lse [N] (the same), and for mean / sum without
     ``main_grad`` (which only the backward uses) the gradients of the loss
     when asked: dx [N, D] in the input's dtype, dw [V, D] in the weight's
     (fp32 for a 16-bit weight with ``acc32``), db [V] in fp32 (fp64);
@@ -930,7 +945,7 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=_acc(input.dtype))
     grad = _precomputes(reduction, main_grad, input.dtype)  # the op's input: cast already
     needs = (grad and need_input_grad, grad and need_weight_grad, grad and need_bias_grad)
-    return (loss, input.new_empty((N,), dtype=torch.float32),
+    return (loss, input.new_empty((N,), dtype=_acc(input.dtype)),
             *_fake_grads(input, linear_weight, linear_bias, needs, acc32),
             input.new_empty((N if want_hits else 0,), dtype=torch.int8))
 
@@ -949,11 +964,11 @@ def linear_cross_entropy_backward(
     main_grad: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_r row_scale[r] * loss_r`` or, when ``row_scale`` is
-    None, of ``sum_r lse_scale[r] * lse_r`` (``lse``: the forward's), by
-    recomputing each chunk of logits. Returns (dx in the input's dtype, dw
-    in the weight's or fp32 with ``acc32``, db in fp32 / fp64), empty (0,)
-    where not asked; with ``main_grad`` the weight's gradient is added into
-    it instead (dw empty)."""
+    None, of ``sum_r lse_scale[r] * lse_r``, by recomputing each chunk of
+    logits (``lse`` [N] fp32 / fp64: the forward's, used by both). Returns (dx
+    in the input's dtype, dw in the weight's or fp32 with ``acc32``, db in
+    fp32 / fp64), empty (0,) where not asked; with ``main_grad`` the
+    weight's gradient is added into it instead (dw empty)."""
     spec = _Spec(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, divisor,
                  chunking, acc32, overlap)
     grads = _recompute(input, linear_weight, linear_bias, target, weight, spec, row_scale, lse,
@@ -986,7 +1001,7 @@ def _op_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, dx, dw, db, hits)
     spec = _Spec(*options, divisor, chunking, acc32, overlap)
     grads = _Grads(_present(dx), _present(dw), _present(db))
-    _save(ctx, x, w, b, t, cw, grads, spec, (nx, nw, nb), div_t, main_grad)
+    _save(ctx, x, w, b, t, cw, lse, grads, spec, (nx, nw, nb), div_t, main_grad)
 
 
 def _op_backward(ctx, d_loss, d_lse, d_dx, d_dw, d_db, d_hits):
@@ -1203,8 +1218,8 @@ def linear_cross_entropy(
             gradient flows through the GEMMs into input, linear_weight and
             linear_bias (by a second pass that recomputes the logits, run
             only when the lse is part of what is differentiated; d lse / dz
-            = exp(z - lse) uses this fp32 lse, so that gradient is
-            fp32-accurate even for fp64 input).
+            = exp(z - lse) uses the forward's lse, kept in fp64 for fp64
+            input).
         chunk_size: rows per chunk (default: planned by
             ``options.chunking_method``, see :class:`LinearCrossEntropyOptions`).
         options: :class:`LinearCrossEntropyOptions`, torch's
@@ -1349,7 +1364,7 @@ def linear_cross_entropy(
         loss = loss.reshape(target.shape)
     out = (loss,)
     if return_lse:
-        out += (lse.reshape(target.shape),)
+        out += (lse.reshape(target.shape).to(torch.float32),)
     if want_hits:
         kept = (t != spec.ignore_index).sum(dtype=torch.float32)
         out += (hits.sum(dtype=torch.float32) / kept.clamp(min=1.0),)

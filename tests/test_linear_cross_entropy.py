@@ -114,7 +114,8 @@ def test_parity_looped_kernel_path():
 
 def test_lse_is_returned_and_differentiable():
     """return_lse: the fp32 per-row lse of the softcapped logits; its gradient
-    flows into input, linear_weight and linear_bias (with both reductions)."""
+    flows into input, linear_weight and linear_bias (with both reductions),
+    fp64-accurate for fp64 input."""
     for reduction in ("mean", "none"):
         x, w, b, t = problem()
         loss, lse = lce(x, w, t, linear_bias=b, reduction=reduction, softcap=3.0,
@@ -126,13 +127,13 @@ def test_lse_is_returned_and_differentiable():
         got = torch.autograd.grad(loss.sum() + (lse * gl).sum(), (x, w, b))
         want = torch.autograd.grad(ref.sum() + (ref_lse * gl).sum(), (x, w, b))
         for g, r in zip(got, want):
-            check(g, r, dtype=torch.float32)  # sigma = exp(z - lse), lse in fp32
+            check(g, r)  # sigma = exp(z - lse), the forward's lse kept in fp64
     # the lse alone (no loss in the graph)
     x, w, b, t = problem()
     _, lse = lce(x, w, t, linear_bias=b, return_lse=True, chunk_size=CHUNK)
     (gw,) = torch.autograd.grad(lse.sum(), (w,))
     (want,) = torch.autograd.grad(reference(x, w, t, b)[1].sum(), (w,))
-    check(gw, want, dtype=torch.float32)
+    check(gw, want)
 
 
 @pytest.mark.skipif(not HAS_TORCH_LCE, reason="this torch has no F.linear_cross_entropy")
@@ -1002,6 +1003,52 @@ def test_fp16_loss_scale_known_at_backward(amp):
     for ours, theirs, ref in ((gx, tx, x64.grad), (gw, tw, w64.grad)):
         assert err(ours, ref) <= 1.5 * err(theirs, ref), (err(ours, ref), err(theirs, ref))
         assert not bool(((ours == 0) & (ref != 0)).any())
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_fp16_per_row_grad_output_loses_nothing(path, monkeypatch):
+    """reduction="none" with fp16 GEMMs and a per-row grad_output known only
+    at backward (2^8..2^12): grad_output is applied to each row's gradient in
+    fp32 before its single rounding, as torch's, so the classes whose softmax
+    is below fp16's range (bias -17, never targets) keep their dW and db.
+    Before, the chunk's gradient was rounded to fp16 and then scaled: 128 dW
+    and 8 db entries of those classes were exactly zero. Chunks of 16 rows
+    (three), with the weight gradient accumulated in fp32 ("balanced") so that
+    the per-chunk rounding of the default policy is not what is measured;
+    the eager autograd and the torch.library op's (as traced) alike."""
+    if path == "op":
+        monkeypatch.setattr(lce_module, "traced", lambda t: True)
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 48, 16, 40
+    x0 = torch.randn(n, d, generator=g)
+    w0 = torch.randn(v, d, generator=g) * 0.3
+    b0 = torch.zeros(v)
+    b0[8:] = -17.0
+    t = torch.randint(0, 8, (n,), generator=g).to(DEVICE)
+    go = (2.0 ** torch.randint(8, 13, (n,), generator=g)).to(DEVICE)
+    opts = softmax_gpu.LinearCrossEntropyOptions(acc_policy="balanced")
+
+    def grads(fn, dt):
+        x, w, b = (p.to(DEVICE, dt).requires_grad_() for p in (x0, w0, b0))
+        loss = fn(x, w, b)
+        loss.backward(go.to(loss.dtype))
+        return [p.grad.double() for p in (x, w, b)]
+
+    ref = grads(lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t, reduction="none"),
+                torch.float64)
+    theirs = grads(lambda x, w, b: F.cross_entropy(F.linear(x, w, b).float(), t,
+                                                   reduction="none"), torch.float16)
+    with softmax_gpu.record_launches() as names:
+        ours = grads(lambda x, w, b: lce(x, w, t, linear_bias=b, reduction="none",
+                                         chunk_size=16, options=opts), torch.float16)
+
+    def err(a, r):
+        return float((a - r).norm() / r.norm())
+
+    for a, b, r in zip(ours, theirs, ref):
+        assert not bool(((a == 0) & (r.half() != 0)).any())
+        assert err(a, r) <= 1.5 * err(b, r), (err(a, r), err(b, r))
+    assert names.count("ce_class_backward_kernel") == 3, names  # one pass per chunk
 
 
 def test_meta_tensors_give_shapes():
