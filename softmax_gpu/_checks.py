@@ -4,6 +4,8 @@ op's own module."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ._dispatch import check_device
@@ -29,6 +31,12 @@ def check_float(t: torch.Tensor, name: str) -> None:
         )
 
 
+def check_loss_dtype(loss_dtype) -> None:
+    """``loss_dtype``: None or a floating dtype."""
+    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
+
+
 def check_row_length(n: int, what: str) -> None:
     """Rows the kernels reduce over hold at most 2^31 - 2^16 elements (their
     column indices and loop counters are int32); ``what`` names the argument
@@ -38,10 +46,29 @@ def check_row_length(n: int, what: str) -> None:
                          f"({MAX_ROW}) are supported")
 
 
+def as_int(value, name: str) -> int:
+    """An integer argument as torch takes it: an int or any integral scalar
+    (numpy's included), not a bool; returned as an int."""
+    if value.__class__ is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def as_number(value, name: str) -> float:
+    """A real argument as torch takes it: an int, a float or any real scalar
+    (numpy's included), not a bool; returned as a float."""
+    if value.__class__ is float or value.__class__ is int:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
 def wrap_dim(dim, ndim: int, name: str = "dim") -> int:
     """``dim`` wrapped into [0, max(ndim, 1)), as torch does (a 0-d tensor accepts 0 and -1)."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    dim = as_int(dim, name)
     rank = max(ndim, 1)
     if not -rank <= dim < rank:
         raise IndexError(

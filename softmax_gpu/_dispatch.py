@@ -24,7 +24,7 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order", "transformed", "refuse_transformed"]
+           "first_order", "anchor_output", "saved", "transformed", "refuse_transformed"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -97,14 +97,39 @@ def backend_for(tensor: torch.Tensor, name: str = "tensor") -> str:
     return "torch"
 
 
+def anchor_output(ctx, *tensors) -> torch.Tensor:
+    """``ctx.save_for_backward(*tensors)``, plus a fresh 0-element tensor that
+    the Function returns as its last output (the caller drops it) and that is
+    saved too. As an output its grad_fn is the Function's own node, so
+    :func:`first_order` ties its error to a path that reaches every input of
+    the Function: differentiating a gradient with respect to an input
+    (``autograd.grad``, ``autograd.functional.hessian`` / ``hvp``) then
+    raises, where without a path the input looked unused (an error about
+    that, or zeros where unused inputs are allowed). Read the tensors back
+    with :func:`saved`. No memory, and no work on the device."""
+    anchor = torch.empty(0)
+    ctx.save_for_backward(*tensors, anchor)
+    ctx.anchored = True
+    return anchor
+
+
+def saved(ctx) -> tuple:
+    """``ctx.saved_tensors`` without the anchor of :func:`anchor_output`."""
+    out = ctx.saved_tensors
+    return out[:-1] if getattr(ctx, "anchored", False) else out
+
+
 def first_order(backward):
     """Decorates an ``autograd.Function.backward`` whose gradients are not
     themselves differentiable: as torch's ``once_differentiable`` (the body
     runs without grad), but under ``create_graph=True`` every gradient it
     returns raises when differentiated, whether or not the incoming gradient
-    requires grad. (``once_differentiable`` checks only that: a gradient
-    penalty of a loss whose grad_output is a constant got a gradient without
-    a graph, and its term was silently dropped.)"""
+    requires grad, and with respect to the Function's inputs too when the
+    forward saved with :func:`anchor_output`. (``once_differentiable``
+    checks only the incoming gradient: a gradient penalty of a loss whose
+    grad_output is a constant got a gradient without a graph, and its term
+    was silently dropped; and it detaches what it marks, so that a Hessian
+    of the inputs came out as zeros.)"""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -117,11 +142,14 @@ def first_order(backward):
         tensors = [o for o in outs if isinstance(o, torch.Tensor)]
         if not tensors:
             return out
+        marks = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+        if getattr(ctx, "anchored", False):
+            marks.append(ctx.saved_tensors[-1])  # the path to the inputs
         err = torch._C._functions.DelayedError(
             f"{backward.__qualname__}: this gradient is not differentiable (no double "
             "backward): compute the loss with torch's op where create_graph=True must "
-            "reach through it", len(tensors))
-        marked = err(*[t.detach().requires_grad_(t.is_floating_point()) for t in tensors])
+            "reach through it", len(marks))
+        marked = err(*marks)
         marked = iter(marked if isinstance(marked, tuple) else (marked,))
         outs = tuple(next(marked) if isinstance(o, torch.Tensor) else o for o in outs)
         return outs[0] if single else outs

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -42,10 +43,11 @@ from torch import Tensor, nn
 from torch.nn import _reduction
 
 from . import heuristics
-from ._checks import check_float, check_row_length, check_tensor
-from ._dispatch import (autocast_on, backend_for, empty_like, first_order,
+from ._checks import (as_int, as_number, check_float, check_loss_dtype, check_row_length,
+                      check_tensor)
+from ._dispatch import (anchor_output, autocast_on, backend_for, empty_like, first_order,
                         interpreted, launch_device, launch_on, new_output, plan_cache, remember,
-                        traced, transformed)
+                        saved, traced, transformed)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -290,33 +292,26 @@ def all_cross_entropy_configs() -> list[tuple]:
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def _number(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    return float(v)
-
-
 def _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
-    """The scalar arguments checked: (eps, z_loss, cap) as floats (cap 0: none)."""
-    if ignore_index.__class__ is not int:
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    """The scalar arguments checked: (ignore_index as an int, then eps, z_loss
+    and cap as floats; cap 0: none)."""
+    ignore_index = as_int(ignore_index, "ignore_index")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    eps = _number(label_smoothing, "label_smoothing")
+    eps = as_number(label_smoothing, "label_smoothing")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
-    zl = _number(z_loss, "z_loss")
+    zl = as_number(z_loss, "z_loss")
     if not (zl >= 0.0 and zl != math.inf):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
     if softcap is None:
-        return eps, zl, 0.0
-    cap = _number(softcap, "softcap")
+        return ignore_index, eps, zl, 0.0
+    cap = as_number(softcap, "softcap")
     if not (cap > 0.0 and cap != math.inf):
         raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap}")
-    return eps, zl, cap
+    return ignore_index, eps, zl, cap
 
 
 def check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
@@ -362,7 +357,7 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
                              f"got shape {tuple(weight.shape)}")
         if weight.device != input.device:
             raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-    _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)[0]
     if prob and ignore_index >= 0:
         raise ValueError("ignore_index is not supported with probability targets "
                          f"(got ignore_index={ignore_index}), as in torch")
@@ -558,7 +553,7 @@ def check_divisor(divisor, input: Tensor):
             divisor = divisor.item()  # a host value: no device sync
         else:
             return None, divisor.detach().reshape(())
-    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)):
+    if isinstance(divisor, bool) or not isinstance(divisor, numbers.Real):
         raise TypeError(f"divisor must be a number or a tensor, got {type(divisor).__name__}")
     d = float(divisor)
     if not (math.isfinite(d) and d != 0.0):
@@ -847,20 +842,20 @@ class _CrossEntropyFunction(torch.autograd.Function):
         rows, lse, state = plan.run(x, target, w, g, div)
         if inplace:
             torch.autograd.graph.increment_version(x)  # its values are now the gradient
-        ctx.save_for_backward(g, state)
+        anchor = anchor_output(ctx, g, state)
         ctx.handed_out = False
         ctx.out_dtype = x.dtype if wide else None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
-        return plan.reduce(rows, loss_dtype), lse
+        return plan.reduce(rows, loss_dtype), lse, anchor
 
     @staticmethod
     @first_order
-    def backward(ctx, d_loss, d_lse):
+    def backward(ctx, d_loss, d_lse, d_anchor):
         none = (None,) * 7
         if d_loss is None:
             return (None,) + none
-        g, state = ctx.saved_tensors
+        g, state = saved(ctx)
         if transformed(d_loss):  # batched (is_grads_batched, vmap of a backward): torch ops
             return (reference_scaled(g, state, d_loss, ctx.out_dtype),) + none
         if ctx.handed_out or ctx.out_dtype is not None:
@@ -888,22 +883,22 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
             # kept off the saved tensors (the first backward overwrites them),
             # with their version, checked by every backward as autograd would
             ctx.x, ctx.version = x.detach(), x._version
-            ctx.save_for_backward(target, w, lse, div)
+            anchor = anchor_output(ctx, target, w, lse, div)
         else:
-            ctx.save_for_backward(x, target, w, lse, div)
+            anchor = anchor_output(ctx, x, target, w, lse, div)
         ctx.inplace, ctx.options, ctx.state = inplace, options, None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
-        return plan.reduce(rows, loss_dtype), lse
+        return plan.reduce(rows, loss_dtype), lse, anchor
 
     @staticmethod
     @first_order
-    def backward(ctx, d_loss, d_lse):
+    def backward(ctx, d_loss, d_lse, d_anchor):
         none = (None,) * 7
         if d_loss is None:
             return (None,) + none
         if ctx.inplace:
-            x, (target, w, lse, div) = ctx.x, ctx.saved_tensors
+            x, (target, w, lse, div) = ctx.x, saved(ctx)
             if x._version != ctx.version + (ctx.state is not None):
                 raise RuntimeError(
                     "softmax_gpu.cross_entropy(..., inplace_backward=True): the logits were "
@@ -911,7 +906,7 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
                     "backward wrote over them was), so the gradient cannot be formed from "
                     "them; compute the loss without inplace_backward, or after the change")
         else:
-            x, target, w, lse, div = ctx.saved_tensors
+            x, target, w, lse, div = saved(ctx)
         batched = transformed(d_loss)  # is_grads_batched, vmap of a backward: torch ops
         if ctx.state is not None:  # in place: the logits hold the gradient already
             return ((reference_scaled if batched else _scaled)(x, ctx.state, d_loss),) + none
@@ -934,14 +929,14 @@ class _LseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lse, cap):
-        ctx.save_for_backward(x, lse)
+        anchor = anchor_output(ctx, x, lse)
         ctx.cap = cap
-        return lse.to(torch.float32, copy=True)
+        return lse.to(torch.float32, copy=True), anchor
 
     @staticmethod
     @first_order
-    def backward(ctx, dlse):
-        x, lse = ctx.saved_tensors
+    def backward(ctx, dlse, d_anchor):
+        x, lse = saved(ctx)
         if transformed(dlse):  # batched: torch ops
             return reference_lse_grad(x, lse, dlse, ctx.cap), None, None
         return _lse_grad(x, lse, dlse, ctx.cap), None, None
@@ -1218,6 +1213,7 @@ def _loss_dtype(input: Tensor, loss_dtype: Optional[torch.dtype], target=None) -
     ``torch.autocast`` (which runs cross-entropy in fp32 on CUDA and CPU
     alike)."""
     if loss_dtype is not None:
+        check_loss_dtype(loss_dtype)
         return loss_dtype
     if input.dtype in _HALF and autocast_on(input):
         return torch.float32
@@ -1396,7 +1392,8 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,
+                                                 softcap)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
     div_f, div_t = (None, None) if divisor is None else check_divisor(divisor, input)
@@ -1444,20 +1441,20 @@ def cross_entropy(
     if deferred:
         if mode == INPLACE_GRAD:
             check_inplace_rows(input)
-        loss, lse = _DeferredCrossEntropyFunction.apply(
+        loss, lse, _ = _DeferredCrossEntropyFunction.apply(
             x, t, w, plan, mode == INPLACE_GRAD, loss_dtype, div_t,
             (ignore_index, reduction, eps, zl, cap, div_f))
     elif mode == NO_GRAD:
         rows, lse, _ = plan.run(x, t, w, None, div_t)
         loss = plan.reduce(rows, loss_dtype)
     else:
-        loss, lse = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD, loss_dtype,
-                                                div_t, wide)
+        loss, lse, _ = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD,
+                                                   loss_dtype, div_t, wide)
     if input.dim() < 2 and reduction == "none":  # (C,) input: the row dims are ()
         loss = loss.reshape(())
     if not return_lse:
         return loss
-    lse = _LseFunction.apply(x, lse, cap) if mode == NEW_GRAD else lse.to(torch.float32)
+    lse = _LseFunction.apply(x, lse, cap)[0] if mode == NEW_GRAD else lse.to(torch.float32)
     return loss, lse.reshape(_row_dims(input))
 
 
@@ -1496,11 +1493,10 @@ def cross_entropy_with_grad(
     are gone afterwards and must be writable in place. ``loss_dtype`` None:
     the input's, fp32 for fp16/bf16 logits under ``torch.autocast``.
     """
-    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,
+                                                 softcap)
     check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
-        raise TypeError(f"grad_scale must be a number, got {type(grad_scale).__name__}")
-    gs = float(grad_scale)
+    gs = as_number(grad_scale, "grad_scale")
     div_f, div_t = check_divisor(divisor, input)
     if inplace:
         check_inplace_rows(input)

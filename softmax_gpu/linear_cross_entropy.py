@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -71,9 +72,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import heuristics
-from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (autocast_on, backend_for, first_order, launch_device, launch_on,
-                        new_output, plan_cache, refuse_transformed, remember, traced)
+from ._checks import (check_float, check_loss_dtype, check_row_length,
+                      check_tensor)
+from ._dispatch import (anchor_output, autocast_on, backend_for, first_order, launch_device,
+                        launch_on, new_output, plan_cache, refuse_transformed, remember, saved,
+                        traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
                             cross_entropy_backward_config, cross_entropy_config,
                             cross_entropy_scale_config, denominators_plan, reference_lse_grad)
@@ -763,8 +766,17 @@ def _rescaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
     return (g.to(state.dtype) * (go.to(state.dtype) / state)[:, None]).to(g.dtype)
 
 
+def _stash(ctx, tensors: tuple, anchored: bool) -> Optional[Tensor]:
+    """Save ``tensors`` for backward; ``anchored`` (eager): with the anchor
+    output of :func:`anchor_output`, returned."""
+    if anchored:
+        return anchor_output(ctx, *tensors)
+    ctx.save_for_backward(*tensors)
+    return None
+
+
 def _save(ctx, x, w, b, t, cw, lse, grads: Optional[_Grads], spec: _Spec, needs, div_t=None,
-          main_grad=None) -> None:
+          main_grad=None, anchored: bool = False) -> Optional[Tensor]:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
@@ -773,9 +785,9 @@ def _save(ctx, x, w, b, t, cw, lse, grads: Optional[_Grads], spec: _Spec, needs,
     ctx.precomputed = _precomputes(spec.reduction, main_grad, spec.gemm or x.dtype)
     ctx.states = {}  # per-row factors already applied in place (first backward)
     if ctx.precomputed:  # the backward only scales the gradients the forward computed
-        ctx.save_for_backward(*(grads[:3] if grads is not None else (None,) * 3))
-    else:  # the backward recomputes from the inputs and the forward's lse
-        ctx.save_for_backward(x, w, b, t, cw, div_t, lse)
+        return _stash(ctx, grads[:3] if grads is not None else (None,) * 3, anchored)
+    # the backward recomputes from the inputs and the forward's lse
+    return _stash(ctx, (x, w, b, t, cw, div_t, lse), anchored)
 
 
 def _hand_out(ctx, dx, dw, db) -> tuple:
@@ -819,8 +831,8 @@ def _loss_grads(ctx, d_loss, recompute) -> tuple:
     if d_loss is None or not any(ctx.needs):
         return None, None, None
     if ctx.precomputed:
-        return _scale_out(ctx, *ctx.saved_tensors, d_loss)
-    x, w, b, t, cw, div_t, lse = ctx.saved_tensors
+        return _scale_out(ctx, *saved(ctx), d_loss)
+    x, w, b, t, cw, div_t, lse = saved(ctx)
     row_scale = d_loss.reshape(-1) if ctx.spec.reduction == "none" else \
         d_loss.reshape(1).expand(x.shape[0])
     return _hand_out(ctx, *recompute(x, w, b, t, cw, ctx.spec, row_scale, lse, None, ctx.needs,
@@ -831,17 +843,18 @@ def _lse_grads(ctx, d_lse, recompute) -> tuple:
     """(d input, d linear_weight, d linear_bias) from the lse's gradient."""
     if d_lse is None or not any(ctx.needs):
         return None, None, None
-    x, w, b, t, lse = ctx.saved_tensors
+    x, w, b, t, lse = saved(ctx)
     return _hand_out(ctx, *recompute(x, w, b, t, None, ctx.spec, None, lse, d_lse.reshape(-1),
                                      ctx.needs, None, ctx.main_grad)[:3])
 
 
-def _save_lse(ctx, x, w, b, t, lse, spec, needs, main_grad) -> None:
+def _save_lse(ctx, x, w, b, t, lse, spec, needs, main_grad,
+              anchored: bool = False) -> Optional[Tensor]:
     ctx.spec = spec
     ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
     ctx.main_grad = main_grad
-    ctx.save_for_backward(x, w, b, t, lse)
+    return _stash(ctx, (x, w, b, t, lse), anchored)
 
 
 class _LinearCEFunction(torch.autograd.Function):
@@ -854,12 +867,12 @@ class _LinearCEFunction(torch.autograd.Function):
                                           main_grad)
         ctx.mark_non_differentiable(lse, hits)
         ctx.set_materialize_grads(False)
-        _save(ctx, x, w, b, t, cw, lse, grads, spec, needs, div_t, main_grad)
-        return loss, lse, hits
+        anchor = _save(ctx, x, w, b, t, cw, lse, grads, spec, needs, div_t, main_grad, True)
+        return loss, lse, hits, anchor
 
     @staticmethod
     @first_order
-    def backward(ctx, d_loss, d_lse, d_hits):
+    def backward(ctx, d_loss, d_lse, d_hits, d_anchor):
         return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None, None, None)
 
 
@@ -868,12 +881,12 @@ class _LseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lse, x, w, b, t, spec, needs, main_grad):
-        _save_lse(ctx, x, w, b, t, lse, spec, needs, main_grad)
-        return lse.clone()
+        anchor = _save_lse(ctx, x, w, b, t, lse, spec, needs, main_grad, True)
+        return lse.clone(), anchor
 
     @staticmethod
     @first_order
-    def backward(ctx, d_lse):
+    def backward(ctx, d_lse, d_anchor):
         return (None, *_lse_grads(ctx, d_lse, _recompute), None, None, None, None)
 
 
@@ -1130,15 +1143,15 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
             raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     if ignore_index is None:
         ignore_index = -100  # torch's F.linear_cross_entropy default
-    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,
+                                                 softcap)
     chunk = _check_chunk(chunk_size, "chunk_size")
     from_options, chunking, acc32, overlap = _check_options(options)
     if chunk and from_options and chunk != from_options:
         raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size="
                          f"{from_options} disagree; pass one")
     chunk = chunk or from_options
-    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
+    check_loss_dtype(loss_dtype)
     casts = gemm is not None and (linear_weight.dtype != gemm or (
         linear_bias is not None and linear_bias.dtype != gemm))
     return _Spec(ignore_index, reduction, eps, zl, cap, chunk, None, chunking, acc32, overlap,
@@ -1167,9 +1180,9 @@ def _check_main_grad(main_grad, w: Tensor) -> None:
 def _check_chunk(value, name: str) -> int:
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
+    return int(value)
 
 
 def linear_cross_entropy(
@@ -1351,11 +1364,11 @@ def linear_cross_entropy(
             lse = linear_cross_entropy_lse(lse, x, linear_weight, linear_bias, t, cap, chunk,
                                            *needs, *extra, mg)
     elif any(needs):
-        loss, lse, hits = _LinearCEFunction.apply(x, linear_weight, linear_bias, t, weight, spec,
-                                                  needs, want_hits, div_t, mg)
+        loss, lse, hits, _ = _LinearCEFunction.apply(x, linear_weight, linear_bias, t, weight,
+                                                     spec, needs, want_hits, div_t, mg)
         if return_lse:
             lse = _LseFunction.apply(lse, x, linear_weight, linear_bias, t,
-                                     _lse_spec(cap, chunk, *extra, spec.gemm), needs, mg)
+                                     _lse_spec(cap, chunk, *extra, spec.gemm), needs, mg)[0]
     else:
         loss, lse, _, hits = _forward(x, linear_weight, linear_bias, t, weight, spec, needs,
                                       want_hits, div_t)

@@ -61,9 +61,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import heuristics
-from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor
-from ._dispatch import (backend_for, first_order, launch_device, launch_on, new_output,
-                        plan_cache, refuse_transformed, remember)
+from ._checks import check_float, check_loss_dtype, check_row_length, check_tensor
+from ._dispatch import (anchor_output, backend_for, first_order, launch_device, launch_on,
+                        new_output, plan_cache, refuse_transformed, remember, saved)
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows, denominators_plan
 from .kernels import vocab_parallel as K
@@ -154,8 +154,8 @@ def _resolve_group(who: str, group):
 
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> _Opts:
-    eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _Opts(ignore_index, reduction, eps, zl, cap)
+    ii, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _Opts(ii, reduction, eps, zl, cap)
 
 
 _COLLECTIVES = "which its collectives do not support"
@@ -561,14 +561,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, fn, inplace, loss_dtype):
         mx, st = fn.stats(x, _ALL)
         lse, rows, lse32 = fn.combine(mx, st, _ALL)
-        ctx.save_for_backward(x, lse)
+        anchor = anchor_output(ctx, x, lse)
         ctx.fn, ctx.inplace, ctx.done = fn, inplace, False
         ctx.set_materialize_grads(False)
-        return fn.reduce(rows).to(loss_dtype), lse32
+        return fn.reduce(rows).to(loss_dtype), lse32, anchor
 
     @staticmethod
     @first_order
-    def backward(ctx, d_loss, d_lse):
+    def backward(ctx, d_loss, d_lse, d_anchor):
         if d_loss is None and d_lse is None:
             return None, None, None, None
         if ctx.inplace:
@@ -578,7 +578,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                     "wrote the gradient over the logits; a second backward through this graph "
                     "needs inplace_backward=False")
             ctx.done = True
-        x, lse = ctx.saved_tensors
+        x, lse = saved(ctx)
         fn = ctx.fn
         coef = fn.coefs(lse, _ALL, d_loss, d_lse)
         dx = fn.grad_(x, _ALL, coef, x if ctx.inplace else None)
@@ -691,8 +691,7 @@ def vocab_parallel_cross_entropy(
         isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
     ):
         raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
-    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
+    check_loss_dtype(loss_dtype)
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if inplace_backward and need_grad:
         check_inplace_rows(x, "local_logits", dim=-1)
@@ -705,7 +704,7 @@ def vocab_parallel_cross_entropy(
         t = t.to(torch.int64)
     _check_targets(t, layout.vocab, ignore_index)
     fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
-    loss, lse = _VocabParallelCrossEntropy.apply(
+    loss, lse, _ = _VocabParallelCrossEntropy.apply(
         x, fn, bool(inplace_backward and need_grad), x.dtype if loss_dtype is None else loss_dtype)
     if reduction == "none":
         loss = loss.reshape(target.shape)
@@ -783,15 +782,15 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         ctx.precomputed, ctx.states = grad, {}
         ctx.set_materialize_grads(False)
         inputs = (x, w, b, lse) if keep_inputs or not grad else (None,) * 4
-        ctx.save_for_backward(*inputs, *(grads[:3] if grad else (None,) * 3))
-        return fn.reduce(losses), lse.to(torch.float32, copy=True)
+        anchor = anchor_output(ctx, *inputs, *(grads[:3] if grad else (None,) * 3))
+        return fn.reduce(losses), lse.to(torch.float32, copy=True), anchor
 
     @staticmethod
     @first_order
-    def backward(ctx, d_loss, d_lse):
+    def backward(ctx, d_loss, d_lse, d_anchor):
         if (d_loss is None and d_lse is None) or not any(ctx.needs):
             return (None,) * 9
-        x, w, b, lse, dx, dw, db = ctx.saved_tensors
+        x, w, b, lse, dx, dw, db = saved(ctx)
         fn = ctx.fn
         if d_lse is None and ctx.precomputed:
             out = _scale_out(ctx, dx, dw, db, d_loss)
@@ -925,8 +924,7 @@ def vocab_parallel_linear_cross_entropy(
         raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size={from_options} "
                          "disagree; pass one")
     _check_main_grad(main_grad, local_weight)
-    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"loss_dtype must be a floating dtype or None, got {loss_dtype}")
+    check_loss_dtype(loss_dtype)
     pg = _resolve_group(who, group)
     layout = _shard_layout(who, pg, Vr, None, input.device)
     _check_weight_shape(weight, layout.vocab)
@@ -942,9 +940,9 @@ def vocab_parallel_linear_cross_entropy(
              grad_on and linear_bias is not None and linear_bias.requires_grad)
     fn = _ShardLoss(t, weight, pg, layout, opts, x.dtype)
     if any(needs):
-        loss, lse = _VocabParallelLinearCE.apply(x, local_weight, linear_bias, fn, rows, needs,
-                                                 bool(return_lse), acc32,
-                                                 main_grad if needs[1] else None)
+        loss, lse, _ = _VocabParallelLinearCE.apply(x, local_weight, linear_bias, fn, rows, needs,
+                                                    bool(return_lse), acc32,
+                                                    main_grad if needs[1] else None)
     else:
         lse, losses, *_ = _chunk_pass(x, local_weight, linear_bias, fn, rows, (False,) * 3, True)
         loss, lse = fn.reduce(losses), lse.to(torch.float32)

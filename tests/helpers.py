@@ -146,6 +146,30 @@ def expect_launches(*prefixes: str):
         assert name.startswith(prefix), (names, prefixes)
 
 
+def assert_not_twice_differentiable(f, inputs) -> None:
+    """Differentiating the gradient of the scalar ``f(*inputs)`` raises the
+    library's "not differentiable" error whichever way it is asked:
+    ``backward()`` of a gradient penalty, ``autograd.grad`` of it with
+    respect to the inputs (allow_unused=True: an input found unused would
+    give None, a silently dropped term), and ``autograd.functional.hvp``
+    (which gives zeros for an input found unused)."""
+    import pytest
+
+    for how in ("backward", "grad", "hvp"):
+        with pytest.raises(RuntimeError, match="this gradient is not differentiable"):
+            if how == "hvp":
+                torch.autograd.functional.hvp(
+                    f, tuple(i.detach() for i in inputs),
+                    tuple(torch.ones_like(i) for i in inputs))
+                continue
+            grads = torch.autograd.grad(f(*inputs), inputs, create_graph=True)
+            penalty = sum((g.float() ** 2).sum() for g in grads)
+            if how == "backward":
+                penalty.backward()
+            else:
+                torch.autograd.grad(penalty, inputs, allow_unused=True)
+
+
 def run_python(code: str, timeout: float = 600.0) -> str:
     """Run ``code`` in a fresh interpreter with this test run's environment
     (TRITON_INTERPRET included) and return its stdout; fail with its output if

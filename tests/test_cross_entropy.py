@@ -23,8 +23,8 @@ import triton.language as tl
 import softmax_gpu
 from softmax_gpu import heuristics
 from softmax_gpu.kernels.cross_entropy import softcap_tanh
-from helpers import (DEVICE, FLOAT_DTYPES, LONG, assert_close, ce_reference, expect_launches,
-                     forced, long_kernel, rand, run_python)
+from helpers import (DEVICE, FLOAT_DTYPES, LONG, assert_close, assert_not_twice_differentiable,
+                     ce_reference, expect_launches, forced, long_kernel, rand, run_python)
 
 CE = sys.modules["softmax_gpu.cross_entropy"]  # the module (its name is shadowed by the function)
 
@@ -636,6 +636,32 @@ def test_bad_arguments():
             ce(x, t, ignore_index=big)
     with pytest.raises(TypeError, match="grad_scale must be a number"):
         softmax_gpu.cross_entropy_with_grad(x, t, grad_scale="2")
+    for bad in (torch.int32, torch.bool, torch.complex64):  # before: a truncated loss
+        with pytest.raises(TypeError, match="loss_dtype must be a floating dtype"):
+            ce(x, t, loss_dtype=bad)
+
+
+def test_numpy_scalars_as_torch_takes_them():
+    """NumPy integer and real scalars (read from a config, np.argmax) are
+    taken where torch takes them: the same result as the Python scalar
+    (before: a TypeError for np.int64 and np.float32)."""
+    np = pytest.importorskip("numpy")
+    x = rand(6, 9, dtype=torch.float64)
+    t = targets(6, 9)
+    ce = softmax_gpu.cross_entropy
+    pairs = [
+        (lambda v: ce(x, t, ignore_index=v), np.int64(3), 3),
+        (lambda v: ce(x, t, label_smoothing=v), np.float32(0.25), 0.25),
+        (lambda v: ce(x, t, z_loss=v, softcap=v * 40), np.float32(0.125), 0.125),
+        (lambda v: ce(x, t, divisor=v), np.int32(4), 4),
+        (lambda v: softmax_gpu.CrossEntropyLoss(ignore_index=v)(x, t), np.int16(2), 2),
+        (lambda v: softmax_gpu.cross_entropy_with_grad(x.clone(), t, grad_scale=v)[1],
+         np.float32(0.5), 0.5),
+    ]
+    for f, numpy_value, value in pairs:
+        assert torch.equal(f(numpy_value), f(value))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ce(x, t, ignore_index=np.float64(3.0))
 
 
 def test_int64_offsets_in_a_subprocess():
@@ -1653,25 +1679,29 @@ def test_no_silent_double_backward(case):
     """The gradient is not differentiable: under create_graph=True it is right
     (first order) and differentiating it raises, even where grad_output is a
     constant (torch's once_differentiable let that through as a constant, and
-    a gradient penalty's term was silently dropped). The torch reference (CPU
-    without the interpreter) is a differentiable composite instead."""
+    a gradient penalty's term was silently dropped), and with respect to the
+    logits themselves (autograd.grad, functional.hvp / hessian: before, the
+    logits looked unused there, and the Hessian came out as zeros). The
+    torch reference (CPU without the interpreter) is a differentiable
+    composite instead."""
     dtype = torch.float16 if case == "deferred" else torch.float64
     x = rand(5, 11, dtype=dtype).requires_grad_()
     t = torch.randint(0, 11, (5,), device=DEVICE)
     if case == "lse":
-        loss, lse = softmax_gpu.cross_entropy(x, t, return_lse=True)
-        out, ref_out = lse.sum(), torch.logsumexp(x.double(), 1).sum()
+        def f(a):
+            return softmax_gpu.cross_entropy(a, t, return_lse=True)[1].sum()
+        ref_out = torch.logsumexp(x.double(), 1).sum()
     else:
-        out = softmax_gpu.cross_entropy(x, t)
+        def f(a):
+            return softmax_gpu.cross_entropy(a, t)
         ref_out = F.cross_entropy(x.double(), t)
-    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
     (ref,) = torch.autograd.grad(ref_out, x)
     assert_close(g.detach(), ref, dtype)
     if softmax_gpu.backend_for(x) == "torch":
         (g * g).sum().backward()  # torch's double backward
         return
-    with pytest.raises(RuntimeError, match="this gradient is not differentiable"):
-        (g.float() * g.float()).sum().backward()
+    assert_not_twice_differentiable(f, (x,))
 
 
 def test_probability_targets_promote_the_loss_dtype():

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import softmax_gpu
 from softmax_gpu import heuristics
-from helpers import DEVICE, assert_close, ce_reference, rand
+from helpers import (DEVICE, assert_close, assert_not_twice_differentiable, ce_reference,
+                     rand)
 
 lce = softmax_gpu.linear_cross_entropy
 # the module (softmax_gpu.linear_cross_entropy is the function of the same name)
@@ -446,6 +447,12 @@ def test_bad_arguments_name_the_argument():
         args = [kw.pop(k) for k in ("input", "linear_weight", "target")]
         with pytest.raises(exc, match=name):
             lce(*args, **kw)
+    # NumPy scalars are taken as torch takes them (before: a TypeError)
+    np = pytest.importorskip("numpy")
+    want = lce(x.detach(), w.detach(), t, ignore_index=-100, label_smoothing=0.25, chunk_size=8)
+    got = lce(x.detach(), w.detach(), t, ignore_index=np.int64(-100),
+              label_smoothing=np.float32(0.25), chunk_size=np.int32(8))
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -928,8 +935,11 @@ def test_no_silent_double_backward():
     assert_close(gw.detach(), rw, torch.float64)
     if softmax_gpu.backend_for(x) == "torch":
         return
-    with pytest.raises(RuntimeError, match="this gradient is not differentiable"):
-        (gx * gx).sum().backward()
+    for reduction in ("mean", "none"):  # the forward's gradients, and recomputed ones
+        assert_not_twice_differentiable(
+            lambda a, c: lce(a, c, t, linear_bias=b, reduction=reduction).sum(), (x, w))
+    assert_not_twice_differentiable(
+        lambda a: lce(a, w, t, return_lse=True)[1].sum(), (x,))
 
 
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])

@@ -315,6 +315,12 @@ def test_bad_input_errors():
         softmax_gpu.log_softmax(rand(3, 4), dim=-3)
     with pytest.raises(TypeError, match="dim must be an int"):
         softmax_gpu.softmax(rand(3, 4), dim=1.0)
+    np = pytest.importorskip("numpy")  # an integral scalar, as torch takes it
+    x = rand(3, 4)
+    for fn in (softmax_gpu.softmax, softmax_gpu.log_softmax):
+        assert torch.equal(fn(x, dim=np.int64(-1)), fn(x, dim=-1))
+    with pytest.raises(TypeError, match="dim must be an int"):
+        softmax_gpu.softmax(x, dim=np.float32(1.0))
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         softmax_gpu.softmax([1.0, 2.0], 0)
 

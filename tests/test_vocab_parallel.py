@@ -690,6 +690,27 @@ def _linear_fp16_loss_scale(rank: int) -> None:
         assert err[0] <= 1.2 * err[1], err
 
 
+def _no_double_backward(rank: int) -> None:
+    """As the cross-entropy: the gradients are not differentiable, and asking
+    for it raises, also with respect to the inputs (autograd.grad,
+    functional.hvp), where the inputs had looked unused (zeros or None)."""
+    from helpers import assert_not_twice_differentiable
+
+    from softmax_gpu.distributed import (vocab_parallel_cross_entropy,
+                                         vocab_parallel_linear_cross_entropy)
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 11, dtype=F64, generator=g).requires_grad_()
+    h = torch.randn(5, 4, dtype=F64, generator=g).requires_grad_()
+    w = torch.randn(11, 4, dtype=F64, generator=g).requires_grad_()
+    t = torch.randint(0, 11, (5,), generator=g)
+    assert_not_twice_differentiable(lambda a: vocab_parallel_cross_entropy(a, t), (x,))
+    for reduction in ("mean", "none"):
+        assert_not_twice_differentiable(
+            lambda a, b: vocab_parallel_linear_cross_entropy(a, b, t, reduction=reduction).sum(),
+            (h, w))
+
+
 def _inplace_4d(rank: int) -> None:
     """inplace_backward over [B, S, H, V] logits whose vocabulary dim is padded
     (their rows along the last dim have an in-place view, though dim 1 does
@@ -855,12 +876,13 @@ def test_two_ranks():
 def test_one_rank():
     """A group of one rank: the two-rank and three-rank cases with the whole
     vocabulary on it, and no collective at all (not even the widths' gather);
-    the gradient in place over 4-d logits with a padded vocabulary."""
+    the gradient in place over 4-d logits with a padded vocabulary; no
+    silent double backward."""
     from helpers import spawn_group
 
     spawn_group(_worker, 1, WORLD1, LINEAR1,
                 ("_no_collective", "_inplace_4d", "_linear_ignore_index_none",
-                 "_linear_fp16_loss_scale"))
+                 "_linear_fp16_loss_scale", "_no_double_backward"))
 
 
 def test_three_ranks():
