@@ -31,6 +31,17 @@ def check_float(t: torch.Tensor, name: str) -> None:
         )
 
 
+def check_weight_takes_no_grad(weight, op: str) -> None:
+    """Class weights get no gradient with class-index targets (torch's
+    cross-entropy refuses them too): a ``weight`` that requires grad while
+    grad is enabled is an error that names it, not a silently missing
+    gradient."""
+    if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"weight requires grad, but {op} with class indices is not differentiable with "
+            "respect to the class weights (as torch's cross-entropy); pass weight.detach()")
+
+
 def check_loss_dtype(loss_dtype) -> None:
     """``loss_dtype``: None or a floating dtype."""
     if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:

@@ -44,7 +44,7 @@ from torch.nn import _reduction
 
 from . import heuristics
 from ._checks import (as_int, as_number, check_float, check_loss_dtype, check_row_length,
-                      check_tensor)
+                      check_tensor, check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, autocast_on, backend_for, empty_like, first_order,
                         interpreted, launch_device, launch_on, new_output, plan_cache, remember,
                         saved, traced, transformed)
@@ -1358,9 +1358,10 @@ def cross_entropy(
             gradient.
 
     Probability targets that require grad (distillation through both
-    sides) take a differentiable torch composite instead of the fused op.
-    The gradient is not itself differentiable (no double backward), and
-    ``weight`` gets no gradient.
+    sides), or whose class weights do, take a differentiable torch composite
+    instead of the fused op. With class indices, a ``weight`` that requires
+    grad is an error, as in torch (it gets no gradient). The gradient is not
+    itself differentiable (no double backward).
 
     Class indices outside [0, C) that are not ``ignore_index`` are never used
     as addresses: with the Triton kernels that row's loss and gradient are
@@ -1400,14 +1401,19 @@ def cross_entropy(
     loss_dtype = _loss_dtype(input, loss_dtype, target)
     need_grad = input.requires_grad and torch.is_grad_enabled()
     target_grad = target.requires_grad and torch.is_grad_enabled() and target.is_floating_point()
+    if weight is not None:
+        if not target.is_floating_point():
+            check_weight_takes_no_grad(weight, "cross_entropy")
+        elif isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled():
+            target_grad = True  # probability targets: torch's weight gradient, as below
     if traced(input) and not target_grad:
         return _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl,
                                      cap, return_lse, inplace_backward, loss_dtype, need_grad,
                                      div_f, div_t)
     if target_grad or backend_for(input) == "torch" or transformed(target, weight, div_t):
-        # probability targets that require grad: a differentiable torch
-        # composite (also while a graph is traced: the op's autograd has no
-        # gradient for the target); the CPU reference (also inside
+        # probability targets (or their class weights) that require grad: a
+        # differentiable torch composite (also while a graph is traced: the
+        # op's autograd has no gradient for them); the CPU reference (also inside
         # torch.func transforms, whichever argument they wrap)
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
         x, t = _as_rows_input(input, target)

@@ -72,8 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import heuristics
-from ._checks import (check_float, check_loss_dtype, check_row_length,
-                      check_tensor)
+from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
+                      check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, autocast_on, backend_for, first_order, launch_device,
                         launch_on, new_output, plan_cache, refuse_transformed, remember, saved,
                         traced)
@@ -1141,6 +1141,7 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
                              f"{tuple(weight.shape)}")
         if weight.device != input.device:
             raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        check_weight_takes_no_grad(weight, "linear_cross_entropy")
     if ignore_index is None:
         ignore_index = -100  # torch's F.linear_cross_entropy default
     ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,
@@ -1217,7 +1218,8 @@ def linear_cross_entropy(
         target: (N,) or () integer class indices (any integer dtype); rows
             equal to ``ignore_index`` count for nothing.
         linear_bias: (V,) bias of the projection, or None.
-        weight: (V,) class weights, or None (any float dtype).
+        weight: (V,) class weights, or None (any float dtype). They get no
+            gradient: one that requires grad is an error, as in torch.
         reduction: "mean" (weighted mean over the kept rows: NaN when every
             row is ignored, as torch), "sum" or "none" (per-row losses shaped
             like ``target``).

@@ -61,7 +61,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import heuristics
-from ._checks import check_float, check_loss_dtype, check_row_length, check_tensor
+from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
+                      check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, backend_for, first_order, launch_device, launch_on,
                         new_output, plan_cache, refuse_transformed, remember, saved)
 from ._layout import as_rows
@@ -185,6 +186,7 @@ def _check_class_weight(weight, like: Tensor, name: str) -> None:
         raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
     if weight.device != like.device:
         raise ValueError(f"weight is on {weight.device} but {name} on {like.device}")
+    check_weight_takes_no_grad(weight, "the vocab-parallel cross-entropy")
 
 
 def _check_weight_shape(weight, vocab: int) -> None:
@@ -625,7 +627,8 @@ def vocab_parallel_cross_entropy(
             which a sharded vector would have to communicate). As torch: a
             row's loss is scaled by w_target, label smoothing weights each
             class, and the mean divides by the sum of w_target over the
-            non-ignored rows. No gradient flows into it.
+            non-ignored rows. No gradient flows into it (one that requires grad
+            is an error, as in torch).
         ignore_index: rows with this target contribute 0 to the loss and get a
             zero gradient, and are not counted by ``mean``.
         reduction: ``"mean"`` (over non-ignored rows, weighted; NaN when there

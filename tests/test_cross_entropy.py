@@ -641,6 +641,27 @@ def test_bad_arguments():
             ce(x, t, loss_dtype=bad)
 
 
+def test_class_weights_that_require_grad():
+    """As torch: with class indices a weight that requires grad is an error
+    (before: it silently got no gradient, on the kernels' path; the CPU
+    reference gave it one), and fine without grad; with probability targets
+    it gets torch's gradient (the differentiable composite)."""
+    x = rand(6, 9, dtype=torch.float64).requires_grad_()
+    t = targets(6, 9)
+    w = (torch.rand(9, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_()
+    for fn in (lambda: softmax_gpu.cross_entropy(x, t, weight=w),
+               lambda: softmax_gpu.CrossEntropyLoss(weight=w)(x, t)):
+        with pytest.raises(RuntimeError, match="weight requires grad"):
+            fn()
+        with torch.no_grad():
+            assert_close(fn(), F.cross_entropy(x, t, weight=w))
+    p = torch.softmax(rand(6, 9, dtype=torch.float64), -1)
+    ours = torch.autograd.grad(softmax_gpu.cross_entropy(x, p, weight=w), (x, w))
+    want = torch.autograd.grad(F.cross_entropy(x, p, weight=w), (x, w))
+    for g, r in zip(ours, want):
+        assert_close(g, r)
+
+
 def test_numpy_scalars_as_torch_takes_them():
     """NumPy integer and real scalars (read from a config, np.argmax) are
     taken where torch takes them: the same result as the Python scalar

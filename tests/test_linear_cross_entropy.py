@@ -432,6 +432,8 @@ def test_bad_arguments_name_the_argument():
         (dict(target=torch.rand(N, V, dtype=torch.float64)), TypeError, "target"),
         (dict(weight=torch.ones(V - 1, dtype=torch.float64)), ValueError, "weight"),
         (dict(weight=torch.ones(V, dtype=torch.long)), TypeError, "weight"),
+        (dict(weight=torch.ones(V, dtype=torch.float64, requires_grad=True)), RuntimeError,
+         "weight requires grad"),
         (dict(reduction="avg"), ValueError, "reduction"),
         (dict(ignore_index=1.5), TypeError, "ignore_index"),
         (dict(label_smoothing=1.5), ValueError, "label_smoothing"),

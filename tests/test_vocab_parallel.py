@@ -927,6 +927,7 @@ def test_no_process_group_is_a_clear_error():
     (dict(loss_dtype=torch.int32), TypeError, "loss_dtype must be a floating dtype"),
     (dict(weight=torch.ones(5, dtype=torch.long)), TypeError, "weight must be a floating"),
     (dict(weight=[1.0] * 5), TypeError, "weight must be a torch.Tensor"),
+    (dict(weight=torch.ones(5, requires_grad=True)), RuntimeError, "weight requires grad"),
     (dict(target=torch.zeros(3)), TypeError, "integer class ids"),
     (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, "target shape"),
     (dict(x=torch.zeros(3, 5, dtype=torch.int32)), TypeError, "local_logits must be a floating"),
