@@ -540,7 +540,10 @@ def check_divisor(divisor, input: Tensor):
     """``divisor`` checked: (None or a float, None or a 0-d tensor on the
     input's device). A number must be finite and nonzero; a tensor must hold
     one real value (any float or integer dtype). A CPU tensor with a CUDA
-    input is read on the host (no device sync: its value is already there)."""
+    input is read on the host (no device sync: its value is already there).
+    While ``torch.compile`` traces, a number (which it may have made
+    symbolic: a token count that changes from step to step) becomes a 0-d
+    tensor, unchecked like any tensor."""
     if divisor is None:
         return None, None
     if isinstance(divisor, Tensor):
@@ -555,6 +558,8 @@ def check_divisor(divisor, input: Tensor):
             return None, divisor.detach().reshape(())
     if isinstance(divisor, bool) or not isinstance(divisor, numbers.Real):
         raise TypeError(f"divisor must be a number or a tensor, got {type(divisor).__name__}")
+    if torch.compiler.is_compiling():
+        return None, torch.full((), divisor, dtype=torch.float64, device=input.device)
     d = float(divisor)
     if not (math.isfinite(d) and d != 0.0):
         raise ValueError(f"divisor must be a finite nonzero number, got {divisor}")
@@ -702,9 +707,10 @@ def _flat(v: Tensor):
 
 
 def _scale_(g: Tensor, state: Tensor, go: Tensor) -> None:
-    """g's rows *= go / state where they differ; state <- go (in place; g must
-    have an in-place row view). A launch that touches two scalars per row
-    when every factor is already right."""
+    """g's rows *= go / state where they differ (exact zeros stay 0 whatever
+    the factor); state <- go (in place; g must have an in-place row view). A
+    launch that touches two scalars per row when every factor is already
+    right."""
     dev, _, M, launch = _aux("scale_", g)
     if M:
         launch_on(dev, launch, g, g, state, *_flat(go))
@@ -712,7 +718,8 @@ def _scale_(g: Tensor, state: Tensor, go: Tensor) -> None:
 
 def _scaled(g: Tensor, state: Tensor, go: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """A new contiguous tensor: g's rows times go / state (g, state untouched),
-    in ``dtype`` (None: g's; an fp32 g is rounded once, on store)."""
+    in ``dtype`` (None: g's; an fp32 g is rounded once, on store); exact
+    zeros stay 0 whatever the factor."""
     dev, copy, M, launch = _aux("scaled", g)
     out = empty_like(g) if dtype is None or dtype == g.dtype else \
         new_output(g.shape, dtype, g.device)
@@ -1050,10 +1057,17 @@ def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor,
                               dtype: Optional[torch.dtype] = None) -> Tensor:
     """A new contiguous tensor holding each row of ``grad`` ((N, C, *), rows
     over dim 1) times grad_output[r] / state[r] (``grad_output`` [M], any
-    stride, or one value), in ``dtype`` (None: grad's)."""
+    stride, or one value), in ``dtype`` (None: grad's); exact zeros stay 0."""
     if backend_for(grad) == "triton":
         return _scaled(grad, state, grad_output, dtype)
     return reference_scaled(grad, state, grad_output, dtype)
+
+
+def times_keeping_zeros(g: Tensor, f: Tensor) -> Tensor:
+    """``g * f`` (torch ops) with g's exact zeros kept at 0 whatever ``f`` is,
+    inf and NaN included: an ignored row's gradient stays 0 under any
+    grad_output, as in torch's backward (the eager kernels do the same)."""
+    return torch.where(g == 0, 0, g * f)
 
 
 def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
@@ -1064,7 +1078,8 @@ def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
     shape = (grad.shape[0], 1, *grad.shape[2:])
     f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() > 1 else \
         grad_output.to(acc).reshape(()) / state
-    return (grad.to(acc) * f.reshape(shape)).to(dtype or grad.dtype).contiguous()
+    return times_keeping_zeros(grad.to(acc), f.reshape(shape)).to(dtype or grad.dtype) \
+        .contiguous()
 
 
 @cross_entropy_scaled_grad.register_fake

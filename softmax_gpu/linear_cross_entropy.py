@@ -79,7 +79,8 @@ from ._dispatch import (anchor_output, autocast_on, backend_for, first_order, la
                         traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
                             cross_entropy_backward_config, cross_entropy_config,
-                            cross_entropy_scale_config, denominators_plan, reference_lse_grad)
+                            cross_entropy_scale_config, denominators_plan, reference_lse_grad,
+                            times_keeping_zeros)
 from .kernels import cross_entropy as K
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions"]
@@ -748,22 +749,25 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
 def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
     """g's rows *= go / state[row] in place where they differ; state <- go.
     A launch that reads two scalars per row when grad_output is already
-    applied (e.g. 1 for ``loss.backward()``)."""
+    applied (e.g. 1 for ``loss.backward()``). Exact zeros (the rows of
+    ignored targets in dx, a dw with no kept row) stay 0 whatever go is."""
     if backend_for(g) == "triton":
         _scale_(g, state, go)
         return
     go = go.to(state.dtype)
     # through .data, as the kernel writes it: no version bump of the saved
     # tensor, which a later backward over a retained graph unpacks again
-    g.data.mul_((go / state)[:, None])
+    g.data.copy_(times_keeping_zeros(g.data, (go / state)[:, None]))
     state.copy_(go.expand_as(state))
 
 
-def _rescaled(g: Tensor, state: Tensor, go: Tensor) -> Tensor:
-    """A new tensor: g's rows times go / state[row] (g and state untouched)."""
-    if backend_for(g) == "triton":
-        return _scaled(g, state, go)
-    return (g.to(state.dtype) * (go.to(state.dtype) / state)[:, None]).to(g.dtype)
+def _rescaled(g: Tensor, state: Tensor, go: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A new tensor in ``dtype`` (None: g's): g's rows times go / state[row]
+    (g and state untouched; exact zeros stay 0)."""
+    if backend_for(g) == "triton" and g.dim() == 2 and not traced(go):
+        return _scaled(g, state, go, dtype)
+    f = (go.to(state.dtype) / state).reshape(-1, *(1,) * (g.dim() - 1))
+    return times_keeping_zeros(g.to(state.dtype), f).to(dtype or g.dtype)
 
 
 def _stash(ctx, tensors: tuple, anchored: bool) -> Optional[Tensor]:
@@ -815,7 +819,7 @@ def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
         if not need or g is None:
             out.append(None)
         elif not in_place or g.dtype != dtype or g.dim() != 2:
-            out.append(torch.mul(g, go, out=g.new_empty(g.shape, dtype=dtype)))
+            out.append(_rescaled(g, g.new_ones(g.shape[:1], dtype=_acc(g.dtype)), go, dtype))
         elif key in ctx.states:  # handed out already: it stays as it is
             out.append(_rescaled(g, ctx.states[key], go))
         else:

@@ -370,6 +370,39 @@ def test_non_uniform_grad_output_reduction_none(path):
     check(rand(6, C), torch.softmax(rand(6, C), -1), path, reduction="none", grad_output=g)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_ignored_rows_stay_zero_under_any_grad_output(path):
+    """An ignored row's gradient is exactly 0 whatever its grad_output is, inf
+    and NaN included, as torch's: a sum divided by a token count of 0, a NaN
+    factor over a retained graph, and reduction="none" with NaN / inf on the
+    ignored rows (the kept rows against float64 with those entries 0); every
+    dtype (fp16: the deferred backward), new buffer and in place."""
+    C = C_FOR[path]
+    t = targets(6, C, ignore=(1, 4))
+    ign = t == -100
+    for dtype in FLOAT_DTYPES:
+        for inplace in (False, True):
+            x = rand(6, C, dtype=dtype).requires_grad_()
+            with forced(path):
+                loss = softmax_gpu.cross_entropy(x * 1.0, t, reduction="sum",
+                                                 label_smoothing=0.1, inplace_backward=inplace)
+                (g_inf,) = torch.autograd.grad(loss / 0.0, x, retain_graph=True)
+                (g_nan,) = torch.autograd.grad(loss * float("nan"), x)
+            for g in (g_inf, g_nan):
+                assert torch.equal(g[ign], torch.zeros_like(g[ign])), (dtype, inplace)
+            go = rand(6, dtype=dtype)
+            go[1], go[4] = float("nan"), float("inf")
+            with forced(path):
+                loss = softmax_gpu.cross_entropy(x * 1.0, t, reduction="none",
+                                                 label_smoothing=0.1, inplace_backward=inplace)
+                (g,) = torch.autograd.grad(loss, x, go.to(loss.dtype))
+            x64 = x.detach().double().requires_grad_()
+            ref = torch_ref(x64, t, reduction="none", label_smoothing=0.1)
+            (want,) = torch.autograd.grad(ref, x64, torch.where(ign, 0.0, go.double()))
+            assert torch.equal(g[ign], torch.zeros_like(g[ign])), (dtype, inplace)
+            assert_close(g, want, scale=8)
+
+
 @pytest.mark.parametrize("late", [None, 1, 319, 320, 599])
 @pytest.mark.parametrize("sms", [1, 2])
 def test_rescale_checks_whole_groups_of_rows(sms, late):
@@ -1132,6 +1165,26 @@ def test_divisor(path, kind, reduction):
     assert_close(loss2, ref.detach())
     assert_close(xs.grad, dx_ref, scale=4.0)
     assert_close(grad2, 2.0 * dx_ref, scale=8.0)
+
+
+def test_compile_with_a_number_divisor_that_changes():
+    """torch.compile(fullgraph=True) of a sum divided by a token count that
+    changes from step to step, given as a Python int (which compile makes
+    symbolic at the first change) or float, against float64 torch."""
+    C = 13
+    t = targets(6, C, ignore=(2,))
+    compiled = torch.compile(
+        lambda x, n: softmax_gpu.cross_entropy(x, t, reduction="sum", divisor=n),
+        fullgraph=True, backend="aot_eager")
+    for n in (3, 5, 7, 2.5):
+        x = rand(6, C).requires_grad_()
+        loss = compiled(x, n)
+        (dx,) = torch.autograd.grad(loss, x)
+        x64 = x.detach().double().requires_grad_()
+        ref = torch_ref(x64, t, reduction="sum") / n
+        (dx_ref,) = torch.autograd.grad(ref, x64)
+        assert_close(loss, ref.detach())
+        assert_close(dx, dx_ref, scale=4.0)
 
 
 def test_divisor_with_every_extra_and_probability_targets():

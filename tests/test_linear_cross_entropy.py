@@ -374,6 +374,31 @@ def test_all_ignored_and_empty_batches():
     assert lce(x0, w, t0, reduction="none").shape == (0,)
 
 
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_ignored_rows_stay_zero_under_any_grad_output(backend, monkeypatch):
+    """As torch: an ignored row's input gradient is exactly 0 whatever
+    grad_output is (inf, NaN), and with every row ignored, a sum divided by
+    a token count of 0 gives zero gradients everywhere (first backward in
+    place, a retained one into new tensors, fp32 accumulation into bf16)."""
+    if backend == "torch":
+        monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
+    x, w, b, t = problem(n=20)
+    loss = lce(x, w, t, linear_bias=b, reduction="sum", chunk_size=CHUNK)
+    for factor in (float("inf"), float("nan")):
+        (dx,) = torch.autograd.grad(loss * factor, x, retain_graph=True)
+        assert torch.equal(dx[t == -100], torch.zeros_like(dx[t == -100]))
+    t_none = torch.full_like(t, -100)
+    for dtype, acc32 in ((torch.float64, False), (torch.bfloat16, True)):
+        xs, ws, bs = (v.detach().to(dtype).requires_grad_() for v in (x, w, b))
+        opts = softmax_gpu.LinearCrossEntropyOptions(
+            batch_chunk_size=CHUNK, acc_policy="balanced" if acc32 else "auto")
+        loss = lce(xs, ws, t_none, linear_bias=bs, reduction="sum", options=opts)
+        for factor in (float("inf"), 0.0, float("nan")):
+            got = torch.autograd.grad(loss / factor, (xs, ws, bs), retain_graph=True)
+            for g in got:
+                assert torch.equal(g, torch.zeros_like(g)), (dtype, factor)
+
+
 def test_out_of_range_targets_give_nan_rows():
     """Never used as an address: those rows' loss is NaN (so is the mean),
     the other rows are untouched."""
@@ -663,6 +688,24 @@ def test_opcheck():
     hargs = (x.detach().half(), w.detach().half(), b.detach().half()) + args[3:]
     torch.library.opcheck(lce_module.linear_cross_entropy_forward, hargs,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_with_a_number_divisor_that_changes():
+    """torch.compile(fullgraph=True) with a Python int divisor (a token count)
+    that changes from step to step: compile makes it symbolic, and the
+    loss and gradients still match float64 torch."""
+    x, w, b, t = problem(n=20, dtype=torch.float32)
+    compiled = torch.compile(
+        lambda x, w, n: lce(x, w, t, reduction="sum", chunk_size=CHUNK, divisor=n),
+        fullgraph=True, backend="aot_eager")
+    for n in (3, 5, 7):
+        loss = compiled(x, w, n)
+        got = torch.autograd.grad(loss, (x, w))
+        ref, _ = reference(x, w, t, reduction="sum")
+        want = torch.autograd.grad(ref / n, (x, w))
+        check(loss, ref / n)
+        for g, r in zip(got, want):
+            check(g, r, scale=4)
 
 
 def test_compile_main_grad_and_options():
