@@ -162,6 +162,119 @@ def test_logits_to_keep_num_items_and_tuple_output():
         model(input_ids=ids, labels=labels, logits_to_keep=k)
 
 
+def test_fused_path_states_num_items_as_the_divisor(monkeypatch):
+    """num_items_in_batch reaches the fused loss as its divisor (the gradient
+    written in the forward includes it: no rescaling pass over dX and dW in
+    the backward); a zero number is divided after, as transformers does."""
+    model = tiny("llama")
+    ids, labels = batch()
+    n = (labels[:, 1:] != -100).sum() + 3
+    cases = {"tensor": n, "int": int(n), "zero": 0}
+    refs = {k: run(model, input_ids=ids, labels=labels, num_items_in_batch=v)
+            for k, v in cases.items()}
+    seen = []
+    lce = st._linear_cross_entropy
+    monkeypatch.setattr(st, "_linear_cross_entropy",
+                        lambda *a, **kw: seen.append(kw) or lce(*a, **kw))
+    st.apply(model)
+    for k, v in cases.items():
+        seen.clear()
+        out, grads = run(model, input_ids=ids, labels=labels, num_items_in_batch=v)
+        assert len(seen) == 1 and seen[0]["reduction"] == "sum", k
+        if k == "zero":
+            assert seen[0]["divisor"] is None and out.loss.isinf() and refs[k][0].loss.isinf()
+            continue
+        assert seen[0]["divisor"] is v or seen[0]["divisor"] == v, k
+        assert_same((out, grads), refs[k])
+
+
+def test_patched_model_pickles():
+    """torch.save / pickle of a patched model: it loads patched, with the same
+    results, and reverts."""
+    import io
+    import pickle
+
+    model = tiny("llama")
+    cases = train_cases(*batch())
+    refs = {k: run(model, **kw) for k, kw in cases.items()}
+    st.apply(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    again = pickle.loads(pickle.dumps(model))
+    for m in (loaded, again):
+        assert st.applied(m) == {"fused_linear": True, "reason": None}
+        for k, kw in cases.items():
+            got = run(m, **kw)
+            assert got[0].logits is None, k
+            assert_same(got, refs[k])
+    st.revert(loaded)
+    assert st.applied(loaded) is None and "forward" not in loaded.__dict__
+    assert run(loaded, **cases["mean"])[0].logits is not None
+
+
+def test_compile_fullgraph_fused_path():
+    """torch.compile(fullgraph=True) of a patched model: the fused path traces
+    in one graph, and the check of the logit transform still raises."""
+    model = tiny("llama")
+    kw = train_cases(*batch())["num_items_shift"]
+    ref = run(model, **kw)
+    st.apply(model)
+    compiled = torch.compile(model, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    out = compiled(**kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert out.logits is None
+    assert_same((out, grads), ref)
+    assert "forward" not in model.lm_head.__dict__  # restored after the call
+
+    changed = tiny("llama", cls=_subclass("""
+        logits = self.lm_head(hidden_states[:, -logits_to_keep:])
+        logits = logits * 0.5
+    """))
+    st.apply(changed)
+    with pytest.raises(RuntimeError, match="transforms the logits"):
+        torch.compile(changed, fullgraph=True)(**kw)
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "global_forward", "backward"])
+def test_hooked_lm_head_falls_back(hook):
+    """A hook around lm_head's call (its own, or a global module hook, as
+    DeepSpeed ZeRO-3 and profilers install) would see the fused path's stand-in
+    for the logits: the forward computes the logits instead, with a warning,
+    and the fused path comes back when the hook is removed."""
+    from torch.nn.modules import module as M
+
+    model = tiny("llama")
+    kw = train_cases(*batch())["mean"]
+    ref = run(model, **kw)
+    st.apply(model)
+    seen = []
+    head = model.lm_head
+    handle = {
+        "forward": lambda: head.register_forward_hook(lambda m, i, o: seen.append(o.shape)),
+        "forward_pre": lambda: head.register_forward_pre_hook(
+            lambda m, i: seen.append(i[0].shape)),
+        "global_forward": lambda: M.register_module_forward_hook(
+            lambda m, i, o: seen.append(o.shape) if m is head else None),
+        "backward": lambda: head.register_full_backward_hook(
+            lambda m, gi, go: seen.append(go[0].shape)),
+    }[hook]()
+    try:
+        with pytest.warns(UserWarning, match="hooks"):
+            got = run(model, **kw)
+    finally:
+        handle.remove()
+    assert got[0].logits is not None and seen
+    assert seen[0][-1] in (V, model.config.hidden_size)  # the real logits / hidden states
+    assert_same(got, ref)
+    got = run(model, **kw)
+    assert got[0].logits is None
+    assert_same(got, ref)
+
+
 def test_token_accuracy():
     model = tiny("qwen2")
     ids, labels = batch()

@@ -7,7 +7,8 @@ Install with ``pip install softmax-gpu[transformers]``.
   ``ignore_index``, an fp32 loss) without its fp32 copy of the logits.
 - :func:`apply` patches ONE loaded ``*ForCausalLM`` instance (PEFT-wrapped or
   not); :func:`revert` undoes it. No class, nothing in ``torch.nn.functional``
-  and no module-level state is touched: everything lives on the instance.
+  and no module-level state is touched: everything lives on the instance
+  (a patched model deep-copies and pickles, e.g. ``torch.save``, patched).
 
 How :func:`apply` hooks in, and what it relies on in transformers:
 
@@ -31,6 +32,13 @@ How :func:`apply` hooks in, and what it relies on in transformers:
    is detected and raises) and computes the loss with the fused linear
    cross-entropy from the hidden states and ``lm_head``'s weight (tied
    embeddings included: it is the same parameter). ``output.logits`` is None.
+   ``num_items_in_batch`` is the fused loss's divisor, so the gradients
+   written in the forward are final and the backward scales nothing. A hook
+   around ``lm_head``'s call (its own forward, pre-forward or backward hooks,
+   or a global module hook: DeepSpeed ZeRO-3, profilers) would see the
+   stand-in, so such a forward computes the logits instead (a warning says
+   so). Under ``torch.compile(fullgraph=True)`` the check of the probe is a
+   tensor assertion in the graph.
 3. Checks. At :func:`apply` time the forward's source must call
    ``self.lm_head(...)`` once, then ``self.loss_function(...)``, and take
    ``labels``, ``logits_to_keep`` and ``**kwargs``; otherwise the fused path
@@ -52,6 +60,7 @@ Token accuracy (as TRL's SFT trainer requests it): pass
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 import types
@@ -104,6 +113,30 @@ def _per_item(loss: Tensor, num_items_in_batch) -> Tensor:
     return loss / num_items_in_batch
 
 
+def _reduction_and_divisor(num_items_in_batch, device: torch.device):
+    """(reduction, divisor) for the kernels: ("mean", None) without
+    ``num_items_in_batch``; else ("sum", it) stated as the kernel's divisor
+    (a device tensor moved to ``device``, a CPU tensor read on the host: no
+    sync), so that the gradient written in the forward already includes it
+    and the backward (grad_output 1) rescales nothing. A zero number: ("sum",
+    None), the caller divides after (the sum over none / 0, as torch)."""
+    if num_items_in_batch is None:
+        return "mean", None
+    divisor = num_items_in_batch
+    if torch.is_tensor(divisor):
+        if divisor.device.type != "cpu":
+            divisor = divisor.to(device)
+    elif not divisor:
+        divisor = None
+    return "sum", divisor
+
+
+def _divided(loss: Tensor, divisor, num_items_in_batch) -> Tensor:
+    """The loss the kernels returned, divided by ``num_items_in_batch`` when it
+    was not stated to them as the divisor."""
+    return loss if divisor is not None else _per_item(loss, num_items_in_batch)
+
+
 def _token_accuracy(predicted: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """Fraction (0-d fp32) of kept targets equal to ``predicted``; 0 when none is kept."""
     kept = target != ignore_index
@@ -142,16 +175,11 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int,
         A 0-d fp32 loss, differentiable with respect to ``logits``.
     """
     target = _shifted_targets(labels, shift_labels, ignore_index).to(logits.device)
-    divisor = num_items_in_batch
-    if torch.is_tensor(divisor) and divisor.device.type != "cpu":
-        divisor = divisor.to(logits.device)  # read by the kernel (a CPU value: on the host)
-    elif not torch.is_tensor(divisor) and divisor is not None and not divisor:
-        divisor = None  # 0 items: the sum over none divided by 0, below, as torch
-    reduction = "mean" if num_items_in_batch is None else "sum"
+    reduction, divisor = _reduction_and_divisor(num_items_in_batch, logits.device)
     loss = softmax_gpu.cross_entropy(logits.reshape(-1, vocab_size), target,
                                      ignore_index=ignore_index, reduction=reduction,
                                      loss_dtype=torch.float32, divisor=divisor)
-    return loss if divisor is not None else _per_item(loss, num_items_in_batch)
+    return _divided(loss, divisor, num_items_in_batch)
 
 
 # --- apply / revert ----------------------------------------------------------------
@@ -161,10 +189,11 @@ class _Patch:
     """What :func:`apply` changed on one model, and the state of the call in flight.
 
     Reached only through the model (``model._softmax_gpu_patch``), so a
-    ``copy.deepcopy`` of a patched model is patched on its own copy."""
+    ``copy.deepcopy`` of a patched model is patched on its own copy, and it
+    holds nothing bound to the model, so a patched model pickles
+    (``torch.save``) and loads patched."""
 
-    def __init__(self, forward, saved_forward, saved_loss, fused: bool, reason, labels_pos):
-        self.forward = forward              # the forward that ran before apply (bound)
+    def __init__(self, saved_forward, saved_loss, fused: bool, reason, labels_pos):
         self.saved_forward = saved_forward  # model.__dict__["forward"] before apply, or None
         self.saved_loss = saved_loss        # model.__dict__["_loss_function"] before, or None
         self.fused = fused
@@ -173,6 +202,40 @@ class _Patch:
         self.hook_calls = 0
         self.call = None                    # the _FusedCall in flight
         self.warned = False
+
+    def original(self, model):
+        """The forward that ran before :func:`apply` (bound to ``model``)."""
+        return self.saved_forward if self.saved_forward is not None else \
+            type(model).forward.__get__(model)
+
+
+class _Forward:
+    """What ``model.forward`` holds while patched: a picklable callable that
+    runs :func:`_forward` on ``model``, with the signature of the forward it
+    replaced (generate() and Trainer inspect it). Like a bound method it has
+    ``__self__`` and ``__func__`` (wrappers such as accelerate's autocast
+    rebind ``__func__``)."""
+
+    def __init__(self, model):
+        self.__self__ = model
+        self.__doc__ = getattr(type(model).forward, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        return _forward(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        model = self.__self__
+        return inspect.signature(model.__dict__[_STATE].original(model))
+
+    @property
+    def __func__(self):
+        fn = types.FunctionType(_forward.__code__, _forward.__globals__, "forward")
+        fn.__signature__ = self.__signature__.replace(parameters=[
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            *self.__signature__.parameters.values()])
+        fn.__doc__ = self.__doc__
+        return fn
 
 
 class _FusedCall:
@@ -218,14 +281,14 @@ class _FusedCall:
             raise ValueError(
                 f"{name}: {h.shape[0]} positions have logits (after logits_to_keep) but the "
                 f"labels give {target.numel()} targets (after the shift)")
+        reduction, divisor = _reduction_and_divisor(num_items_in_batch, h.device)
         out = _linear_cross_entropy(
             h, weight, target, linear_bias=bias, ignore_index=ignore_index,
-            reduction="mean" if num_items_in_batch is None else "sum", softcap=cap,
-            loss_dtype=torch.float32,
+            reduction=reduction, softcap=cap, loss_dtype=torch.float32, divisor=divisor,
             **({"return_token_accuracy": True} if self.want_accuracy else {}))
         if self.want_accuracy:
             out, self.accuracy = out
-        return _per_item(out, num_items_in_batch)
+        return _divided(out, divisor, num_items_in_batch)
 
 
 def _check_probe(logits, probe: Tensor, cap, name: str) -> None:
@@ -233,22 +296,25 @@ def _check_probe(logits, probe: Tensor, cap, name: str) -> None:
     transform the fused loss applies itself (none, or the softcap). On the
     CPU: no device sync."""
     expected = probe if cap is None else torch.tanh(probe / cap) * cap
-    ok = torch.is_tensor(logits) and logits.device.type == "cpu" and \
-        logits.shape == probe.shape
-    if ok:
-        tol = 2e-2 if probe.element_size() < 4 else 1e-5
-        ok = torch.allclose(logits.float(), expected.float(), rtol=tol, atol=tol)
-    if not ok:
-        raise RuntimeError(
-            f"softmax_gpu.integrations.transformers: {name}.forward transforms the logits "
-            "between lm_head and the loss in a way the fused path does not reproduce "
-            f"(expected {'no transform' if cap is None else f'softcap {cap}'}); this "
-            "transformers version is not supported by the fused path: use "
-            "apply(model, fused_linear=False)")
+    msg = (f"softmax_gpu.integrations.transformers: {name}.forward transforms the logits "
+           "between lm_head and the loss in a way the fused path does not reproduce "
+           f"(expected {'no transform' if cap is None else f'softcap {cap}'}); this "
+           "transformers version is not supported by the fused path: use "
+           "apply(model, fused_linear=False)")
+    if not (torch.is_tensor(logits) and logits.device.type == "cpu" and
+            logits.shape == probe.shape):
+        raise RuntimeError(msg)
+    tol = 2e-2 if probe.element_size() < 4 else 1e-5
+    close = torch.isclose(logits.float(), expected.float(), rtol=tol, atol=tol).all()
+    if torch.compiler.is_compiling():
+        # no data-dependent branch in a traced graph: the check runs with it
+        torch._assert_async(close, msg)
+    elif not close:
+        raise RuntimeError(msg)
 
 
 def _forward(self, *args, **kwargs):
-    """The patched forward (bound to the model; its signature is set per model)."""
+    """The patched forward of the model ``self`` (see :class:`_Forward`)."""
     state: _Patch = self.__dict__[_STATE]
     want_accuracy = bool(kwargs.pop("return_token_accuracy", False))
     if "labels" in kwargs:
@@ -267,7 +333,7 @@ def _forward(self, *args, **kwargs):
                               "the loss hook is used (logits are computed)", stacklevel=2)
     state.hook_calls = 0
     if not fused:
-        out = state.forward(*args, **kwargs)
+        out = state.original(self)(*args, **kwargs)
         _check_hook_ran(self, state, labels)
         if want_accuracy:
             _attach(out, _accuracy_from_logits(out, labels, kwargs))
@@ -276,10 +342,10 @@ def _forward(self, *args, **kwargs):
     head.forward = call.head
     state.call = call
     try:
-        out = state.forward(*args, **kwargs)
+        out = state.original(self)(*args, **kwargs)
     finally:
         state.call = None
-        del head.forward
+        head.__dict__.pop("forward", None)
     _check_hook_ran(self, state, labels)
     if call.logits is None:
         raise RuntimeError(f"softmax_gpu.integrations.transformers: {type(self).__name__}.forward "
@@ -292,7 +358,7 @@ def _forward(self, *args, **kwargs):
 
 def _loss_hook(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
                shift_labels=None, **kwargs):
-    """The model's ``loss_function`` while patched (bound to the model)."""
+    """The model's ``loss_function`` while patched (a ``functools.partial`` on the model)."""
     state: _Patch = self.__dict__[_STATE]
     state.hook_calls += 1
     if state.call is not None:
@@ -343,6 +409,10 @@ def _fused_blocker(head) -> str | None:
                 "torch.nn.Linear (a PEFT/LoRA adapter, a quantised or wrapped layer)")
     if "forward" in head.__dict__ or hasattr(head, "_hf_hook"):
         return "lm_head's forward is hooked (accelerate offloading or another patch)"
+    hooks = _module_hooks(head)
+    if hooks:
+        return (f"lm_head has {hooks} (they would see a stand-in for the logits; "
+                "e.g. DeepSpeed ZeRO-3 parameter gathering)")
     try:
         from torch.distributed.fsdp import FSDPModule
         if isinstance(head, FSDPModule):
@@ -352,6 +422,19 @@ def _fused_blocker(head) -> str | None:
     if type(head.weight) is not nn.Parameter and type(head.weight) is not Tensor:
         return f"lm_head.weight is a {type(head.weight).__name__}"
     return None
+
+
+def _module_hooks(head) -> str | None:
+    """Which forward or backward hooks run around ``head``'s call: its own and
+    the global ones (``torch.nn.modules.module.register_module_*_hook``), or
+    None."""
+    from torch.nn.modules import module as M
+
+    kinds = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+             "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+    found = [label for n, label in kinds.items() if getattr(head, n, None)]
+    found += ["global " + label for n, label in kinds.items() if getattr(M, "_global" + n, None)]
+    return ", ".join(found) or None
 
 
 def _forward_structure(model) -> tuple[str | None, str | None]:
@@ -463,23 +546,15 @@ def apply(model, *, fused_linear: bool = True):
         warnings.warn(f"softmax_gpu: {type(lm).__name__} gets the loss-level hook only (the "
                       f"logits are computed), not the fused linear cross-entropy: {reason}",
                       stacklevel=2)
-    forward = lm.forward
-    sig = inspect.signature(forward)
+    sig = inspect.signature(lm.forward)
     names = [n for n, p in sig.parameters.items()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     labels_pos = names.index("labels") if "labels" in names else len(names)
-    state = _Patch(forward, lm.__dict__.get("forward"), lm.__dict__.get("_loss_function"),
+    state = _Patch(lm.__dict__.get("forward"), lm.__dict__.get("_loss_function"),
                    fused, reason, labels_pos)
-    # A function object per model carries that model's signature (generate()
-    # and Trainer inspect it); it holds no reference to the model.
-    fn = types.FunctionType(_forward.__code__, _forward.__globals__, _forward.__name__)
-    fn.__signature__ = sig.replace(parameters=[
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        *sig.parameters.values()])
-    fn.__doc__ = getattr(forward, "__doc__", None)
     lm.__dict__[_STATE] = state
-    lm.loss_function = types.MethodType(_loss_hook, lm)
-    lm.forward = types.MethodType(fn, lm)
+    lm.loss_function = functools.partial(_loss_hook, lm)
+    lm.forward = _Forward(lm)
     return model
 
 
@@ -493,8 +568,10 @@ def revert(model):
     if state is None:
         return model
     current = lm.__dict__.get("forward")
-    if getattr(current, "__func__", None) is None or \
-            current.__func__.__code__ is not _forward.__code__:
+    ours = (isinstance(current, _Forward) and current.__self__ is lm) or (
+        isinstance(current, types.MethodType) and current.__self__ is lm and
+        getattr(current.__func__, "__code__", None) is _forward.__code__)
+    if not ours:
         raise RuntimeError("model.forward was replaced after softmax_gpu's apply(); undo that "
                            "first, then revert(model)")
     del lm.__dict__["forward"]
