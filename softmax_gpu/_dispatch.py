@@ -201,8 +201,17 @@ def refuse_transformed(who: str, why: str, **tensors) -> None:
     for name, t in tensors.items():
         if transformed(t):
             raise RuntimeError(f"{who}: {name} is inside a torch.func transform (vmap, grad, "
-                               f"jvp, ...) or carries a forward-mode tangent "
+                               f"jvp, ...), is batched by autograd (is_grads_batched, "
+                               f"jacobian(vectorize=True)) or carries a forward-mode tangent "
                                f"(torch.autograd.forward_ad), {why}")
+
+
+def refuse_batched_backward(who: str, **grads) -> None:
+    """:func:`refuse_transformed` for the grad_outputs of a backward that runs
+    only one grad_output at a time (``is_grads_batched``,
+    ``jacobian(vectorize=True)`` and vmap over it are refused by name)."""
+    refuse_transformed(f"{who}'s backward", "which it does not support: take the gradients "
+                       "one grad_output at a time", **grads)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

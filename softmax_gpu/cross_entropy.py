@@ -1063,11 +1063,18 @@ def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor,
     return reference_scaled(grad, state, grad_output, dtype)
 
 
-def times_keeping_zeros(g: Tensor, f: Tensor) -> Tensor:
+def times_keeping_zeros(g: Tensor, f: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``g * f`` (torch ops) with g's exact zeros kept at 0 whatever ``f`` is,
     inf and NaN included: an ignored row's gradient stays 0 under any
-    grad_output, as in torch's backward (the eager kernels do the same)."""
-    return torch.where(g == 0, 0, g * f)
+    grad_output, as in torch's backward (the eager kernels do the same).
+    Formed in the promoted dtype; with ``out`` (which may be ``g`` itself)
+    rounded once into it, with no full-size temporary but a bool mask;
+    without, a new tensor (functional: also under vmap)."""
+    if out is None:
+        return torch.where(g == 0, 0, g * f)
+    zero = g == 0
+    torch.mul(g, f, out=out)
+    return out.masked_fill_(zero, 0)
 
 
 def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
@@ -1078,8 +1085,7 @@ def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
     shape = (grad.shape[0], 1, *grad.shape[2:])
     f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() > 1 else \
         grad_output.to(acc).reshape(()) / state
-    return times_keeping_zeros(grad.to(acc), f.reshape(shape)).to(dtype or grad.dtype) \
-        .contiguous()
+    return times_keeping_zeros(grad, f.reshape(shape)).to(dtype or grad.dtype).contiguous()
 
 
 @cross_entropy_scaled_grad.register_fake

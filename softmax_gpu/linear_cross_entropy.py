@@ -75,8 +75,8 @@ from . import heuristics
 from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
                       check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, autocast_on, backend_for, first_order, launch_device,
-                        launch_on, new_output, plan_cache, refuse_transformed, remember, saved,
-                        traced)
+                        launch_on, new_output, plan_cache, refuse_batched_backward,
+                        refuse_transformed, remember, saved, traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
                             cross_entropy_backward_config, cross_entropy_config,
                             cross_entropy_scale_config, denominators_plan, reference_lse_grad,
@@ -757,7 +757,7 @@ def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
     go = go.to(state.dtype)
     # through .data, as the kernel writes it: no version bump of the saved
     # tensor, which a later backward over a retained graph unpacks again
-    g.data.copy_(times_keeping_zeros(g.data, (go / state)[:, None]))
+    times_keeping_zeros(g.data, (go / state)[:, None], out=g.data)
     state.copy_(go.expand_as(state))
 
 
@@ -767,7 +767,7 @@ def _rescaled(g: Tensor, state: Tensor, go: Tensor, dtype: Optional[torch.dtype]
     if backend_for(g) == "triton" and g.dim() == 2 and not traced(go):
         return _scaled(g, state, go, dtype)
     f = (go.to(state.dtype) / state).reshape(-1, *(1,) * (g.dim() - 1))
-    return times_keeping_zeros(g.to(state.dtype), f).to(dtype or g.dtype)
+    return times_keeping_zeros(g, f, out=g.new_empty(g.shape, dtype=dtype or g.dtype))
 
 
 def _stash(ctx, tensors: tuple, anchored: bool) -> Optional[Tensor]:
@@ -877,6 +877,7 @@ class _LinearCEFunction(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, d_loss, d_lse, d_hits, d_anchor):
+        refuse_batched_backward("linear_cross_entropy", grad_output=d_loss)
         return (*_loss_grads(ctx, d_loss, _recompute), None, None, None, None, None, None, None)
 
 
@@ -891,6 +892,7 @@ class _LseFunction(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, d_lse, d_anchor):
+        refuse_batched_backward("linear_cross_entropy", grad_lse=d_lse)
         return (None, *_lse_grads(ctx, d_lse, _recompute), None, None, None, None)
 
 
@@ -1332,7 +1334,10 @@ def linear_cross_entropy(
     forward computes (mean / sum), which the first backward scales in place
     and hands out: a later backward over a retained graph scales them into
     new tensors, so rows whose first grad_output was 0 have none left (NaN),
-    as for :func:`softmax_gpu.cross_entropy`.
+    as for :func:`softmax_gpu.cross_entropy`. ``torch.func`` transforms and
+    forward-mode AD are refused, and so is a batched grad_output
+    (``is_grads_batched``, ``jacobian(vectorize=True)``): the backward takes
+    one grad_output at a time.
     """
     refuse_transformed("linear_cross_entropy", "which the chunked passes and their in-place "
                        "gradients do not support; use softmax_gpu.cross_entropy(F.linear(...), "

@@ -64,7 +64,8 @@ from . import heuristics
 from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
                       check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, backend_for, first_order, launch_device, launch_on,
-                        new_output, plan_cache, refuse_transformed, remember, saved)
+                        new_output, plan_cache, refuse_batched_backward, refuse_transformed,
+                        remember, saved)
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows, denominators_plan
 from .kernels import vocab_parallel as K
@@ -390,6 +391,10 @@ class _ShardLoss:
         V = layout.vocab
         self.smooth = opts.eps > 0
         self.cw = weight.to(acc).contiguous() if weight is not None else None
+        # the caller's target and class weight may be held by reference (no
+        # copy): their versions now, checked before a backward reads them
+        self.held = tuple((name, v, v._version) for name, v in (("target", t), ("weight", self.cw))
+                          if v is not None)
         self.kernels = backend_for(t) == "triton"
         if self.kernels:
             self.t = t = t.contiguous()
@@ -417,6 +422,19 @@ class _ShardLoss:
         if opts.reduction == "mean":
             self.dz = kept.sum(dtype=acc)
             self.dl = self.dz if self.cw is None else self.w_t.sum()
+
+    def check_unmodified(self) -> None:
+        """Raise, as torch's backward does, when the target or the class weight
+        given to the forward was modified in place since: the gradient reads
+        them again and would silently use the new values."""
+        if torch.compiler.is_compiling():
+            return
+        for name, v, version in self.held:
+            if v._version != version:
+                raise RuntimeError(
+                    f"softmax_gpu vocab-parallel cross-entropy: the {name} given to the forward "
+                    f"was modified in place before the backward (version {v._version}, "
+                    f"expected {version}); the gradient needs its values: modify a clone")
 
     def stats(self, x: Tensor, rows: slice):
         """(mx, st) of the shard block ``x`` for the call's ``rows``."""
@@ -573,6 +591,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, d_loss, d_lse, d_anchor):
         if d_loss is None and d_lse is None:
             return None, None, None, None
+        refuse_batched_backward("vocab_parallel_cross_entropy", grad_output=d_loss, grad_lse=d_lse)
         if ctx.inplace:
             if ctx.done:
                 raise RuntimeError(
@@ -582,6 +601,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             ctx.done = True
         x, lse = saved(ctx)
         fn = ctx.fn
+        fn.check_unmodified()
         coef = fn.coefs(lse, _ALL, d_loss, d_lse)
         dx = fn.grad_(x, _ALL, coef, x if ctx.inplace else None)
         if ctx.inplace:
@@ -793,11 +813,14 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     def backward(ctx, d_loss, d_lse, d_anchor):
         if (d_loss is None and d_lse is None) or not any(ctx.needs):
             return (None,) * 9
+        refuse_batched_backward("vocab_parallel_linear_cross_entropy", grad_output=d_loss,
+                                grad_lse=d_lse)
         x, w, b, lse, dx, dw, db = saved(ctx)
         fn = ctx.fn
         if d_lse is None and ctx.precomputed:
             out = _scale_out(ctx, dx, dw, db, d_loss)
         else:
+            fn.check_unmodified()
             grads = _chunk_pass(x, w, b, fn, ctx.rows, ctx.needs, False, lse, d_loss, d_lse,
                                 ctx.acc32, ctx.main_grad)[2]
             out = _hand_out(ctx, *grads[:3])

@@ -223,7 +223,8 @@ def test_bf16_weight_grad_precision_option():
     """Random bf16 data over 100 chunks: acc_policy="balanced" accumulates dW
     in fp32 and rounds once, so its error is that one rounding; the default
     (in place, one rounding per chunk) drifts several times further, so the
-    option is observable.
+    option is observable. "One rounding" is the kernels' store's: round to
+    nearest on a GPU, truncation in Triton's interpreter.
 
     Reference: the exact (float64) dW = G^T X of the bf16 logits gradient G
     the kernel writes (cross_entropy_with_grad on the bf16 logits of
@@ -235,7 +236,10 @@ def test_bf16_weight_grad_precision_option():
     t = torch.randint(0, v, (n,), generator=g).to(DEVICE)
     _, G = softmax_gpu.cross_entropy_with_grad(F.linear(x, w).detach(), t, reduction="sum")
     ref = G.double().T @ x.detach().double()
-    rounding = float((ref.bfloat16().double() - ref).norm() / ref.norm())  # the cast alone
+    once = ref.bfloat16()  # the cast alone; the interpreter's stores truncate fp32 -> bf16
+    if softmax_gpu.backend_for(x) == "triton" and x.device.type == "cpu":
+        once = (ref.float().view(torch.int32) & -65536).view(torch.float32).bfloat16()
+    rounding = float((once.double() - ref).norm() / ref.norm())
 
     def rel_err(policy):
         opts = softmax_gpu.LinearCrossEntropyOptions(acc_policy=policy)
@@ -248,7 +252,7 @@ def test_bf16_weight_grad_precision_option():
     print(f"bf16 dW relative error over 100 chunks: fp32 accumulator {fp32:.2e}, in place "
           f"{default:.2e}, one bf16 rounding of the exact dW {rounding:.2e}")
     assert fp32 <= 1.5 * rounding
-    assert default > 3 * rounding
+    assert default > 2 * rounding
 
 
 def test_options_are_checked_and_torch_names_honoured():
@@ -397,6 +401,24 @@ def test_ignored_rows_stay_zero_under_any_grad_output(backend, monkeypatch):
             got = torch.autograd.grad(loss / factor, (xs, ws, bs), retain_graph=True)
             for g in got:
                 assert torch.equal(g, torch.zeros_like(g)), (dtype, factor)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_batched_grad_output_is_refused_by_name(backend, monkeypatch):
+    """is_grads_batched / jacobian(vectorize=True) hand the backward a batched
+    grad_output, which the chunked passes cannot take: a clear error naming
+    it (before: "Cannot access storage of BatchedTensorImpl" or a vmap
+    error from deep inside), for the loss and for the returned lse."""
+    if backend == "torch":
+        monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
+    x, w, b, t = problem(n=12)
+    for reduction in ("mean", "none"):
+        loss, lse = lce(x, w, t, linear_bias=b, reduction=reduction, chunk_size=CHUNK,
+                        return_lse=True)
+        for out, name in ((loss, "grad_output"), (lse, "grad_lse")):
+            go = torch.randn(3, *out.shape, dtype=out.dtype)
+            with pytest.raises(RuntimeError, match=f"backward: {name} is .* batched by autograd"):
+                torch.autograd.grad(out, (x, w), go, is_grads_batched=True, retain_graph=True)
 
 
 def test_out_of_range_targets_give_nan_rows():

@@ -461,6 +461,38 @@ def _retain_graph(rank: int) -> None:
             torch.testing.assert_close(s, -a, rtol=1e-13, atol=1e-15)
 
 
+def _modified_after_forward(rank: int) -> None:
+    """A target or class weight modified in place between the forward and a
+    backward that reads it again is an error, as in torch (the gradient
+    would silently use the new values); a batched grad_output is refused by
+    name."""
+    from softmax_gpu.distributed import (vocab_parallel_cross_entropy,
+                                         vocab_parallel_linear_cross_entropy)
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 37, dtype=torch.float32, generator=g).requires_grad_(True)
+    target = torch.randint(0, 37, (6,), generator=g)
+    weight = torch.rand(37, generator=g) + 0.5
+    for name, change in (("target", lambda: target.add_(1).remainder_(37)),
+                         ("weight", lambda: weight.mul_(2))):
+        loss = vocab_parallel_cross_entropy(x, target, weight=weight)
+        change()
+        with pytest.raises(RuntimeError, match=f"the {name} given to the forward was modified"):
+            loss.backward()
+    h = torch.randn(6, 8, dtype=torch.float32, generator=g, requires_grad=True)
+    w = torch.randn(37, 8, dtype=torch.float32, generator=g, requires_grad=True)
+    loss = vocab_parallel_linear_cross_entropy(h, w, target, reduction="none")
+    target.zero_()
+    with pytest.raises(RuntimeError, match="the target given to the forward was modified"):
+        loss.sum().backward()
+    # a batched grad_output (is_grads_batched): refused by name, not a storage error
+    for f, ins in ((lambda: vocab_parallel_cross_entropy(x, target, reduction="none"), (x,)),
+                   (lambda: vocab_parallel_linear_cross_entropy(h, w, target), (h, w))):
+        loss = f()
+        with pytest.raises(RuntimeError, match="backward: grad_output is .* batched by autograd"):
+            torch.autograd.grad(loss, ins, torch.randn(2, *loss.shape), is_grads_batched=True)
+
+
 def _linear_memory(rank: int) -> None:
     """The linear version's weight gradient: a bf16 shard's is accumulated in
     place in bf16 (no fp32 [V_r, D] tensor is made), acc_policy="balanced"
@@ -882,7 +914,7 @@ def test_one_rank():
 
     spawn_group(_worker, 1, WORLD1, LINEAR1,
                 ("_no_collective", "_inplace_4d", "_linear_ignore_index_none",
-                 "_linear_fp16_loss_scale", "_no_double_backward"))
+                 "_linear_fp16_loss_scale", "_no_double_backward", "_modified_after_forward"))
 
 
 def test_three_ranks():
