@@ -5,6 +5,7 @@ op's own module."""
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 
@@ -59,12 +60,17 @@ def check_row_length(n: int, what: str) -> None:
 
 def as_int(value, name: str) -> int:
     """An integer argument as torch takes it: an int or any integral scalar
-    (numpy's included), not a bool; returned as an int."""
+    (numpy's included) or other object with ``__index__`` (a one-element
+    integer tensor: read on the host, as torch reads it), not a bool;
+    returned as an int."""
     if value.__class__ is int:
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except (TypeError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def as_number(value, name: str) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,13 @@ def _worker(rank, world, port, interpret):
         for bad in (1.0, -0.1, 1 - 0.5 / V):
             with pytest.raises(ValueError, match="label_smoothing"):
                 vocab_parallel_cross_entropy(torch.randn(S, BATCH, V // world), target, bad)
+        for bad in (True, "0.1", None):
+            with pytest.raises(TypeError, match="label_smoothing"):
+                vocab_parallel_cross_entropy(torch.randn(S, BATCH, V // world), target, bad)
+        # a NumPy scalar, as a config read with NumPy holds it: the same as the float
+        shard = torch.randn(S, BATCH, V // world)
+        assert torch.equal(vocab_parallel_cross_entropy(shard, target, np.float32(0.25)),
+                           vocab_parallel_cross_entropy(shard, target, 0.25))
     dist.barrier()
     dist.destroy_process_group()
 

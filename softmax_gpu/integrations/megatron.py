@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._checks import as_number
 from ..distributed import vocab_parallel_cross_entropy as _vocab_parallel
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -45,7 +46,8 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
             is the lse, which the mask zeroes). Any other id outside [0, V) is
             an error (CPU tensors) or a NaN loss (CUDA tensors), never a
             silently wrong value.
-        label_smoothing: alpha in [0, 1). Megatron's formula, with
+        label_smoothing: alpha in [0, 1) (any real scalar, NumPy's
+            included). Megatron's formula, with
             K = V / (V - 1) * alpha:
             ``loss = (1 - K) * nll - K * mean_j log p_j`` (mass alpha / (V - 1)
             on every wrong class), with the mean over the GLOBAL vocabulary.
@@ -61,8 +63,8 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
         with respect to ``vocab_parallel_logits`` (the gradient has the
         logits' dtype). The backward runs no collective.
     """
-    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) or \
-            not 0.0 <= label_smoothing < 1.0:
+    label_smoothing = as_number(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     group = tp_group if tp_group is not None else _megatron_tp_group()
     if not dist.is_available() or not dist.is_initialized():
