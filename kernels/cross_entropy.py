@@ -1030,8 +1030,10 @@ def ce_grad_scale_kernel(
                 c64 = (off + cols)[None, :].to(tl.int64)
                 g = tl.load(G + gb[:, None] + c64 * sg_n, mask=mask, other=0.0).to(ACC)
                 # an exact 0 (every element of an ignored row) stays 0 whatever the
-                # factor is, inf and NaN included, as in torch's backward
-                g = tl.where(g == 0.0, 0.0, g * factor[:, None])
+                # factor is, inf and NaN included, as in torch's backward; not in a
+                # row scaled to 0 before (done 0: nothing left to scale, NaN)
+                keep = (g == 0.0) & (done != 0.0)[:, None]
+                g = tl.where(keep, 0.0, g * factor[:, None])
                 tl.store(OUT + ob[:, None] + c64 * so_n, g.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -1353,7 +1355,8 @@ def scale_check(num_warps: int) -> int:
 
 def grad_scale_launcher(M, C, inner, g_strides, o_strides, in_place, dtype, cfg):
     """``launch(g, out, state, go, s_go)``: out[row] = g[row] * go[row] / state[row],
-    exact zeros kept at 0 (ignored rows) whatever the factor.
+    exact zeros kept at 0 (ignored rows) whatever the factor, except in rows
+    whose state is 0 (scaled to 0 by an earlier backward: NaN, none left).
     ``in_place`` (out is g): rows whose factor is already right are untouched
     and state <- go; else every row of ``out`` is written and state is left
     alone. ``s_go``: grad_output's stride (0 for one value for every row).

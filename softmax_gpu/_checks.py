@@ -5,7 +5,6 @@ op's own module."""
 from __future__ import annotations
 
 import numbers
-import operator
 
 import torch
 
@@ -59,17 +58,17 @@ def check_row_length(n: int, what: str) -> None:
 
 
 def as_int(value, name: str) -> int:
-    """An integer argument as torch takes it: an int or any integral scalar
-    (numpy's included) or other object with ``__index__`` (a one-element
-    integer tensor: read on the host, as torch reads it), not a bool;
-    returned as an int."""
+    """An integer argument as torch takes it: an int, any integral scalar
+    (numpy's included) or a 0-d integer tensor (read on the host, as torch
+    reads it); not a bool, a bool tensor or an array. Returned as an int."""
     if value.__class__ is int:
         return value
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except (TypeError, RuntimeError):
-            pass
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.dtype.is_floating_point and \
+                not value.dtype.is_complex and value.dtype != torch.bool:
+            return int(value)
+    elif not isinstance(value, bool) and isinstance(value, numbers.Integral):
+        return int(value)
     raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 

@@ -542,8 +542,8 @@ def check_divisor(divisor, input: Tensor):
     one real value (any float or integer dtype). A CPU tensor with a CUDA
     input is read on the host (no device sync: its value is already there).
     While ``torch.compile`` traces, a number (which it may have made
-    symbolic: a token count that changes from step to step) becomes a 0-d
-    tensor, unchecked like any tensor."""
+    symbolic: a token count that changes from step to step) is checked
+    (guards, for a symbolic one) and becomes a 0-d tensor."""
     if divisor is None:
         return None, None
     if isinstance(divisor, Tensor):
@@ -558,11 +558,14 @@ def check_divisor(divisor, input: Tensor):
             return None, divisor.detach().reshape(())
     if isinstance(divisor, bool) or not isinstance(divisor, numbers.Real):
         raise TypeError(f"divisor must be a number or a tensor, got {type(divisor).__name__}")
+    d = float(divisor)
+    # comparisons, not math.isfinite: a symbolic number turns them into guards
+    if not (-math.inf < d < math.inf and d != 0.0):
+        # (a symbolic number cannot be formatted while tracing)
+        got = "" if torch.compiler.is_compiling() else f", got {divisor}"
+        raise ValueError(f"divisor must be a finite nonzero number{got}")
     if torch.compiler.is_compiling():
         return None, torch.full((), divisor, dtype=torch.float64, device=input.device)
-    d = float(divisor)
-    if not (math.isfinite(d) and d != 0.0):
-        raise ValueError(f"divisor must be a finite nonzero number, got {divisor}")
     return d, None
 
 
@@ -1063,18 +1066,22 @@ def cross_entropy_scaled_grad(grad: Tensor, state: Tensor, grad_output: Tensor,
     return reference_scaled(grad, state, grad_output, dtype)
 
 
-def times_keeping_zeros(g: Tensor, f: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``g * f`` (torch ops) with g's exact zeros kept at 0 whatever ``f`` is,
-    inf and NaN included: an ignored row's gradient stays 0 under any
-    grad_output, as in torch's backward (the eager kernels do the same).
+def times_keeping_zeros(g: Tensor, f: Tensor, state: Tensor,
+                        out: Optional[Tensor] = None) -> Tensor:
+    """``g * f`` (torch ops; ``f`` is grad_output / ``state``, both shaped to
+    broadcast over g's rows) with g's exact zeros kept at 0 whatever ``f``
+    is, inf and NaN included: an ignored row's gradient stays 0 under any
+    grad_output, as in torch's backward (the eager kernels do the same). Not
+    in a row whose state is 0 (scaled to 0 by an earlier backward over a
+    retained graph: nothing is left to scale, so NaN, never a silent 0).
     Formed in the promoted dtype; with ``out`` (which may be ``g`` itself)
     rounded once into it, with no full-size temporary but a bool mask;
     without, a new tensor (functional: also under vmap)."""
+    keep = (g == 0) & (state != 0)
     if out is None:
-        return torch.where(g == 0, 0, g * f)
-    zero = g == 0
+        return torch.where(keep, 0, g * f)
     torch.mul(g, f, out=out)
-    return out.masked_fill_(zero, 0)
+    return out.masked_fill_(keep, 0)
 
 
 def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
@@ -1085,7 +1092,8 @@ def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
     shape = (grad.shape[0], 1, *grad.shape[2:])
     f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() > 1 else \
         grad_output.to(acc).reshape(()) / state
-    return times_keeping_zeros(grad, f.reshape(shape)).to(dtype or grad.dtype).contiguous()
+    return times_keeping_zeros(grad, f.reshape(shape), state.reshape(shape)) \
+        .to(dtype or grad.dtype).contiguous()
 
 
 @cross_entropy_scaled_grad.register_fake

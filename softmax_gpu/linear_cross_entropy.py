@@ -757,7 +757,7 @@ def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
     go = go.to(state.dtype)
     # through .data, as the kernel writes it: no version bump of the saved
     # tensor, which a later backward over a retained graph unpacks again
-    times_keeping_zeros(g.data, (go / state)[:, None], out=g.data)
+    times_keeping_zeros(g.data, (go / state)[:, None], state[:, None], out=g.data)
     state.copy_(go.expand_as(state))
 
 
@@ -766,8 +766,9 @@ def _rescaled(g: Tensor, state: Tensor, go: Tensor, dtype: Optional[torch.dtype]
     (g and state untouched; exact zeros stay 0)."""
     if backend_for(g) == "triton" and g.dim() == 2 and not traced(go):
         return _scaled(g, state, go, dtype)
-    f = (go.to(state.dtype) / state).reshape(-1, *(1,) * (g.dim() - 1))
-    return times_keeping_zeros(g, f, out=g.new_empty(g.shape, dtype=dtype or g.dtype))
+    rows = (-1, *(1,) * (g.dim() - 1))
+    return times_keeping_zeros(g, (go.to(state.dtype) / state).reshape(rows), state.reshape(rows),
+                               out=g.new_empty(g.shape, dtype=dtype or g.dtype))
 
 
 def _stash(ctx, tensors: tuple, anchored: bool) -> Optional[Tensor]:

@@ -393,8 +393,10 @@ class _ShardLoss:
         self.cw = weight.to(acc).contiguous() if weight is not None else None
         # the caller's target and class weight may be held by reference (no
         # copy): their versions now, checked before a backward reads them
-        self.held = tuple((name, v, v._version) for name, v in (("target", t), ("weight", self.cw))
-                          if v is not None)
+        # (inference tensors have no version, and no backward)
+        self.held = () if torch.compiler.is_compiling() else tuple(
+            (name, v, v._version) for name, v in (("target", t), ("weight", self.cw))
+            if v is not None and not v.is_inference())
         self.kernels = backend_for(t) == "triton"
         if self.kernels:
             self.t = t = t.contiguous()

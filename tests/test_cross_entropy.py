@@ -403,6 +403,26 @@ def test_ignored_rows_stay_zero_under_any_grad_output(path):
             assert_close(g, want, scale=8)
 
 
+@pytest.mark.parametrize("path", ["single", "looped"])
+def test_retained_backward_after_a_zero_grad_output_is_never_a_silent_zero(path):
+    """A first backward with grad_output 0 on kept rows scales their saved
+    gradient to 0 in place (documented: a later backward over the retained
+    graph has none left for them). That later backward gives NaN there, or
+    the right gradient, never a silent 0; the other rows are right."""
+    C = C_FOR[path]
+    t = targets(4, C, ignore=())
+    x = rand(4, C).requires_grad_()
+    with forced(path):
+        loss = softmax_gpu.cross_entropy(x * 1.0, t, reduction="none")
+        torch.autograd.grad(loss, x, torch.tensor([1.0, 0.0, 1.0, 0.0]), retain_graph=True)
+        (g,) = torch.autograd.grad(loss, x, torch.ones(4))
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(torch_ref(x64, t, reduction="sum"), x64)
+    assert_close(g[0::2], want[0::2])
+    for r in (1, 3):
+        assert g[r].isnan().all() or torch.allclose(g[r].double(), want[r], atol=1e-5), g[r]
+
+
 @pytest.mark.parametrize("late", [None, 1, 319, 320, 599])
 @pytest.mark.parametrize("sms", [1, 2])
 def test_rescale_checks_whole_groups_of_rows(sms, late):
@@ -1185,6 +1205,13 @@ def test_compile_with_a_number_divisor_that_changes():
         (dx_ref,) = torch.autograd.grad(ref, x64)
         assert_close(loss, ref.detach())
         assert_close(dx, dx_ref, scale=4.0)
+    # a constant number is checked while tracing too, as eagerly
+    for bad in (0, float("inf")):
+        bad_call = torch.compile(
+            lambda x: softmax_gpu.cross_entropy(x, t, reduction="sum", divisor=bad),
+            fullgraph=True, backend="aot_eager")
+        with pytest.raises(Exception, match="divisor must be a finite nonzero number"):
+            bad_call(rand(6, C))
 
 
 def test_divisor_with_every_extra_and_probability_targets():

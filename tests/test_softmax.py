@@ -320,12 +320,13 @@ def test_bad_input_errors():
     torch_fn = {softmax_gpu.softmax: torch.softmax, softmax_gpu.log_softmax: torch.log_softmax}
     for fn in (softmax_gpu.softmax, softmax_gpu.log_softmax):
         assert torch.equal(fn(x, dim=np.int64(-1)), fn(x, dim=-1))
-        # a one-element integer tensor, as torch takes it
+        # a 0-d integer tensor, as torch takes it
         assert torch.equal(fn(x, dim=torch.tensor(0)), fn(x, dim=0))
         torch.testing.assert_close(fn(x, dim=torch.tensor(0)), torch_fn[fn](x, dim=torch.tensor(0)))
     with pytest.raises(TypeError, match="dim must be an int"):
         softmax_gpu.softmax(x, dim=np.float32(1.0))
-    for bad in (torch.tensor(1.0), torch.tensor([0, 1]), True):
+    for bad in (torch.tensor(1.0), torch.tensor([0, 1]), torch.tensor([1]), torch.tensor(True),
+                np.array(1), True):
         with pytest.raises(TypeError, match="dim must be an int"):
             softmax_gpu.softmax(x, dim=bad)
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):

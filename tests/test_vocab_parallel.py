@@ -464,8 +464,8 @@ def _retain_graph(rank: int) -> None:
 def _modified_after_forward(rank: int) -> None:
     """A target or class weight modified in place between the forward and a
     backward that reads it again is an error, as in torch (the gradient
-    would silently use the new values); a batched grad_output is refused by
-    name."""
+    would silently use the new values), and inference tensors (no version)
+    are fine; a batched grad_output is refused by name."""
     from softmax_gpu.distributed import (vocab_parallel_cross_entropy,
                                          vocab_parallel_linear_cross_entropy)
 
@@ -485,6 +485,11 @@ def _modified_after_forward(rank: int) -> None:
     target.zero_()
     with pytest.raises(RuntimeError, match="the target given to the forward was modified"):
         loss.sum().backward()
+    # inference tensors carry no version (and allow no backward): a plain forward
+    with torch.inference_mode():
+        ti, wi = target.clone(), weight.clone()
+        assert torch.isfinite(vocab_parallel_cross_entropy(x.detach(), ti.int(), weight=wi))
+        assert torch.isfinite(vocab_parallel_linear_cross_entropy(h.detach(), w.detach(), ti))
     # a batched grad_output (is_grads_batched): refused by name, not a storage error
     for f, ins in ((lambda: vocab_parallel_cross_entropy(x, target, reduction="none"), (x,)),
                    (lambda: vocab_parallel_linear_cross_entropy(h, w, target), (h, w))):

@@ -216,6 +216,8 @@ class _Forward:
     ``__self__`` and ``__func__`` (wrappers such as accelerate's autocast
     rebind ``__func__``)."""
 
+    __name__ = "forward"
+
     def __init__(self, model):
         self.__self__ = model
         self.__doc__ = getattr(type(model).forward, "__doc__", None)
@@ -226,7 +228,9 @@ class _Forward:
     @property
     def __signature__(self) -> inspect.Signature:
         model = self.__self__
-        return inspect.signature(model.__dict__[_STATE].original(model))
+        state = model.__dict__.get(_STATE)  # None once reverted
+        return inspect.signature(state.original(model) if state is not None else
+                                 type(model).forward.__get__(model))
 
     @property
     def __func__(self):
