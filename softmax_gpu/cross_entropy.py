@@ -1074,6 +1074,9 @@ def times_keeping_zeros(g: Tensor, f: Tensor, state: Tensor,
     grad_output, as in torch's backward (the eager kernels do the same). Not
     in a row whose state is 0 (scaled to 0 by an earlier backward over a
     retained graph: nothing is left to scale, so NaN, never a silent 0).
+    Zeros are told by value, so an exact 0 in a kept row (a class whose
+    probability underflowed) also stays 0 where torch gives NaN; the row's
+    other entries still carry the inf / NaN.
     Formed in the promoted dtype; with ``out`` (which may be ``g`` itself)
     rounded once into it, with no full-size temporary but a bool mask;
     without, a new tensor (functional: also under vmap)."""
