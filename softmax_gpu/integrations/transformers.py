@@ -104,15 +104,6 @@ def _shifted_targets(labels: Tensor, shift_labels: Tensor | None, ignore_index: 
     return shift_labels.reshape(-1)
 
 
-def _per_item(loss: Tensor, num_items_in_batch) -> Tensor:
-    """``loss`` (a sum) divided by ``num_items_in_batch``, or ``loss`` (a mean)."""
-    if num_items_in_batch is None:
-        return loss
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
-
-
 def _reduction_and_divisor(num_items_in_batch, device: torch.device):
     """(reduction, divisor) for the kernels: ("mean", None) without
     ``num_items_in_batch``; else ("sum", it) stated as the kernel's divisor
@@ -132,9 +123,14 @@ def _reduction_and_divisor(num_items_in_batch, device: torch.device):
 
 
 def _divided(loss: Tensor, divisor, num_items_in_batch) -> Tensor:
-    """The loss the kernels returned, divided by ``num_items_in_batch`` when it
-    was not stated to them as the divisor."""
-    return loss if divisor is not None else _per_item(loss, num_items_in_batch)
+    """The loss the kernels returned (a sum, or a mean without
+    ``num_items_in_batch``), divided by ``num_items_in_batch`` when it was not
+    stated to them as the divisor."""
+    if divisor is not None or num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 def _token_accuracy(predicted: Tensor, target: Tensor, ignore_index: int) -> Tensor:
@@ -203,10 +199,13 @@ class _Patch:
         self.call = None                    # the _FusedCall in flight
         self.warned = False
 
-    def original(self, model):
-        """The forward that ran before :func:`apply` (bound to ``model``)."""
-        return self.saved_forward if self.saved_forward is not None else \
-            type(model).forward.__get__(model)
+
+def _original_forward(model):
+    """The forward that ran before :func:`apply` (bound to ``model``), also
+    once reverted."""
+    state = model.__dict__.get(_STATE)
+    saved = state.saved_forward if state is not None else None
+    return saved if saved is not None else type(model).forward.__get__(model)
 
 
 class _Forward:
@@ -227,17 +226,15 @@ class _Forward:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        model = self.__self__
-        state = model.__dict__.get(_STATE)  # None once reverted
-        return inspect.signature(state.original(model) if state is not None else
-                                 type(model).forward.__get__(model))
+        return inspect.signature(_original_forward(self.__self__))
 
     @property
     def __func__(self):
         fn = types.FunctionType(_forward.__code__, _forward.__globals__, "forward")
-        fn.__signature__ = self.__signature__.replace(parameters=[
+        sig = self.__signature__
+        fn.__signature__ = sig.replace(parameters=[
             inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-            *self.__signature__.parameters.values()])
+            *sig.parameters.values()])
         fn.__doc__ = self.__doc__
         return fn
 
@@ -337,7 +334,7 @@ def _forward(self, *args, **kwargs):
                               "the loss hook is used (logits are computed)", stacklevel=2)
     state.hook_calls = 0
     if not fused:
-        out = state.original(self)(*args, **kwargs)
+        out = _original_forward(self)(*args, **kwargs)
         _check_hook_ran(self, state, labels)
         if want_accuracy:
             _attach(out, _accuracy_from_logits(out, labels, kwargs))
@@ -346,7 +343,7 @@ def _forward(self, *args, **kwargs):
     head.forward = call.head
     state.call = call
     try:
-        out = state.original(self)(*args, **kwargs)
+        out = _original_forward(self)(*args, **kwargs)
     finally:
         state.call = None
         head.__dict__.pop("forward", None)
