@@ -169,7 +169,7 @@ def test_fused_path_states_num_items_as_the_divisor(monkeypatch):
     model = tiny("llama")
     ids, labels = batch()
     n = (labels[:, 1:] != -100).sum() + 3
-    cases = {"tensor": n, "int": int(n), "zero": 0}
+    cases = {"tensor": n, "int": int(n), "zero": 0, "shape (1,)": n.reshape(1)}
     refs = {k: run(model, input_ids=ids, labels=labels, num_items_in_batch=v)
             for k, v in cases.items()}
     seen = []
@@ -553,6 +553,7 @@ def test_causal_lm_loss_contract(dtype):
     shift[0, -1] = 5
     n = torch.tensor(11)
     cases = [dict(), dict(num_items_in_batch=n), dict(num_items_in_batch=11),
+             dict(num_items_in_batch=n.reshape(1)),  # Trainer's shape for several GPUs
              dict(shift_labels=shift), dict(ignore_index=3), dict(unknown_kwarg=1.0)]
     for kw in cases:
         lab = labels.masked_fill(labels == -100, 3) if "ignore_index" in kw else labels
@@ -560,7 +561,7 @@ def test_causal_lm_loss_contract(dtype):
         r = logits.clone().requires_grad_(True)
         loss = st.causal_lm_loss(x, lab, V, **kw)
         ref = ForCausalLMLoss(r, lab, V, **kw)
-        assert loss.dtype == torch.float32 and loss.shape == ()
+        assert loss.dtype == torch.float32 and loss.shape == ref.shape
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(loss, ref, **tol)
         loss.backward()

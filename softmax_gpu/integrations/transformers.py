@@ -125,12 +125,18 @@ def _reduction_and_divisor(num_items_in_batch, device: torch.device):
 def _divided(loss: Tensor, divisor, num_items_in_batch) -> Tensor:
     """The loss the kernels returned (a sum, or a mean without
     ``num_items_in_batch``), divided by ``num_items_in_batch`` when it was not
-    stated to them as the divisor."""
-    if divisor is not None or num_items_in_batch is None:
+    stated to them as the divisor. Its shape is that of transformers' division
+    ``loss / num_items_in_batch``: (1,) for a count of shape (1,), as
+    ``Trainer`` makes it for several GPUs."""
+    if num_items_in_batch is None:
         return loss
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+    if divisor is None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+    if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim():
+        return loss.reshape(num_items_in_batch.shape)
+    return loss
 
 
 def _token_accuracy(predicted: Tensor, target: Tensor, ignore_index: int) -> Tensor:
