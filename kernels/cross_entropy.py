@@ -414,8 +414,9 @@ def ce_class_single_kernel(
     s = finite_max(m)
     l1p = log1p_acc(r)
     lse = m + l1p
-    # the target logit, read (before any gradient store: in place) rather than
-    # picked out of the tile, which would cost a select and an add per element
+    # the target logit, read rather than picked out of the tile, which would
+    # cost a select and an add per element; ordered before the gradient's
+    # stores (G may be X) by the barrier below
     zt = load_logits(X, xb + t * sx_n, rmask & kept & inside, cap, SOFTCAP, ACC)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
@@ -435,6 +436,9 @@ def ce_class_single_kernel(
     if WRITE_HIT:
         tl.store(HIT + rows, (kept & inside & (zt >= m)).to(tl.int8), mask=rmask)
     if WRITE_GRAD:
+        # every thread's read of the target logit before any thread's store of
+        # the gradient over it (in place: another warp owns that column)
+        tl.debug_barrier()
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
         ar = a * recip_rn(1.0 + r)
         # the row without its target's -b (no column compare per element: the
@@ -503,8 +507,12 @@ def ce_class_looped_kernel(
         t, kept, inside, wt = class_target(T, W, row, row < M, C, ignore_index, HAS_WEIGHT, ACC)
         l1p = log1p_acc(r)
         lse = m + l1p
-        # the target logit, read before any gradient tile can overwrite it (in place)
+        # the target logit, read before any gradient tile can overwrite it (in
+        # place): every thread's read, before any thread's store (another warp
+        # owns that column)
         zt = load_logits(X, xb + t * sx_n, kept & inside, cap, SOFTCAP, ACC)
+        if WRITE_GRAD:
+            tl.debug_barrier()
         a, b, cw = class_grad_coefs(lse, wt, sw, eps, C, inv_l, zl2, SMOOTH)
         gb = row_base(row, INNER, sg_o, sg_i)
         smooth_sum = class_row_pass(X, G, W, xb, gb, sx_n, sg_n, 0, C, t, kept, finite_max(m),

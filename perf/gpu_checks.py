@@ -21,14 +21,20 @@
    cross-entropy, what their target element holds. Each path runs twice:
    every path merges in a fixed order and forms each element one way, so a
    second run whose bits differ from the first is a race, reported by rows.
-3. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
+3. **The gradient written over the logits.** ``cross_entropy(...,
+   inplace_backward=True)`` (the linear cross-entropy's chunks take the same
+   kernels) on the one-program-per-row and looped paths, with targets in the
+   first columns (where another warp's gradient store races the read of the
+   target logit unless a barrier orders them): its row losses, lse and
+   gradient bit for bit against the out-of-place call's, several runs.
+4. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
    + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy, and
    softmax_gpu.linear_cross_entropy on the hidden states -> backward ->
    SGD update) runs under ``torch.cuda.set_sync_debug_mode("error")``, so any
    op that synchronises the host raises. A deliberate ``.item()`` first
    proves the detector is armed.
 
-They run in the order 3, 1, 2 (the long rows, the heaviest, last), and
+They run in the order 4, 1, 3, 2 (the long rows, the heaviest, last), and
 each result is a row of one markdown table, printed as the check ends. After
 a failure that left the CUDA context unusable (a kernel fault is sticky) the
 remaining checks are not run, and the table says why.
@@ -74,6 +80,10 @@ LONG_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 # runs per path: the first against float64, the others bit for bit against it
 LONG_REPEATS = 2
 GRAD_OUTPUT = 2.5
+# The gradient written over the logits: (dtype, M, N), and the plans to force
+GPU_INPLACE = [(torch.bfloat16, 4096, 4096), (torch.bfloat16, 512, 128256)]
+CPU_INPLACE = [(torch.bfloat16, 6, 300)]
+INPLACE_REPEATS = 3
 # linear_cross_entropy: (dtype, tokens, hidden, vocabulary, chunk_size)
 GPU_LINEAR_SHAPES = [(torch.bfloat16, 4096, 1024, 32000, 1024)]
 CPU_LINEAR_SHAPES = [(torch.float32, 40, 16, 96, 16)]
@@ -382,6 +392,68 @@ def _long_row_check(res: Results, device: str, cases, repeats: int = LONG_REPEAT
         del x, x64, ref
 
 
+def _inplace_paths(N: int, device: str) -> dict:
+    """name -> Limits fields for rows of N: the plan a call gets, the row on
+    chip in one program (N <= 16384), the looped pass over tiles."""
+    small = {} if device == "cuda" else dict(tile=16, sm_count=2)
+    pow2 = 1 << (N - 1).bit_length()
+    paths = {"default": {}}
+    if N <= 16384:
+        paths["one program per row"] = dict(max_single=pow2, **small)
+    paths["looped"] = dict(max_single=pow2 // 4, long_path="looped", **small)
+    return paths
+
+
+def _inplace_check(res: Results, device: str, cases, repeats: int = INPLACE_REPEATS) -> None:
+    """``cross_entropy(..., reduction="none", inplace_backward=True)`` against
+    the same call out of place, bit for bit (row losses, lse, gradient), on
+    every plan of ``_inplace_paths``, with targets in the first 64 columns;
+    ``repeats`` runs, each from fresh logits."""
+    import softmax_gpu
+    from softmax_gpu import heuristics
+    from softmax_gpu._dispatch import poison_outputs
+
+    for dtype, M, N in cases:
+        g = torch.Generator(device=device).manual_seed(11)
+        x = (torch.randn(M, N, device=device, generator=g) * 3).to(dtype)
+        t = torch.randint(0, min(N, 64), (M,), device=device, generator=g)
+        for path, fields in _inplace_paths(N, device).items():
+            name = f"in place, {path}: cross_entropy {str(dtype)[6:]} {M}x{N}, targets < 64"
+            try:
+                plan = heuristics.override(**fields) if fields else contextlib.nullcontext()
+                detail, ok = "", True
+                with plan, poison_outputs():
+                    xs = x.clone().requires_grad_()
+                    loss, lse = softmax_gpu.cross_entropy(xs, t, reduction="none",
+                                                          return_lse=True)
+                    loss.backward(torch.ones_like(loss))
+                    want = (loss.detach(), lse.detach(), xs.grad)
+                    for k in range(1, repeats + 1):
+                        logits = x.clone().requires_grad_() * 1
+                        got_loss, got_lse = softmax_gpu.cross_entropy(
+                            logits, t, reduction="none", return_lse=True,
+                            inplace_backward=True)
+                        (grad,) = torch.autograd.grad(got_loss, logits,
+                                                      torch.ones_like(got_loss))
+                        bad = [f"{what} {int((~((a == b) | (a.isnan() & b.isnan()))).sum())}"
+                               for what, a, b in (("losses", got_loss.detach(), want[0]),
+                                                  ("lse", got_lse.detach(), want[1]),
+                                                  ("gradient", grad, want[2]))
+                               if not torch.equal(a.isnan(), b.isnan())
+                               or not torch.equal(a.nan_to_num(), b.nan_to_num())]
+                        if bad:
+                            ok = False
+                            detail = f"run {k}: elements differing from out of place: " \
+                                + ", ".join(bad)
+                            break
+                if ok:
+                    detail = f"{repeats} runs bit for bit as out of place"
+                res.add(name, ok, detail)
+            except Exception as exc:
+                traceback.print_exc()
+                res.add(name, False, f"{type(exc).__name__}: {exc}")
+
+
 def _bits_differ(out_a, grad_a, out_b, grad_b) -> str:
     """'' when two runs' outputs and gradients are the same bits (NaN where
     NaN), else how many elements and which rows of the gradient differ."""
@@ -500,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res.add("cuda graph linear_cross_entropy", None,
                 "skipped: softmax_gpu.linear_cross_entropy does not exist (yet)")
+    if hasattr(softmax_gpu, "cross_entropy"):
+        checks.append(lambda: _inplace_check(
+            res, device, GPU_INPLACE if device == "cuda" else CPU_INPLACE))
     checks.append(lambda: _long_row_check(res, device, GPU_LONG if device == "cuda" else CPU_LONG))
     for check in checks:
         before = res.count(False)

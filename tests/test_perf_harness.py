@@ -852,3 +852,33 @@ def test_plots_skip_a_case_with_nothing_measured(tmp_path):
                       dtype="bf16", N=256), **base)]
     paths = report.plot_all(rows, str(tmp_path), "run", info)
     assert [os.path.basename(p) for p in paths] == ["run_linear_ce_fwd_bwd_fp32.png"]
+
+
+def test_inplace_check_finds_a_target_logit_read_after_the_gradient(monkeypatch):
+    """The GPU script's in-place check, at its CPU size: every plan passes, and
+    a call that writes the gradient over the logits and then takes a row's
+    loss from what is there (a lost race: the target logit read after another
+    warp's store) fails on every plan, naming the losses."""
+    import softmax_gpu
+    from perf import gpu_checks
+
+    case = [(torch.bfloat16, 6, 300)]
+    res = gpu_checks.Results()
+    gpu_checks._inplace_check(res, "cpu", case, repeats=2)
+    assert res.ok and len(res.items) == 3, res.table()
+    real = softmax_gpu.cross_entropy
+
+    def lost_race(x, t, **kw):
+        loss, lse = real(x, t, **kw)
+        if kw.get("inplace_backward"):  # x holds the gradient now
+            zt = x.detach().gather(1, t[:, None])[:, 0].float()
+            loss = loss + (loss.detach() - (lse.detach() - zt))
+        return loss, lse
+
+    monkeypatch.setattr(softmax_gpu, "cross_entropy", lost_race)
+    res = gpu_checks.Results()
+    gpu_checks._inplace_check(res, "cpu", case, repeats=2)
+    assert len(res.items) == 3, res.table()
+    for name, ok, detail in res.items:
+        assert ok is False and "run 1: elements differing from out of place: losses 6" in detail, \
+            res.table()
