@@ -462,7 +462,7 @@ def reference_forward(x, target, weight, ignore_index, reduction, label_smoothin
     if softcap > 0:
         g = g * (1 - (z / softcap) ** 2)
     if isinstance(grad_scale, Tensor):
-        grad_scale = grad_scale.to(acc).reshape(-1, 1) if grad_scale.numel() > 1 else \
+        grad_scale = grad_scale.to(acc).reshape(-1, 1) if grad_scale.numel() != 1 else \
             grad_scale.to(acc).reshape(())
     g = torch.where(kept[:, None], g * grad_scale, 0)
     shape = (x.shape[0], *x.shape[2:], C)
@@ -1044,7 +1044,7 @@ def reference_class_grad(input, target, weight, grad_output, ignore_index, reduc
                          label_smoothing, z_loss, softcap, grad_scale, divisor) -> Tensor:
     """:func:`cross_entropy_backward` in torch ops, from the logits (also for
     a batched ``grad_output``)."""
-    go = grad_output.reshape(-1) if grad_output.numel() > 1 else grad_output.reshape(())
+    go = grad_output.reshape(-1) if grad_output.numel() != 1 else grad_output.reshape(())
     return reference_forward(input, target, weight, ignore_index, reduction, label_smoothing,
                              z_loss, softcap, go * grad_scale, True, divisor)[2]
 
@@ -1093,7 +1093,7 @@ def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
     ``grad_output``: ``is_grads_batched``, vmap over a backward)."""
     acc = state.dtype
     shape = (grad.shape[0], 1, *grad.shape[2:])
-    f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() > 1 else \
+    f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() != 1 else \
         grad_output.to(acc).reshape(()) / state
     return times_keeping_zeros(grad, f.reshape(shape), state.reshape(shape)) \
         .to(dtype or grad.dtype).contiguous()

@@ -275,6 +275,26 @@ def test_empty_batch():
     assert x.grad.shape == (0, 7)
 
 
+@pytest.mark.parametrize("backend", ["as is", "torch"])
+def test_empty_batch_compiled(backend, monkeypatch):
+    """An empty batch through torch.compile(fullgraph=True), forward and
+    backward, every reduction, as torch: the backward's per-row grad_output
+    has no element (it was taken for one value, and reshaped to ())."""
+    torch._dynamo.reset()
+    if backend == "torch":
+        monkeypatch.setattr(CE, "backend_for", lambda tensor, name="tensor": "torch")
+    for reduction in ("mean", "sum", "none"):
+        x = torch.empty(0, 7, device=DEVICE, requires_grad=True)
+        t = torch.empty(0, dtype=torch.long, device=DEVICE)
+        f = torch.compile(lambda x, t: softmax_gpu.cross_entropy(x, t, reduction=reduction),
+                          fullgraph=True)
+        out = f(x, t)
+        ref = F.cross_entropy(x, t, reduction=reduction)
+        assert out.shape == ref.shape and torch.equal(out.isnan(), ref.isnan()), reduction
+        out.sum().backward()
+        assert x.grad.shape == (0, 7), reduction
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_non_contiguous_logits(path):
     """Row-strided (padded-vocabulary) and transposed logits, read in place."""
