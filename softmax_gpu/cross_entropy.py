@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from torch.nn import _reduction
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import heuristics
 from ._checks import (as_int, as_number, check_float, check_loss_dtype, check_row_length,
@@ -1423,6 +1424,13 @@ def cross_entropy(
     Returns:
         the loss, or ``(loss, lse)`` when ``return_lse``.
     """
+    if has_torch_function_variadic(input, target, weight):  # a subclass's override, FX: as torch
+        return handle_torch_function(
+            cross_entropy, (input, target, weight), input, target, weight=weight,
+            size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, return_lse=return_lse, inplace_backward=inplace_backward,
+            loss_dtype=loss_dtype, divisor=divisor)
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,

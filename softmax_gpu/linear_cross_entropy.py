@@ -70,6 +70,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import heuristics
 from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
@@ -1340,6 +1341,15 @@ def linear_cross_entropy(
     (``is_grads_batched``, ``jacobian(vectorize=True)``): the backward takes
     one grad_output at a time.
     """
+    if has_torch_function_variadic(input, linear_weight, target, linear_bias, weight):
+        # a Tensor subclass's override, an FX Proxy: as torch's functions
+        return handle_torch_function(
+            linear_cross_entropy, (input, linear_weight, target, linear_bias, weight), input,
+            linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, return_lse=return_lse, chunk_size=chunk_size, options=options,
+            loss_dtype=loss_dtype, return_token_accuracy=return_token_accuracy,
+            divisor=divisor, main_grad=main_grad)
     refuse_transformed("linear_cross_entropy", "which the chunked passes and their in-place "
                        "gradients do not support; use softmax_gpu.cross_entropy(F.linear(...), "
                        "...) there", input=input, linear_weight=linear_weight,

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from . import heuristics
 from ._checks import FLOAT_DTYPES, check_float, check_row_length, check_tensor, wrap_dim
@@ -421,6 +422,9 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
+    if has_torch_function_unary(input):  # a Tensor subclass's override, an FX Proxy: as torch
+        return handle_torch_function(log_softmax if log else softmax, (input,), input, dim,
+                                     stacklevel, dtype=dtype)
     if not isinstance(input, Tensor):
         check_tensor(input, "input")
     if stacklevel.__class__ is torch.dtype:

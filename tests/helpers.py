@@ -219,3 +219,26 @@ def spawn_group(fn, world_size: int, *args) -> None:
 
     mp.spawn(fn, args=(world_size, free_port(), interpreted(), *args), nprocs=world_size,
              join=True)
+
+
+class Logged(torch.Tensor):
+    """A Tensor subclass with torch's default ``__torch_function__`` that
+    records every function it is handed, as a tensor-subclass library sees
+    them (``Logged.seen``)."""
+
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def fx_functions(module: torch.nn.Module, *args) -> list:
+    """The functions ``torch.fx.symbolic_trace(module)`` records, in order,
+    after checking that the traced module gives ``module``'s result on
+    ``args``, bit for bit."""
+    gm = torch.fx.symbolic_trace(module)
+    got, want = gm(*args), module(*args)
+    assert torch.equal(got, want), (got, want)
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]

@@ -23,8 +23,9 @@ import triton.language as tl
 import softmax_gpu
 from softmax_gpu import heuristics
 from softmax_gpu.kernels.cross_entropy import softcap_tanh
-from helpers import (DEVICE, FLOAT_DTYPES, LONG, assert_close, assert_not_twice_differentiable,
-                     ce_reference, expect_launches, forced, long_kernel, rand, run_python)
+from helpers import (DEVICE, FLOAT_DTYPES, LONG, Logged, assert_close,
+                     assert_not_twice_differentiable, ce_reference, expect_launches, forced,
+                     fx_functions, long_kernel, rand, run_python)
 
 CE = sys.modules["softmax_gpu.cross_entropy"]  # the module (its name is shadowed by the function)
 
@@ -2004,3 +2005,30 @@ def test_fp16_inplace_backward_refuses_changed_logits(case):
             logits.mul_(0.5)
     with pytest.raises(RuntimeError, match="modified"):
         loss.backward()
+
+
+def test_subclass_override_and_fx_trace():
+    """cross_entropy and CrossEntropyLoss take part in __torch_function__ as
+    torch's function does (any of input, target, weight): a Tensor subclass is
+    handed the call, and torch.fx.symbolic_trace records it as a node."""
+    x, t = rand(4, 9), targets(4, 9, ignore=(1,))
+    w = torch.rand(9, device=DEVICE) + 0.5
+    want = softmax_gpu.cross_entropy(x, t, w, label_smoothing=0.1)
+    for args in ((x.as_subclass(Logged), t, w), (x, t.as_subclass(Logged), w),
+                 (x, t, w.as_subclass(Logged))):
+        Logged.seen.clear()
+        got = softmax_gpu.cross_entropy(*args, label_smoothing=0.1)
+        assert Logged.seen[:1] == [softmax_gpu.cross_entropy] and type(got) is Logged
+        assert torch.equal(got.as_subclass(torch.Tensor), want)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(9, 9).to(DEVICE)
+            self.loss = softmax_gpu.CrossEntropyLoss(reduction="sum")
+
+        def forward(self, x, t):
+            h = self.lin(x)
+            return softmax_gpu.cross_entropy(h, t) + self.loss(h, t)
+
+    assert fx_functions(Net(), x, t).count(softmax_gpu.cross_entropy) == 2

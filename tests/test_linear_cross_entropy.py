@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import softmax_gpu
 from softmax_gpu import heuristics
-from helpers import (DEVICE, assert_close, assert_not_twice_differentiable, ce_reference,
-                     rand)
+from helpers import (DEVICE, Logged, assert_close, assert_not_twice_differentiable,
+                     ce_reference, fx_functions, rand)
 
 lce = softmax_gpu.linear_cross_entropy
 # the module (softmax_gpu.linear_cross_entropy is the function of the same name)
@@ -1165,3 +1165,26 @@ def test_meta_tensors_give_shapes():
         loss.sum().backward()
         assert x.grad.shape == x.shape and w.grad.shape == w.shape
         x.grad = w.grad = None
+
+
+def test_subclass_override_and_fx_trace():
+    """linear_cross_entropy takes part in __torch_function__ as torch's
+    functions do: a Tensor subclass is handed the call, and
+    torch.fx.symbolic_trace records it as a node."""
+    h, w = rand(6, 8), rand(12, 8, scale=0.3)
+    t = torch.randint(0, 12, (6,), device=DEVICE)
+    want = lce(h, w, t)
+    Logged.seen.clear()
+    got = lce(h.as_subclass(Logged), w, t)
+    assert Logged.seen[:1] == [lce] and type(got) is Logged
+    assert torch.equal(got.as_subclass(torch.Tensor), want)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 12, bias=False).to(DEVICE)
+
+        def forward(self, h, t):
+            return lce(h, self.head.weight, t, reduction="sum")
+
+    assert fx_functions(Head(), h, t) == [lce]

@@ -21,6 +21,8 @@ from softmax_gpu.kernels.softmax import (RESIDENT_MAX_SPLITS, coop_item, lean_fo
                                          resident_launch_splits, resident_meet)
 from helpers import (
     DEVICE,
+    Logged,
+    fx_functions,
     FLOAT_DTYPES,
     LONG,
     assert_close,
@@ -1064,3 +1066,26 @@ def test_batched_grad_outputs_take_torch_ops():
                                                  vectorize=True)
         want = torch.autograd.functional.jacobian(lambda a: theirs(a, 0), x.detach())
         assert_close(got, want, torch.float64)
+
+
+def test_subclass_override_and_fx_trace():
+    """softmax / log_softmax and their modules take part in __torch_function__
+    as torch's functions do: a Tensor subclass is handed the call (and gets
+    its type back), and torch.fx.symbolic_trace records each call as a node
+    (it failed on the Proxy)."""
+    x = rand(3, 8)
+    for fn in (softmax_gpu.softmax, softmax_gpu.log_softmax):
+        Logged.seen.clear()
+        y = fn(x.as_subclass(Logged), 1)
+        assert Logged.seen[:1] == [fn] and type(y) is Logged
+        assert torch.equal(y.as_subclass(torch.Tensor), fn(x, 1))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sm = softmax_gpu.Softmax(1)
+
+        def forward(self, x):
+            return softmax_gpu.log_softmax(x, -1) * self.sm(x)
+
+    assert fx_functions(Net(), x)[:2] == [softmax_gpu.log_softmax, softmax_gpu.softmax]
