@@ -218,15 +218,17 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _is_functional = torch._is_functional_tensor
+_jit_tracing = torch._C._get_tracing_state
 
 
 def traced(t: torch.Tensor) -> bool:
     """True when a call on ``t`` must go through the ``torch.library`` ops
     rather than launch kernels eagerly: while torch.compile traces, under a
     dispatch mode (FakeTensorMode, make_fx, functionalization), or for a
-    tensor subclass (fake, functional, DTensor, ...)."""
+    tensor subclass (fake, functional, DTensor, ...), and while
+    ``torch.jit.trace`` records (the graph holds the ops)."""
     return (_is_compiling() or _dispatch_modes() > 0 or type(t) not in _PLAIN_TENSORS
-            or _is_functional(t))
+            or _is_functional(t) or _jit_tracing() is not None)
 
 
 def autocast_on(t: torch.Tensor) -> bool:

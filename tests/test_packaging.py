@@ -209,3 +209,52 @@ def test_no_mutated_op_argument_has_a_default():
                 mutating.append(name)
                 assert not a.has_default_value(), f"softmax_gpu::{name}: {a.name} has a default"
     assert "linear_cross_entropy_backward" in mutating and "cross_entropy_forward_" in mutating
+
+
+def test_jit_trace_records_the_ops():
+    """torch.jit.trace of a model calling softmax, log_softmax, cross_entropy
+    and linear_cross_entropy records the softmax_gpu:: ops (the eager path's
+    launch planning read traced sizes: AttributeError), and the traced module
+    gives the eager results and gradients at another batch size too, also
+    after torch.jit.save / load."""
+    import io
+    import warnings
+
+    import torch
+
+    import softmax_gpu as sg
+    from helpers import DEVICE
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 10).to(DEVICE)
+
+        def forward(self, x, t):
+            h = self.lin(x)
+            return (sg.cross_entropy(h, t, label_smoothing=0.1) + sg.log_softmax(h, 1).mean()
+                    + sg.softmax(h, -1).pow(2).sum() + sg.linear_cross_entropy(x, self.lin.weight, t))
+
+    g = torch.Generator().manual_seed(0)
+    net = Net()
+    x = torch.randn(5, 8, generator=g).to(DEVICE)
+    t = torch.randint(0, 10, (5,), generator=g).to(DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(net, (x, t), check_trace=False)
+    ops = [n.kind() for n in traced.graph.nodes() if n.kind().startswith("softmax_gpu::")]
+    assert ops == ["softmax_gpu::cross_entropy_forward", "softmax_gpu::softmax_forward",
+                   "softmax_gpu::softmax_forward", "softmax_gpu::linear_cross_entropy_forward"], ops
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x7 = torch.randn(7, 8, generator=g).to(DEVICE)
+    t7 = torch.randint(0, 10, (7,), generator=g).to(DEVICE)
+    for module in (traced, loaded):
+        for xs, ts in ((x, t), (x7, t7)):
+            got, want = module(xs, ts), net(xs, ts)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            (dg,) = torch.autograd.grad(got, module.lin.weight)  # loaded: a copy
+            (dw,) = torch.autograd.grad(want, net.lin.weight)
+            torch.testing.assert_close(dg, dw, rtol=1e-5, atol=1e-6)
