@@ -23,6 +23,16 @@ def check_tensor(t, name: str) -> None:
     check_device(t, name)
 
 
+def refuse_nested(who: str, **tensors) -> None:
+    """TypeError naming the first of ``tensors`` that is a nested tensor
+    (``torch.nested``, jagged or strided), which the ops do not take."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_nested:
+            raise TypeError(f"{who}: {name} is a nested tensor (torch.nested), which "
+                            f"softmax_gpu does not support; pass a padded tensor "
+                            f"(to_padded_tensor) or its values()")
+
+
 def check_float(t: torch.Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(

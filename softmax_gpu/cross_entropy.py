@@ -45,7 +45,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import heuristics
 from ._checks import (as_int, as_number, check_float, check_loss_dtype, check_row_length,
-                      check_tensor, check_weight_takes_no_grad)
+                      check_tensor, check_weight_takes_no_grad, refuse_nested)
 from ._dispatch import (anchor_output, autocast_on, backend_for, empty_like, first_order,
                         interpreted, launch_device, launch_on, new_output, plan_cache, remember,
                         saved, traced, transformed)
@@ -1431,6 +1431,7 @@ def cross_entropy(
             reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, return_lse=return_lse, inplace_backward=inplace_backward,
             loss_dtype=loss_dtype, divisor=divisor)
+    refuse_nested("cross_entropy", input=input, target=target, weight=weight)
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,

@@ -2032,3 +2032,16 @@ def test_subclass_override_and_fx_trace():
             return softmax_gpu.cross_entropy(h, t) + self.loss(h, t)
 
     assert fx_functions(Net(), x, t).count(softmax_gpu.cross_entropy) == 2
+
+
+def test_nested_tensor_is_refused_by_name():
+    """A nested input or target is a TypeError naming it (cross_entropy and
+    linear_cross_entropy)."""
+    nt = torch.nested.nested_tensor([rand(2, 5), rand(3, 5)], layout=torch.jagged)
+    tt = torch.nested.nested_tensor([targets(2, 5), targets(3, 5)], layout=torch.jagged)
+    with pytest.raises(TypeError, match="input is a nested tensor"):
+        softmax_gpu.cross_entropy(nt, targets(5, 5))
+    with pytest.raises(TypeError, match="target is a nested tensor"):
+        softmax_gpu.cross_entropy(rand(5, 5), tt)
+    with pytest.raises(TypeError, match="input is a nested tensor"):
+        softmax_gpu.linear_cross_entropy(nt, rand(5, 5), targets(5, 5))

@@ -1089,3 +1089,14 @@ def test_subclass_override_and_fx_trace():
             return softmax_gpu.log_softmax(x, -1) * self.sm(x)
 
     assert fx_functions(Net(), x)[:2] == [softmax_gpu.log_softmax, softmax_gpu.softmax]
+
+
+def test_nested_tensor_is_refused_by_name():
+    """A nested tensor (jagged or strided) is a TypeError naming the argument,
+    not an internal error from deep inside."""
+    parts = [rand(2, 5), rand(3, 5)]
+    for layout in (torch.jagged, torch.strided):
+        nt = torch.nested.nested_tensor(parts, layout=layout)
+        for fn in (softmax_gpu.softmax, softmax_gpu.log_softmax):
+            with pytest.raises(TypeError, match="input is a nested tensor"):
+                fn(nt, -1)
