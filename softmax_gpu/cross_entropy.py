@@ -1357,6 +1357,10 @@ def cross_entropy(
     backward (and work), or torch's op. Training (one backward per graph,
     any grad_output) is not affected.
 
+    An ignored row's gradient is exactly 0 on the kernels' path whatever its
+    logits hold: a padded row of -inf or NaN logits stays 0, where torch's
+    (and the CPU reference path's) log-softmax backward gives NaN there.
+
     Extras (keyword-only):
         z_loss: adds ``z_loss * lse**2`` per non-ignored row, reduced like the
             loss but, for the mean, over the number of non-ignored rows
