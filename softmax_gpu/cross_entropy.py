@@ -1569,25 +1569,20 @@ def cross_entropy_with_grad(
     return loss, grad
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Drop-in for :class:`torch.nn.CrossEntropyLoss` running
-    :func:`cross_entropy`, with torch's constructor (the deprecated
-    ``size_average``/``reduce`` are mapped to ``reduction`` as torch does) plus
-    the keyword-only extras ``z_loss``, ``softcap``, ``return_lse``,
-    ``inplace_backward`` and ``loss_dtype``. ``weight`` is a buffer, as in
-    torch, so a state_dict loads across."""
+    :func:`cross_entropy`: a subclass of it (``isinstance`` checks hold),
+    with torch's constructor (the deprecated ``size_average``/``reduce`` are
+    mapped to ``reduction`` as torch does) plus the keyword-only extras
+    ``z_loss``, ``softcap``, ``return_lse``, ``inplace_backward`` and
+    ``loss_dtype``. ``weight`` is a buffer, as in torch, so a state_dict
+    loads across."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
                  z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
                  inplace_backward: bool = False, loss_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if size_average is not None or reduce is not None:
-            reduction = _reduction.legacy_get_string(size_average, reduce)
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.return_lse = return_lse

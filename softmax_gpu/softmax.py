@@ -509,29 +509,17 @@ def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
     return _softmax(input, dim, _stacklevel, dtype, True)
 
 
-class Softmax(nn.Module):
-    """Drop-in for :class:`torch.nn.Softmax`: :func:`softmax` over ``dim``."""
-
-    def __init__(self, dim: int | None = None) -> None:
-        super().__init__()
-        self.dim = dim
+class Softmax(nn.Softmax):
+    """Drop-in for :class:`torch.nn.Softmax` (a subclass of it: ``isinstance``
+    checks hold): :func:`softmax` over ``dim``."""
 
     def forward(self, input: Tensor) -> Tensor:
         return _softmax(input, self.dim, 5, None, False)
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
 
-
-class LogSoftmax(nn.Module):
-    """Drop-in for :class:`torch.nn.LogSoftmax`: :func:`log_softmax` over ``dim``."""
-
-    def __init__(self, dim: int | None = None) -> None:
-        super().__init__()
-        self.dim = dim
+class LogSoftmax(nn.LogSoftmax):
+    """Drop-in for :class:`torch.nn.LogSoftmax` (a subclass of it: ``isinstance``
+    checks hold): :func:`log_softmax` over ``dim``."""
 
     def forward(self, input: Tensor) -> Tensor:
         return _softmax(input, self.dim, 5, None, True)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"

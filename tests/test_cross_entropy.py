@@ -816,6 +816,9 @@ def test_module_matches_torch():
     ref = torch.nn.CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum", label_smoothing=0.2)
     assert_close(mod(x, t), ref(x.double(), t))
     assert "weight" in dict(mod.named_buffers())
+    assert mod.state_dict().keys() == ref.state_dict().keys()
+    # a subclass of torch's module: code that checks isinstance treats it as torch's
+    assert isinstance(mod, torch.nn.CrossEntropyLoss)
     legacy = softmax_gpu.CrossEntropyLoss(size_average=False)
     assert legacy.reduction == "sum"
     mod = softmax_gpu.CrossEntropyLoss(z_loss=1e-2, softcap=4.0, return_lse=True)
