@@ -308,10 +308,17 @@ def recip(d):
 def recip_rn(d):
     """1 / d for per-row and per-launch factors, where its cost does not
     count: fp32 correctly rounded (``div.rn``; ``recip``'s fp32 ``1.0 / d`` is
-    the 2-ulp ``div.full``, kept for per-element use); fp64 ``recip``, within
-    an ulp (an fp64 division's subroutine call makes ptxas spill around it)."""
+    the 2-ulp ``div.full``, kept for per-element use); fp64 within an ulp
+    over fp64's whole range: ``recip`` (no fp64 division: its subroutine call
+    makes ptxas spill around it) of d scaled by a power of two into [1, 4)
+    (exact, from d's exponent bits), scaled back, so that a denominator
+    outside fp32's range (class weights or a divisor below 1e-38) keeps its
+    digits and sign; 1 / 0 = inf, 1 / inf = 0, NaN stays NaN."""
     if d.dtype == tl.float64:
-        out = recip(d)
+        e = (d.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        scale = (tl.minimum(tl.maximum(2046 - e, 1), 2046) << 52).to(tl.float64, bitcast=True)
+        out = recip(d * scale) * scale
+        out = tl.where(d == 0.0, float("inf"), tl.where(tl.abs(d) == float("inf"), 0.0, out))
     else:
         out = tl.div_rn(1.0, d)
     return out

@@ -544,7 +544,8 @@ def check_divisor(divisor, input: Tensor):
     input is read on the host (no device sync: its value is already there).
     While ``torch.compile`` traces, a number (which it may have made
     symbolic: a token count that changes from step to step) is checked
-    (guards, for a symbolic one) and becomes a 0-d tensor."""
+    (guards, for a symbolic one) and becomes a 0-d tensor, as does a number
+    outside fp32's normal range."""
     if divisor is None:
         return None, None
     if isinstance(divisor, Tensor):
@@ -565,7 +566,9 @@ def check_divisor(divisor, input: Tensor):
         # (a symbolic number cannot be formatted while tracing)
         got = "" if torch.compiler.is_compiling() else f", got {divisor}"
         raise ValueError(f"divisor must be a finite nonzero number{got}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not 2.0 ** -126 <= abs(d) < 2.0 ** 127:
+        # while tracing (a symbolic number), or outside fp32's normal range
+        # (the kernels take a number as a pair of fp32 parts): a 0-d tensor
         return None, torch.full((), divisor, dtype=torch.float64, device=input.device)
     return d, None
 

@@ -2048,3 +2048,30 @@ def test_nested_tensor_is_refused_by_name():
         softmax_gpu.cross_entropy(rand(5, 5), tt)
     with pytest.raises(TypeError, match="input is a nested tensor"):
         softmax_gpu.linear_cross_entropy(nt, rand(5, 5), targets(5, 5))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fp64_denominators_outside_fp32_range(path):
+    """fp64 logits whose mean denominator (class weights) or divisor lies
+    outside fp32's range keep fp64's digits: the kernels' fp64 reciprocal
+    went through fp32 (weights of 1e-40 gave a -inf loss) and a number
+    divisor travelled as fp32 parts (1e-300 gave NaN)."""
+    C = C_FOR[path]
+    x = rand(5, C, dtype=torch.float64)
+    t = targets(5, C, ignore=(1,))
+    cases = [dict(weight=torch.full((C,), 1e-40, dtype=torch.float64, device=DEVICE)),
+             dict(reduction="sum", divisor=1e-40), dict(reduction="sum", divisor=1e-300),
+             dict(reduction="sum", divisor=3e-39), dict(divisor=1e300),
+             dict(reduction="sum", divisor=torch.tensor(1e-300, dtype=torch.float64,
+                                                        device=DEVICE))]
+    for kw in cases:
+        xs = x.clone().requires_grad_()
+        r = x.clone().requires_grad_()
+        with forced(path):
+            loss = softmax_gpu.cross_entropy(xs, t, **kw)
+            loss.backward()
+        rkw = {k: v for k, v in kw.items() if k != "divisor"}
+        ref = F.cross_entropy(r, t, **rkw) / kw.get("divisor", 1.0)
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0, msg=str(kw))
+        torch.testing.assert_close(xs.grad, r.grad, rtol=1e-12, atol=1e-300, msg=str(kw))

@@ -208,10 +208,12 @@ class _Patch:
 
 def _original_forward(model):
     """The forward that ran before :func:`apply` (bound to ``model``), also
-    once reverted."""
+    once reverted. Bound with ``functools.partial``, which torch.compile
+    traces under every torch we support (``function.__get__`` is a graph
+    break under torch 2.11)."""
     state = model.__dict__.get(_STATE)
     saved = state.saved_forward if state is not None else None
-    return saved if saved is not None else type(model).forward.__get__(model)
+    return saved if saved is not None else functools.partial(type(model).forward, model)
 
 
 class _Forward:
