@@ -228,7 +228,12 @@ def test_compile_fullgraph_fused_path():
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert out.logits is None
     assert_same((out, grads), ref)
-    assert "forward" not in model.lm_head.__dict__  # restored after the call
+    # lm_head's stand-in stays (torch.compile traces setting it, not removing
+    # it) until revert; between fused calls it is the Linear's own forward
+    x = torch.randn(3, model.lm_head.in_features)
+    assert torch.equal(model.lm_head(x), F.linear(x, model.lm_head.weight, model.lm_head.bias))
+    st.revert(model)
+    assert "forward" not in model.lm_head.__dict__
 
     changed = tiny("llama", cls=_subclass("""
         logits = self.lm_head(hidden_states[:, -logits_to_keep:])
@@ -536,7 +541,12 @@ def test_instance_only_and_deepcopy():
     ids, labels = batch()
     la, lc = a(input_ids=ids, labels=labels).loss, c(input_ids=ids, labels=labels).loss
     assert not torch.allclose(la, lc)  # the copy runs on its own weights
-    assert a.lm_head.forward.__func__ is torch.nn.Linear.forward  # restored after the call
+    # between fused calls lm_head is its own Linear (each copy's on its own weight)
+    x = torch.randn(2, a.lm_head.in_features)
+    for m in (a, c):
+        assert torch.equal(m.lm_head(x), F.linear(x, m.lm_head.weight, m.lm_head.bias))
+    st.revert(a)
+    assert a.lm_head.forward.__func__ is torch.nn.Linear.forward  # restored by revert
 
 
 # --- causal_lm_loss against ForCausalLMLoss ---------------------------------------
@@ -672,3 +682,20 @@ def test_fp16_training_on_cuda(tmp_path):
     _assert_same_training(
         _trainer_run(tmp_path / "patched", lambda m: st.apply(m, fused_linear=False), fp16=True),
         ref)
+
+
+def test_lm_head_replaced_after_apply():
+    """A plain Linear put in as lm_head after apply() (a copy of the old one,
+    carrying a stand-in of another state) gets the fused path's stand-in on
+    its first fused call: the same loss and gradients as transformers', and
+    revert leaves it plain."""
+    model = tiny("llama")
+    kw = train_cases(*batch())["mean"]
+    ref = run(model, **kw)
+    st.apply(model)
+    model.lm_head = copy.deepcopy(model.lm_head)
+    got = run(model, **kw)
+    assert got[0].logits is None  # the fused path ran
+    assert_same(got, ref)
+    st.revert(model)
+    assert "forward" not in model.lm_head.__dict__

@@ -26,7 +26,9 @@ How :func:`apply` hooks in, and what it relies on in transformers:
    kwargs, ...) keeps its meaning. For the duration of that call only,
    ``self.lm_head`` records its input (the final hidden states, already
    sliced by ``logits_to_keep``) and returns a tiny CPU "probe" tensor in
-   place of the logits; the loss hook then checks that the probe arrives
+   place of the logits (``lm_head.forward`` holds a stand-in from
+   :func:`apply` to :func:`revert` that is the Linear's own forward outside
+   such a call); the loss hook then checks that the probe arrives
    transformed exactly as expected (unchanged, or Gemma's
    ``final_logit_softcapping``: any other logit transform a new release adds
    is detected and raises) and computes the loss with the fused linear
@@ -300,6 +302,28 @@ class _FusedCall:
         return _divided(out, divisor, num_items_in_batch)
 
 
+class _HeadForward:
+    """What ``lm_head.forward`` holds while the model is patched with the
+    fused path: during a fused training forward (``state.call`` on this head)
+    the stand-in that keeps the hidden states (:meth:`_FusedCall.head`), else
+    the Linear's own forward. Set by :func:`apply` (again by a fused call when
+    lm_head was replaced since) and left in place until :func:`revert`:
+    torch.compile under torch 2.11 neither traces removing it nor sees one set
+    inside the compiled call. Picklable, like :class:`_Forward`."""
+
+    __name__ = "forward"
+
+    def __init__(self, head: nn.Linear, state: _Patch):
+        self.head = head
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        call = self.state.call
+        if call is not None and call.lm_head is self.head:
+            return call.head(*args, **kwargs)
+        return type(self.head).forward(self.head, *args, **kwargs)
+
+
 def _check_probe(logits, probe: Tensor, cap, name: str) -> None:
     """Raise unless ``logits`` is ``probe`` passed through exactly the logit
     transform the fused loss applies itself (none, or the softcap). On the
@@ -348,13 +372,13 @@ def _forward(self, *args, **kwargs):
             _attach(out, _accuracy_from_logits(out, labels, kwargs))
         return out
     call = _FusedCall(self, head, want_accuracy)
-    head.forward = call.head
+    if not isinstance(head.forward, _HeadForward) or head.forward.state is not state:
+        head.forward = _HeadForward(head, state)  # lm_head replaced since apply()
     state.call = call
     try:
         out = _original_forward(self)(*args, **kwargs)
     finally:
         state.call = None
-        head.__dict__.pop("forward", None)
     _check_hook_ran(self, state, labels)
     if call.logits is None:
         raise RuntimeError(f"softmax_gpu.integrations.transformers: {type(self).__name__}.forward "
@@ -416,7 +440,8 @@ def _fused_blocker(head) -> str | None:
     if type(head) is not nn.Linear:
         return (f"lm_head is a {type(head).__module__}.{type(head).__name__}, not a plain "
                 "torch.nn.Linear (a PEFT/LoRA adapter, a quantised or wrapped layer)")
-    if "forward" in head.__dict__ or hasattr(head, "_hf_hook"):
+    if ("forward" in head.__dict__ and not isinstance(head.forward, _HeadForward)) or \
+            hasattr(head, "_hf_hook"):
         return "lm_head's forward is hooked (accelerate offloading or another patch)"
     hooks = _module_hooks(head)
     if hooks:
@@ -564,6 +589,8 @@ def apply(model, *, fused_linear: bool = True):
     lm.__dict__[_STATE] = state
     lm.loss_function = functools.partial(_loss_hook, lm)
     lm.forward = _Forward(lm)
+    if fused:
+        head.forward = _HeadForward(head, state)
     return model
 
 
@@ -586,6 +613,9 @@ def revert(model):
     del lm.__dict__["forward"]
     if state.saved_forward is not None:
         lm.__dict__["forward"] = state.saved_forward
+    head = getattr(lm, "lm_head", None)
+    if isinstance(head, nn.Module) and isinstance(head.__dict__.get("forward"), _HeadForward):
+        del head.__dict__["forward"]
     del lm.__dict__["_loss_function"]
     if state.saved_loss is not None:
         lm.__dict__["_loss_function"] = state.saved_loss
