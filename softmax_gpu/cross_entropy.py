@@ -537,6 +537,17 @@ def _reduce(rows: Tensor, reduction: str, batch, dtype: torch.dtype) -> Tensor:
     return total.to(dtype)
 
 
+def _legacy_reduction(size_average, reduce) -> str:
+    """torch's ``reduction`` for the deprecated ``size_average`` / ``reduce``,
+    with its warning (torch's own helper, outside torch.compile, which cannot
+    trace it: torch's function gives no warning there either)."""
+    if not torch.compiler.is_compiling():
+        return _reduction.legacy_get_string(size_average, reduce)
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    return "none" if not reduce else "mean" if size_average else "sum"
+
+
 def check_divisor(divisor, input: Tensor):
     """``divisor`` checked: (None or a float, None or a 0-d tensor on the
     input's device). A number must be finite and nonzero; a tensor must hold
@@ -1440,7 +1451,7 @@ def cross_entropy(
             loss_dtype=loss_dtype, divisor=divisor)
     refuse_nested("cross_entropy", input=input, target=target, weight=weight)
     if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
+        reduction = _legacy_reduction(size_average, reduce)
     ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,
                                                  softcap)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):

@@ -410,12 +410,15 @@ softmax_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _implicit_dim(name: str, ndim: int, stacklevel: int) -> int:
-    """torch.nn.functional's choice when ``dim`` is None, with its warning."""
-    warnings.warn(
-        f"Implicit dimension choice for {name} has been deprecated. "
-        "Change the call to include dim=X as an argument.",
-        stacklevel=stacklevel,
-    )
+    """torch.nn.functional's choice when ``dim`` is None, with its warning
+    (not while torch.compile traces, which cannot trace a warning: torch's
+    own function gives none there either)."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(
+            f"Implicit dimension choice for {name} has been deprecated. "
+            "Change the call to include dim=X as an argument.",
+            stacklevel=stacklevel,
+        )
     return 0 if ndim in (0, 1, 3) else 1
 
 

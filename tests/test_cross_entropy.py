@@ -2075,3 +2075,21 @@ def test_fp64_denominators_outside_fp32_range(path):
         ref.backward()
         torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0, msg=str(kw))
         torch.testing.assert_close(xs.grad, r.grad, rtol=1e-12, atol=1e-300, msg=str(kw))
+
+
+def test_legacy_reduction_arguments_compile():
+    """The deprecated size_average / reduce under torch.compile(fullgraph=True)
+    (torch's helper for them cannot be traced): every combination gives
+    torch's reduction."""
+    x, t = rand(4, 6), targets(4, 6)
+    for size_average in (None, True, False):
+        for reduce in (None, True, False):
+            if size_average is None and reduce is None:
+                continue
+            torch._dynamo.reset()
+            f = torch.compile(lambda x, t: softmax_gpu.cross_entropy(
+                x, t, size_average=size_average, reduce=reduce), fullgraph=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+            assert_close(f(x, t), ref)

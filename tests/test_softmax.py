@@ -1101,3 +1101,19 @@ def test_nested_tensor_is_refused_by_name():
         for fn in (softmax_gpu.softmax, softmax_gpu.log_softmax):
             with pytest.raises(TypeError, match="input is a nested tensor"):
                 fn(nt, -1)
+
+
+def test_implicit_dim_compiles():
+    """dim=None (torch's deprecated implicit dim) under
+    torch.compile(fullgraph=True): torch's dim, no warning traced (it was a
+    graph break), for the functions and the modules."""
+    for shape in ((5,), (4, 5), (2, 4, 5)):
+        x = rand(*shape)
+        for ours, theirs in ((softmax_gpu.softmax, torch.nn.functional.softmax),
+                             (softmax_gpu.log_softmax, torch.nn.functional.log_softmax),
+                             (softmax_gpu.Softmax(), torch.nn.Softmax())):
+            torch._dynamo.reset()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = theirs(x.double())
+            assert_close(torch.compile(lambda x: ours(x), fullgraph=True)(x), ref)
