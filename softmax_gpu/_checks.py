@@ -25,12 +25,18 @@ def check_tensor(t, name: str) -> None:
 
 def refuse_nested(who: str, **tensors) -> None:
     """TypeError naming the first of ``tensors`` that is a nested tensor
-    (``torch.nested``, jagged or strided), which the ops do not take."""
+    (``torch.nested``, jagged or strided) or not strided (sparse, mkldnn),
+    which the ops do not take."""
     for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_nested:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.is_nested:
             raise TypeError(f"{who}: {name} is a nested tensor (torch.nested), which "
                             f"softmax_gpu does not support; pass a padded tensor "
                             f"(to_padded_tensor) or its values()")
+        if t.layout != torch.strided:
+            raise TypeError(f"{who}: {name} has layout {t.layout}, which softmax_gpu does not "
+                            f"support; pass a dense (strided) tensor (to_dense())")
 
 
 def check_float(t: torch.Tensor, name: str) -> None:

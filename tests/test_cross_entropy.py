@@ -2037,7 +2037,7 @@ def test_subclass_override_and_fx_trace():
     assert fx_functions(Net(), x, t).count(softmax_gpu.cross_entropy) == 2
 
 
-def test_nested_tensor_is_refused_by_name():
+def test_nested_and_sparse_tensors_are_refused_by_name():
     """A nested input or target is a TypeError naming it (cross_entropy and
     linear_cross_entropy)."""
     nt = torch.nested.nested_tensor([rand(2, 5), rand(3, 5)], layout=torch.jagged)
@@ -2048,6 +2048,8 @@ def test_nested_tensor_is_refused_by_name():
         softmax_gpu.cross_entropy(rand(5, 5), tt)
     with pytest.raises(TypeError, match="input is a nested tensor"):
         softmax_gpu.linear_cross_entropy(nt, rand(5, 5), targets(5, 5))
+    with pytest.raises(TypeError, match="target has layout torch.sparse_coo"):
+        softmax_gpu.cross_entropy(rand(5, 5), torch.softmax(rand(5, 5), 1).to_sparse())
 
 
 @pytest.mark.parametrize("path", PATHS)

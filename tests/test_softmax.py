@@ -1092,7 +1092,7 @@ def test_subclass_override_and_fx_trace():
     assert fx_functions(Net(), x)[:2] == [softmax_gpu.log_softmax, softmax_gpu.softmax]
 
 
-def test_nested_tensor_is_refused_by_name():
+def test_nested_and_sparse_tensors_are_refused_by_name():
     """A nested tensor (jagged or strided) is a TypeError naming the argument,
     not an internal error from deep inside."""
     parts = [rand(2, 5), rand(3, 5)]
@@ -1101,6 +1101,9 @@ def test_nested_tensor_is_refused_by_name():
         for fn in (softmax_gpu.softmax, softmax_gpu.log_softmax):
             with pytest.raises(TypeError, match="input is a nested tensor"):
                 fn(nt, -1)
+    # sparse layouts too
+    with pytest.raises(TypeError, match="input has layout torch.sparse_coo"):
+        softmax_gpu.softmax(rand(3, 4).to_sparse(), -1)
 
 
 def test_implicit_dim_compiles():
