@@ -442,6 +442,9 @@ def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
     if dtype is None and input.dtype in _HALF and input.device.type == "cuda" and \
             autocast_on(input):
         dtype = torch.float32  # torch's CUDA autocast policy for softmax / log_softmax
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32 or "
+                        f"float64), got {dtype}")
     out = None  # the output dtype when it is not the (cast) input's
     if dtype is not None and dtype != input.dtype:
         if dtype == torch.float32 and input.dtype in _HALF:

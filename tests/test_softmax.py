@@ -174,6 +174,9 @@ def test_dtype_casts_before_the_op(dtype):
     y = softmax_gpu.log_softmax(x16, dim=0, dtype=torch.float32)
     assert y.dtype == torch.float32
     assert_close(y, torch.log_softmax(x16.double(), 0), dtype=torch.float32)
+    # a dtype that is not floating is refused by its own name (not "pass dtype=")
+    with pytest.raises(TypeError, match="^dtype must be a floating dtype"):
+        softmax_gpu.softmax(xi, dim=1, dtype=torch.long)
 
 
 @settings(max_examples=20, deadline=None)
