@@ -244,10 +244,41 @@ def all_cross_entropy_configs() -> list[tuple]:
     "backward" (the traced backward). "second pass": the configuration was
     planned for kernels that write the gradient or smooth (else statistics
     only). Long rows also with each path ``Limits.long_path`` can force
-    (tuning candidates)."""
+    (tuning candidates), and with every entry of the installed tuned
+    tables."""
     seen = set()
     dev = torch.device("cpu")
     default = heuristics.Limits()
+
+    def add(elems) -> None:
+        """The configurations of the limits in force, at every row shape."""
+        for elem in elems:
+            for logn in range(0, 21):
+                for M in (1, 64, 1 << 20):
+                    C = 1 << logn
+                    for fam, extras in (("class", False), ("class", True), ("prob", True)):
+                        for reread in (True, False):
+                            c = cross_entropy_config(M, C, elem, dev, extras, reread=reread,
+                                                     coop=fam == "class")
+                            seen.add((fam, extras, c.path, c.block_n, c.rows_per_program,
+                                      c.num_warps, elem, reread or c.path == SINGLE, c.regs))
+                    if elem == 2 and C > default.ce_max_single_2byte and \
+                            C <= default.max_single_2byte:
+                        # the tuner's on-chip candidate (perf.tune "onchip"): class
+                        # targets without extras, the rows past the default limit
+                        with heuristics.override(ce_max_single_2byte=C):
+                            for reread in (True, False):
+                                c = cross_entropy_config(M, C, elem, dev, reread=reread)
+                                seen.add(("class", False, c.path, c.block_n,
+                                          c.rows_per_program, c.num_warps, elem, True, c.regs))
+                    c = cross_entropy_scale_config(M, C, elem, dev)
+                    seen.add(("scale", False, c.path, c.block_n, c.rows_per_program,
+                              c.num_warps, elem, True, c.regs))
+                    for extras in (False, True):
+                        c = cross_entropy_backward_config(M, C, elem, dev, extras)
+                        seen.add(("backward", extras, c.path, c.block_n, 1, c.num_warps,
+                                  elem, True, c.regs))
+
     # the tuning candidates of the on-chip path (tuned tables are 2-byte)
     on_chip = itertools.product(heuristics.CE_EPT_CHOICES, (4096, 8192, 16384))
     for (long_path, chunk), (ept, per_program) in itertools.product(
@@ -255,34 +286,10 @@ def all_cross_entropy_configs() -> list[tuple]:
         plain = ept == default.ce_single_ept and per_program == default.target_program_elems
         with heuristics.override(sm_count=132, long_path=long_path, ce_single_ept=ept,
                                  target_program_elems=per_program, resident_chunk=chunk):
-            for elem in ((2, 4, 8) if plain else (2,)):
-                for logn in range(0, 21):
-                    for M in (1, 64, 1 << 20):
-                        C = 1 << logn
-                        for fam, extras in (("class", False), ("class", True), ("prob", True)):
-                            for reread in (True, False):
-                                c = cross_entropy_config(M, C, elem, dev, extras, reread=reread,
-                                                         coop=fam == "class")
-                                seen.add((fam, extras, c.path, c.block_n, c.rows_per_program,
-                                          c.num_warps, elem, reread or c.path == SINGLE,
-                                          c.regs))
-                        if elem == 2 and C > default.ce_max_single_2byte and \
-                                C <= default.max_single_2byte:
-                            # the tuner's on-chip candidate (perf.tune "onchip"): class
-                            # targets without extras, the rows past the default limit
-                            with heuristics.override(ce_max_single_2byte=C):
-                                for reread in (True, False):
-                                    c = cross_entropy_config(M, C, elem, dev, reread=reread)
-                                    seen.add(("class", False, c.path, c.block_n,
-                                              c.rows_per_program, c.num_warps, elem, True,
-                                              c.regs))
-                        c = cross_entropy_scale_config(M, C, elem, dev)
-                        seen.add(("scale", False, c.path, c.block_n, c.rows_per_program,
-                                  c.num_warps, elem, True, c.regs))
-                        for extras in (False, True):
-                            c = cross_entropy_backward_config(M, C, elem, dev, extras)
-                            seen.add(("backward", extras, c.path, c.block_n, 1, c.num_warps,
-                                      elem, True, c.regs))
+            add((2, 4, 8) if plain else (2,))
+    for elem, fields in heuristics.installed_overrides("cross_entropy"):
+        with heuristics.override(sm_count=132, **fields):
+            add((elem,))
     return sorted(seen)
 
 

@@ -584,6 +584,20 @@ def load_tuned(path: str, slug: str | None = None) -> dict | None:
     return entries if entries else None
 
 
+def installed_overrides(*ops: str) -> list[tuple[int, dict]]:
+    """(element size, Limits fields) of every entry for ``ops`` in every
+    table installed in :data:`TUNED_DIR`: the configurations a tuned GPU can
+    pick, for the static compile check."""
+    out = []
+    for name in sorted(os.listdir(TUNED_DIR)):
+        if name.endswith(".json"):
+            entries = load_tuned(os.path.join(TUNED_DIR, name)) or {}
+            for (op, elem), rows in sorted(entries.items()):
+                if op in ops:
+                    out.extend((elem, fields) for _, fields in rows if fields)
+    return out
+
+
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 

@@ -165,12 +165,15 @@ def all_softmax_configs() -> list[tuple]:
     power-of-two row lengths and row counts, element sizes and call kinds,
     with the cooperative path allowed as the softmax ops plan, so the check
     cannot drift from the heuristics; long rows also with each path that
-    ``Limits.long_path`` can force, and on-chip rows without
-    ``Limits.lean_single`` (tuning candidates)."""
+    ``Limits.long_path`` can force, on-chip rows without
+    ``Limits.lean_single`` (tuning candidates), and with every entry of the
+    installed tuned tables."""
     seen = set()
     dev = torch.device("cpu")
     choices = [dict(long_path=p, resident_chunk=c) for p, c in heuristics.LONG_PATH_CHOICES]
-    for fields in choices + [dict(lean_single=False)]:
+    tuned = [f for _, f in heuristics.installed_overrides("softmax", "log_softmax",
+                                                          "softmax_backward")]
+    for fields in choices + [dict(lean_single=False)] + tuned:
         with heuristics.override(sm_count=132, **fields):
             for elem in (2, 4, 8):
                 for kind in CALL_KINDS:
