@@ -1463,6 +1463,9 @@ def cross_entropy(
                                                  softcap)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+    if input.dim() == 1 and target.shape == (1,) != input.shape and \
+            not target.is_floating_point():
+        target = target.reshape(())  # (C,) input: torch takes a (1,) class index as ()
     div_f, div_t = (None, None) if divisor is None else check_divisor(divisor, input)
     loss_dtype = _loss_dtype(input, loss_dtype, target)
     need_grad = input.requires_grad and torch.is_grad_enabled()

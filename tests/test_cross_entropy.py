@@ -203,6 +203,12 @@ def test_one_dim_input(monkeypatch):
     out, _ = check(x, p, reduction="none")
     assert out.shape == ()
     assert torch.isnan(softmax_gpu.cross_entropy(x, torch.tensor(-100, device=DEVICE)))
+    # a (1,) class index is taken as (), as torch does
+    for reduction in ("mean", "sum", "none"):
+        ours = softmax_gpu.cross_entropy(x, t.reshape(1), reduction=reduction)
+        ref = F.cross_entropy(x.double(), t.reshape(1), reduction=reduction)
+        assert ours.shape == ref.shape == ()
+        assert_close(ours, ref)
     for backend in ("as is", "torch"):
         if backend == "torch":
             monkeypatch.setattr(CE, "backend_for", lambda tensor: "torch")
