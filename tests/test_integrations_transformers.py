@@ -685,17 +685,55 @@ def test_fp16_training_on_cuda(tmp_path):
 
 
 def test_lm_head_replaced_after_apply():
-    """A plain Linear put in as lm_head after apply() (a copy of the old one,
-    carrying a stand-in of another state) gets the fused path's stand-in on
-    its first fused call: the same loss and gradients as transformers', and
-    revert leaves it plain."""
+    """A plain Linear put in as lm_head after apply() gets the fused path's
+    stand-in on its first eager fused call (the same loss and gradients as
+    transformers'); under torch.compile such a call computes the logits (a
+    stand-in set inside the compiled call is not seen under torch 2.11),
+    right all the same; a copy of a patched head carries its own stand-in;
+    revert leaves lm_head plain."""
     model = tiny("llama")
     kw = train_cases(*batch())["mean"]
     ref = run(model, **kw)
     st.apply(model)
-    model.lm_head = copy.deepcopy(model.lm_head)
+
+    def fresh():
+        old = model.lm_head
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        new.load_state_dict(old.state_dict())
+        return new
+
+    model.lm_head = fresh()
     got = run(model, **kw)
     assert got[0].logits is None  # the fused path ran
     assert_same(got, ref)
+    for head, fused in ((fresh(), False), (copy.deepcopy(model.lm_head), True)):
+        model.lm_head = head
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        out = torch.compile(model, fullgraph=True)(**kw)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert (out.logits is None) == fused
+        assert_same((out, grads), ref)
     st.revert(model)
     assert "forward" not in model.lm_head.__dict__
+
+
+def test_lm_head_alone_carries_nothing_of_the_model():
+    """lm_head pickled or deep-copied on its own (PEFT's modules_to_save)
+    copies its stand-in and no part of the model or its patch state; revert
+    leaves every module of the model plain."""
+    import pickle
+
+    model = tiny("llama")
+    st.apply(model)
+    head = model.lm_head
+    size = len(pickle.dumps(torch.nn.Linear(head.in_features, head.out_features, bias=False)))
+    assert len(pickle.dumps(head)) < size + 1000
+    twin = copy.deepcopy(head)
+    assert twin.forward.head is twin and not any(
+        isinstance(v, st._Patch) for v in vars(twin).values())
+    x = torch.randn(2, head.in_features)
+    assert torch.equal(twin(x), F.linear(x, twin.weight))
+    st.revert(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())

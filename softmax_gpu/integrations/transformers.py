@@ -86,6 +86,7 @@ _LOSS_PARAMS = ("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_
                 "shift_labels")
 
 _STATE = "_softmax_gpu_patch"
+_CALL_ATTR = "_softmax_gpu_fused_call"  # on lm_head: the _FusedCall in flight, or None
 
 # What the lm_head returns during a fused forward: exactly representable in
 # bf16/fp16, spread over the range a softcap bends (0 and +-small stay put).
@@ -304,24 +305,37 @@ class _FusedCall:
 
 class _HeadForward:
     """What ``lm_head.forward`` holds while the model is patched with the
-    fused path: during a fused training forward (``state.call`` on this head)
-    the stand-in that keeps the hidden states (:meth:`_FusedCall.head`), else
-    the Linear's own forward. Set by :func:`apply` (again by a fused call when
-    lm_head was replaced since) and left in place until :func:`revert`:
-    torch.compile under torch 2.11 neither traces removing it nor sees one set
-    inside the compiled call. Picklable, like :class:`_Forward`."""
+    fused path: during a fused training forward (the head's
+    ``_CALL_ATTR`` holds it) the stand-in that keeps the hidden states
+    (:meth:`_FusedCall.head`), else the Linear's own forward. Set by
+    :func:`apply` (again by an eager fused call when lm_head was replaced
+    since) and left in place until :func:`revert`: torch.compile under torch
+    2.11 neither traces removing it nor sees one set inside the compiled
+    call. It refers to its head only, so a head pickled or copied on its own
+    (PEFT's ``modules_to_save``) carries nothing of the model."""
 
     __name__ = "forward"
 
-    def __init__(self, head: nn.Linear, state: _Patch):
+    def __init__(self, head: nn.Linear):
         self.head = head
-        self.state = state
 
     def __call__(self, *args, **kwargs):
-        call = self.state.call
-        if call is not None and call.lm_head is self.head:
+        call = getattr(self.head, _CALL_ATTR)
+        if call is not None:
             return call.head(*args, **kwargs)
         return type(self.head).forward(self.head, *args, **kwargs)
+
+
+def _stand_in(head: nn.Module) -> None:
+    """Put :class:`_HeadForward` on ``head``, with no fused call in flight."""
+    head.forward = _HeadForward(head)
+    setattr(head, _CALL_ATTR, None)
+
+
+def _has_stand_in(head: nn.Module) -> bool:
+    """``head.forward`` is its own :class:`_HeadForward` (not a copy's)."""
+    forward = head.forward
+    return isinstance(forward, _HeadForward) and forward.head is head
 
 
 def _check_probe(logits, probe: Tensor, cap, name: str) -> None:
@@ -358,6 +372,13 @@ def _forward(self, *args, **kwargs):
     head = getattr(self, "lm_head", None)
     if fused:
         reason = _fused_blocker(head)
+        if reason is None and not _has_stand_in(head):  # lm_head replaced since apply()
+            if torch.compiler.is_compiling():
+                # a stand-in set inside the compiled call is not seen (torch 2.11):
+                # this call computes the logits; an eager one puts it in place
+                fused = False
+            else:
+                _stand_in(head)
         if reason is not None:
             fused = False
             if not state.warned:
@@ -372,13 +393,13 @@ def _forward(self, *args, **kwargs):
             _attach(out, _accuracy_from_logits(out, labels, kwargs))
         return out
     call = _FusedCall(self, head, want_accuracy)
-    if not isinstance(head.forward, _HeadForward) or head.forward.state is not state:
-        head.forward = _HeadForward(head, state)  # lm_head replaced since apply()
     state.call = call
+    setattr(head, _CALL_ATTR, call)
     try:
         out = _original_forward(self)(*args, **kwargs)
     finally:
         state.call = None
+        setattr(head, _CALL_ATTR, None)
     _check_hook_ran(self, state, labels)
     if call.logits is None:
         raise RuntimeError(f"softmax_gpu.integrations.transformers: {type(self).__name__}.forward "
@@ -590,7 +611,7 @@ def apply(model, *, fused_linear: bool = True):
     lm.loss_function = functools.partial(_loss_hook, lm)
     lm.forward = _Forward(lm)
     if fused:
-        head.forward = _HeadForward(head, state)
+        _stand_in(head)
     return model
 
 
@@ -613,9 +634,10 @@ def revert(model):
     del lm.__dict__["forward"]
     if state.saved_forward is not None:
         lm.__dict__["forward"] = state.saved_forward
-    head = getattr(lm, "lm_head", None)
-    if isinstance(head, nn.Module) and isinstance(head.__dict__.get("forward"), _HeadForward):
-        del head.__dict__["forward"]
+    for m in lm.modules():  # lm_head, and a head since wrapped (a LoRA base_layer)
+        if isinstance(m.__dict__.get("forward"), _HeadForward):
+            del m.__dict__["forward"]
+            m.__dict__.pop(_CALL_ATTR, None)
     del lm.__dict__["_loss_function"]
     if state.saved_loss is not None:
         lm.__dict__["_loss_function"] = state.saved_loss
