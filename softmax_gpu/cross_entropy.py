@@ -563,7 +563,8 @@ def check_divisor(divisor, input: Tensor):
     While ``torch.compile`` traces, a number (which it may have made
     symbolic: a token count that changes from step to step) is checked
     (guards, for a symbolic one) and becomes a 0-d tensor, as does a number
-    outside fp32's normal range."""
+    outside fp32's normal range (fp64 input; for other inputs, computed in
+    fp32, such a number is a ValueError)."""
     if divisor is None:
         return None, None
     if isinstance(divisor, Tensor):
@@ -584,7 +585,12 @@ def check_divisor(divisor, input: Tensor):
         # (a symbolic number cannot be formatted while tracing)
         got = "" if torch.compiler.is_compiling() else f", got {divisor}"
         raise ValueError(f"divisor must be a finite nonzero number{got}")
-    if torch.compiler.is_compiling() or not 2.0 ** -126 <= abs(d) < 2.0 ** 127:
+    in_fp32 = 2.0 ** -126 <= abs(d) < 2.0 ** 127
+    if not in_fp32 and input.dtype != torch.float64:
+        got = "" if torch.compiler.is_compiling() else f", got {divisor}"
+        raise ValueError(f"divisor must lie in float32's normal range [2^-126, 2^127) for "
+                         f"{input.dtype} input, whose loss is computed in float32{got}")
+    if torch.compiler.is_compiling() or not in_fp32:
         # while tracing (a symbolic number), or outside fp32's normal range
         # (the kernels take a number as a pair of fp32 parts): a 0-d tensor
         return None, torch.full((), divisor, dtype=torch.float64, device=input.device)
@@ -1411,9 +1417,9 @@ def cross_entropy(
             a loss scale s as ``divisor=1/s``, transformers'
             ``num_items_in_batch`` with ``reduction="sum"``), so that the
             backward's grad_output is 1 and costs nothing. A finite nonzero
-            number, or a one-element tensor on the input's device (read there:
-            no host sync; a CPU tensor is read on the host). It gets no
-            gradient.
+            number (in float32's normal range unless the input is fp64), or
+            a one-element tensor on the input's device (read there: no host
+            sync; a CPU tensor is read on the host). It gets no gradient.
 
     Probability targets that require grad (distillation through both
     sides), or whose class weights do, take a differentiable torch composite

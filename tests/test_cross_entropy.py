@@ -2083,6 +2083,10 @@ def test_fp64_denominators_outside_fp32_range(path):
         ref.backward()
         torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0, msg=str(kw))
         torch.testing.assert_close(xs.grad, r.grad, rtol=1e-12, atol=1e-300, msg=str(kw))
+    # logits computed in fp32: such a number divisor is refused by name
+    for d in (1e-39, 1e-300, 2.0 ** 127):
+        with pytest.raises(ValueError, match="divisor must lie in float32's normal range"):
+            softmax_gpu.cross_entropy(x.float(), t, reduction="sum", divisor=d)
 
 
 def test_legacy_reduction_arguments_compile():
