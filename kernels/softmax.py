@@ -308,7 +308,7 @@ def recip(d):
 def recip_rn(d):
     """1 / d for per-row and per-launch factors, where its cost does not
     count: fp32 correctly rounded (``div.rn``; ``recip``'s fp32 ``1.0 / d`` is
-    the 2-ulp ``div.full``, kept for per-element use); fp64 within an ulp
+    the 2-ulp ``div.full``, kept for per-element use); fp64 within 2 ulp
     over fp64's whole range: ``recip`` (no fp64 division: its subroutine call
     makes ptxas spill around it) of d scaled by a power of two into [1, 4)
     (exact, from d's exponent bits), scaled back, so that a denominator

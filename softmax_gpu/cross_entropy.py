@@ -130,11 +130,16 @@ def _ce_single(M: int, block: int, elem_bytes: int, device: torch.device, lim,
     return CrossEntropyConfig(SINGLE, block, rows, warps, regs=heuristics.single_regs(warps))
 
 
-def _ce_tile(C: int, elem_bytes: int, heavy: bool, lim) -> tuple[int, int]:
-    """(tile, warps) of the looped kernels: 16 elements per thread per tile
-    (8 with extras or fp64, on a halved tile), or ``lim.long_warps``."""
+def _ce_tile(C: int, elem_bytes: int, heavy: bool, lim, weight: int) -> tuple[int, int, int]:
+    """(tile, warps, register budget) of the looped kernels of weight class
+    ``weight`` (``heuristics.long_row_regs``): 16 elements per thread per
+    tile (8 with extras or fp64, on a halved tile), or ``lim.long_warps``
+    (more per thread: ``heuristics.long_row_budget``)."""
     tile = min(max(1, lim.tile // 2) if heavy else lim.tile, next_pow2(C))
-    return tile, lim.long_warps or max(1, min(16, tile // (32 * (8 if heavy else 16))))
+    ept = 8 if heavy else 16
+    warps = lim.long_warps or max(1, min(16, tile // (32 * ept)))
+    regs = heuristics.long_row_regs(elem_bytes, weight)
+    return tile, warps, heuristics.long_row_budget(regs, tile, warps, ept)
 
 
 def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
@@ -164,8 +169,8 @@ def cross_entropy_config(M: int, C: int, elem_bytes: int, device: torch.device,
         plan = _ce_resident(M, C, elem_bytes, device, lim, extras)
         if plan is not None:
             return plan
-    tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
-    regs = heuristics.long_row_regs(elem_bytes, _ce_weight(elem_bytes, extras, reread))
+    tile, warps, regs = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim,
+                                 _ce_weight(elem_bytes, extras, reread))
     if not reread:
         return CrossEntropyConfig(LOOPED, tile, 1, warps, regs=regs, stages=lim.long_stages)
     plan = heuristics.long_rows(M, C, tile, C * elem_bytes, device, lim, coop, warps, regs)
@@ -226,9 +231,8 @@ def cross_entropy_backward_config(M: int, C: int, elem_bytes: int, device: torch
     one pass over each row's logits, writing the gradient): the looped tile
     and warps on a persistent grid of programs_per_sm x SMs programs."""
     lim = heuristics.limits_for("cross_entropy", device, elem_bytes, C)
-    tile, warps = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim)
+    tile, warps, regs = _ce_tile(C, elem_bytes, extras or elem_bytes > 4, lim, int(extras))
     tile = max(tile, MIN_BLOCK)
-    regs = heuristics.long_row_regs(elem_bytes, int(extras))
     fit = max(1, heuristics.REGISTERS_PER_SM // (regs * 32 * warps))
     programs = max(1, min(lim.programs_per_sm, fit) * heuristics.sm_count(device))
     return CrossEntropyConfig(LOOPED, tile, 1, warps, min(M, programs), regs=regs,
@@ -244,8 +248,8 @@ def all_cross_entropy_configs() -> list[tuple]:
     "backward" (the traced backward). "second pass": the configuration was
     planned for kernels that write the gradient or smooth (else statistics
     only). Long rows also with each path ``Limits.long_path`` can force
-    (tuning candidates), and with every entry of the installed tuned
-    tables."""
+    and each of the tuner's ``Limits.long_warps`` (tuning candidates), and
+    with every entry of the installed tuned tables."""
     seen = set()
     dev = torch.device("cpu")
     default = heuristics.Limits()
@@ -287,6 +291,9 @@ def all_cross_entropy_configs() -> list[tuple]:
         with heuristics.override(sm_count=132, long_path=long_path, ce_single_ept=ept,
                                  target_program_elems=per_program, resident_chunk=chunk):
             add((2, 4, 8) if plain else (2,))
+    for warps in heuristics.LONG_WARPS_CHOICES:  # the tuner's long-row warps
+        with heuristics.override(sm_count=132, long_warps=warps):
+            add((2,))
     for elem, fields in heuristics.installed_overrides("cross_entropy"):
         with heuristics.override(sm_count=132, **fields):
             add((elem,))

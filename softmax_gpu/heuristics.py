@@ -366,6 +366,33 @@ def long_row_regs(elem_bytes: int, weight: int) -> int:
     return LONG_ROW_REGS[min(2, max(0, weight))][1 if elem_bytes > 4 else 0]
 
 
+# Warps of the long-row kernels the tuner tries (Limits.long_warps); the
+# static check compiles them.
+LONG_WARPS_CHOICES = (4, 16)
+# The budget of a long-row kernel whose warps hold more elements a thread
+# than its default plan (Limits.long_warps below the default: 4 warps on a
+# 4096 tile hold 32), and the least one with more warps than the default:
+# the budgets under which those compile without a spill at sm_90 (python -m
+# perf.static, 2026-12-07; ptxas takes 96-166 of 160), where the default
+# budgets (80-96) spilled 8-240 bytes. A budget is also capped at what the
+# program's threads can have (65536 registers an SM).
+WIDE_THREAD_REGS = 160
+MANY_WARPS_REGS = 128
+
+
+def long_row_budget(regs: int, tile: int, warps: int, ept: int) -> int:
+    """``regs``, the budget of a long-row kernel planned at ``ept`` elements
+    a thread, for ``warps`` warps on ``tile``: at least WIDE_THREAD_REGS
+    when they hold more than ``ept`` each, at least MANY_WARPS_REGS when
+    there are more of them than that plan's, at most 65536 / (32 warps)."""
+    planned = max(1, min(16, tile // (32 * ept)))
+    if warps < planned:
+        regs = max(regs, WIDE_THREAD_REGS)
+    elif warps > planned:
+        regs = max(regs, MANY_WARPS_REGS)
+    return min(regs, REGISTERS_PER_SM // (32 * warps), 255)
+
+
 @dataclasses.dataclass(frozen=True)
 class LongRows:
     """How rows longer than the on-chip limit are walked (see :func:`long_rows`)."""

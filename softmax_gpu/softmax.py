@@ -128,7 +128,9 @@ def softmax_config(
     warps = lim.long_warps or warps_for(tile)
     programs = lim.split_programs_per_sm * heuristics.sm_count(device)
     # the backward (two tensors re-read) weighs more; the 4-byte one most
-    regs = heuristics.long_row_regs(elem_bytes, 0 if reread == 1 else 2 if elem_bytes == 4 else 1)
+    regs = heuristics.long_row_budget(
+        heuristics.long_row_regs(elem_bytes, 0 if reread == 1 else 2 if elem_bytes == 4 else 1),
+        tile, warps, 16)
     if lim.long_path in ("auto", SPLIT) and M < programs:
         tiles = -(-N // tile)
         splits = min(tiles, -(-programs // M), lim.max_splits)
@@ -165,17 +167,22 @@ def all_softmax_configs() -> list[tuple]:
     power-of-two row lengths and row counts, element sizes and call kinds,
     with the cooperative path allowed as the softmax ops plan, so the check
     cannot drift from the heuristics; long rows also with each path that
-    ``Limits.long_path`` can force, on-chip rows without
-    ``Limits.lean_single`` (tuning candidates), and with every entry of the
-    installed tuned tables."""
+    ``Limits.long_path`` can force and each of the tuner's
+    ``Limits.long_warps``, on-chip rows without ``Limits.lean_single``
+    (tuning candidates), and with every entry of the installed tuned
+    tables."""
     seen = set()
     dev = torch.device("cpu")
     choices = [dict(long_path=p, resident_chunk=c) for p, c in heuristics.LONG_PATH_CHOICES]
-    tuned = [f for _, f in heuristics.installed_overrides("softmax", "log_softmax",
-                                                          "softmax_backward")]
-    for fields in choices + [dict(lean_single=False)] + tuned:
+    # (fields, element sizes): the tuner's warps at 2 bytes (it tunes bf16),
+    # each table entry at its own size
+    plans = [(f, (2, 4, 8)) for f in choices + [dict(lean_single=False)]]
+    plans += [(dict(long_warps=w), (2,)) for w in heuristics.LONG_WARPS_CHOICES]
+    plans += [(f, (elem,)) for elem, f in heuristics.installed_overrides(
+        "softmax", "log_softmax", "softmax_backward")]
+    for fields, elems in plans:
         with heuristics.override(sm_count=132, **fields):
-            for elem in (2, 4, 8):
+            for elem in elems:
                 for kind in CALL_KINDS:
                     for logn in range(0, 21):
                         for logm in range(0, 25):

@@ -608,3 +608,17 @@ def test_long_warps_sets_the_long_row_kernels_warps_only():
     with heuristics.override(sm_count=132):
         assert softmax_config(4096, 65536, 2, cpu, coop=True).num_warps == 8
         assert cross_entropy_config(4096, 128256, 2, cpu).num_warps == 8
+        default = cross_entropy_config(4096, 128256, 2, cpu).regs
+    # 4 warps hold 32 elements each of a 4096 tile, 16 warps share it: the
+    # budgets under which they compile without a spill (the default's spilled
+    # at sm_90), within what 16 warps can have
+    with heuristics.override(sm_count=132, long_warps=4):
+        assert cross_entropy_config(4096, 128256, 2, cpu).regs == heuristics.WIDE_THREAD_REGS
+        assert softmax_config(4096, 65536, 2, cpu, coop=True).regs == heuristics.WIDE_THREAD_REGS
+    with heuristics.override(sm_count=132, long_warps=16):
+        assert cross_entropy_config(4096, 128256, 2, cpu).regs == heuristics.MANY_WARPS_REGS
+        assert heuristics.MANY_WARPS_REGS * 32 * 16 <= heuristics.REGISTERS_PER_SM
+    assert default < heuristics.MANY_WARPS_REGS
+    # the tuner's long_warps axis is the one the static check compiles
+    axis = next(a for a in tune.LONG_AXES if a.field == "long_warps")
+    assert tuple(axis.values) == heuristics.LONG_WARPS_CHOICES
