@@ -205,7 +205,6 @@ class _Patch:
         self.reason = reason                # why the fused path is off, or None
         self.labels_pos = labels_pos        # position of `labels` in the forward's args
         self.hook_calls = 0
-        self.call = None                    # the _FusedCall in flight
         self.warned = False
 
 
@@ -393,12 +392,10 @@ def _forward(self, *args, **kwargs):
             _attach(out, _accuracy_from_logits(out, labels, kwargs))
         return out
     call = _FusedCall(self, head, want_accuracy)
-    state.call = call
     setattr(head, _CALL_ATTR, call)
     try:
         out = _original_forward(self)(*args, **kwargs)
     finally:
-        state.call = None
         setattr(head, _CALL_ATTR, None)
     _check_hook_ran(self, state, labels)
     if call.logits is None:
@@ -415,9 +412,10 @@ def _loss_hook(self, logits, labels, vocab_size, num_items_in_batch=None, ignore
     """The model's ``loss_function`` while patched (a ``functools.partial`` on the model)."""
     state: _Patch = self.__dict__[_STATE]
     state.hook_calls += 1
-    if state.call is not None:
-        return state.call.loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
-                               shift_labels)
+    call = getattr(getattr(self, "lm_head", None), _CALL_ATTR, None)  # a fused forward's
+    if call is not None:
+        return call.loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+                         shift_labels)
     return causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
                           shift_labels, **kwargs)
 
