@@ -23,10 +23,15 @@ def check_tensor(t, name: str) -> None:
     check_device(t, name)
 
 
-def refuse_nested(who: str, **tensors) -> None:
+STRIDED = torch.strided
+
+
+def check_strided(who: str, **tensors) -> None:
     """TypeError naming the first of ``tensors`` that is a nested tensor
     (``torch.nested``, jagged or strided) or not strided (sparse, mkldnn),
-    which the ops do not take."""
+    which the ops do not take. The hot paths call it only when a tensor's
+    ``layout is not STRIDED or is_nested`` (a call with keywords costs
+    0.3-0.7 us, the test ~0.1 us a tensor)."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             continue

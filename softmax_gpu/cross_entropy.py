@@ -44,8 +44,8 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import heuristics
-from ._checks import (as_int, as_number, check_float, check_loss_dtype, check_row_length,
-                      check_tensor, check_weight_takes_no_grad, refuse_nested)
+from ._checks import (STRIDED, as_int, as_number, check_float, check_loss_dtype,
+                      check_row_length, check_strided, check_tensor, check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, autocast_on, backend_for, empty_like, first_order,
                         interpreted, launch_device, launch_on, new_output, plan_cache, remember,
                         saved, traced, transformed)
@@ -477,8 +477,9 @@ def reference_forward(x, target, weight, ignore_index, reduction, label_smoothin
     if softcap > 0:
         g = g * (1 - (z / softcap) ** 2)
     if isinstance(grad_scale, Tensor):
-        grad_scale = grad_scale.to(acc).reshape(-1, 1) if grad_scale.numel() != 1 else \
-            grad_scale.to(acc).reshape(())
+        grad_scale = _per_row(grad_scale.to(acc))
+        if grad_scale.dim():
+            grad_scale = grad_scale[:, None]
     g = torch.where(kept[:, None], g * grad_scale, 0)
     shape = (x.shape[0], *x.shape[2:], C)
     g = g.reshape(shape).movedim(-1, 1).to(grad_dtype or x.dtype).contiguous()
@@ -1075,11 +1076,17 @@ def cross_entropy_backward(
                                 divisor_t if divisor_t is not None else divisor)
 
 
+def _per_row(go: Tensor) -> Tensor:
+    """A grad_output as the torch paths apply it: one value as 0-d, else one
+    per row, flat ([M]; also none, an empty batch)."""
+    return go.reshape(()) if go.numel() == 1 else go.reshape(-1)
+
+
 def reference_class_grad(input, target, weight, grad_output, ignore_index, reduction,
                          label_smoothing, z_loss, softcap, grad_scale, divisor) -> Tensor:
     """:func:`cross_entropy_backward` in torch ops, from the logits (also for
     a batched ``grad_output``)."""
-    go = grad_output.reshape(-1) if grad_output.numel() != 1 else grad_output.reshape(())
+    go = _per_row(grad_output)
     return reference_forward(input, target, weight, ignore_index, reduction, label_smoothing,
                              z_loss, softcap, go * grad_scale, True, divisor)[2]
 
@@ -1128,8 +1135,7 @@ def reference_scaled(grad: Tensor, state: Tensor, grad_output: Tensor,
     ``grad_output``: ``is_grads_batched``, vmap over a backward)."""
     acc = state.dtype
     shape = (grad.shape[0], 1, *grad.shape[2:])
-    f = grad_output.to(acc).reshape(-1) / state if grad_output.numel() != 1 else \
-        grad_output.to(acc).reshape(()) / state
+    f = _per_row(grad_output.to(acc)) / state
     return times_keeping_zeros(grad, f.reshape(shape), state.reshape(shape)) \
         .to(dtype or grad.dtype).contiguous()
 
@@ -1469,13 +1475,15 @@ def cross_entropy(
             reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, return_lse=return_lse, inplace_backward=inplace_backward,
             loss_dtype=loss_dtype, divisor=divisor)
-    refuse_nested("cross_entropy", input=input, target=target, weight=weight)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,
                                                  softcap)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
+    if input.layout is not STRIDED or target.layout is not STRIDED or input.is_nested or \
+            target.is_nested or (isinstance(weight, Tensor) and weight.layout is not STRIDED):
+        check_strided("cross_entropy", input=input, target=target, weight=weight)
     if input.dim() == 1 and target.shape == (1,) != input.shape and \
             not target.is_floating_point():
         target = target.reshape(())  # (C,) input: torch takes a (1,) class index as ()

@@ -74,7 +74,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import heuristics
 from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
-                      check_weight_takes_no_grad, refuse_nested)
+                      check_strided, check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, autocast_on, backend_for, first_order, launch_device,
                         launch_on, new_output, plan_cache, refuse_batched_backward,
                         refuse_transformed, remember, saved, traced)
@@ -1350,7 +1350,7 @@ def linear_cross_entropy(
             softcap=softcap, return_lse=return_lse, chunk_size=chunk_size, options=options,
             loss_dtype=loss_dtype, return_token_accuracy=return_token_accuracy,
             divisor=divisor, main_grad=main_grad)
-    refuse_nested("linear_cross_entropy", input=input, target=target)
+    check_strided("linear_cross_entropy", input=input, target=target)
     refuse_transformed("linear_cross_entropy", "which the chunked passes and their in-place "
                        "gradients do not support; use softmax_gpu.cross_entropy(F.linear(...), "
                        "...) there", input=input, linear_weight=linear_weight,

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from . import heuristics
-from ._checks import (FLOAT_DTYPES, check_float, check_row_length, check_tensor, refuse_nested,
-                      wrap_dim)
+from ._checks import (FLOAT_DTYPES, STRIDED, check_float, check_row_length, check_strided,
+                      check_tensor, wrap_dim)
 from ._dispatch import (autocast_on, backend_for, empty_like, interpreted,
                         launch_device, launch_on, new_output, plan_cache, remember, traced,
                         transformed)
@@ -441,7 +441,8 @@ def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
                                      stacklevel, dtype=dtype)
     if not isinstance(input, Tensor):
         check_tensor(input, "input")
-    refuse_nested("log_softmax" if log else "softmax", input=input)
+    if input.layout is not STRIDED or input.is_nested:
+        check_strided("log_softmax" if log else "softmax", input=input)
     if stacklevel.__class__ is torch.dtype:
         # torch.softmax(input, dim, dtype): the third position is the dtype
         if dtype is not None:
