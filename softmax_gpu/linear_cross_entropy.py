@@ -1350,7 +1350,8 @@ def linear_cross_entropy(
             softcap=softcap, return_lse=return_lse, chunk_size=chunk_size, options=options,
             loss_dtype=loss_dtype, return_token_accuracy=return_token_accuracy,
             divisor=divisor, main_grad=main_grad)
-    check_strided("linear_cross_entropy", input=input, target=target)
+    check_strided("linear_cross_entropy", input=input, linear_weight=linear_weight,
+                  target=target, linear_bias=linear_bias, weight=weight, main_grad=main_grad)
     refuse_transformed("linear_cross_entropy", "which the chunked passes and their in-place "
                        "gradients do not support; use softmax_gpu.cross_entropy(F.linear(...), "
                        "...) there", input=input, linear_weight=linear_weight,

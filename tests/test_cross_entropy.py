@@ -2056,6 +2056,13 @@ def test_nested_and_sparse_tensors_are_refused_by_name():
         softmax_gpu.linear_cross_entropy(nt, rand(5, 5), targets(5, 5))
     with pytest.raises(TypeError, match="target has layout torch.sparse_coo"):
         softmax_gpu.cross_entropy(rand(5, 5), torch.softmax(rand(5, 5), 1).to_sparse())
+    x, w, t = rand(4, 8), rand(6, 8), targets(4, 6)
+    for name, kw in [("linear_weight", dict(linear_weight=w.to_sparse())),
+                     ("linear_bias", dict(linear_bias=rand(6).to_sparse())),
+                     ("weight", dict(weight=rand(6).abs().to_sparse()))]:
+        kw = {"linear_weight": w, **kw}
+        with pytest.raises(TypeError, match=f"{name} has layout torch.sparse_coo"):
+            softmax_gpu.linear_cross_entropy(x, kw.pop("linear_weight"), t, **kw)
 
 
 @pytest.mark.parametrize("path", PATHS)
