@@ -1022,6 +1022,10 @@ def ce_grad_scale_kernel(
         done = tl.load(STATE + rows, mask=rmask, other=1.0)
         if IN_PLACE:
             todo = rmask & (go != done)
+            # one thread stores the rows' new factors: every warp must have
+            # read the old ones first (here and in the check above), or a
+            # late warp sees go == done and leaves its columns unscaled
+            tl.debug_barrier()
             tl.store(STATE + rows, go, mask=todo)
         else:
             todo = rmask

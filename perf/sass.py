@@ -197,10 +197,11 @@ def _unroll(body: list, per_iter: float, elem_bytes: int, tensors: int) -> int:
     return max(1, wide // per) if wide % per == 0 and wide else 1
 
 
-def analyse(cubin: bytes, v) -> dict:
-    """Per-element counts of ``v``'s cubin: each tile loop of a looped kernel,
-    the whole kernel of a single one (run in static's compile workers)."""
-    code = _real(disassemble(cubin))
+def analyse(asm: dict, v) -> dict:
+    """Per-element counts of ``v``'s cubin (``asm["cubin"]``): each tile loop of
+    a looped kernel, the whole kernel of a single one (run in static's compile
+    workers)."""
+    code = _real(disassemble(asm["cubin"]))
     c = dict(v.constexprs)
     per_iter = c["BLOCK_N"] * c.get("ROWS", 1) / (32 * v.num_warps)
     body = loops(code)
@@ -223,6 +224,96 @@ def analyse(cubin: bytes, v) -> dict:
         parts.append(count(code[a:b + 1],
                            per_iter * _unroll(code[a:b + 1], per_iter, elem, tensors)))
     return dict(kind="loop", parts=parts, loops_found=len(body))
+
+
+_LOC = re.compile(r"\.loc\s+(\d+)\s+(\d+)\s+(\d+)(?:.*inlined_at\s+(\d+)\s+(\d+)\s+(\d+))?")
+_LABEL = re.compile(r"^(\$\w+):")
+_BRANCH = re.compile(r"^(@!?%\w+\s+)?bra(?:\.uni)?\s+(\$\w+);")
+
+
+def ptx_ops(ptx: str) -> list:
+    """(index, op, frames) of each global load, global store and CTA barrier
+    of ``ptx``: ``frames`` are the ``file.py:line`` of the innermost ``.loc``
+    and of every call site it is inlined at, followed up the ``inlined_at``
+    of the ``.loc`` directives (LLVM writes each call site's own first), and
+    read off the ``@[ ... ]`` comment where LLVM writes one."""
+    lines = ptx.splitlines()
+    files = {m.group(1): m.group(2).rsplit("/", 1)[-1]
+             for m in (re.match(r'\s*\.file\s+(\d+)\s+"([^"]+)"', ln) for ln in lines) if m}
+    chains, frames, out = {}, (), []
+    for i, line in enumerate(lines):
+        s = line.strip()
+        m = _LOC.match(s)
+        if m:
+            f, ln, col, pf, pln, pcol = m.groups()
+            parent = ()
+            if pf:
+                parent = chains.get((pf, pln, pcol)) or chains.get((pf, pln)) or (
+                    f"{files.get(pf, pf)}:{pln}",)
+            comment = re.findall(r"([\w.]+\.py:\d+):\d+", s.split("//", 1)[1]) if "//" in s else []
+            frames = tuple(dict.fromkeys((f"{files.get(f, f)}:{ln}",) + parent + tuple(comment)))
+            chains[(f, ln, col)] = chains[(f, ln)] = frames
+            continue
+        for op in ("ld.global", "st.global", "bar.sync"):
+            if op in s and not s.startswith("//"):
+                out.append((i, op, frames))
+    return out
+
+
+def _successors(lines: list) -> list:
+    """The next lines control can reach from each line of a PTX function:
+    the following line, and a branch's target (an unpredicated branch, ret
+    and exit: only the target, or nothing)."""
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := _LABEL.match(ln.strip()))}
+    succ = []
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        b = _BRANCH.match(s)
+        nxt = [i + 1] if i + 1 < len(lines) else []
+        if b:
+            succ.append([labels[b.group(2)]] + (nxt if b.group(1) else []))
+        elif re.match(r"^(ret|exit);", s):
+            succ.append([])
+        else:
+            succ.append(nxt)
+    return succ
+
+
+def barrier_between(asm: dict, v, where: dict) -> list:
+    """For each (first, then) pair of ``where[v.kernel]`` (two statements'
+    ``file.py:first-last`` lines: a call's location is one of its lines, which
+    one depends on the Triton version; a frame matches the code inlined there
+    too): whether
+    every path of ``v``'s PTX from a global access (load or store) of the
+    first to a global store of the second passes a CTA barrier (run in
+    static's compile workers). Returns, per pair, the accesses and stores
+    found and the stores that some access reaches with no ``bar.sync`` on
+    the way (``unguarded``)."""
+    lines = asm["ptx"].splitlines()
+    ops = ptx_ops(asm["ptx"])
+    barriers = {i for i, op, _ in ops if op == "bar.sync"}
+    succ, out = _successors(lines), []
+    def within(frames, span):  # span: "file.py:first-last" (a statement's lines)
+        name, lines = span.split(":")
+        lo, hi = (int(n) for n in lines.split("-"))
+        return any(f.split(":")[0] == name and lo <= int(f.split(":")[1]) <= hi for f in frames)
+
+    for first_at, then_at in where[v.kernel]:
+        starts = [i for i, op, f in ops if op != "bar.sync" and within(f, first_at)]
+        stores = {i for i, op, f in ops if op == "st.global" and within(f, then_at)}
+        seen, unguarded = set(), set()
+        todo = [j for i in starts for j in succ[i]]
+        while todo:
+            i = todo.pop()
+            if i in seen or i in barriers:
+                continue
+            seen.add(i)
+            if i in stores:
+                unguarded.add(i)
+            todo.extend(succ[i])
+        out.append(dict(first=first_at, then=then_at, accesses=len(starts), stores=len(stores),
+                        unguarded=sorted(unguarded)))
+    return out
 
 
 def run(jobs: int = 2) -> list:

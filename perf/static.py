@@ -542,28 +542,29 @@ def _stderr_captured():
 
 
 def _compile_one(job):
-    """Worker: (variant, aligned_ints, analyse) -> analyse(cubin, variant), or
-    {"error": message} when the compile fails."""
+    """Worker: (variant, aligned_ints, analyse) -> analyse(asm, variant) (``asm``:
+    the compiled kernel's ``.asm``, "cubin", "ptx", ...), or {"error": message}
+    when the compile fails."""
     v, aligned_ints, analyse = job
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even under the test env
     with _stderr_captured() as err:
         try:
-            cubin = compile_variant(v, aligned_ints).asm["cubin"]
+            asm = compile_variant(v, aligned_ints).asm
         except Exception as e:  # a compile error is a result of the check
             failure = f"{type(e).__name__}: {e}"
         else:
-            return analyse(cubin, v)
+            return analyse(asm, v)
     diag = [ln for ln in err[0].splitlines() if "error" in ln]
     return {"error": "; ".join(diag[:3] + [failure])}
 
 
-def _usage(cubin: bytes, v: Variant) -> dict:
-    return resource_usage(cubin, v.label())
+def _usage(asm: dict, v: Variant) -> dict:
+    return resource_usage(asm["cubin"], v.label())
 
 
 def run(jobs: int = 2, variants=None, aligned_ints: bool = True, analyse=_usage):
     """[(variant, result)] for ``variants`` (default: all): result is
-    ``analyse(cubin, variant)`` (default: the resource usage) or
+    ``analyse(asm, variant)`` (default: the resource usage of ``asm["cubin"]``) or
     {"error": ...} for a variant that fails to compile.
 
     Compiled in ``jobs`` fresh (spawned) processes, so that the kernels are

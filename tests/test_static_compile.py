@@ -184,3 +184,67 @@ def test_sass_counter_finds_the_tile_loops():
         # bf16 rows read 16 bytes at a time (with an eviction hint: LDG.E.EL.128, .EF.128)
         assert any(op.endswith(".128") for op in part["ldg"]), part
         assert part["mufu"].get("MUFU.EX2", 0) >= 16, part  # one exp per element
+
+
+
+# ----------------------------------------------------------------------------
+# In-place writes: every warp's read before any warp's overwrite
+# ----------------------------------------------------------------------------
+
+# kernel -> (a constexpr flag that must hold, [(a statement, a later
+# statement whose stores may overwrite what the first read or wrote)]):
+# within one program, a value that every thread reads and other threads then
+# overwrite (the target logit under an in-place gradient, the rescale's
+# per-row factor), or an element one thread writes and another then
+# overwrites (the target's own gradient element over its row's), needs a
+# CTA barrier in between. The interpreter runs a program as whole-array
+# steps, so only the compiled code shows a missing one.
+_ORDERED = {
+    "ce_class_single_kernel": ("WRITE_GRAD", [
+        ("zt = load_logits(X, xb + t * sx_n", "tl.store(G + gb[:, None]"),
+        ("tl.store(G + gb[:, None]", "tl.store(G + gb + t * sg_n")]),
+    "ce_class_looped_kernel": ("WRITE_GRAD", [
+        ("zt = load_logits(X, xb + t * sx_n", "smooth_sum = class_row_pass(")]),
+    "ce_grad_scale_kernel": ("IN_PLACE", [
+        ("done = tl.load(STATE + rows", "tl.store(STATE + rows, go")]),
+}
+
+
+def _lines_of(fn, text: str) -> str:
+    """"file.py:first-last": the lines of the one statement of ``fn`` that
+    starts with the line holding ``text``."""
+    import ast
+    import textwrap
+
+    lines, start = inspect.getsourcelines(fn.fn)
+    (i,), = [[i for i, line in enumerate(lines) if text in line]]
+    (node,) = [n for n in ast.walk(ast.parse(textwrap.dedent("".join(lines))))
+               if isinstance(n, ast.stmt) and n.lineno == i + 1]
+    return f"{Path(inspect.getsourcefile(fn.fn)).name}:{start + i}-{start + node.end_lineno - 1}"
+
+
+def test_reads_are_ordered_before_in_place_writes():
+    """One variant of each kernel that overwrites what its other warps read
+    or wrote: in its sm_90 PTX, every path from the first statement's global
+    accesses to a store of the second passes a bar.sync (a path through the
+    row loop's back edge too)."""
+    import functools
+
+    from perf import sass
+
+    where, variants = {}, []
+    for kernel, (flag, pairs) in _ORDERED.items():
+        fn = getattr(CEK, kernel)
+        where[kernel] = [(_lines_of(fn, a), _lines_of(fn, b)) for a, b in pairs]
+        variants.append(max((v for v in static.all_variants()
+                             if v.kernel == kernel and dict(v.constexprs).get(flag) is True),
+                            key=lambda v: dict(v.constexprs)["BLOCK_N"]))
+    results = static.run(2, variants, analyse=functools.partial(sass.barrier_between,
+                                                                 where=where))
+    for v, pairs in results:
+        assert "error" not in pairs, (v.label(), pairs)
+        for r in pairs:
+            assert r["accesses"] and r["stores"], (v.label(), r)
+            assert not r["unguarded"], (f"{v.label()}: a path from {r['first']} to the store "
+                                        f"at {r['then']} with no CTA barrier "
+                                        f"(PTX lines {r['unguarded']})")
