@@ -9,6 +9,7 @@ before apply() and again after revert().
 from __future__ import annotations
 
 import copy
+import functools
 import textwrap
 import warnings
 
@@ -401,6 +402,99 @@ def test_trainer_gradient_accumulation(tmp_path):
     init = dict(tiny("llama", seed=5).named_parameters())
     assert all(not torch.equal(ref[1][n], init[n]) for n in ("lm_head.weight",
                                                              "model.norm.weight"))
+
+
+def test_revert_and_apply_under_accelerates_autocast_wrapper():
+    """Trainer(bf16=True) / fp16=True wrap model.forward after apply() (accelerate's
+    autocast, around the patched forward): revert() then leaves the wrapper in
+    place and the model computes its own logits and loss; apply() again switches
+    the fused path back on under the same wrapper."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    model, ref = tiny("llama"), tiny("llama")
+    ids, labels = batch()
+    st.apply(model)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer's, earlier
+    try:
+        acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+        model, ref = acc.prepare_model(model), acc.prepare_model(ref)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    wrapper = model.__dict__["forward"]
+    assert not isinstance(wrapper, st._Forward)  # accelerate's, around ours
+    want = ref(input_ids=ids, labels=labels)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None  # the fused path ran under the wrapper
+    torch.testing.assert_close(out.loss, want.loss, rtol=2e-2, atol=2e-2)  # bf16 logits
+
+    st.revert(model)
+    assert st.applied(model) is None and model.__dict__["forward"] is wrapper
+    out = model(input_ids=ids, labels=labels)
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.logits, want.logits)
+    st.revert(model)  # a no-op
+
+    st.apply(model)
+    assert st.applied(model) == {"fused_linear": True, "reason": None}
+    assert model.__dict__["forward"] is wrapper
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want.loss, rtol=2e-2, atol=2e-2)
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+    st.revert(model)
+    model.__dict__["forward"] = functools.partial(type(model).forward, model)  # no longer ours
+    st.apply(model, fused_linear=False)  # a fresh patch around that forward
+    assert st.applied(model) == {"fused_linear": False, "reason": None}
+    assert isinstance(model.__dict__["forward"], st._Forward)
+    plain = type(ref).forward(ref, input_ids=ids, labels=labels)  # fp32, no autocast
+    out = model(input_ids=ids, labels=labels)
+    assert torch.equal(out.logits, plain.logits)
+    torch.testing.assert_close(out.loss, plain.loss)
+
+
+def _replicate_on_cpu(net, scale: float):
+    """torch.nn.parallel.replicate's module copy (``_replicate_for_data_parallel``
+    per module, children and parameters wired as it wires them), with each
+    broadcast parameter replaced by a differentiable copy times ``scale``
+    (replicate needs CUDA devices)."""
+    modules = list(net.modules())
+    copies = {m: m._replicate_for_data_parallel() for m in modules}
+    params = {p: p * scale for p in net.parameters()}
+    for m in modules:
+        replica = copies[m]
+        for key, child in m._modules.items():
+            replica._modules[key] = None if child is None else copies[child]
+        for key, p in m._parameters.items():
+            setattr(replica, key, None if p is None else params[p])
+    return copies[net]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_data_parallel_replicas_run_on_their_own_weights(fused):
+    """nn.DataParallel (Trainer's with several GPUs and no launcher) copies
+    the patched model per GPU: each replica computes with its own (broadcast)
+    weights, its own head and its own patch state, and the gradients reach the
+    original parameters as through torch's forward."""
+    ids, labels = batch()
+    ref, model = tiny("llama"), tiny("llama")
+    st.apply(model, fused_linear=fused)
+    got_rep, want_rep = _replicate_on_cpu(model, 2.0), _replicate_on_cpu(ref, 2.0)
+    assert got_rep.lm_head is not model.lm_head
+    got = got_rep(input_ids=ids, labels=labels)
+    want = type(ref).forward(want_rep, input_ids=ids, labels=labels)
+    assert (got.logits is None) == fused
+    torch.testing.assert_close(got.loss, want.loss)
+    got.loss.backward()
+    want.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert st.applied(model)["fused_linear"] == fused and model.lm_head.weight.grad is not None
+    out = model(input_ids=ids, labels=labels)  # the original still runs on its own weights
+    torch.testing.assert_close(out.loss, type(ref).forward(ref, input_ids=ids,
+                                                          labels=labels).loss)
+    st.revert(model)
+    assert not any(k.startswith("_replicate") for m in model.modules() for k in m.__dict__)
 
 
 # --- a transformers release that changes the forward -----------------------------

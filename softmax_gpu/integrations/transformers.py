@@ -62,6 +62,7 @@ Token accuracy (as TRL's SFT trainer requests it): pass
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import inspect
 import textwrap
@@ -87,6 +88,7 @@ _LOSS_PARAMS = ("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_
 
 _STATE = "_softmax_gpu_patch"
 _CALL_ATTR = "_softmax_gpu_fused_call"  # on lm_head: the _FusedCall in flight, or None
+_REPLICATE = "_replicate_for_data_parallel"  # nn.DataParallel's per-module copy (see _Replicate)
 
 # What the lm_head returns during a fused forward: exactly representable in
 # bf16/fp16, spread over the range a softcap bends (0 and +-small stay put).
@@ -197,6 +199,8 @@ class _Patch:
     ``copy.deepcopy`` of a patched model is patched on its own copy, and it
     holds nothing bound to the model, so a patched model pickles
     (``torch.save``) and loads patched."""
+
+    active = True  # False: reverted under a wrapper that still calls the patched forward
 
     def __init__(self, saved_forward, saved_loss, fused: bool, reason, labels_pos):
         self.saved_forward = saved_forward  # model.__dict__["forward"] before apply, or None
@@ -329,6 +333,40 @@ def _stand_in(head: nn.Module) -> None:
     """Put :class:`_HeadForward` on ``head``, with no fused call in flight."""
     head.forward = _HeadForward(head)
     setattr(head, _CALL_ATTR, None)
+    head.__dict__[_REPLICATE] = _Replicate(head)
+
+
+class _Replicate:
+    """``_replicate_for_data_parallel`` of a patched model and of its head.
+
+    ``nn.DataParallel`` copies every module per GPU with it (a shallow copy
+    of the module's ``__dict__``), which would leave each replica's
+    ``forward``, its loss hook and its head's stand-in bound to the original
+    module (its weights, on the first GPU). This runs torch's copy, then
+    binds what the patch put in the copy's ``__dict__`` to the copy: its own
+    forward, loss hook and patch state (replicas run in parallel threads),
+    and its head's own stand-in."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self):
+        original = self.module
+        replica = nn.Module._replicate_for_data_parallel(original)
+        d = replica.__dict__
+        d.pop(_REPLICATE, None)  # a replica is not replicated again
+        forward = d.get("forward")
+        if isinstance(forward, _Forward) and forward.__self__ is original:
+            d["forward"] = _Forward(replica)
+        elif isinstance(forward, _HeadForward) and forward.head is original:
+            d["forward"] = _HeadForward(replica)
+            d[_CALL_ATTR] = None
+        loss = d.get("_loss_function")
+        if isinstance(loss, functools.partial) and loss.func is _loss_hook:
+            d["_loss_function"] = functools.partial(_loss_hook, replica)
+        if _STATE in d:
+            d[_STATE] = copy.copy(d[_STATE])
+        return replica
 
 
 def _has_stand_in(head: nn.Module) -> bool:
@@ -361,7 +399,9 @@ def _check_probe(logits, probe: Tensor, cap, name: str) -> None:
 
 def _forward(self, *args, **kwargs):
     """The patched forward of the model ``self`` (see :class:`_Forward`)."""
-    state: _Patch = self.__dict__[_STATE]
+    state: _Patch = self.__dict__.get(_STATE)
+    if state is None or not state.active:  # reverted under a wrapper that still calls this
+        return _original_forward(self)(*args, **kwargs)
     want_accuracy = bool(kwargs.pop("return_token_accuracy", False))
     if "labels" in kwargs:
         labels = kwargs["labels"]
@@ -580,6 +620,12 @@ def apply(model, *, fused_linear: bool = True):
     lm = _causal_lm(model)
     if _STATE in lm.__dict__:
         revert(model)
+    # reverted while a wrapper set after apply() (accelerate's autocast) still
+    # calls the patched forward: the wrapper stays, the patch is switched on
+    wrapped = lm.__dict__.get(_STATE)
+    if wrapped is not None and not _wraps_ours(lm):
+        del lm.__dict__[_STATE]  # the wrapper is gone too: patch afresh
+        wrapped = None
     _loss_contract(lm)
     fatal, reason = _forward_structure(lm)
     if fatal is not None:
@@ -603,11 +649,13 @@ def apply(model, *, fused_linear: bool = True):
     names = [n for n, p in sig.parameters.items()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     labels_pos = names.index("labels") if "labels" in names else len(names)
-    state = _Patch(lm.__dict__.get("forward"), lm.__dict__.get("_loss_function"),
-                   fused, reason, labels_pos)
+    saved = wrapped.saved_forward if wrapped is not None else lm.__dict__.get("forward")
+    state = _Patch(saved, lm.__dict__.get("_loss_function"), fused, reason, labels_pos)
     lm.__dict__[_STATE] = state
     lm.loss_function = functools.partial(_loss_hook, lm)
-    lm.forward = _Forward(lm)
+    if wrapped is None:
+        lm.forward = _Forward(lm)
+    lm.__dict__[_REPLICATE] = _Replicate(lm)
     if fused:
         _stand_in(head)
     return model
@@ -616,37 +664,68 @@ def apply(model, *, fused_linear: bool = True):
 def revert(model):
     """Undo :func:`apply` on ``model`` (a no-op when it is not patched).
 
-    Raises RuntimeError when ``model.forward`` was replaced again after
-    :func:`apply` (reverting would drop that wrapper too): undo that first."""
+    When ``model.forward`` was wrapped after :func:`apply` by a wrapper that
+    still calls the patched forward (accelerate's autocast wrapper, which
+    ``Trainer(bf16=True)`` or ``fp16=True`` sets), the wrapper stays: the
+    patched forward then passes every call to the forward that ran before
+    :func:`apply`, and the loss is the model's own again.
+
+    Raises RuntimeError when ``model.forward`` was replaced after
+    :func:`apply` by something that no longer calls it (reverting would drop
+    that): undo that first."""
     lm = _causal_lm(model)
     state = lm.__dict__.get(_STATE)
-    if state is None:
+    if state is None or not state.active:
         return model
     current = lm.__dict__.get("forward")
     ours = (isinstance(current, _Forward) and current.__self__ is lm) or (
         isinstance(current, types.MethodType) and current.__self__ is lm and
         getattr(current.__func__, "__code__", None) is _forward.__code__)
-    if not ours:
+    if not ours and not _wraps_ours(lm):
         raise RuntimeError("model.forward was replaced after softmax_gpu's apply(); undo that "
                            "first, then revert(model)")
-    del lm.__dict__["forward"]
-    if state.saved_forward is not None:
-        lm.__dict__["forward"] = state.saved_forward
+    if ours:
+        del lm.__dict__["forward"]
+        if state.saved_forward is not None:
+            lm.__dict__["forward"] = state.saved_forward
     for m in lm.modules():  # lm_head, and a head since wrapped (a LoRA base_layer)
         if isinstance(m.__dict__.get("forward"), _HeadForward):
             del m.__dict__["forward"]
             m.__dict__.pop(_CALL_ATTR, None)
+            m.__dict__.pop(_REPLICATE, None)
     del lm.__dict__["_loss_function"]
     if state.saved_loss is not None:
         lm.__dict__["_loss_function"] = state.saved_loss
-    del lm.__dict__[_STATE]
+    lm.__dict__.pop(_REPLICATE, None)
+    if ours:
+        del lm.__dict__[_STATE]
+    else:  # kept for the wrapper's calls: the forward before apply()
+        state.active = False
     return model
+
+
+def _wraps_ours(lm) -> bool:
+    """Whether ``lm.forward`` is a wrapper (``functools.wraps``' ``__wrapped__``
+    chain, bound or not) around the patched forward of ``lm``."""
+    fn = lm.__dict__.get("forward")
+    if getattr(fn, "__self__", lm) is not lm:
+        return False
+    fn = getattr(fn, "__func__", fn)
+    for _ in range(32):  # a chain of wrappers, never a cycle
+        if fn is None:
+            return False
+        if isinstance(fn, _Forward):
+            return fn.__self__ is lm
+        if getattr(fn, "__code__", None) is _forward.__code__:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 def applied(model) -> dict | None:
     """None if ``model`` is not patched, else ``{"fused_linear": bool, "reason":
     str | None}`` (``reason``: why the fused path is off, when it is)."""
     state = _causal_lm(model).__dict__.get(_STATE)
-    if state is None:
+    if state is None or not state.active:
         return None
     return {"fused_linear": state.fused, "reason": state.reason}
