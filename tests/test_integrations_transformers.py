@@ -497,6 +497,25 @@ def test_data_parallel_replicas_run_on_their_own_weights(fused):
     assert not any(k.startswith("_replicate") for m in model.modules() for k in m.__dict__)
 
 
+def test_apply_through_compile_and_data_parallel_wrappers():
+    """apply(), applied() and revert() reach the model inside torch.compile's
+    module and nn.DataParallel (on a CPU it calls its module directly),
+    nested either way; the compiled call then takes the fused path."""
+    ids, labels = batch()
+    want = tiny("llama")(input_ids=ids, labels=labels).loss
+    model = tiny("llama")
+    for wrapped in (torch.nn.DataParallel(model),
+                    torch.nn.DataParallel(torch.compile(model, backend="aot_eager"))):
+        assert st.apply(wrapped) is wrapped
+        assert st.applied(model) == st.applied(wrapped) == {"fused_linear": True, "reason": None}
+        out = wrapped(input_ids=ids, labels=labels)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, want)
+        st.revert(wrapped)
+        assert st.applied(model) is None
+        assert wrapped(input_ids=ids, labels=labels).logits is not None
+
+
 # --- a transformers release that changes the forward -----------------------------
 
 

@@ -563,16 +563,26 @@ def _forward_structure(model) -> tuple[str | None, str | None]:
 
 
 def _causal_lm(model):
-    """The transformers ``PreTrainedModel`` inside ``model`` (a PEFT wrapper or itself)."""
+    """The transformers ``PreTrainedModel`` inside ``model``: itself, or inside
+    a PEFT wrapper, ``torch.compile``'s module, ``nn.DataParallel`` or
+    ``DistributedDataParallel`` (any nesting of them)."""
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - exercised without the extra
         raise ImportError("softmax_gpu.integrations.transformers needs transformers: "
                           "pip install softmax-gpu[transformers]") from exc
+    for _ in range(8):  # wrappers around wrappers, never a cycle
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's: the patch is seen (a recompile)
+        else:
+            break
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(inner, transformers.PreTrainedModel):
-        raise TypeError(f"apply() needs a loaded transformers model (or a PEFT wrapper of one), "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"apply() needs a loaded transformers model (or one inside a PEFT "
+                        f"model, torch.compile, DataParallel or DDP), got {type(model).__name__}")
     return inner
 
 
@@ -598,8 +608,9 @@ def apply(model, *, fused_linear: bool = True):
     """Run the causal-LM loss of one loaded model on softmax_gpu's kernels.
 
     Args:
-        model: a loaded transformers ``*ForCausalLM`` instance, or a PEFT
-            model wrapping one (the inner model is patched).
+        model: a loaded transformers ``*ForCausalLM`` instance, or one inside
+            a PEFT model, ``torch.compile``'s module, ``nn.DataParallel`` or
+            ``DistributedDataParallel`` (the inner model is patched).
         fused_linear: training forwards with labels compute the loss with the
             fused linear cross-entropy from the final hidden states and
             ``lm_head``'s weight; their ``output.logits`` is None. Used only
