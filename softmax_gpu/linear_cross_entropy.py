@@ -580,11 +580,14 @@ class _Lanes:
     ``overlap``): each chunk is cut in two halves; the cross-entropy of a
     half runs on a side stream once its logits GEMM is done (an event
     recorded on the main stream), and the main stream waits for it (an event
-    recorded on the side stream) before that half's backprop GEMMs. Nothing
-    is allocated on the side stream and every side-stream launch is waited
-    for by the main stream before the pass returns, so the caching allocator
-    needs no ``record_stream`` and a CUDA graph capture forks and joins
-    cleanly. No host sync."""
+    recorded on the side stream) before that half's backprop GEMMs. The only
+    memory allocated on the side stream is a launch's small workspace (the
+    cooperative and resident plans'), used and given back in that stream's
+    order; every side-stream launch is waited for by the main stream before
+    the pass returns, so the main stream's tensors need no ``record_stream``
+    and a CUDA graph capture forks and joins cleanly. No host sync. One side
+    stream serves every call on a device: overlapped calls from two streams
+    (or threads) of one device take turns on it."""
 
     def __init__(self, device: torch.device, overlap: bool):
         self.on = overlap and device.type == "cuda"
