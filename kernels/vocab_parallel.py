@@ -23,19 +23,21 @@ kernels between them (one launch each, instead of a score of small torch ops):
   w_c z_c over the shard (w_c = 1 without weights). One read of the shard.
   The host all-reduces MAX of m, rescales d to the global max, and
   all-reduces SUM of the stacked rows.
-- grad: from per-row terms the host computes after the collectives (global
-  lse; a, b, c), writes the shard's gradient, reading the shard once more
-  (DX may be X itself: each tile is read before it is written):
-      dz = a e^(z - lse) - b [col == target] - c w_c,   dx = dz * (1 - (z / cap)^2)
+- grad: from per-row terms the host computes after the collectives (the
+  global lse as m + l, its max and the log of its sum; a, b, c), writes the
+  shard's gradient, reading the shard once more (DX may be X itself: each
+  tile is read before it is written):
+      dz = a e^((z - m) - l) - b [col == target] - c w_c,   dx = dz * (1 - (z / cap)^2)
   (the cross-entropy kernels' ``class_grad``), and 0 on rows whose three
   coefficients are 0 (ignored rows with no lse gradient), whatever the
   logits hold.
-- rows (after the collectives): each row's global lse and loss from the
-  global (max, sum), target logit and smoothing sum, through the
+- rows (after the collectives): each row's global lse (as m and l = log of
+  the sum, and in fp32 as m + l) and loss from the global (max, sum),
+  target logit and smoothing sum, through the
   cross-entropy kernels' ``class_target`` and ``class_row_loss`` (divided by
   the mean's denominators, ``ce_denominators_kernel``'s DEN).
-- coefs (backward): the gradient kernel's per-row terms (lse, a, b, c) from
-  the lse, the targets, the loss's grad_output (one value, or one per row)
+- coefs (backward): the gradient kernel's per-row terms (m, l, a, b, c) from
+  the lse's (m, l), the targets, the loss's grad_output (one value, or one per row)
   and the lse's gradient, through ``class_scales`` and ``class_grad_coefs``.
 
 Paths (from ``softmax_gpu.vocab_parallel.shard_config``; its split path is run
@@ -64,8 +66,8 @@ from .softmax import (FP_FUSION, acc_dtype, exp_rel, finite_max, online_sum_upda
 __all__ = ["stats_launcher", "grad_launcher", "rows_launcher", "coefs_launcher", "stats_rows",
            "COEF_ROWS", "DEN_LEN"]
 
-# Rows of the per-row terms the gradient kernel reads: lse, a, b, c.
-COEF_ROWS = 4
+# Rows of the per-row terms the gradient kernel reads: m, l (the lse m + l), a, b, c.
+COEF_ROWS = 5
 
 
 def stats_rows(smooth: bool) -> int:
@@ -196,22 +198,26 @@ def vp_stats_looped_kernel(
 
 @triton.jit
 def grad_row_terms(T, COEF, rows, row_mask, M, s_t, OFF, ACC: tl.constexpr):
-    """Per-row terms of the gradient: (target column in this shard, lse, a, b,
-    c, live); live is False where a, b and c are all 0 (that row's gradient is 0)."""
+    """Per-row terms of the gradient: (target column in this shard, m, l, a,
+    b, c, live), the global lse being m + l (max, log of the sum: sigma =
+    e^((z - m) - l) keeps the single-device op's precision, where e^(z - lse)
+    would lose |lse| ulp); live is False where a, b and c are all 0 (that
+    row's gradient is 0)."""
     t = tl.load(T + rows * s_t, mask=row_mask, other=0).to(tl.int64)
-    lse = tl.load(COEF + rows, mask=row_mask, other=0.0).to(ACC)
-    a = tl.load(COEF + plane(rows, M, 1), mask=row_mask, other=0.0).to(ACC)
-    b = tl.load(COEF + plane(rows, M, 2), mask=row_mask, other=0.0).to(ACC)
-    c = tl.load(COEF + plane(rows, M, 3), mask=row_mask, other=0.0).to(ACC)
+    m = tl.load(COEF + rows, mask=row_mask, other=0.0).to(ACC)
+    l = tl.load(COEF + plane(rows, M, 1), mask=row_mask, other=0.0).to(ACC)
+    a = tl.load(COEF + plane(rows, M, 2), mask=row_mask, other=0.0).to(ACC)
+    b = tl.load(COEF + plane(rows, M, 3), mask=row_mask, other=0.0).to(ACC)
+    c = tl.load(COEF + plane(rows, M, 4), mask=row_mask, other=0.0).to(ACC)
     live = (a != 0.0) | (b != 0.0) | (c != 0.0)
-    return t - OFF, lse, a, b, c, live
+    return t - OFF, m, l, a, b, c, live
 
 
 @triton.jit(do_not_specialize=["cap_hi", "cap_lo"])
 def vp_grad_single_kernel(
     X,  # local logits shard base pointer
     T,  # [M] global target ids (int64)
-    COEF,  # [4, M] per-row terms (ACC): global lse, a, b, c
+    COEF,  # [5, M] per-row terms (ACC): m, l (the global lse m + l), a, b, c
     CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     DX,  # gradient of the shard to write (logits dtype); may be X itself
     M,  # number of rows
@@ -244,10 +250,10 @@ def vp_grad_single_kernel(
     # kernel at ROWS >= 32 (its layout pass gave the target mask two layouts).
     # Read after the tile's loads are issued: before them, bf16 at 16384 with
     # every extra spilled 24 B at 128 registers (sm_90 static check, Triton 3.9)
-    tcol, lse, a, b, c, live = grad_row_terms(T, COEF, rows[:, None], row_mask[:, None], M,
-                                              s_t, OFF, ACC)
-    dx = class_grad(tl.exp(z - lse), z, cols[None, :] == tcol, a, b, c, w, live, cap, SMOOTH,
-                    SOFTCAP)
+    tcol, m, l, a, b, c, live = grad_row_terms(T, COEF, rows[:, None], row_mask[:, None], M,
+                                               s_t, OFF, ACC)
+    dx = class_grad(tl.exp((z - m) - l), z, cols[None, :] == tcol, a, b, c, w, live, cap,
+                    SMOOTH, SOFTCAP)
     tl.store(DX + yb[:, None] + cols[None, :] * sy_n, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -255,7 +261,7 @@ def vp_grad_single_kernel(
 def vp_grad_looped_kernel(
     X,  # local logits shard base pointer
     T,  # [M] global target ids (int64)
-    COEF,  # [4, M] per-row terms (ACC): global lse, a, b, c
+    COEF,  # [5, M] per-row terms (ACC): m, l (the global lse m + l), a, b, c
     CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     DX,  # gradient of the shard to write (logits dtype); may be X itself
     M,  # number of rows
@@ -274,7 +280,7 @@ def vp_grad_looped_kernel(
 ):
     cap = scalar_arg(cap_hi, cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
-    tcol, lse, a, b, c, live = grad_row_terms(T, COEF, row, row < M, M, s_t, OFF, ACC)
+    tcol, m, l, a, b, c, live = grad_row_terms(T, COEF, row, row < M, M, s_t, OFF, ACC)
     xb = row_base(row, INNER, sx_o, sx_i)
     yb = row_base(row, INNER, sy_o, sy_i)
     for off in range(0, W, BLOCK_N):
@@ -282,7 +288,8 @@ def vp_grad_looped_kernel(
         cmask = cols < W
         z = load_logits(X, xb + cols * sx_n, cmask, cap, SOFTCAP, ACC)
         w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)
-        dx = class_grad(tl.exp(z - lse), z, cols == tcol, a, b, c, w, live, cap, SMOOTH, SOFTCAP)
+        dx = class_grad(tl.exp((z - m) - l), z, cols == tcol, a, b, c, w, live, cap, SMOOTH,
+                        SOFTCAP)
         tl.store(DX + yb + cols * sy_n, dx.to(DX.dtype.element_ty), mask=cmask)
 
 
@@ -293,8 +300,8 @@ def vp_rows_kernel(
     T,  # [M] global target ids (int64)
     CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     DEN,  # [DEN_LEN] denominators (ACC; read when use_den, and with weights and smoothing)
-    LSE,  # [M] out: global lse (ACC)
-    LSE32,  # [M] out: the same lse in fp32 (the caller's copy)
+    LSE,  # [2, M] out (ACC): the global lse as its max m and the log l of its sum (lse = m + l)
+    LSE32,  # [M] out: the lse m + l in fp32 (the caller's copy)
     LOSS,  # [M] out: row losses (ACC), divided by the mean's denominators
     M,  # number of rows
     s_t,  # target stride
@@ -325,20 +332,21 @@ def vp_rows_kernel(
         smooth_sum = sw * lse - tl.load(ST + plane(rows, M, 2), mask=rmask, other=0.0).to(ACC)
     loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, V, z_loss, inv_dl, inv_dz,
                           SMOOTH)
-    tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rmask)
+    tl.store(LSE + rows, m, mask=rmask)
+    tl.store(LSE + plane(rows, M, 1), l1p, mask=rmask)
     tl.store(LSE32 + rows, lse.to(tl.float32), mask=rmask)
     tl.store(LOSS + rows, loss.to(LOSS.dtype.element_ty), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["eps_hi", "eps_lo", "zl_hi", "zl_lo"])
 def vp_coefs_kernel(
-    LSE,  # [M] global lse (ACC)
+    LSE,  # [2, M] the global lse (ACC) as m and l (lse = m + l)
     T,  # [M] global target ids (int64)
     CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     DEN,  # [DEN_LEN] denominators (ACC; read when use_den, and with weights and smoothing)
     G,  # the loss's grad_output: one value (s_g 0) or one per row (read when HAS_G)
     DLSE,  # [M] gradient of the returned lse (read when HAS_DLSE)
-    COEF,  # [4, M] out (ACC): lse, a, b, c
+    COEF,  # [5, M] out (ACC): m, l, a, b, c
     M,  # number of rows
     s_t,  # target stride
     s_g,  # grad_output stride (0: one value for every row)
@@ -357,7 +365,9 @@ def vp_coefs_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     rmask = rows < M
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC)
+    m = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC)
+    l1p = tl.load(LSE + plane(rows, M, 1), mask=rmask, other=0.0).to(ACC)
+    lse = m + l1p
     a = tl.zeros_like(lse)
     b = tl.zeros_like(lse)
     c = tl.zeros_like(lse)
@@ -375,10 +385,11 @@ def vp_coefs_kernel(
         c = tl.where(kept, gc, 0.0)
     if HAS_DLSE:
         a += tl.load(DLSE + rows * s_dlse, mask=rmask, other=0.0).to(ACC)
-    tl.store(COEF + rows, lse, mask=rmask)
-    tl.store(COEF + plane(rows, M, 1), a, mask=rmask)
-    tl.store(COEF + plane(rows, M, 2), b, mask=rmask)
-    tl.store(COEF + plane(rows, M, 3), c, mask=rmask)
+    tl.store(COEF + rows, m, mask=rmask)
+    tl.store(COEF + plane(rows, M, 1), l1p, mask=rmask)
+    tl.store(COEF + plane(rows, M, 2), a, mask=rmask)
+    tl.store(COEF + plane(rows, M, 3), b, mask=rmask)
+    tl.store(COEF + plane(rows, M, 4), c, mask=rmask)
 
 
 # ----------------------------------------------------------------------------
@@ -445,7 +456,8 @@ def _row_meta(has_weight, smooth, dtype):
 
 def rows_launcher(M, s_t, V, ignore, use_den, eps, z_loss, has_weight, dtype):
     """``launch(mg, st, t, cw, den, lse, lse32, loss)``: per row the global lse
-    (ACC and fp32) and loss (ACC, divided by ``den``'s denominators when
+    (``lse`` [2, M] ACC: its max m and log-sum l; ``lse32`` [M]: m + l in
+    fp32) and loss (ACC, divided by ``den``'s denominators when
     ``use_den``) from the global maxima ``mg`` and sums ``st`` [k, M];
     ``cw`` and ``den`` may be placeholders when unused."""
     kernel = vp_rows_kernel[(max(1, triton.cdiv(M, ROWS_BLOCK)),)]
@@ -460,8 +472,8 @@ def rows_launcher(M, s_t, V, ignore, use_den, eps, z_loss, has_weight, dtype):
 
 
 def coefs_launcher(M, s_t, V, ignore, use_den, eps, z_loss, has_weight, has_g, has_dlse, dtype):
-    """``launch(lse, t, cw, den, g, dlse, coef, s_g, s_dlse)``: coef [4, M] <-
-    (lse, a, b, c), the gradient kernel's per-row terms of
+    """``launch(lse, t, cw, den, g, dlse, coef, s_g, s_dlse)``: coef [5, M] <-
+    (m, l, a, b, c) from ``lse`` [2, M] (m, l), the gradient kernel's per-row terms of
     ``sum_r (g_r loss_r + dlse_r lse_r)``; ``g`` one value (``s_g`` 0) or
     one per row, unused without ``has_g``, as ``dlse`` without ``has_dlse``."""
     kernel = vp_coefs_kernel[(max(1, triton.cdiv(M, ROWS_BLOCK)),)]

@@ -285,12 +285,13 @@ def _torch_stats(x2: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smoot
 
 def _torch_grad(x2: Tensor, t: Tensor, coef: Tensor, off: int, smooth: bool, cap: float = 0.0,
                 cw: Optional[Tensor] = None) -> Tensor:
-    """Reference of the grad kernel on an [M, W] shard (``coef`` [4, M]: lse, a, b, c)."""
+    """Reference of the grad kernel on an [M, W] shard (``coef`` [5, M]: m, l,
+    a, b, c; the global lse is m + l)."""
     z = _capped(x2, cap)
     M, W = z.shape
-    lse, a, b, c = (r[:, None] for r in coef.to(z.dtype))
+    m, l, a, b, c = (r[:, None] for r in coef.to(z.dtype))
     cols = torch.arange(W, device=z.device) + off
-    dz = torch.exp(z - lse) * a - torch.where(cols[None, :] == t[:, None], b, 0.0)
+    dz = torch.exp((z - m) - l) * a - torch.where(cols[None, :] == t[:, None], b, 0.0)
     if smooth:
         dz = dz - c * _shard_w(cw, off, W, z)[None, :]
     if cap > 0:
@@ -345,7 +346,7 @@ def _shard_stats(x: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smooth
 def _shard_grad(x: Tensor, t: Tensor, coef: Tensor, off: int, smooth: bool, cap: float = 0.0,
                 cw: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """The gradient of the shard ``x`` ([..., W]) from the per-row terms
-    ``coef`` ([4, M] ACC: global lse, a, b, c), written into ``out`` (a new
+    ``coef`` ([5, M] ACC: m, l (the global lse m + l), a, b, c), written into ``out`` (a new
     tensor when None; may be ``x`` itself, which must then have a row view)."""
     M, W = t.numel(), x.shape[-1]
     if out is None:
@@ -445,8 +446,9 @@ class _ShardLoss:
                             self.cw)
 
     def combine(self, mx: Tensor, st: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
-        """The two collectives, then (global lse [n] in ACC, row losses [n] in
-        ACC, the lse in fp32: a copy for the caller); for the mean each row is
+        """The two collectives, then (the global lse [2, n] in ACC as its max m
+        and the log l of its sum, row losses [n] in ACC, the lse m + l in
+        fp32: the caller's); for the mean each row is
         already divided by the denominators, so that the sum of the rows is
         the loss."""
         pg, o, V = self.pg, self.opts, self.layout.vocab
@@ -460,13 +462,14 @@ class _ShardLoss:
             mg = mx
         if self.kernels:
             n, dev = mx.shape[0], mx.device
-            lse, loss = new_output((n,), self.acc, dev), new_output((n,), self.acc, dev)
+            lse, loss = new_output((2, n), self.acc, dev), new_output((n,), self.acc, dev)
             lse32 = new_output((n,), torch.float32, dev)
             launch_on(self.dev, self._row_launch("rows", n), mg, st, self.t[rows],
                       mg if self.cw is None else self.cw, mg if self.den is None else self.den,
                       lse, lse32, loss)
             return lse, loss, lse32
-        lse = mg + torch.log(st[0])
+        l = torch.log(st[0])
+        lse = mg + l
         kept, w_t = self.kept[rows], self.w_t[rows]
         ce = w_t * (lse - st[1])
         if self.smooth:
@@ -476,7 +479,7 @@ class _ShardLoss:
         if o.reduction == "mean":  # an all-ignored batch gives 0 / 0 = NaN, as torch
             ce = ce / self.dl
             zl = zl / self.dz if zl is not None else None
-        return lse, ce if zl is None else ce + zl, lse.to(torch.float32, copy=True)
+        return torch.stack((mg, l)), ce if zl is None else ce + zl, lse.to(torch.float32)
 
     def reduce(self, rows: Tensor) -> Tensor:
         """The loss from all the row losses (already divided for the mean)."""
@@ -515,13 +518,14 @@ class _ShardLoss:
 
     def coefs(self, lse: Tensor, rows: slice, grad: Optional[Tensor],
               dlse: Optional[Tensor]) -> Tensor:
-        """The gradient kernel's per-row terms [4, n] (lse, a, b, c) of
-        ``sum_r (g_r loss_r + dlse_r lse_r)`` for the call's ``rows``, so that
-        dz = a sigma - b [c == t] - c w_c; ``grad``: the loss's grad_output
+        """The gradient kernel's per-row terms [5, n] (m, l, a, b, c) of
+        ``sum_r (g_r loss_r + dlse_r lse_r)`` for the call's ``rows``, from
+        ``lse`` [2, n] (m, l: the lse is m + l), so that dz = a sigma -
+        b [c == t] - c w_c; ``grad``: the loss's grad_output
         (0-d, or [N] for ``reduction="none"``), or None when the loss has no
         gradient."""
         if self.kernels:
-            n, dev = lse.shape[0], lse.device
+            n, dev = lse.shape[1], lse.device
             g = grad.reshape(-1)[rows] if grad is not None and grad.dim() else grad
             d = dlse.reshape(-1)[rows] if dlse is not None else None
             coef = new_output((K.COEF_ROWS, n), self.acc, dev)
@@ -533,6 +537,8 @@ class _ShardLoss:
             return coef
         o, V = self.opts, self.layout.vocab
         pick = (lambda v: v[rows] if v is not None and v.dim() else v)
+        m, l = lse
+        lse = m + l
         zero = torch.zeros_like(lse)
         if grad is None:
             a, b, c = zero, zero, zero
@@ -551,7 +557,7 @@ class _ShardLoss:
             a = torch.where(self.bad[rows], math.nan, a)
         if dlse is not None:
             a = a + pick(dlse.reshape(-1)).to(self.acc)
-        return torch.stack((lse, a, b, c))
+        return torch.stack((m, l, a, b, c))
 
     def grad_(self, z: Tensor, rows: slice, coef: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """The gradient of the shard block ``z`` for the call's ``rows`` into ``out``."""
@@ -757,7 +763,7 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
     place (dW_r in the weight's dtype, fp32 with ``acc32``, or added into
     ``main_grad``; as :func:`softmax_gpu.linear_cross_entropy`). dX is
     all-reduced over the group at the end (each rank's is its shard's part).
-    Returns (lse [N] ACC, row losses [N] ACC or None, the gradient
+    Returns (lse [2, N] ACC: m, l, row losses [N] ACC or None, the gradient
     accumulators: ``_Grads``, None where not asked)."""
     N = x.shape[0]
     grads = _grad_buffers(x, w, b, needs, acc32, main_grad)
@@ -771,7 +777,7 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
             lses.append(lse_c)
             losses.append(rows_c)
         else:
-            lse_c = lse[sl]
+            lse_c = lse[:, sl].contiguous()  # [2, rows]: the kernels read rows m, l at n apart
         if want:
             fn.grad_(z, sl, fn.coefs(lse_c, sl, grad, dlse), z)
             if grads.dx is not None:
@@ -781,7 +787,7 @@ def _chunk_pass(x: Tensor, w: Tensor, b: Optional[Tensor], fn: _ShardLoss, rows:
         dist.all_reduce(grads.dx, op=dist.ReduceOp.SUM, group=fn.pg)
     if loss:
         empty = x.new_empty(0, dtype=fn.acc)
-        lse = torch.cat(lses) if lses else empty
+        lse = torch.cat(lses, 1) if lses else x.new_empty((2, 0), dtype=fn.acc)
         return lse, torch.cat(losses) if losses else empty, grads
     return lse, None, grads
 
@@ -808,7 +814,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         inputs = (x, w, b, lse) if keep_inputs or not grad else (None,) * 4
         anchor = anchor_output(ctx, *inputs, *(grads[:3] if grad else (None,) * 3))
-        return fn.reduce(losses), lse.to(torch.float32, copy=True), anchor
+        return fn.reduce(losses), (lse[0] + lse[1]).to(torch.float32), anchor
 
     @staticmethod
     @first_order

@@ -78,7 +78,7 @@ def _vocab_parallel_shard_calls(x, t, off, vocab):
     import softmax_gpu.vocab_parallel as D
 
     D._shard_stats(x, t, off, vocab, -100, True)
-    coef = torch.ones(4, t.numel())  # per-row terms: lse, a, b, c
+    coef = torch.ones(5, t.numel())  # per-row terms: m, l, a, b, c
     D._shard_grad(x, t, coef, off, True)
     # the per-row kernels between them (one rank: no collective), the mean's
     # one grad_output and a returned lse's gradient

@@ -799,6 +799,32 @@ def _neg_inf_everywhere(rank: int) -> None:
         D.backend_for = backend
 
 
+def _offset_logits_precision(rank: int) -> None:
+    """fp32 logits far from 0 (a common offset of 1000, the lse with them):
+    the shard's gradient within 2x torch's fp32 error against float64, as
+    the single-device op (a gradient formed as e^(z - lse) from the rounded
+    lse lost |lse| ulp: 3e-5 where torch's is 6e-8)."""
+    from softmax_gpu.distributed import vocab_parallel_cross_entropy
+
+    widths = (30, 34)
+    g = torch.Generator().manual_seed(11)
+    full = (torch.randn(16, sum(widths), generator=g, dtype=F64) * 3 + 1000).float()
+    t = torch.randint(0, sum(widths), (16,), generator=g)
+    off = sum(widths[:rank])
+    x = full[:, off:off + widths[rank]].clone().requires_grad_(True)
+    vocab_parallel_cross_entropy(x, t, reduction="sum", label_smoothing=0.1).backward()
+
+    def grad(v):
+        v = v.clone().requires_grad_(True)
+        F.cross_entropy(v, t, reduction="sum", label_smoothing=0.1).backward()
+        return v.grad.double()
+
+    ref = grad(full.double())
+    torch_err = (grad(full) - ref).abs().max()
+    ours = (x.grad.double() - ref[:, off:off + widths[rank]]).abs().max()
+    assert ours <= 2 * torch_err, (float(ours), float(torch_err))
+
+
 def _init_child(rank, world, port, interpret, backend="gloo"):
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before softmax_gpu is imported
@@ -903,11 +929,12 @@ def test_two_ranks():
     (FLASH_PARALLEL_CE); the linear version over several chunks with an
     uneven last one; retained graphs; the linear version's weight-gradient
     accumulation (in place in bf16, fp32 on request, into main_grad); a row
-    of -inf on every rank."""
+    of -inf on every rank; logits far from 0 as precise as torch's."""
     from helpers import spawn_group
 
     spawn_group(_worker, 2, WORLD2 + FLASH_PARALLEL_CE, LINEAR2,
-                ("_retain_graph", "_linear_memory", "_neg_inf_everywhere"))
+                ("_retain_graph", "_linear_memory", "_neg_inf_everywhere",
+                 "_offset_logits_precision"))
 
 
 def test_one_rank():
@@ -1056,10 +1083,11 @@ def test_shard_kernels_match_torch_reference(path, dtype, opts):
         assert st[1, 4] == 0 and st[1, 3] == 0  # ignored, not owned
         assert st[0, 2] == (W if cap else 0)  # all -inf: nothing, or -cap after the softcap
         acc = mx.dtype
-        coef = torch.rand(4, M, dtype=torch.float64)
-        coef[0] += 4  # the lse
-        coef[1:, 4] = 0  # an ignored row without an lse gradient: zero whatever the logits
-        coef[1, 6] = math.nan  # an invalid target: a NaN row
+        coef = torch.rand(5, M, dtype=torch.float64)
+        coef[0] += 2  # the lse as its max m and the log l of its sum
+        coef[1] += 2
+        coef[2:, 4] = 0  # an ignored row without an lse gradient: zero whatever the logits
+        coef[2, 6] = math.nan  # an invalid target: a NaN row
         coef = coef.to(DEVICE, acc)
         rdx = D._torch_grad(x, t, coef, off, smooth, cap, cw)
         with expect_launches(f"vp_grad_{path}"):
@@ -1111,7 +1139,7 @@ def test_empty_shard_and_no_rows():
         mx, st = D._shard_stats(x, t, 5, 10, -100, True)
     assert (mx == -math.inf).all() and (st[0] == 0).all() and (st[2] == 0).all()
     assert (st[1] == 0).all()
-    coef = torch.ones(4, 4, device=DEVICE)
+    coef = torch.ones(5, 4, device=DEVICE)
     with expect_launches():
         dx = D._shard_grad(x, t, coef, 5, True)
     assert dx.shape == (4, 0)
