@@ -1408,7 +1408,9 @@ def cross_entropy(
         softcap: ``z = softcap * tanh(z / softcap)`` before everything, its
             derivative applied in the gradient. Must be > 0.
         return_lse: also return the per-row log-sum-exp (of the softcapped
-            logits), fp32, shaped like the target's batch dims. It is
+            logits), fp32, shaped like the target's batch dims (NaN for a
+            row holding +inf or NaN, where ``torch.logsumexp`` gives +inf for
+            +inf; that row's loss and gradient are NaN in both). It is
             differentiable (d lse / d z = sigma): z-loss or distillation terms
             built from it backpropagate into the logits. While it (or a graph
             that uses it) lives it keeps the logits alive; with
