@@ -425,7 +425,8 @@ def stats_launcher(M, W, inner, x_strides, s_t, off, V, ignore, smooth, has_weig
 def grad_launcher(M, W, inner, x_strides, dx_strides, s_t, off, smooth, has_weight, cap, dtype,
                   cfg):
     """``launch(x, t, coef, cw, dx)``: dx <- the gradient of the shard from the
-    per-row terms ``coef`` [4, M] (lse, a, b, c); dx may be x itself."""
+    per-row terms ``coef`` [5, M] (m, l, a, b, c: the global lse is m + l);
+    dx may be x itself."""
     args = (M, W, inner, *x_strides, *dx_strides, s_t, off, *f64_parts(cap))
     meta = dict(SMOOTH=smooth, HAS_WEIGHT=has_weight and smooth, SOFTCAP=cap > 0,
                 ACC=acc_dtype(dtype), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,

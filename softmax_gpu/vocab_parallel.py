@@ -979,7 +979,7 @@ def vocab_parallel_linear_cross_entropy(
                                                     main_grad if needs[1] else None)
     else:
         lse, losses, *_ = _chunk_pass(x, local_weight, linear_bias, fn, rows, (False,) * 3, True)
-        loss, lse = fn.reduce(losses), lse.to(torch.float32)
+        loss, lse = fn.reduce(losses), (lse[0] + lse[1]).to(torch.float32)
     loss = loss.to(loss_dtype or input.dtype)
     if reduction == "none":
         loss = loss.reshape(target.shape)

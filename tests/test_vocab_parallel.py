@@ -115,6 +115,7 @@ LINEAR2 = [
     dict(widths=(13, 24), n=17, chunk=8, dtype=BF16, reduction="sum", bias=True, eps=0.1),
     dict(widths=(13, 24), n=10, chunk=3, dtype=F64, reduction="none", weight=True, cap=2.0,
          nograd=True),
+    dict(widths=(13, 24), n=10, chunk=3, dtype=F64, reduction="mean", lse=True, nograd=True),
 ]
 
 LINEAR3 = [
