@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import textwrap
+import types
 import warnings
 
 import pytest
@@ -470,15 +471,18 @@ def _replicate_on_cpu(net, scale: float):
     return copies[net]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_data_parallel_replicas_run_on_their_own_weights(fused):
+@pytest.mark.parametrize("fused,bound", [(True, False), (False, False), (True, True)])
+def test_data_parallel_replicas_run_on_their_own_weights(fused, bound):
     """nn.DataParallel (Trainer's with several GPUs and no launcher) copies
     the patched model per GPU: each replica computes with its own (broadcast)
     weights, its own head and its own patch state, and the gradients reach the
-    original parameters as through torch's forward."""
+    original parameters as through torch's forward. ``bound``: the patched
+    forward as a bound method (what accelerate's unwrap_model leaves)."""
     ids, labels = batch()
     ref, model = tiny("llama"), tiny("llama")
     st.apply(model, fused_linear=fused)
+    if bound:
+        model.forward = types.MethodType(model.forward.__func__, model)
     got_rep, want_rep = _replicate_on_cpu(model, 2.0), _replicate_on_cpu(ref, 2.0)
     assert got_rep.lm_head is not model.lm_head
     got = got_rep(input_ids=ids, labels=labels)

@@ -352,12 +352,16 @@ class _Replicate:
 
     def __call__(self):
         original = self.module
-        replica = nn.Module._replicate_for_data_parallel(original)
+        replica = type(original)._replicate_for_data_parallel(original)
         d = replica.__dict__
         d.pop(_REPLICATE, None)  # a replica is not replicated again
         forward = d.get("forward")
         if isinstance(forward, _Forward) and forward.__self__ is original:
             d["forward"] = _Forward(replica)
+        elif isinstance(forward, types.MethodType) and forward.__self__ is original:
+            # the patched forward as a bound method (accelerate's unwrap_model
+            # leaves it so), or a wrapper around it (accelerate's autocast)
+            d["forward"] = types.MethodType(forward.__func__, replica)
         elif isinstance(forward, _HeadForward) and forward.head is original:
             d["forward"] = _HeadForward(replica)
             d[_CALL_ATTR] = None
