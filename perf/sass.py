@@ -232,8 +232,8 @@ _BRANCH = re.compile(r"^(@!?%\w+\s+)?bra(?:\.uni)?\s+(\$\w+);")
 
 
 def ptx_ops(ptx: str) -> list:
-    """(index, op, frames) of each global load, global store and CTA barrier
-    of ``ptx``: ``frames`` are the ``file.py:line`` of the innermost ``.loc``
+    """(index, op, frames) of each global read ("ld.global"), global write
+    ("st.global") and CTA barrier ("bar.sync") of ``ptx`` (see ``_access``): ``frames`` are the ``file.py:line`` of the innermost ``.loc``
     and of every call site it is inlined at, followed up the ``inlined_at``
     of the ``.loc`` directives (LLVM writes each call site's own first), and
     read off the ``@[ ... ]`` comment where LLVM writes one."""
@@ -254,10 +254,36 @@ def ptx_ops(ptx: str) -> list:
             frames = tuple(dict.fromkeys((f"{files.get(f, f)}:{ln}",) + parent + tuple(comment)))
             chains[(f, ln, col)] = chains[(f, ln)] = frames
             continue
-        for op in ("ld.global", "st.global", "bar.sync"):
-            if op in s and not s.startswith("//"):
-                out.append((i, op, frames))
+        op = _access(s)
+        if op is not None:
+            out.append((i, op, frames))
     return out
+
+
+# PTX instructions by what they do to global memory, for barrier_between: a
+# CTA barrier (bar / barrier, .sync or .red, with or without .cta; an
+# arrive does not wait); a write (st; red and atom in any space but shared,
+# whatever the order of their qualifiers: a read-modify-write counts as both;
+# a bulk copy from shared to global, TMA's store); a read (ld, cp.async and its bulk and tensor
+# forms from global). Instruction text only: comments and directives are not.
+_BARRIER = re.compile(r"^(@!?%\w+\s+)?(bar|barrier)(\.cta)?\.(sync|red)\b")
+_WRITE = re.compile(r"\b(st\.global|(atom|red)\.(?![\w.:]*\bshared\b)|"
+                    r"cp\.async\.bulk(\.tensor\.\w+)?\.global\.shared)")
+_READ = re.compile(r"\b(ld\.global|cp\.async\S*\.shared\S*\.global)")
+
+
+def _access(s: str):
+    """"bar.sync", "st.global" (a write) or "ld.global" (a read) for a PTX
+    line that is one of those kinds, else None."""
+    if not s or s.startswith(("//", ".")):
+        return None
+    if _BARRIER.match(s):
+        return "bar.sync"
+    if _WRITE.search(s):
+        return "st.global"
+    if _READ.search(s):
+        return "ld.global"
+    return None
 
 
 def _successors(lines: list) -> list:

@@ -206,7 +206,8 @@ _ORDERED = {
     "ce_class_looped_kernel": ("WRITE_GRAD", [
         ("zt = load_logits(X, xb + t * sx_n", "smooth_sum = class_row_pass(")]),
     "ce_grad_scale_kernel": ("IN_PLACE", [
-        ("done = tl.load(STATE + rows", "tl.store(STATE + rows, go")]),
+        ("done = tl.load(STATE + rows", "tl.store(STATE + rows, go"),
+        ("have = tl.load(STATE + r", "tl.store(STATE + rows, go")]),
 }
 
 
