@@ -213,10 +213,10 @@ def plot_all(rows: list[dict], out_dir: str, stem: str, info: RunInfo) -> list[s
                 ax.scatter([r["N"] for r in llm], [r[metric] for r in llm], marker="D",
                            facecolors="none", edgecolors=[colors[p]], s=60,
                            label=f"{p} (LLM shapes, M={'/'.join(map(str, ms))})" if not line else None)
-            wrong = [r for r in ok if r["correct"] is False]
-            if wrong:
-                ax.scatter([r["N"] for r in wrong], [r[metric] for r in wrong], marker="x", color="red",
-                           s=120, zorder=5, label=f"{p}: WRONG result")
+            wrong = sorted({r["N"] for r in mine if r["status"] == "wrong"})
+            if wrong:  # no speed to draw: named in the legend
+                ax.plot([], [], "x", color="red",
+                        label=f"{p}: WRONG result at N={', '.join(map(str, wrong))}")
         if not ns:  # nothing measured (a run cut short): no plot, not a crash
             plt.close(fig)
             continue
@@ -285,6 +285,8 @@ def _cell(r: dict | None, flagged: bool = False) -> str:
         return "n/i"
     if s == "error":
         return "ERROR"
+    if s == "wrong":  # timed, but not a speed
+        return "**WRONG**"
     if isinstance(r.get("vs_floor"), float) and math.isfinite(r["vs_floor"]):
         text = f"{r['ms']:.3g} ms ({r['vs_floor']:.2f}x floor"
         peak = r.get("peak_mem_bytes")

@@ -7,9 +7,10 @@ For each case and provider, in this order:
 3. its outputs against torch in float32 on a fresh copy of the same inputs
    (``max_rel_err``, the cross-entropy's ``off_target_rel_err``, ``correct``:
    ``perf.ops.verdict``): a provider that writes into its inputs
-   cannot fool the check, and a wrong provider is flagged, not silently timed
-   (a timing floor, which computes no loss, is left unchecked: ``correct``
-   empty);
+   cannot fool the check, and a wrong provider is flagged, not silently timed:
+   its row's status is ``wrong``, with its time but no GB/s, fraction or
+   speedup (a timing floor, which computes no loss, is left unchecked:
+   ``correct`` empty);
 4. peak extra memory of one more call (a warm-up call as well);
 5. the timing (do_bench on CUDA; the op's own ``bench``: for the linear op a
    fixed number of calls after untimed warm-ups, see ``timing.bench_calls``).
@@ -52,7 +53,7 @@ COLUMNS = [
     "dw_off_target_rel_err", "rounding_err", "off_target_rounding_err",
 ]
 
-STATUS = ("ok", "skipped", "not_implemented", "error")
+STATUS = ("ok", "wrong", "skipped", "not_implemented", "error")
 
 BASELINE = "torch"  # speedup_vs_torch is measured against this provider
 FLOOR = "gemm_floor"  # vs_floor = ms / this provider's ms (ops with a GEMM floor)
@@ -142,11 +143,12 @@ def run_case(cfg: SweepConfig, info: RunInfo, op: OpSpec, provider: Provider, dt
     if row["status"] == "error":
         _free_memory(cfg.device)  # after the except block: the failed frame is gone
         return row
+    if row["correct"] is False:  # timed, but never reported as a speed
+        row["status"], row["note"] = "wrong", _join(wrong_note(row, dtype), note)
+        return row
     row["status"], row["note"] = "ok", note
     row["gbps"] = timing.gbps(row["bytes"], row["ms"])
     row["frac_copy_bw"] = timing.fraction(row["gbps"], copy_gbps)
-    if row["correct"] is False:
-        row["note"] = _join(wrong_note(row, dtype), note)
     return row
 
 

@@ -580,7 +580,10 @@ def test_sweep_flags_wrong_errors_and_skips_without_crashing():
     assert t["frac_copy_bw"] == pytest.approx(t["gbps"] / t["copy_gbps"])
     assert t["gbps"] == pytest.approx(t["bytes"] / (t["ms"] * 1e-3) / 1e9)
     w = by[("softmax_fwd", "wrong")]
-    assert w["status"] == "ok" and w["correct"] is False and "WRONG" in w["note"]
+    # timed, but never reported as a speed (nor in the speedups)
+    assert w["status"] == "wrong" and w["correct"] is False and "WRONG" in w["note"]
+    assert math.isnan(w["gbps"]) and math.isnan(w["frac_copy_bw"]) and w["ms"] > 0
+    assert math.isnan(w["speedup_vs_torch"])
     assert by[("ce_fwd", "wrong")]["status"] == "not_implemented"
     r = by[("softmax_fwd", "raising")]
     assert r["status"] == "error" and "kernel exploded" in r["note"]
@@ -628,7 +631,8 @@ def test_linear_ce_sweep_floor_ratio_and_unchecked_floor():
                             copy_bytes=1 << 16)
     rows = sweep.run_sweep(cfg, _info(), progress=False, log=lambda s: None)
     by = {r["provider"]: r for r in rows if r["op"] == "linear_ce_fwd_bwd"}
-    assert {r["status"] for r in by.values()} == {"ok"}
+    assert {r["status"] for n, r in by.items() if n != "wrong_linear"} == {"ok"}
+    assert by["wrong_linear"]["status"] == "wrong"
     assert by["gemm_floor"]["correct"] == "" and "WRONG" not in by["gemm_floor"]["note"]
     assert by["gemm_floor"]["vs_floor"] == pytest.approx(1.0)
     for name in ("torch", "softmax_gpu"):
@@ -636,6 +640,7 @@ def test_linear_ce_sweep_floor_ratio_and_unchecked_floor():
         assert r["correct"] is True and (r["M"], r["N"], r["D"]) == (8, 48, 4096)
         assert r["vs_floor"] == pytest.approx(r["ms"] / by["gemm_floor"]["ms"])
     assert by["wrong_linear"]["correct"] is False
+    assert math.isnan(by["wrong_linear"]["vs_floor"])
     for name in ("torch", "softmax_gpu", "wrong_linear"):
         assert all(math.isfinite(by[name][c]) for c in ("dx_rel_err", "dw_rel_err", "loss_rel_err"))
     assert math.isnan(by["gemm_floor"]["dw_rel_err"])
