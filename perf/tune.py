@@ -604,11 +604,22 @@ def _groups(rows: list[dict]) -> dict:
     return out
 
 
+def _overlap(r: dict, default: dict) -> bool:
+    """Whether ``r``'s timings reach into the default's: its 80th percentile
+    not below the default's 20th (False where either is not known)."""
+    hi, lo = r.get("ms_p80"), default.get("ms_p20")
+    ok = all(isinstance(v, float) and math.isfinite(v) for v in (hi, lo))
+    return ok and hi >= lo
+
+
 def choose(rows: list[dict], min_gain: float) -> dict:
     """Mark the chosen row of every shape (``chosen``) and fill ``vs_default``
     (default ms / ms). The choice: the fastest correct candidate, unless the
-    correct defaults are within ``min_gain`` of it; None where no candidate
-    was correct. Returns ``{(table_op, op, M, N): chosen row or None}``."""
+    correct default is within ``min_gain`` of it or their timings overlap
+    (the candidate's 80th percentile not below the default's 20th: one
+    median each, the fastest of many, would otherwise pick noise); None where
+    no candidate was correct. Returns ``{(table_op, op, M, N): chosen row or
+    None}``."""
     picked = {}
     for key, group in _groups(rows).items():
         default = next((r for r in group if r["candidate"] == DEFAULT), None)
@@ -618,7 +629,8 @@ def choose(rows: list[dict], min_gain: float) -> dict:
             if default is not None and _usable(default) and _usable(r):
                 r["vs_default"] = default["ms"] / r["ms"]
         best = min(good, key=lambda r: r["ms"], default=None)
-        if best is not None and default in good and best["ms"] > default["ms"] * (1 - min_gain):
+        if best is not None and default in good and (
+                best["ms"] > default["ms"] * (1 - min_gain) or _overlap(best, default)):
             best = default
         if best is not None:
             best["chosen"] = True

@@ -413,6 +413,16 @@ def test_choice_keeps_the_defaults_within_min_gain_and_none_when_all_wrong():
     rows = [row("default", 1.0, status="error"), row("a", 2.0)]
     (best,) = tune.choose(rows, 0.02).values()
     assert best["candidate"] == "a"  # the defaults failed: the fastest correct one
+    # a gain within the timings' spread is noise: the 80th percentile of the
+    # candidate must be below the 20th of the default
+    noisy = [dict(row("default", 1.00), ms_p20=0.95, ms_p80=1.05),
+             dict(row("a", 0.96), ms_p20=0.90, ms_p80=0.99)]
+    (best,) = tune.choose(noisy, 0.02).values()
+    assert best["candidate"] == "default"
+    clear = [dict(row("default", 1.00), ms_p20=0.99, ms_p80=1.01),
+             dict(row("a", 0.96), ms_p20=0.955, ms_p80=0.97)]
+    (best,) = tune.choose(clear, 0.02).values()
+    assert best["candidate"] == "a"
 
 
 def test_time_limit_skips_the_rest_and_still_chooses(tile_clock):
