@@ -3,9 +3,11 @@
 #
 #   bash perf/device_check.sh [OUT_DIR]      # default: $OUT, else perf/results/device_check
 #
-# The whole script stays under BUDGET=395 s (6.6 minutes) on an H100/H200,
-# so that a start and a warm rerun fit in the 15 minutes of device time a
-# lent machine gives (~1.5 + 6.8 + 6.8 < 15). Every step runs under
+# The whole script stays under BUDGET=395 s (6.6 minutes, 6.75 with the kill
+# grace) on an H100/H200, so that a start, this call and a second one on the
+# warm machine (the quick sweep alone, ~4.2 minutes, or the failed steps
+# again with SKIP_STEPS) fit in the 15 minutes of device time a lent machine
+# gives (~1.5 + 6.75 + 4.2 = 12.5; a whole second run would not fit). Every step runs under
 # `timeout`, and no step runs past the deadline minus the minimum kept for the
 # steps after it: even when every step runs to its limit the script ends by
 # BUDGET (plus at most 10 s of kill grace). The limits of the steps up to

@@ -88,21 +88,33 @@ def previous_run(results_dir: str, slug: str, tag: str = "", exclude: str | None
     return path, rows
 
 
+def _flag_key(r: dict) -> tuple:
+    """(op, provider, dtype, M, N, D) of a row, this run's or a previous CSV's
+    (D: the linear ops' hidden size, "" elsewhere; heads of one vocabulary
+    and token count differ by it)."""
+    d = r.get("D", "")
+    if isinstance(d, float):
+        d = "" if math.isnan(d) else int(d)
+    elif isinstance(d, str) and d:
+        d = int(float(d))
+    return (r["op"], r["provider"], r["dtype"], r["M"], r["N"], d)
+
+
 def implausible(rows: list[dict], previous: tuple[str, list[dict]] | None = None
                 ) -> dict[tuple, str]:
-    """{(op, provider, dtype, M, N): why} for the results that look wrong as
+    """{(op, provider, dtype, M, N, D): why} for the results that look wrong as
     measurements: a memory-bound row under IMPLAUSIBLE_FRACTION of the copy
     bandwidth, or a time more than IMPLAUSIBLE_RATIO away (either way) from
     the same case's in ``previous`` (:func:`previous_run`)."""
     prev = {}
     if previous is not None:
-        prev = {(r["op"], r["provider"], r["dtype"], r["M"], r["N"]): r["ms"]
+        prev = {_flag_key(r): r["ms"]
                 for r in previous[1] if r.get("status") == "ok" and math.isfinite(r["ms"])}
     out = {}
     for r in rows:
         if r["op"] == "copy" or r["status"] != "ok":
             continue
-        key = (r["op"], r["provider"], r["dtype"], r["M"], r["N"])
+        key = _flag_key(r)
         why = []
         bound = isinstance(r.get("vs_floor"), float) and math.isfinite(r["vs_floor"])
         if not bound and r["frac_copy_bw"] < IMPLAUSIBLE_FRACTION:
@@ -364,7 +376,8 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu",
             if hidden:
                 model = lce_model(k[2], k[3]) if k[3] != "" else ""
                 row.append(f"{k[3]} ({model})" if model else str(k[3]))
-            row += [_cell(cells.get(p), (op, p, *k[:3]) in flags) for p in providers]
+            row += [_cell(cells.get(p), (op, p, *k[:3], _flag_key(cells[p])[5]) in flags
+                          if p in cells else False) for p in providers]
             row.append("—" if not math.isfinite(sp) else f"{sp:.2f}x")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -373,7 +386,8 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu",
                   "Measurements to explain before they are believed (under "
                   f"{100 * IMPLAUSIBLE_FRACTION:.0f}% of copy, or over {IMPLAUSIBLE_RATIO:g}x "
                   "away from the previous run):", ""]
-        lines += [f"- `{p}` {op} {dt} {M}x{N}: {why}" for (op, p, dt, M, N), why in flags.items()]
+        lines += [f"- `{p}` {op} {dt} {M}x{N}{f' (D {D})' if D != '' else ''}: {why}"
+                  for (op, p, dt, M, N, D), why in flags.items()]
         lines.append("")
     lines += _goal_section(rows, info, ours)
     lines += _linear_goal_section(rows, info, ours)

@@ -787,12 +787,25 @@ def test_summary_flags_implausible_results(tmp_path):
     prev = report.previous_run(str(tmp_path), "fake-gpu", "")
     assert prev[0].endswith("fake-gpu_2026-12-04.csv")
     flags = report.implausible(rows, prev)
-    assert set(flags) == {("softmax_fwd", "cudnn", "bf16", 64, 4096),
-                          ("softmax_fwd", "torch", "bf16", 64, 4096)}
-    assert "1.0% of the copy bandwidth" in flags[("softmax_fwd", "cudnn", "bf16", 64, 4096)]
-    assert "0.29x its time" in flags[("softmax_fwd", "torch", "bf16", 64, 4096)]
+    assert set(flags) == {("softmax_fwd", "cudnn", "bf16", 64, 4096, ""),
+                          ("softmax_fwd", "torch", "bf16", 64, 4096, "")}
+    assert "1.0% of the copy bandwidth" in flags[("softmax_fwd", "cudnn", "bf16", 64, 4096, "")]
+    assert "0.29x its time" in flags[("softmax_fwd", "torch", "bf16", 64, 4096, "")]
     md = report.summary_markdown(rows, info, previous=prev)
     assert "## Implausible results" in md and md.count("**IMPLAUSIBLE**") == 2
+    # heads of one vocabulary and token count are told apart by D: each is
+    # compared with its own previous time (over 3x apart here)
+    lin = [copy] + [dict(row("softmax_gpu", math.nan, ms, op="linear_ce_fwd_bwd"), D=d,
+                         vs_floor=1.1) for d, ms in ((4096, 20.0), (8192, 70.0))]
+    old_lin = tmp_path / "lin" / "fake-gpu" / "2026-12-04"
+    old_lin.mkdir(parents=True)
+    report.write_csv([dict(r, device="Fake GPU") for r in lin],
+                     str(old_lin / "fake-gpu_2026-12-04_linear.csv"))
+    prev_lin = report.previous_run(str(tmp_path / "lin"), "fake-gpu", "linear")
+    assert prev_lin is not None and report.implausible(lin, prev_lin) == {}
+    slow = [lin[0], lin[1], dict(lin[2], ms=300.0)]
+    assert set(report.implausible(slow, prev_lin)) == {
+        ("linear_ce_fwd_bwd", "softmax_gpu", "bf16", 64, 4096, 8192)}
     # a CPU run's timings are meaningless: nothing is flagged
     assert "IMPLAUSIBLE" not in report.summary_markdown(rows, env.run_info("cpu"), previous=prev)
 
