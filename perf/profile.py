@@ -69,8 +69,9 @@ def _tuned_fields(table: str | None, table_op: str, n: int) -> dict | None:
         return None
     with open(table) as f:
         data = json.load(f)
-    entries = data.get("ops", {}).get(table_op, {}).get("2", [])
-    best = None
+    entries = sorted(data.get("ops", {}).get(table_op, {}).get("2", []),
+                     key=lambda e: e.get("n", 0))
+    best = entries[0] if entries else None  # as the heuristics: below every entry, the first
     for e in entries:
         if e.get("n", 0) <= n:
             best = e

@@ -660,6 +660,9 @@ def table_json(rows: list[dict], info, csv_name: str, min_gain: float) -> dict:
         ops.setdefault(table_op, {}).setdefault(str(ELEM), []).append(entry)
     for table_op, by_elem in ops.items():
         space, entries = SPACES.get(table_op), by_elem[str(ELEM)]
+        if entries[0]["n"] > 1:  # the heuristics take an entry down to the next shorter one
+            entries.insert(0, {"n": 1, "limits": {},
+                               "note": "shorter than the tuned rows: the defaults"})
         if space is not None and space.upto and entries[-1]["n"] < space.upto:
             entries.append({"n": space.upto, "limits": {},
                             "note": "longer than the tuned rows: the defaults"})
@@ -678,7 +681,8 @@ def table_json(rows: list[dict], info, csv_name: str, min_gain: float) -> dict:
         "csv": csv_name,
         "note": ("Chosen by python -m perf.tune: per op and element size, the Limits overrides "
                  "at each tuned row length; heuristics.limits_for applies the entry of the "
-                 "nearest tuned length at or below a row's (else the smallest)."),
+                 "nearest tuned length at or below a row's; rows shorter than every tuned "
+                 "length: the defaults, in the n = 1 entry."),
         "ops": ops,
     }
 

@@ -376,7 +376,10 @@ def test_tuning_never_chooses_a_wrong_or_failing_candidate(tile_clock):
     assert [r["candidate"] for r in chosen] == ["tile=32"]
     assert chosen[0]["vs_default"] > 1
     table = tune.table_json(rows, info, "x.csv", cfg.min_gain)
-    (entry,) = table["ops"]["softmax"]["2"]
+    # rows shorter than the shortest tuned one keep the defaults (the
+    # heuristics would take the first entry down to n = 0)
+    below, entry = table["ops"]["softmax"]["2"]
+    assert below["n"] == 1 and below["limits"] == {}
     assert entry["n"] == 256 and entry["limits"] == {"tile": 32}
     assert table["meaningless"] is True and table["slug"] == "cpu"
 
@@ -487,12 +490,13 @@ def test_tune_command_end_to_end_on_cpu(tmp_path):
     assert sum(r["chosen"] == "True" for r in sm) == 1
     table = json.loads((tmp_path / "tuned_cpu.json").read_text())
     assert table["meaningless"] is True and set(table["ops"]) == set(tune.SPACES)
-    # the kinds tuned at one length end there: longer rows keep the defaults
+    # the kinds tuned at one length end there: longer rows keep the defaults,
+    # and so do shorter ones
     for op in ("softmax_backward", "log_softmax"):
         entries = table["ops"][op]["2"]
-        assert [e["n"] for e in entries] == [64, tune.SPACES[op].upto], entries
-        assert entries[-1]["limits"] == {}
-    assert [e["n"] for e in table["ops"]["softmax"]["2"]] == [64]
+        assert [e["n"] for e in entries] == [1, 64, tune.SPACES[op].upto], entries
+        assert entries[0]["limits"] == entries[-1]["limits"] == {}
+    assert [e["n"] for e in table["ops"]["softmax"]["2"]] == [1, 64]
     assert "MEANINGLESS" in (tmp_path / f"{stem}_summary.md").read_text()
     after = sorted(os.listdir(tune.INSTALL_DIR)) if tune.INSTALL_DIR.exists() else []
     assert after == installed_before
