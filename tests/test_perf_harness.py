@@ -850,6 +850,19 @@ def test_profile_merges_ncu_counters_with_the_cases(tmp_path):
     assert rows[0]["dram_over_min"] == pytest.approx(3.5)
     assert rows[0]["duration_ns"] == pytest.approx(1500.0) and rows[0]["l2_hit_pct"] == 10.0
     assert math.isnan(rows[0]["registers"])
+    # a call of two launches: each launch's share, and the call's sum
+    manifest.write_text("case,op,M,N,plan,fields,kernel,min_bytes\n"
+                        "ce 8x16,ce_fwd_bwd,8,16,default,{},ce_class_single_kernel,1000\n"
+                        "ce 8x16,ce_fwd_bwd,8,16,default,{},ce_grad_scale_kernel,1000\n")
+    lines = ['"ID","Kernel Name","Metric Name","Metric Value"']
+    for i, (kernel, read) in enumerate((("ce_class_single_kernel", 400),
+                                        ("ce_grad_scale_kernel", 600))):
+        for metric, value in (("dram__bytes_read.sum", read), ("dram__bytes_write.sum", 100)):
+            lines.append(f'"{i}","{kernel}","{metric}","{value}"')
+    raw.write_text("\n".join(lines) + "\n")
+    rows = profile.merge(str(manifest), str(raw), env.run_info("cpu"))
+    assert [r["dram_over_min"] for r in rows] == [pytest.approx(0.5), pytest.approx(0.7)]
+    assert all(r["call_dram_over_min"] == pytest.approx(1.2) for r in rows)
     # no GPU here: the command says so and writes nothing
     assert profile.main(["--out", str(tmp_path / "out")]) == 0
     assert not (tmp_path / "out").exists()
