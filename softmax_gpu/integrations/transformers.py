@@ -638,7 +638,7 @@ def apply(model, *, fused_linear: bool = True):
     # reverted while a wrapper set after apply() (accelerate's autocast) still
     # calls the patched forward: the wrapper stays, the patch is switched on
     wrapped = lm.__dict__.get(_STATE)
-    if wrapped is not None and not _wraps_ours(lm):
+    if wrapped is not None and _wrappers_around_patch(lm) is None:
         del lm.__dict__[_STATE]  # the wrapper is gone too: patch afresh
         wrapped = None
     _loss_contract(lm)
@@ -692,13 +692,11 @@ def revert(model):
     state = lm.__dict__.get(_STATE)
     if state is None or not state.active:
         return model
-    current = lm.__dict__.get("forward")
-    ours = (isinstance(current, _Forward) and current.__self__ is lm) or (
-        isinstance(current, types.MethodType) and current.__self__ is lm and
-        getattr(current.__func__, "__code__", None) is _forward.__code__)
-    if not ours and not _wraps_ours(lm):
+    depth = _wrappers_around_patch(lm)
+    if depth is None:
         raise RuntimeError("model.forward was replaced after softmax_gpu's apply(); undo that "
                            "first, then revert(model)")
+    ours = depth == 0  # else a wrapper that calls the patch stays
     if ours:
         del lm.__dict__["forward"]
         if state.saved_forward is not None:
@@ -719,22 +717,27 @@ def revert(model):
     return model
 
 
-def _wraps_ours(lm) -> bool:
-    """Whether ``lm.forward`` is a wrapper (``functools.wraps``' ``__wrapped__``
-    chain, bound or not) around the patched forward of ``lm``."""
+def _wrappers_around_patch(lm) -> int | None:
+    """How many wrappers (``functools.wraps``' ``__wrapped__`` chain, bound
+    or not) stand between ``lm.forward`` and the patched forward of ``lm``:
+    0 when it is the patch itself (its :class:`_Forward`, or that bound as a
+    method, as accelerate's ``unwrap_model`` leaves it); None when it does
+    not call the patch."""
     fn = lm.__dict__.get("forward")
+    if isinstance(fn, _Forward):
+        return 0 if fn.__self__ is lm else None
     if getattr(fn, "__self__", lm) is not lm:
-        return False
+        return None
     fn = getattr(fn, "__func__", fn)
-    for _ in range(32):  # a chain of wrappers, never a cycle
+    for depth in range(32):  # a chain of wrappers, never a cycle
         if fn is None:
-            return False
+            return None
         if isinstance(fn, _Forward):
-            return fn.__self__ is lm
+            return depth if fn.__self__ is lm else None
         if getattr(fn, "__code__", None) is _forward.__code__:
-            return True
+            return depth
         fn = getattr(fn, "__wrapped__", None)
-    return False
+    return None
 
 
 def applied(model) -> dict | None:
