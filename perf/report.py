@@ -21,7 +21,7 @@ from collections import defaultdict
 from perf.env import RunInfo
 from perf.ops import DTYPES, LCE_REF_CLASSES, LCE_REF_ROWS, OFF_TARGET_TOLERANCE, TOLERANCE
 from perf.sizes import lce_model, size_label
-from perf.sweep import BASELINE, COLUMNS, INTERRUPTED
+from perf.sweep import BASELINE, COLUMNS, INTERRUPTED, case_key
 
 __all__ = ["output_stem", "write_csv", "read_csv", "plot_all", "save_plot", "summary_markdown",
            "banner", "CPU_WARNING", "implausible", "previous_run", "IMPLAUSIBLE_FRACTION",
@@ -90,14 +90,9 @@ def previous_run(results_dir: str, slug: str, tag: str = "", exclude: str | None
 
 def _flag_key(r: dict) -> tuple:
     """(op, provider, dtype, M, N, D) of a row, this run's or a previous CSV's
-    (D: the linear ops' hidden size, "" elsewhere; heads of one vocabulary
-    and token count differ by it)."""
-    d = r.get("D", "")
-    if isinstance(d, float):
-        d = "" if math.isnan(d) else int(d)
-    elif isinstance(d, str) and d:
-        d = int(float(d))
-    return (r["op"], r["provider"], r["dtype"], r["M"], r["N"], d)
+    (heads of one vocabulary and token count differ by D)."""
+    op, *rest = case_key(r)
+    return (op, r["provider"], *rest)
 
 
 def implausible(rows: list[dict], previous: tuple[str, list[dict]] | None = None
@@ -376,8 +371,8 @@ def summary_markdown(rows: list[dict], info: RunInfo, ours: str = "softmax_gpu",
             if hidden:
                 model = lce_model(k[2], k[3]) if k[3] != "" else ""
                 row.append(f"{k[3]} ({model})" if model else str(k[3]))
-            row += [_cell(cells.get(p), (op, p, *k[:3], _flag_key(cells[p])[5]) in flags
-                          if p in cells else False) for p in providers]
+            row += [_cell(c, c is not None and _flag_key(c) in flags)
+                    for c in map(cells.get, providers)]
             row.append("—" if not math.isfinite(sp) else f"{sp:.2f}x")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")

@@ -170,8 +170,14 @@ def _measure(cfg: SweepConfig, op: OpSpec, fn: Callable, dtype: torch.dtype, sha
 
 
 def case_key(r: dict) -> tuple:
-    """What makes rows the same case: op, dtype, M, N and D (linear ops)."""
-    return (r["op"], r["dtype"], r["M"], r["N"], r.get("D", ""))
+    """What makes rows the same case: op, dtype, M, N and D (the linear ops'
+    hidden size, "" elsewhere), as this run's rows or a CSV read back give it."""
+    d = r.get("D", "")
+    if isinstance(d, float):
+        d = "" if math.isnan(d) else int(d)
+    elif isinstance(d, str) and d:
+        d = int(float(d))
+    return (r["op"], r["dtype"], r["M"], r["N"], d)
 
 
 def fill_speedups(rows: list[dict], baseline: str = BASELINE) -> None:
