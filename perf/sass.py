@@ -233,8 +233,9 @@ _BRANCH = re.compile(r"^(@!?%\w+\s+)?bra(?:\.uni)?\s+(\$\w+);")
 
 def ptx_ops(ptx: str) -> list:
     """(index, op, frames) of each global read ("ld.global"), global write
-    ("st.global") and CTA barrier ("bar.sync") of ``ptx`` (see ``_access``): ``frames`` are the ``file.py:line`` of the innermost ``.loc``
-    and of every call site it is inlined at, followed up the ``inlined_at``
+    ("st.global") and CTA barrier ("bar.sync") of ``ptx`` (see ``_access``):
+    ``frames`` are the ``file.py:line`` of the innermost ``.loc`` and of
+    every call site it is inlined at, followed up the ``inlined_at``
     of the ``.loc`` directives (LLVM writes each call site's own first), and
     read off the ``@[ ... ]`` comment where LLVM writes one."""
     lines = ptx.splitlines()
@@ -264,8 +265,9 @@ def ptx_ops(ptx: str) -> list:
 # CTA barrier (bar / barrier, .sync or .red, with or without .cta; an
 # arrive does not wait); a write (st; red and atom in any space but shared,
 # whatever the order of their qualifiers: a read-modify-write counts as both;
-# a bulk copy from shared to global, TMA's store); a read (ld, cp.async and its bulk and tensor
-# forms from global). Instruction text only: comments and directives are not.
+# a bulk copy from shared to global, TMA's store); a read (ld, cp.async and
+# its bulk and tensor forms from global). Instruction text only: comments and
+# directives are not.
 _BARRIER = re.compile(r"^(@!?%\w+\s+)?(bar|barrier)(\.cta)?\.(sync|red)\b")
 _WRITE = re.compile(r"\b(st\.global|(atom|red)\.(?![\w.:]*\bshared\b)|"
                     r"cp\.async\.bulk(\.tensor\.\w+)?\.global\.shared)")
@@ -307,26 +309,26 @@ def _successors(lines: list) -> list:
 
 def barrier_between(asm: dict, v, where: dict) -> list:
     """For each (first, then) pair of ``where[v.kernel]`` (two statements'
-    ``file.py:first-last`` lines: a call's location is one of its lines, which
-    one depends on the Triton version; a frame matches the code inlined there
-    too): whether
-    every path of ``v``'s PTX from a global access (load or store) of the
-    first to a global store of the second passes a CTA barrier (run in
-    static's compile workers). Returns, per pair, the accesses and stores
-    found and the stores that some access reaches with no ``bar.sync`` on
-    the way (``unguarded``)."""
-    lines = asm["ptx"].splitlines()
+    ``file.py:first-last`` lines: a call's location is one of its lines,
+    which one depends on the Triton version; a frame matches the code
+    inlined there too): whether every path of ``v``'s PTX from a global
+    access (load or store) of the first to a global store of the second
+    passes a CTA barrier (run in static's compile workers). Returns, per
+    pair, the accesses and stores found and the stores that some access
+    reaches with no ``bar.sync`` on the way (``unguarded``)."""
     ops = ptx_ops(asm["ptx"])
     barriers = {i for i, op, _ in ops if op == "bar.sync"}
-    succ, out = _successors(lines), []
-    def within(frames, span):  # span: "file.py:first-last" (a statement's lines)
-        name, lines = span.split(":")
-        lo, hi = (int(n) for n in lines.split("-"))
-        return any(f.split(":")[0] == name and lo <= int(f.split(":")[1]) <= hi for f in frames)
+    succ, out = _successors(asm["ptx"].splitlines()), []
+
+    def at(span: str):  # "file.py:first-last" -> whether a frame list falls in it
+        name, first, last = re.match(r"(.+):(\d+)-(\d+)$", span).groups()
+        inside = {f"{name}:{n}" for n in range(int(first), int(last) + 1)}
+        return lambda frames: not inside.isdisjoint(frames)
 
     for first_at, then_at in where[v.kernel]:
-        starts = [i for i, op, f in ops if op != "bar.sync" and within(f, first_at)]
-        stores = {i for i, op, f in ops if op == "st.global" and within(f, then_at)}
+        in_first, in_then = at(first_at), at(then_at)
+        starts = [i for i, op, f in ops if op != "bar.sync" and in_first(f)]
+        stores = {i for i, op, f in ops if op == "st.global" and in_then(f)}
         seen, unguarded = set(), set()
         todo = [j for i in starts for j in succ[i]]
         while todo:
