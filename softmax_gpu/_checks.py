@@ -63,6 +63,23 @@ def check_weight_takes_no_grad(weight, op: str) -> None:
             "respect to the class weights (as torch's cross-entropy); pass weight.detach()")
 
 
+def check_not_grad_leaf(tensor: torch.Tensor, name: str) -> None:
+    """``tensor`` may be overwritten by an op that autograd records (its
+    ``inplace_backward`` writes the gradient over it): it is not a leaf that
+    requires grad, nor a view of one. That is torch's rule for in-place ops:
+    a parameter's values, and the ``.grad`` it later gets, would otherwise
+    hold the gradient, silently."""
+    if not tensor.requires_grad:
+        return
+    base = tensor._base
+    if tensor.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        what = "a leaf" if tensor.is_leaf else "a view of a leaf"
+        raise RuntimeError(
+            f"{name} is {what} tensor that requires grad, and inplace_backward=True would "
+            "write the gradient over it (torch's in-place ops refuse such a tensor too); "
+            "pass inplace_backward=False")
+
+
 def check_loss_dtype(loss_dtype) -> None:
     """``loss_dtype``: None or a floating dtype."""
     if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:

@@ -24,7 +24,7 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order", "anchor_output", "saved", "transformed", "refuse_transformed"]
+           "first_order", "anchor_output", "saved", "graph_kept", "transformed", "refuse_transformed"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
@@ -117,6 +117,17 @@ def saved(ctx) -> tuple:
     """``ctx.saved_tensors`` without the anchor of :func:`anchor_output`."""
     out = ctx.saved_tensors
     return out[:-1] if getattr(ctx, "anchored", False) else out
+
+
+def graph_kept() -> bool:
+    """Inside a backward: whether the running backward keeps the graph
+    (``retain_graph`` / ``create_graph``), so that a later backward may read
+    this node's saved tensors again. A gradient saved by the forward is then
+    scaled into a new tensor; otherwise (the graph is freed after this
+    backward, and no later one can read it) it may be scaled in place and
+    handed out. True where this torch cannot say."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def first_order(backward):
@@ -337,33 +348,35 @@ def launch_on(index: int | None, launch, *tensors) -> None:
         _recorder.extend(names)
 
 
-_poison = False
+_poison: float | None = None  # the fill of new kernel outputs (None: left as allocated)
 
 
 @contextlib.contextmanager
-def poison_outputs(enabled: bool = True) -> Iterator[None]:
-    """Fill every output buffer with NaN (integers: -1) before a kernel writes it,
-    so that an element a kernel leaves unwritten shows in tests."""
+def poison_outputs(enabled: bool = True, value: float = float("nan")) -> Iterator[None]:
+    """Fill every output buffer with ``value`` (NaN by default; integers: -1)
+    before a kernel writes it, so that an element a kernel leaves unwritten
+    shows in tests. A finite ``value`` shows one whose right result is NaN
+    too (an all -inf row, an all-ignored mean)."""
     global _poison
-    previous, _poison = _poison, enabled
+    previous, _poison = _poison, (value if enabled else None)
     try:
         yield
     finally:
         _poison = previous
 
 
+def _fill(t: torch.Tensor) -> torch.Tensor:
+    if _poison is not None:
+        t.fill_(_poison if t.is_floating_point() else -1)
+    return t
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a kernel output (poisoned inside :func:`poison_outputs`)."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if _poison:
-        t.fill_(float("nan") if t.is_floating_point() else -1)
-    return t
+    return _fill(torch.empty(shape, dtype=dtype, device=device))
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous kernel output of ``x``'s shape, dtype and device (poisoned
     inside :func:`poison_outputs`)."""
-    t = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if _poison:
-        t.fill_(float("nan") if t.is_floating_point() else -1)
-    return t
+    return _fill(torch.empty_like(x, memory_format=torch.contiguous_format))

@@ -25,9 +25,9 @@ with probability targets the forward's gradient is kept in fp32.
 - Public: :func:`cross_entropy`, :func:`cross_entropy_with_grad`,
   :class:`CrossEntropyLoss`.
 
-Gradients handed out are never changed afterwards: the first backward of a
-graph rescales the saved gradient in place and returns it; any later
-backward over a retained graph writes a new tensor from it.
+Gradients handed out are never changed afterwards: a backward that frees
+the graph rescales the saved gradient in place and returns it; one that
+retains it (a later backward reads it again) writes a new tensor from it.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import heuristics
 from ._checks import (STRIDED, as_int, as_number, check_float, check_loss_dtype,
-                      check_row_length, check_strided, check_tensor, check_weight_takes_no_grad)
+                      check_not_grad_leaf, check_row_length, check_strided, check_tensor,
+                      check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, autocast_on, backend_for, empty_like, first_order,
-                        interpreted, launch_device, launch_on, new_output, plan_cache, remember,
-                        saved, traced, transformed)
+                        graph_kept, interpreted, launch_device, launch_on, new_output,
+                        plan_cache, remember, saved, traced, transformed)
 from ._layout import Rows, rows_view
 from .heuristics import LOOPED, MIN_BLOCK, SINGLE, by_elem, next_pow2, warps_for
 from .kernels import cross_entropy as K
@@ -339,7 +340,8 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
         raise ValueError("input must have the classes in dim 1: shape (C,), (N, C) or "
                          "(N, C, d1, ..., dK); got a 0-d tensor")
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    if C == 0:
+    rows = input.shape[0] * math.prod(input.shape[2:]) if input.dim() >= 2 else 1
+    if C == 0 and rows:  # no rows and no classes: torch's empty-batch results
         raise ValueError(f"input has no classes (shape {tuple(input.shape)})")
     check_row_length(C, "input's class dim")
     check_tensor(target, "target")
@@ -382,14 +384,20 @@ def check_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
 def check_inplace_rows(input, name: str = "input", dim: int = 1) -> None:
     """The gradient can be written over ``input``: its rows along ``dim`` (the
     classes: 1 for (N, C, *) logits, -1 for vocabulary-last ones) have an
-    in-place view and no two logits share memory (no expanded, stride-0 dims)."""
+    in-place view and no two logits share memory (dims of size > 1, taken by
+    increasing stride, each step past the extent of the ones before: no
+    expanded, stride-0 dims and no rows that overlap, which torch's in-place
+    ops refuse too; a layout this cannot prove free of overlap is refused)."""
     x = input if input.dim() >= 2 else input.unsqueeze(0)
-    overlapping = any(st == 0 and s > 1 for s, st in zip(x.shape, x.stride()))
+    extent, overlapping = 1, False  # extent: the span of the dims taken so far
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s > 1):
+        overlapping |= stride < extent
+        extent += stride * (size - 1)
     if overlapping or rows_view(x, dim % x.dim()) is None:
         raise ValueError(
             f"{name} cannot take the gradient in place: its layout (shape {tuple(input.shape)}, "
-            f"strides {tuple(input.stride())}) has expanded or non-collapsible dims; pass a "
-            "contiguous tensor, or use inplace_backward=False / inplace=False")
+            f"strides {tuple(input.stride())}) has expanded, overlapping or non-collapsible "
+            "dims; pass a contiguous tensor, or use inplace_backward=False / inplace=False")
 
 
 # ----------------------------------------------------------------------------
@@ -699,8 +707,20 @@ class _Plan:
         return loss, lse, state
 
     def reduce(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
-        """The row losses (already divided by the mean's denominators), reduced."""
+        """The row losses (already divided by the mean's denominators), reduced;
+        for "none" the flat [M] losses in ``dtype``, never a view of ``rows``
+        (an autograd Function's output that is a view cannot be modified in
+        place, as ``loss *= mask``): :meth:`shape` gives them their dims."""
+        if self.reduction == "none":
+            return rows.to(dtype)
         return _reduce(rows, self.reduction, self.batch, dtype)
+
+    def shape(self, loss: Tensor, input: Tensor) -> Tensor:
+        """The loss of :meth:`reduce` in the target's batch dims (none; () for
+        a (C,) input)."""
+        if self.reduction != "none":
+            return loss
+        return loss.reshape(self.batch if input.dim() >= 2 else ())
 
 
 def denominators_plan(M: int, C: int, ignore_index: int, has_weight: bool, smooth: bool,
@@ -877,9 +897,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
     """Eager autograd of the fused op: the forward writes the gradient (into a
     new buffer, or over the logits); the backward rescales it by grad_output
     (nothing to do when it is 1, i.e. when the scale was stated ahead as the
-    divisor). ``wide``: the buffer is fp32 (fp16 logits with probability
-    targets), and every backward writes grad_output times it into a new
-    tensor of the logits' dtype, rounded once."""
+    divisor), in place and handed out when the graph is freed after it, else
+    (``retain_graph``: a later backward reads it again) into a new tensor, so
+    the saved gradient never changes while it can still be read. ``wide``:
+    the buffer is fp32 (fp16 logits with probability targets), and every
+    backward writes grad_output times it into a new tensor of the logits'
+    dtype, rounded once."""
 
     @staticmethod
     def forward(ctx, x, target, w, plan, inplace, loss_dtype, div, wide=False):
@@ -889,7 +912,6 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if inplace:
             torch.autograd.graph.increment_version(x)  # its values are now the gradient
         anchor = anchor_output(ctx, g, state)
-        ctx.handed_out = False
         ctx.out_dtype = x.dtype if wide else None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
@@ -904,11 +926,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
         g, state = saved(ctx)
         if transformed(d_loss):  # batched (is_grads_batched, vmap of a backward): torch ops
             return (reference_scaled(g, state, d_loss, ctx.out_dtype),) + none
-        if ctx.handed_out or ctx.out_dtype is not None:
-            # a later backward over a retained graph: the gradient handed out
-            # earlier stays as it is (wide: the fp32 buffer is never handed out)
+        if ctx.out_dtype is not None or graph_kept():
+            # wide (the fp32 buffer is never handed out), or the graph is
+            # retained: the saved gradient stays as the forward wrote it
             return (_scaled(g, state, d_loss, ctx.out_dtype),) + none
-        ctx.handed_out = True
         _scale_(g, state, d_loss)  # a no-op launch when grad_output is 1
         return (g,) + none
 
@@ -918,21 +939,22 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
     loss and lse only; the backward writes grad_output times the gradient in
     one pass over the saved logits (``ce_class_backward_kernel``), rounded
     once from fp32, so that a grad_output known only then (a GradScaler's loss
-    scale) loses nothing to fp16 underflow. ``inplace``: the first backward
-    writes it over the logits; a later backward over a retained graph scales
-    that into a new tensor."""
+    scale) loses nothing to fp16 underflow. ``inplace``: a backward that
+    frees the graph writes it over the logits; one that retains it (a later
+    backward reads the logits again) writes a new tensor."""
 
     @staticmethod
     def forward(ctx, x, target, w, plan, inplace, loss_dtype, div, options):
         rows, lse, _ = plan.run(x, target, w, None, div)
         if inplace:
-            # kept off the saved tensors (the first backward overwrites them),
-            # with their version, checked by every backward as autograd would
+            # kept off the saved tensors (a backward that frees the graph
+            # overwrites them), with their version, checked by every backward
+            # as autograd would
             ctx.x, ctx.version = x.detach(), x._version
             anchor = anchor_output(ctx, target, w, lse, div)
         else:
             anchor = anchor_output(ctx, x, target, w, lse, div)
-        ctx.inplace, ctx.options, ctx.state = inplace, options, None
+        ctx.inplace, ctx.options = inplace, options
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
         return plan.reduce(rows, loss_dtype), lse, anchor
@@ -945,28 +967,23 @@ class _DeferredCrossEntropyFunction(torch.autograd.Function):
             return (None,) + none
         if ctx.inplace:
             x, (target, w, lse, div) = ctx.x, saved(ctx)
-            if x._version != ctx.version + (ctx.state is not None):
+            if x._version != ctx.version:
                 raise RuntimeError(
                     "softmax_gpu.cross_entropy(..., inplace_backward=True): the logits were "
-                    "modified in place after the loss was computed (or the gradient this "
-                    "backward wrote over them was), so the gradient cannot be formed from "
-                    "them; compute the loss without inplace_backward, or after the change")
+                    "modified in place after the loss was computed, so the gradient cannot "
+                    "be formed from them; compute the loss without inplace_backward, or "
+                    "after the change")
         else:
             x, target, w, lse, div = saved(ctx)
-        batched = transformed(d_loss)  # is_grads_batched, vmap of a backward: torch ops
-        if ctx.state is not None:  # in place: the logits hold the gradient already
-            return ((reference_scaled if batched else _scaled)(x, ctx.state, d_loss),) + none
         ignore_index, reduction, eps, zl, cap, div_f = ctx.options
-        if batched:
+        if transformed(d_loss):  # is_grads_batched, vmap of a backward: torch ops
             return (reference_class_grad(x, target, w, d_loss, ignore_index, reduction, eps, zl,
                                          cap, 1.0, div if div is not None else div_f),) + none
+        in_place = ctx.inplace and not graph_kept()
         g = _class_backward(x, target, w, lse, d_loss, ignore_index, reduction, eps, zl, cap,
-                            1.0, div_f, div, in_place=ctx.inplace)
-        if ctx.inplace:
+                            1.0, div_f, div, in_place=in_place)
+        if in_place:
             torch.autograd.graph.increment_version(x)  # its values are now the gradient
-            # the factor the logits now hold, per row, for a later backward
-            ctx.state = d_loss.detach().to(lse.dtype).reshape(-1).expand(lse.shape[0]) \
-                .contiguous()
         return (g,) + none
 
 
@@ -1114,8 +1131,8 @@ def times_keeping_zeros(g: Tensor, f: Tensor, state: Tensor,
     broadcast over g's rows) with g's exact zeros kept at 0 whatever ``f``
     is, inf and NaN included: an ignored row's gradient stays 0 under any
     grad_output, as in torch's backward (the eager kernels do the same). Not
-    in a row whose state is 0 (scaled to 0 by an earlier backward over a
-    retained graph: nothing is left to scale, so NaN, never a silent 0).
+    in a row whose state is 0 (its gradient was scaled to 0: nothing is
+    left to scale, so NaN, never a silent 0).
     Zeros are told by value, so an exact 0 in a kept row (a class whose
     probability underflowed) also stays 0 where torch gives NaN; the row's
     other entries still carry the inf / NaN.
@@ -1321,6 +1338,8 @@ def _traced_cross_entropy(input, target, weight, ignore_index, reduction, eps, z
     x, t = _as_rows_input(input, target)
     batch = _row_dims(input)
     half = x.dtype == torch.float16
+    if need_grad and inplace_backward:
+        check_not_grad_leaf(input, "input")
     if need_grad and inplace_backward and not half:
         check_inplace_rows(input)
         rows, lse, state = cross_entropy_forward_(x.detach(), t, weight, ignore_index, reduction,
@@ -1384,18 +1403,10 @@ def cross_entropy(
     gradient buffer (none with ``inplace_backward``). No host-device sync;
     capturable in a CUDA graph and traceable by
     ``torch.compile(fullgraph=True)``. A gradient, once returned by a
-    backward, is never changed by a later backward over a retained graph.
-
-    A limit of that design (eager, on the kernels' path): the first backward
-    scales the saved gradient in place by grad_output, so a row whose
-    grad_output was 0 (or inf / NaN) there has no gradient left, and a later
-    backward over the retained graph gives NaN in that row. That is the
-    per-row loop of ``torch.autograd.functional.jacobian`` (its default
-    ``vectorize=False``) and ``gradcheck`` with ``reduction="none"``: use
-    ``jacobian(..., vectorize=True)``, ``torch.func.jacrev`` or
-    ``autograd.grad(..., is_grads_batched=True)`` there, which take one
-    backward (and work), or torch's op. Training (one backward per graph,
-    any grad_output) is not affected.
+    backward, is never changed afterwards: a backward that frees the graph
+    (``loss.backward()``) scales the saved gradient in place and hands it
+    out; one that retains it (``retain_graph=True``, where a later backward
+    reads it again) writes a new tensor, as torch's backward does.
 
     An ignored row's gradient is exactly 0 on the kernels' path whatever its
     logits hold: a padded row of -inf or NaN logits stays 0, where torch's
@@ -1420,7 +1431,8 @@ def cross_entropy(
             logits-sized memory. The logits' values are then gone: nothing
             else may use them afterwards (autograd raises if another op saved
             them for its backward), and they must be writable in place (no
-            expanded dims).
+            expanded dims) and not a leaf that requires grad (nor a view of
+            one), as for torch's in-place ops.
         loss_dtype: the dtype of the returned loss (default: the input's, as
             torch, promoted with probability targets' dtype; fp32 for
             fp16/bf16 logits under ``torch.autocast``).
@@ -1458,9 +1470,7 @@ def cross_entropy(
     at backward time; under ``torch.compile`` into a new tensor); with
     probability targets the forward writes the gradient in an fp32 buffer
     (not in place) that each backward scales into a new fp16 tensor. bf16,
-    fp32 and fp64 logits keep the one-pass forward above. With
-    ``inplace_backward``, a retained graph whose first backward had
-    grad_output 0 gives NaN gradients on a later backward (as above).
+    fp32 and fp64 logits keep the one-pass forward above.
 
     Under ``torch.autocast`` (CUDA or CPU), as torch's policy for
     cross-entropy: fp16/bf16 logits give an fp32 loss by default (the
@@ -1481,7 +1491,8 @@ def cross_entropy(
         reduction = _legacy_reduction(size_average, reduce)
     ignore_index, eps, zl, cap = _scalar_options(ignore_index, reduction, label_smoothing, z_loss,
                                                  softcap)
-    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor) or \
+            not isinstance(weight, (Tensor, type(None))):
         check_cross_entropy(input, target, weight, ignore_index, reduction, eps, zl, softcap)
     if input.layout is not STRIDED or target.layout is not STRIDED or input.is_nested or \
             target.is_nested or (isinstance(weight, Tensor) and weight.layout is not STRIDED):
@@ -1519,6 +1530,8 @@ def cross_entropy(
         return loss, lse.to(torch.float32).reshape(_row_dims(input))
     x, t = _as_rows_input(input, target)
     mode = (INPLACE_GRAD if inplace_backward else NEW_GRAD) if need_grad else NO_GRAD
+    if mode == INPLACE_GRAD:
+        check_not_grad_leaf(input, "input")
     # fp16 logits: a gradient stored at forward time would underflow under a
     # grad_output known only at backward (a loss scale). Class targets: the
     # backward forms it from the logits and the lse; probability targets: the
@@ -1548,8 +1561,7 @@ def cross_entropy(
     else:
         loss, lse, _ = _CrossEntropyFunction.apply(x, t, w, plan, mode == INPLACE_GRAD,
                                                    loss_dtype, div_t, wide)
-    if input.dim() < 2 and reduction == "none":  # (C,) input: the row dims are ()
-        loss = loss.reshape(())
+    loss = plan.shape(loss, input)
     if not return_lse:
         return loss
     lse = _LseFunction.apply(x, lse, cap)[0] if mode == NEW_GRAD else lse.to(torch.float32)

@@ -38,8 +38,9 @@ half's under the first half's dX GEMM.
 The backward of ``reduction="mean"/"sum"`` multiplies the gradients the
 forward computed by grad_output IN PLACE (a launch that touches nothing
 when grad_output is 1, e.g. ``loss.backward()`` or a scale given ahead as
-``divisor``) and hands them out; a second backward over a retained graph
-gets new tensors, and the ones handed out never change. ``reduction="none"``
+``divisor``) and hands them out when the graph is freed after it; a
+backward that retains the graph gets new tensors, and the ones handed out
+never change. ``reduction="none"``
 cannot know its per-row grad_output in the forward, and dW sums over rows,
 so the forward computes only the loss (and the lse) and the backward
 recomputes each chunk's logits, turns them into grad_output times the
@@ -61,6 +62,7 @@ cross-entropy internals (launchers, launch configs, reference).
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import math
@@ -76,8 +78,8 @@ from . import heuristics
 from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
                       check_strided, check_weight_takes_no_grad)
 from ._dispatch import (anchor_output, autocast_on, backend_for, first_order, launch_device,
-                        launch_on, new_output, plan_cache, refuse_batched_backward,
-                        refuse_transformed, remember, saved, traced)
+                        graph_kept, launch_on, new_output, plan_cache,
+                        refuse_batched_backward, refuse_transformed, remember, saved, traced)
 from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
                             cross_entropy_backward_config, cross_entropy_config,
                             cross_entropy_scale_config, denominators_plan, reference_lse_grad,
@@ -203,6 +205,11 @@ def _check_options(options) -> tuple[int, str, bool, bool]:
     options object (any object; missing attributes take the defaults)."""
     if options is None:
         return 0, "auto", False, OVERLAP
+    if isinstance(options, (str, bytes, numbers.Number, collections.abc.Mapping)) or \
+            type(options) in (list, tuple):
+        # its fields would silently read as the defaults
+        raise TypeError(f"options must be a LinearCrossEntropyOptions (or an object with its "
+                        f"attributes), got {type(options).__name__}")
     chunk = _check_chunk(getattr(options, "batch_chunk_size", None), "options.batch_chunk_size")
     method = getattr(options, "chunking_method", "auto")
     method = "auto" if method is None else method
@@ -214,7 +221,7 @@ def _check_options(options) -> tuple[int, str, bool, bool]:
         raise ValueError(f"options.chunking_method must be 'auto', 'lean', 'aspect_ratio' or "
                          f"'aspect_ratio:k' (k > 0) or None, got {method!r}")
     policy = getattr(options, "acc_policy", "auto")
-    if policy not in _ACC32:
+    if not isinstance(policy, str) or policy not in _ACC32:
         raise ValueError(f"options.acc_policy must be one of {sorted(_ACC32)}, got {policy!r}")
     overlap = getattr(options, "overlap", None)
     if overlap is not None and not isinstance(overlap, bool):
@@ -744,25 +751,22 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
 # softmax_gpu::linear_cross_entropy_* (opaque to the tracer, with fake
 # implementations). Both share the helpers below.
 #
-# Gradients handed out never change afterwards: the first backward of mean /
-# sum scales the forward's gradients in place and hands them out; a later
-# backward over a retained graph computes new tensors from them.
+# Gradients handed out never change afterwards: a backward of mean / sum that
+# frees the graph scales the forward's gradients in place and hands them out;
+# one that retains it (a later backward reads them again) scales them into
+# new tensors.
 # ----------------------------------------------------------------------------
 
 
-def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
-    """g's rows *= go / state[row] in place where they differ; state <- go.
-    A launch that reads two scalars per row when grad_output is already
-    applied (e.g. 1 for ``loss.backward()``). Exact zeros (the rows of
-    ignored targets in dx, a dw with no kept row) stay 0 whatever go is."""
+def _rescale_(g: Tensor, go: Tensor) -> None:
+    """g's rows *= go in place. A launch that reads two scalars per row when
+    grad_output is 1 (``loss.backward()``). Exact zeros (the rows of ignored
+    targets in dx, a dw with no kept row) stay 0 whatever go is."""
+    state = torch.ones(g.shape[0], dtype=_acc(g.dtype), device=g.device)
     if backend_for(g) == "triton":
         _scale_(g, state, go)
         return
-    go = go.to(state.dtype)
-    # through .data, as the kernel writes it: no version bump of the saved
-    # tensor, which a later backward over a retained graph unpacks again
-    times_keeping_zeros(g.data, (go / state)[:, None], state[:, None], out=g.data)
-    state.copy_(go.expand_as(state))
+    times_keeping_zeros(g.data, go.to(state.dtype).reshape(-1, 1), state[:, None], out=g.data)
 
 
 def _rescaled(g: Tensor, state: Tensor, go: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -792,7 +796,6 @@ def _save(ctx, x, w, b, t, cw, lse, grads: Optional[_Grads], spec: _Spec, needs,
     # not saved for backward: other users may add into it before this backward
     ctx.main_grad = main_grad
     ctx.precomputed = _precomputes(spec.reduction, main_grad, spec.gemm or x.dtype)
-    ctx.states = {}  # per-row factors already applied in place (first backward)
     if ctx.precomputed:  # the backward only scales the gradients the forward computed
         return _stash(ctx, grads[:3] if grads is not None else (None,) * 3, anchored)
     # the backward recomputes from the inputs and the forward's lse
@@ -813,24 +816,19 @@ def _hand_out(ctx, dx, dw, db) -> tuple:
 
 def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
     """The forward's gradients times grad_output ``go``, in the parameters'
-    dtypes. Eagerly, the first backward scales dx and dw in place when they
-    are in the parameters' dtypes and hands them out; any later backward (and
-    a traced one, and the fp32 accumulators) writes new tensors."""
-    in_place = not traced(go)
+    dtypes. Eagerly, a backward that frees the graph scales dx and dw in place
+    when they are in the parameters' dtypes and hands them out; one that
+    retains it (a later backward reads them again), a traced one, and the
+    fp32 accumulators write new tensors."""
+    in_place = not traced(go) and not graph_kept()
     out = []
-    for key, g, need, dtype in (("x", dx, ctx.needs[0], ctx.dtypes[0]),
-                                ("w", dw, ctx.needs[1], ctx.dtypes[1]),
-                                ("b", db, ctx.needs[2], ctx.dtypes[2])):
+    for g, need, dtype in zip((dx, dw, db), ctx.needs, ctx.dtypes):
         if not need or g is None:
             out.append(None)
         elif not in_place or g.dtype != dtype or g.dim() != 2:
             out.append(_rescaled(g, g.new_ones(g.shape[:1], dtype=_acc(g.dtype)), go, dtype))
-        elif key in ctx.states:  # handed out already: it stays as it is
-            out.append(_rescaled(g, ctx.states[key], go))
         else:
-            state = ctx.states[key] = torch.ones(g.shape[0], dtype=_acc(g.dtype),
-                                                 device=g.device)
-            _rescale_(g, state, go)
+            _rescale_(g, go)
             out.append(g)
     return tuple(out)
 
@@ -1284,7 +1282,11 @@ def linear_cross_entropy(
             and a gradient of its own). Used only when ``linear_weight``
             requires grad. The backward then recomputes the logits, as
             ``reduction="none"`` does (four GEMMs instead of three).
-            Contiguous, on the weight's device, not requiring grad.
+            Contiguous, on the weight's device, not requiring grad. Every
+            backward through the call adds into it, as Megatron's fused
+            weight-gradient accumulation does: ``torch.autograd.grad`` for
+            the input alone (a gradient-norm probe) adds dW too, so take
+            such a gradient from a call without ``main_grad``.
 
     Returns:
         the loss, then the lse with ``return_lse``, then the accuracy with
@@ -1336,10 +1338,9 @@ def linear_cross_entropy(
     entry underflows that torch's gradient, formed after the scale, keeps.
     That costs the fp16 backward one more GEMM (the logits again, ~1.33x the
     three-GEMM floor); bf16 (fp32's range) and fp32 keep the gradients the
-    forward computes (mean / sum), which the first backward scales in place
-    and hands out: a later backward over a retained graph scales them into
-    new tensors, so rows whose first grad_output was 0 have none left (NaN),
-    as for :func:`softmax_gpu.cross_entropy`. ``torch.func`` transforms and
+    forward computes (mean / sum), which a backward that frees the graph
+    scales in place and hands out; one that retains it scales them into new
+    tensors, as for :func:`softmax_gpu.cross_entropy`. ``torch.func`` transforms and
     forward-mode AD are refused, and so is a batched grad_output
     (``is_grads_batched``, ``jacobian(vectorize=True)``): the backward takes
     one grad_output at a time.

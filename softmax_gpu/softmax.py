@@ -443,6 +443,10 @@ def _softmax(input, dim, stacklevel, dtype, log: bool) -> Tensor:
         check_tensor(input, "input")
     if input.layout is not STRIDED or input.is_nested:
         check_strided("log_softmax" if log else "softmax", input=input)
+    if stacklevel is float:  # torch takes Python's float for float64
+        stacklevel = torch.float64
+    if dtype is float:
+        dtype = torch.float64
     if stacklevel.__class__ is torch.dtype:
         # torch.softmax(input, dim, dtype): the third position is the dtype
         if dtype is not None:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import weakref
 from typing import NamedTuple, Optional
 
@@ -61,11 +62,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import heuristics
-from ._checks import (check_float, check_loss_dtype, check_row_length, check_tensor,
-                      check_weight_takes_no_grad)
-from ._dispatch import (anchor_output, backend_for, first_order, launch_device, launch_on,
-                        new_output, plan_cache, refuse_batched_backward, refuse_transformed,
-                        remember, saved)
+from ._checks import (check_float, check_loss_dtype, check_not_grad_leaf, check_row_length,
+                      check_tensor, check_weight_takes_no_grad)
+from ._dispatch import (anchor_output, backend_for, first_order, graph_kept, launch_device,
+                        launch_on, new_output, plan_cache, refuse_batched_backward,
+                        refuse_transformed, remember, saved)
 from ._layout import as_rows
 from .cross_entropy import _scalar_options, check_inplace_rows, denominators_plan
 from .kernels import vocab_parallel as K
@@ -590,7 +591,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         mx, st = fn.stats(x, _ALL)
         lse, rows, lse32 = fn.combine(mx, st, _ALL)
         anchor = anchor_output(ctx, x, lse)
-        ctx.fn, ctx.inplace, ctx.done = fn, inplace, False
+        ctx.fn, ctx.inplace = fn, inplace
         ctx.set_materialize_grads(False)
         return fn.reduce(rows).to(loss_dtype), lse32, anchor
 
@@ -600,19 +601,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if d_loss is None and d_lse is None:
             return None, None, None, None
         refuse_batched_backward("vocab_parallel_cross_entropy", grad_output=d_loss, grad_lse=d_lse)
-        if ctx.inplace:
-            if ctx.done:
-                raise RuntimeError(
-                    "vocab_parallel_cross_entropy(inplace_backward=True): the first backward "
-                    "wrote the gradient over the logits; a second backward through this graph "
-                    "needs inplace_backward=False")
-            ctx.done = True
         x, lse = saved(ctx)
         fn = ctx.fn
         fn.check_unmodified()
         coef = fn.coefs(lse, _ALL, d_loss, d_lse)
-        dx = fn.grad_(x, _ALL, coef, x if ctx.inplace else None)
-        if ctx.inplace:
+        # over the logits only when the graph is freed after this backward (a
+        # retained one reads them again)
+        in_place = ctx.inplace and not graph_kept()
+        dx = fn.grad_(x, _ALL, coef, x if in_place else None)
+        if in_place:
             torch.autograd.graph.increment_version(x)  # its values are now the gradient
         return dx, None, None, None
 
@@ -678,7 +675,9 @@ def vocab_parallel_cross_entropy(
             ``local_logits`` (no extra shard-sized memory): their values are
             gone after the backward, nothing else may use them then (autograd
             raises if another op saved them), they must be writable in place
-            (no expanded dims), and the graph can be backpropagated once.
+            (no expanded dims) and not a leaf that requires grad (nor a view
+            of one). A backward that retains the graph writes a new tensor
+            instead (a later backward reads the logits again).
         vocab_size: optional global vocabulary; when given it is checked
             against the sum of the gathered shard widths.
         loss_dtype: the returned loss's dtype (default: local_logits'); the
@@ -719,13 +718,16 @@ def vocab_parallel_cross_entropy(
     opts = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     _check_class_weight(weight, x, "local_logits")
     if vocab_size is not None and (
-        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral)
+        or vocab_size < 1
     ):
         raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    vocab_size = None if vocab_size is None else int(vocab_size)
     check_loss_dtype(loss_dtype)
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if inplace_backward and need_grad:
         check_inplace_rows(x, "local_logits", dim=-1)
+        check_not_grad_leaf(local_logits, "local_logits")
     check_row_length(x.shape[-1], "local_logits' last dim")
     pg = _resolve_group(who, group)
     layout = _shard_layout(who, pg, x.shape[-1], vocab_size, x.device)
@@ -810,7 +812,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         ctx.fn, ctx.rows, ctx.acc32, ctx.main_grad = fn, rows, acc32, main_grad
         ctx.needs = (needs[0], needs[1], needs[2] and b is not None)
         ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else x.dtype)
-        ctx.precomputed, ctx.states = grad, {}
+        ctx.precomputed = grad
         ctx.set_materialize_grads(False)
         inputs = (x, w, b, lse) if keep_inputs or not grad else (None,) * 4
         anchor = anchor_output(ctx, *inputs, *(grads[:3] if grad else (None,) * 3))
@@ -893,7 +895,8 @@ def vocab_parallel_linear_cross_entropy(
             ``overlap`` does not apply (each chunk has collectives).
         main_grad: a [V_r, D] buffer into which the backward adds the
             gradient of ``local_weight`` (which then gets none), as
-            ``main_grad`` of :func:`softmax_gpu.linear_cross_entropy`.
+            ``main_grad`` of :func:`softmax_gpu.linear_cross_entropy`
+            (every backward through the call adds into it).
 
     Returns:
         the loss, then the lse with ``return_lse``.

@@ -115,13 +115,16 @@ def assert_close(out, ref, dtype=None, scale=None):
 
 # Forced launch parameters so every path runs at interpreter-sized shapes.
 # max_single=64: rows longer than 64 leave the on-chip path; tile=16: the
-# looped and split paths take several tiles; sm_count=2: 8 programs fill the
-# "GPU", so M < 8 splits rows and M >= 8 loops.
+# looped and split paths take several tiles; the long path is pinned (split:
+# so many split programs per SM that any row count splits), whatever the rows.
 PATHS = {
     "single": dict(),
-    "looped": dict(max_single=64, tile=16, sm_count=2),
-    "split": dict(max_single=64, tile=16, sm_count=2),
+    "looped": dict(max_single=64, tile=16, sm_count=2, long_path="looped"),
+    "split": dict(max_single=64, tile=16, sm_count=2, long_path="split",
+                  split_programs_per_sm=1 << 20),
 }
+# The kernel families a launch's name tells apart.
+FAMILIES = ("single", "looped", "split", "coop", "resident")
 
 
 def path_rows(path: str) -> int:
@@ -131,8 +134,13 @@ def path_rows(path: str) -> int:
 
 @contextlib.contextmanager
 def forced(path: str):
-    with heuristics.override(**PATHS[path]):
+    """PATHS[path] in force; fails when the block launched kernels of other
+    families only (rows too short for a long path, say), so that a test
+    named after a path runs it."""
+    with heuristics.override(**PATHS[path]), softmax_gpu.record_launches() as names:
         yield
+    ran = {f for name in names for f in FAMILIES if f"_{f}" in name}
+    assert not ran or path in ran, f"forced({path!r}) launched {sorted(ran)} only: {names}"
 
 
 @contextlib.contextmanager

@@ -254,15 +254,17 @@ def test_probability_targets_requiring_grad_fall_back_to_torch():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_all_ignored_batch(path):
-    """Every target ignored: mean is NaN (0/0), sum 0, none zeros; zero gradient."""
+    """Every target ignored: mean is NaN (0/0), sum 0, none zeros; zero
+    gradient; under a finite poison too (the kernels' own NaN)."""
     C = C_FOR[path]
     x = rand(4, C)
     t = torch.full((4,), -100, device=DEVICE)
     w = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE)
     for kw in (dict(), dict(weight=w, label_smoothing=0.1), dict(z_loss=1e-3)):
-        for reduction in ("mean", "sum", "none"):
+        for reduction, poison in (("mean", math.nan), ("mean", -12345.0), ("sum", math.nan),
+                                  ("none", -12345.0)):
             xs = x.clone().requires_grad_()
-            with forced(path):
+            with forced(path), softmax_gpu.poison_outputs(value=poison):
                 out = softmax_gpu.cross_entropy(xs, t, reduction=reduction, **kw)
                 out.sum().backward()
             ref = torch_ref(x, t, reduction=reduction, **kw)
@@ -280,6 +282,19 @@ def test_empty_batch():
     assert out.shape == (0,)
     softmax_gpu.cross_entropy(x, t, reduction="sum").backward()
     assert x.grad.shape == (0, 7)
+    # no rows and no classes either: torch's results, not "no classes"
+    for shape, tshape in (((0, 0), (0,)), ((0, 0, 3), (0, 3))):
+        for reduction in ("mean", "sum", "none"):
+            x = torch.empty(shape, device=DEVICE, requires_grad=True)
+            t = torch.empty(tshape, dtype=torch.long, device=DEVICE)
+            out = softmax_gpu.cross_entropy(x, t, reduction=reduction)
+            want = F.cross_entropy(x, t, reduction=reduction)
+            assert out.shape == want.shape and torch.equal(out.isnan(), want.isnan())
+            assert torch.equal(out.nan_to_num(), want.nan_to_num())
+            out.sum().backward()
+            assert x.grad.shape == shape
+    with pytest.raises(ValueError, match="input has no classes"):
+        softmax_gpu.cross_entropy(torch.empty(2, 0, device=DEVICE), targets(2, 1))
 
 
 @pytest.mark.parametrize("backend", ["as is", "torch"])
@@ -431,23 +446,77 @@ def test_ignored_rows_stay_zero_under_any_grad_output(path):
 
 
 @pytest.mark.parametrize("path", ["single", "looped"])
-def test_retained_backward_after_a_zero_grad_output_is_never_a_silent_zero(path):
-    """A first backward with grad_output 0 on kept rows scales their saved
-    gradient to 0 in place (documented: a later backward over the retained
-    graph has none left for them). That later backward gives NaN there, or
-    the right gradient, never a silent 0; the other rows are right."""
+def test_retained_backward_after_a_zero_grad_output_is_exact(path):
+    """A first backward with grad_output 0 on some rows, retaining the graph,
+    leaves the saved gradient as the forward wrote it (it writes a new
+    tensor), so a later backward is right in every row, in place or not."""
     C = C_FOR[path]
     t = targets(4, C, ignore=())
     x = rand(4, C).requires_grad_()
-    with forced(path):
-        loss = softmax_gpu.cross_entropy(x * 1.0, t, reduction="none")
-        torch.autograd.grad(loss, x, torch.tensor([1.0, 0.0, 1.0, 0.0]), retain_graph=True)
-        (g,) = torch.autograd.grad(loss, x, torch.ones(4))
     x64 = x.detach().double().requires_grad_()
     (want,) = torch.autograd.grad(torch_ref(x64, t, reduction="sum"), x64)
-    assert_close(g[0::2], want[0::2])
-    for r in (1, 3):
-        assert g[r].isnan().all() or torch.allclose(g[r].double(), want[r], atol=1e-5), g[r]
+    for inplace in (False, True):
+        with forced(path):
+            loss = softmax_gpu.cross_entropy(x * 1.0, t, reduction="none",
+                                             inplace_backward=inplace)
+            (g0,) = torch.autograd.grad(loss, x, torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                                        retain_graph=True)
+            (g,) = torch.autograd.grad(loss, x, torch.ones(4))
+        assert_close(g, want)
+        assert_close(g0[0::2], want[0::2])
+        assert torch.equal(g0[1::2], torch.zeros_like(g0[1::2]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_none_loss_can_be_modified_in_place(path):
+    """The per-row losses are a plain output, not a view that autograd locks:
+    ``loss *= mask`` and ``loss[ignored] = 0`` work as on torch's, with the
+    right gradient (fp32 logits, and bf16 ones with an fp32 loss, where the
+    loss was the accumulator itself; 2-d and (N, C, d) logits)."""
+    C = C_FOR[path]
+    for dtype, loss_dtype, shape in ((torch.float32, None, (6, C)),
+                                     (torch.bfloat16, torch.float32, (3, C, 2))):
+        x = rand(*shape, dtype=dtype).requires_grad_()
+        t = targets(6, C).reshape(shape[0], *shape[2:])
+        mask = (torch.arange(6, device=DEVICE) % 2).to(torch.float32).reshape(t.shape)
+        with forced(path):
+            loss = softmax_gpu.cross_entropy(x * 1, t, reduction="none", loss_dtype=loss_dtype)
+            loss *= mask
+            loss[t == t.reshape(-1)[0]] = 0.0
+            (dx,) = torch.autograd.grad(loss.sum(), x)
+        x64 = x.detach().double().requires_grad_()
+        ref = torch_ref(x64, t, reduction="none") * mask.double()
+        ref[t == t.reshape(-1)[0]] = 0.0
+        (want,) = torch.autograd.grad(ref.sum(), x64)
+        assert_close(loss, ref, loss.dtype)
+        assert_close(dx, want, dtype, scale=4)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_retained_backwards_are_independent_of_what_the_caller_does(dtype, inplace):
+    """Over a retained graph, each backward's gradient is grad_output times
+    the gradient, whatever the caller did in between: edited the gradient
+    handed out before (``g.zero_()``), or scaled the buffer it passes as
+    grad_output (``go.mul_(2)``, the same tensor every step). Before, the
+    fp16 in-place path kept the caller's grad_output tensor itself as the
+    factor the logits held, and an edited gradient was the saved one."""
+    C = 37
+    x = rand(6, C, dtype=dtype).requires_grad_()
+    t = targets(6, C, ignore=(2,))
+    go = torch.rand(6, device=DEVICE) + 0.5
+    x64 = x.detach().double().requires_grad_()
+    (unit,) = torch.autograd.grad(torch_ref(x64, t, reduction="none"), x64,
+                                  torch.ones(6, dtype=torch.float64, device=DEVICE))
+    logits = x * 1  # the gradient with respect to them is the op's own
+    loss = softmax_gpu.cross_entropy(logits, t, reduction="none", inplace_backward=inplace,
+                                     loss_dtype=torch.float32)
+    for step in range(3):
+        want = unit * go.double()[:, None]
+        (g,) = torch.autograd.grad(loss, logits, go, retain_graph=step < 2)
+        assert_close(g, want, dtype, scale=4 * float(go.max()))
+        g.zero_()
+        go.mul_(2.0)
 
 
 @pytest.mark.parametrize("late", [None, 1, 319, 320, 599])
@@ -522,20 +591,31 @@ def test_inplace_backward(path):
     assert_close(loss, ref)
     assert_close(dlogits, dref, scale=8)
     assert_close(logits.detach(), dref, scale=8)  # the logits are gone: they hold the gradient
-    # a leaf works too; without a gradient to write, the logits are untouched
+    # a leaf that requires grad (a parameter), or a view of one, is refused
+    # as torch's in-place ops refuse it: its values, and the .grad it would
+    # get, would both be the gradient; untouched
     leaf = rand(6, C).requires_grad_()
-    leaf64 = leaf.detach().double().requires_grad_()
-    (dleaf,) = torch.autograd.grad(torch_ref(leaf64, t), leaf64)
-    kept = rand(6, C)
-    before = kept.clone()
+    before = leaf.detach().clone()
     with forced(path):
-        softmax_gpu.cross_entropy(leaf, t, inplace_backward=True).backward()
+        for bad, what in ((leaf, "a leaf"), (leaf[1:], "a view of a leaf")):
+            with pytest.raises(RuntimeError, match=f"input is {what} tensor that requires grad"):
+                softmax_gpu.cross_entropy(bad, t[:bad.shape[0]], inplace_backward=True)
+        # a leaf that needs no gradient, or no grad mode: nothing to write, untouched
+        kept = rand(6, C)
+        kept_before = kept.clone()
         softmax_gpu.cross_entropy(kept, t, inplace_backward=True)
-    assert_close(leaf.grad, dleaf, scale=4)
-    assert_close(leaf.detach(), dleaf, scale=4)
-    assert torch.equal(kept, before)
-    with pytest.raises(ValueError, match="input cannot take the gradient in place"):
-        softmax_gpu.cross_entropy(rand(C).expand(4, C).requires_grad_(), t[:4], inplace_backward=True)
+        with torch.no_grad():
+            softmax_gpu.cross_entropy(leaf, t, inplace_backward=True)
+    assert torch.equal(leaf.detach(), before)
+    assert torch.equal(kept, kept_before)
+    # rows that share memory (expanded; overlapping strides, where one row's
+    # gradient would overwrite the next row's logits before they are read)
+    source = rand(4 * C).requires_grad_() * 1
+    for bad in (source[:C].expand(4, C), source.as_strided((4, C), (2, 1))):
+        with pytest.raises(ValueError, match="input cannot take the gradient in place"):
+            softmax_gpu.cross_entropy(bad, t[:4], inplace_backward=True)
+        with pytest.raises(ValueError, match="input cannot take the gradient in place"):
+            softmax_gpu.cross_entropy_with_grad(bad.detach(), t[:4], inplace=True)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -683,6 +763,8 @@ def test_bad_arguments():
         ce(x, t, weight=torch.ones(5, device=DEVICE))
     with pytest.raises(TypeError, match="weight must be a floating tensor"):
         ce(x, t, weight=torch.ones(6, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        ce(x, t, weight=[1.0] * 6)  # before, on the kernels' path: an AttributeError
     with pytest.raises(ValueError, match="reduction must be one of"):
         ce(x, t, reduction="avg")
     for ls in (-0.1, 1.5):
@@ -767,14 +849,33 @@ def test_numpy_scalars_as_torch_takes_them():
 
 def test_int64_offsets_in_a_subprocess():
     """Rows that start beyond element 2**31 of a row-strided view (a padded
-    vocabulary), read, and written in place (inplace + a rescale), on both
-    paths; and targets near +-2**40, which would fault if a load used them."""
+    vocabulary), read, and written in place (inplace + a rescale), on the
+    on-chip path and every long-row candidate; and targets near +-2**40,
+    which would fault if a load used them."""
     code = r"""
 import torch, torch.nn.functional as F
 import softmax_gpu
-from helpers import DEVICE, forced
+from softmax_gpu import heuristics
+from helpers import DEVICE, LONG
 S = 2**30 + 64                      # row stride: row 2 starts at 2**31 + 128
-for path, C in (("single", 40), ("looped", 100)):
+
+
+class Alias(torch.autograd.Function):
+    # the logits as a model's output: a non-leaf in the same storage (a leaf
+    # that requires grad may not take the gradient in place)
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+PATHS = [("single", 40, {}, "single")] + [
+    (name, 100, LONG[name], "looped" if name == "persistent" else name)
+    for name in ("looped", "persistent", "coop", "resident")]
+for path, C, lim, family in PATHS:
     base = torch.empty(3, S, dtype=torch.bfloat16, device=DEVICE)   # untouched pages cost nothing
     vals = (torch.randn(3, C, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
     logits = base[:, :C]
@@ -783,16 +884,17 @@ for path, C in (("single", 40), ("looped", 100)):
     x64 = vals.double().requires_grad_()
     ref = F.cross_entropy(x64, t.cpu(), reduction="none", label_smoothing=0.1)
     (dref,) = torch.autograd.grad(ref, x64, torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64))
-    with forced(path):
+    with heuristics.override(**lim), softmax_gpu.record_launches() as names:
         loss, grad = softmax_gpu.cross_entropy_with_grad(logits, t, reduction="none", label_smoothing=0.1)
         assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=2e-2, atol=2e-2), (loss, ref)
         leaf = logits.requires_grad_()
         h = leaf * 1
         assert h.is_contiguous()
-        view = base[:, :C].detach()
-        out = softmax_gpu.cross_entropy(view.requires_grad_(), t, reduction="none", label_smoothing=0.1,
+        view = Alias.apply(base[:, :C].detach().requires_grad_())
+        out = softmax_gpu.cross_entropy(view, t, reduction="none", label_smoothing=0.1,
                                         inplace_backward=True)
         (g,) = torch.autograd.grad(out, view, torch.tensor([1.0, 2.0, -3.0], device=DEVICE))
+    assert any(f"ce_class_{family}" in n for n in names), (path, names)
     assert g.data_ptr() == base.data_ptr()
     assert torch.allclose(g.double().cpu(), dref, rtol=2e-2, atol=2e-3), (g, dref)
     assert torch.equal(base[2, :C].cpu(), g[2].cpu())
@@ -801,7 +903,7 @@ for path, C in (("single", 40), ("looped", 100)):
     w = torch.rand(C, device=DEVICE) + 0.5
     x = (torch.randn(3, C) * 3).to(DEVICE)
     far = torch.tensor([2**40, -2**40, 3], device=DEVICE)
-    with forced(path):
+    with heuristics.override(**lim):
         loss, grad = softmax_gpu.cross_entropy_with_grad(x, far, w, reduction="none", label_smoothing=0.1)
         loss2, grad2 = softmax_gpu.cross_entropy_with_grad(x, far, reduction="none")
     for l, g in ((loss, grad), (loss2, grad2)):
@@ -898,11 +1000,13 @@ def test_opcheck():
 def test_no_host_reads_of_device_values(monkeypatch):
     """The mean's denominator stays on the device: forward and backward never
     read a tensor's value on the host (.item(), bool(), .tolist(), nonzero...),
-    the CPU-side proxy for "no host-device sync" (and CUDA-graph capturable)."""
-    x = rand(6, 20)
-    t = targets(6, 20, ignore=(1,))
-    w = torch.rand(20, device=DEVICE) + 0.5
-    p = torch.softmax(rand(6, 20), -1)
+    the CPU-side proxy for "no host-device sync" (and CUDA-graph capturable),
+    on each path."""
+    data = {}
+    for path in PATHS:
+        C = C_FOR[path]
+        data[path] = (rand(6, C), targets(6, C, ignore=(1,)), torch.rand(C, device=DEVICE) + 0.5,
+                      torch.softmax(rand(6, C), -1))
 
     def refuse(name):
         def f(self, *a, **k):
@@ -912,6 +1016,7 @@ def test_no_host_reads_of_device_values(monkeypatch):
     for name in ("item", "__bool__", "tolist", "nonzero", "__int__", "__float__", "masked_select"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     for path in PATHS:
+        x, t, w, p = data[path]
         with forced(path):
             for target, kw in ((t, dict(weight=w, label_smoothing=0.1, z_loss=1e-3)), (p, {})):
                 xs = x.clone().requires_grad_()
@@ -931,8 +1036,8 @@ def test_no_host_reads_of_device_values(monkeypatch):
 def test_returned_gradient_is_never_changed(path, inplace):
     """torch.autograd.grad with retain_graph=True, then more grad/backward calls
     with other grad_outputs: every gradient handed out earlier keeps its values
-    (the first backward hands out the saved buffer; later ones write new
-    tensors from it)."""
+    (a backward that retains the graph writes a new tensor; the last one,
+    which frees it, scales the saved buffer in place)."""
     C = C_FOR[path]
     x = rand(4, C).requires_grad_()
     t = targets(4, C)
@@ -1546,14 +1651,17 @@ def test_row_maximum_is_exact_on_every_path(path, dtype):
 def test_confident_token_loss_is_accurate(path, dtype):
     """The loss of a confident token (target logit 12 among logits of scale
     0.5) is log1p(r), r the small sum of the other terms: accurate to its own
-    precision (torch's fp32 loss is off by about 3e-5 here)."""
+    precision (torch's fp32 loss is off by about 3e-5 here). The logits
+    require grad: without a gradient to write, every long-row candidate
+    plans the looped kernel (one pass)."""
     lim, C = EVERY_PATH[path]
     M = 9
     x = rand(M, C, scale=0.5, dtype=dtype)
     t = targets(M, C)
     x[torch.arange(M), t] = 12.0
-    with heuristics.override(**lim):
-        loss = softmax_gpu.cross_entropy(x, t, reduction="none")
+    kernel = "single" if path == "single" else long_kernel(path, dtype)
+    with heuristics.override(**lim), expect_launches(f"ce_class_{kernel}"):
+        loss = softmax_gpu.cross_entropy(x.clone().requires_grad_(), t, reduction="none")
     # the reference as log1p of the other terms' sum (float64's own lse - z_t
     # loses about 1e-16 * lse / loss, 5e-12 here)
     z = x.double()

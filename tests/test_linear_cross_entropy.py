@@ -10,6 +10,7 @@ import contextlib
 import gc
 import importlib
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -264,10 +265,21 @@ def test_options_are_checked_and_torch_names_honoured():
     for bad, field in ((O(chunking_method="fast"), "chunking_method"),
                        (O(chunking_method="aspect_ratio:0"), "chunking_method"),
                        (O(acc_policy="fp32"), "acc_policy"),
+                       (O(acc_policy=["balanced"]), "acc_policy"),
                        (O(overlap=1), "overlap"),
                        (O(batch_chunk_size=0), "batch_chunk_size")):
         with pytest.raises(ValueError, match=f"options.{field}"):
             lce(x, w, t, options=bad)
+    # a dict, a list or a string would read as every default, silently
+    for bad in ({"batch_chunk_size": 0, "acc_policy": "nonsense"}, "lean", [CHUNK]):
+        with pytest.raises(TypeError, match="options must be a LinearCrossEntropyOptions"):
+            lce(x, w, t, options=bad)
+
+    class Named(NamedTuple):  # iterable, and with the fields: taken
+        batch_chunk_size: int
+
+    with pytest.raises(ValueError, match="options.batch_chunk_size"):
+        lce(x, w, t, options=Named(0))
 
     class Torchlike:  # torch's own class has these names (and more, ignored)
         chunking_method = "aspect_ratio:2"
@@ -383,14 +395,15 @@ def test_all_ignored_and_empty_batches():
 def test_ignored_rows_stay_zero_under_any_grad_output(backend, monkeypatch):
     """As torch: an ignored row's input gradient is exactly 0 whatever
     grad_output is (inf, NaN), and with every row ignored, a sum divided by
-    a token count of 0 gives zero gradients everywhere (first backward in
-    place, a retained one into new tensors, fp32 accumulation into bf16)."""
+    a token count of 0 gives zero gradients everywhere (a backward that
+    retains the graph writes new tensors, the last one, which frees it,
+    scales in place; fp32 accumulation into bf16)."""
     if backend == "torch":
         monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
     x, w, b, t = problem(n=20)
     loss = lce(x, w, t, linear_bias=b, reduction="sum", chunk_size=CHUNK)
-    for factor in (float("inf"), float("nan")):
-        (dx,) = torch.autograd.grad(loss * factor, x, retain_graph=True)
+    for factor, keep in ((float("inf"), True), (float("nan"), False)):
+        (dx,) = torch.autograd.grad(loss * factor, x, retain_graph=keep)
         assert torch.equal(dx[t == -100], torch.zeros_like(dx[t == -100]))
     t_none = torch.full_like(t, -100)
     for dtype, acc32 in ((torch.float64, False), (torch.bfloat16, True)):
@@ -398,20 +411,19 @@ def test_ignored_rows_stay_zero_under_any_grad_output(backend, monkeypatch):
         opts = softmax_gpu.LinearCrossEntropyOptions(
             batch_chunk_size=CHUNK, acc_policy="balanced" if acc32 else "auto")
         loss = lce(xs, ws, t_none, linear_bias=bs, reduction="sum", options=opts)
-        # grad_output inf, NaN, then 0 (a first 0 would leave a retained
-        # graph nothing to scale: NaN, see the next test)
+        # grad_output 0, NaN, then inf (retained, retained, freed: in place)
         for factor in (0.0, float("nan"), float("inf")):
-            got = torch.autograd.grad(loss / factor, (xs, ws, bs), retain_graph=True)
+            got = torch.autograd.grad(loss / factor, (xs, ws, bs),
+                                      retain_graph=factor != float("inf"))
             for g in got:
                 assert torch.equal(g, torch.zeros_like(g)), (dtype, factor)
 
 
 @pytest.mark.parametrize("backend", ["kernels", "torch"])
-def test_retained_backward_after_a_zero_grad_output_is_never_a_silent_zero(backend,
-                                                                           monkeypatch):
-    """``(loss * 0).backward(retain_graph=True)`` scales the forward's
-    gradients to 0 in place (documented: a later backward has none left).
-    The later backward gives NaN or the right gradients, never silent zeros."""
+def test_retained_backward_after_a_zero_grad_output_is_exact(backend, monkeypatch):
+    """``(loss * 0).backward(retain_graph=True)`` leaves the forward's saved
+    gradients as they are (a backward that retains the graph writes new
+    tensors), so a later backward gets the right gradients."""
     if backend == "torch":
         monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
     x, w, b, t = problem(n=12)
@@ -421,8 +433,29 @@ def test_retained_backward_after_a_zero_grad_output_is_never_a_silent_zero(backe
     ref, _ = reference(x, w, t, b, reduction="sum")
     want = torch.autograd.grad(ref, (x, w, b))
     for g, r in zip(got, want):
-        assert g.isnan().any() or torch.allclose(g.double(), r.double(), atol=1e-5)
-        assert not (g == 0).all()
+        assert_close(g, r)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_saved_tensor_hooks_that_copy_keep_every_backward_right(backend, monkeypatch):
+    """Saved-tensor hooks that hand back a copy on every unpack (offloading,
+    as ``save_on_cpu`` does for CUDA tensors, and non-reentrant activation
+    checkpointing): each backward over the retained graph gets grad_output
+    times the gradient (before, the first backward's in-place scale landed
+    on a throw-away copy while its factor was recorded, and every later
+    backward was divided by it: half the gradient here)."""
+    if backend == "torch":
+        monkeypatch.setattr(lce_module, "backend_for", lambda tensor: "torch")
+    x, w, b, t = problem(n=12)
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: s.clone(), lambda s: s.clone()):
+        loss = lce(x, w, t, linear_bias=b, reduction="mean", chunk_size=CHUNK)
+    first = torch.autograd.grad(loss * 2.0, (x, w, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, w, b))
+    ref, _ = reference(x, w, t, b, reduction="mean")
+    want = torch.autograd.grad(ref, (x, w, b))
+    for g1, g2, r in zip(first, second, want):
+        assert_close(g1, 2.0 * r)
+        assert_close(g2, r)
 
 
 @pytest.mark.parametrize("backend", ["kernels", "torch"])

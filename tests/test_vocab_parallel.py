@@ -260,9 +260,11 @@ def _run_case(rank: int, c: dict, interpret: bool) -> None:
             launches = expect_launches(*names)
         else:
             launches = contextlib.nullcontext()
+        # in place: over a non-leaf (a leaf that requires grad is refused)
+        inp = x * scale if scale != 1.0 else x * 1 if c.get("inplace") else x
         with launches:
             out = vocab_parallel_cross_entropy(
-                x * scale if scale != 1.0 else x, target,
+                inp, target,
                 weight=_class_weights(V) if c.get("weight") else None,
                 ignore_index=c.get("ignore_index", -100), reduction=c["reduction"],
                 label_smoothing=c.get("eps", 0.0), z_loss=c.get("z", 0.0),
@@ -295,15 +297,10 @@ def _run_case(rank: int, c: dict, interpret: bool) -> None:
     gscale = max(1.0, float(finite.abs().max()) * scale / 8)
     assert x.grad.dtype == dtype
     assert_close(x.grad, ref_grad, dtype, scale=gscale)
-    if c.get("inplace"):
-        # the gradient was written over the logits the op received: x itself,
-        # or (scaled) the product x * scale, leaving x as it was
-        if scale == 1.0:
-            assert torch.equal(x.detach(), x.grad) or W == 0
-        else:
-            assert torch.equal(x.detach(), before)
-    else:
-        assert torch.equal(x.detach(), before)
+    if c.get("inplace") and scale == 1.0:
+        # the gradient was written over the logits the op received, x * 1
+        assert torch.equal(inp.detach(), x.grad) or W == 0
+    assert torch.equal(x.detach(), before)
     _same_on_every_rank(loss, *(() if lse is None else (lse,)))
 
 
@@ -430,7 +427,7 @@ def _run_linear(rank: int, c: dict, interpret: bool) -> None:
 
 def _retain_graph(rank: int) -> None:
     """A second backward over a retained graph gives the same gradients and
-    leaves the first ones as they were; with inplace_backward it is an error."""
+    leaves the first ones as they were, with inplace_backward too."""
     from softmax_gpu.distributed import (vocab_parallel_cross_entropy,
                                          vocab_parallel_linear_cross_entropy)
 
@@ -443,11 +440,22 @@ def _retain_graph(rank: int) -> None:
     g2, = torch.autograd.grad(loss, x, torch.tensor(-0.5, dtype=F64))
     assert torch.equal(g1, kept)
     torch.testing.assert_close(g2, g1 * -0.25, rtol=1e-14, atol=0)
+    # inplace_backward: a backward that retains the graph writes a new
+    # tensor; the last one writes over the logits
     y = shard.detach().clone().requires_grad_(True)
-    loss = vocab_parallel_cross_entropy(y, target, inplace_backward=True)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="a second backward through this graph"):
-        loss.backward()
+    logits = y * 1
+    loss = vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1,
+                                        inplace_backward=True)
+    g1, = torch.autograd.grad(loss, logits, torch.tensor(2.0, dtype=F64), retain_graph=True)
+    torch.testing.assert_close(g1, kept, rtol=1e-14, atol=0)
+    assert torch.equal(logits.detach(), shard)
+    g2, = torch.autograd.grad(loss, logits, torch.tensor(-0.5, dtype=F64))
+    torch.testing.assert_close(g2, kept * -0.25, rtol=1e-14, atol=0)
+    assert g2.data_ptr() == logits.data_ptr()
+    # a leaf that requires grad (or a view of one) is refused, as torch's in-place ops
+    for bad in (y, y[1:]):
+        with pytest.raises(RuntimeError, match="local_logits is a .*leaf tensor that requires"):
+            vocab_parallel_cross_entropy(bad, target[:bad.shape[0]], inplace_backward=True)
     for reduction in ("mean", "none"):
         lc = dict(widths=(13, 24), n=9, dtype=F64, reduction=reduction, bias=True)
         x, _, _, target, w_r, b_r, _ = _make_linear(lc, rank)
@@ -546,6 +554,8 @@ def _bad_inputs(rank: int) -> None:
     with pytest.raises(ValueError, match=r"add up to 38, not vocab_size=40"):
         D.vocab_parallel_cross_entropy(x, ok, vocab_size=40)
     D.vocab_parallel_cross_entropy(x, ok, vocab_size=38)  # the matching layout works
+    import numpy as np
+    D.vocab_parallel_cross_entropy(x, ok, vocab_size=np.int64(38))  # numpy's too
     with pytest.raises(ValueError, match=r"weight must have shape \(38,\).*GLOBAL"):
         D.vocab_parallel_cross_entropy(x, ok, weight=torch.ones(W))
     xd, wd = torch.randn(4, 5), torch.randn(W, 5)
@@ -764,11 +774,14 @@ def _inplace_4d(rank: int) -> None:
     t = torch.randint(0, V, (2, 3, 2), generator=g)
     ref = buf[..., :V].clone().requires_grad_(True)
     F.cross_entropy(ref.reshape(-1, V), t.reshape(-1), reduction="sum").backward()
-    x = buf[..., :V].requires_grad_(True)
+    # the padded buffer as a model's output (a non-leaf), the logits a view of it
+    out = buf + torch.zeros((), dtype=F64, requires_grad=True)
+    x = out[..., :V]
+    x.retain_grad()
     vocab_parallel_cross_entropy(x, t, reduction="sum", inplace_backward=True).backward()
     assert_close(x.grad, ref.grad, F64)
-    assert torch.equal(buf[..., :V], x.grad)  # written over the logits' storage
-    assert buf[..., V:].isnan().all()
+    assert torch.equal(out[..., :V], x.grad)  # written over the logits' storage
+    assert out[..., V:].isnan().all()
 
 
 def _neg_inf_everywhere(rank: int) -> None:
@@ -888,7 +901,8 @@ def _cuda_worker(rank, world, port, interpret):
             x = full.cuda().requires_grad_(True)
             with expect_launches("ce_denominators", "vp_stats", "vp_rows", "vp_coefs", "vp_grad"):
                 loss, lse = vocab_parallel_cross_entropy(
-                    x, t.cuda(), weight=_class_weights(V).cuda(), label_smoothing=c["eps"],
+                    x * 1 if inplace else x, t.cuda(), weight=_class_weights(V).cuda(),
+                    label_smoothing=c["eps"],
                     z_loss=c["z"], softcap=c["cap"], return_lse=True, inplace_backward=inplace)
                 (loss + lse.mean()).backward()
             assert_close(loss.cpu(), ref.detach(), dtype)
@@ -997,6 +1011,8 @@ def test_no_process_group_is_a_clear_error():
     (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, "target shape"),
     (dict(x=torch.zeros(3, 5, dtype=torch.int32)), TypeError, "local_logits must be a floating"),
     (dict(x=torch.zeros(1, 5).expand(3, 5), inplace_backward=True), ValueError,
+     "local_logits cannot take the gradient in place"),
+    (dict(x=torch.zeros(20).as_strided((3, 5), (2, 1)), inplace_backward=True), ValueError,
      "local_logits cannot take the gradient in place"),
     (dict(ignore_index=2**63), ValueError, "ignore_index must fit in int64"),
     # leading dims that do not collapse into one row index (a [B, S+1, V]
