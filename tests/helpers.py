@@ -116,12 +116,13 @@ def assert_close(out, ref, dtype=None, scale=None):
 # Forced launch parameters so every path runs at interpreter-sized shapes.
 # max_single=64: rows longer than 64 leave the on-chip path; tile=16: the
 # looped and split paths take several tiles; the long path is pinned (split:
-# so many split programs per SM that any row count splits), whatever the rows.
+# so many split programs per SM that any row count splits, into at most 3
+# programs a row, which keeps the interpreter's work small), whatever the rows.
 PATHS = {
     "single": dict(),
     "looped": dict(max_single=64, tile=16, sm_count=2, long_path="looped"),
     "split": dict(max_single=64, tile=16, sm_count=2, long_path="split",
-                  split_programs_per_sm=1 << 20),
+                  split_programs_per_sm=1 << 20, max_splits=3),
 }
 # The kernel families a launch's name tells apart.
 FAMILIES = ("single", "looped", "split", "coop", "resident")
