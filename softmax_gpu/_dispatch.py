@@ -24,7 +24,8 @@ from .kernels import softmax as _softmax_kernels
 __all__ = ["backend_for", "interpreted", "traced", "autocast_on", "record_launches",
            "poison_outputs", "new_output", "empty_like", "device_guard", "launch_device",
            "launch_on", "plan_cache", "remember", "clear_plans", "interpreter_problem",
-           "first_order", "anchor_output", "saved", "graph_kept", "transformed", "refuse_transformed"]
+           "first_order", "anchor_output", "saved", "graph_kept", "transformed",
+           "refuse_transformed"]
 
 _SUPPORTED_DEVICES = ("cuda", "cpu", "meta")
 
