@@ -758,15 +758,16 @@ def _recompute(x, w, b, target, weight, spec: _Spec, row_scale, lse, lse_scale, 
 # ----------------------------------------------------------------------------
 
 
-def _rescale_(g: Tensor, go: Tensor) -> None:
-    """g's rows *= go in place. A launch that reads two scalars per row when
+def _rescale_(g: Tensor, state: Tensor, go: Tensor) -> None:
+    """g's rows *= go / state[row] in place (``state``: the factor the
+    forward applied, ones). A launch that reads two scalars per row when
     grad_output is 1 (``loss.backward()``). Exact zeros (the rows of ignored
     targets in dx, a dw with no kept row) stay 0 whatever go is."""
-    state = torch.ones(g.shape[0], dtype=_acc(g.dtype), device=g.device)
     if backend_for(g) == "triton":
         _scale_(g, state, go)
         return
-    times_keeping_zeros(g.data, go.to(state.dtype).reshape(-1, 1), state[:, None], out=g.data)
+    times_keeping_zeros(g.data, (go.to(state.dtype) / state)[:, None], state[:, None],
+                        out=g.data)
 
 
 def _rescaled(g: Tensor, state: Tensor, go: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -825,10 +826,12 @@ def _scale_out(ctx, dx, dw, db, go: Tensor) -> tuple:
     for g, need, dtype in zip((dx, dw, db), ctx.needs, ctx.dtypes):
         if not need or g is None:
             out.append(None)
-        elif not in_place or g.dtype != dtype or g.dim() != 2:
-            out.append(_rescaled(g, g.new_ones(g.shape[:1], dtype=_acc(g.dtype)), go, dtype))
+            continue
+        ones = g.new_ones(g.shape[:1], dtype=_acc(g.dtype))  # the forward's factor
+        if not in_place or g.dtype != dtype or g.dim() != 2:
+            out.append(_rescaled(g, ones, go, dtype))
         else:
-            _rescale_(g, go)
+            _rescale_(g, ones, go)
             out.append(g)
     return tuple(out)
 
