@@ -27,7 +27,7 @@
 # | gpu_checks | 23 s, 26 s     |  60 s | no-sync steps, CUDA graphs, then every long-row path at grad_output != 1 against float64 at LLM sizes, twice each (those last: ~20 first compiles, ~25 s more, estimated); a table row per check as it ends |
 # | tune       | 67 s, 54 s     |  60 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured; stops at a fault that leaves the CUDA context unusable |
 # | tests      | 93 s, 80 s     | 130 s | the suite on CUDA over 12 xdist workers (compile-bound), 715 tests where those runs had 474; SIGINT at the limit, so pytest still prints the failures and writes tests_junit.xml |
-# | profile    | new            |  30 s | python -m perf.profile: ncu counters (base units) of 3 hot shapes, installed and tuned plans (estimated) |
+# | profile    | new            |  30 s | python -m perf.profile: ncu counters (base units) of the hot shapes, most important first, one ncu process each (the cross-entropy at 4096 and 128256 at least, estimated), installed, default and tuned plans; starts no shape past 5 s before its limit |
 # | linear_ce  | 46 s, 40 s     |  35 s | the Llama-3-8B head at 4096 and 16384 tokens against the GEMM floor and the peers (its --quick set, stopped by --time-budget-s 23; torch.compile left out: its compile alone took ~30 s) |
 # | host       | 12 s (crashed) |  15 s | python -m perf.host --brief: host cost per call, stubbed and launched (~0.05 s a row, 63 rows; the CSV grows row by row) |
 # | llama      | new            |  25 s | examples/train_tiny_llama.py, 10 steps per mode, 2 layers: a trainer's step time and peak memory (estimated; the JSON is written after each mode) |
@@ -205,13 +205,22 @@ if torch.cuda.is_available():
           f"{p.total_memory / 2**30:.1f} GiB | L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
 else:
     print("NO CUDA DEVICE VISIBLE TO TORCH")
-for mod in ("liger_kernel", "quack", "cut_cross_entropy", "matplotlib", "tqdm", "pytest", "xdist",
-            "hypothesis", "transformers"):
+from importlib import metadata
+# module -> its distribution (the version a report names: liger_kernel has no __version__)
+for mod, dist in (("liger_kernel", "liger-kernel"), ("quack", "quack-kernels"),
+                  ("cut_cross_entropy", "cut-cross-entropy"), ("matplotlib", "matplotlib"),
+                  ("tqdm", "tqdm"), ("pytest", "pytest"), ("xdist", "pytest-xdist"),
+                  ("hypothesis", "hypothesis"), ("transformers", "transformers")):
     try:
         m = __import__(mod)
-        print(f"{mod} {getattr(m, '__version__', 'present')}")
     except Exception as exc:
         print(f"{mod} absent ({type(exc).__name__})")
+        continue
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        version = getattr(m, "__version__", "present (version unknown)")
+    print(f"{mod} {version}")
 EOF
 }
 export -f device_info
@@ -258,8 +267,9 @@ SIGNAL_tests=INT run_step tests \
 # The hardware counters of the hot kernels, default and tuned plans (the
 # table the tuning step just wrote, when it wrote one).
 TABLE=$(ls -t "$OUT_DIR"/tuned_*.json 2>/dev/null | head -1)
-run_step profile "$(limit "$T_PROFILE" $((MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF)))" \
-  "$PY" -m perf.profile --out "$OUT_DIR" ${TABLE:+--table "$TABLE"}
+lim=$(limit "$T_PROFILE" $((MIN_LINEAR + MIN_HOST + MIN_LLAMA + MIN_PERF)))
+run_step profile "$lim" "$PY" -m perf.profile --out "$OUT_DIR" ${TABLE:+--table "$TABLE"} \
+  --time-budget-s $(( lim > 10 ? lim - 5 : lim / 2 ))
 
 # The fused linear + cross-entropy anchor shapes against the three-GEMM
 # floor, timed first; torch.compile last (its compile is the slowest part,

@@ -1,9 +1,11 @@
 """Hardware counters of the hot kernels under Nsight Compute: ``python -m perf.profile``.
 
 Explains a tuning run's numbers: for each hot shape, the plan a call gets
-(``installed``: the library's tuned table for the GPU, else its defaults) and
-the plan the tuning run chose (``--table tuned_<gpu>.json``) run once each under ``ncu --clock-control none`` (the clocks as
-found: never locked), and every kernel launch of those calls is recorded with
+(``installed``: the library's tuned table for the GPU, if any), the
+defaults' plan (``default``) and the plan the tuning run chose (``--table
+tuned_<gpu>.json``), each distinct launch plan once, run under ``ncu
+--clock-control none`` (the clocks as found: never locked), and every kernel
+launch of those calls is recorded with
 
 - DRAM bytes read and written (``dram__bytes_read.sum``, ``dram__bytes_write.sum``),
   beside the op's minimal bytes: their ratio says how often the logits were read;
@@ -16,15 +18,19 @@ found: never locked), and every kernel launch of those calls is recorded with
 Values are read in base units (``--print-units base``: bytes, ns); a scaled
 unit is converted, and an unknown one reads as NaN, never as a wrong number.
 
-Two steps, so that ncu profiles only the cases:
+Two steps, so that ncu profiles only the cases, one ncu process per case
+(most important first):
 
-    python -m perf.profile --out DIR [--table tuned.json]     # runs ncu on itself
-    python -m perf.profile --cases --manifest FILE [--table]  # what ncu runs
+    python -m perf.profile --out DIR [--table tuned.json] [--time-budget-s S]  # runs ncu
+    python -m perf.profile --cases --case I --manifest FILE [--table]          # what ncu runs
 
 Writes ``<slug>_<date>_profile.csv`` (long format: one row per kernel launch:
-case, plan, kernel, metric columns, the minimal bytes) in ``--out``.
-Without ncu or a GPU it says so and exits 0 having written nothing: the
-profile is an explanation, never a gate.
+case, plan, its launch plan, kernel, metric columns, the minimal bytes) in
+``--out``, again after each case, so that a run stopped by its time limit
+keeps the cases it finished; with ``--time-budget-s`` no case starts that
+would end past it (judged by the last case's time). Without ncu or a GPU it
+says so and exits 0 having written nothing: the profile is an explanation,
+never a gate.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 METRICS = {
     "dram_read_bytes": "dram__bytes_read.sum",
@@ -51,15 +58,23 @@ METRICS = {
 UNITS = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12,
          "kibyte": 2**10, "mibyte": 2**20, "gibyte": 2**30,
          "nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
-         "%": 1, "register/thread": 1, "": 1}
-# (perf.ops name, tuned-table op, M, N): the hot shapes, bf16 (each one is
-# replayed by ncu pass by pass over GiB-sized buffers: few of them)
+         "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+         "ns": 1, "us": 1e3, "\u00b5s": 1e3, "ms": 1e6, "s": 1e9,
+         "%": 1, "pct": 1, "register/thread": 1, "register": 1, "": 1}
+# (perf.ops name, tuned-table op, M, N): the hot shapes, bf16, most
+# important first (each one is replayed by ncu pass by pass over GiB-sized
+# buffers, in its own ncu process: a time limit keeps the first ones): the
+# cross-entropy short and long rows and a vocabulary <= 32768, then the two
+# kinds behind a peer on 2026-12-04 and the longest softmax rows
 CASES = [
     ("ce_fwd_bwd", "cross_entropy", 131072, 4096),
     ("ce_fwd_bwd", "cross_entropy", 16384, 128256),
+    ("ce_fwd_bwd", "cross_entropy", 16384, 32000),
+    ("softmax_fwd_bwd", "softmax_backward", 16384, 32768),
+    ("log_softmax_fwd", "log_softmax", 16384, 32768),
     ("softmax_fwd", "softmax", 2048, 262144),
 ]
-COLUMNS = ["case", "op", "M", "N", "plan", "fields", "launch", "kernel", *METRICS,
+COLUMNS = ["case", "op", "M", "N", "plan", "fields", "launch_plan", "launch", "kernel", *METRICS,
            "min_bytes", "dram_over_min", "call_dram_over_min", "device", "torch", "triton",
            "timestamp"]
 
@@ -79,9 +94,33 @@ def _tuned_fields(table: str | None, table_op: str, n: int) -> dict | None:
     return dict(best["limits"]) if best and best.get("limits") else None
 
 
-def run_cases(manifest: str, table: str | None) -> None:
-    """Each case once with the installed plan and once with the tuned one; the
-    kernels each call launched, in launch order, to ``manifest`` (CSV)."""
+def _variants(table_op: str, M: int, N: int, table: str | None, device) -> list:
+    """(name, fields, launch plan) of each distinct plan of a case:
+    "installed", the plan a call gets (the library's tuned table for this GPU,
+    if it has one; no override, which would bypass it); "default", the
+    defaults (an override of no field reads no table); "tuned", the table
+    this run's tuning step wrote."""
+    from perf.tune import SPACES, _plan_text
+    from softmax_gpu import heuristics
+
+    out, seen = [], set()
+    for name, fields in (("installed", None), ("default", {}),
+                         ("tuned", _tuned_fields(table, table_op, N))):
+        if name == "tuned" and not fields:
+            continue
+        with (heuristics.override(op=table_op, **fields) if fields is not None
+              else contextlib.nullcontext()):
+            plan = _plan_text(SPACES[table_op].plan(M, N, device))
+        if plan not in seen:
+            seen.add(plan)
+            out.append((name, fields, plan))
+    return out
+
+
+def run_cases(manifest: str, table: str | None, cases=None) -> None:
+    """Each case of ``cases`` (indices into ``CASES``; None: all) once per
+    distinct plan (``_variants``); the kernels each call launched, in launch
+    order, to ``manifest`` (CSV)."""
     import torch
 
     import softmax_gpu
@@ -91,16 +130,9 @@ def run_cases(manifest: str, table: str | None) -> None:
 
     ours = make_providers(["softmax_gpu"])[0]
     rows = []
-    for name, table_op, M, N in CASES:
+    for name, table_op, M, N in (CASES[i] for i in (cases or range(len(CASES)))):
         op = OPS[name]
-        # "installed": the plan a call gets (the library's tuned table for
-        # this GPU, if it has one; no override, which would bypass it);
-        # "tuned": the table this run's tuning step wrote
-        variants = [("installed", None)]
-        tuned = _tuned_fields(table, table_op, N)
-        if tuned:
-            variants.append(("tuned", tuned))
-        for plan, fields in variants:
+        for plan, fields, launch_plan in _variants(table_op, M, N, table, torch.device("cuda")):
             inp = op.make_inputs(M, N, DTYPES["bf16"], "cuda", seed=0)
             over = (heuristics.override(op=table_op, **fields) if fields is not None
                     else contextlib.nullcontext())
@@ -110,7 +142,8 @@ def run_cases(manifest: str, table: str | None) -> None:
                 torch.cuda.synchronize()
             for k in names:
                 rows.append(dict(case=f"{name} {M}x{N}", op=name, M=M, N=N, plan=plan,
-                                 fields=json.dumps(fields or {}, sort_keys=True), kernel=k,
+                                 fields=json.dumps(fields or {}, sort_keys=True),
+                                 launch_plan=launch_plan, kernel=k,
                                  min_bytes=op.min_bytes(M, N, 2)))
             del inp
             torch.cuda.empty_cache()
@@ -179,15 +212,30 @@ def merge(manifest: str, ncu_csv: str, info) -> list[dict]:
     return out
 
 
+def _table(rows: list[dict]) -> None:
+    print("| case | plan | kernel | DRAM bytes / minimal | L2 hit % | occupancy % | registers "
+          "| µs (under ncu) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["dram_over_min"]
+        print(f"| {r['case']} | {r['plan']} | {r['kernel']} | "
+              f"{'' if ratio == '' else format(ratio, '.2f')} | {r['l2_hit_pct']:.1f} | "
+              f"{r['occupancy_pct']:.1f} | {r['registers']:.0f} | {r['duration_ns'] / 1e3:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m perf.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=".", help="folder of the profile CSV")
     p.add_argument("--table", default=None, help="tuned table of the run (tuned_<gpu>.json)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no case that would end past this many seconds")
     p.add_argument("--cases", action="store_true", help="(internal) run the cases once each")
+    p.add_argument("--case", type=int, action="append", default=None,
+                   help="(internal) with --cases: this index of CASES only (repeatable)")
     p.add_argument("--manifest", default=None, help="(internal) where --cases writes the launches")
     args = p.parse_args(argv)
     if args.cases:
-        run_cases(args.manifest, args.table)
+        run_cases(args.manifest, args.table, args.case)
         return 0
     import torch
 
@@ -202,33 +250,41 @@ def main(argv: list[str] | None = None) -> int:
     info = env.run_info("cuda")
     manifest = os.path.join(args.out, "profile_manifest.csv")
     raw = os.path.join(args.out, "profile_ncu_raw.csv")
-    cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--csv",
-           "--print-units", "base",
-           "--kernel-name", "regex:^(ce_|softmax_|vp_)",
-           "--metrics", ",".join(METRICS.values()), "--log-file", raw,
-           sys.executable, "-m", "perf.profile", "--cases", "--manifest", manifest]
-    if args.table:
-        cmd += ["--table", args.table]
-    print(" ".join(cmd), flush=True)
-    proc = subprocess.run(cmd)
-    if proc.returncode != 0 or not os.path.exists(manifest) or not os.path.exists(raw):
-        print(f"perf.profile: ncu exited with {proc.returncode}", file=sys.stderr)
-        return proc.returncode or 1
-    rows = merge(manifest, raw, info)
     path = os.path.join(args.out, output_stem(args.out, info, "profile") + ".csv")
-    write_csv([dict(r, device=info.device_name) for r in rows], path, COLUMNS)
-    for name in (manifest, raw):
-        os.remove(name)
-    print("| case | plan | kernel | DRAM bytes / minimal | L2 hit % | occupancy % | registers "
-          "| µs (under ncu) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ratio = r["dram_over_min"]
-        print(f"| {r['case']} | {r['plan']} | {r['kernel']} | "
-              f"{'' if ratio == '' else format(ratio, '.2f')} | {r['l2_hit_pct']:.1f} | "
-              f"{r['occupancy_pct']:.1f} | {r['registers']:.0f} | {r['duration_ns'] / 1e3:.1f} |")
-    print(f"wrote {path}")
-    return 0
+    start, last, rows, rc = time.monotonic(), 0.0, [], 0
+    for i, (name, _, M, N) in enumerate(CASES):
+        if args.time_budget_s is not None and time.monotonic() - start + last > args.time_budget_s:
+            print(f"perf.profile: time budget: {len(CASES) - i} cases left unprofiled, "
+                  f"from {name} {M}x{N}", flush=True)
+            break
+        t0 = time.monotonic()
+        cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--csv",
+               "--print-units", "base",
+               "--kernel-name", "regex:^(ce_|softmax_|vp_)",
+               "--metrics", ",".join(METRICS.values()), "--log-file", raw,
+               sys.executable, "-m", "perf.profile", "--cases", "--case", str(i),
+               "--manifest", manifest]
+        if args.table:
+            cmd += ["--table", args.table]
+        print(" ".join(cmd), flush=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not os.path.exists(manifest) or not os.path.exists(raw):
+            # a fault is the case's own process: the next case still runs
+            print(f"perf.profile: {name} {M}x{N}: ncu exited with {proc.returncode}",
+                  file=sys.stderr, flush=True)
+            rc = rc or proc.returncode or 1
+        else:
+            got = merge(manifest, raw, info)
+            rows += got
+            write_csv([dict(r, device=info.device_name) for r in rows], path, COLUMNS)
+            _table(got)
+        for name_ in (manifest, raw):
+            if os.path.exists(name_):
+                os.remove(name_)
+        last = time.monotonic() - t0
+    if rows:
+        print(f"wrote {path}")
+    return 0 if rows else rc
 
 
 if __name__ == "__main__":

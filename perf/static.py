@@ -155,11 +155,35 @@ def config_functions() -> SimpleNamespace:
     )
 
 
+# The softmax-family spaces of perf.tune (one enumeration of configurations).
+SOFTMAX_TABLE_OPS = ("softmax", "log_softmax", "softmax_backward")
+
+
+def tuner_fields(*table_ops: str) -> list[dict]:
+    """The ``Limits`` overrides of every perf.tune candidate (not only the
+    first ``max_candidates``) of the spaces ``table_ops`` at the tuner's GPU
+    shapes, distinct and in order: the static check compiles whatever a
+    tuning run can time."""
+    import json
+
+    from perf import tune
+
+    cfg = tune.TuneConfig(device="cuda", spaces=[tune.SPACES[op] for op in table_ops])
+    out = {}
+    for space in cfg.spaces:
+        for shape in cfg.shapes(space):
+            for c in tune.candidates(space, shape, "cpu", {"sm_count": 132}):
+                if c.fields:
+                    out.setdefault(json.dumps(c.fields, sort_keys=True), c.fields)
+    return list(out.values())
+
+
 def softmax_variants() -> list[Variant]:
     from softmax_gpu.kernels.softmax import lean_forms
 
     out = []
-    for path, block_n, rows, warps, elem, kind, regs in config_functions().all_softmax_configs():
+    for path, block_n, rows, warps, elem, kind, regs in config_functions().all_softmax_configs(
+            tuner_fields(*SOFTMAX_TABLE_OPS)):
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         # long rows: unit-stride rows (VEC elements per 16 bytes), with and
@@ -305,7 +329,7 @@ def cross_entropy_variants() -> list[Variant]:
                                           COUNT=count, DIV_PTR=div_ptr).items())), 4, "single",
                         _denominators_regs()))
     for fam, extras, path, block_n, rows, warps, elem, second, regs in \
-            config_functions().all_cross_entropy_configs():
+            config_functions().all_cross_entropy_configs(tuner_fields("cross_entropy")):
         dt = DTYPE_STR[elem]
         acc = "fp64" if elem == 8 else "fp32"
         walks = [dict(ROWS=rows)] if path == "single" else _walks(path, elem)

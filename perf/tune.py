@@ -158,9 +158,11 @@ def _softmax_looped(shape, lim):
 
 def _ce_on_chip(shape, lim):
     """The cross-entropy on-chip path for a row up to max_single (its default
-    limit is lower: longer rows spilled, perf/results/static/)."""
+    limit is lower: longer rows spilled, perf/results/static/); None where the
+    defaults keep the row on chip already."""
     block = _pow2(shape.N)
-    return {"ce_max_single_2byte": block} if block <= lim.max_single_2byte else None
+    return ({"ce_max_single_2byte": block}
+            if lim.ce_max_single_2byte < block <= lim.max_single_2byte else None)
 
 
 def _ce_two_rows(shape, lim):
@@ -202,6 +204,14 @@ def _rowloop_warps(warps):
     return fields
 
 
+def _partition(shape, lim):
+    """The cooperative two-pass path with the chunks in flight between a
+    row's two reads at a quarter of L2 (half of one of Hopper's two L2
+    partitions), so that they and the gradient written back meanwhile, about
+    as many bytes, fit one partition (the default plans half of L2)."""
+    return {"long_path": "coop", "l2_fraction": 0.25}
+
+
 def _resident(chunk):
     """The resident path with chunks of ``chunk`` columns (at most the op's
     on-chip limit, so on a CPU run the scaled one)."""
@@ -218,8 +228,9 @@ def _resident(chunk):
 # default plan: one program per row (the fastest on 2026-12-04 at most
 # vocabularies, also with 32 elements a thread per tile, the fastest at 3 of
 # 5), the persistent and cooperative grids, each also with its tile loads
-# pipelined, then chunks held in registers (one read; the default chunk and
-# two smaller, more programs per multiprocessor). Those last never ran on a
+# pipelined, the cooperative grid with its reads in flight sized to half an
+# L2 partition, then chunks held in registers (one read; the default chunk
+# and two smaller, more programs per multiprocessor). Those last never ran on a
 # GPU: a fault there (sticky for the process) stops the run after the proven
 # paths of the shape were measured.
 LONG_PATHS = (
@@ -230,6 +241,7 @@ LONG_PATHS = (
     Path("persistent+stages=3", _pipelined("persistent", 3), combine=False),
     Path("persistent", _long_path("persistent"), combine=False),
     Path("coop", _long_path("coop"), combine=False),
+    Path("coop+l2=1/4", _partition, combine=False),
     Path("resident", _long_path("resident"), combine=False),
     Path("resident+chunk=8192", _resident(8192), combine=False),
     Path("resident+chunk=4096", _resident(4096), combine=False),
@@ -320,9 +332,8 @@ LOG_SOFTMAX = Space(
 )
 CROSS_ENTROPY = Space(
     table_op="cross_entropy", perf_op="ce_fwd_bwd",
-    paths=LONG_PATHS + (
+    paths=(Path("onchip", _ce_on_chip),) + LONG_PATHS + (
         Path("heuristic", _heuristic),
-        Path("onchip", _ce_on_chip),
         Path("ept32+2rows", _ce_two_rows, combine=False),
     ),
     axes=(

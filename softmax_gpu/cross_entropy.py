@@ -36,7 +36,7 @@ import dataclasses
 import itertools
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -138,6 +138,9 @@ def _ce_tile(C: int, elem_bytes: int, heavy: bool, lim, weight: int) -> tuple[in
     (more per thread: ``heuristics.long_row_budget``)."""
     tile = min(max(1, lim.tile // 2) if heavy else lim.tile, next_pow2(C))
     ept = 8 if heavy else 16
+    if heavy and not lim.long_warps:
+        # at most ept a thread of 16 warps: 16 spilled at sm_90 (extras, tile 8192)
+        tile = min(tile, 16 * 32 * ept)
     warps = lim.long_warps or max(1, min(16, tile // (32 * ept)))
     regs = heuristics.long_row_regs(elem_bytes, weight)
     return tile, warps, heuristics.long_row_budget(regs, tile, warps, ept)
@@ -240,7 +243,7 @@ def cross_entropy_backward_config(M: int, C: int, elem_bytes: int, device: torch
                               stages=lim.long_stages)
 
 
-def all_cross_entropy_configs() -> list[tuple]:
+def all_cross_entropy_configs(extra: Sequence[dict] = ()) -> list[tuple]:
     """Every (kernel family, extras, path, block_n, rows_per_program,
     num_warps, elem bytes, second pass, regs) the defaults can pick, for the
     static compile check; enumerated from the config functions themselves.
@@ -250,7 +253,9 @@ def all_cross_entropy_configs() -> list[tuple]:
     planned for kernels that write the gradient or smooth (else statistics
     only). Long rows also with each path ``Limits.long_path`` can force
     and each of the tuner's ``Limits.long_warps`` (tuning candidates), and
-    with every entry of the installed tuned tables."""
+    with every entry of the installed tuned tables. ``extra``: further
+    ``Limits`` overrides, each enumerated the same way at 2-byte rows
+    (perf.static passes every candidate of perf.tune)."""
     seen = set()
     dev = torch.device("cpu")
     default = heuristics.Limits()
@@ -298,6 +303,9 @@ def all_cross_entropy_configs() -> list[tuple]:
     for elem, fields in heuristics.installed_overrides("cross_entropy"):
         with heuristics.override(sm_count=132, **fields):
             add((elem,))
+    for fields in extra:
+        with heuristics.override(sm_count=132, **fields):
+            add((2,))
     return sorted(seen)
 
 

@@ -383,10 +383,11 @@ MANY_WARPS_REGS = 128
 def long_row_budget(regs: int, tile: int, warps: int, ept: int) -> int:
     """``regs``, the budget of a long-row kernel planned at ``ept`` elements
     a thread, for ``warps`` warps on ``tile``: at least WIDE_THREAD_REGS
-    when they hold more than ``ept`` each, at least MANY_WARPS_REGS when
-    there are more of them than that plan's, at most 65536 / (32 warps)."""
+    when they hold more than ``ept`` each (fewer warps than the plan's, or a
+    tile past 16 warps of ``ept``), at least MANY_WARPS_REGS when there are
+    more of them than that plan's, at most 65536 / (32 warps)."""
     planned = max(1, min(16, tile // (32 * ept)))
-    if warps < planned:
+    if tile > 32 * warps * ept:
         regs = max(regs, WIDE_THREAD_REGS)
     elif warps > planned:
         regs = max(regs, MANY_WARPS_REGS)

@@ -26,7 +26,9 @@ MiB at most by default). Two opt-ins trade it differently
 (:class:`LinearCrossEntropyOptions`): ``acc_policy="balanced"`` accumulates
 a 16-bit weight's gradient in an fp32 [V, D] buffer (rounded once; costs
 3 x the weight's size more at the peak), and ``chunking_method="lean"``
-uses chunks no larger than the input (at least 32 MiB). A Megatron-style
+uses chunks no larger than the input (at least 32 MiB; under autocast
+over fp32 parameters, the default chunks and the weight cast to 16 bits a
+slice at a time instead of whole). A Megatron-style
 fp32 ``main_grad`` gets the weight gradient added straight into it (no dW
 tensor at all).
 
@@ -108,6 +110,10 @@ CHUNK_BYTES = 192 << 20
 # 512 rows (as many chunks as Liger's, so the same bf16 accumulation error),
 # peak 1.23 GiB.
 LEAN_BYTES = 32 << 20
+# "lean" under autocast over fp32 weights: the weight is cast to the GEMMs'
+# dtype a slice of this many 16-bit bytes at a time (4096 rows at D = 4096),
+# twice per chunk (the logits, then dX), never whole.
+WEIGHT_SLICE_BYTES = 32 << 20
 # Chunks are balanced (equal up to this multiple of rows) rather than
 # leaving a small last chunk, and never fewer rows than MIN_ROWS.
 ROW_ALIGN = 64
@@ -174,7 +180,17 @@ class LinearCrossEntropyOptions:
             input (at least 32 MiB): 128 rows there, peak 1.04 GiB; the dW
             GEMM of so few rows is memory-bound, about 1.5x the time of
             "auto" (predicted, see perf/NOTES.md); 512 rows at 16384 tokens
-            (peak 1.23 GiB, about the default's time).
+            (peak 1.23 GiB, about the default's time). Under autocast over
+            a wider weight (fp32 parameters, bf16 / fp16 GEMMs), ``"lean"``
+            instead keeps the default chunks and casts the weight a slice of
+            32 MiB at a time, twice per chunk, where the default casts it
+            whole once per pass (a 16-bit copy of the weight, 0.98 GiB at
+            128256 x 4096, as F.linear under autocast makes): peak the fp32
+            dW and dX plus one chunk of logits and one slice (2.3 GiB there
+            instead of 3.2), at about 1.3x the default's time (each chunk
+            reads the fp32 weight twice more; predicted, see
+            perf/NOTES.md); dX is accumulated in fp32 over the slices. In
+            eager mode only: under torch.compile the weight is cast whole.
             ``"aspect_ratio"`` / ``"aspect_ratio:k"``: torch's rule, chunks
             whose logits are about the input's size (divided by k).
         acc_policy: how a bf16 / fp16 weight's gradient is accumulated over
@@ -555,6 +571,43 @@ def _input_grad(g: Tensor, w: Tensor, out: Tensor) -> None:
     torch.mm(g, w, out=out)
 
 
+def _sliced(w: Tensor, spec: _Spec) -> bool:
+    """Whether the chunks cast the weight slice by slice: ``"lean"`` under
+    autocast over a weight wider than the GEMMs' dtype (fp32 parameters),
+    so that no 16-bit copy of the whole weight exists."""
+    return (spec.chunking == "lean" and spec.gemm is not None and
+            w.element_size() > torch.finfo(spec.gemm).bits // 8)
+
+
+def _weight_slices(w: Tensor, gemm: torch.dtype):
+    """(rows, w[rows] cast to ``gemm``) over the weight's rows, slices of
+    WEIGHT_SLICE_BYTES in ``gemm``, one alive at a time."""
+    step = max(1, WEIGHT_SLICE_BYTES // max(1, w.shape[1] * torch.finfo(gemm).bits // 8))
+    for r in range(0, w.shape[0], step):
+        rows = slice(r, min(w.shape[0], r + step))
+        yield rows, w[rows].to(gemm)
+
+
+def _logits_sliced(x: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor,
+                   gemm: torch.dtype) -> None:
+    """out <- x @ w^T (+ b), the weight (and bias) cast to ``gemm`` a slice
+    of its rows at a time: the same logits as :func:`_logits` on the cast
+    weight (each element is the same dot product)."""
+    for rows, ws in _weight_slices(w, gemm):
+        _logits(x, ws, b[rows].to(gemm) if b is not None else None, out[:, rows])
+
+
+def _input_grad_sliced(g: Tensor, w: Tensor, out: Tensor, gemm: torch.dtype) -> None:
+    """out <- g @ w with the weight cast to ``gemm`` a slice at a time: the
+    products accumulated in fp32 (in ``out`` itself when it is fp32, else in
+    an fp32 [n, D] buffer rounded once into ``out``)."""
+    acc = out if out.dtype == torch.float32 else out.new_empty(out.shape, dtype=torch.float32)
+    for i, (rows, ws) in enumerate(_weight_slices(w, gemm)):
+        _accumulate(acc, g[:, rows], ws, add=i > 0)
+    if acc is not out:
+        out.copy_(acc)
+
+
 def _backprop(g: Tensor, x: Tensor, w: Tensor, grads: _Grads, first: bool) -> None:
     """The weight and bias gradients of one chunk's logits gradient ``g``
     [n, V] (input rows ``x`` [n, D]):
@@ -646,10 +699,12 @@ def _sweep(x: Tensor, w: Tensor, b: Optional[Tensor], spec: _Spec, loss_fn,
     N, V = x.shape[0], w.shape[0]
     if N == 0:
         return
-    if spec.gemm is not None:  # autocast: the GEMMs in its dtype, as F.linear's
+    sliced = _sliced(w, spec)
+    if spec.gemm is not None and not sliced:  # autocast: the GEMMs in its dtype, as F.linear's
         w = w.to(spec.gemm)
         b = b.to(spec.gemm) if b is not None else None
-    rows = plan_rows(N, V, x, spec.chunk_size, spec.chunking)
+    # sliced: the default chunks (each one casts the weight twice: fewer is cheaper)
+    rows = plan_rows(N, V, x, spec.chunk_size, "auto" if sliced else spec.chunking)
     buf = x.new_empty((min(rows, N), V))
     lanes = _Lanes(x.device, spec.overlap)
     for i, start in enumerate(range(0, N, rows)):
@@ -658,14 +713,21 @@ def _sweep(x: Tensor, w: Tensor, b: Optional[Tensor], spec: _Spec, loss_fn,
         parts = lanes.parts(sl.stop - start)
         marks = []
         for p in parts:
-            _logits(xs[p], w, b, z[p])
+            if sliced:
+                _logits_sliced(xs[p], w, b, z[p], spec.gemm)
+            else:
+                _logits(xs[p], w, b, z[p])
             with lanes.cross_entropy():
                 loss_fn(z[p], slice(start + p.start, start + p.stop))
             marks.append(lanes.mark())
         for p, done in zip(parts, marks):
             lanes.wait(done)
             if grads is not None and grads.dx is not None:
-                _input_grad(z[p], w, grads.dx[start + p.start: start + p.stop])
+                dx = grads.dx[start + p.start: start + p.stop]
+                if sliced:
+                    _input_grad_sliced(z[p], w, dx, spec.gemm)
+                else:
+                    _input_grad(z[p], w, dx)
         if grads is not None:
             _backprop(z, xs, w, grads, first=i == 0)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -159,7 +159,7 @@ def call_config(kind: str, M: int, N: int, elem_bytes: int,
                           wide=wide)
 
 
-def all_softmax_configs() -> list[tuple]:
+def all_softmax_configs(extra: Sequence[dict] = ()) -> list[tuple]:
     """Every (path, block_n, rows_per_program, num_warps, elem_bytes, kind,
     regs) the defaults can pick, for the static compile check; ``kind``: "fwd"
     (softmax forward), "log_fwd" (log-softmax forward) or "bwd" (both
@@ -170,7 +170,8 @@ def all_softmax_configs() -> list[tuple]:
     ``Limits.long_path`` can force and each of the tuner's
     ``Limits.long_warps``, on-chip rows without ``Limits.lean_single``
     (tuning candidates), and with every entry of the installed tuned
-    tables."""
+    tables. ``extra``: further ``Limits`` overrides, each enumerated the same
+    way at 2-byte rows (perf.static passes every candidate of perf.tune)."""
     seen = set()
     dev = torch.device("cpu")
     choices = [dict(long_path=p, resident_chunk=c) for p, c in heuristics.LONG_PATH_CHOICES]
@@ -178,6 +179,7 @@ def all_softmax_configs() -> list[tuple]:
     # each table entry at its own size
     plans = [(f, (2, 4, 8)) for f in choices + [dict(lean_single=False)]]
     plans += [(dict(long_warps=w), (2,)) for w in heuristics.LONG_WARPS_CHOICES]
+    plans += [(dict(f), (2,)) for f in extra]
     plans += [(f, (elem,)) for elem, f in heuristics.installed_overrides(
         "softmax", "log_softmax", "softmax_backward")]
     for fields, elems in plans:

@@ -190,33 +190,47 @@ def _dyadic_problem(n: int, d: int = 16, v: int = 64, seed: int = 1):
 def test_bf16_weight_grad_accumulates_in_place_chunk_by_chunk():
     """Default: dW is accumulated in place in bf16, chunk after chunk in row
     order, each chunk's product (fp32 inside the GEMM) added and rounded
-    once: bit for bit the sequence acc = round(acc + P_chunk). With
+    once: bit for bit the sequence acc = round(acc + P_k). With
     acc_policy="balanced" the sum is fp32 and rounded once, and with
-    main_grad it is added into the fp32 buffer chunk by chunk. 16 chunks of
-    4 identical rows: P_chunk = 4 P, exact; the sums are not."""
+    main_grad it is added into the fp32 buffer chunk by chunk, in row order.
+    16 chunks of 4 identical rows, each chunk its own target: every P_k is
+    exact in bf16; their sums are not, and depend on the order (with one
+    target for all, P_k = 4 P: the balanced sum 64 P is exact)."""
     n, chunk = 64, 4
-    x, w, t = _dyadic_problem(n)
-    (p4,) = torch.autograd.grad(lce(x[:chunk], w, t[:chunk], reduction="sum"), (w,))
-    p4 = p4.float()  # 4 P, exact in bf16 (checked below through 64 P)
+    x, w, _ = _dyadic_problem(n)
+    t = (torch.arange(n, device=DEVICE) // chunk) * 3 % w.shape[0]
+    parts = [torch.autograd.grad(lce(x[k:k + chunk], w, t[k:k + chunk], reduction="sum"),
+                                 (w,))[0].float() for k in range(0, n, chunk)]
+
+    def in_order(ps, start=None):
+        acc = ps[0].bfloat16() if start is None else start
+        for p in ps[1:] if start is None else ps:
+            acc = (acc.float() + p).bfloat16() if start is None else acc + p
+        return acc
+
     (gw,) = torch.autograd.grad(lce(x, w, t, reduction="sum", chunk_size=chunk), (w,))
-    acc = p4.bfloat16()
-    for _ in range(n // chunk - 1):
-        acc = (acc.float() + p4).bfloat16()  # one rounding per chunk, in order
+    acc = in_order(parts)
     assert gw.dtype == torch.bfloat16
     assert torch.equal(gw, acc)
-    exact = (p4 * (n // chunk)).bfloat16()  # 64 P: exact in fp32, rounded once
-    assert not torch.equal(gw, exact)  # the test can tell the two apart
+    assert not torch.equal(acc, in_order(parts[::-1]))  # the test can tell the order
+    # balanced, on one target for all rows (P_k = 4 P, and their sum 64 P
+    # exact in bf16, so that the one rounding is no rounding at all)
+    t0 = torch.full_like(t, 3)
+    (p4,) = torch.autograd.grad(lce(x[:chunk], w, t0[:chunk], reduction="sum"), (w,))
+    exact = (p4.float() * (n // chunk)).bfloat16()
+    assert torch.equal(exact.float(), p4.float() * (n // chunk))
     opts = softmax_gpu.LinearCrossEntropyOptions(acc_policy="balanced")
-    (g32,) = torch.autograd.grad(lce(x, w, t, reduction="sum", chunk_size=chunk, options=opts),
+    (g32,) = torch.autograd.grad(lce(x, w, t0, reduction="sum", chunk_size=chunk, options=opts),
                                  (w,))
+    (g16,) = torch.autograd.grad(lce(x, w, t0, reduction="sum", chunk_size=chunk), (w,))
+    assert not torch.equal(g16, exact)  # the test can tell the two apart
     assert g32.dtype == torch.bfloat16 and torch.equal(g32, exact)
     # main_grad: fp32 additions into the caller's buffer, in row order, and no .grad
     m0 = rand(*w.shape, dtype=torch.float32, scale=3.0)
     main = m0.clone()
     lce(x, w, t, reduction="sum", chunk_size=chunk, main_grad=main).backward()
-    want = m0.clone()
-    for _ in range(n // chunk):
-        want = want + p4
+    want = in_order(parts, start=m0.clone())
+    assert not torch.equal(want, in_order(parts[::-1], start=m0.clone()))
     assert w.grad is None and torch.equal(main, want)
 
 
@@ -972,6 +986,48 @@ def test_memory_beyond_gradients_is_one_chunk(monkeypatch, how):
     assert eager.peak >= 2 * logits and max(b for _, _, b in eager.made) >= logits
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors under a dispatch mode")
+def test_lean_autocast_casts_an_fp32_weight_slice_by_slice(monkeypatch):
+    """chunking_method="lean" under bf16 autocast over fp32 parameters: the
+    weight is cast a slice of rows at a time (WEIGHT_SLICE_BYTES: 64 rows
+    here, 5 slices), so no 16-bit tensor of more than a slice's rows
+    exists, where the default plan casts the whole weight (as F.linear
+    does); the loss as the default plan's, and the gradients as close to
+    float64 (dX accumulated in fp32 over the slices)."""
+    n, d, v = 48, 32, 320  # the input's [n, D] 16-bit copy: fewer rows than a slice
+    g = torch.Generator().manual_seed(4)
+    x0 = rand(n, d, scale=1.0, generator=g)
+    w0 = rand(v, d, scale=0.5, generator=g)
+    b0 = rand(v, scale=0.5, generator=g)
+    t = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+
+    def run(how):
+        x, w, b = (p.detach().clone().requires_grad_() for p in (x0, w0, b0))
+        opts = softmax_gpu.LinearCrossEntropyOptions(
+            chunking_method="lean" if how == "lean" else "auto")
+        with LiveTensors(monkeypatch, x, w, b, t) as live:
+            monkeypatch.setattr(lce_module, "WEIGHT_SLICE_BYTES", 64 * d * 2)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = lce(x, w, t, linear_bias=b, options=opts)
+            loss.backward()
+        monkeypatch.undo()
+        wide16 = [m for m in live.made
+                  if m[1] == torch.bfloat16 and len(m[0]) == 2 and m[0][1] == d and m[0][0] > 64]
+        return loss.detach(), (x.grad, w.grad, b.grad), wide16
+
+    lean, lean_grads, lean16 = run("lean")
+    auto, auto_grads, auto16 = run("auto")
+    assert lean16 == [] and (v, d) in [m[0] for m in auto16]
+    torch.testing.assert_close(lean, auto, rtol=1e-6, atol=0)
+    x64, w64, b64 = (p.detach().to(torch.bfloat16).double().requires_grad_()
+                     for p in (x0, w0, b0))
+    F.cross_entropy(F.linear(x64, w64, b64), t).backward()
+    for ours, theirs, ref in zip(lean_grads, auto_grads, (x64.grad, w64.grad, b64.grad)):
+        assert ours.dtype == theirs.dtype == torch.float32
+        e, e0 = (float((a.double() - ref).norm() / ref.norm()) for a in (ours, theirs))
+        assert e <= 1.1 * e0 + 1e-7, (e, e0)
+
+
 # --- module ----------------------------------------------------------------------------
 
 
@@ -1104,19 +1160,25 @@ def test_fp16_loss_scale_known_at_backward(amp):
     """fp16 GEMMs (fp16 parameters, or fp16 autocast over fp32 ones) with a
     loss scale applied after the call (a GradScaler): the gradients are
     formed after grad_output, as torch's, so none of their small entries
-    underflows: dX and dW within 1.5x torch's own error against float64, and
-    no element exactly zero where float64's is not. (Before, with fp16
-    parameters: the forward formed them unscaled in fp16, ~13x torch's
-    error.)"""
+    underflows: dX, dW and the cold classes' dW within 1.5x torch's own error
+    against float64, and no element exactly zero where float64's is not
+    (the cold classes: in the column without cancellation). Eight cold classes
+    (logits near -9, never targets: softmax ~4e-7, over 256 rows ~2e-9,
+    below fp16's range unless scaled first) have a weight gradient only if
+    it is formed after the scale. (Before, with fp16 parameters: the
+    forward formed them unscaled in fp16, ~13x torch's error.)"""
     g = torch.Generator().manual_seed(3)
     n, d, v, scale = 256, 32, 300, 65536.0 if amp else 1024.0
     x0 = rand(n, d, scale=1.0, generator=g)
+    x0[:, 0] = 1.0  # a constant feature: the cold classes' logit offset
     w0 = rand(v, d, scale=0.05, generator=g)
-    t = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    cold = torch.arange(v - 8, v)
+    w0[cold, 0] = -9.0
+    t = torch.randint(0, v - 8, (n,), generator=g).to(DEVICE)
 
     def grads(fn):
         dt = torch.float32 if amp else torch.float16
-        x, w = (p.to(dt).requires_grad_() for p in (x0, w0))
+        x, w = (p.detach().clone().to(dt).requires_grad_() for p in (x0, w0))  # own leaves
         ctx = torch.autocast(x.device.type, dtype=torch.float16) if amp else \
             contextlib.nullcontext()
         with ctx:
@@ -1132,9 +1194,17 @@ def test_fp16_loss_scale_known_at_backward(amp):
     def err(a, r):
         return float((a.double() - r).norm() / r.norm())
 
-    for ours, theirs, ref in ((gx, tx, x64.grad), (gw, tw, w64.grad)):
+    cold = cold.to(DEVICE)
+    warm = torch.arange(v - 8, device=DEVICE)
+    for ours, theirs, ref in ((gx, tx, x64.grad), (gw, tw, w64.grad), (gw[cold], tw[cold],
+                                                                        w64.grad[cold])):
         assert err(ours, ref) <= 1.5 * err(theirs, ref), (err(ours, ref), err(theirs, ref))
+    for ours, ref in ((gx, x64.grad), (gw[warm], w64.grad[warm])):
         assert not bool(((ours == 0) & (ref != 0)).any())
+    # the cold classes' gradient in the constant feature's column (256 rows
+    # of one sign: no cancellation) is within range: torch's keeps it, ours too
+    assert bool((w64.grad[cold, 0].to(tw.dtype) != 0).all())
+    assert bool((tw[cold, 0] != 0).all()) and bool((gw[cold, 0] != 0).all())
 
 
 @pytest.mark.parametrize("path", ["eager", "op"])

@@ -868,6 +868,78 @@ def test_profile_merges_ncu_counters_with_the_cases(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_profile_runs_each_case_in_its_own_ncu_process(tmp_path, monkeypatch):
+    """perf.profile on a GPU (ncu and the cases stubbed): one ncu process
+    per case, most important first; the CSV written again after each case; a
+    case whose process fails leaves the others; no case starts that would
+    end past --time-budget-s; ns/us units read; each distinct plan once."""
+    import subprocess as sp
+
+    import torch
+
+    from perf import profile
+
+    clock = [0.0]
+    calls = []
+
+    def fake_run(cmd, *a, **k):
+        i = int(cmd[cmd.index("--case") + 1])
+        calls.append(i)
+        clock[0] += 10.0
+        if profile.CASES[i][3] == 128256:  # the second case faults
+            return sp.CompletedProcess(cmd, 3)
+        name, _, M, N = profile.CASES[i]
+        manifest = cmd[cmd.index("--manifest") + 1]
+        with open(manifest, "w") as f:
+            f.write("case,op,M,N,plan,fields,launch_plan,kernel,min_bytes\n"
+                    f"{name} {M}x{N},{name},{M},{N},installed,{{}},path=single,k_{i},1000\n")
+        raw = cmd[cmd.index("--log-file") + 1]
+        with open(raw, "w") as f:
+            f.write('"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+                    f'"0","k_{i}","dram__bytes_read.sum","b","1500"\n'
+                    f'"0","k_{i}","dram__bytes_write.sum","kb","0.5"\n'
+                    f'"0","k_{i}","gpu__time_duration.sum","us","2"\n')
+        return sp.CompletedProcess(cmd, 0)
+
+    cpu_info = env.run_info("cpu")
+    monkeypatch.setattr(profile.subprocess, "run", fake_run)
+    monkeypatch.setattr(profile.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(profile, "_ncu", lambda: "ncu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(env, "run_info", lambda device: cpu_info)
+    out = tmp_path / "out"
+    assert profile.main(["--out", str(out), "--time-budget-s", "35"]) == 0
+    assert calls == [0, 1, 2]  # a fourth would end at 40 s, past 35
+    (csv_path,) = out.glob("*_profile.csv")
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["kernel"] for r in rows] == ["k_0", "k_2"]
+    assert float(rows[0]["dram_over_min"]) == 2.0 and float(rows[0]["duration_ns"]) == 2000.0
+    assert not list(out.glob("profile_*"))  # the per-case files removed
+    # every case failing: the run fails
+    monkeypatch.setattr(profile, "CASES", profile.CASES[1:2])
+    assert profile.main(["--out", str(tmp_path / "bad")]) == 3
+
+
+def test_profile_plans_each_distinct_plan_once(tmp_path):
+    """The installed plan, the defaults and the tuned table's, each distinct
+    launch plan once (no table installed here: installed is the default)."""
+    import json
+
+    from perf import profile
+    from softmax_gpu import heuristics
+
+    table = tmp_path / "tuned.json"
+    table.write_text(json.dumps({"ops": {"cross_entropy": {"2": [
+        {"n": 65536, "limits": {"long_path": "looped"}}]}}}))
+    cpu = torch.device("cpu")
+    with heuristics.override(sm_count=132):
+        got = profile._variants("cross_entropy", 16384, 128256, str(table), cpu)
+        assert [(n, f) for n, f, _ in got] == [("installed", None), ("tuned", {"long_path": "looped"})]
+        assert "path=looped" in got[1][2] and got[0][2] != got[1][2]
+        only = profile._variants("cross_entropy", 16384, 128256, None, cpu)
+    assert [n for n, _, _ in only] == ["installed"]
+
+
 def test_plots_skip_a_case_with_nothing_measured(tmp_path):
     """A run cut short can leave a case whose every row was skipped: its plot
     is left out, where matplotlib's log axis used to raise and lose the

@@ -47,6 +47,56 @@ def test_every_kernel_is_enumerated():
             assert (info.name, name) in covered, f"{info.name}.{name} has no static variant"
 
 
+def _tuned_kernels(space, plan) -> list:
+    """The forward kernels (name, constexprs to match) a perf.tune candidate
+    of ``space`` with ``plan`` launches on bf16 rows."""
+    cx = {"BLOCK_N": plan.block_n}
+    if plan.path == heuristics.SINGLE:
+        cx["ROWS"] = plan.rows_per_program
+    elif getattr(plan, "stages", 1) != 1 and plan.path != "resident":
+        cx["STAGES"] = plan.stages
+    if space.table_op == "cross_entropy":
+        return [(f"ce_class_{plan.path}_kernel", cx)]
+    kind = "bwd" if space.table_op == "softmax_backward" else "fwd"
+    if space.table_op != "softmax_backward" and "LOG" in static._constexpr_names(
+            f"softmax_{kind}_{plan.path}_kernel" if plan.path != "split" else
+            "softmax_fwd_split_norm_kernel"):
+        cx["LOG"] = space.table_op == "log_softmax"
+    name = {"split": {"fwd": "softmax_fwd_split_norm_kernel",
+                      "bwd": "softmax_bwd_split_apply_kernel"}[kind]}.get(
+        plan.path, f"softmax_{kind}_{plan.path}_kernel")
+    return [(name, cx)]
+
+
+def test_every_tuning_candidate_is_compiled():
+    """Every plan a tuning run can time (each perf.tune candidate at its GPU
+    shapes, on 132 multiprocessors and an H100's or an H200's L2) is among the
+    variants the sm_90 check compiles: its kernel with that tile, rows,
+    pipelining, warps and register budget."""
+    from perf import tune
+
+    compiled = {}
+    for v in static.all_variants():
+        if v.dtype == "bf16":
+            compiled.setdefault((v.kernel, v.num_warps, v.maxnreg), []).append(dict(v.constexprs))
+    missing = []
+    for l2 in (50 << 20, 60 << 20):
+        cfg = tune.TuneConfig(device="cuda", spaces=list(tune.SPACES.values()))
+        for space in cfg.spaces:
+            for shape in cfg.shapes(space):
+                for c in tune.candidates(space, shape, "cpu", {"sm_count": 132, "l2_bytes": l2}):
+                    with heuristics.override(sm_count=132, l2_bytes=l2), \
+                            heuristics.override(op=space.table_op, **c.fields):
+                        plan = space.plan(shape.M, shape.N, torch.device("cpu"))
+                    for name, cx in _tuned_kernels(space, plan):
+                        have = compiled.get((name, plan.num_warps, plan.regs), [])
+                        if not any(h.items() >= cx.items() for h in have):
+                            missing.append(f"{space.table_op} {shape.M}x{shape.N} {c.name}: "
+                                           f"{name} {cx} warps={plan.num_warps} "
+                                           f"maxnreg={plan.regs}")
+    assert not missing, "\n".join(sorted(set(missing)))
+
+
 def test_no_compile_error_or_spill_on_sm90():
     jobs = max(1, min(os.cpu_count() or 1, 16))
     results = static.run(jobs)

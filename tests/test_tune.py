@@ -250,6 +250,37 @@ def test_slug_is_the_harness_slug():
 # --- the candidates -------------------------------------------------------------
 
 
+def _plan_fields(plan: str) -> dict:
+    return dict(kv.split("=", 1) for kv in plan.split())
+
+
+@pytest.mark.parametrize("l2_mib", [50, 60])  # H100, H200
+def test_the_candidates_a_gpu_run_times_include_every_design(l2_mib):
+    """Within the first ``max_candidates`` (what a tuning run times) at the
+    long vocabularies: every forced long-row path, and the cooperative path
+    with its reads in flight at half an L2 partition (a quarter of L2; its
+    chunks finer than the default's); at 32000 the on-chip path too."""
+    from perf.sizes import Shape
+
+    cap = tune.TuneConfig(device="cuda", spaces=[]).max_candidates
+    gpu = {"sm_count": 132, "l2_bytes": l2_mib << 20}
+    for vocab in (128256, 151936):
+        got = tune.candidates(tune.CROSS_ENTROPY, Shape(16384, vocab), "cpu", gpu, limit=cap)
+        names = {c.name: _plan_fields(c.plan) for c in got}
+        default = _plan_fields(got[0].plan)
+        assert default["path"] == "coop"
+        part = names["coop+l2=1/4"]
+        assert part["path"] == "coop" and int(part["splits"]) > int(default["splits"])
+        in_flight = int(part["programs"]) * int(part["chunk"]) * tune.ELEM
+        assert in_flight <= (l2_mib << 20) // 4 < int(default["programs"]) * \
+            int(default["chunk"]) * tune.ELEM, vocab
+        assert {"rowloop", "persistent", "resident"} <= set(names), vocab
+    got = tune.candidates(tune.CROSS_ENTROPY, Shape(16384, 32000), "cpu", gpu, limit=cap)
+    assert got[1].name == "onchip" and _plan_fields(got[1].plan)["path"] == "single"
+    assert "onchip" not in {c.name for c in tune.candidates(
+        tune.CROSS_ENTROPY, Shape(131072, 4096), "cpu", gpu)}  # on chip by default
+
+
 def test_candidates_are_distinct_plans_defaults_first():
     from perf.sizes import Shape
 
