@@ -24,7 +24,7 @@
 # | install    | 4 s, 4 s       |  12 s | pip install -e . offline (--no-deps --no-build-isolation) |
 # | wheels     | 1 s, 0 s       |  10 s | only when .whl/ exists (liger-kernel, cut-cross-entropy: bash perf/fetch_wheels.sh) |
 # | info       | 9 s, 15 s (cut)|  15 s | nvidia-smi; the first import of torch and triton; the peers the wheels brought |
-# | gpu_checks | 23 s, 26 s     |  60 s | no-sync steps, CUDA graphs, then every long-row path at grad_output != 1 against float64 at LLM sizes, twice each (those last: ~20 first compiles, ~25 s more, estimated); a table row per check as it ends |
+# | gpu_checks | 23 s, 26 s     |  60 s | no-sync steps, CUDA graphs, the lean linear CE over an fp32 head under autocast (its peak), then every long-row path at grad_output != 1 against float64 at LLM sizes, twice each (those last: ~20 first compiles, ~25 s more, estimated); a table row per check as it ends |
 # | tune       | 67 s, 54 s     |  60 s | the tuning run; stops starting candidates 15 s before its limit and writes what it measured; stops at a fault that leaves the CUDA context unusable |
 # | tests      | 93 s, 80 s     | 130 s | the suite on CUDA over 12 xdist workers (compile-bound), 715 tests where those runs had 474; SIGINT at the limit, so pytest still prints the failures and writes tests_junit.xml |
 # | profile    | new            |  30 s | python -m perf.profile: ncu counters (base units) of the hot shapes, most important first, one ncu process each (the cross-entropy at 4096 and 128256 at least, estimated), installed, default and tuned plans; starts no shape past 5 s before its limit |

@@ -27,14 +27,21 @@
    first columns (where another warp's gradient store races the read of the
    target logit unless a barrier orders them): its row losses, lse and
    gradient bit for bit against the out-of-place call's, several runs.
-4. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
+4. **fp32 parameters under autocast.** ``linear_cross_entropy`` under bf16
+   autocast over an fp32 head, ``chunking_method="lean"`` (the weight cast
+   a slice at a time) against the default plan (cast whole): loss, dX and
+   dW against float64 within the bf16 limit and within 1.1x the default's
+   error, and on CUDA the peak allocated during the call at least the
+   16-bit copy of the weight (2 V D bytes), less two slices, below the
+   default's.
+5. **No synchronisation.** A training step (linear -> softmax_gpu.log_softmax
    + gather / softmax_gpu.softmax / softmax_gpu.cross_entropy, and
    softmax_gpu.linear_cross_entropy on the hidden states -> backward ->
    SGD update) runs under ``torch.cuda.set_sync_debug_mode("error")``, so any
    op that synchronises the host raises. A deliberate ``.item()`` first
    proves the detector is armed.
 
-They run in the order 4, 1, 3, 2 (the long rows, the heaviest, last), and
+They run in the order 5, 1, 4, 3, 2 (the long rows, the heaviest, last), and
 each result is a row of one markdown table, printed as the check ends. After
 a failure that left the CUDA context unusable (a kernel fault is sticky) the
 remaining checks are not run, and the table says why.
@@ -87,6 +94,9 @@ INPLACE_REPEATS = 3
 # linear_cross_entropy: (dtype, tokens, hidden, vocabulary, chunk_size)
 GPU_LINEAR_SHAPES = [(torch.bfloat16, 4096, 1024, 32000, 1024)]
 CPU_LINEAR_SHAPES = [(torch.float32, 40, 16, 96, 16)]
+# fp32 head under bf16 autocast: (tokens, hidden, vocabulary)
+GPU_LEAN = (4096, 4096, 32000)
+CPU_LEAN = (40, 16, 200)
 
 
 class Results:
@@ -285,6 +295,59 @@ def _linear_graph_check(res: Results, device: str, shapes) -> None:
             except Exception as exc:
                 traceback.print_exc()
                 res.add(name, False, f"{type(exc).__name__}: {exc}")
+
+
+def _lean_autocast_check(res: Results, device: str, shape) -> None:
+    """linear_cross_entropy under bf16 autocast over an fp32 head: "lean"
+    (the weight cast a slice at a time) against the default plan."""
+    import softmax_gpu
+    from softmax_gpu import linear_cross_entropy as lce_fn
+
+    lce_module = sys.modules["softmax_gpu.linear_cross_entropy"]
+    N, D, V = shape
+    name = f"linear_cross_entropy lean, bf16 autocast over fp32 {N}x{D}x{V}"
+    try:
+        g = torch.Generator().manual_seed(7)
+        x0 = torch.randn(N, D, generator=g).to(device)
+        w0 = (torch.randn(V, D, generator=g) * 0.02).to(device)
+        t = torch.randint(0, V, (N,), generator=g).to(device)
+        x64, w64 = (p.to(torch.bfloat16).double().requires_grad_() for p in (x0, w0))
+        ref_loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x64, w64), t)
+        ref_loss.backward()
+        ref = {"loss": ref_loss.detach(), "dx": x64.grad, "dw": w64.grad}
+        slice_bytes = lce_module.WEIGHT_SLICE_BYTES if device == "cuda" else 64 * D * 2
+        got, peaks = {}, {}
+        for how in ("auto", "lean"):
+            x, w = (p.clone().requires_grad_() for p in (x0, w0))
+            opts = softmax_gpu.LinearCrossEntropyOptions(chunking_method=how)
+            saved = lce_module.WEIGHT_SLICE_BYTES
+            lce_module.WEIGHT_SLICE_BYTES = slice_bytes
+            try:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    loss = lce_fn(x, w, t, options=opts)
+                loss.backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    peaks[how] = torch.cuda.max_memory_allocated() - base
+            finally:
+                lce_module.WEIGHT_SLICE_BYTES = saved
+            got[how] = {"loss": loss.detach(), "dx": x.grad, "dw": w.grad}
+        errs = {how: max(_rel(got[how][k], ref[k]) for k in ref) for how in got}
+        ok = errs["lean"] <= max(LONG_LIMIT[torch.bfloat16], 1.1 * errs["auto"])
+        detail = f"worst rel err vs float64: lean {errs['lean']:.2e}, default {errs['auto']:.2e}"
+        if peaks:
+            copy = V * D * 2
+            ok = ok and peaks["lean"] <= peaks["auto"] - copy + 2 * slice_bytes
+            detail += (f"; peak during the call {peaks['lean'] / 2**30:.3f} GiB against "
+                       f"{peaks['auto'] / 2**30:.3f} (16-bit weight {copy / 2**30:.3f})")
+        res.add(name, ok, detail)
+    except Exception as exc:
+        traceback.print_exc()
+        res.add(name, False, f"{type(exc).__name__}: {exc}")
 
 
 def _row_report(got: torch.Tensor, ref: torch.Tensor, target: torch.Tensor | None = None,
@@ -572,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res.add("cuda graph linear_cross_entropy", None,
                 "skipped: softmax_gpu.linear_cross_entropy does not exist (yet)")
+    if hasattr(softmax_gpu, "LinearCrossEntropyOptions"):
+        checks.append(lambda: _lean_autocast_check(res, device,
+                                                   GPU_LEAN if device == "cuda" else CPU_LEAN))
     if hasattr(softmax_gpu, "cross_entropy"):
         checks.append(lambda: _inplace_check(
             res, device, GPU_INPLACE if device == "cuda" else CPU_INPLACE))

@@ -43,6 +43,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 METRICS = {
@@ -248,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     info = env.run_info("cuda")
-    manifest = os.path.join(args.out, "profile_manifest.csv")
-    raw = os.path.join(args.out, "profile_ncu_raw.csv")
+    # the per-case files outside --out: a case killed by the step's time
+    # limit leaves nothing there but the CSV of the cases before it
+    scratch = tempfile.mkdtemp(prefix="perf_profile_")
+    manifest = os.path.join(scratch, "manifest.csv")
+    raw = os.path.join(scratch, "ncu_raw.csv")
     path = os.path.join(args.out, output_stem(args.out, info, "profile") + ".csv")
     start, last, rows, rc = time.monotonic(), 0.0, [], 0
     for i, (name, _, M, N) in enumerate(CASES):
@@ -282,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.exists(name_):
                 os.remove(name_)
         last = time.monotonic() - t0
+    shutil.rmtree(scratch, ignore_errors=True)
     if rows:
         print(f"wrote {path}")
     return 0 if rows else rc

@@ -94,12 +94,17 @@ class CrossEntropyConfig:
 def ce_max_single(elem_bytes: int, extras: bool = False, lim=None) -> int:
     """Longest (power-of-two) row the cross-entropy on-chip path takes.
     ``extras`` (probability targets, class weights, label smoothing or a
-    softcap: more tiles live at once) halves it."""
+    softcap: more tiles live at once) halves it, and a limit raised above
+    the defaults' (a tuned table's) applies to rows without extras only."""
     lim = heuristics.limits() if lim is None else lim
     n = by_elem(elem_bytes, lim.ce_max_single_2byte, lim.ce_max_single_4byte,
                 lim.ce_max_single_8byte)
     if extras:
-        n //= 2
+        # never past the defaults' (a tuned longer limit is for plain rows:
+        # 16384-wide probability-target rows spilled at sm_90)
+        d = heuristics.Limits()
+        n = min(n, by_elem(elem_bytes, d.ce_max_single_2byte, d.ce_max_single_4byte,
+                           d.ce_max_single_8byte)) // 2
     cap = by_elem(elem_bytes, lim.max_single_2byte, lim.max_single_4byte, lim.max_single_8byte)
     return max(1, min(n, cap))
 

@@ -111,8 +111,9 @@ CHUNK_BYTES = 192 << 20
 # peak 1.23 GiB.
 LEAN_BYTES = 32 << 20
 # "lean" under autocast over fp32 weights: the weight is cast to the GEMMs'
-# dtype a slice of this many 16-bit bytes at a time (4096 rows at D = 4096),
-# twice per chunk (the logits, then dX), never whole.
+# dtype a slice of at most this many 16-bit bytes at a time (4096 rows at
+# D = 4096), twice per chunk (the logits, then dX; four times with
+# ``overlap``, which cuts a chunk in two), never whole.
 WEIGHT_SLICE_BYTES = 32 << 20
 # Chunks are balanced (equal up to this multiple of rows) rather than
 # leaving a small last chunk, and never fewer rows than MIN_ROWS.
@@ -183,10 +184,11 @@ class LinearCrossEntropyOptions:
             (peak 1.23 GiB, about the default's time). Under autocast over
             a wider weight (fp32 parameters, bf16 / fp16 GEMMs), ``"lean"``
             instead keeps the default chunks and casts the weight a slice of
-            32 MiB at a time, twice per chunk, where the default casts it
+            32 MiB at a time, twice per chunk (four times with ``overlap``),
+            where the default casts it
             whole once per pass (a 16-bit copy of the weight, 0.98 GiB at
             128256 x 4096, as F.linear under autocast makes): peak the fp32
-            dW and dX plus one chunk of logits and one slice (2.3 GiB there
+            dW and dX plus one chunk of logits and two slices (2.3 GiB there
             instead of 3.2), at about 1.3x the default's time (each chunk
             reads the fp32 weight twice more; predicted, see
             perf/NOTES.md); dX is accumulated in fp32 over the slices. In
@@ -580,9 +582,12 @@ def _sliced(w: Tensor, spec: _Spec) -> bool:
 
 
 def _weight_slices(w: Tensor, gemm: torch.dtype):
-    """(rows, w[rows] cast to ``gemm``) over the weight's rows, slices of
-    WEIGHT_SLICE_BYTES in ``gemm``, one alive at a time."""
-    step = max(1, WEIGHT_SLICE_BYTES // max(1, w.shape[1] * torch.finfo(gemm).bits // 8))
+    """(rows, w[rows] cast to ``gemm``) over the weight's rows, slices of at
+    most WEIGHT_SLICE_BYTES in ``gemm`` and a multiple of ROW_ALIGN rows (so
+    that the logits' and the gradient's column slices start aligned); two
+    alive at once at most (the next is cast while the caller holds the last)."""
+    step = WEIGHT_SLICE_BYTES // max(1, w.shape[1] * torch.finfo(gemm).bits // 8)
+    step = max(ROW_ALIGN, step // ROW_ALIGN * ROW_ALIGN)
     for r in range(0, w.shape[0], step):
         rows = slice(r, min(w.shape[0], r + step))
         yield rows, w[rows].to(gemm)

@@ -1590,6 +1590,23 @@ def test_config_reads_limits_for(monkeypatch):
         heuristics.LOOPED
 
 
+def test_raised_on_chip_limit_is_for_rows_without_extras():
+    """A tuned ce_max_single_2byte above the defaults' (the tuner's "onchip"
+    candidate) puts plain rows on chip up to it, but rows with extras
+    (probability targets, weights, smoothing, softcap) stay at the defaults'
+    half: 16384-wide probability-target rows on chip spilled at sm_90. A
+    lower limit still halves for extras."""
+    cpu = torch.device("cpu")
+    default = heuristics.Limits().ce_max_single_2byte
+    with heuristics.override(ce_max_single_2byte=2 * default, sm_count=132):
+        assert CE.cross_entropy_config(16384, 2 * default, 2, cpu).path == heuristics.SINGLE
+        for extras, n in ((True, default), (True, default // 2)):
+            got = CE.cross_entropy_config(16384, n, 2, cpu, extras)
+            assert (got.path == heuristics.SINGLE) == (n <= default // 2), (n, got)
+    with heuristics.override(ce_max_single_2byte=default // 4, sm_count=132):
+        assert CE.ce_max_single(2, True) == default // 8
+
+
 def test_causal_lm_loss_states_num_items_as_the_divisor():
     """transformers' loss with num_items_in_batch (a device tensor or an int):
     cross_entropy(reduction="sum", divisor=num_items_in_batch), so the

@@ -810,6 +810,26 @@ def test_summary_flags_implausible_results(tmp_path):
     assert "IMPLAUSIBLE" not in report.summary_markdown(rows, env.run_info("cpu"), previous=prev)
 
 
+def test_gpu_checks_lean_autocast_compares_with_float64(monkeypatch):
+    """gpu_checks' fp32-head autocast check (CPU: the comparisons only):
+    "lean" and the default plan against float64 pass, and a wrong dX on the
+    sliced path fails it."""
+    import importlib
+
+    from perf import gpu_checks
+
+    res = gpu_checks.Results()
+    gpu_checks._lean_autocast_check(res, "cpu", gpu_checks.CPU_LEAN)
+    assert res.ok and len(res.items) == 1, res.table()
+    lce = importlib.import_module("softmax_gpu.linear_cross_entropy")
+    sliced = lce._input_grad_sliced
+    monkeypatch.setattr(lce, "_input_grad_sliced",
+                        lambda g, w, out, gemm: (sliced(g, w, out, gemm), out.mul_(1.05)))
+    res = gpu_checks.Results()
+    gpu_checks._lean_autocast_check(res, "cpu", gpu_checks.CPU_LEAN)
+    assert res.items[0][1] is False, res.table()
+
+
 def test_profile_merges_ncu_counters_with_the_cases(tmp_path):
     """perf.profile: each profiled launch (ncu's raw CSV, one line per
     metric, after its banner) beside the case and plan that launched it,
@@ -914,7 +934,7 @@ def test_profile_runs_each_case_in_its_own_ncu_process(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(csv_path)))
     assert [r["kernel"] for r in rows] == ["k_0", "k_2"]
     assert float(rows[0]["dram_over_min"]) == 2.0 and float(rows[0]["duration_ns"]) == 2000.0
-    assert not list(out.glob("profile_*"))  # the per-case files removed
+    assert [p.name for p in out.iterdir()] == [csv_path.name]  # the per-case files elsewhere
     # every case failing: the run fails
     monkeypatch.setattr(profile, "CASES", profile.CASES[1:2])
     assert profile.main(["--out", str(tmp_path / "bad")]) == 3
