@@ -20,9 +20,13 @@ kernels between them (one launch each, instead of a score of small torch ops):
 - stats: per row, this shard's online-softmax state (max m, sum d of
   e^(z - m)), the target logit z_t where this rank owns the target (0
   elsewhere, so that a SUM over ranks gives it), and with SMOOTH the sum of
-  w_c z_c over the shard (w_c = 1 without weights). One read of the shard.
-  The host all-reduces MAX of m, rescales d to the global max, and
-  all-reduces SUM of the stacked rows.
+  w_c (z_c - m) over the shard (w_c = 1 without weights; the looped kernel
+  moves its running sum to each new max). One read of the shard. The host
+  all-reduces MAX of m, moves d and the smoothing sum to the global max, and
+  all-reduces SUM of the stacked rows. The smoothing term of the loss is
+  then sum_c w_c (lse - z_c) = sw l - sum_c w_c (z_c - m): two terms of one
+  sign, so that it loses nothing to logits far from 0 (sw lse - sum w z
+  cancels there).
 - grad: from per-row terms the host computes after the collectives (the
   global lse as m + l, its max and the log of its sum; a, b, c), writes the
   shard's gradient, reading the shard once more (DX may be X itself: each
@@ -71,7 +75,7 @@ COEF_ROWS = 5
 
 
 def stats_rows(smooth: bool) -> int:
-    """Rows of the stacked statistics: sum of e^(z - max), target logit, (smooth) sum of w z."""
+    """Rows of the stacked statistics: sum of e^(z - max), target logit, (smooth) sum of w (z - max)."""
     return 3 if smooth else 2
 
 
@@ -113,7 +117,7 @@ def vp_stats_single_kernel(
     T,  # [M] global target ids (int64)
     CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     MX,  # [M] out: the shard's row maxima (ACC)
-    ST,  # [K, M] out (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w z
+    ST,  # [K, M] out (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w (z - max)
     M,  # number of rows
     W,  # shard width: columns this rank holds
     INNER,  # rows sharing one outer index (1 when the vocabulary is the last dim)
@@ -123,7 +127,7 @@ def vp_stats_single_kernel(
     V,  # global vocabulary size
     IGNORE,  # ignore_index
     cap_hi, cap_lo,  # softcap (f64_parts; used when SOFTCAP)
-    SMOOTH: tl.constexpr,  # also write the sum of w z (label smoothing)
+    SMOOTH: tl.constexpr,  # also write the sum of w (z - max) (label smoothing)
     HAS_WEIGHT: tl.constexpr,  # w = CW[OFF + c] in that sum (else 1)
     SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
     ACC: tl.constexpr,  # accumulation dtype (fp32, or fp64 for fp64 logits)
@@ -146,9 +150,9 @@ def vp_stats_single_kernel(
     tl.store(MX + rows, m.to(MX.dtype.element_ty), mask=row_mask)
     tl.store(ST + rows, d.to(ST.dtype.element_ty), mask=row_mask)
     tl.store(ST + plane(rows, M, 1), tx.to(ST.dtype.element_ty), mask=row_mask)
-    if SMOOTH:
+    if SMOOTH:  # sum of w (z - max): no cancellation against the max (logits far from 0)
         w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)
-        xs = tl.sum(tl.where(mask, w[None, :] * z, 0.0), 1)
+        xs = tl.sum(tl.where(mask, w[None, :] * (z - finite_max(m)[:, None]), 0.0), 1)
         tl.store(ST + plane(rows, M, 2), xs.to(ST.dtype.element_ty), mask=row_mask)
 
 
@@ -158,7 +162,7 @@ def vp_stats_looped_kernel(
     T,  # [M] global target ids (int64)
     CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     MX,  # [M] out: the shard's row maxima (ACC)
-    ST,  # [K, M] out (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w z
+    ST,  # [K, M] out (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w (z - max)
     M,  # number of rows
     W,  # shard width: columns this rank holds
     INNER,  # rows sharing one outer index
@@ -168,7 +172,7 @@ def vp_stats_looped_kernel(
     V,  # global vocabulary size
     IGNORE,  # ignore_index
     cap_hi, cap_lo,  # softcap (f64_parts; used when SOFTCAP)
-    SMOOTH: tl.constexpr,  # also write the sum of w z (label smoothing)
+    SMOOTH: tl.constexpr,  # also write the sum of w (z - max) (label smoothing)
     HAS_WEIGHT: tl.constexpr,  # w = CW[OFF + c] in that sum (else 1)
     SOFTCAP: tl.constexpr,  # z = cap * tanh(x / cap) first
     ACC: tl.constexpr,  # accumulation dtype
@@ -179,21 +183,33 @@ def vp_stats_looped_kernel(
     xb = row_base(row, INNER, sx_o, sx_i)
     m = tl.full((), float("-inf"), ACC)
     d = tl.zeros((BLOCK_N,), ACC)
+    # (SMOOTH) the sum of w (z - max) as per-lane terms, each taken from the
+    # max of its tile's time, plus the scalar shifts that move them to the
+    # newest max: sum of w over the earlier tiles times (old max - new max)
     s = tl.zeros((BLOCK_N,), ACC)
+    shift = tl.zeros((), ACC)
+    w_before = tl.zeros((), ACC)  # with HAS_WEIGHT: sum of w over the earlier tiles
     for off in range(0, W, BLOCK_N):  # one pass: online (max, sum), and the smoothing sum
         cols = off + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < W
         z = load_logits(X, xb + cols * sx_n, cmask, cap, SOFTCAP, ACC)
+        m_old = m
         m, d = online_sum_update(m, d, z)
         if SMOOTH:
-            s += tl.where(cmask, shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC) * z, 0.0)
+            w = shard_weights(CW, OFF, cols, cmask, HAS_WEIGHT, ACC)
+            if HAS_WEIGHT:
+                shift += (finite_max(m_old) - finite_max(m)) * w_before
+                w_before += tl.sum(w, 0)
+            else:  # w = 1: the earlier tiles hold off columns
+                shift += (finite_max(m_old) - finite_max(m)) * off
+            s += tl.where(cmask, w * (z - finite_max(m)), 0.0)
     tx = shard_target_logit(X, T, xb, sx_n, row, row < M, s_t, OFF, W, V, IGNORE, cap,
                             SOFTCAP, ACC)
     tl.store(MX + row, m.to(MX.dtype.element_ty))
     tl.store(ST + row, tl.sum(d, 0).to(ST.dtype.element_ty))
     tl.store(ST + plane(row, M, 1), tx.to(ST.dtype.element_ty))
     if SMOOTH:
-        tl.store(ST + plane(row, M, 2), tl.sum(s, 0).to(ST.dtype.element_ty))
+        tl.store(ST + plane(row, M, 2), (tl.sum(s, 0) + shift).to(ST.dtype.element_ty))
 
 
 @triton.jit
@@ -296,7 +312,7 @@ def vp_grad_looped_kernel(
 @triton.jit(do_not_specialize=["eps_hi", "eps_lo", "zl_hi", "zl_lo"])
 def vp_rows_kernel(
     MG,  # [M] global row maxima (ACC)
-    ST,  # [K, M] global sums (ACC): sum of e^(z - max), target logit, (SMOOTH) sum of w z
+    ST,  # [K, M] global sums (ACC): sum of e^(z - m), target logit, (SMOOTH) sum of w (z - m)
     T,  # [M] global target ids (int64)
     CW,  # [V] global class weights (ACC; read when HAS_WEIGHT)
     DEN,  # [DEN_LEN] denominators (ACC; read when use_den, and with weights and smoothing)
@@ -311,7 +327,7 @@ def vp_rows_kernel(
     eps_hi, eps_lo,  # label smoothing (f64_parts)
     zl_hi, zl_lo,  # z-loss coefficient (f64_parts)
     HAS_WEIGHT: tl.constexpr,  # class weights CW
-    SMOOTH: tl.constexpr,  # label smoothing: ST holds the sum of w z
+    SMOOTH: tl.constexpr,  # label smoothing: ST holds the sum of w (z - m)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK: tl.constexpr,  # rows per program
 ):
@@ -329,7 +345,8 @@ def vp_rows_kernel(
     smooth_sum = tl.zeros_like(lse)
     if SMOOTH:
         sw = smooth_weight_sum(DEN, V, HAS_WEIGHT, SMOOTH, ACC)
-        smooth_sum = sw * lse - tl.load(ST + plane(rows, M, 2), mask=rmask, other=0.0).to(ACC)
+        # sum_c w_c (lse - z_c) = sw l - sum_c w_c (z_c - m): two terms >= 0, no cancellation
+        smooth_sum = sw * l1p - tl.load(ST + plane(rows, M, 2), mask=rmask, other=0.0).to(ACC)
     loss = class_row_loss(m, l1p, zt, wt, smooth_sum, kept, eps, V, z_loss, inv_dl, inv_dz,
                           SMOOTH)
     tl.store(LSE + rows, m, mask=rmask)

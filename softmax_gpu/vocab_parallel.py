@@ -25,10 +25,12 @@ Per forward (per chunk for the linear version), on every rank of ``group``
    rank runs none: its width is the vocabulary.
 2. the stats kernel reads the shard once: per row its max m, sum d of
    e^(z - m), its target logit where this rank owns the target (else 0), and
-   with label smoothing the sum of w_c z_c over its columns (z: the logits,
-   softcapped when asked; w: the class weights, 1 without);
+   with label smoothing the sum of w_c (z_c - m) over its columns (z: the
+   logits, softcapped when asked; w: the class weights, 1 without);
 3. ``all_reduce(MAX)`` of m (n values);
-4. d is rescaled to the global max on the device, then one ``all_reduce(SUM)``
+4. d and the smoothing sum are moved to the global max on the device (d
+   times e^(m_r - m), the sum plus sw_r (m_r - m), sw_r this shard's sum of
+   w), then one ``all_reduce(SUM)``
    of the stacked [k, n] tensor (d, target logit[, smoothing sum]); k = 2, or
    3 with label smoothing. fp32, fp64 for fp64 logits.
 5. The row losses, the lse and the gradient's per-row terms follow on the
@@ -90,6 +92,12 @@ class _Layout(NamedTuple):
     off: int  # global id of this rank's first column
     vocab: int  # global vocabulary V
     widths: tuple  # every rank's width, in rank order
+    rank: int = 0  # this rank's index in the group
+
+    @property
+    def width(self) -> int:
+        """This rank's shard width."""
+        return self.widths[self.rank]
 
     @property
     def alone(self) -> bool:
@@ -133,7 +141,7 @@ def _shard_layout(who: str, pg, width: int, vocab_size, device: torch.device) ->
             dist.all_gather(parts, mine, group=pg)
             widths = tuple(int(w) for w in torch.cat(parts).tolist())  # host sync, first call only
         rank = dist.get_rank(pg)
-        hit = _Layout(sum(widths[:rank]), sum(widths), widths)
+        hit = _Layout(sum(widths[:rank]), sum(widths), widths, rank)
         cache[key] = hit
     if vocab_size is not None and hit.vocab != vocab_size:
         raise ValueError(
@@ -224,7 +232,7 @@ def shard_config(M: int, W: int, elem_bytes: int, device: torch.device, extras: 
     nor the persistent grid).
 
     ``live_rows=2``: on the single path the stats kernel keeps z and e^(z - m)
-    (and with smoothing w z), the gradient kernel z, its target mask and dz;
+    (and with smoothing w (z - m)), the gradient kernel z, its target mask and dz;
     at the one-row limits both spilled in the sm_90 static check
     (perf/static.py, ``vocab_parallel_variants``), at half of them neither
     does. ``extras`` (a softcap, or class weights with label smoothing): fp64
@@ -263,13 +271,19 @@ def _shard_w(cw: Optional[Tensor], off: int, W: int, like: Tensor) -> Tensor:
     return cw[off:off + W] if cw is not None else like.new_ones(W)
 
 
+def _finite_max(m: Tensor) -> Tensor:
+    """The shift the stats are taken relative to: m, or 0 where m is -inf
+    (the kernels' ``finite_max``)."""
+    return torch.where(m == -math.inf, torch.zeros_like(m), m)
+
+
 def _torch_stats(x2: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smooth: bool,
                  cap: float = 0.0, cw: Optional[Tensor] = None):
     """Reference of the stats kernel on an [M, W] shard: (mx [M], st [k, M])."""
     z = _capped(x2, cap)
     M, W = z.shape
     m = z.amax(1) if W else z.new_full((M,), -math.inf)
-    m_safe = torch.where(m == -math.inf, torch.zeros_like(m), m)
+    m_safe = _finite_max(m)
     d = torch.exp(z - m_safe[:, None]).sum(1)
     valid = t != ignore
     local = valid & (t >= off) & (t < off + W)
@@ -280,7 +294,8 @@ def _torch_stats(x2: Tensor, t: Tensor, off: int, vocab: int, ignore: int, smoot
         tx = torch.zeros_like(d)
     bad = valid & ((t < 0) | (t >= vocab))
     tx = torch.where(bad, torch.full_like(tx, math.nan), tx)
-    rows = [d, tx] + ([(z * _shard_w(cw, off, W, z)).sum(1)] if smooth else [])
+    rows = [d, tx] + ([((z - m_safe[:, None]) * _shard_w(cw, off, W, z)).sum(1)] if smooth
+                      else [])
     return m, torch.stack(rows)
 
 
@@ -393,6 +408,11 @@ class _ShardLoss:
         V = layout.vocab
         self.smooth = opts.eps > 0
         self.cw = weight.to(acc).contiguous() if weight is not None else None
+        # this shard's sum of class weights (the smoothing sum's shift to the global max)
+        self.sw_shard = 0.0
+        if self.smooth and not layout.alone:
+            self.sw_shard = (float(layout.width) if self.cw is None else
+                             self.cw[layout.off:layout.off + layout.width].sum())
         # the caller's target and class weight may be held by reference (no
         # copy): their versions now, checked before a backward reads them
         # (inference tensors have no version, and no backward)
@@ -458,6 +478,8 @@ class _ShardLoss:
             dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=pg)
             # a row of -inf on every rank: d stays 0 (exp(-inf - -inf) would be NaN)
             st[0].mul_(torch.exp(mx - mg.clamp_min(torch.finfo(mg.dtype).min)))
+            if self.smooth:  # sum of w (z - m_r) -> sum of w (z - m); the shifts as the kernels'
+                st[2].add_(self.sw_shard * (_finite_max(mx) - _finite_max(mg)))
             dist.all_reduce(st, op=dist.ReduceOp.SUM, group=pg)
         else:
             mg = mx
@@ -474,7 +496,7 @@ class _ShardLoss:
         kept, w_t = self.kept[rows], self.w_t[rows]
         ce = w_t * (lse - st[1])
         if self.smooth:
-            ce = (1.0 - o.eps) * ce + (o.eps / V) * (self.sum_w * lse - st[2])
+            ce = (1.0 - o.eps) * ce + (o.eps / V) * (self.sum_w * l - st[2])
         ce = torch.where(kept, ce, 0.0)
         zl = torch.where(kept, o.z * lse * lse, 0.0) if o.z else None
         if o.reduction == "mean":  # an all-ignored batch gives 0 / 0 = NaN, as torch

@@ -814,29 +814,48 @@ def _neg_inf_everywhere(rank: int) -> None:
 
 
 def _offset_logits_precision(rank: int) -> None:
-    """fp32 logits far from 0 (a common offset of 1000, the lse with them):
-    the shard's gradient within 2x torch's fp32 error against float64, as
-    the single-device op (a gradient formed as e^(z - lse) from the rounded
-    lse lost |lse| ulp: 3e-5 where torch's is 6e-8)."""
+    """fp32 logits far from 0 (a common offset of 1000 and of 1e4, the lse
+    with them), label smoothing with and without class weights, on both
+    shard paths: the loss and the shard's gradient each within 2x torch's
+    fp32 error against float64, as the single-device op. (A gradient formed
+    as e^(z - lse) from the rounded lse lost |lse| ulp: 3e-5 where torch's
+    is 6e-8; a smoothing term formed as sw lse - sum w z cancelled: 2.3e-5
+    of loss error at 1000 where torch's is 5e-7.)"""
+    from softmax_gpu import heuristics
     from softmax_gpu.distributed import vocab_parallel_cross_entropy
 
     widths = (30, 34)
     g = torch.Generator().manual_seed(11)
-    full = (torch.randn(16, sum(widths), generator=g, dtype=F64) * 3 + 1000).float()
+    base = torch.randn(16, sum(widths), generator=g, dtype=F64) * 3
     t = torch.randint(0, sum(widths), (16,), generator=g)
+    cw = torch.rand(sum(widths), generator=g, dtype=F64).float() + 0.5
     off = sum(widths[:rank])
-    x = full[:, off:off + widths[rank]].clone().requires_grad_(True)
-    vocab_parallel_cross_entropy(x, t, reduction="sum", label_smoothing=0.1).backward()
+    for offset in (1000.0, 1e4):
+        full = (base + offset).float()
+        for weight in (None, cw):
+            kw = dict(reduction="sum", label_smoothing=0.1, weight=weight)
 
-    def grad(v):
-        v = v.clone().requires_grad_(True)
-        F.cross_entropy(v, t, reduction="sum", label_smoothing=0.1).backward()
-        return v.grad.double()
+            def torch_run(v):
+                v = v.clone().requires_grad_(True)
+                w = None if weight is None else weight.to(v.dtype)
+                loss = F.cross_entropy(v, t, **{**kw, "weight": w})
+                loss.backward()
+                return loss.double(), v.grad.double()
 
-    ref = grad(full.double())
-    torch_err = (grad(full) - ref).abs().max()
-    ours = (x.grad.double() - ref[:, off:off + widths[rank]]).abs().max()
-    assert ours <= 2 * torch_err, (float(ours), float(torch_err))
+            ref_loss, ref = torch_run(full.double())
+            t_loss, t_grad = torch_run(full)
+            for path in ({}, LOOPED):
+                x = full[:, off:off + widths[rank]].clone().requires_grad_(True)
+                with heuristics.override(**path):
+                    loss = vocab_parallel_cross_entropy(x, t, **kw)
+                    loss.backward()
+                what = (offset, weight is not None, bool(path))
+                ours = (loss.double() - ref_loss).abs()
+                assert ours <= 2 * (t_loss - ref_loss).abs() + 1e-12 * ref_loss.abs(), (
+                    what, float(ours), float((t_loss - ref_loss).abs()))
+                ours = (x.grad.double() - ref[:, off:off + widths[rank]]).abs().max()
+                assert ours <= 2 * (t_grad - ref).abs().max(), (
+                    what, float(ours), float((t_grad - ref).abs().max()))
 
 
 def _init_child(rank, world, port, interpret, backend="gloo"):
