@@ -96,6 +96,12 @@ def _worker(rank, world, port, interpret):
         for bad in (True, "0.1", None):
             with pytest.raises(TypeError, match="label_smoothing"):
                 vocab_parallel_cross_entropy(torch.randn(S, BATCH, V // world), target, bad)
+        # uneven shards (which the adapter's Megatron layout never has): a clear
+        # error on every rank, naming the argument and the widths
+        uneven = torch.randn(S, BATCH, V // world + (1 if rank else -1))
+        with pytest.raises(ValueError, match=r"vocab_parallel_logits .*same shard width.*\["
+                                             f"{V // world - 1}, {V // world + 1}\]"):
+            vocab_parallel_cross_entropy(uneven, target, 0.1)
         # a NumPy scalar, as a config read with NumPy holds it: its value, as a float
         shard = torch.randn(S, BATCH, V // world)
         assert torch.equal(vocab_parallel_cross_entropy(shard, target, np.float32(0.1)),

@@ -16,8 +16,11 @@ from torch import Tensor
 
 from .._checks import as_number
 from ..distributed import vocab_parallel_cross_entropy as _vocab_parallel
+from ..vocab_parallel import _resolve_group, _shard_layout
 
 __all__ = ["vocab_parallel_cross_entropy"]
+
+_WHO = "softmax_gpu.integrations.megatron.vocab_parallel_cross_entropy"
 
 
 def _megatron_tp_group():
@@ -71,7 +74,16 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
         raise RuntimeError("vocab_parallel_cross_entropy needs an initialised process group")
     if vocab_parallel_logits.dim() < 1:
         raise ValueError("vocab_parallel_logits must have the vocabulary shard as its last dim")
-    vocab = vocab_parallel_logits.shape[-1] * dist.get_world_size(group)
+    # the group's widths (gathered on a layout's first call only, then cached)
+    widths = _shard_layout(_WHO, _resolve_group(_WHO, group), vocab_parallel_logits.shape[-1],
+                           None, vocab_parallel_logits.device).widths
+    if len(set(widths)) != 1:
+        raise ValueError(
+            f"{_WHO}: vocab_parallel_logits must have the same shard width on every rank "
+            f"(Megatron pads the vocabulary to a multiple of the tensor-parallel size); the "
+            f"group's widths are {list(widths)}. softmax_gpu.distributed."
+            "vocab_parallel_cross_entropy takes uneven shards")
+    vocab = sum(widths)
     eps = 0.0
     if label_smoothing > 0.0:
         if vocab < 2:
