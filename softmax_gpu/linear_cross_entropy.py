@@ -82,7 +82,7 @@ from ._checks import (check_float, check_loss_dtype, check_row_length, check_ten
 from ._dispatch import (anchor_output, autocast_on, backend_for, first_order, launch_device,
                         graph_kept, launch_on, new_output, plan_cache,
                         refuse_batched_backward, refuse_transformed, remember, saved, traced)
-from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor,
+from .cross_entropy import (_scalar_options, _scale_, _scaled, check_divisor, cross_entropy,
                             cross_entropy_backward_config, cross_entropy_config,
                             cross_entropy_scale_config, denominators_plan, reference_lse_grad,
                             times_keeping_zeros)
@@ -1203,12 +1203,15 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
         _check_same(linear_bias, "linear_bias", input, gemm)
     check_tensor(target, "target")
     batch = tuple(input.shape[:-1])
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices of shape {batch} (probability "
-                        f"targets are not supported), got {target.dtype}")
-    if tuple(target.shape) != batch:
-        raise ValueError(f"target must have shape {batch} for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    if target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices of shape {batch} or class "
+                        f"probabilities of shape {batch + (V,)}, got {target.dtype}")
+    probs = target.is_floating_point()
+    want = batch + (V,) if probs else batch
+    if tuple(target.shape) != want:
+        raise ValueError(f"target must have shape {want} for input of shape "
+                         f"{tuple(input.shape)} (class {'probabilities' if probs else 'indices'}"
+                         f"), got {tuple(target.shape)}")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if weight is not None:
@@ -1287,7 +1290,9 @@ def linear_cross_entropy(
 ):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target)``
     without ever holding the [N, V] logits: a drop-in for torch's
-    ``F.linear_cross_entropy`` (class-index targets).
+    ``F.linear_cross_entropy``. (Class-probability targets, themselves
+    [N, V], take torch's reference path: the fused cross-entropy of the
+    whole logits.)
 
     Args:
         input: (N, D) or (D,) hidden states; float16, bfloat16, float32 or
@@ -1295,7 +1300,13 @@ def linear_cross_entropy(
         linear_weight: (V, D) projection (the LM head), the input's dtype and
             device (under ``torch.autocast``: any dtype it casts, see below).
         target: (N,) or () integer class indices (any integer dtype); rows
-            equal to ``ignore_index`` count for nothing.
+            equal to ``ignore_index`` count for nothing. Or (N, V) / (V,)
+            class probabilities (floating): then the call is
+            ``softmax_gpu.cross_entropy(F.linear(input, linear_weight,
+            linear_bias), target, ...)`` with the same options, the [N, V]
+            logits in memory (as torch's reference path; ``chunk_size`` and
+            ``options`` do not apply, ``return_token_accuracy`` and
+            ``main_grad`` are errors).
         linear_bias: (V,) bias of the projection, or None.
         weight: (V,) class weights, or None (any float dtype). They get no
             gradient: one that requires grad is an error, as in torch.
@@ -1443,6 +1454,10 @@ def linear_cross_entropy(
         linear_bias = linear_bias.to(gemm) if linear_bias is not None else None
         spec = spec._replace(gemm=None)
     _check_main_grad(main_grad, linear_weight)
+    if target.is_floating_point():
+        return _probability_targets(input, linear_weight, target, linear_bias, weight, spec,
+                                    return_lse, loss_dtype, return_token_accuracy, divisor,
+                                    main_grad)
     div_f, div_t = check_divisor(divisor, input)
     spec = spec._replace(divisor=div_f)
     x = input if input.dim() == 2 else input.unsqueeze(0)
@@ -1480,6 +1495,24 @@ def linear_cross_entropy(
         kept = (t != spec.ignore_index).sum(dtype=torch.float32)
         out += (hits.sum(dtype=torch.float32) / kept.clamp(min=1.0),)
     return out[0] if len(out) == 1 else out
+
+
+def _probability_targets(input, linear_weight, target, linear_bias, weight, spec: _Spec,
+                         return_lse, loss_dtype, return_token_accuracy, divisor, main_grad):
+    """Class-probability targets, as torch's reference path computes them:
+    :func:`softmax_gpu.cross_entropy` (one fused kernel) of ``F.linear``'s
+    [N, V] logits, which exist in full (no chunking)."""
+    if return_token_accuracy:
+        raise ValueError("return_token_accuracy needs class-index targets, got class "
+                         "probabilities")
+    if main_grad is not None:
+        raise ValueError("main_grad needs class-index targets (with class probabilities the "
+                         "weight's gradient comes from F.linear's own backward)")
+    logits = F.linear(input, linear_weight, linear_bias)
+    return cross_entropy(logits, target, weight=weight, ignore_index=spec.ignore_index,
+                         reduction=spec.reduction, label_smoothing=spec.eps, z_loss=spec.z_loss,
+                         softcap=spec.cap or None, return_lse=return_lse, loss_dtype=loss_dtype,
+                         divisor=divisor)
 
 
 class LinearCrossEntropyLoss(nn.Module):

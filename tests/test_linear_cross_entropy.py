@@ -533,6 +533,35 @@ def test_torch_reference_path(monkeypatch):
         lce(x, w, t, chunk_size=CHUNK)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_as_torch_reference_path(reduction):
+    """Class-probability targets (torch's F.linear_cross_entropy takes them):
+    the loss, the lse and every gradient as cross_entropy(F.linear(...)) in
+    float64, with class weights, smoothing, z-loss and softcap; torch's own
+    function agrees; what needs class indices is an error naming it."""
+    x, w, b, _ = problem()
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2, -1).to(DEVICE)
+    kw = dict(_options("weight_smoothing"), reduction=reduction)
+    extra = dict(z_loss=0.01, softcap=5.0)
+    with softmax_gpu.poison_outputs():
+        loss, lse = lce(x, w, p, linear_bias=b, return_lse=True, chunk_size=CHUNK, **kw, **extra)
+    ref, ref_lse = reference(x, w, p, b, **kw, **extra)
+    assert loss.shape == ref.shape and lse.shape == (N,) and lse.dtype == torch.float32
+    check(loss, ref)
+    check(lse, ref_lse, dtype=torch.float32)
+    go = grad_output(loss)
+    for a, r in zip(grads(loss, (x, w, b), go), grads(ref, (x, w, b), go)):
+        check(a, r)
+    if HAS_TORCH_LCE:
+        theirs = F.linear_cross_entropy(x, w, p, linear_bias=b, **kw)
+        check(lce(x, w, p, linear_bias=b, **kw), theirs.double())
+    for bad, exc in ((dict(return_token_accuracy=True), ValueError),
+                     (dict(main_grad=torch.zeros_like(w.detach())), ValueError)):
+        with pytest.raises(exc, match=next(iter(bad))):
+            lce(x, w, p, **bad)
+
+
 def test_bad_arguments_name_the_argument():
     x, w, b, t = problem()
     cases = [
@@ -544,8 +573,9 @@ def test_bad_arguments_name_the_argument():
         (dict(linear_bias=b[:-1]), ValueError, "linear_bias"),
         (dict(linear_bias=b.float()), TypeError, "linear_bias"),
         (dict(target=t[:-1]), ValueError, "target"),
-        (dict(target=t.double()), TypeError, "target"),
-        (dict(target=torch.rand(N, V, dtype=torch.float64)), TypeError, "target"),
+        (dict(target=torch.rand(N, V - 1, dtype=torch.float64)), ValueError, "target"),
+        (dict(target=torch.rand(N, dtype=torch.float64)), ValueError, "target"),
+        (dict(target=t.bool()), TypeError, "target"),
         (dict(weight=torch.ones(V - 1, dtype=torch.float64)), ValueError, "weight"),
         (dict(weight=torch.ones(V, dtype=torch.long)), TypeError, "weight"),
         (dict(weight=torch.ones(V, dtype=torch.float64, requires_grad=True)), RuntimeError,
