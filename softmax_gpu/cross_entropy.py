@@ -402,8 +402,17 @@ def check_inplace_rows(input, name: str = "input", dim: int = 1) -> None:
     expanded, stride-0 dims and no rows that overlap, which torch's in-place
     ops refuse too; a layout this cannot prove free of overlap is refused)."""
     x = input if input.dim() >= 2 else input.unsqueeze(0)
+    # by increasing stride, inserted one by one: torch.compile traces the
+    # comparisons of symbolic sizes and strides (dynamic shapes), not sorted()
+    dims = []
+    for size, stride in zip(x.shape, x.stride()):
+        if size > 1:
+            at = len(dims)
+            while at > 0 and dims[at - 1][0] > stride:
+                at -= 1
+            dims.insert(at, (stride, size))
     extent, overlapping = 1, False  # extent: the span of the dims taken so far
-    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s > 1):
+    for stride, size in dims:
         overlapping |= stride < extent
         extent += stride * (size - 1)
     if overlapping or rows_view(x, dim % x.dim()) is None:

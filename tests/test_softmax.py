@@ -424,6 +424,28 @@ def test_compile_fullgraph_training_step():
         assert_close(gc, p.grad.double(), scale=4)
 
 
+def test_compile_fullgraph_dynamic_shapes():
+    """torch.compile(fullgraph=True, dynamic=True) (a trainer whose batch or
+    sequence length changes), two row counts through one graph: the values
+    and gradients of eager torch in float64."""
+    torch._dynamo.reset()
+
+    def step(inp):
+        h = softmax_gpu.log_softmax(inp, dim=-1)
+        return (h * softmax_gpu.softmax(inp.transpose(0, 1), dim=0).transpose(0, 1)).sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (5, 9):
+        x = rand(n, 12).requires_grad_()
+        loss = compiled(x)
+        loss.backward()
+        xr = x.detach().double().requires_grad_()
+        ref = (torch.log_softmax(xr, -1) * torch.softmax(xr, -1)).sum()
+        ref.backward()
+        assert_close(loss.detach(), ref.detach())
+        assert_close(x.grad, xr.grad, scale=4)
+
+
 def test_module_forward_and_repr():
     m, lm = softmax_gpu.Softmax(dim=0), softmax_gpu.LogSoftmax(dim=-1)
     x = rand(5, 7)
