@@ -1027,6 +1027,25 @@ class _LseFunction(torch.autograd.Function):
         return _lse_grad(x, lse, dlse, ctx.cap), None, None
 
 
+class _InplaceLseFunction(torch.autograd.Function):
+    """The lse of an in-place call, as fp32: differentiable in form (tied to
+    the loss), so that a term built from it is never silently left out of
+    the gradient; its backward raises, since the logits d lse / d z needs
+    now hold the loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, lse, loss):
+        return lse.to(torch.float32, copy=True)
+
+    @staticmethod
+    def backward(ctx, dlse):
+        raise RuntimeError(
+            "softmax_gpu.cross_entropy(..., return_lse=True, inplace_backward=True): the lse "
+            "has no gradient, because the logits it needs were overwritten by the loss's "
+            "gradient. Use lse.detach() where it only feeds a metric, z_loss= for a z-loss, or "
+            "inplace_backward=False to backpropagate through the lse")
+
+
 # ----------------------------------------------------------------------------
 # torch.library ops: what a traced graph (torch.compile, make_fx, opcheck) holds
 #
@@ -1446,8 +1465,10 @@ def cross_entropy(
             +inf; that row's loss and gradient are NaN in both). It is
             differentiable (d lse / d z = sigma): z-loss or distillation terms
             built from it backpropagate into the logits. While it (or a graph
-            that uses it) lives it keeps the logits alive; with
-            ``inplace_backward`` it is detached (the logits are overwritten).
+            that uses it) lives it keeps the logits alive. With
+            ``inplace_backward`` the logits are overwritten: a backward
+            through the lse raises (eagerly; under torch.compile it is
+            detached), so detach it where it only feeds a metric.
         inplace_backward: the gradient is written over the logits in the
             forward (when a gradient is needed), so there is no extra
             logits-sized memory. The logits' values are then gone: nothing
@@ -1586,7 +1607,12 @@ def cross_entropy(
     loss = plan.shape(loss, input)
     if not return_lse:
         return loss
-    lse = _LseFunction.apply(x, lse, cap)[0] if mode == NEW_GRAD else lse.to(torch.float32)
+    if mode == NEW_GRAD:
+        lse = _LseFunction.apply(x, lse, cap)[0]
+    elif mode == INPLACE_GRAD:
+        lse = _InplaceLseFunction.apply(lse, loss)
+    else:
+        lse = lse.to(torch.float32)
     return loss, lse.reshape(_row_dims(input))
 
 

@@ -1136,7 +1136,7 @@ def test_scaled_grad_output_is_exact(path, dtype):
 def test_lse_is_differentiable(path):
     """return_lse's lse carries d lse / d z = sigma (through the softcap), so a
     z-loss or distillation term built from it backpropagates; with
-    inplace_backward it is detached (the logits are overwritten)."""
+    inplace_backward (the logits overwritten) a backward through it raises."""
     C = C_FOR[path]
     t = targets(5, C, ignore=(1,))
     for softcap in (None, 4.0):
@@ -1161,9 +1161,25 @@ def test_lse_is_differentiable(path):
         z = x64 if softcap is None else softcap * torch.tanh(x64 / softcap)
         (dref,) = torch.autograd.grad(torch.logsumexp(z, 1).sum(), x64)
         assert_close(dx, dref, torch.float32, scale=4)
-    h = rand(5, C).requires_grad_() * 1
-    _, lse = softmax_gpu.cross_entropy(h, t, return_lse=True, inplace_backward=True)
-    assert not lse.requires_grad
+    # in place: the logits are gone, so a term built from the lse is an
+    # error at backward (never silently left out); the loss alone, and a
+    # detached lse, train as usual
+    for dtype in (torch.float32, torch.float16):  # the fp16 path defers the gradient
+        x = rand(5, C, dtype=dtype)
+        with forced(path):
+            loss, lse = softmax_gpu.cross_entropy(x.clone().requires_grad_() * 1, t,
+                                                  return_lse=True, inplace_backward=True)
+            assert lse.dtype == torch.float32
+            with pytest.raises(RuntimeError, match="lse has no gradient"):
+                (loss + 1e-2 * (lse * lse).mean()).backward()
+            h = x.clone().requires_grad_()
+            loss, lse = softmax_gpu.cross_entropy(h * 1, t, return_lse=True,
+                                                  inplace_backward=True)
+            (loss + 0 * lse.detach().mean()).backward()
+        x64 = x.double().requires_grad_()
+        torch_ref(x64, t).backward()
+        assert_close(h.grad, x64.grad, dtype)
+        assert_close(lse, torch.logsumexp(x.double(), 1), torch.float32)
 
 
 # --- torch's call binding, loss_dtype ------------------------------------------------
