@@ -75,7 +75,8 @@ COEF_ROWS = 5
 
 
 def stats_rows(smooth: bool) -> int:
-    """Rows of the stacked statistics: sum of e^(z - max), target logit, (smooth) sum of w (z - max)."""
+    """Rows of the stacked statistics: sum of e^(z - max), target logit, (smooth) sum of
+    w (z - max)."""
     return 3 if smooth else 2
 
 

@@ -412,7 +412,7 @@ class _ShardLoss:
         self.sw_shard = 0.0
         if self.smooth and not layout.alone:
             self.sw_shard = (float(layout.width) if self.cw is None else
-                             self.cw[layout.off:layout.off + layout.width].sum())
+                             _shard_w(self.cw, layout.off, layout.width, self.cw).sum())
         # the caller's target and class weight may be held by reference (no
         # copy): their versions now, checked before a backward reads them
         # (inference tensors have no version, and no backward)

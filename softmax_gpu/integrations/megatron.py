@@ -74,7 +74,8 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
         raise RuntimeError("vocab_parallel_cross_entropy needs an initialised process group")
     if vocab_parallel_logits.dim() < 1:
         raise ValueError("vocab_parallel_logits must have the vocabulary shard as its last dim")
-    # the group's widths (gathered on a layout's first call only, then cached)
+    # the group's widths: gathered on a layout's first call only, then cached,
+    # and the same cache entry serves the call below (no vocab_size to check)
     widths = _shard_layout(_WHO, _resolve_group(_WHO, group), vocab_parallel_logits.shape[-1],
                            None, vocab_parallel_logits.device).widths
     if len(set(widths)) != 1:
@@ -95,4 +96,4 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor,
                 f"{eps} > 1 for V={vocab}; use alpha <= {(vocab - 1) / vocab}")
     # per-token fp32 rows, straight from the kernels' fp32 arithmetic (no fp32 copy of the shard)
     return _vocab_parallel(vocab_parallel_logits, target, group=group, reduction="none",
-                           label_smoothing=eps, vocab_size=vocab, loss_dtype=torch.float32)
+                           label_smoothing=eps, loss_dtype=torch.float32)
